@@ -1,0 +1,370 @@
+"""Agents and multi-agent workflows, as a Python API the server's handlers use too.
+
+An :class:`Agent` calls the model in a loop with OpenAI function calling. Its
+reasoning streams as ``thinking``, each tool call as ``action``, the tool's
+result as ``observation``, and the reply token by token as ``answer``.
+
+Two ways to consume it, as in the swarms framework's streaming guide::
+
+    answer = await agent.run("What is 2 + 2?", streaming_callback=print_token)
+
+    async for event in agent.stream("What is 2 + 2?"):
+        ...
+
+:class:`ConcurrentWorkflow` runs several agents on one task at once and
+interleaves their events; :class:`SequentialWorkflow` feeds each agent's
+answer to the next. Events carry ``agent`` and ``workflow`` names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from .chunks import Finish, TextDelta, ToolCall, Usage
+from .errors import UpstreamError
+from .events import (
+    Action,
+    AgentEnd,
+    Answer,
+    Done,
+    ErrorEvent,
+    Event,
+    Observation,
+    Thinking,
+    UsageEvent,
+)
+from .relay import estimate_tokens
+from .tools import Tool, ToolBox, ToolFunction
+from .upstream import UpstreamClient, UpstreamConfig
+
+__all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback"]
+
+log = logging.getLogger("wsagent.agent")
+
+StreamingCallback = Callable[[Any], Any]
+
+
+def default_client() -> UpstreamClient:
+    url = os.environ.get("WSAGENT_UPSTREAM_URL")
+    if not url:
+        raise RuntimeError(
+            "no model server: pass client=UpstreamClient(...), or set WSAGENT_UPSTREAM_URL "
+            "(run `python -m wsagent.simulator` for an offline one)")
+    return UpstreamClient(UpstreamConfig(base_url=url, api_key=os.environ.get("OPENAI_API_KEY"),
+                                         model=os.environ.get("WSAGENT_MODEL", "wsagent-sim")))
+
+
+async def _deliver(callback: StreamingCallback, detailed: bool, event: Event, failures: list[int]) -> None:
+    """Call the user's callback; an exception is logged once and never breaks the stream."""
+    if detailed:
+        payload: Any = {"type": event.type, "agent": event.agent, "workflow": event.workflow}
+        if isinstance(event, UsageEvent):
+            payload["usage"] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                                "total_tokens": event.total_tokens}
+        elif isinstance(event, (Done, AgentEnd)):
+            payload["finish_reason"] = event.finish_reason
+        elif hasattr(event, "content"):
+            payload["content"] = event.content
+    elif isinstance(event, Answer):
+        payload = event.content
+    else:
+        return
+    try:
+        result = callback(payload)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        if not failures:
+            log.warning("streaming callback raised; the stream goes on", exc_info=True)
+        failures.append(1)
+
+
+class Agent:
+    """A tool-using agent over an OpenAI-compatible streaming model."""
+
+    def __init__(
+        self,
+        name: str = "agent",
+        system_prompt: str = "",
+        model: str | None = None,
+        tools: Iterable[Tool | ToolFunction] = (),
+        max_loops: int = 3,
+        *,
+        client: UpstreamClient | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        if max_loops < 1:
+            raise ValueError("max_loops must be at least 1")
+        self.name = name
+        self.system_prompt = system_prompt
+        self.model = model
+        self.toolbox = ToolBox(tools)
+        self.max_loops = max_loops
+        self.params = dict(params or {})
+        self._client = client
+
+    @property
+    def client(self) -> UpstreamClient:
+        if self._client is None:
+            self._client = default_client()
+        return self._client
+
+    def messages_for(self, task: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        if isinstance(task, str):
+            messages.append({"role": "user", "content": task})
+        else:
+            messages.extend(task)
+        return messages
+
+    async def stream(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
+                     params: dict[str, Any] | None = None) -> AsyncIterator[Event]:
+        """Yield the agent's events, ending with exactly one ``done`` or ``error``."""
+        name = self.name
+        messages = self.messages_for(task)
+        schemas = self.toolbox.schemas() or None
+        merged_params = {**self.params, **(params or {})}
+        usage = [0, 0]
+        usage_reported = False
+        streamed = 0
+        prompt_estimate = estimate_tokens(messages)
+        finish_reason = "stop"
+        for _ in range(self.max_loops):
+            calls: list[ToolCall] = []
+            content: list[str] = []
+            try:
+                async with aclosing(self.client.stream(messages, model=self.model, tools=schemas,
+                                                       params=merged_params)) as events:
+                    async for event in events:
+                        kind = type(event)
+                        if kind is TextDelta:
+                            delta: TextDelta = event  # type: ignore[assignment]
+                            if delta.choice:
+                                continue
+                            streamed += 1
+                            if delta.kind == "reasoning":
+                                yield Thinking(delta.text, agent=name, workflow=workflow)
+                            else:
+                                content.append(delta.text)
+                                yield Answer(delta.text, agent=name, workflow=workflow)
+                        elif kind is ToolCall:
+                            calls.append(event)  # type: ignore[arg-type]
+                        elif kind is Finish:
+                            finish_reason = event.reason  # type: ignore[union-attr]
+                        elif kind is Usage:
+                            usage[0] += event.prompt_tokens  # type: ignore[union-attr]
+                            usage[1] += event.completion_tokens  # type: ignore[union-attr]
+                            usage_reported = True
+            except UpstreamError as exc:
+                yield self._usage(usage, usage_reported, prompt_estimate, streamed, workflow)
+                yield ErrorEvent(exc.code, exc.message, exc.retryable, agent=name, workflow=workflow)
+                return
+            if not calls:
+                yield self._usage(usage, usage_reported, prompt_estimate, streamed, workflow)
+                yield Done(finish_reason, agent=name, workflow=workflow)
+                return
+            messages.append({
+                "role": "assistant",
+                "content": "".join(content) or None,
+                "tool_calls": [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
+            })
+            for call in calls:
+                yield Action(f"{call.name}({call.arguments})", call.id, call.name, call.arguments,
+                             agent=name, workflow=workflow)
+                result, is_error = await self.toolbox.call(call.name, call.arguments)
+                yield Observation(result, call.id, call.name, is_error, agent=name, workflow=workflow)
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+        yield self._usage(usage, usage_reported, prompt_estimate, streamed, workflow)
+        yield Done("max_loops", agent=name, workflow=workflow)
+
+    def _usage(self, usage: list[int], reported: bool, prompt_estimate: int, streamed: int,
+               workflow: str | None) -> UsageEvent:
+        if reported:
+            return UsageEvent(usage[0], usage[1], usage[0] + usage[1], agent=self.name, workflow=workflow)
+        return UsageEvent(prompt_estimate, streamed, prompt_estimate + streamed, estimated=True,
+                          agent=self.name, workflow=workflow)
+
+    async def run(self, task: str | Sequence[dict[str, Any]], streaming_callback: StreamingCallback | None = None,
+                  *, detailed: bool = False) -> str:
+        """Run to the end and return the answer.
+
+        ``streaming_callback`` gets each answer token (a ``str``), or with
+        ``detailed=True`` a dict for every event (``content``, ``usage``,
+        ``finish_reason``). It may be sync or async; if it raises, the stream
+        goes on. An upstream failure raises :class:`UpstreamError`.
+        """
+        return (await _collect(self.stream(task), streaming_callback, detailed)).get(self.name, "")
+
+
+async def _collect(events: AsyncIterator[Event], callback: StreamingCallback | None,
+                   detailed: bool) -> dict[str, str]:
+    answers: dict[str, list[str]] = {}
+    failures: list[int] = []
+    async with aclosing(events) as stream:
+        async for event in stream:
+            if isinstance(event, Answer) and event.agent is not None:
+                answers.setdefault(event.agent, []).append(event.content)
+            if callback is not None:
+                await _deliver(callback, detailed, event, failures)
+            if isinstance(event, ErrorEvent):
+                raise UpstreamError(event.message, code=event.code, retryable=event.retryable)
+    return {name: "".join(parts) for name, parts in answers.items()}
+
+
+def _ending(event: Event) -> AgentEnd | None:
+    """An agent's terminal event, as the non-terminal ``agent_end`` of a workflow."""
+    if isinstance(event, Done):
+        return AgentEnd("done", event.finish_reason, agent=event.agent, workflow=event.workflow)
+    if isinstance(event, ErrorEvent):
+        return AgentEnd("error", None, event.message, agent=event.agent, workflow=event.workflow)
+    return None
+
+
+class ConcurrentWorkflow:
+    """Several agents on one task at once; their events interleave as they come.
+
+    Each agent ends with an ``agent_end``; the workflow ends with one ``done``.
+    :meth:`cancel` stops one agent and leaves the others running.
+    """
+
+    def __init__(self, name: str, agents: Sequence[Agent], max_pending: int = 256) -> None:
+        if len({a.name for a in agents}) != len(agents):
+            raise ValueError("agent names in a workflow must be unique")
+        self.name = name
+        self.agents = list(agents)
+        self.max_pending = max_pending
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def cancel(self, agent_name: str) -> bool:
+        task = self._tasks.get(agent_name)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    async def stream(self, task: str) -> AsyncIterator[Event]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(self.max_pending)
+
+        async def drive(agent: Agent) -> None:
+            try:
+                async with aclosing(agent.stream(task, workflow=self.name)) as events:
+                    async for event in events:
+                        await queue.put(_ending(event) or event)
+            except asyncio.CancelledError:
+                await queue.put(AgentEnd("cancelled", None, "cancelled", agent=agent.name, workflow=self.name))
+            except Exception as exc:
+                log.exception("agent %s failed", agent.name)
+                await queue.put(AgentEnd("error", None, f"internal error: {type(exc).__name__}",
+                                         agent=agent.name, workflow=self.name))
+            finally:
+                await queue.put(None)
+
+        self._tasks = {a.name: asyncio.get_running_loop().create_task(drive(a)) for a in self.agents}
+        remaining = len(self._tasks)
+        try:
+            while remaining:
+                event = await queue.get()
+                if event is None:
+                    remaining -= 1
+                else:
+                    yield event
+            yield Done("stop", workflow=self.name)
+        finally:
+            for t in self._tasks.values():
+                t.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def run(self, task: str, streaming_callback: StreamingCallback | None = None, *,
+                  detailed: bool = False) -> dict[str, str]:
+        """Every agent's answer, by agent name."""
+        return await _collect(self.stream(task), streaming_callback, detailed)
+
+
+class SequentialWorkflow:
+    """Agents in a chain: each one's answer is the next one's task."""
+
+    def __init__(self, name: str, agents: Sequence[Agent]) -> None:
+        self.name = name
+        self.agents = list(agents)
+
+    def cancel(self, agent_name: str) -> bool:
+        return False
+
+    async def stream(self, task: str) -> AsyncIterator[Event]:
+        current = task
+        for agent in self.agents:
+            answer: list[str] = []
+            failed: ErrorEvent | None = None
+            async with aclosing(agent.stream(current, workflow=self.name)) as events:
+                async for event in events:
+                    if isinstance(event, Answer):
+                        answer.append(event.content)
+                    if isinstance(event, ErrorEvent):
+                        failed = event
+                    yield _ending(event) or event
+            if failed is not None:
+                yield ErrorEvent(failed.code, f"{agent.name}: {failed.message}", failed.retryable,
+                                 workflow=self.name)
+                return
+            current = "".join(answer)
+        yield Done("stop", workflow=self.name)
+
+    async def run(self, task: str, streaming_callback: StreamingCallback | None = None, *,
+                  detailed: bool = False) -> str:
+        """The last agent's answer."""
+        answers = await _collect(self.stream(task), streaming_callback, detailed)
+        return answers.get(self.agents[-1].name, "") if self.agents else ""
+
+
+Workflow = ConcurrentWorkflow | SequentialWorkflow
+
+
+def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, Any]:
+    """Workflow definitions from a JSON file (see README, "Workflows")."""
+    with open(path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    return build_workflows(spec, client, tools)
+
+
+def build_workflows(spec: dict[str, Any], client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, Any]:
+    """``{"name": {"mode": "concurrent"|"sequential", "agents": [{"name", "system_prompt", ...}]}}``.
+
+    Returns factories: each run gets fresh workflow objects, so one run's
+    cancellations never touch another's.
+    """
+    by_name = {t.name: t for t in tools}
+    factories: dict[str, Any] = {}
+    for wf_name, wf in (spec.get("workflows") or spec).items():
+        mode = wf.get("mode", "concurrent")
+        if mode not in ("concurrent", "sequential"):
+            raise ValueError(f"workflow {wf_name}: mode must be concurrent or sequential")
+        agent_specs = wf.get("agents") or []
+        if not agent_specs:
+            raise ValueError(f"workflow {wf_name}: no agents")
+        for a in agent_specs:
+            unknown = [t for t in a.get("tools", []) if t not in by_name]
+            if unknown:
+                raise ValueError(f"workflow {wf_name}: unknown tools {unknown}")
+
+        def factory(wf_name: str = wf_name, mode: str = mode, agent_specs: list[dict[str, Any]] = agent_specs) -> Any:
+            agents = [Agent(a["name"], a.get("system_prompt", ""), a.get("model"),
+                            [by_name[t] for t in a.get("tools", [])], int(a.get("max_loops", 3)), client=client)
+                      for a in agent_specs]
+            cls = ConcurrentWorkflow if mode == "concurrent" else SequentialWorkflow
+            return cls(wf_name, agents)
+
+        factories[wf_name] = factory
+    return factories
+
+
+__all__ += ["load_workflows", "build_workflows", "Workflow"]

@@ -1,0 +1,152 @@
+"""Every setting in one place: a flag, an environment variable, a default.
+
+The table below is the single source: ``--help``, README's settings table and
+the environment fallbacks are all derived from it, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Settings", "build_parser", "load_settings", "settings_table"]
+
+
+def _opt(default: Any, help: str, env: str | None = None, group: str = "server") -> Any:
+    return field(default=default, metadata={"help": help, "env": env, "group": group})
+
+
+@dataclass
+class Settings:
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "TCP port to listen on (0: any free port)")
+    max_connections: int = _opt(10000, "open WebSocket connections before new ones get HTTP 503")
+    max_message_size: int = _opt(1048576, "largest incoming message in bytes; larger closes with 1009")
+    open_timeout: float = _opt(10.0, "seconds allowed for the opening handshake")
+    close_timeout: float = _opt(5.0, "seconds allowed for the closing handshake before the TCP connection is dropped")
+    ping_interval: float = _opt(20.0, "seconds between protocol pings (0: off)")
+    ping_timeout: float = _opt(20.0, "seconds to wait for a pong before dropping the peer")
+    idle_ping: float = _opt(60.0, "seconds of client silence before /ws/robust sends {\"type\": \"ping\"}")
+    drain_timeout: float = _opt(10.0, "seconds in-flight streams may finish after SIGTERM before they are cancelled")
+    client_id_policy: str = _opt("replace", "a second connection with a connected client id: replace (old gets 4009) or reject (new gets 4009)")
+    outbox_bytes: int = _opt(1048576, "bytes queued for one client (broadcasts) before it is closed with 4008")
+    slow_client_timeout: float = _opt(30.0, "seconds a client may accept no data before it is closed with 4008")
+
+    upstream_url: str | None = _opt(None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (unset: built-in simulator)", "WSAGENT_UPSTREAM_URL", "upstream")
+    api_key: str | None = _opt(None, "API key sent as a Bearer token to the upstream", "OPENAI_API_KEY", "upstream")
+    model: str = _opt("wsagent-sim", "model name sent upstream when a run names none", "WSAGENT_MODEL", "upstream")
+    connect_timeout: float = _opt(10.0, "seconds to connect to the upstream", group="upstream")
+    first_byte_timeout: float = _opt(60.0, "seconds to wait for the upstream's first byte", group="upstream")
+    read_timeout: float = _opt(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream")
+    max_retries: int = _opt(2, "retries of 408/409/429/5xx and connection errors before the first byte", group="upstream")
+    sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
+    sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")
+
+    max_runs_per_connection: int = _opt(8, "runs in flight on one socket", group="relay")
+    run_buffer_bytes: int = _opt(65536, "undelivered bytes of one run before the upstream read is paused", group="relay")
+    replay_bytes: int = _opt(262144, "delivered bytes one run keeps for resume", group="relay")
+    resume_grace: float = _opt(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay")
+    history_messages: int = _opt(20, "messages kept per connection in /ws/chat text mode", group="relay")
+    history_chars: int = _opt(32000, "characters kept per connection in /ws/chat text mode", group="relay")
+    workflows: str | None = _opt(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay")
+
+    log_level: str = _opt("INFO", "logging level", group="logging")
+    log_format: str = _opt("text", "text or json (one object per line)", group="logging")
+
+
+def env_name(name: str) -> str:
+    meta = _fields()[name].metadata
+    return meta.get("env") or "WSAGENT_" + name.upper()
+
+
+def _fields() -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    default = f.default
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def _convert(kind: type, raw: str) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return kind(raw)
+
+
+def build_parser(prog: str = "python -m wsagent.serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Stream LLM tokens and agent thoughts over WebSockets.",
+        epilog="Every flag falls back to the environment variable named in brackets.",
+    )
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        group_name = f.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        flag = "--" + f.name.replace("_", "-")
+        kind = _kind(f)
+        default = "unset" if f.default is None else f.default
+        help_text = f"{f.metadata['help']} [{env_name(f.name)}] (default: {default})".replace("%", "%%")
+        if kind is bool:
+            groups[group_name].add_argument(flag, dest=f.name, default=None,
+                                            action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            groups[group_name].add_argument(flag, dest=f.name, default=None, type=kind,
+                                            metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over the environment, which wins over the defaults."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        flag_value = getattr(args, f.name)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        raw = environ.get(env_name(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = _convert(_kind(f), raw)
+            except ValueError as exc:
+                raise SystemExit(f"{env_name(f.name)}: {exc}") from None
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.client_id_policy not in ("replace", "reject"):
+        raise SystemExit("--client-id-policy must be 'replace' or 'reject'")
+    if settings.log_format not in ("text", "json"):
+        raise SystemExit("--log-format must be 'text' or 'json'")
+    if not 0 <= settings.port <= 65535:
+        raise SystemExit("--port must be between 0 and 65535")
+
+
+def settings_table() -> str:
+    """README's settings table, generated from the same fields as ``--help``."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        default = "unset" if f.default is None else f.default
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,265 @@
+"""Every open connection, and the one task that writes to each of them.
+
+Policy for a slow client (documented in README): nothing a client has not
+read is buffered without bound. Messages queued for a client (broadcasts,
+personal sends from other connections) count against ``outbox_bytes``; a run's
+undelivered events count against the run's own buffer (see
+:mod:`wsagent.relay`). A client whose queue overflows, or that accepts no data
+at all for ``slow_client_timeout`` seconds, is closed with 4008. One slow
+client therefore never blocks or bloats delivery to the others: broadcast only
+appends to queues and never awaits a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+if TYPE_CHECKING:
+    from .relay import Subscription
+
+__all__ = ["Connection", "ConnectionManager", "Outbox", "close_or_abort", "CLOSE_SLOW_CLIENT", "CLOSE_REPLACED"]
+
+log = logging.getLogger("wsagent.connections")
+
+CLOSE_SLOW_CLIENT = 4008
+CLOSE_REPLACED = 4009
+
+_ids = itertools.count(1)
+
+
+async def close_or_abort(ws: ServerConnection, code: int, reason: str, timeout: float) -> None:
+    """Close with ``code``; drop the TCP connection if the peer does not take the close frame in time.
+
+    A client that reads nothing never drains our write buffer, so the closing
+    handshake alone could wait for ever.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.close(code, reason)
+    except TimeoutError:
+        ws.transport.abort()
+
+
+class Outbox:
+    """Serializes everything written to one connection: queued messages and run streams.
+
+    One writer task per connection, started when there is something to write
+    and ended when there is not, so an idle connection costs no task.
+    """
+
+    __slots__ = ("conn", "_queue", "_queued_bytes", "_subs", "_ready", "_task", "sending_since", "limit",
+                 "closing")
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self.conn = conn
+        self.limit = limit
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._subs: list[Subscription] = []
+        self._ready: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.sending_since: float | None = None
+        self.closing = False
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def put(self, frame: str) -> bool:
+        """Queue ``frame`` without waiting. False (and a 4008 close) if the client is too far behind."""
+        if self.closing:
+            return False
+        size = len(frame)
+        if self._queued_bytes + size > self.limit:
+            self.conn.close_soon(CLOSE_SLOW_CLIENT, "slow client: too much queued")
+            return False
+        self._queue.append(frame)
+        self._queued_bytes += size
+        self.wake()
+        return True
+
+    def subscribe(self, sub: Subscription) -> None:
+        self._subs.append(sub)
+        self.wake()
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subs)
+
+    def wake(self) -> None:
+        ready = self._ready
+        if ready is not None:
+            ready.set()
+        elif self._task is None and not self.closing:
+            self._ready = asyncio.Event()
+            self._ready.set()
+            self._task = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        ws = self.conn.ws
+        ready = self._ready
+        assert ready is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not ready.is_set():
+                    if not self._queue and not self._subs:
+                        break
+                    await ready.wait()
+                ready.clear()
+                queue = self._queue
+                while queue:
+                    frame = queue.popleft()
+                    self._queued_bytes -= len(frame)
+                    self.sending_since = loop.time()
+                    await ws.send(frame)
+                    self.sending_since = None
+                for sub in list(self._subs):
+                    for frame in sub.take():
+                        self.sending_since = loop.time()
+                        await ws.send(frame)
+                        self.sending_since = None
+                    if sub.ended:
+                        self.unsubscribe(sub)
+        except ConnectionClosed:
+            self._queue.clear()
+            self._queued_bytes = 0
+        finally:
+            self.sending_since = None
+            self._task = None
+            self._ready = None
+
+    async def flush(self) -> None:
+        """Wait until the writer has nothing left (used before closing the socket)."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client: who it is, where it came from, and its outbox."""
+
+    ws: ServerConnection
+    path: str
+    params: dict[str, str]
+    remote: str
+    outbox_limit: int
+    close_timeout: float
+    user: str | None = None
+    client_id: str | None = None
+    id: str = field(default_factory=lambda: f"c{next(_ids)}")
+    opened: float = field(default_factory=time.monotonic)
+    outbox: Outbox = field(init=False)
+    state: dict[str, Any] = field(default_factory=dict)
+    _closer: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self, self.outbox_limit)
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close from code that must not wait (a broadcast, a sweeper)."""
+        if self._closer is None:
+            self.outbox.closing = True
+            self._closer = asyncio.get_running_loop().create_task(
+                close_or_abort(self.ws, code, reason, self.close_timeout))
+
+    async def send(self, frame: str) -> None:
+        """Send now, waiting for the socket (a handler's own stream); watched for 4008 like the outbox."""
+        outbox = self.outbox
+        outbox.sending_since = time.monotonic()
+        try:
+            await self.ws.send(frame)
+        finally:
+            outbox.sending_since = None
+
+
+class ConnectionManager:
+    """Knows every open connection; personal sends and broadcast.
+
+    ``client_id_policy`` decides what a second connection with a connected
+    client id gets: ``replace`` closes the old one with 4009 (a reloaded page
+    or a reconnecting client wins over its own half-dead connection), and
+    ``reject`` closes the new one with 4009.
+    """
+
+    def __init__(self, max_connections: int, client_id_policy: str = "replace") -> None:
+        self.max_connections = max_connections
+        self.client_id_policy = client_id_policy
+        self._all: dict[str, Connection] = {}
+        self._by_client: dict[str, Connection] = {}
+        self.total = 0
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._all.values()))
+
+    @property
+    def full(self) -> bool:
+        return len(self._all) >= self.max_connections
+
+    def register(self, conn: Connection) -> None:
+        self._all[conn.id] = conn
+        self.total += 1
+
+    def unregister(self, conn: Connection) -> None:
+        self._all.pop(conn.id, None)
+        if conn.client_id is not None and self._by_client.get(conn.client_id) is conn:
+            del self._by_client[conn.client_id]
+
+    def claim_client_id(self, conn: Connection, client_id: str) -> bool:
+        """Bind ``client_id`` to ``conn`` following the policy. False if ``conn`` must go."""
+        old = self._by_client.get(client_id)
+        if old is not None and old is not conn:
+            if self.client_id_policy == "reject":
+                return False
+            old.close_soon(CLOSE_REPLACED, "replaced by a newer connection")
+        conn.client_id = client_id
+        self._by_client[client_id] = conn
+        return True
+
+    def get(self, client_id: str) -> Connection | None:
+        return self._by_client.get(client_id)
+
+    async def send_personal(self, client_id: str, message: str) -> bool:
+        """Send to one client, waiting for its socket. False if it is not connected."""
+        conn = self._by_client.get(client_id)
+        if conn is None:
+            return False
+        try:
+            await conn.send(message)
+        except ConnectionClosed:
+            return False
+        return True
+
+    def broadcast(self, message: str, where: Callable[[Connection], bool] | None = None) -> int:
+        """Queue ``message`` for every addressed client (or those ``where`` picks); never waits.
+
+        Returns how many clients it was queued for. A client too far behind is
+        closed with 4008 instead of growing its queue.
+        """
+        targets = self._by_client.values() if where is None else (c for c in self._all.values() if where(c))
+        return sum(1 for conn in list(targets) if conn.outbox.put(message))
+
+    def sweep(self, now: float, slow_after: float) -> None:
+        """Close clients stuck in one send for longer than ``slow_after`` seconds (4008)."""
+        for conn in list(self._all.values()):
+            since = conn.outbox.sending_since
+            if since is not None and now - since > slow_after:
+                log.info("closing slow client %s (no data accepted for %.1fs)", conn.id, now - since)
+                conn.close_soon(CLOSE_SLOW_CLIENT, "slow client")

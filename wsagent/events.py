@@ -1,0 +1,208 @@
+"""What the server sends: small frozen event types, and their one wire encoding.
+
+Handlers never build JSON by hand; they construct an event and the relay
+encodes it once, here. A run's events carry the run ``id`` and a per-run
+``seq`` (1, 2, 3, ...), given when the event is sealed into the run's log, so
+merged text deltas still number without gaps.
+
+Text-bearing events (``token``, ``thinking``, ``answer``, ``refusal``) name
+their text ``content``, as the tutorial's clients expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "Event",
+    "TextEvent",
+    "Start",
+    "Token",
+    "Thinking",
+    "Refusal",
+    "Answer",
+    "ToolCallEvent",
+    "Action",
+    "Observation",
+    "UsageEvent",
+    "Done",
+    "ErrorEvent",
+    "Cancelled",
+    "Snapshot",
+    "AgentEnd",
+    "encode",
+    "encode_message",
+    "render_text",
+]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every run event. ``agent`` and ``workflow`` name where it came from."""
+
+    type: ClassVar[str] = "event"
+    terminal: ClassVar[bool] = False
+    agent: str | None = dataclasses.field(default=None, kw_only=True)
+    workflow: str | None = dataclasses.field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TextEvent(Event):
+    """A text delta. Consecutive deltas of one type and agent may be merged."""
+
+    content: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Start(Event):
+    type: ClassVar[str] = "start"
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Token(TextEvent):
+    type: ClassVar[str] = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking(TextEvent):
+    type: ClassVar[str] = "thinking"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal(TextEvent):
+    type: ClassVar[str] = "refusal"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(TextEvent):
+    type: ClassVar[str] = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEvent(Event):
+    type: ClassVar[str] = "tool_call"
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Action(Event):
+    """An agent is calling a tool. ``content`` is a line a person can read."""
+
+    type: ClassVar[str] = "action"
+    content: str = ""
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Observation(Event):
+    type: ClassVar[str] = "observation"
+    content: str = ""
+    call_id: str = ""
+    name: str = ""
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent(Event):
+    type: ClassVar[str] = "usage"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(Event):
+    """The state of each agent of a workflow, sent to a client that attaches."""
+
+    type: ClassVar[str] = "snapshot"
+    agents: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEnd(Event):
+    """One agent of a workflow ended; the run itself goes on until ``done``."""
+
+    type: ClassVar[str] = "agent_end"
+    outcome: str = "done"
+    finish_reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Done(Event):
+    type: ClassVar[str] = "done"
+    terminal: ClassVar[bool] = True
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    terminal: ClassVar[bool] = True
+    code: str = "internal_error"
+    message: str = ""
+    retryable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled(Event):
+    type: ClassVar[str] = "cancelled"
+    terminal: ClassVar[bool] = True
+    reason: str = "cancelled"
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        _FIELDS[cls] = names
+    return names
+
+
+def encode(event: Event, run_id: str | None, seq: int | None) -> str:
+    """The JSON text frame for ``event``. ``None`` fields are left out."""
+    obj: dict[str, Any] = {"type": event.type}
+    if run_id is not None:
+        obj["id"] = run_id
+    if seq is not None:
+        obj["seq"] = seq
+    for name in _field_names(type(event)):
+        value = getattr(event, name)
+        if value is not None:
+            obj[name] = value
+    return _dumps(obj)
+
+
+def encode_message(type_: str, **fields: Any) -> str:
+    """A frame that belongs to no run (``pong``, ``broadcast``, refusals of a request)."""
+    obj = {"type": type_}
+    obj.update((k, v) for k, v in fields.items() if v is not None)
+    return _dumps(obj)
+
+
+def render_text(event: Event) -> str | None:
+    """The tutorial's text mode: answer text as it comes, then ``\\n[DONE]`` or ``[ERROR] ...``."""
+    kind = event.type
+    if kind == "token":
+        return event.content  # type: ignore[attr-defined, no-any-return]
+    if kind == "done":
+        return "\n[DONE]"
+    if kind == "error":
+        return f"[ERROR] {event.message}"  # type: ignore[attr-defined]
+    if kind == "cancelled":
+        return f"\n[CANCELLED] {event.reason}"  # type: ignore[attr-defined]
+    return None

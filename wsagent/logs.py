@@ -1,0 +1,37 @@
+"""Logging setup: readable text by default, one JSON object per line as an option."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+__all__ = ["configure_logging", "JsonFormatter"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("wsagent.websockets").setLevel(max(root.level, logging.WARNING))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,468 @@
+"""The relay: one run's events, from the model to every socket that watches it.
+
+A chunk's path: :class:`~wsagent.upstream.UpstreamClient` reads bytes and
+yields model events; :func:`stream_model` turns each into a wire event and
+:meth:`Run.push` appends it to the run; the connection's
+:class:`~wsagent.connections.Outbox` takes what is pending with
+:meth:`Subscription.take` and writes the frames.
+
+Backpressure, without an unbounded buffer anywhere:
+
+* Text deltas not yet taken by a writer sit in one *tail* and merge: while a
+  client's socket is busy, fifty tokens become one frame. Nothing is dropped or
+  reordered: any other event seals the tail first.
+* Sealed events live in the run's log until every watcher has taken them. When
+  the bytes not yet taken by the slowest watcher pass ``buffer_bytes``, the
+  producer stops reading the upstream (:meth:`Run.room`), so TCP backpressure
+  reaches the model server.
+* The log also keeps ``replay_bytes`` of already delivered events, so a client
+  that dropped can resume from the last ``seq`` it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from .chunks import Finish, TextDelta, ToolCall, Usage
+from .connections import Outbox
+from .errors import UpstreamError, WsAgentError
+from .events import (
+    Cancelled,
+    Done,
+    ErrorEvent,
+    Event,
+    Refusal,
+    Start,
+    TextEvent,
+    Thinking,
+    Token,
+    ToolCallEvent,
+    UsageEvent,
+    encode,
+    render_text,
+)
+from .upstream import UpstreamClient
+
+__all__ = ["Run", "RunRegistry", "Subscription", "ReplayGap", "stream_model", "drive", "estimate_tokens"]
+
+log = logging.getLogger("wsagent.relay")
+
+_TEXT_SIZE_OVERHEAD = 64
+_CONTROL_SIZE = 256
+
+
+class ReplayGap(WsAgentError):
+    code = "replay_gap"
+
+
+class _Sealed:
+    __slots__ = ("seq", "event", "size", "_json")
+
+    def __init__(self, seq: int, event: Event, size: int) -> None:
+        self.seq = seq
+        self.event = event
+        self.size = size
+        self._json: str | None = None
+
+    def json(self, run_id: str) -> str:
+        frame = self._json
+        if frame is None:
+            frame = self._json = encode(self.event, run_id, self.seq)
+        return frame
+
+
+class Subscription:
+    """One socket watching one run, with its own position in the run's log."""
+
+    __slots__ = ("run", "outbox", "cursor", "delivered", "text_mode", "ended")
+
+    def __init__(self, run: Run, outbox: Outbox, cursor: int, delivered: int, text_mode: bool) -> None:
+        self.run = run
+        self.outbox = outbox
+        self.cursor = cursor
+        self.delivered = delivered
+        self.text_mode = text_mode
+        self.ended = False
+
+    def take(self) -> list[str]:
+        return self.run._take(self)
+
+
+class Run:
+    """One streamed generation (or agent run), its log, and who watches it."""
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        user: str | None = None,
+        buffer_bytes: int = 65536,
+        replay_bytes: int = 262144,
+        agent: str | None = None,
+        workflow: str | None = None,
+    ) -> None:
+        self.id = run_id
+        self.user = user
+        self.agent = agent
+        self.workflow = workflow
+        self.buffer_bytes = buffer_bytes
+        self.replay_bytes = replay_bytes
+        self.owner: Any = None
+        self.task: asyncio.Task[Any] | None = None
+        self.started = time.monotonic()
+        self.finished = False
+        self.outcome: str | None = None
+        self.streamed = 0
+        self.prompt_estimate = 0
+        self.usage_sent = False
+        self.on_finish: list[Callable[[Run], None]] = []
+        self.controller: Any = None
+        self.state: Any = None
+        self._log: deque[_Sealed] = deque()
+        self._log_bytes = 0
+        self._sealed_bytes = 0
+        self._next_seq = 1
+        self._subs: list[Subscription] = []
+        self._floor_cursor = 0
+        self._floor_delivered = 0
+        self._tail_cls: type[TextEvent] | None = None
+        self._tail_agent: str | None = None
+        self._tail_workflow: str | None = None
+        self._tail: list[str] = []
+        self._tail_size = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._done = asyncio.Event()
+        self._cancel_reason = "cancelled"
+        self._orphan_timer: asyncio.TimerHandle | None = None
+
+    # -- producing -------------------------------------------------------
+
+    def push(self, event: Event) -> None:
+        """Append ``event``; text deltas merge with the pending tail. Never waits."""
+        if self.finished:
+            return
+        if isinstance(event, TextEvent):
+            self.streamed += 1
+            cls = type(event)
+            if self._tail_cls is not cls or self._tail_agent != event.agent or self._tail_workflow != event.workflow:
+                if self._tail_cls is not None:
+                    self._seal_tail()
+                self._tail_cls = cls
+                self._tail_agent = event.agent
+                self._tail_workflow = event.workflow
+            self._tail.append(event.content)
+            self._tail_size += len(event.content)
+        else:
+            if self._tail_cls is not None:
+                self._seal_tail()
+            if type(event) is UsageEvent:
+                self.usage_sent = True
+            self._seal(event, _CONTROL_SIZE)
+        for sub in self._subs:
+            sub.outbox.wake()
+
+    @property
+    def full(self) -> bool:
+        """True when the slowest watcher is ``buffer_bytes`` behind."""
+        subs = self._subs
+        if subs:
+            floor = min(sub.delivered for sub in subs) if len(subs) > 1 else subs[0].delivered
+        else:
+            floor = self._floor_delivered
+        return self._sealed_bytes + self._tail_size - floor > self.buffer_bytes
+
+    async def room(self) -> None:
+        """Wait until the watchers have caught up below the buffer limit."""
+        while self.full:
+            self._room.clear()
+            await self._room.wait()
+
+    def finish(self, event: Event) -> None:
+        """End the run with its one terminal event (later calls do nothing)."""
+        if self.finished:
+            return
+        assert event.terminal
+        if not self.usage_sent:
+            self.push(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
+                                 estimated=True, agent=self.agent, workflow=self.workflow))
+        if self._tail_cls is not None:
+            self._seal_tail()
+        self._seal(event, _CONTROL_SIZE)
+        self.finished = True
+        self.outcome = event.type
+        self._done.set()
+        self._room.set()
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+            self._orphan_timer = None
+        for sub in self._subs:
+            sub.outbox.wake()
+        for callback in self.on_finish:
+            callback(self)
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if self.finished:
+            return
+        self._cancel_reason = reason
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        else:
+            self.finish(Cancelled(reason, agent=self.agent, workflow=self.workflow))
+
+    @property
+    def cancel_reason(self) -> str:
+        return self._cancel_reason
+
+    # -- watching --------------------------------------------------------
+
+    def subscribe(self, outbox: Outbox, after: int = 0, text_mode: bool = False) -> Subscription:
+        """Watch from the event after ``after``. Raises :class:`ReplayGap` if those are gone."""
+        if self._tail_cls is not None:
+            self._seal_tail()
+        log_ = self._log
+        first = log_[0].seq if log_ else self._next_seq
+        if after < first - 1:
+            raise ReplayGap(f"run {self.id}: events after seq {after} are no longer kept (oldest kept: {first})")
+        after = min(after, self._next_seq - 1)
+        pending = sum(e.size for e in log_ if e.seq > after)
+        sub = Subscription(self, outbox, after, self._sealed_bytes - pending, text_mode)
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+            self._orphan_timer = None
+        self._subs.append(sub)
+        outbox.subscribe(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+            if not self._subs:
+                self._floor_cursor = sub.cursor
+                self._floor_delivered = sub.delivered
+            self._room.set()
+        sub.outbox.unsubscribe(sub)
+        sub.ended = True
+
+    @property
+    def oldest_kept(self) -> int:
+        """The lowest seq still in the log (a watcher can start right before it)."""
+        if self._tail_cls is not None:
+            self._seal_tail()
+        return self._log[0].seq if self._log else self._next_seq
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subs)
+
+    def orphan(self, grace: float) -> None:
+        """Nobody watches: keep going for ``grace`` seconds, then cancel."""
+        if self.finished or self._subs:
+            return
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+        self._orphan_timer = asyncio.get_running_loop().call_later(grace, self.cancel, "client did not return")
+
+    # -- log -------------------------------------------------------------
+
+    def _seal_tail(self) -> None:
+        cls = self._tail_cls
+        assert cls is not None
+        parts = self._tail
+        text = parts[0] if len(parts) == 1 else "".join(parts)
+        self._seal(cls(text, agent=self._tail_agent, workflow=self._tail_workflow), len(text) + _TEXT_SIZE_OVERHEAD)
+        self._tail_cls = None
+        self._tail = []
+        self._tail_size = 0
+
+    def _seal(self, event: Event, size: int) -> None:
+        self._log.append(_Sealed(self._next_seq, event, size))
+        self._next_seq += 1
+        self._log_bytes += size
+        self._sealed_bytes += size
+
+    def _take(self, sub: Subscription) -> list[str]:
+        if self._tail_cls is not None:
+            self._seal_tail()
+        log_ = self._log
+        last = self._next_seq - 1
+        if sub.cursor >= last:
+            if self.finished:
+                sub.ended = True
+            return []
+        start = sub.cursor + 1 - log_[0].seq
+        entries = itertools.islice(log_, start, None) if start else log_
+        frames: list[str]
+        if sub.text_mode:
+            frames = [f for f in (render_text(e.event) for e in entries) if f]
+        else:
+            run_id = self.id
+            frames = [e.json(run_id) for e in entries]
+        sub.cursor = last
+        sub.delivered = self._sealed_bytes
+        if self.finished:
+            sub.ended = True
+            if sub in self._subs:
+                self._subs.remove(sub)
+                self._floor_cursor = sub.cursor
+                self._floor_delivered = sub.delivered
+        self._trim()
+        if not self._room.is_set() and not self.full:
+            self._room.set()
+        return frames
+
+    def _trim(self) -> None:
+        subs = self._subs
+        if subs:
+            min_cursor = min(s.cursor for s in subs)
+            min_delivered = min(s.delivered for s in subs)
+        else:
+            min_cursor = self._floor_cursor
+            min_delivered = self._floor_delivered
+        log_ = self._log
+        kept_delivered = self._log_bytes - (self._sealed_bytes - min_delivered)
+        while log_ and log_[0].seq <= min_cursor and kept_delivered > self.replay_bytes:
+            size = log_.popleft().size
+            self._log_bytes -= size
+            kept_delivered -= size
+
+    def events_since(self, after: int) -> list[tuple[int, Event]]:
+        """The kept events after ``after`` (for tests and snapshots)."""
+        return [(e.seq, e.event) for e in self._log if e.seq > after]
+
+
+class RunRegistry:
+    """Runs by (user, id), so a client can resume or attach from another socket."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str | None, str], Run] = {}
+        self.total: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._runs.values()))
+
+    def get(self, user: str | None, run_id: str) -> Run | None:
+        return self._runs.get((user, run_id))
+
+    def add(self, run: Run, keep_after_finish: float) -> None:
+        key = (run.user, run.id)
+        self._runs[key] = run
+
+        def forget(finished: Run) -> None:
+            self.total[finished.outcome or "unknown"] = self.total.get(finished.outcome or "unknown", 0) + 1
+            if keep_after_finish > 0:
+                asyncio.get_running_loop().call_later(keep_after_finish, self._drop, key, finished)
+            else:
+                self._drop(key, finished)
+
+        run.on_finish.append(forget)
+
+    def _drop(self, key: tuple[str | None, str], run: Run) -> None:
+        if self._runs.get(key) is run:
+            del self._runs[key]
+
+    def active(self) -> list[Run]:
+        return [run for run in self._runs.values() if not run.finished]
+
+
+async def drive(run: Run, events: AsyncIterator[Event]) -> None:
+    """Push an agent's or a workflow's events into ``run``; end it with exactly one terminal event."""
+    try:
+        async with aclosing(events) as stream:
+            async for event in stream:
+                if event.terminal:
+                    run.finish(event)
+                    return
+                run.push(event)
+                if run.full:
+                    await run.room()
+        run.finish(Done("stop", agent=run.agent, workflow=run.workflow))
+    except asyncio.CancelledError:
+        run.finish(Cancelled(run.cancel_reason, agent=run.agent, workflow=run.workflow))
+    except Exception:
+        log.exception("run %s failed", run.id)
+        run.finish(ErrorEvent("internal_error", "internal error (see server log)", False,
+                              agent=run.agent, workflow=run.workflow))
+
+
+def estimate_tokens(messages: Sequence[dict[str, Any]]) -> int:
+    """A rough prompt size (4 characters a token) for usage the upstream did not report."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+    return chars // 4 + 4 * len(messages)
+
+
+async def stream_model(
+    run: Run,
+    upstream: UpstreamClient,
+    messages: Sequence[dict[str, Any]],
+    *,
+    model: str | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
+    collect: list[str] | None = None,
+) -> None:
+    """Relay one completion into ``run`` and end it with exactly one terminal event.
+
+    This is the hot path: per chunk it does a type check, one append, and a
+    buffer check; no logging, no encoding, no task creation.
+    """
+    agent, workflow = run.agent, run.workflow
+    run.prompt_estimate = estimate_tokens(messages)
+    finish_reason = "stop"
+    try:
+        run.push(Start(model or upstream.config.model, agent=agent, workflow=workflow))
+        async with aclosing(upstream.stream(messages, model=model, tools=tools, params=params)) as events:
+            async for event in events:
+                kind = type(event)
+                if kind is TextDelta:
+                    if event.choice:  # type: ignore[union-attr]
+                        continue
+                    text = event.text  # type: ignore[union-attr]
+                    delta = event.kind  # type: ignore[union-attr]
+                    if delta == "content":
+                        run.push(Token(text, agent=agent, workflow=workflow))
+                        if collect is not None:
+                            collect.append(text)
+                    elif delta == "reasoning":
+                        run.push(Thinking(text, agent=agent, workflow=workflow))
+                    else:
+                        run.push(Refusal(text, agent=agent, workflow=workflow))
+                    if run.full:
+                        await run.room()
+                elif kind is ToolCall:
+                    call: ToolCall = event  # type: ignore[assignment]
+                    if not call.choice:
+                        run.push(ToolCallEvent(call.id, call.name, call.arguments, agent=agent, workflow=workflow))
+                elif kind is Finish:
+                    if not event.choice:  # type: ignore[union-attr]
+                        finish_reason = event.reason  # type: ignore[union-attr]
+                elif kind is Usage:
+                    usage: Usage = event  # type: ignore[assignment]
+                    run.push(UsageEvent(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                                        agent=agent, workflow=workflow))
+        run.finish(Done(finish_reason, agent=agent, workflow=workflow))
+    except asyncio.CancelledError:
+        run.finish(Cancelled(run.cancel_reason, agent=agent, workflow=workflow))
+    except UpstreamError as exc:
+        run.finish(ErrorEvent(exc.code, exc.message, exc.retryable, agent=agent, workflow=workflow))
+    except Exception:
+        log.exception("run %s failed", run.id)
+        run.finish(ErrorEvent("internal_error", "internal error (see server log)", False,
+                              agent=agent, workflow=workflow))

@@ -1,0 +1,64 @@
+"""Path matching for the route table in :mod:`wsagent.routes`.
+
+Static paths win over patterns; patterns use ``{name}`` for one non-empty path
+segment and are tried in the order the table lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connections import Connection
+
+__all__ = ["Route", "Router", "Handler"]
+
+Handler = Callable[[Any, "Connection"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A WebSocket endpoint. ``auth`` makes it refuse clients without a valid token."""
+
+    pattern: str
+    handler: Handler
+    auth: bool = False
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.pattern.strip("/").split("/"))
+
+    @property
+    def is_static(self) -> bool:
+        return "{" not in self.pattern
+
+
+class Router:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+        self._static = {r.pattern: r for r in routes if r.is_static}
+        self._patterns = [(r.segments, r) for r in routes if not r.is_static]
+
+    def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        route = self._static.get(path)
+        if route is not None:
+            return route, {}
+        parts = path.strip("/").split("/") if path.startswith("/") else None
+        if not parts:
+            return None
+        for segments, candidate in self._patterns:
+            if len(segments) != len(parts):
+                continue
+            params: dict[str, str] = {}
+            for pattern, part in zip(segments, parts, strict=True):
+                if pattern.startswith("{") and pattern.endswith("}"):
+                    if not part:
+                        break
+                    params[pattern[1:-1]] = part
+                elif pattern != part:
+                    break
+            else:
+                return candidate, params
+        return None

@@ -1,0 +1,27 @@
+"""The route table: every path the server answers, in one place.
+
+WebSocket routes first (static paths win over ``{param}`` patterns), then the
+plain HTTP answers served on the same port before any upgrade.
+"""
+
+from __future__ import annotations
+
+from .chat import chat
+from .router import Route
+from .server import healthz
+from .tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
+
+__all__ = ["ROUTES", "HTTP_ROUTES"]
+
+ROUTES = (
+    Route("/ws", echo_upper),
+    Route("/ws/agent", agent_words),
+    Route("/ws/agent-thoughts", agent_thoughts),
+    Route("/ws/robust", robust),
+    Route("/ws/chat", chat),
+    Route("/ws/{client_id}", client_addressed),
+)
+
+HTTP_ROUTES = {
+    "/healthz": healthz,
+}

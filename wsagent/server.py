@@ -1,0 +1,269 @@
+"""The asyncio server: handshake decisions, one handler task per connection, shutdown.
+
+Everything before the upgrade happens in :meth:`WsAgentServer.process_request`
+(plain HTTP answers, 404, 405, 503); everything after it in
+:meth:`WsAgentServer.handler`, which looks the path up in the route table
+(:mod:`wsagent.routes`) and hands the connection to that route's handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from importlib import resources
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .agent import build_workflows, load_workflows
+from .config import Settings
+from .connections import Connection, ConnectionManager, close_or_abort
+from .relay import RunRegistry
+from .router import Router
+from .simulator import SimulatorServer, SimulatorSettings
+from .tools import BUILTIN_TOOLS
+from .upstream import UpstreamClient, UpstreamConfig
+
+__all__ = ["WsAgentServer", "http_response"]
+
+log = logging.getLogger("wsagent.server")
+
+HttpHandler = Callable[["WsAgentServer", ServerConnection, Request], Response]
+
+
+def http_response(status: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8",
+                  extra: dict[str, str] | None = None) -> Response:
+    """A complete plain HTTP response (the connection closes after it)."""
+    data = body.encode() if isinstance(body, str) else body
+    code = http.HTTPStatus(status)
+    headers = Headers([
+        ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())),
+        ("Connection", "close"),
+        ("Content-Length", str(len(data))),
+        ("Content-Type", content_type),
+    ])
+    for key, value in (extra or {}).items():
+        headers[key] = value
+    return Response(code.value, code.phrase, headers, data)
+
+
+class WsAgentServer:
+    """wsagent's server. Use as ``async with WsAgentServer(settings) as server: ...``."""
+
+    def __init__(self, settings: Settings | None = None, upstream: UpstreamClient | None = None) -> None:
+        from .routes import HTTP_ROUTES, ROUTES
+
+        self.settings = settings or Settings()
+        self.router = Router(ROUTES)
+        self.http_routes: dict[str, HttpHandler] = dict(HTTP_ROUTES)
+        self.manager = ConnectionManager(self.settings.max_connections, self.settings.client_id_policy)
+        self.runs = RunRegistry()
+        self.upstream: UpstreamClient | None = upstream
+        self.workflows: dict[str, Any] = {}
+        self.simulator: SimulatorServer | None = None
+        self.started = time.monotonic()
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> WsAgentServer:
+        s = self.settings
+        if self.upstream is None:
+            base_url = s.upstream_url
+            if not base_url:
+                self.simulator = await SimulatorServer(
+                    SimulatorSettings(rate=s.sim_rate, tokens=s.sim_tokens, model=s.model)).start()
+                base_url = self.simulator.base_url
+                log.info("no upstream configured: streaming from the built-in simulator at %s", base_url)
+            self.upstream = UpstreamClient(UpstreamConfig(
+                base_url=base_url,
+                api_key=s.api_key,
+                model=s.model,
+                connect_timeout=s.connect_timeout,
+                first_byte_timeout=s.first_byte_timeout,
+                read_timeout=s.read_timeout,
+                max_retries=s.max_retries,
+            ))
+        self.workflows = self._load_workflows()
+        self._server = await serve(
+            self.handler,
+            s.host,
+            s.port,
+            process_request=self.process_request,
+            open_timeout=s.open_timeout or None,
+            ping_interval=s.ping_interval or None,
+            ping_timeout=s.ping_timeout or None,
+            close_timeout=s.close_timeout,
+            max_size=s.max_message_size,
+            max_queue=16,
+            logger=logging.getLogger("wsagent.websockets"),
+        )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log.info("wsagent listening on %s", self.url)
+        return self
+
+    def _load_workflows(self) -> dict[str, Any]:
+        assert self.upstream is not None
+        path = self.settings.workflows
+        if path:
+            return load_workflows(path, self.upstream, BUILTIN_TOOLS)
+        spec = json.loads(resources.files("wsagent").joinpath("data/workflows.json").read_text(encoding="utf-8"))
+        return build_workflows(spec, self.upstream, BUILTIN_TOOLS)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.host}:{self.port}"
+
+    async def __aenter__(self) -> WsAgentServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(drain=0)
+
+    async def stop(self, drain: float | None = None) -> None:
+        """Stop accepting, let in-flight streams finish for ``drain`` seconds, cancel the rest,
+        close every client with 1001, and release the upstream."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.draining = True
+        drain = self.settings.drain_timeout if drain is None else drain
+        if self._server is not None:
+            self._server.server.close()
+            if drain > 0 and not self._idle.is_set():
+                log.info("draining %d in-flight streams for up to %.1fs", self.inflight, drain)
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(drain):
+                        await self._idle.wait()
+            for run in self.runs.active():
+                run.cancel("server shutting down")
+            with suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.close_timeout):
+                    await asyncio.gather(*(conn.outbox.flush() for conn in self.manager))
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self.simulator is not None:
+            await self.simulator.stop()
+        log.info("wsagent stopped")
+
+    def busy(self) -> _Busy:
+        """``with server.busy():`` marks a stream in flight, for the drain on shutdown."""
+        return _Busy(self)
+
+    async def _sweep(self) -> None:
+        interval = max(0.05, min(1.0, self.settings.slow_client_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            self.manager.sweep(loop.time(), self.settings.slow_client_timeout)
+
+    # -- HTTP, before the upgrade ----------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if request.method != "GET":
+            return http_response(405, f"{request.method} is not supported: wsagent answers GET only "
+                                      "(a WebSocket upgrade, or GET /healthz).\n", extra={"Allow": "GET"})
+        http_handler = self.http_routes.get(path)
+        if http_handler is not None:
+            return http_handler(self, connection, request)
+        if self.router.match(path) is None:
+            return http_response(404, f"No WebSocket route at {path}.\n")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return http_response(426, f"{path} is a WebSocket endpoint: connect with a WebSocket client.\n",
+                                 extra={"Upgrade": "websocket"})
+        if self.draining:
+            return http_response(503, "Server is shutting down.\n", extra={"Retry-After": "1"})
+        if self.manager.full:
+            return http_response(503, "Too many connections; try again later.\n", extra={"Retry-After": "1"})
+        return None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "draining" if self.draining else "ok",
+            "connections": len(self.manager),
+            "runs_active": len(self.runs.active()),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+
+    # -- WebSocket, after the upgrade ------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        path = ws.request.path.partition("?")[0] if ws.request else "/"
+        match = self.router.match(path)
+        if match is None:  # process_request refused it already; defensive for custom routers
+            return
+        route, params = match
+        remote = ws.remote_address
+        remote_text = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
+        conn = Connection(ws, path, params, remote_text, self.settings.outbox_bytes, self.settings.close_timeout)
+        self.manager.register(conn)
+        log.info("open %s %s from %s", conn.id, path, remote_text)
+        try:
+            await route.handler(self, conn)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("handler for %s failed on %s", path, conn.id)
+            await close_or_abort(ws, 1011, "internal error", self.settings.close_timeout)
+        finally:
+            await self.release(conn)
+            await close_or_abort(ws, 1000, "", self.settings.close_timeout)
+            self.manager.unregister(conn)
+            log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, path, remote_text,
+                     ws.close_code, time.monotonic() - conn.opened)
+
+    async def release(self, conn: Connection) -> None:
+        """The client is gone: cancel what it owned, or keep it for a resume within the grace period."""
+        for sub in conn.outbox.subscriptions:
+            run = sub.run
+            run.unsubscribe(sub)
+            if run.owner is conn and not run.finished:
+                if self.settings.resume_grace > 0 and not self.draining:
+                    run.owner = None
+                    run.orphan(self.settings.resume_grace)
+                else:
+                    run.cancel("client disconnected")
+
+
+class _Busy:
+    def __init__(self, server: WsAgentServer) -> None:
+        self.server = server
+
+    def __enter__(self) -> None:
+        self.server.inflight += 1
+        self.server._idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.inflight -= 1
+        if self.server.inflight == 0:
+            self.server._idle.set()
+
+
+def healthz(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+    return http_response(200, json.dumps(server.health()), "application/json")

@@ -1,0 +1,507 @@
+"""A simulated OpenAI-compatible model server, served over real HTTP.
+
+wsagent streams from it when no upstream is configured, so every path (SSE
+parsing, relay, backpressure, cancellation, tool calls) runs for real on a
+machine with no network and no model. Tests and benchmarks use it too, with
+switches that inject the faults real servers produce.
+
+Answers are deterministic for a given request. Switches come from a ``sim``
+object in the request body, or from ``sim:key=value`` words in the last user
+message (so a person at a WebSocket client can try them):
+
+=================  ==========================================================
+``tokens=N``       answer length in tokens (default: the server's setting)
+``rate=R``         tokens per second (0: as fast as the socket takes them)
+``reasoning=0|1``  stream reasoning deltas first (default 1)
+``status=N``       answer HTTP N with an OpenAI-shaped error body
+``fail_times=K``   with ``status``: only the first K such requests fail
+``retry_after_ms``  sent as the ``retry-after-ms`` header with ``status``
+``should_retry``   sent as ``x-should-retry`` with ``status``
+``error_after=N``  after N tokens, an ``{"error": ...}`` event in the stream
+``error_done=1``   with ``error_after``: a ``[DONE]`` after the error
+``stall_after=N``  after N tokens, send nothing more (the connection stays)
+``drop_after=N``   after N tokens, reset the TCP connection
+``newline=crlf``   line endings: ``lf`` (default), ``crlf`` or ``cr``
+``comment_every``  a ``: ping`` comment every N tokens
+``long=N``         one content delta of N characters
+``json=1``         answer a whole ``chat.completion`` even when asked to stream
+``tool=NAME``      call this tool (when offered) whatever the prompt says
+``tool_loop=1``    call a tool again even after tool results
+``bad_args=1``     tool call arguments that are not valid JSON
+``stamp=1``        each token is the monotonic time it was written at
+``raw=TEXT``       (body only) replay TEXT byte for byte as the stream
+``raw_chunk=N``    with ``raw``: write it in pieces of N bytes
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["SimulatorSettings", "SimStats", "make_app", "Simulator", "SimulatorServer", "main"]
+
+log = logging.getLogger("wsagent.simulator")
+
+_DIRECTIVE = re.compile(r"\bsim:(\w+)=(\S+)")
+_EXPRESSION = re.compile(r"[-+*/%^().\d\s]*\d[-+*/%^().\d\s]*[-+*/%^][-+*/%^().\d\s]*\d[-+*/%^().\d\s]*")
+_VOCABULARY = (
+    "streams tokens as they arrive so people see the answer grow instead of waiting for all of it "
+    "a websocket keeps one connection open in both directions while the model writes its reply "
+    "backpressure slows the reader down when the browser cannot keep up and memory stays bounded "
+    "every run ends with one terminal event and a client that leaves stops the generation at once"
+).split()
+
+
+@dataclass
+class SimulatorSettings:
+    rate: float = 50.0
+    tokens: int = 24
+    reasoning: bool = True
+    model: str = "wsagent-sim"
+
+
+@dataclass
+class SimStats:
+    """What the simulated upstream saw; tests and benchmarks read it."""
+
+    requests: int = 0
+    active: int = 0
+    completed: int = 0
+    disconnected: int = 0
+    tokens_sent: int = 0
+    disconnect_times: list[float] = field(default_factory=list)
+    changed: asyncio.Condition | None = None
+
+    def _notify(self) -> None:
+        cond = self.changed
+        if cond is not None:
+            asyncio.get_running_loop().create_task(_notify_all(cond))
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until ``predicate(stats)`` holds (event driven, not polled)."""
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        async with asyncio.timeout(timeout):
+            async with self.changed:
+                await self.changed.wait_for(lambda: predicate(self))
+
+
+async def _notify_all(cond: asyncio.Condition) -> None:
+    async with cond:
+        cond.notify_all()
+
+
+def _directives(body: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """Switches from the body's ``sim`` object and the last user message; the prompt without them."""
+    switches: dict[str, str] = {}
+    prompt = ""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            prompt = _text(message.get("content"))
+            break
+    for key, value in _DIRECTIVE.findall(prompt):
+        switches[key] = value
+    prompt = _DIRECTIVE.sub("", prompt).strip()
+    sim = body.get("sim")
+    if isinstance(sim, dict):
+        switches.update({str(k): str(v) if not isinstance(v, str) else v for k, v in sim.items()})
+    return switches, prompt
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+@dataclass
+class _Plan:
+    reasoning: list[str]
+    content: list[str]
+    tool_calls: list[tuple[str, str, str]]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def _words(text: str) -> list[str]:
+    words = text.split()
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def _tool_names(tools: Any) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for tool in tools or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            out.append((fn["name"], fn.get("parameters") or {}))
+    return out
+
+
+def _arguments(name: str, schema: dict[str, Any], prompt: str) -> dict[str, Any]:
+    props = schema.get("properties") or {}
+    args: dict[str, Any] = {}
+    for key in schema.get("required") or list(props)[:1]:
+        kind = (props.get(key) or {}).get("type", "string")
+        if key == "expression":
+            match = _EXPRESSION.search(prompt)
+            args[key] = match.group(0).strip() if match else prompt
+        elif kind in ("integer", "number"):
+            args[key] = 1
+        elif kind == "boolean":
+            args[key] = True
+        else:
+            args[key] = prompt
+    return args
+
+
+def _wanted_tools(prompt: str, tools: list[tuple[str, dict[str, Any]]], forced: str | None) -> list[tuple[str, dict[str, Any]]]:
+    lowered = prompt.lower()
+    wanted = []
+    for name, schema in tools:
+        spoken = name.lower().replace("_", " ")
+        if forced is not None:
+            hit = name == forced
+        elif name.lower() in lowered or spoken in lowered:
+            hit = True
+        elif "calc" in name.lower():
+            hit = _EXPRESSION.search(prompt) is not None
+        elif "time" in name.lower():
+            hit = "time" in lowered or "date" in lowered
+        elif "search" in name.lower():
+            hit = any(w in lowered for w in ("search", "look up", "find "))
+        else:
+            hit = False
+        if hit:
+            wanted.append((name, schema))
+    return wanted
+
+
+def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: SimulatorSettings) -> _Plan:
+    """Decide, deterministically, what the simulated model says to this request."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages) + 4 * len(messages)
+    seed = hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).digest()
+    limit = int(switches.get("tokens", settings.tokens))
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    reasoning_on = switches.get("reasoning", "1" if settings.reasoning else "0") != "0"
+    system = next((_text(m.get("content")) for m in messages if m.get("role") == "system"), "")
+    tools = _tool_names(body.get("tools"))
+    last_role = messages[-1].get("role") if messages else "user"
+    looping = switches.get("tool_loop") == "1"
+
+    if tools and (last_role != "tool" or looping):
+        wanted = _wanted_tools(prompt, tools, switches.get("tool"))
+        if wanted:
+            calls = []
+            for n, (name, schema) in enumerate(wanted):
+                args = json.dumps(_arguments(name, schema, prompt))
+                if switches.get("bad_args") == "1":
+                    args = args[:-1] + ', "broken'
+                call_id = f"call_{seed[n:n + 6].hex()}"
+                calls.append((call_id, name, args))
+            names = " and ".join(name for _, name, _ in calls)
+            return _Plan(
+                reasoning=_words(f"The request needs the {names} tool, so I will call it.") if reasoning_on else [],
+                content=[],
+                tool_calls=calls,
+                finish_reason="tool_calls",
+                prompt_tokens=prompt_tokens,
+            )
+
+    if last_role == "tool":
+        results = [_text(m.get("content")) for m in messages[messages_tail_start(messages):]]
+        text = "Based on the tool results: " + "; ".join(r[:200] for r in results) + "."
+        thought = "The tool answered, so I can reply now."
+    else:
+        role = " ".join(system.split()[:6])
+        opening = f"As {role.rstrip('.')}, " if role else ""
+        topic = " ".join(prompt.split()[:12])
+        offset = seed[0] % len(_VOCABULARY)
+        filler = [_VOCABULARY[(offset + i) % len(_VOCABULARY)] for i in range(max(limit, 1) * 2)]
+        text = f"{opening}here is a simulated answer about {topic or 'nothing in particular'}: " + " ".join(filler)
+        thought = f"The user asks about {topic or 'nothing'}. I will answer briefly."
+    tokens = _words(text)[:limit] if limit > 0 else []
+    finish = "stop"
+    if isinstance(max_tokens, int) and 0 < max_tokens < len(tokens):
+        tokens = tokens[:max_tokens]
+        finish = "length"
+    return _Plan(
+        reasoning=_words(thought) if reasoning_on else [],
+        content=tokens,
+        tool_calls=[],
+        finish_reason=finish,
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def messages_tail_start(messages: Sequence[dict[str, Any]]) -> int:
+    """Index of the first of the trailing ``tool`` messages."""
+    start = len(messages)
+    while start > 0 and messages[start - 1].get("role") == "tool":
+        start -= 1
+    return start
+
+
+class _Writer:
+    """Writes one SSE response with the chosen line ending and fault switches."""
+
+    def __init__(self, response: web.StreamResponse, newline: str) -> None:
+        self.response = response
+        self.nl = {"crlf": "\r\n", "cr": "\r"}.get(newline, "\n")
+
+    async def data(self, payload: str) -> None:
+        await self.response.write(f"data: {payload}{self.nl}{self.nl}".encode())
+
+    async def comment(self, text: str) -> None:
+        await self.response.write(f": {text}{self.nl}".encode())
+
+
+class Simulator:
+    """The aiohttp handlers; one instance per app holds its settings and stats."""
+
+    def __init__(self, settings: SimulatorSettings) -> None:
+        self.settings = settings
+        self.stats = SimStats()
+        self._failures: dict[str, int] = {}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "object": "list",
+            "data": [{"id": self.settings.model, "object": "model", "created": 0, "owned_by": "wsagent"}],
+        })
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "request body is not valid JSON", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _error(400, "'messages' is required", "invalid_request_error")
+        switches, prompt = _directives(body)
+        status = switches.get("status")
+        if status is not None:
+            key = switches.get("fail_key", prompt)
+            seen = self._failures.get(key, 0)
+            self._failures[key] = seen + 1
+            if "fail_times" not in switches or seen < int(switches["fail_times"]):
+                headers = {}
+                if "retry_after_ms" in switches:
+                    headers["retry-after-ms"] = switches["retry_after_ms"]
+                if "should_retry" in switches:
+                    headers["x-should-retry"] = switches["should_retry"]
+                return _error(int(status), f"simulated HTTP {status}", "server_error", headers)
+        if "raw" in switches:
+            return await self._raw(request, switches)
+        model = str(body.get("model") or self.settings.model)
+        the_plan = plan(body, switches, prompt, self.settings)
+        if not body.get("stream") or switches.get("json") == "1":
+            return web.json_response(_completion(model, the_plan))
+        return await self._stream(request, body, model, the_plan, switches)
+
+    async def _raw(self, request: web.Request, switches: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        raw = switches["raw"].encode()
+        step = int(switches.get("raw_chunk", 0)) or len(raw) or 1
+        for start in range(0, len(raw), step):
+            await response.write(raw[start:start + step])
+        await response.write_eof()
+        return response
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, the_plan: _Plan,
+                      switches: dict[str, str]) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        stats.active += 1
+        rate = float(switches.get("rate", self.settings.rate))
+        interval = 1.0 / rate if rate > 0 else 0.0
+        error_after = int(switches.get("error_after", -1))
+        stall_after = int(switches.get("stall_after", -1))
+        drop_after = int(switches.get("drop_after", -1))
+        comment_every = int(switches.get("comment_every", 0))
+        stamp = switches.get("stamp") == "1"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunk_id = "chatcmpl-sim" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+        head = json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                           "model": model, "system_fingerprint": "fp_wsagent_sim"})[:-1]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        loop = asyncio.get_running_loop()
+        finished = False
+        try:
+            await response.prepare(request)
+            out = _Writer(response, switches.get("newline", "lf"))
+
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                return f'{head},"choices":[{json.dumps(choice)}]}}'
+
+            await out.data(chunk({"role": "assistant", "content": ""}))
+            sent = 0
+            start = loop.time()
+            pieces: list[tuple[str, str]] = [("reasoning_content", t) for t in the_plan.reasoning]
+            pieces += [("content", t) for t in the_plan.content]
+            if "long" in switches:
+                pieces.append(("content", "x" * int(switches["long"])))
+            for kind, text in pieces:
+                if sent == error_after:
+                    await out.data(json.dumps({"error": {"message": "simulated mid-stream failure",
+                                                         "type": "server_error", "code": 500}}))
+                    if switches.get("error_done") == "1":
+                        await out.data("[DONE]")
+                    finished = True
+                    return response
+                if sent == stall_after:
+                    await asyncio.Event().wait()
+                if sent == drop_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    finished = True
+                    return response
+                if interval:
+                    delay = start + sent * interval - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                if comment_every and sent and sent % comment_every == 0:
+                    await out.comment("ping")
+                if stamp:
+                    text = f"{time.monotonic():.6f} "
+                await response.write(
+                    f'data: {head},"choices":[{{"index":0,"delta":{{"{kind}":{json.dumps(text)}}},'
+                    f'"logprobs":null,"finish_reason":null}}]}}{out.nl}{out.nl}'.encode()
+                )
+                sent += 1
+                stats.tokens_sent += 1
+            for n, (call_id, name, args) in enumerate(the_plan.tool_calls):
+                half = len(args) // 2
+                await out.data(chunk({"tool_calls": [{"index": n, "id": call_id, "type": "function",
+                                                      "function": {"name": name, "arguments": args[:half]}}]}))
+                await out.data(chunk({"tool_calls": [{"index": n, "function": {"arguments": args[half:]}}]}))
+            await out.data(chunk({}, the_plan.finish_reason))
+            if include_usage:
+                completion = len(pieces) + len(the_plan.tool_calls)
+                usage = {"prompt_tokens": the_plan.prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": the_plan.prompt_tokens + completion}
+                await out.data(f'{head},"choices":[],"usage":{json.dumps(usage)}}}')
+            await out.data("[DONE]")
+            await response.write_eof()
+            finished = True
+            return response
+        except (asyncio.CancelledError, ConnectionError):
+            stats.disconnected += 1
+            stats.disconnect_times.append(time.monotonic())
+            raise
+        finally:
+            stats.active -= 1
+            if finished:
+                stats.completed += 1
+            stats._notify()
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": None, "code": str(status)}},
+        status=status,
+        headers=headers,
+    )
+
+
+def _completion(model: str, the_plan: _Plan) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(the_plan.content) or None}
+    if the_plan.tool_calls:
+        message["tool_calls"] = [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+            for call_id, name, args in the_plan.tool_calls
+        ]
+    completion = len(the_plan.content) + len(the_plan.reasoning)
+    return {
+        "id": "chatcmpl-sim",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": the_plan.finish_reason}],
+        "usage": {"prompt_tokens": the_plan.prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": the_plan.prompt_tokens + completion},
+    }
+
+
+def make_app(settings: SimulatorSettings | None = None) -> web.Application:
+    """The simulator as an aiohttp app; ``app["simulator"]`` holds its settings and stats."""
+    sim = Simulator(settings or SimulatorSettings())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["simulator"] = sim
+    app.router.add_post("/v1/chat/completions", sim.completions)
+    app.router.add_get("/v1/models", sim.models)
+    return app
+
+
+class SimulatorServer:
+    """Run the simulator on a loopback port inside the current event loop."""
+
+    def __init__(self, settings: SimulatorSettings | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = make_app(settings)
+        self.host = host
+        self.port = port
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+
+    @property
+    def simulator(self) -> Simulator:
+        return self.app["simulator"]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def start(self) -> SimulatorServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m wsagent.simulator",
+                                     description="Serve the simulated OpenAI-compatible model.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--rate", type=float, default=50.0, help="tokens per second (0: unthrottled)")
+    parser.add_argument("--tokens", type=int, default=24, help="answer length in tokens")
+    parser.add_argument("--no-reasoning", action="store_true", help="do not stream reasoning deltas")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = SimulatorSettings(rate=args.rate, tokens=args.tokens, reasoning=not args.no_reasoning)
+
+    async def run() -> None:
+        server = await SimulatorServer(settings, args.host, args.port).start()
+        log.info("simulated model at %s", server.base_url)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The aiohttp transport for OpenAI-compatible ``POST {base}/chat/completions``.
+
+The decoding lives in :mod:`wsagent.sse` and :mod:`wsagent.chunks`; this module
+only moves bytes, applies timeouts and retries, and makes sure that a consumer
+that stops listening closes the TCP connection to the model server at once, so
+it stops generating tokens for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .chunks import ChunkInterpreter, ModelEvent, completion_to_events
+from .errors import UpstreamError, error_for_status
+from .sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
+
+__all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after"]
+
+_RETRY_STATUSES = frozenset({408, 409, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    base_url: str
+    api_key: str | None = None
+    model: str = "wsagent-sim"
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 60.0
+    read_timeout: float = 60.0
+    max_retries: int = 2
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    max_event_size: int = DEFAULT_MAX_EVENT_SIZE
+    include_usage: bool = True
+
+
+def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_message(body: bytes) -> tuple[str, str | int | None]:
+    """The upstream's own message and code, from an OpenAI-shaped error body or plain text."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return (text[:500] or "no body"), None
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    if isinstance(error, dict):
+        code = error.get("code", error.get("type"))
+        return str(error.get("message") or text[:500]), code if isinstance(code, (str, int)) else None
+    return str(error)[:500], None
+
+
+class UpstreamClient:
+    """Stream chat completions from one OpenAI-compatible server.
+
+    One :class:`aiohttp.ClientSession` is shared by every run of the process;
+    call :meth:`close` at shutdown.
+    """
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession | None = None) -> None:
+        self.config = config
+        self._session = session
+        self._own_session = session is None
+        self._url = config.base_url.rstrip("/") + "/chat/completions"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
+                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and self._own_session:
+            await self._session.close()
+        self._session = None
+
+    def build_body(
+        self,
+        messages: Sequence[dict[str, Any]],
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = dict(params or {})
+        body["model"] = model or self.config.model
+        body["messages"] = list(messages)
+        body["stream"] = True
+        if self.config.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if tools:
+            body["tools"] = list(tools)
+        return body
+
+    async def stream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[ModelEvent]:
+        """Yield :data:`ModelEvent` s as the model writes them.
+
+        Use it under :func:`contextlib.aclosing` (or cancel the consuming task):
+        leaving early closes the upstream connection rather than returning a
+        half-read one to the pool.
+        """
+        body = self.build_body(messages, model, tools, params)
+        response = await self._open(body)
+        async with aclosing(self._read(response)) as events:
+            async for event in events:
+                yield event
+
+    async def _open(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST and return a 200 response, retrying what may be retried before any body byte."""
+        cfg = self.config
+        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+        if cfg.api_key:
+            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        payload = json.dumps(body).encode()
+        attempt = 0
+        while True:
+            delay: float | None = None
+            try:
+                async with asyncio.timeout(cfg.connect_timeout + cfg.first_byte_timeout):
+                    response = await self.session.post(self._url, data=payload, headers=headers)
+            except TimeoutError:
+                error = UpstreamError("upstream did not answer in time", code="upstream_timeout", retryable=True)
+            except aiohttp.ClientError as exc:
+                error = UpstreamError(f"cannot reach upstream: {exc}", code="upstream_connection", retryable=True)
+            else:
+                if response.status == 200:
+                    return response
+                try:
+                    raw = await response.read()
+                finally:
+                    response.release()
+                message, upstream_code = _error_message(raw)
+                delay = parse_retry_after(response.headers)
+                error = error_for_status(response.status, message, upstream_code, delay)
+                should = response.headers.get("x-should-retry")
+                if should == "true":
+                    error.retryable = True
+                elif should == "false":
+                    error.retryable = False
+                elif response.status not in _RETRY_STATUSES and response.status < 500:
+                    error.retryable = False
+            if not error.retryable or attempt >= cfg.max_retries:
+                raise error
+            if delay is None:
+                delay = random.uniform(0, min(cfg.backoff_cap, cfg.backoff_base * 2**attempt))
+            await asyncio.sleep(min(delay, 60.0))
+            attempt += 1
+
+    async def _read(self, response: aiohttp.ClientResponse) -> AsyncIterator[ModelEvent]:
+        cfg = self.config
+        finished = False
+        try:
+            content_type = response.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):
+                for event in await self._not_streamed(response):
+                    yield event
+                finished = True
+                return
+            decoder = SSEDecoder(cfg.max_event_size)
+            interpreter = ChunkInterpreter()
+            loop = asyncio.get_running_loop()
+            reader = response.content
+            async with asyncio.timeout_at(loop.time() + cfg.first_byte_timeout) as deadline:
+                while True:
+                    data = await reader.readany()
+                    if not data:
+                        break
+                    deadline.reschedule(loop.time() + cfg.read_timeout)
+                    for sse in decoder.feed(data):
+                        for event in interpreter.feed(sse):
+                            yield event
+                        if interpreter.done:
+                            break
+                    if interpreter.done:
+                        break
+            if not interpreter.done:
+                for event in interpreter.end(decoder.close()):
+                    yield event
+            finished = True
+        except TimeoutError:
+            raise UpstreamError("upstream stopped sending", code="upstream_timeout", retryable=True) from None
+        except SSEError as exc:
+            raise UpstreamError(str(exc), code="upstream_protocol", retryable=False) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_truncated",
+                                retryable=True) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_connection",
+                                retryable=True) from None
+        finally:
+            if finished:
+                response.release()
+            else:
+                response.close()
+
+    async def _not_streamed(self, response: aiohttp.ClientResponse) -> list[ModelEvent]:
+        """A 200 that is not an event stream: a JSON error, or a whole completion."""
+        raw = await response.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise UpstreamError(
+                f"upstream answered {response.headers.get('Content-Type', 'no content type')!r}, "
+                f"not an event stream: {raw[:200]!r}",
+                code="upstream_protocol",
+                retryable=False,
+            ) from None
+        if isinstance(body, dict) and "error" in body and not body.get("choices"):
+            message, upstream_code = _error_message(raw)
+            raise UpstreamError(message, code="upstream_stream_error", retryable=True, upstream_code=upstream_code)
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+            raise UpstreamError("upstream answered JSON that is not a completion", code="upstream_protocol",
+                                retryable=False)
+        return completion_to_events(body)

@@ -37,14 +37,14 @@ CLOSE_REPLACED = 4009
 _ids = itertools.count(1)
 
 
-async def close_or_abort(ws: ServerConnection, code: int, reason: str, timeout: float) -> None:
+async def close_or_abort(ws: ServerConnection, code: int, reason: str, grace: float) -> None:
     """Close with ``code``; drop the TCP connection if the peer does not take the close frame in time.
 
     A client that reads nothing never drains our write buffer, so the closing
     handshake alone could wait for ever.
     """
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(grace):
             await ws.close(code, reason)
     except TimeoutError:
         ws.transport.abort()

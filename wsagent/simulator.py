@@ -25,6 +25,7 @@ message (so a person at a WebSocket client can try them):
 ``comment_every``  a ``: ping`` comment every N tokens
 ``long=N``         one content delta of N characters
 ``json=1``         answer a whole ``chat.completion`` even when asked to stream
+``hold=1``         never answer (not even headers): a first-byte timeout
 ``tool=NAME``      call this tool (when offered) whatever the prompt says
 ``tool_loop=1``    call a tool again even after tool results
 ``bad_args=1``     tool call arguments that are not valid JSON
@@ -76,6 +77,7 @@ class SimStats:
     """What the simulated upstream saw; tests and benchmarks read it."""
 
     requests: int = 0
+    streams: int = 0
     active: int = 0
     completed: int = 0
     disconnected: int = 0
@@ -88,11 +90,11 @@ class SimStats:
         if cond is not None:
             asyncio.get_running_loop().create_task(_notify_all(cond))
 
-    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
-        """Wait until ``predicate(stats)`` holds (event driven, not polled)."""
+    async def wait_for(self, predicate: Any, limit: float = 10.0) -> None:
+        """Wait until ``predicate(stats)`` holds (event driven, not polled); at most ``limit`` seconds."""
         if self.changed is None:
             self.changed = asyncio.Condition()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             async with self.changed:
                 await self.changed.wait_for(lambda: predicate(self))
 
@@ -167,7 +169,8 @@ def _arguments(name: str, schema: dict[str, Any], prompt: str) -> dict[str, Any]
     return args
 
 
-def _wanted_tools(prompt: str, tools: list[tuple[str, dict[str, Any]]], forced: str | None) -> list[tuple[str, dict[str, Any]]]:
+def _wanted_tools(prompt: str, tools: list[tuple[str, dict[str, Any]]],
+                  forced: str | None) -> list[tuple[str, dict[str, Any]]]:
     lowered = prompt.lower()
     wanted = []
     for name, schema in tools:
@@ -192,8 +195,9 @@ def _wanted_tools(prompt: str, tools: list[tuple[str, dict[str, Any]]], forced: 
 def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: SimulatorSettings) -> _Plan:
     """Decide, deterministically, what the simulated model says to this request."""
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-    prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages) + 4 * len(messages)
-    seed = hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).digest()
+    clean = [(m.get("role"), _DIRECTIVE.sub("", _text(m.get("content"))).strip()) for m in messages]
+    prompt_tokens = sum(len(text.split()) for _, text in clean) + 4 * len(messages)
+    seed = hashlib.sha256(json.dumps(clean).encode()).digest()
     limit = int(switches.get("tokens", settings.tokens))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     reasoning_on = switches.get("reasoning", "1" if settings.reasoning else "0") != "0"
@@ -284,6 +288,7 @@ class Simulator:
         })
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
         try:
             body = await request.json()
         except ValueError:
@@ -303,6 +308,8 @@ class Simulator:
                 if "should_retry" in switches:
                     headers["x-should-retry"] = switches["should_retry"]
                 return _error(int(status), f"simulated HTTP {status}", "server_error", headers)
+        if switches.get("hold") == "1":
+            await asyncio.Event().wait()
         if "raw" in switches:
             return await self._raw(request, switches)
         model = str(body.get("model") or self.settings.model)
@@ -324,7 +331,7 @@ class Simulator:
     async def _stream(self, request: web.Request, body: dict[str, Any], model: str, the_plan: _Plan,
                       switches: dict[str, str]) -> web.StreamResponse:
         stats = self.stats
-        stats.requests += 1
+        stats.streams += 1
         stats.active += 1
         rate = float(switches.get("rate", self.settings.rate))
         interval = 1.0 / rate if rate > 0 else 0.0
@@ -437,11 +444,14 @@ def _completion(model: str, the_plan: _Plan) -> dict[str, Any]:
     }
 
 
+SIMULATOR = web.AppKey("simulator", Simulator)
+
+
 def make_app(settings: SimulatorSettings | None = None) -> web.Application:
-    """The simulator as an aiohttp app; ``app["simulator"]`` holds its settings and stats."""
+    """The simulator as an aiohttp app; ``app[SIMULATOR]`` holds its settings and stats."""
     sim = Simulator(settings or SimulatorSettings())
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["simulator"] = sim
+    app[SIMULATOR] = sim
     app.router.add_post("/v1/chat/completions", sim.completions)
     app.router.add_get("/v1/models", sim.models)
     return app
@@ -458,7 +468,7 @@ class SimulatorServer:
 
     @property
     def simulator(self) -> Simulator:
-        return self.app["simulator"]
+        return self.app[SIMULATOR]
 
     @property
     def base_url(self) -> str:

@@ -187,8 +187,9 @@ class WsAgentServer:
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if request.method != "GET":
-            return http_response(405, f"{request.method} is not supported: wsagent answers GET only "
-                                      "(a WebSocket upgrade, or GET /healthz).\n", extra={"Allow": "GET"})
+            text = "" if request.method == "HEAD" else (
+                f"{request.method} is not supported: wsagent answers GET only (a WebSocket upgrade, or GET /healthz).\n")
+            return http_response(405, text, extra={"Allow": "GET"})
         http_handler = self.http_routes.get(path)
         if http_handler is not None:
             return http_handler(self, connection, request)

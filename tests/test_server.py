@@ -1,0 +1,244 @@
+"""Server core: routes, refusals before the upgrade, keepalive, limits, broadcast, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from wsagent.config import Settings, load_settings
+from wsagent.router import Route, Router
+from wsagent.server import WsAgentServer
+
+from .conftest import ServerFactory, recv_json, run_events, ws_connect
+
+
+async def server_side(server: WsAgentServer, path: str):  # type: ignore[no-untyped-def]
+    """The server's Connection for the only client on ``path``."""
+    for conn in server.manager:
+        if conn.path == path:
+            return conn
+    raise AssertionError(f"no connection on {path}")
+
+
+async def test_echo_uppercases(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws") as ws:
+        await ws.send("hello, World")
+        assert await ws.recv() == "HELLO, WORLD"
+        await ws.send(b"\x00")
+        assert (await ws.recv()).startswith("[ERROR]")
+
+
+async def test_agent_streams_words_then_done(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws/agent") as ws:
+        await ws.send("tell me about streams sim:reasoning=0")
+        words = []
+        while (frame := await ws.recv()) != "[DONE]":
+            words.append(frame)
+        assert len(words) > 5 and all(w.endswith(" ") and " " not in w[:-1] for w in words)
+        assert "".join(words).startswith("here is a simulated answer about tell me about streams")
+
+
+async def test_tutorial_client_on_agent_thoughts(server: WsAgentServer) -> None:
+    """A client written to the tutorial's wire protocol: send a prompt, print each event type, stop at done."""
+    printed: list[str] = []
+    marks = {"thinking": "💭", "action": "🔧", "observation": "👁️", "answer": "✅"}
+    async with ws_connect(server, "/ws/agent-thoughts") as websocket:
+        for question in ("What is 12 * (3 + 4)?", "What is machine learning?"):
+            await websocket.send(question)
+            while True:
+                data = json.loads(await websocket.recv())
+                if data["type"] == "done":
+                    printed.append("done")
+                    break
+                assert data["type"] in marks and isinstance(data["content"], str)
+                printed.append(f"{marks[data['type']]} {data['content']}")
+    first = printed[:printed.index("done")]
+    kinds = [line.split(" ", 1)[0] for line in first]
+    assert kinds.index("💭") < kinds.index("🔧") < kinds.index("👁️") < kinds.index("✅")
+    assert "🔧 calculator" in " ".join(first) and "= 84" in " ".join(first)
+    assert printed.count("done") == 2  # the socket waited for, and answered, the next prompt
+
+
+async def test_robust_idle_ping_and_errors_keep_socket(make_server: ServerFactory) -> None:
+    server = await make_server(idle_ping=0.2)
+    async with ws_connect(server, "/ws/robust") as ws:
+        assert await recv_json(ws) == {"type": "ping"}
+        await ws.send("fail please sim:status=400")
+        error = await recv_json(ws)
+        assert error["type"] == "error" and "400" in error["message"]
+        assert await recv_json(ws) == {"type": "done"}
+        await ws.send("and now a real question")
+        kinds = []
+        while (event := await recv_json(ws))["type"] != "done":
+            kinds.append(event["type"])
+        assert "answer" in kinds
+
+
+async def test_client_addressed_personal_and_broadcast(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws/alice") as alice, ws_connect(server, "/ws/bob") as bob:
+        await alice.send("hello sim:tokens=5 sim:reasoning=0")
+        words = []
+        while (frame := await alice.recv()) != "[DONE]":
+            words.append(frame)
+        assert len(words) == 5
+        await bob.send(json.dumps({"type": "broadcast", "content": "hi all"}))
+        expected = {"type": "broadcast", "from": "bob", "content": "hi all"}
+        assert await recv_json(alice) == expected
+        assert await recv_json(bob) == expected
+
+
+async def test_second_connection_replaces_first(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws/carol") as first:
+        async with ws_connect(server, "/ws/carol") as second:
+            with pytest.raises(ConnectionClosed) as info:
+                await first.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4009
+            await second.send("still here sim:tokens=2 sim:reasoning=0")
+            assert await second.recv()
+
+
+async def test_reject_policy_refuses_newcomer(make_server: ServerFactory) -> None:
+    server = await make_server(client_id_policy="reject")
+    async with ws_connect(server, "/ws/dave") as first:
+        async with ws_connect(server, "/ws/dave") as second:
+            with pytest.raises(ConnectionClosed) as info:
+                await second.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4009
+        await first.send(json.dumps({"type": "broadcast", "content": "x"}))
+        assert (await recv_json(first))["content"] == "x"
+
+
+async def test_unknown_path_is_404(server: WsAgentServer) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(server, "/nope"):
+            pass
+    assert info.value.response.status_code == 404
+
+
+async def test_plain_http_answers(server: WsAgentServer) -> None:
+    base = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as response:
+            assert response.status == 200
+            body = await response.json()
+            assert body["status"] == "ok" and body["connections"] == 0 and body["uptime_s"] >= 0
+        for method in ("POST", "PUT", "DELETE", "OPTIONS", "HEAD"):
+            async with http.request(method, f"{base}/ws/chat") as response:
+                assert response.status == 405 and response.headers["Allow"] == "GET"
+        async with http.get(f"{base}/ws/chat") as response:
+            assert response.status == 426
+        async with http.get(f"{base}/missing") as response:
+            assert response.status == 404
+
+
+async def test_over_max_connections_is_503(make_server: ServerFactory) -> None:
+    server = await make_server(max_connections=1)
+    async with ws_connect(server, "/ws"):
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(server, "/ws"):
+                pass
+        assert info.value.response.status_code == 503
+
+
+async def test_oversized_message_closes_1009(make_server: ServerFactory) -> None:
+    server = await make_server(max_message_size=1024)
+    async with ws_connect(server, "/ws") as ws:
+        await ws.send("x" * 2000)
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_dead_peer_is_dropped(make_server: ServerFactory) -> None:
+    server = await make_server(ping_interval=0.1, ping_timeout=0.2, close_timeout=0.5)
+    async with ws_connect(server, "/ws", ping_interval=None) as ws:
+        conn = await server_side(server, "/ws")
+        ws.transport.pause_reading()  # the peer stops answering pings
+        await asyncio.wait_for(conn.ws.wait_closed(), 10)
+        assert conn.ws.protocol.close_sent.code == 1011  # keepalive ping timeout
+        ws.transport.abort()
+
+
+async def test_broadcast_with_a_client_that_never_reads(make_server: ServerFactory) -> None:
+    """16 MiB of broadcasts: the readers get every message in order while the stuck client's
+    queue never passes its limit and the stuck client is closed with 4008."""
+    limit = 256 * 1024
+    server = await make_server(outbox_bytes=limit, close_timeout=0.5)
+    payload = "x" * 8192
+    count = 2048
+    async with ws_connect(server, "/ws/stuck", max_queue=1, compression=None) as stuck:
+        stuck.transport.pause_reading()
+        stuck_conn = await server_side(server, "/ws/stuck")
+        readers = [await ws_connect(server, f"/ws/reader{i}", max_size=None) for i in range(3)]
+
+        async def read_all(reader: Any) -> list[int]:
+            return [json.loads(await reader.recv())["n"] for _ in range(count)]
+
+        consumers = [asyncio.ensure_future(read_all(r)) for r in readers]
+        peak = 0
+        for n in range(count):
+            assert server.manager.broadcast(json.dumps({"n": n, "p": payload})) >= 3
+            peak = max(peak, stuck_conn.outbox.queued_bytes)
+            if n % 16 == 0:
+                await asyncio.sleep(0)  # let the writers run between bursts, as a live server would
+        for consumer in consumers:
+            assert await consumer == list(range(count))
+        for reader in readers:
+            await reader.close()
+        assert peak <= limit
+        await asyncio.wait_for(stuck_conn.ws.wait_closed(), 10)
+        assert stuck_conn.ws.protocol.close_sent.code == 4008
+        stuck.transport.abort()
+
+
+async def test_graceful_shutdown_cancels_runs_and_closes_1001(make_server: ServerFactory) -> None:
+    server = await make_server(drain_timeout=0.2)
+    async with ws_connect(server, "/ws/chat") as ws, ws_connect(server, "/ws/agent") as words:
+        await ws.send(json.dumps({"type": "run", "id": "long", "prompt": "go sim:rate=50 sim:tokens=100000"}))
+        await words.send("talk sim:rate=50 sim:tokens=100000")
+        assert (await recv_json(ws))["type"] == "start"
+        assert await words.recv()
+        await server.stop()
+        events = await run_events(ws, "long")
+        assert events[-1]["type"] == "cancelled" and events[-1]["reason"] == "server shutting down"
+        assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
+        for client in (ws, words):
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await client.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+async def test_drain_lets_short_runs_finish(make_server: ServerFactory) -> None:
+    server = await make_server(drain_timeout=10)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "short", "prompt": "go sim:rate=100 sim:tokens=20"}))
+        assert (await recv_json(ws))["type"] == "start"
+        await server.stop()
+        assert (await run_events(ws, "short"))[-1]["type"] == "done"
+
+
+def test_router_static_wins_and_params() -> None:
+    async def handler(server: object, conn: object) -> None:
+        return None
+
+    router = Router([Route("/ws/{client_id}", handler), Route("/ws/chat", handler), Route("/a/{x}/b", handler)])
+    assert router.match("/ws/chat") == (router.routes[1], {})
+    assert router.match("/ws/42") == (router.routes[0], {"client_id": "42"})
+    assert router.match("/a/1/b") == (router.routes[2], {"x": "1"})
+    assert router.match("/ws/") is None and router.match("/ws/a/b") is None and router.match("x") is None
+
+
+def test_settings_flags_env_and_defaults() -> None:
+    assert load_settings([], {}) == Settings()
+    settings = load_settings(["--port", "9001"], {"WSAGENT_PORT": "9000", "WSAGENT_PING_INTERVAL": "5",
+                                                  "WSAGENT_UPSTREAM_URL": "http://x/v1", "OPENAI_API_KEY": "k"})
+    assert (settings.port, settings.ping_interval, settings.upstream_url, settings.api_key) == (
+        9001, 5.0, "http://x/v1", "k")
+    with pytest.raises(SystemExit):
+        load_settings([], {"WSAGENT_PORT": "eighty"})

@@ -203,7 +203,7 @@ async def test_graceful_shutdown_cancels_runs_and_closes_1001(make_server: Serve
         await words.send("talk sim:rate=50 sim:tokens=100000")
         assert (await recv_json(ws))["type"] == "start"
         assert await words.recv()
-        await server.stop()
+        stopping = asyncio.ensure_future(server.stop())
         events = await run_events(ws, "long")
         assert events[-1]["type"] == "cancelled" and events[-1]["reason"] == "server shutting down"
         assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
@@ -212,6 +212,7 @@ async def test_graceful_shutdown_cancels_runs_and_closes_1001(make_server: Serve
                 while True:
                     await client.recv()
             assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        await stopping
 
 
 async def test_drain_lets_short_runs_finish(make_server: ServerFactory) -> None:
@@ -219,8 +220,12 @@ async def test_drain_lets_short_runs_finish(make_server: ServerFactory) -> None:
     async with ws_connect(server, "/ws/chat") as ws:
         await ws.send(json.dumps({"type": "run", "id": "short", "prompt": "go sim:rate=100 sim:tokens=20"}))
         assert (await recv_json(ws))["type"] == "start"
-        await server.stop()
+        stopping = asyncio.ensure_future(server.stop())
         assert (await run_events(ws, "short"))[-1]["type"] == "done"
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        await stopping
 
 
 def test_router_static_wins_and_params() -> None:

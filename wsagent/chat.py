@@ -150,13 +150,12 @@ class ChatSession:
         if self.server.draining:
             self.reply_error(run_id, "server_shutting_down", "server is shutting down; try again shortly", True)
             return
+        if self.server.runs.get(self.conn.user, run_id) is not None:
+            raise ProtocolViolation(f"run id {run_id!r} is already in use")
         if self._active_runs() >= self.settings.max_runs_per_connection:
             self.reply_error(run_id, "too_many_runs",
                              f"at most {self.settings.max_runs_per_connection} runs in flight per connection", True)
             return
-        existing = self.server.runs.get(self.conn.user, run_id)
-        if existing is not None:
-            raise ProtocolViolation(f"run id {run_id!r} is already in use")
         messages = _messages(request)
         model = request.get("model")
         if model is not None and not isinstance(model, str):

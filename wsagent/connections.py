@@ -133,6 +133,7 @@ class Outbox:
                         self.sending_since = loop.time()
                         await ws.send(frame)
                         self.sending_since = None
+                    sub.sent()
                     if sub.ended:
                         self.unsubscribe(sub)
         except ConnectionClosed:

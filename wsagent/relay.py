@@ -81,18 +81,24 @@ class _Sealed:
 class Subscription:
     """One socket watching one run, with its own position in the run's log."""
 
-    __slots__ = ("run", "outbox", "cursor", "delivered", "text_mode", "ended")
+    __slots__ = ("run", "outbox", "cursor", "delivered", "mark", "text_mode", "ended")
 
     def __init__(self, run: Run, outbox: Outbox, cursor: int, delivered: int, text_mode: bool) -> None:
         self.run = run
         self.outbox = outbox
         self.cursor = cursor
         self.delivered = delivered
+        self.mark = delivered
         self.text_mode = text_mode
         self.ended = False
 
     def take(self) -> list[str]:
+        """Frames for everything pending; call :meth:`sent` once they are written."""
         return self.run._take(self)
+
+    def sent(self) -> None:
+        """The frames of the last :meth:`take` are in the socket: they no longer count as buffered."""
+        self.run._sent(self)
 
 
 class Run:
@@ -139,6 +145,7 @@ class Run:
         self._tail_size = 0
         self._room = asyncio.Event()
         self._room.set()
+        self.stalled = asyncio.Event()
         self._done = asyncio.Event()
         self._cancel_reason = "cancelled"
         self._orphan_timer: asyncio.TimerHandle | None = None
@@ -172,18 +179,28 @@ class Run:
     @property
     def full(self) -> bool:
         """True when the slowest watcher is ``buffer_bytes`` behind."""
-        subs = self._subs
-        if subs:
-            floor = min(sub.delivered for sub in subs) if len(subs) > 1 else subs[0].delivered
-        else:
-            floor = self._floor_delivered
-        return self._sealed_bytes + self._tail_size - floor > self.buffer_bytes
+        return self.undelivered > self.buffer_bytes
 
     async def room(self) -> None:
-        """Wait until the watchers have caught up below the buffer limit."""
+        """Wait until the watchers have caught up below the buffer limit.
+
+        While it waits, the upstream socket is not read: TCP flow control holds
+        the model server back. ``stalled`` is set meanwhile (metrics and tests).
+        """
         while self.full:
             self._room.clear()
-            await self._room.wait()
+            self.stalled.set()
+            try:
+                await self._room.wait()
+            finally:
+                self.stalled.clear()
+
+    @property
+    def undelivered(self) -> int:
+        """Bytes (approximately) produced but not yet taken by the slowest watcher."""
+        subs = self._subs
+        floor = min(sub.delivered for sub in subs) if subs else self._floor_delivered
+        return self._sealed_bytes + self._tail_size - floor
 
     def finish(self, event: Event) -> None:
         """End the run with its one terminal event (later calls do nothing)."""
@@ -294,12 +311,12 @@ class Run:
     def _take(self, sub: Subscription) -> list[str]:
         if self._tail_cls is not None:
             self._seal_tail()
-        log_ = self._log
         last = self._next_seq - 1
         if sub.cursor >= last:
             if self.finished:
-                sub.ended = True
+                self._end(sub)
             return []
+        log_ = self._log
         start = sub.cursor + 1 - log_[0].seq
         entries = itertools.islice(log_, start, None) if start else log_
         frames: list[str]
@@ -309,17 +326,23 @@ class Run:
             run_id = self.id
             frames = [e.json(run_id) for e in entries]
         sub.cursor = last
-        sub.delivered = self._sealed_bytes
-        if self.finished:
-            sub.ended = True
-            if sub in self._subs:
-                self._subs.remove(sub)
-                self._floor_cursor = sub.cursor
-                self._floor_delivered = sub.delivered
+        sub.mark = self._sealed_bytes
+        return frames
+
+    def _sent(self, sub: Subscription) -> None:
+        sub.delivered = sub.mark
+        if self.finished and sub.cursor >= self._next_seq - 1:
+            self._end(sub)
         self._trim()
         if not self._room.is_set() and not self.full:
             self._room.set()
-        return frames
+
+    def _end(self, sub: Subscription) -> None:
+        sub.ended = True
+        if sub in self._subs:
+            self._subs.remove(sub)
+            self._floor_cursor = sub.cursor
+            self._floor_delivered = sub.delivered
 
     def _trim(self) -> None:
         subs = self._subs

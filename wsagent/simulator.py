@@ -24,6 +24,7 @@ message (so a person at a WebSocket client can try them):
 ``newline=crlf``   line endings: ``lf`` (default), ``crlf`` or ``cr``
 ``comment_every``  a ``: ping`` comment every N tokens
 ``long=N``         one content delta of N characters
+``pad=N``          pad every content token to N characters (bulk tests)
 ``json=1``         answer a whole ``chat.completion`` even when asked to stream
 ``hold=1``         never answer (not even headers): a first-byte timeout
 ``tool=NAME``      call this tool (when offered) whatever the prompt says
@@ -83,6 +84,7 @@ class SimStats:
     disconnected: int = 0
     tokens_sent: int = 0
     disconnect_times: list[float] = field(default_factory=list)
+    last_body: dict[str, Any] | None = None
     changed: asyncio.Condition | None = None
 
     def _notify(self) -> None:
@@ -295,6 +297,7 @@ class Simulator:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "'messages' is required", "invalid_request_error")
+        self.stats.last_body = body
         switches, prompt = _directives(body)
         status = switches.get("status")
         if status is not None:
@@ -359,7 +362,8 @@ class Simulator:
             sent = 0
             start = loop.time()
             pieces: list[tuple[str, str]] = [("reasoning_content", t) for t in the_plan.reasoning]
-            pieces += [("content", t) for t in the_plan.content]
+            pad = int(switches.get("pad", 0))
+            pieces += [("content", t.ljust(pad, "~") if pad else t) for t in the_plan.content]
             if "long" in switches:
                 pieces.append(("content", "x" * int(switches["long"])))
             for kind, text in pieces:

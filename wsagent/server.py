@@ -188,7 +188,8 @@ class WsAgentServer:
         path = request.path.partition("?")[0]
         if request.method != "GET":
             text = "" if request.method == "HEAD" else (
-                f"{request.method} is not supported: wsagent answers GET only (a WebSocket upgrade, or GET /healthz).\n")
+                f"{request.method} is not supported: wsagent answers GET only "
+                "(a WebSocket upgrade, or GET /healthz).\n")
             return http_response(405, text, extra={"Allow": "GET"})
         http_handler = self.http_routes.get(path)
         if http_handler is not None:

@@ -66,7 +66,9 @@ class ChatSession:
         self._last_text_run: Run | None = None
 
     async def serve(self) -> None:
-        async for message in self.conn.ws:
+        async for message in self.server.incoming(self.conn, self._refusal):
+            if message is None:
+                continue
             if isinstance(message, bytes):
                 self.reply_error(None, "bad_request", "binary frames are not supported; send JSON or text")
                 continue
@@ -89,6 +91,10 @@ class ChatSession:
 
     def reply(self, frame: str) -> None:
         self.conn.outbox.put(frame)
+
+    @staticmethod
+    def _refusal(code: str, message: str) -> str:
+        return encode_message("error", code=code, message=message, retryable=True)
 
     def reply_error(self, run_id: str | None, code: str, message: str, retryable: bool = False) -> None:
         """A refused request: an ``error`` with the run id it named but no ``seq`` (no run exists)."""
@@ -155,6 +161,10 @@ class ChatSession:
         if self._active_runs() >= self.settings.max_runs_per_connection:
             self.reply_error(run_id, "too_many_runs",
                              f"at most {self.settings.max_runs_per_connection} runs in flight per connection", True)
+            return
+        user, per_user = self.conn.user, self.settings.max_runs_per_user
+        if user is not None and sum(r.user == user for r in self.server.runs.active()) >= per_user:
+            self.reply_error(run_id, "too_many_runs", f"at most {per_user} runs in flight per user", True)
             return
         messages = _messages(request)
         model = request.get("model")
@@ -240,6 +250,7 @@ class ChatSession:
         run = Run(run_id, user=self.conn.user, buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes,
                   agent=agent, workflow=workflow)
         run.owner = self.conn
+        run.budget(s.run_max_seconds, s.run_max_tokens)
         self.server.runs.add(run, s.resume_grace)
         return run
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -160,7 +161,11 @@ class Connection:
     remote: str
     outbox_limit: int
     close_timeout: float
+    route: str = ""
+    ip: str = ""
     user: str | None = None
+    expires: float = math.inf
+    expiry_timer: asyncio.TimerHandle | None = None
     client_id: str | None = None
     id: str = field(default_factory=lambda: f"c{next(_ids)}")
     opened: float = field(default_factory=time.monotonic)
@@ -202,7 +207,10 @@ class ConnectionManager:
         self.client_id_policy = client_id_policy
         self._all: dict[str, Connection] = {}
         self._by_client: dict[str, Connection] = {}
+        self._per_ip: Counter[str] = Counter()
+        self._per_user: Counter[str] = Counter()
         self.total = 0
+        self.total_by_route: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._all)
@@ -214,14 +222,36 @@ class ConnectionManager:
     def full(self) -> bool:
         return len(self._all) >= self.max_connections
 
-    def register(self, conn: Connection) -> None:
+    def register(self, conn: Connection, route: str) -> None:
         self._all[conn.id] = conn
+        self._per_ip[conn.ip] += 1
         self.total += 1
+        self.total_by_route[route] += 1
 
     def unregister(self, conn: Connection) -> None:
-        self._all.pop(conn.id, None)
+        if self._all.pop(conn.id, None) is None:
+            return
+        self._per_ip[conn.ip] -= 1
+        if not self._per_ip[conn.ip]:
+            del self._per_ip[conn.ip]
+        if conn.user is not None:
+            self._per_user[conn.user] -= 1
+            if not self._per_user[conn.user]:
+                del self._per_user[conn.user]
         if conn.client_id is not None and self._by_client.get(conn.client_id) is conn:
             del self._by_client[conn.client_id]
+
+    def from_ip(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)
+
+    def set_user(self, conn: Connection, user: str) -> int:
+        """Record who ``conn`` is; returns how many connections that user now has open."""
+        conn.user = user
+        self._per_user[user] += 1
+        return self._per_user[user]
+
+    def open_by_route(self) -> Counter[str]:
+        return Counter(conn.route for conn in self._all.values())
 
     def claim_client_id(self, conn: Connection, client_id: str) -> bool:
         """Bind ``client_id`` to ``conn`` following the policy. False if ``conn`` must go."""

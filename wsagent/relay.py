@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -147,17 +148,22 @@ class Run:
         self._room.set()
         self.stalled = asyncio.Event()
         self._done = asyncio.Event()
-        self._cancel_reason = "cancelled"
+        self._interruption: Event | None = None
+        self.max_streamed = math.inf
         self._orphan_timer: asyncio.TimerHandle | None = None
 
     # -- producing -------------------------------------------------------
 
     def push(self, event: Event) -> None:
         """Append ``event``; text deltas merge with the pending tail. Never waits."""
-        if self.finished:
+        if self.finished or self._interruption is not None:
             return
         if isinstance(event, TextEvent):
             self.streamed += 1
+            if self.streamed > self.max_streamed:
+                self.interrupt(ErrorEvent("budget_exceeded", f"run exceeded its {self.max_streamed} token budget",
+                                          False, agent=self.agent, workflow=self.workflow))
+                return
             cls = type(event)
             if self._tail_cls is not cls or self._tail_agent != event.agent or self._tail_workflow != event.workflow:
                 if self._tail_cls is not None:
@@ -207,11 +213,12 @@ class Run:
         if self.finished:
             return
         assert event.terminal
-        if not self.usage_sent:
-            self.push(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
-                                 estimated=True, agent=self.agent, workflow=self.workflow))
         if self._tail_cls is not None:
             self._seal_tail()
+        if not self.usage_sent:
+            self.usage_sent = True
+            self._seal(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
+                                  estimated=True, agent=self.agent, workflow=self.workflow), _CONTROL_SIZE)
         self._seal(event, _CONTROL_SIZE)
         self.finished = True
         self.outcome = event.type
@@ -229,17 +236,32 @@ class Run:
         await self._done.wait()
 
     def cancel(self, reason: str = "cancelled") -> None:
-        if self.finished:
+        self.interrupt(Cancelled(reason, agent=self.agent, workflow=self.workflow))
+
+    def interrupt(self, terminal: Event) -> None:
+        """Stop the producer; the run ends with ``terminal`` (a cancellation or a budget error)."""
+        if self.finished or self._interruption is not None:
             return
-        self._cancel_reason = reason
+        self._interruption = terminal
         if self.task is not None and not self.task.done():
             self.task.cancel()
         else:
-            self.finish(Cancelled(reason, agent=self.agent, workflow=self.workflow))
+            self.finish(terminal)
 
-    @property
-    def cancel_reason(self) -> str:
-        return self._cancel_reason
+    def interruption(self) -> Event:
+        """The terminal event for a producer that was cancelled."""
+        return self._interruption or Cancelled("cancelled", agent=self.agent, workflow=self.workflow)
+
+    def budget(self, seconds: float, tokens: int) -> None:
+        """End the run with ``budget_exceeded`` after ``seconds`` or ``tokens`` streamed deltas (0: no limit)."""
+        if tokens:
+            self.max_streamed = tokens
+        if seconds:
+            timer = asyncio.get_running_loop().call_later(
+                seconds, self.interrupt,
+                ErrorEvent("budget_exceeded", f"run exceeded its {seconds:g}s budget", False,
+                           agent=self.agent, workflow=self.workflow))
+            self.on_finish.append(lambda _run: timer.cancel())
 
     # -- watching --------------------------------------------------------
 
@@ -414,7 +436,7 @@ async def drive(run: Run, events: AsyncIterator[Event]) -> None:
                     await run.room()
         run.finish(Done("stop", agent=run.agent, workflow=run.workflow))
     except asyncio.CancelledError:
-        run.finish(Cancelled(run.cancel_reason, agent=run.agent, workflow=run.workflow))
+        run.finish(run.interruption())
     except Exception:
         log.exception("run %s failed", run.id)
         run.finish(ErrorEvent("internal_error", "internal error (see server log)", False,
@@ -482,7 +504,7 @@ async def stream_model(
                                         agent=agent, workflow=workflow))
         run.finish(Done(finish_reason, agent=agent, workflow=workflow))
     except asyncio.CancelledError:
-        run.finish(Cancelled(run.cancel_reason, agent=agent, workflow=workflow))
+        run.finish(run.interruption())
     except UpstreamError as exc:
         run.finish(ErrorEvent(exc.code, exc.message, exc.retryable, agent=agent, workflow=workflow))
     except Exception:

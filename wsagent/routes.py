@@ -19,6 +19,7 @@ ROUTES = (
     Route("/ws/agent-thoughts", agent_thoughts),
     Route("/ws/robust", robust),
     Route("/ws/chat", chat),
+    Route("/ws/secure", chat, auth=True),
     Route("/ws/{client_id}", client_addressed),
 )
 

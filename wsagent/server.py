@@ -12,20 +12,33 @@ import asyncio
 import http
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from .agent import build_workflows, load_workflows
+from .auth import (
+    CLOSE_INVALID_TOKEN,
+    CLOSE_RATE_LIMIT,
+    SUBPROTOCOL,
+    Authenticator,
+    AuthError,
+    TokenBucket,
+    token_from_request,
+)
 from .config import Settings
 from .connections import Connection, ConnectionManager, close_or_abort
+from .events import encode_message
 from .relay import RunRegistry
 from .router import Router
 from .simulator import SimulatorServer, SimulatorSettings
@@ -65,6 +78,8 @@ class WsAgentServer:
         self.router = Router(ROUTES)
         self.http_routes: dict[str, HttpHandler] = dict(HTTP_ROUTES)
         self.manager = ConnectionManager(self.settings.max_connections, self.settings.client_id_policy)
+        self.auth = Authenticator(self.settings)
+        self.origins = {o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()}
         self.runs = RunRegistry()
         self.upstream: UpstreamClient | None = upstream
         self.workflows: dict[str, Any] = {}
@@ -110,6 +125,8 @@ class WsAgentServer:
             close_timeout=s.close_timeout,
             max_size=s.max_message_size,
             max_queue=16,
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            select_subprotocol=_select_subprotocol,
             logger=logging.getLogger("wsagent.websockets"),
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -199,11 +216,27 @@ class WsAgentServer:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return http_response(426, f"{path} is a WebSocket endpoint: connect with a WebSocket client.\n",
                                  extra={"Upgrade": "websocket"})
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", "")):
+            return http_response(403, f"Origin {origin} may not connect; see --allowed-origins.\n")
         if self.draining:
             return http_response(503, "Server is shutting down.\n", extra={"Retry-After": "1"})
         if self.manager.full:
             return http_response(503, "Too many connections; try again later.\n", extra={"Retry-After": "1"})
+        if self.manager.from_ip(_ip(connection.remote_address)) >= self.settings.max_connections_per_ip:
+            return http_response(429, "Too many connections from your address.\n", extra={"Retry-After": "1"})
         return None
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        """Browsers send Origin; a page on another site may not use a browser's network position.
+
+        With no list, only pages served by this server's own host:port may connect.
+        """
+        if "*" in self.origins or origin in self.origins:
+            return True
+        if self.origins:
+            return False
+        return urlsplit(origin).netloc.lower() == host.lower()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -223,10 +256,16 @@ class WsAgentServer:
         route, params = match
         remote = ws.remote_address
         remote_text = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
-        conn = Connection(ws, path, params, remote_text, self.settings.outbox_bytes, self.settings.close_timeout)
-        self.manager.register(conn)
+        conn = Connection(ws, path, params, remote_text, self.settings.outbox_bytes, self.settings.close_timeout,
+                          route=route.pattern, ip=_ip(remote))
+        self.manager.register(conn, route.pattern)
         log.info("open %s %s from %s", conn.id, path, remote_text)
         try:
+            refusal = self.authenticate(conn, route.pattern, route.auth or self.settings.require_auth)
+            if refusal is not None:
+                code, reason = refusal
+                await close_or_abort(ws, code, reason, self.settings.close_timeout)
+                return
             await route.handler(self, conn)
         except ConnectionClosed:
             pass
@@ -234,11 +273,95 @@ class WsAgentServer:
             log.exception("handler for %s failed on %s", path, conn.id)
             await close_or_abort(ws, 1011, "internal error", self.settings.close_timeout)
         finally:
+            if conn.expiry_timer is not None:
+                conn.expiry_timer.cancel()
             await self.release(conn)
             await close_or_abort(ws, 1000, "", self.settings.close_timeout)
             self.manager.unregister(conn)
             log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, path, remote_text,
                      ws.close_code, time.monotonic() - conn.opened)
+
+    def authenticate(self, conn: Connection, route: str, required: bool) -> tuple[int, str] | None:
+        """Who the client is; a (close code, reason) if it may not stay. A token is checked whenever one is
+        sent, and needed where the route (or ``--require-auth``) says so."""
+        assert conn.ws.request is not None
+        token = token_from_request(conn.ws.request)
+        if token is None and not required:
+            return None
+        try:
+            identity = self.auth.verify(token)
+            identity.may_use(route, conn.params)
+        except AuthError as exc:
+            log.info("refused %s %s: %s (%s)", conn.id, conn.path, exc.reason, exc.detail)
+            return exc.code, exc.reason
+        if self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
+            return CLOSE_RATE_LIMIT, "Too many connections for this user"
+        self._expire_at(conn, identity.expires)
+        return None
+
+    def _expire_at(self, conn: Connection, expires: float) -> None:
+        if conn.expiry_timer is not None:
+            conn.expiry_timer.cancel()
+            conn.expiry_timer = None
+        conn.expires = expires
+        if expires != math.inf:
+            delay = max(0.0, expires - time.time())
+            conn.expiry_timer = asyncio.get_running_loop().call_later(
+                delay, conn.close_soon, CLOSE_INVALID_TOKEN, "Token expired")
+
+    def refresh(self, conn: Connection, token: object) -> str:
+        """``{"type": "auth", "token": ...}`` in band: a new token for the same user moves the expiry."""
+        try:
+            identity = self.auth.verify(token if isinstance(token, str) else None)
+        except AuthError as exc:
+            return encode_message("error", code="invalid_token", message=f"token refused: {exc.detail}")
+        if conn.user is not None and identity.user != conn.user:
+            return encode_message("error", code="forbidden", message="a refreshed token must be for the same user")
+        if conn.user is None:
+            self.manager.set_user(conn, identity.user)
+        self._expire_at(conn, identity.expires)
+        return encode_message("auth", status="ok", user=identity.user,
+                              expires=None if identity.expires == math.inf else identity.expires)
+
+    async def incoming(self, conn: Connection, refuse: Callable[[str, str], str],
+                       idle: float | None = None) -> AsyncIterator[str | bytes | None]:
+        """A connection's messages, rate limited, with in-band token refresh taken out.
+
+        Yields ``None`` after ``idle`` seconds without a message. Over the rate, a
+        message is refused with ``refuse(code, text)``; a client that keeps going
+        past another burst's worth is closed with 4029.
+        """
+        ws = conn.ws
+        bucket = TokenBucket(self.settings.messages_per_second, self.settings.message_burst)
+        strikes = 0
+        while True:
+            if idle:
+                try:
+                    async with asyncio.timeout(idle):
+                        message = await ws.recv()
+                except TimeoutError:
+                    yield None
+                    continue
+            else:
+                message = await ws.recv()
+            if not bucket.allow():
+                strikes += 1
+                if strikes > self.settings.message_burst:
+                    conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded")
+                    return
+                conn.outbox.put(refuse("rate_limited",
+                                       f"over {self.settings.messages_per_second:g} messages per second"))
+                continue
+            strikes = 0
+            if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
+                try:
+                    request = json.loads(message)
+                except ValueError:
+                    request = None
+                if isinstance(request, dict) and request.get("type") == "auth":
+                    conn.outbox.put(self.refresh(conn, request.get("token")))
+                    continue
+            yield message
 
     async def release(self, conn: Connection) -> None:
         """The client is gone: cancel what it owned, or keep it for a resume within the grace period."""
@@ -251,6 +374,15 @@ class WsAgentServer:
                     run.orphan(self.settings.resume_grace)
                 else:
                     run.cancel("client disconnected")
+
+
+def _ip(remote: Any) -> str:
+    return str(remote[0]) if isinstance(remote, tuple) else str(remote)
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Pick ``wsagent`` when offered; never echo a ``bearer.<token>`` entry back."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
 
 
 class _Busy:

@@ -39,8 +39,18 @@ _QUEUED_PROMPTS = 8
 _SENTENCE_END = (".", "!", "?", "\n")
 
 
+def _text_refusal(code: str, message: str) -> str:
+    return f"[ERROR] {message}"
+
+
+def _json_refusal(code: str, message: str) -> str:
+    return encode_message("error", code=code, message=message)
+
+
 async def echo_upper(server: WsAgentServer, conn: Connection) -> None:
-    async for message in conn.ws:
+    async for message in server.incoming(conn, _text_refusal):
+        if message is None:
+            continue
         if isinstance(message, bytes):
             await conn.send("[ERROR] /ws takes text frames")
         else:
@@ -53,7 +63,7 @@ async def _prompts(
     respond: Callable[[str], Awaitable[None]],
     *,
     idle_ping: float | None = None,
-    refuse: Callable[[str], str] = lambda message: f"[ERROR] {message}",
+    refuse: Callable[[str, str], str] = _text_refusal,
 ) -> None:
     """Read prompts and answer them in order, in a worker task (see the module docstring)."""
     queue: asyncio.Queue[str] = asyncio.Queue(_QUEUED_PROMPTS)
@@ -65,26 +75,18 @@ async def _prompts(
                 await respond(prompt)
 
     task = asyncio.get_running_loop().create_task(worker())
-    ws = conn.ws
     try:
-        while True:
-            if idle_ping:
-                try:
-                    async with asyncio.timeout(idle_ping):
-                        message = await ws.recv()
-                except TimeoutError:
-                    await conn.send(encode_message("ping"))
-                    continue
-            else:
-                message = await ws.recv()
-            if task.done():
+        async for message in server.incoming(conn, refuse, idle_ping):
+            if message is None:
+                conn.outbox.put(encode_message("ping"))
+            elif task.done():
                 break
-            if isinstance(message, bytes):
-                await conn.send(refuse("send prompts as text frames"))
+            elif isinstance(message, bytes):
+                conn.outbox.put(refuse("bad_request", "send prompts as text frames"))
             elif queue.full():
-                await conn.send(refuse(f"too many prompts queued (at most {_QUEUED_PROMPTS})"))
+                conn.outbox.put(refuse("busy", f"too many prompts queued (at most {_QUEUED_PROMPTS})"))
             elif server.draining:
-                await conn.send(refuse("server is shutting down"))
+                conn.outbox.put(refuse("server_shutting_down", "server is shutting down"))
             else:
                 queue.put_nowait(message)
     finally:
@@ -155,14 +157,12 @@ async def _stream_thoughts(server: WsAgentServer, conn: Connection, prompt: str)
 
 
 async def agent_thoughts(server: WsAgentServer, conn: Connection) -> None:
-    await _prompts(server, conn, lambda prompt: _stream_thoughts(server, conn, prompt),
-                   refuse=lambda message: encode_message("error", message=message))
+    await _prompts(server, conn, lambda prompt: _stream_thoughts(server, conn, prompt), refuse=_json_refusal)
 
 
 async def robust(server: WsAgentServer, conn: Connection) -> None:
     await _prompts(server, conn, lambda prompt: _stream_thoughts(server, conn, prompt),
-                   idle_ping=server.settings.idle_ping or None,
-                   refuse=lambda message: encode_message("error", message=message))
+                   idle_ping=server.settings.idle_ping or None, refuse=_json_refusal)
 
 
 async def client_addressed(server: WsAgentServer, conn: Connection) -> None:

@@ -9,7 +9,6 @@ module only validates requests and wires runs to the connection's outbox.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .agent import Agent, ConcurrentWorkflow, SequentialWorkflow
 from .connections import Connection
 from .errors import ProtocolViolation
-from .events import AgentEnd, Answer, Event, Snapshot, encode, encode_message
+from .events import AgentEnd, Answer, Event, Snapshot, encode, encode_message, json_object
 from .relay import ReplayGap, Run, drive, stream_model
 from .tools import BUILTIN_TOOLS
 
@@ -72,13 +71,8 @@ class ChatSession:
             if isinstance(message, bytes):
                 self.reply_error(None, "bad_request", "binary frames are not supported; send JSON or text")
                 continue
-            request = None
-            if message[:1] == "{":
-                try:
-                    request = json.loads(message)
-                except ValueError:
-                    request = None
-            if isinstance(request, dict) and isinstance(request.get("type"), str):
+            request = json_object(message)
+            if request is not None and isinstance(request.get("type"), str):
                 try:
                     self.handle(request)
                 except ProtocolViolation as exc:

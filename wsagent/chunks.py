@@ -124,7 +124,7 @@ class ChunkInterpreter:
             return self._flush_all()
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UpstreamError(
                 f"upstream sent data that is not JSON: {data[:200]!r}",
                 code="upstream_protocol",

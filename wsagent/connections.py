@@ -176,12 +176,23 @@ class Connection:
     def __post_init__(self) -> None:
         self.outbox = Outbox(self, self.outbox_limit)
 
-    def close_soon(self, code: int, reason: str) -> None:
-        """Close from code that must not wait (a broadcast, a sweeper)."""
+    def close_soon(self, code: int, reason: str, flush: bool = False) -> None:
+        """Close from code that must not wait (a broadcast, a sweeper, a timer).
+
+        With ``flush``, what is already queued (an error explaining the close) goes out first.
+        """
         if self._closer is None:
             self.outbox.closing = True
-            self._closer = asyncio.get_running_loop().create_task(
-                close_or_abort(self.ws, code, reason, self.close_timeout))
+            self._closer = asyncio.get_running_loop().create_task(self._close(code, reason, flush))
+
+    async def _close(self, code: int, reason: str, flush: bool) -> None:
+        if flush:
+            try:
+                async with asyncio.timeout(self.close_timeout):
+                    await self.outbox.flush()
+            except TimeoutError:
+                pass
+        await close_or_abort(self.ws, code, reason, self.close_timeout)
 
     async def send(self, frame: str) -> None:
         """Send now, waiting for the socket (a handler's own stream); watched for 4008 like the outbox."""

@@ -36,6 +36,7 @@ __all__ = [
     "encode",
     "encode_message",
     "render_text",
+    "json_object",
 ]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -206,3 +207,14 @@ def render_text(event: Event) -> str | None:
     if kind == "cancelled":
         return f"\n[CANCELLED] {event.reason}"  # type: ignore[attr-defined]
     return None
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as a JSON object, or None (not JSON, not an object, or nested too deep to parse)."""
+    if text[:1] != "{":
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
-__all__ = ["configure_logging", "JsonFormatter"]
+__all__ = ["configure_logging", "JsonFormatter", "Redactor"]
+
+_SECRETS = re.compile(r"([?&]token=)[^&\s]+|(bearer[. ])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+class Redactor(logging.Filter):
+    """Masks tokens in a record: ``?token=``, ``Authorization: Bearer`` and ``bearer.<token>`` subprotocols.
+
+    The websockets library logs request lines and headers at DEBUG level; this
+    filter sits on the logger it writes to, so no level leaks a token.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "[REDACTED]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 class JsonFormatter(logging.Formatter):

@@ -38,7 +38,8 @@ from .auth import (
 )
 from .config import Settings
 from .connections import Connection, ConnectionManager, close_or_abort
-from .events import encode_message
+from .events import encode_message, json_object
+from .logs import Redactor
 from .relay import RunRegistry
 from .router import Router
 from .simulator import SimulatorServer, SimulatorSettings
@@ -127,7 +128,7 @@ class WsAgentServer:
             max_queue=16,
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             select_subprotocol=_select_subprotocol,
-            logger=logging.getLogger("wsagent.websockets"),
+            logger=_library_logger(),
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         log.info("wsagent listening on %s", self.url)
@@ -347,18 +348,16 @@ class WsAgentServer:
             if not bucket.allow():
                 strikes += 1
                 if strikes > self.settings.message_burst:
-                    conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded")
+                    conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded", flush=True)
+                    await ws.wait_closed()
                     return
                 conn.outbox.put(refuse("rate_limited",
                                        f"over {self.settings.messages_per_second:g} messages per second"))
                 continue
             strikes = 0
             if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
-                try:
-                    request = json.loads(message)
-                except ValueError:
-                    request = None
-                if isinstance(request, dict) and request.get("type") == "auth":
+                request = json_object(message)
+                if request is not None and request.get("type") == "auth":
                     conn.outbox.put(self.refresh(conn, request.get("token")))
                     continue
             yield message
@@ -374,6 +373,13 @@ class WsAgentServer:
                     run.orphan(self.settings.resume_grace)
                 else:
                     run.cancel("client disconnected")
+
+
+def _library_logger() -> logging.Logger:
+    logger = logging.getLogger("wsagent.websockets")
+    if not any(isinstance(f, Redactor) for f in logger.filters):
+        logger.addFilter(Redactor())
+    return logger
 
 
 def _ip(remote: Any) -> str:

@@ -410,10 +410,14 @@ class Simulator:
             await response.write_eof()
             finished = True
             return response
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             stats.disconnected += 1
             stats.disconnect_times.append(time.monotonic())
             raise
+        except ConnectionError:
+            stats.disconnected += 1
+            stats.disconnect_times.append(time.monotonic())
+            return response
         finally:
             stats.active -= 1
             if finished:

@@ -25,7 +25,7 @@ from .agent import Agent
 from .chunks import TextDelta
 from .connections import Connection
 from .errors import UpstreamError
-from .events import Action, Answer, ErrorEvent, Event, Observation, Thinking, encode_message
+from .events import Action, Answer, ErrorEvent, Event, Observation, Thinking, encode_message, json_object
 from .tools import BUILTIN_TOOLS
 
 if TYPE_CHECKING:
@@ -175,11 +175,8 @@ async def client_addressed(server: WsAgentServer, conn: Connection) -> None:
     manager = server.manager
 
     async def respond(prompt: str) -> None:
-        try:
-            message = json.loads(prompt)
-        except ValueError:
-            message = None
-        if isinstance(message, dict) and message.get("type") == "broadcast":
+        message = json_object(prompt)
+        if message is not None and message.get("type") == "broadcast":
             content = message.get("content")
             if not isinstance(content, str):
                 refusal = encode_message("error", message="broadcast needs a string content")

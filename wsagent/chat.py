@@ -9,6 +9,8 @@ module only validates requests and wires runs to the connection's outbox.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ from .errors import ProtocolViolation
 from .events import AgentEnd, Answer, Event, Snapshot, encode, encode_message, json_object
 from .relay import ReplayGap, Run, drive, stream_model
 from .tools import BUILTIN_TOOLS
+from .transcripts import Transcript
 
 if TYPE_CHECKING:
     from .server import WsAgentServer
@@ -31,6 +34,8 @@ PARAMS = frozenset({
     "frequency_penalty", "response_format", "tools", "tool_choice", "user", "reasoning_effort", "logit_bias",
     "parallel_tool_calls", "sim",
 })
+log = logging.getLogger("wsagent.chat")
+
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _MAX_ID = 128
 
@@ -241,8 +246,9 @@ class ChatSession:
 
     def _new_run(self, run_id: str, *, agent: str | None = None, workflow: str | None = None) -> Run:
         s = self.settings
+        transcript = Transcript(s.transcripts_dir, run_id, self.conn.id, self.conn.user) if s.transcripts_dir else None
         run = Run(run_id, user=self.conn.user, buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes,
-                  agent=agent, workflow=workflow)
+                  agent=agent, workflow=workflow, latency=self.server.metrics.relay_latency, transcript=transcript)
         run.owner = self.conn
         run.budget(s.run_max_seconds, s.run_max_tokens)
         self.server.runs.add(run, s.resume_grace)
@@ -251,7 +257,16 @@ class ChatSession:
     def _start(self, run: Run, producer: Any) -> None:
         busy = self.server.busy()
         busy.__enter__()
-        run.on_finish.append(lambda _run: busy.__exit__(None, None, None))
+        conn_id = self.conn.id
+        ids = {"conn": conn_id, "run": run.id}
+        log.info("run %s start on %s", run.id, conn_id, extra=ids)
+
+        def finished(done: Run) -> None:
+            busy.__exit__(None, None, None)
+            log.info("run %s end on %s outcome=%s deltas=%d duration=%.3fs", done.id, conn_id, done.outcome,
+                     done.streamed, time.monotonic() - done.started, extra=ids)
+
+        run.on_finish.append(finished)
         run.task = asyncio.get_running_loop().create_task(producer)
 
     def _active_runs(self) -> int:

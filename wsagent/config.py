@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Settings", "build_parser", "load_settings", "settings_table"]
+__all__ = ["Settings", "build_parser", "load_settings", "settings_table", "read_env_file", "RELOADABLE"]
 
 
 def _opt(default: Any, help: str, env: str | None = None, group: str = "server") -> Any:
@@ -24,6 +24,8 @@ def _opt(default: Any, help: str, env: str | None = None, group: str = "server")
 class Settings:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "TCP port to listen on (0: any free port)")
+    workers: int = _opt(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
+    env_file: str | None = _opt(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = _opt(10000, "open WebSocket connections before new ones get HTTP 503")
     max_message_size: int = _opt(1048576, "largest incoming message in bytes; larger closes with 1009")
     open_timeout: float = _opt(10.0, "seconds allowed for the opening handshake")
@@ -74,6 +76,18 @@ class Settings:
 
     log_level: str = _opt("INFO", "logging level", group="logging")
     log_format: str = _opt("text", "text or json (one object per line)", group="logging")
+    transcripts_dir: str | None = _opt(None, "write each run's events as JSON lines with timestamps to this directory", group="logging")
+
+
+#: Settings SIGHUP may change on a running server; the others need a restart.
+RELOADABLE = frozenset({
+    "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes",
+    "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace",
+    "history_messages", "history_chars", "workflows", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
+    "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",
+    "allowed_origins", "max_connections_per_ip", "max_connections_per_user", "messages_per_second",
+    "message_burst", "max_runs_per_user", "run_max_seconds", "run_max_tokens", "transcripts_dir", "log_level",
+})
 
 
 def env_name(name: str) -> str:
@@ -133,8 +147,11 @@ def build_parser(prog: str = "python -m wsagent.serve") -> argparse.ArgumentPars
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over the environment, which wins over the defaults."""
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ if environ is None else environ)
     args = build_parser().parse_args(argv)
+    env_file = args.env_file or environ.get("WSAGENT_ENV_FILE")
+    if env_file:
+        environ = {**read_env_file(env_file), **environ}
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         flag_value = getattr(args, f.name)
@@ -152,6 +169,25 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     return settings
 
 
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines as systemd's ``EnvironmentFile=`` reads them (comments and quotes allowed)."""
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                line = line.strip()
+                if not line or line.startswith(("#", ";")) or "=" not in line:
+                    continue
+                key, _, value = line.partition("=")
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                values[key.strip()] = value
+    except OSError as exc:
+        raise SystemExit(f"--env-file {path}: {exc.strerror}") from None
+    return values
+
+
 def validate(settings: Settings) -> None:
     if settings.client_id_policy not in ("replace", "reject"):
         raise SystemExit("--client-id-policy must be 'replace' or 'reject'")
@@ -159,6 +195,10 @@ def validate(settings: Settings) -> None:
         raise SystemExit("--log-format must be 'text' or 'json'")
     if not 0 <= settings.port <= 65535:
         raise SystemExit("--port must be between 0 and 65535")
+    if settings.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if settings.workers > 1 and settings.port == 0:
+        raise SystemExit("--workers > 1 needs a fixed --port: the workers share it")
 
 
 def settings_table() -> str:

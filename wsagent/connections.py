@@ -166,6 +166,7 @@ class Connection:
     user: str | None = None
     expires: float = math.inf
     expiry_timer: asyncio.TimerHandle | None = None
+    manager: ConnectionManager | None = None
     client_id: str | None = None
     id: str = field(default_factory=lambda: f"c{next(_ids)}")
     opened: float = field(default_factory=time.monotonic)
@@ -182,6 +183,8 @@ class Connection:
         With ``flush``, what is already queued (an error explaining the close) goes out first.
         """
         if self._closer is None:
+            if code == CLOSE_SLOW_CLIENT and self.manager is not None:
+                self.manager.slow_closes += 1
             self.outbox.closing = True
             self._closer = asyncio.get_running_loop().create_task(self._close(code, reason, flush))
 
@@ -222,6 +225,7 @@ class ConnectionManager:
         self._per_user: Counter[str] = Counter()
         self.total = 0
         self.total_by_route: Counter[str] = Counter()
+        self.slow_closes = 0
 
     def __len__(self) -> int:
         return len(self._all)
@@ -234,6 +238,7 @@ class ConnectionManager:
         return len(self._all) >= self.max_connections
 
     def register(self, conn: Connection, route: str) -> None:
+        conn.manager = self
         self._all[conn.id] = conn
         self._per_ip[conn.ip] += 1
         self.total += 1

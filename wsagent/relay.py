@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -49,7 +49,11 @@ from .events import (
     encode,
     render_text,
 )
+from .metrics import Histogram
+from .transcripts import Transcript
 from .upstream import UpstreamClient
+
+_now = time.monotonic
 
 __all__ = ["Run", "RunRegistry", "Subscription", "ReplayGap", "stream_model", "drive", "estimate_tokens"]
 
@@ -64,12 +68,13 @@ class ReplayGap(WsAgentError):
 
 
 class _Sealed:
-    __slots__ = ("seq", "event", "size", "_json")
+    __slots__ = ("seq", "event", "size", "born", "_json")
 
-    def __init__(self, seq: int, event: Event, size: int) -> None:
+    def __init__(self, seq: int, event: Event, size: int, born: float) -> None:
         self.seq = seq
         self.event = event
         self.size = size
+        self.born = born
         self._json: str | None = None
 
     def json(self, run_id: str) -> str:
@@ -82,7 +87,7 @@ class _Sealed:
 class Subscription:
     """One socket watching one run, with its own position in the run's log."""
 
-    __slots__ = ("run", "outbox", "cursor", "delivered", "mark", "text_mode", "ended")
+    __slots__ = ("run", "outbox", "cursor", "delivered", "mark", "text_mode", "ended", "born")
 
     def __init__(self, run: Run, outbox: Outbox, cursor: int, delivered: int, text_mode: bool) -> None:
         self.run = run
@@ -92,6 +97,7 @@ class Subscription:
         self.mark = delivered
         self.text_mode = text_mode
         self.ended = False
+        self.born = 0.0
 
     def take(self) -> list[str]:
         """Frames for everything pending; call :meth:`sent` once they are written."""
@@ -114,6 +120,8 @@ class Run:
         replay_bytes: int = 262144,
         agent: str | None = None,
         workflow: str | None = None,
+        latency: Histogram | None = None,
+        transcript: Transcript | None = None,
     ) -> None:
         self.id = run_id
         self.user = user
@@ -132,6 +140,8 @@ class Run:
         self.on_finish: list[Callable[[Run], None]] = []
         self.controller: Any = None
         self.state: Any = None
+        self.latency = latency
+        self.transcript = transcript
         self._log: deque[_Sealed] = deque()
         self._log_bytes = 0
         self._sealed_bytes = 0
@@ -144,6 +154,7 @@ class Run:
         self._tail_workflow: str | None = None
         self._tail: list[str] = []
         self._tail_size = 0
+        self._tail_born = 0.0
         self._room = asyncio.Event()
         self._room.set()
         self.stalled = asyncio.Event()
@@ -171,6 +182,7 @@ class Run:
                 self._tail_cls = cls
                 self._tail_agent = event.agent
                 self._tail_workflow = event.workflow
+                self._tail_born = _now()
             self._tail.append(event.content)
             self._tail_size += len(event.content)
         else:
@@ -221,6 +233,8 @@ class Run:
                                   estimated=True, agent=self.agent, workflow=self.workflow), _CONTROL_SIZE)
         self._seal(event, _CONTROL_SIZE)
         self.finished = True
+        if self.transcript is not None:
+            self.transcript.close()
         self.outcome = event.type
         self._done.set()
         self._room.set()
@@ -319,13 +333,17 @@ class Run:
         assert cls is not None
         parts = self._tail
         text = parts[0] if len(parts) == 1 else "".join(parts)
-        self._seal(cls(text, agent=self._tail_agent, workflow=self._tail_workflow), len(text) + _TEXT_SIZE_OVERHEAD)
+        self._seal(cls(text, agent=self._tail_agent, workflow=self._tail_workflow), len(text) + _TEXT_SIZE_OVERHEAD,
+                   self._tail_born)
         self._tail_cls = None
         self._tail = []
         self._tail_size = 0
 
-    def _seal(self, event: Event, size: int) -> None:
-        self._log.append(_Sealed(self._next_seq, event, size))
+    def _seal(self, event: Event, size: int, born: float = 0.0) -> None:
+        sealed = _Sealed(self._next_seq, event, size, born or _now())
+        self._log.append(sealed)
+        if self.transcript is not None:
+            self.transcript.write(sealed.json(self.id))
         self._next_seq += 1
         self._log_bytes += size
         self._sealed_bytes += size
@@ -341,6 +359,7 @@ class Run:
         log_ = self._log
         start = sub.cursor + 1 - log_[0].seq
         entries = itertools.islice(log_, start, None) if start else log_
+        sub.born = log_[start].born
         frames: list[str]
         if sub.text_mode:
             frames = [f for f in (render_text(e.event) for e in entries) if f]
@@ -352,6 +371,9 @@ class Run:
         return frames
 
     def _sent(self, sub: Subscription) -> None:
+        if sub.born and self.latency is not None:
+            self.latency.observe(_now() - sub.born)
+            sub.born = 0.0
         sub.delivered = sub.mark
         if self.finished and sub.cursor >= self._next_seq - 1:
             self._end(sub)
@@ -391,7 +413,9 @@ class RunRegistry:
 
     def __init__(self) -> None:
         self._runs: dict[tuple[str | None, str], Run] = {}
-        self.total: dict[str, int] = {}
+        self.total: Counter[str] = Counter()
+        self.cancellations: Counter[str] = Counter()
+        self.tokens = 0
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -407,7 +431,11 @@ class RunRegistry:
         self._runs[key] = run
 
         def forget(finished: Run) -> None:
-            self.total[finished.outcome or "unknown"] = self.total.get(finished.outcome or "unknown", 0) + 1
+            self.total[finished.outcome or "unknown"] += 1
+            self.tokens += finished.streamed
+            interruption = finished._interruption
+            if isinstance(interruption, Cancelled):
+                self.cancellations[interruption.reason] += 1
             if keep_after_finish > 0:
                 asyncio.get_running_loop().call_later(keep_after_finish, self._drop, key, finished)
             else:

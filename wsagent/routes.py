@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .chat import chat
 from .router import Route
-from .server import healthz
+from .server import healthz, metrics
 from .tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
 
 __all__ = ["ROUTES", "HTTP_ROUTES"]
@@ -25,4 +25,5 @@ ROUTES = (
 
 HTTP_ROUTES = {
     "/healthz": healthz,
+    "/metrics": metrics,
 }

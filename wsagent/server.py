@@ -9,10 +9,13 @@ Everything before the upgrade happens in :meth:`WsAgentServer.process_request`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
@@ -36,19 +39,24 @@ from .auth import (
     TokenBucket,
     token_from_request,
 )
-from .config import Settings
+from .config import RELOADABLE, Settings
 from .connections import Connection, ConnectionManager, close_or_abort
 from .events import encode_message, json_object
 from .logs import Redactor
+from .metrics import Metrics
+from .metrics import render as render_metrics
 from .relay import RunRegistry
 from .router import Router
 from .simulator import SimulatorServer, SimulatorSettings
 from .tools import BUILTIN_TOOLS
 from .upstream import UpstreamClient, UpstreamConfig
 
-__all__ = ["WsAgentServer", "http_response"]
+__all__ = ["WsAgentServer", "http_response", "WORKER_OF"]
 
 log = logging.getLogger("wsagent.server")
+
+#: Set in the environment of each worker that ``--workers`` starts (the supervisor's pid).
+WORKER_OF = "WSAGENT_WORKER_OF"
 
 HttpHandler = Callable[["WsAgentServer", ServerConnection, Request], Response]
 
@@ -72,7 +80,8 @@ def http_response(status: int, body: str | bytes, content_type: str = "text/plai
 class WsAgentServer:
     """wsagent's server. Use as ``async with WsAgentServer(settings) as server: ...``."""
 
-    def __init__(self, settings: Settings | None = None, upstream: UpstreamClient | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, upstream: UpstreamClient | None = None,
+                 sock: socket.socket | None = None) -> None:
         from .routes import HTTP_ROUTES, ROUTES
 
         self.settings = settings or Settings()
@@ -82,6 +91,7 @@ class WsAgentServer:
         self.auth = Authenticator(self.settings)
         self.origins = {o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()}
         self.runs = RunRegistry()
+        self.metrics = Metrics()
         self.upstream: UpstreamClient | None = upstream
         self.workflows: dict[str, Any] = {}
         self.simulator: SimulatorServer | None = None
@@ -93,6 +103,8 @@ class WsAgentServer:
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
+        self.sock = sock
+        self.worker_header = str(os.getpid())
 
     # -- lifecycle -------------------------------------------------------
 
@@ -105,7 +117,7 @@ class WsAgentServer:
                     SimulatorSettings(rate=s.sim_rate, tokens=s.sim_tokens, model=s.model)).start()
                 base_url = self.simulator.base_url
                 log.info("no upstream configured: streaming from the built-in simulator at %s", base_url)
-            self.upstream = UpstreamClient(UpstreamConfig(
+            self.upstream = UpstreamClient(metrics=self.metrics, config=UpstreamConfig(
                 base_url=base_url,
                 api_key=s.api_key,
                 model=s.model,
@@ -114,12 +126,15 @@ class WsAgentServer:
                 read_timeout=s.read_timeout,
                 max_retries=s.max_retries,
             ))
+        else:
+            self.upstream.metrics = self.metrics
         self.workflows = self._load_workflows()
+        listen: dict[str, Any] = {"sock": self.sock} if self.sock is not None else {
+            "host": s.host, "port": s.port, "reuse_port": WORKER_OF in os.environ}
         self._server = await serve(
             self.handler,
-            s.host,
-            s.port,
             process_request=self.process_request,
+            process_response=self.process_response,
             open_timeout=s.open_timeout or None,
             ping_interval=s.ping_interval or None,
             ping_timeout=s.ping_timeout or None,
@@ -129,6 +144,7 @@ class WsAgentServer:
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             select_subprotocol=_select_subprotocol,
             logger=_library_logger(),
+            **listen,
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         log.info("wsagent listening on %s", self.url)
@@ -149,7 +165,27 @@ class WsAgentServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.settings.host}:{self.port}"
+        assert self._server is not None
+        host = self._server.sockets[0].getsockname()[0]
+        return f"ws://{host}:{self.port}"
+
+    def reload(self, new: Settings) -> list[str]:
+        """Apply the settings that are safe to change live (SIGHUP); returns those that need a restart."""
+        old = self.settings
+        changed = {f.name for f in dataclasses.fields(Settings) if getattr(new, f.name) != getattr(old, f.name)}
+        later = sorted(changed - RELOADABLE)
+        applied = {name: getattr(new, name) for name in changed & RELOADABLE}
+        auth = Authenticator(dataclasses.replace(old, **applied))
+        self.settings = dataclasses.replace(old, **applied)
+        self.auth = auth
+        self.origins = {o.strip() for o in self.settings.allowed_origins.split(",") if o.strip()}
+        self.manager.max_connections = self.settings.max_connections
+        self.manager.client_id_policy = self.settings.client_id_policy
+        self.workflows = self._load_workflows()
+        logging.getLogger().setLevel(self.settings.log_level.upper())
+        log.info("reloaded: %s changed%s", ", ".join(sorted(applied)) or "nothing",
+                 f"; needs a restart: {', '.join(later)}" if later else "")
+        return later
 
     async def __aenter__(self) -> WsAgentServer:
         return await self.start()
@@ -228,6 +264,10 @@ class WsAgentServer:
             return http_response(429, "Too many connections from your address.\n", extra={"Retry-After": "1"})
         return None
 
+    def process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """Name the worker process that took the connection (``--workers``: which one drains it)."""
+        response.headers["X-Wsagent-Worker"] = self.worker_header
+
     def origin_allowed(self, origin: str, host: str) -> bool:
         """Browsers send Origin; a page on another site may not use a browser's network position.
 
@@ -245,6 +285,7 @@ class WsAgentServer:
             "connections": len(self.manager),
             "runs_active": len(self.runs.active()),
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "worker": os.getpid(),
         }
 
     # -- WebSocket, after the upgrade ------------------------------------
@@ -260,7 +301,7 @@ class WsAgentServer:
         conn = Connection(ws, path, params, remote_text, self.settings.outbox_bytes, self.settings.close_timeout,
                           route=route.pattern, ip=_ip(remote))
         self.manager.register(conn, route.pattern)
-        log.info("open %s %s from %s", conn.id, path, remote_text)
+        log.info("open %s %s from %s", conn.id, path, remote_text, extra={"conn": conn.id})
         try:
             refusal = self.authenticate(conn, route.pattern, route.auth or self.settings.require_auth)
             if refusal is not None:
@@ -279,8 +320,10 @@ class WsAgentServer:
             await self.release(conn)
             await close_or_abort(ws, 1000, "", self.settings.close_timeout)
             self.manager.unregister(conn)
+            sent = ws.protocol.close_sent
             log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, path, remote_text,
-                     ws.close_code, time.monotonic() - conn.opened)
+                     sent.code if sent is not None else ws.close_code, time.monotonic() - conn.opened,
+                     extra={"conn": conn.id})
 
     def authenticate(self, conn: Connection, route: str, required: bool) -> tuple[int, str] | None:
         """Who the client is; a (close code, reason) if it may not stay. A token is checked whenever one is
@@ -407,3 +450,7 @@ class _Busy:
 
 def healthz(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
     return http_response(200, json.dumps(server.health()), "application/json")
+
+
+def metrics(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+    return http_response(200, render_metrics(server), "text/plain; version=0.0.4; charset=utf-8")

@@ -22,6 +22,7 @@ import aiohttp
 
 from .chunks import ChunkInterpreter, ModelEvent, completion_to_events
 from .errors import UpstreamError, error_for_status
+from .metrics import Metrics
 from .sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 
 __all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after"]
@@ -87,8 +88,10 @@ class UpstreamClient:
     call :meth:`close` at shutdown.
     """
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self._session = session
         self._own_session = session is None
         self._url = config.base_url.rstrip("/") + "/chat/completions"
@@ -140,9 +143,14 @@ class UpstreamClient:
         half-read one to the pool.
         """
         body = self.build_body(messages, model, tools, params)
+        started = time.monotonic()
         response = await self._open(body)
         async with aclosing(self._read(response)) as events:
             async for event in events:
+                if started:
+                    if self.metrics is not None:
+                        self.metrics.upstream_ttft.observe(time.monotonic() - started)
+                    started = 0.0
                 yield event
 
     async def _open(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
@@ -163,6 +171,8 @@ class UpstreamClient:
             except aiohttp.ClientError as exc:
                 error = UpstreamError(f"cannot reach upstream: {exc}", code="upstream_connection", retryable=True)
             else:
+                if self.metrics is not None:
+                    self.metrics.upstream_requests[str(response.status)] += 1
                 if response.status == 200:
                     return response
                 try:
@@ -179,6 +189,8 @@ class UpstreamClient:
                     error.retryable = False
                 elif response.status not in _RETRY_STATUSES and response.status < 500:
                     error.retryable = False
+            if self.metrics is not None and error.status is None:
+                self.metrics.upstream_requests[error.code] += 1
             if not error.retryable or attempt >= cfg.max_retries:
                 raise error
             if delay is None:

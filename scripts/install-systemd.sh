@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install wsagent as a systemd service: a virtualenv in /opt/wsagent, the unit, an environment file,
+# and a JWT secret as a systemd credential. Run as root from a checkout: sudo scripts/install-systemd.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+prefix=${WSAGENT_PREFIX:-/opt/wsagent}
+
+python3 -m venv "$prefix/venv"
+"$prefix/venv/bin/pip" install --quiet "$here"
+install -m 0644 "$here/README.md" "$prefix/README.md"
+
+install -d -m 0755 /etc/wsagent
+if [ ! -f /etc/wsagent/wsagent.env ]; then
+  cat > /etc/wsagent/wsagent.env <<'ENV'
+# wsagent settings (see README, "Settings"). `systemctl reload wsagent` re-reads this file.
+WSAGENT_HOST=127.0.0.1
+WSAGENT_PORT=8000
+# WSAGENT_UPSTREAM_URL=https://api.openai.com/v1
+# OPENAI_API_KEY=sk-...
+# WSAGENT_MODEL=gpt-4o-mini
+# WSAGENT_LOG_FORMAT=json
+ENV
+  chmod 0640 /etc/wsagent/wsagent.env
+fi
+if [ ! -f /etc/wsagent/jwt-secret ]; then
+  umask 077
+  head -c 32 /dev/urandom | base64 > /etc/wsagent/jwt-secret
+fi
+
+sed "s|/opt/wsagent/venv/bin/python|$prefix/venv/bin/python|" "$here/scripts/wsagent.service" \
+  > /etc/systemd/system/wsagent.service
+install -m 0644 "$here/scripts/wsagent.socket" /etc/systemd/system/wsagent.socket
+systemd-analyze verify /etc/systemd/system/wsagent.service
+systemctl daemon-reload
+systemctl enable --now wsagent.service
+echo "wsagent is running: systemctl status wsagent; journalctl -u wsagent -f"

@@ -1,0 +1,279 @@
+"""Running it for real: systemd unit and notify protocol, socket activation, SIGHUP, metrics, logs,
+transcripts, several worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from wsagent.server import WsAgentServer
+
+from .conftest import ServerFactory, run_events, ws_connect
+
+ROOT = Path(__file__).parent.parent
+
+
+class Notifications:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.seen: list[str] = []
+
+    async def expect(self, prefix: str, limit: float = 20) -> str:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(limit):
+            while True:
+                message = (await loop.sock_recv(self.sock, 4096)).decode()
+                self.seen.append(message)
+                if message.startswith(prefix):
+                    return message
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def notifications() -> AsyncIterator[Notifications]:
+    n = Notifications()
+    yield n  # type: ignore[misc]
+    n.close()
+
+
+# What systemd does for socket activation: the socket as fd 3, LISTEN_FDS, and LISTEN_PID set to the
+# pid that execs the server (os.execv keeps it).
+ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, activate_fd: int | None = None,
+          ) -> subprocess.Popen[bytes]:
+    full_env = {**os.environ, "WSAGENT_SIM_RATE": "200", **(env or {})}
+    command = ["-m", "wsagent.serve", "--port", "0", *args]
+    if activate_fd is None:
+        return subprocess.Popen([sys.executable, *command], env=full_env, stderr=subprocess.PIPE, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-c", ACTIVATE, str(activate_fd), *command], env=full_env,
+                            stderr=subprocess.PIPE, pass_fds=(activate_fd,), cwd=ROOT)
+
+
+def url_from(status: str) -> str:
+    return status.split("listening on ", 1)[1].strip() if "listening on " in status else status.split(" on ")[-1]
+
+
+async def finish(process: subprocess.Popen[bytes]) -> tuple[int, str]:
+    loop = asyncio.get_running_loop()
+    code = await loop.run_in_executor(None, process.wait, 30)
+    assert process.stderr is not None
+    return code, process.stderr.read().decode()
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (ROOT / "scripts/wsagent.service").read_text().replace("/opt/wsagent/venv/bin/python", sys.executable)
+    (tmp_path / "wsagent.service").write_text(unit)
+    shutil.copy(ROOT / "scripts/wsagent.socket", tmp_path / "wsagent.socket")
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "wsagent.service"),
+                             str(tmp_path / "wsagent.socket")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Type=notify" in unit and "DynamicUser=yes" in unit and "Restart=on-failure" in unit
+
+
+async def test_notify_ready_watchdog_stopping_and_drain(notifications: Notifications) -> None:
+    process = spawn(["--drain-timeout", "0.2"], {"NOTIFY_SOCKET": notifications.path, "WATCHDOG_USEC": "200000"})
+    ready = await notifications.expect("READY=1")
+    await notifications.expect("WATCHDOG=1")
+    async with connect(url_from(ready) + "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "r", "prompt": "long sim:rate=50 sim:tokens=100000"}))
+        assert json.loads(await ws.recv())["type"] == "start"
+        process.send_signal(signal.SIGTERM)
+        await notifications.expect("STOPPING=1")
+        events = await run_events(ws, "r")
+        assert events[-1]["type"] == "cancelled"
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    code, logs = await finish(process)
+    assert code == 0, logs
+    assert "open c1 /ws/chat" in logs and "code=1001" in logs
+
+
+async def test_socket_activation(notifications: Notifications) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    process = spawn([], {"NOTIFY_SOCKET": notifications.path}, activate_fd=fd)
+    listener.close()
+    await notifications.expect("READY=1")
+    async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        await ws.send("activated")
+        assert await ws.recv() == "ACTIVATED"
+    process.send_signal(signal.SIGTERM)
+    assert (await finish(process))[0] == 0
+
+
+async def test_sighup_reloads_secret_and_limits(notifications: Notifications, tmp_path: Path) -> None:
+    env_file = tmp_path / "wsagent.env"
+    env_file.write_text("WSAGENT_JWT_SECRET=first-secret-long-enough-for-hs256-use\n")
+    process = spawn(["--env-file", str(env_file)], {"NOTIFY_SOCKET": notifications.path})
+    url = url_from(await notifications.expect("READY=1"))
+
+    def token(secret: str) -> str:
+        return jwt.encode({"user_id": "u", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+
+    async def close_code(secret: str) -> int | None:
+        async with connect(f"{url}/ws/secure?token={token(secret)}") as ws:
+            await ws.send(json.dumps({"type": "ping"}))
+            try:
+                await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None
+            return None
+
+    assert await close_code("first-secret-long-enough-for-hs256-use") is None
+    env_file.write_text('WSAGENT_JWT_SECRET="second-secret-long-enough-for-hs256-use"\nWSAGENT_MODEL=other\n')
+    process.send_signal(signal.SIGHUP)
+    await notifications.expect("RELOADING=1")
+    await notifications.expect("READY=1")
+    assert await close_code("first-secret-long-enough-for-hs256-use") == 4001
+    assert await close_code("second-secret-long-enough-for-hs256-use") is None
+    process.send_signal(signal.SIGTERM)
+    code, logs = await finish(process)
+    assert code == 0 and "needs a restart: model" in logs and "second-secret" not in logs
+
+
+async def test_workers_share_the_port_and_each_drains(notifications: Notifications) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--workers", "2", "--drain-timeout", "0.2"],
+        env={**os.environ, "NOTIFY_SOCKET": notifications.path}, stderr=subprocess.PIPE, cwd=ROOT)
+    await notifications.expect("READY=1")
+    workers: set[int] = set()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(40):
+            async with http.get(f"http://127.0.0.1:{port}/healthz", headers={"Connection": "close"}) as response:
+                workers.add((await response.json())["worker"])
+    assert len(workers) == 2
+    sockets: dict[str, Any] = {}
+    for n in range(40):
+        if len(sockets) == 2:
+            break
+        ws = await connect(f"ws://127.0.0.1:{port}/ws/chat")
+        worker = ws.response.headers["X-Wsagent-Worker"]
+        if worker in sockets:
+            await ws.close()
+            continue
+        await ws.send(json.dumps({"type": "run", "id": f"r{n}", "prompt": "long sim:rate=50 sim:tokens=100000"}))
+        assert json.loads(await ws.recv())["type"] == "start"
+        sockets[worker] = (ws, f"r{n}")
+    assert len(sockets) == 2
+    process.send_signal(signal.SIGTERM)
+    for ws, run_id in sockets.values():
+        assert (await run_events(ws, run_id))[-1]["type"] == "cancelled"
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    code, logs = await finish(process)
+    assert code == 0 and logs.count("wsagent stopped") == 2
+
+
+async def test_json_logs_carry_connection_and_run_ids(notifications: Notifications) -> None:
+    process = spawn(["--log-format", "json"], {"NOTIFY_SOCKET": notifications.path})
+    url = url_from(await notifications.expect("READY=1"))
+    async with connect(url + "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "logged", "prompt": "hi sim:tokens=3"}))
+        await run_events(ws, "logged")
+    process.send_signal(signal.SIGTERM)
+    code, logs = await finish(process)
+    records = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    assert code == 0 and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r.get("run") == "logged" and r.get("conn") == "c1" and "end" in r["message"] for r in records)
+    assert any(r.get("conn") == "c1" and r["message"].startswith("close c1") for r in records)
+
+
+async def test_metrics(make_server: ServerFactory) -> None:
+    server = await make_server(slow_client_timeout=0.3, close_timeout=0.3)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "a", "prompt": "count me sim:tokens=10"}))
+        await run_events(ws, "a")
+        await ws.send(json.dumps({"type": "run", "id": "b", "prompt": "stop me sim:rate=50 sim:tokens=10000"}))
+        while json.loads(await ws.recv())["type"] != "token":
+            pass
+        await ws.send(json.dumps({"type": "cancel", "id": "b"}))
+        await run_events(ws, "b")
+        await ws.send(json.dumps({"type": "run", "id": "c", "prompt": "x sim:status=429"}))
+        await run_events(ws, "c")
+        text = await scrape(server)
+    assert 'wsagent_connections_open{route="/ws/chat"} 1' in text
+    assert 'wsagent_connections_total{route="/ws/chat"} 1' in text
+    assert 'wsagent_runs_total{outcome="done"} 1' in text and 'wsagent_runs_total{outcome="cancelled"} 1' in text
+    assert 'wsagent_runs_total{outcome="error"} 1' in text
+    assert 'wsagent_cancellations_total{reason="cancelled by client"} 1' in text
+    assert 'wsagent_upstream_requests_total{status="200"} 2' in text
+    assert 'wsagent_upstream_requests_total{status="429"} 3' in text  # the first try and two retries
+    assert "wsagent_runs_active 0" in text and "wsagent_bytes_buffered 0" in text
+    relayed = int(next(line.split()[1] for line in text.splitlines() if line.startswith("wsagent_tokens_relayed")))
+    assert relayed >= 10
+    assert _value(text, "wsagent_upstream_ttft_seconds_count") == 2
+    assert _value(text, "wsagent_relay_latency_seconds_count") >= 3
+    async with ws_connect(server, "/ws/chat", compression=None, max_queue=1) as stuck:
+        flood = "x sim:rate=0 sim:tokens=100000 sim:pad=1000"
+        await stuck.send(json.dumps({"type": "run", "id": "s", "prompt": flood}))
+        stuck.transport.pause_reading()
+        conn = next(c for c in server.manager if c.path == "/ws/chat")
+        await asyncio.wait_for(conn.ws.wait_closed(), 10)
+        stuck.transport.abort()
+    assert "wsagent_slow_client_closes_total 1" in await scrape(server)
+
+
+def _value(text: str, name: str) -> float:
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+async def scrape(server: WsAgentServer) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as response:
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+            return await response.text()
+
+
+async def test_transcripts(make_server: ServerFactory, tmp_path: Path) -> None:
+    server = await make_server(transcripts_dir=str(tmp_path))
+    async with ws_connect(server, "/ws/chat") as ws:
+        conn_id = next(iter(server.manager)).id
+        await ws.send(json.dumps({"type": "run", "id": "t/1", "prompt": "record me sim:tokens=5"}))
+        sent = await run_events(ws, "t/1")
+    files = list(tmp_path.glob("*.jsonl"))
+    assert len(files) == 1 and "t_1" in files[0].name
+    lines = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert lines[0]["transcript"] == {"run": "t/1", "conn": conn_id, "user": None}
+    events = [line["event"] for line in lines[1:]]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "done" and all(line["t"] > 1e9 for line in lines)
+    assert "".join(e["content"] for e in events if e["type"] == "token") == \
+        "".join(e["content"] for e in sent if e["type"] == "token")

@@ -91,7 +91,7 @@ async def test_concurrent_workflow_interleaves_and_each_finishes(sim: SimulatorS
     assert events[-1].type == "done" and all(e.workflow == "panel" for e in events)
     texts = {a.name: "".join(e.content for e in events if e.type == "answer" and e.agent == a.name)  # type: ignore[attr-defined]
              for a in agents}
-    assert texts["researcher"].startswith("As You are the researcher")
+    assert texts["researcher"].startswith("As the researcher, here is")
 
 
 async def test_cancelling_one_agent_leaves_the_others(sim: SimulatorServer) -> None:
@@ -118,8 +118,8 @@ async def test_sequential_workflow_passes_each_output_along(sim: SimulatorServer
     sent = sim.simulator.stats.last_body
     assert sent is not None
     user_turn = sent["messages"][-1]["content"]
-    assert user_turn.startswith("As You are a researcher")  # the writer's task is the researcher's answer
-    assert final.startswith("As You are a writer")
+    assert user_turn.startswith("As a researcher, here is")  # the writer's task is the researcher's answer
+    assert final.startswith("As a writer, here is a simulated answer about As a researcher")
 
 
 async def test_callback_modes(sim: SimulatorServer) -> None:

@@ -252,12 +252,12 @@ class ConcurrentWorkflow:
         task.cancel()
         return True
 
-    async def stream(self, task: str) -> AsyncIterator[Event]:
+    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncIterator[Event]:
         queue: asyncio.Queue[Event | None] = asyncio.Queue(self.max_pending)
 
         async def drive(agent: Agent) -> None:
             try:
-                async with aclosing(agent.stream(task, workflow=self.name)) as events:
+                async with aclosing(agent.stream(task, workflow=self.name, params=params)) as events:
                     async for event in events:
                         await queue.put(_ending(event) or event)
             except asyncio.CancelledError:
@@ -300,12 +300,12 @@ class SequentialWorkflow:
     def cancel(self, agent_name: str) -> bool:
         return False
 
-    async def stream(self, task: str) -> AsyncIterator[Event]:
+    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncIterator[Event]:
         current = task
         for agent in self.agents:
             answer: list[str] = []
             failed: ErrorEvent | None = None
-            async with aclosing(agent.stream(current, workflow=self.name)) as events:
+            async with aclosing(agent.stream(current, workflow=self.name, params=params)) as events:
                 async for event in events:
                     if isinstance(event, Answer):
                         answer.append(event.content)

@@ -186,7 +186,7 @@ class ChatSession:
             state = WorkflowState([a.name for a in workflow.agents])
             run.state = state
             run.controller = workflow
-            events: AsyncIterator[Event] = state.observe(workflow.stream(_last_user_text(messages)))
+            events: AsyncIterator[Event] = state.observe(workflow.stream(_last_user_text(messages), params))
             run.subscribe(self.conn.outbox, 0)
             self._start(run, drive(run, events))
         elif agent_name is not None:

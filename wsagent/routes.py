@@ -7,6 +7,7 @@ plain HTTP answers served on the same port before any upgrade.
 from __future__ import annotations
 
 from .chat import chat
+from .pages import index, static, workflows
 from .router import Route
 from .server import healthz, metrics
 from .tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
@@ -24,6 +25,10 @@ ROUTES = (
 )
 
 HTTP_ROUTES = {
+    "/": index,
+    "/static/app.js": static,
+    "/static/style.css": static,
+    "/workflows": workflows,
     "/healthz": healthz,
     "/metrics": metrics,
 }

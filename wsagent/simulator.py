@@ -232,8 +232,9 @@ def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: 
         text = "Based on the tool results: " + "; ".join(r[:200] for r in results) + "."
         thought = "The tool answered, so I can reply now."
     else:
-        role = " ".join(system.split()[:6])
-        opening = f"As {role.rstrip('.')}, " if role else ""
+        role = re.split(r"[.!?\n]", system, maxsplit=1)[0].strip()
+        role = re.sub(r"^you are\s+", "", role, flags=re.IGNORECASE)
+        opening = f"As {' '.join(role.split()[:8])}, " if role else ""
         topic = " ".join(prompt.split()[:12])
         offset = seed[0] % len(_VOCABULARY)
         filler = [_VOCABULARY[(offset + i) % len(_VOCABULARY)] for i in range(max(limit, 1) * 2)]

@@ -1,0 +1,147 @@
+"""The page at GET / in headless Chromium against the running server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+import pytest
+
+from wsagent.server import WsAgentServer
+from wsagent.simulator import SimulatorServer
+
+from .browser import Browser
+from .conftest import ServerFactory
+from .test_chat import expected_text
+
+# Helpers installed in the page: send like a person would (type, press Send), then wait on the DOM.
+HELPERS = """
+window.t = {
+  send(prompt) {
+    document.getElementById('prompt').value = prompt;
+    document.getElementById('send').click();
+    return document.querySelector('#log .turn:last-child').dataset.run;
+  },
+  turn(run) { return document.querySelector(`.turn[data-run="${run}"]`); },
+  watch(run) {
+    const answer = this.turn(run).querySelector('.answer');
+    const seen = { changes: 0 };
+    new MutationObserver(() => { seen.changes += 1; })
+      .observe(answer, { childList: true, characterData: true, subtree: true });
+    return seen;
+  },
+  until(check) {
+    return new Promise(resolve => {
+      const test = () => { const v = check(); if (v) { observer.disconnect(); resolve(v); } };
+      const observer = new MutationObserver(test);
+      observer.observe(document.body, { childList: true, subtree: true, characterData: true, attributes: true });
+      test();
+    });
+  },
+  finished(run) { return this.until(() => this.turn(run).dataset.outcome); },
+  connected() { return this.until(() => document.getElementById('status').dataset.state === 'open'); },
+};
+"""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    b = await Browser().start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def open_page(browser: Browser, server: WsAgentServer) -> None:
+    await browser.goto(f"http://127.0.0.1:{server.port}/")
+    await browser.evaluate(HELPERS)
+    await browser.evaluate("t.connected()")
+
+
+async def test_prompt_streams_token_by_token(browser: Browser, server: WsAgentServer, sim: SimulatorServer) -> None:
+    await open_page(browser, server)
+    prompt = "Explain streaming sim:rate=100 sim:tokens=30"
+    result = await browser.evaluate(f"""(async () => {{
+        const run = t.send({json.dumps(prompt)});
+        const seen = t.watch(run);
+        const outcome = await t.finished(run);
+        const turn = t.turn(run);
+        return {{ outcome, changes: seen.changes, text: turn.querySelector('.answer').textContent,
+                  thoughts: turn.querySelectorAll('details.steps .step').length,
+                  meta: turn.querySelector('.meta').textContent }};
+    }})()""")
+    assert result["outcome"] == "done" and "tokens" in result["meta"]
+    assert result["text"] == await expected_text(sim, prompt)
+    assert result["changes"] > 10  # the answer grew as tokens arrived, not in one block
+    assert result["thoughts"] == 1  # the reasoning, folded into a collapsible step
+
+
+async def test_stop_cancels(browser: Browser, server: WsAgentServer, sim: SimulatorServer) -> None:
+    await open_page(browser, server)
+    outcome = await browser.evaluate("""(async () => {
+        const run = t.send('go on forever sim:rate=50 sim:tokens=100000');
+        await t.until(() => t.turn(run).querySelector('.answer').textContent.length > 20);
+        document.getElementById('stop').click();
+        return t.finished(run);
+    })()""")
+    assert outcome == "cancelled"
+    await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 10)
+    assert server.runs.cancellations["cancelled by client"] == 1
+
+
+async def test_connection_killed_mid_stream_resumes(browser: Browser, make_server: ServerFactory,
+                                                    sim: SimulatorServer) -> None:
+    server = await make_server(resume_grace=30)
+    await open_page(browser, server)
+    prompt = "survive a drop sim:rate=100 sim:tokens=150"
+    run = await browser.evaluate(f"t.send({json.dumps(prompt)})")
+    await browser.evaluate(f"t.until(() => t.turn('{run}').querySelector('.answer').textContent.length > 40)")
+    conn = next(c for c in server.manager if c.path == "/ws/chat")
+    conn.ws.transport.abort()  # the network drops: no close frame
+    result = await browser.evaluate(f"""(async () => {{
+        const outcome = await t.finished('{run}');
+        return {{ outcome, text: t.turn('{run}').querySelector('.answer').textContent }};
+    }})()""")
+    assert result["outcome"] == "done"
+    assert result["text"] == await expected_text(sim, prompt)  # nothing lost, nothing repeated
+    assert server.manager.total_by_route["/ws/chat"] == 2 and sim.simulator.stats.disconnected == 0
+
+
+async def test_model_output_is_escaped(browser: Browser, server: WsAgentServer) -> None:
+    await open_page(browser, server)
+    result = await browser.evaluate("""(async () => {
+        const run = t.send('<img src=x onerror="window.pwned=1"><b>bold</b> sim:tokens=40');
+        await t.finished(run);
+        const answer = t.turn(run).querySelector('.answer');
+        return { images: document.querySelectorAll('#log img, #log b').length, text: answer.textContent,
+                 pwned: window.pwned === 1 };
+    })()""")
+    assert result["images"] == 0 and not result["pwned"] and "<img" in result["text"]
+
+
+async def test_token_field_for_secured_routes(browser: Browser, make_server: ServerFactory) -> None:
+    secret = "page-secret-long-enough-for-hs256-use"
+    server = await make_server(jwt_secret=secret)
+    await open_page(browser, server)
+    good = jwt.encode({"user_id": "web", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    state = await browser.evaluate("""(async () => {
+        document.getElementById('token').value = 'not-a-token';
+        const route = document.getElementById('route');
+        route.value = '/ws/secure';
+        route.dispatchEvent(new Event('change'));
+        return t.until(() => { const s = document.getElementById('status');
+                               return s.dataset.state === 'closed' && s.textContent; });
+    })()""")
+    assert state == "refused: 4001 Invalid token"
+    outcome: Any = await browser.evaluate(f"""(async () => {{
+        document.getElementById('token').value = {json.dumps(good)};
+        document.getElementById('reconnect').click();
+        await t.connected();
+        return t.finished(t.send('secured hello sim:tokens=5'));
+    }})()""")
+    assert outcome == "done"
+    assert any(c.user == "web" for c in server.manager) or server.runs.total["done"] == 1

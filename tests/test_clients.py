@@ -1,0 +1,158 @@
+"""The terminal client and websocat, run as a person runs them, against the running server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+
+from wsagent.server import WsAgentServer
+from wsagent.simulator import SimulatorServer
+
+from .conftest import ServerFactory
+from .test_chat import expected_text
+
+ROOT = Path(__file__).parent.parent
+WEBSOCAT = shutil.which("websocat") or "websocat"
+
+
+async def run(command: list[str], stdin: bytes | None = None, limit: float = 60,
+              env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, **(env or {})})
+    out, err = await asyncio.wait_for(process.communicate(stdin), limit)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def client(server: WsAgentServer, *args: str) -> list[str]:
+    return [sys.executable, "-m", "wsagent.client", "--url", f"{server.url}/ws/chat", *args]
+
+
+async def test_client_json_events_and_exit_codes(server: WsAgentServer, sim: SimulatorServer) -> None:
+    code, out, _ = await run(client(server, "--json", "What is a socket?"))
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[0]["type"] == "start" and events[-1]["type"] == "done"
+    assert "".join(e["content"] for e in events if e["type"] == "token") == \
+        await expected_text(sim, "What is a socket?")
+    code, out, _ = await run(client(server, "--json"), stdin=b"from stdin sim:status=401\n")
+    assert code == 1 and json.loads(out.splitlines()[-1])["code"] == "upstream_auth"
+    code, _, err = await run(client(server), stdin=b"")
+    assert code == 2 and "give a prompt" in err
+
+
+async def test_client_renders_thoughts_with_marks(server: WsAgentServer) -> None:
+    code, out, _ = await run(client(server, "--agent", "assistant", "What is 6 * 7?"))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("💭 ") and any(line.startswith("🔧 calculator(") for line in lines)
+    assert "👁 6 * 7 = 42" in lines and lines[-1].startswith("✅ Based on the tool results: 6 * 7 = 42")
+
+
+async def test_ctrl_c_cancels_then_quits(server: WsAgentServer, sim: SimulatorServer) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *client(server, "--json", "long story sim:rate=50 sim:tokens=100000"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stdout is not None
+    while json.loads(await process.stdout.readline())["type"] != "token":
+        pass
+    process.send_signal(signal.SIGINT)
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    last = json.loads(out.decode().splitlines()[-1])
+    assert last["type"] == "cancelled" and last["reason"] == "cancelled by client"
+    assert process.returncode == 130
+    await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 10)
+
+
+async def test_client_reconnects_and_resumes(make_server: ServerFactory, sim: SimulatorServer) -> None:
+    server = await make_server(resume_grace=30)
+    prompt = "keep going sim:rate=100 sim:tokens=150"
+    process = await asyncio.create_subprocess_exec(
+        *client(server, "--json", prompt), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stdout is not None
+    events = []
+    while len(events) < 30:
+        events.append(json.loads(await process.stdout.readline()))
+    next(c for c in server.manager if c.path == "/ws/chat").ws.transport.abort()
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    events += [json.loads(line) for line in out.decode().splitlines()]
+    assert process.returncode == 0 and "resuming" in err.decode()
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert "".join(e["content"] for e in events if e["type"] == "token") == await expected_text(sim, prompt)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
+async def test_dashboard_in_a_terminal(server: WsAgentServer) -> None:
+    """The concurrent workflow's live dashboard, in a real terminal (tmux), one panel per agent."""
+    session = f"wsagent-{uuid.uuid4().hex[:8]}"
+    done = Path(f"/tmp/{session}.done")
+    command = shlex.join(client(server, "--workflow", "market-analysis", "--max-tokens", "20", "Analyze TSLA"))
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "60", "-c", str(ROOT)],
+                   check=True)
+    subprocess.run(["tmux", "send-keys", "-t", session,
+                    f"clear; {command}; echo exit=$? > {done}; tmux wait-for -S {session}", "Enter"], check=True)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(subprocess.run, ["tmux", "wait-for", session], check=True), 60)
+        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                                check=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert done.read_text().strip() == "exit=0"
+    done.unlink()
+    for agent in ("market-researcher", "financial-analyst", "technical-analyst"):
+        assert agent in screen
+    counts = [int(n) for n in re.findall(r"(\d+) tokens", screen)]
+    assert len(counts) == 3 and min(counts) >= 20 and "━" in screen and screen.count("✅") == 3
+    assert "As a market research specialist, here is a simulated answer" in screen
+
+
+async def test_websocat_one_shot_echo(server: WsAgentServer) -> None:
+    code, out, _ = await run([WEBSOCAT, "-n", "-1", f"{server.url}/ws"], stdin=b"hello\n")
+    assert code == 0 and out == "HELLO\n"
+
+
+async def test_websocat_chat_helper_streams_text(server: WsAgentServer, sim: SimulatorServer) -> None:
+    code, out, _ = await run(["scripts/websocat-chat.sh", "What is a websocket?", f"{server.url}/ws/chat"])
+    assert code == 0 and out == await expected_text(sim, "What is a websocket?") + "\n[DONE]\n"
+
+
+async def test_websocat_json_protocol_and_workflow(server: WsAgentServer) -> None:
+    code, out, _ = await run(["scripts/websocat-run.sh", "Analyze TSLA", "market-analysis", f"{server.url}/ws/chat"])
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[-1]["type"] == "done" and events[-1]["workflow"] == "market-analysis"
+
+
+async def test_websocat_agent_thoughts_and_secure(make_server: ServerFactory) -> None:
+    secret = "websocat-secret-long-enough-for-hs256"
+    server = await make_server(jwt_secret=secret)
+    process = await asyncio.create_subprocess_exec(
+        WEBSOCAT, "-n", f"{server.url}/ws/agent-thoughts", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b"What is 2 + 2?\n")
+    await process.stdin.drain()
+    kinds: list[str] = []
+    while not kinds or kinds[-1] != "done":
+        kinds.append(json.loads(await process.stdout.readline())["type"])
+    process.kill()
+    await process.wait()
+    assert {"thinking", "action", "observation", "answer"} <= set(kinds)
+    token = jwt.encode({"user_id": "w", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    request = json.dumps({"type": "ping"}).encode() + b"\n"
+    code, out, _ = await run([WEBSOCAT, "-n", "-1", f"-H=Authorization: Bearer {token}",
+                              f"{server.url}/ws/secure"], stdin=request)
+    assert code == 0 and json.loads(out) == {"type": "pong"}
+
+

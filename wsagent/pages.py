@@ -1,0 +1,56 @@
+"""The browser page, served by the server itself on its own port (no build step, no web framework)."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+if TYPE_CHECKING:
+    from .server import WsAgentServer
+
+__all__ = ["index", "static", "workflows"]
+
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8"}
+# A strict policy: scripts and styles from this server only, WebSockets to this host only.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@cache
+def _file(name: str) -> bytes | None:
+    path = resources.files("wsagent").joinpath("static", name)
+    return path.read_bytes() if path.is_file() else None
+
+
+def _serve(name: str) -> Response:
+    from .server import http_response
+
+    body = _file(name)
+    if body is None:
+        return http_response(404, "Not found.\n")
+    content_type = _TYPES.get(name[name.rfind("."):], "application/octet-stream")
+    return http_response(200, body, content_type, extra={
+        "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _CSP})
+
+
+def index(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+    return _serve("index.html")
+
+
+def static(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+    name = request.path.partition("?")[0].removeprefix("/static/")
+    if "/" in name or name.startswith("."):
+        return _serve("")
+    return _serve(name)
+
+
+def workflows(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+    from .server import http_response
+
+    return http_response(200, json.dumps(sorted(server.workflows)), "application/json")

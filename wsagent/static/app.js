@@ -1,0 +1,226 @@
+// wsagent's browser client: plain JavaScript, no build step.
+// Model output only ever reaches the page through textContent, so a model cannot inject HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MARKS = { thinking: "💭", action: "🔧", observation: "👁" };
+
+const state = {
+  ws: null,
+  wanted: true,        // reconnect when the socket drops
+  attempt: 0,
+  runs: new Map(),     // run id -> view (only runs still streaming)
+  counter: 0,
+};
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function setStatus(kind, text) {
+  const status = $("status");
+  status.dataset.state = kind;
+  status.textContent = text;
+}
+
+function url() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${$("route").value}`;
+}
+
+function connect() {
+  const token = $("token").value.trim();
+  // The token travels as a subprotocol entry, never in the URL (which ends up in logs and history).
+  const protocols = token ? ["wsagent", `bearer.${token}`] : ["wsagent"];
+  const ws = new WebSocket(url(), protocols);
+  state.ws = ws;
+  setStatus(state.attempt ? "reconnecting" : "connecting", state.attempt ? "reconnecting…" : "connecting…");
+  ws.onopen = () => {
+    state.attempt = 0;
+    setStatus("open", "connected");
+    for (const [id, view] of state.runs) {
+      ws.send(JSON.stringify({ type: "resume", id, after: view.seq }));
+    }
+  };
+  ws.onmessage = (message) => handle(JSON.parse(message.data));
+  ws.onclose = (event) => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    if (event.code === 4001 || event.code === 4003) {
+      setStatus("closed", `refused: ${event.code} ${event.reason}`);
+      return;
+    }
+    if (!state.wanted) {
+      setStatus("closed", "disconnected");
+      return;
+    }
+    const delay = Math.min(8000, 250 * 2 ** state.attempt) * (0.5 + Math.random() / 2);
+    state.attempt += 1;
+    setStatus("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)}s…`);
+    setTimeout(connect, delay);
+  };
+}
+
+function reconnect() {
+  if (state.ws) {
+    const old = state.ws;
+    state.ws = null;
+    old.close(1000);
+  }
+  state.attempt = 0;
+  connect();
+}
+
+function agentView(view, agent) {
+  if (!agent) return view.main;
+  let part = view.agents.get(agent);
+  if (!part) {
+    const box = el("div", "assistant");
+    box.append(el("div", "agent-name", agent));
+    part = panel(box);
+    view.agents.set(agent, part);
+    view.turn.insertBefore(box, view.main.box);
+  }
+  return part;
+}
+
+function panel(box) {
+  const steps = el("details", "steps");
+  steps.append(el("summary", null, "thoughts"));
+  steps.hidden = true;
+  const answer = el("div", "answer");
+  const meta = el("div", "meta");
+  box.append(steps, answer, meta);
+  return { box, steps, answer, meta, step: null, stepKind: null };
+}
+
+function addStep(part, kind, text, isError) {
+  part.steps.hidden = false;
+  if (kind === "thinking" && part.stepKind === "thinking" && part.step) {
+    part.step.textContent += text;
+    return;
+  }
+  part.step = el("div", `step ${kind}${isError ? " error" : ""}`, `${MARKS[kind] || ""} ${text}`);
+  part.stepKind = kind;
+  part.steps.append(part.step);
+}
+
+function handle(event) {
+  const view = state.runs.get(event.id);
+  if (!view) return;
+  if (typeof event.seq === "number") {
+    if (event.seq <= view.seq) return;   // already shown before a reconnect
+    view.seq = event.seq;
+  } else if (event.type === "error") {
+    finish(view, event.id, `error: ${event.message}`, true);
+    return;
+  }
+  const part = agentView(view, event.workflow ? event.agent : null);
+  switch (event.type) {
+    case "token":
+    case "answer":
+    case "refusal":
+      part.answer.textContent += event.content;
+      part.stepKind = null;
+      break;
+    case "thinking":
+    case "action":
+    case "observation":
+      addStep(part, event.type, event.content, event.is_error);
+      break;
+    case "tool_call":
+      addStep(part, "action", `${event.name}(${event.arguments})`);
+      break;
+    case "snapshot":
+      for (const agent of event.agents) agentView(view, agent.agent).answer.textContent = agent.content;
+      break;
+    case "agent_end":
+      part.meta.textContent = event.outcome;
+      break;
+    case "usage":
+      view.usage = `${event.total_tokens} tokens${event.estimated ? " (estimated)" : ""}`;
+      break;
+    case "done":
+      finish(view, event.id, `done (${event.finish_reason}) · ${view.usage || ""}`, false);
+      break;
+    case "cancelled":
+      finish(view, event.id, `cancelled: ${event.reason}`, false);
+      break;
+    case "error":
+      finish(view, event.id, `error: ${event.message}`, true);
+      break;
+  }
+  $("log").scrollTop = $("log").scrollHeight;
+}
+
+function finish(view, id, text, isError) {
+  view.main.meta.textContent = text;
+  view.main.meta.classList.toggle("error", isError);
+  view.turn.dataset.outcome = text.split(/[ :]/)[0];
+  state.runs.delete(id);
+  $("stop").disabled = state.runs.size === 0;
+}
+
+function send(prompt) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+    setStatus("closed", "not connected");
+    return;
+  }
+  state.counter += 1;
+  const id = `web-${Date.now().toString(36)}-${state.counter}`;
+  const turn = el("div", "turn");
+  turn.dataset.run = id;
+  turn.append(el("div", "user", prompt));
+  const box = el("div", "assistant");
+  turn.append(box);
+  $("log").append(turn);
+  state.runs.set(id, { turn, main: panel(box), agents: new Map(), seq: 0, usage: "" });
+  const request = { type: "run", id, prompt };
+  const mode = $("mode").value;
+  if (mode.startsWith("agent:")) request.agent = mode.slice(6);
+  if (mode.startsWith("workflow:")) request.workflow = mode.slice(9);
+  state.ws.send(JSON.stringify(request));
+  $("stop").disabled = false;
+}
+
+function stop() {
+  for (const id of state.runs.keys()) {
+    if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "cancel", id }));
+  }
+}
+
+async function loadWorkflows() {
+  try {
+    const response = await fetch("/workflows");
+    const names = await response.json();
+    for (const name of names) {
+      const option = el("option", null, `workflow: ${name}`);
+      option.value = `workflow:${name}`;
+      $("mode").append(option);
+    }
+  } catch (error) {
+    console.warn("no workflow list", error);
+  }
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const prompt = $("prompt").value.trim();
+  if (prompt) send(prompt);
+  $("prompt").value = "";
+});
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", stop);
+$("reconnect").addEventListener("click", reconnect);
+$("route").addEventListener("change", reconnect);
+
+loadWorkflows();
+connect();

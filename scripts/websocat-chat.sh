@@ -3,7 +3,7 @@
 #   scripts/websocat-chat.sh "What is backpressure?" [ws://localhost:8000/ws/chat]
 set -euo pipefail
 prompt=${1:?usage: websocat-chat.sh PROMPT [URL]}
-url=${2:-ws://localhost:8000/ws/chat}
+url=${2:-${WSAGENT_URL:-ws://localhost:8000/ws/chat}}
 dir=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT

@@ -4,7 +4,7 @@
 set -euo pipefail
 prompt=${1:?usage: websocat-run.sh PROMPT [WORKFLOW] [URL]}
 workflow=${2:-}
-url=${3:-ws://localhost:8000/ws/chat}
+url=${3:-${WSAGENT_URL:-ws://localhost:8000/ws/chat}}
 request=$(python3 -c 'import json, sys
 r = {"type": "run", "id": "cli", "prompt": sys.argv[1]}
 if sys.argv[2]:

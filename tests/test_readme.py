@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from wsagent.config import build_parser, settings_table
+from wsagent.simulator import SimulatorServer
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -29,3 +37,64 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert blocks[1].startswith("pip install . && python -m wsagent.serve\n")
     assert blocks[2].startswith('pip install -e ".[test]" && ruff check && python -m pytest\n')
     assert "<!-- test-command -->" in blocks[1]
+
+
+def _blocks(section: str, language: str) -> list[str]:
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in body.split(f"```{language}\n")[1:]]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_quick_start_blocks_run(tmp_path: Path) -> None:
+    """README's first command installs and serves, in a fresh virtualenv; then every quick-start block runs."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    bin_dir = venv / "bin"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
+    env.pop("PYTHONPATH", None)
+    port = _free_port()
+    env["WSAGENT_PORT"] = str(port)
+    env["WSAGENT_URL"] = f"ws://localhost:{port}/ws/chat"
+    install, serve = README.split("```sh\n", 1)[1].split("```", 1)[0].strip().split(" && ")
+    subprocess.run(install, shell=True, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ready:
+        ready.bind(str(notify))
+        ready.settimeout(60)
+        server = subprocess.Popen(f"exec {serve}", shell=True, cwd=tmp_path,
+                                  env={**env, "NOTIFY_SOCKET": str(notify)}, stderr=subprocess.PIPE)
+        try:
+            assert ready.recv(4096).startswith(b"READY=1")
+            outputs = []
+            for block in _blocks("Quick start", "sh"):
+                command = block.strip().replace("localhost:8000", f"localhost:{port}")
+                result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
+                                        timeout=120)
+                assert result.returncode == 0, (command, result.stdout, result.stderr)
+                outputs.append(result.stdout)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    assert json.loads(outputs[0])["status"] == "ok"
+    assert outputs[1] == "HELLO\n"
+    assert "simulated answer" in outputs[2] and "17 * 23 = 391" in outputs[3]
+    assert json.loads(outputs[4].splitlines()[-1])["type"] == "done"
+    assert outputs[5].rstrip().endswith("[DONE]")
+    assert server.returncode == 0
+
+
+async def test_python_api_example_runs(sim: SimulatorServer, tmp_path: Path) -> None:
+    (example,) = _blocks("Python API", "python")
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("http://localhost:8001/v1", sim.base_url))
+    process = await asyncio.create_subprocess_exec(sys.executable, str(script), cwd=ROOT,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    text = out.decode()
+    assert "6 * 7 = 42" in text and "'researcher':" in text and "done" in text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import sys
@@ -288,8 +289,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m wsagent.client", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the prompt (read from stdin when piped)")
-    parser.add_argument("--url", default="ws://localhost:8000/ws/chat", help="server route (default: %(default)s)")
-    parser.add_argument("--token", help="JWT for secured routes (sent as Authorization: Bearer)")
+    parser.add_argument("--url", default=os.environ.get("WSAGENT_URL", "ws://localhost:8000/ws/chat"),
+                        help="server route [WSAGENT_URL] (default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("WSAGENT_TOKEN"),
+                        help="JWT for secured routes, sent as Authorization: Bearer [WSAGENT_TOKEN]")
     parser.add_argument("--workflow", help="run a named workflow (a live dashboard for concurrent ones)")
     parser.add_argument("--agent", help="run a named agent (assistant)")
     parser.add_argument("--model", help="model name to ask the upstream for")

@@ -96,6 +96,16 @@ class Outbox:
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            if self._ready is not None:
+                self._ready.set()  # let an idle writer notice it has nothing left and end
+
+    def close(self) -> None:
+        """The connection is gone: stop the writer, drop what is queued."""
+        self.closing = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._task is not None:
+            self._task.cancel()
 
     @property
     def subscriptions(self) -> list[Subscription]:

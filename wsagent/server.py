@@ -319,6 +319,7 @@ class WsAgentServer:
                 conn.expiry_timer.cancel()
             await self.release(conn)
             await close_or_abort(ws, 1000, "", self.settings.close_timeout)
+            conn.outbox.close()
             self.manager.unregister(conn)
             sent = ws.protocol.close_sent
             log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, path, remote_text,

@@ -284,6 +284,15 @@ class Simulator:
         self.stats = SimStats()
         self._failures: dict[str, int] = {}
 
+    async def stats_view(self, request: web.Request) -> web.Response:
+        """What the simulator saw, for benchmarks running it in another process."""
+        stats = self.stats
+        return web.json_response({
+            "requests": stats.requests, "streams": stats.streams, "active": stats.active,
+            "completed": stats.completed, "disconnected": stats.disconnected, "tokens_sent": stats.tokens_sent,
+            "disconnect_times": stats.disconnect_times[-10000:],
+        })
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({
             "object": "list",
@@ -463,6 +472,7 @@ def make_app(settings: SimulatorSettings | None = None) -> web.Application:
     app[SIMULATOR] = sim
     app.router.add_post("/v1/chat/completions", sim.completions)
     app.router.add_get("/v1/models", sim.models)
+    app.router.add_get("/stats", sim.stats_view)
     return app
 
 

@@ -28,6 +28,7 @@ class Settings:
     env_file: str | None = _opt(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = _opt(10000, "open WebSocket connections before new ones get HTTP 503")
     max_message_size: int = _opt(1048576, "largest incoming message in bytes; larger closes with 1009")
+    compression: str = _opt("deflate", "permessage-deflate when clients offer it (deflate), or off")
     open_timeout: float = _opt(10.0, "seconds allowed for the opening handshake")
     close_timeout: float = _opt(5.0, "seconds allowed for the closing handshake before the TCP connection is dropped")
     ping_interval: float = _opt(20.0, "seconds between protocol pings (0: off)")
@@ -37,6 +38,7 @@ class Settings:
     client_id_policy: str = _opt("replace", "a second connection with a connected client id: replace (old gets 4009) or reject (new gets 4009)")
     outbox_bytes: int = _opt(1048576, "bytes queued for one client (broadcasts) before it is closed with 4008")
     slow_client_timeout: float = _opt(30.0, "seconds a client may accept no data before it is closed with 4008")
+    socket_send_buffer: int = _opt(262144, "kernel send buffer per client socket in bytes, so backpressure reaches the model sooner (0: kernel autotuning, up to 4 MiB)")
 
     upstream_url: str | None = _opt(None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (unset: built-in simulator)", "WSAGENT_UPSTREAM_URL", "upstream")
     api_key: str | None = _opt(None, "API key sent as a Bearer token to the upstream", "OPENAI_API_KEY", "upstream")
@@ -45,6 +47,7 @@ class Settings:
     first_byte_timeout: float = _opt(60.0, "seconds to wait for the upstream's first byte", group="upstream")
     read_timeout: float = _opt(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream")
     max_retries: int = _opt(2, "retries of 408/409/429/5xx and connection errors before the first byte", group="upstream")
+    upstream_receive_buffer: int = _opt(262144, "kernel receive buffer per upstream connection in bytes, so a paused relay holds the model back sooner (0: kernel autotuning)", group="upstream")
     sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
     sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")
 
@@ -191,6 +194,8 @@ def read_env_file(path: str) -> dict[str, str]:
 def validate(settings: Settings) -> None:
     if settings.client_id_policy not in ("replace", "reject"):
         raise SystemExit("--client-id-policy must be 'replace' or 'reject'")
+    if settings.compression not in ("deflate", "off"):
+        raise SystemExit("--compression must be 'deflate' or 'off'")
     if settings.log_format not in ("text", "json"):
         raise SystemExit("--log-format must be 'text' or 'json'")
     if not 0 <= settings.port <= 65535:

@@ -60,6 +60,9 @@ __all__ = ["Run", "RunRegistry", "Subscription", "ReplayGap", "stream_model", "d
 log = logging.getLogger("wsagent.relay")
 
 _TEXT_SIZE_OVERHEAD = 64
+# A merged frame stops growing past this many characters: big enough that a slow client gets few
+# frames, small enough that no single frame is a large allocation.
+_MAX_MERGED = 16384
 _CONTROL_SIZE = 256
 
 
@@ -176,7 +179,8 @@ class Run:
                                           False, agent=self.agent, workflow=self.workflow))
                 return
             cls = type(event)
-            if self._tail_cls is not cls or self._tail_agent != event.agent or self._tail_workflow != event.workflow:
+            if (self._tail_cls is not cls or self._tail_agent != event.agent or self._tail_workflow != event.workflow
+                    or self._tail_size > _MAX_MERGED):
                 if self._tail_cls is not None:
                     self._seal_tail()
                 self._tail_cls = cls

@@ -39,6 +39,7 @@ from .auth import (
     TokenBucket,
     token_from_request,
 )
+from .compression import lazy_deflate
 from .config import RELOADABLE, Settings
 from .connections import Connection, ConnectionManager, close_or_abort
 from .events import encode_message, json_object
@@ -125,6 +126,7 @@ class WsAgentServer:
                 first_byte_timeout=s.first_byte_timeout,
                 read_timeout=s.read_timeout,
                 max_retries=s.max_retries,
+                receive_buffer=s.upstream_receive_buffer,
             ))
         else:
             self.upstream.metrics = self.metrics
@@ -135,6 +137,8 @@ class WsAgentServer:
             self.handler,
             process_request=self.process_request,
             process_response=self.process_response,
+            compression=None,
+            extensions=lazy_deflate() if s.compression == "deflate" else None,
             open_timeout=s.open_timeout or None,
             ping_interval=s.ping_interval or None,
             ping_timeout=s.ping_timeout or None,
@@ -300,6 +304,10 @@ class WsAgentServer:
         remote_text = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
         conn = Connection(ws, path, params, remote_text, self.settings.outbox_bytes, self.settings.close_timeout,
                           route=route.pattern, ip=_ip(remote))
+        if self.settings.socket_send_buffer:
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_send_buffer)
         self.manager.register(conn, route.pattern)
         log.info("open %s %s from %s", conn.id, path, remote_text, extra={"conn": conn.id})
         try:

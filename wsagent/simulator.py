@@ -31,6 +31,7 @@ message (so a person at a WebSocket client can try them):
 ``tool_loop=1``    call a tool again even after tool results
 ``bad_args=1``     tool call arguments that are not valid JSON
 ``stamp=1``        each token is the monotonic time it was written at
+``tag=NAME``       count this stream's tokens and disconnect time under NAME (``GET /stats?tag=NAME``)
 ``raw=TEXT``       (body only) replay TEXT byte for byte as the stream
 ``raw_chunk=N``    with ``raw``: write it in pieces of N bytes
 =================  ==========================================================
@@ -43,6 +44,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -85,7 +87,15 @@ class SimStats:
     tokens_sent: int = 0
     disconnect_times: list[float] = field(default_factory=list)
     last_body: dict[str, Any] | None = None
+    tags: dict[str, dict[str, float]] = field(default_factory=dict)
     changed: asyncio.Condition | None = None
+
+    def disconnect(self, tag: dict[str, float] | None) -> None:
+        now = time.monotonic()
+        self.disconnected += 1
+        self.disconnect_times.append(now)
+        if tag is not None:
+            tag["disconnected"] = now
 
     def _notify(self) -> None:
         cond = self.changed
@@ -287,6 +297,8 @@ class Simulator:
     async def stats_view(self, request: web.Request) -> web.Response:
         """What the simulator saw, for benchmarks running it in another process."""
         stats = self.stats
+        if "tag" in request.query:
+            return web.json_response(stats.tags.get(request.query["tag"], {}))
         return web.json_response({
             "requests": stats.requests, "streams": stats.streams, "active": stats.active,
             "completed": stats.completed, "disconnected": stats.disconnected, "tokens_sent": stats.tokens_sent,
@@ -353,6 +365,7 @@ class Simulator:
         drop_after = int(switches.get("drop_after", -1))
         comment_every = int(switches.get("comment_every", 0))
         stamp = switches.get("stamp") == "1"
+        tag = stats.tags.setdefault(switches["tag"], {"tokens": 0}) if "tag" in switches else None
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunk_id = "chatcmpl-sim" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
         head = json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
@@ -373,7 +386,7 @@ class Simulator:
             start = loop.time()
             pieces: list[tuple[str, str]] = [("reasoning_content", t) for t in the_plan.reasoning]
             pad = int(switches.get("pad", 0))
-            pieces += [("content", t.ljust(pad, "~") if pad else t) for t in the_plan.content]
+            pieces += [("content", _padded(t, pad, n) if pad else t) for n, t in enumerate(the_plan.content)]
             if "long" in switches:
                 pieces.append(("content", "x" * int(switches["long"])))
             for kind, text in pieces:
@@ -405,6 +418,8 @@ class Simulator:
                 )
                 sent += 1
                 stats.tokens_sent += 1
+                if tag is not None:
+                    tag["tokens"] = sent
             for n, (call_id, name, args) in enumerate(the_plan.tool_calls):
                 half = len(args) // 2
                 await out.data(chunk({"tool_calls": [{"index": n, "id": call_id, "type": "function",
@@ -421,18 +436,32 @@ class Simulator:
             finished = True
             return response
         except asyncio.CancelledError:
-            stats.disconnected += 1
-            stats.disconnect_times.append(time.monotonic())
+            stats.disconnect(tag)
             raise
         except ConnectionError:
-            stats.disconnected += 1
-            stats.disconnect_times.append(time.monotonic())
+            stats.disconnect(tag)
             return response
         finally:
             stats.active -= 1
             if finished:
                 stats.completed += 1
             stats._notify()
+
+
+_PAD_SIZE = 1 << 20
+_pad_text: str | None = None
+
+
+def _padded(token: str, width: int, n: int) -> str:
+    """``token`` filled out to ``width`` characters with random letters, which compress about as
+    poorly as real text (a repeated filler would let permessage-deflate hide any backpressure bug)."""
+    global _pad_text
+    if _pad_text is None:
+        rng = random.Random(0)
+        _pad_text = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=_PAD_SIZE))
+    fill = max(0, width - len(token) - 1)
+    start = (n * fill) % (_PAD_SIZE - fill)
+    return token + " " + _pad_text[start:start + fill]
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -12,6 +12,7 @@ import asyncio
 import email.utils
 import json
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -43,6 +44,7 @@ class UpstreamConfig:
     backoff_cap: float = 8.0
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE
     include_usage: bool = True
+    receive_buffer: int = 262144
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -101,10 +103,21 @@ class UpstreamClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
-                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                connector=aiohttp.TCPConnector(limit=0, socket_factory=self._socket),
                 auto_decompress=True,
             )
         return self._session
+
+    def _socket(self, addr_info: tuple[Any, ...]) -> socket.socket:
+        """A socket with a bounded receive buffer: when the relay stops reading, TCP flow control
+        holds the model server back after this much, instead of after the kernel's autotuned
+        maximum (several MiB on Linux)."""
+        family, kind, proto = addr_info[0], addr_info[1], addr_info[2]
+        sock = socket.socket(family=family, type=kind, proto=proto)
+        sock.setblocking(False)
+        if self.config.receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.receive_buffer)
+        return sock
 
     async def close(self) -> None:
         if self._session is not None and self._own_session:

@@ -1,0 +1,388 @@
+"""wsagent against the tutorial's FastAPI relay, side by side, on this machine.
+
+    pip install -e ".[bench]"
+    python scripts/bench.py            # the full run (about 15 minutes on 2 cores)
+    python scripts/bench.py --quick    # under two minutes
+
+Three processes besides this one: the simulated upstream (``python -m wsagent.simulator``),
+wsagent (``python -m wsagent.serve``) and the peer (``uvicorn scripts.bench_peer:app``: FastAPI, the
+openai SDK's AsyncOpenAI, ``async for chunk in stream: await websocket.send_text(...)``). Both servers
+stream from the same upstream, one at a time, over the tutorial's text protocol on ``/ws/chat``.
+
+The upstream writes each token as the CLOCK_MONOTONIC time it wrote it (``sim:stamp=1``); the clock is
+shared by every process on the machine, so a client computes the latency each relay adds for every
+token, even when a relay merges several tokens into one frame. Clients offer permessage-deflate, as
+browsers do. Every load loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Server:
+    name: str
+    process: asyncio.subprocess.Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/chat"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+async def wait_port(port: int, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def start(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Server:
+    process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env={**os.environ, **(env or {})},
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await wait_port(port)
+    return Server(name, process, port)
+
+
+async def sim_stats(http: aiohttp.ClientSession, port: int) -> dict[str, Any]:
+    async with http.get(f"http://127.0.0.1:{port}/stats") as response:
+        return dict(await response.json())
+
+
+def stamps(frame: str) -> list[float]:
+    out = []
+    for word in frame.split():
+        try:
+            out.append(float(word))
+        except ValueError:
+            pass
+    return out
+
+
+@dataclass
+class Stream:
+    """One prompt's stream on one socket, with per-token latency from the upstream's stamps."""
+
+    latencies: list[float] = field(default_factory=list)
+    ttft: float | None = None
+    first_latency: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+async def stream_once(ws: ClientConnection, prompt: str, limit: float,
+                      on_frame: Callable[[str], Any] | None = None) -> Stream:
+    result = Stream()
+    sent = time.monotonic()
+    await ws.send(prompt)
+    async with asyncio.timeout(limit):
+        while True:
+            frame = await ws.recv()
+            now = time.monotonic()
+            assert isinstance(frame, str)
+            if frame.startswith("[ERROR]"):
+                result.error = frame
+                return result
+            found = stamps(frame)
+            if found:
+                if result.ttft is None:
+                    result.ttft = now - sent
+                    result.first_latency = now - found[0]
+                result.latencies.extend(now - s for s in found)
+                result.tokens += len(found)
+            if on_frame is not None:
+                await on_frame(frame)
+            if frame.endswith("[DONE]"):
+                return result
+
+
+@contextlib.asynccontextmanager
+async def sockets(url: str, count: int) -> AsyncIterator[list[ClientConnection]]:
+    gate = asyncio.Semaphore(200)
+
+    async def one() -> ClientConnection:
+        async with gate:
+            return await connect(url, open_timeout=60, max_size=None, ping_interval=None)
+
+    opened = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    good = [ws for ws in opened if isinstance(ws, ClientConnection)]
+    try:
+        if len(good) != count:
+            errors = [repr(e) for e in opened if not isinstance(e, ClientConnection)][:3]
+            raise RuntimeError(f"opened {len(good)} of {count} connections: {errors}")
+        yield good
+    finally:
+        for chunk in range(0, len(good), 500):
+            await asyncio.gather(*(ws.close() for ws in good[chunk:chunk + 500]), return_exceptions=True)
+
+
+# -- scenarios ---------------------------------------------------------------
+
+
+async def latency(server: Server, clients: int, rate: float, tokens: int) -> dict[str, float]:
+    prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
+    async with sockets(server.url, clients) as conns:
+        results = await asyncio.gather(*(stream_once(ws, f"{n} {prompt}", 120) for n, ws in enumerate(conns)))
+    lat = [x for r in results for x in r.latencies]
+    first = [r.first_latency for r in results if r.first_latency is not None]
+    expected = clients * tokens
+    return {
+        "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
+        "ttft_added_p50_ms": pct(first, 0.5) * 1000, "ttft_added_p99_ms": pct(first, 0.99) * 1000,
+        "tokens_lost": expected - sum(r.tokens for r in results),
+    }
+
+
+async def throughput(server: Server, clients: int, tokens: int) -> dict[str, float]:
+    prompt = f"throughput sim:stamp=1 sim:rate=0 sim:tokens={tokens} sim:reasoning=0"
+    async with sockets(server.url, clients) as conns:
+        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+        results = await asyncio.gather(*(stream_once(ws, f"{n} {prompt}", 600) for n, ws in enumerate(conns)))
+        elapsed, cpu = time.monotonic() - t0, cpu_seconds(server.pid) - cpu0
+    delivered = sum(r.tokens for r in results)
+    return {"tokens_per_s": delivered / elapsed, "cpu_s_per_100k": cpu / delivered * 100_000,
+            "tokens_lost": clients * tokens - delivered}
+
+
+async def tag_stats(http: aiohttp.ClientSession, port: int, tag: str) -> dict[str, float]:
+    async with http.get(f"http://127.0.0.1:{port}/stats", params={"tag": tag}) as response:
+        return dict(await response.json())
+
+
+async def cancellation(server: Server, sim_port: int, runs: int, abrupt: bool, miss_after: float) -> dict[str, float]:
+    """Close mid-stream; the upstream's own clock says when it saw its connection close."""
+    delays: list[float] = []
+    missed = 0
+    async with aiohttp.ClientSession() as http:
+        for n in range(runs):
+            tag = f"{server.name}-{'abrupt' if abrupt else 'clean'}-{n}-{time.monotonic_ns()}"
+            ws = await connect(server.url, ping_interval=None)
+            await ws.send(f"cancel me sim:rate=50 sim:tokens=400 sim:reasoning=0 sim:tag={tag}")
+            for _ in range(3):
+                await ws.recv()
+            closed_at = time.monotonic()
+            if abrupt:
+                ws.transport.abort()
+            else:
+                await ws.close()
+            while True:
+                seen = (await tag_stats(http, sim_port, tag)).get("disconnected")
+                if seen is not None:
+                    delays.append(seen - closed_at)
+                    break
+                if time.monotonic() > closed_at + miss_after:
+                    missed += 1
+                    break
+                await asyncio.sleep(0.005)  # polling the upstream's record; its own timestamp is what counts
+    return {"p50_ms": pct(delays, 0.5) * 1000, "p99_ms": pct(delays, 0.99) * 1000, "missed": missed}
+
+
+async def idle_memory(server: Server, count: int) -> dict[str, float]:
+    base = rss_bytes(server.pid)
+    async with sockets(server.url, count):
+        await asyncio.sleep(1.0)  # let allocations settle; a measurement pause, not a wait for an event
+        grown = rss_bytes(server.pid)
+    return {"rss_kib_per_connection": (grown - base) / count / 1024}
+
+
+async def slow_client(server: Server, sim_port: int, seconds: float, bytes_per_s: int) -> dict[str, float]:
+    """One client reads at ``bytes_per_s`` while the upstream could write as fast as it likes."""
+    tag = f"{server.name}-slow-{time.monotonic_ns()}"
+    prompt = f"slow reader sim:rate=0 sim:tokens=200000 sim:pad=200 sim:reasoning=0 sim:tag={tag}"
+    async with aiohttp.ClientSession() as http:
+        base = peak = rss_bytes(server.pid)
+        received = 0
+        ws = await connect(server.url, max_size=None, max_queue=4, ping_interval=None)
+        await ws.send(prompt)
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(seconds):
+                while time.monotonic() < deadline:
+                    frame = await ws.recv()
+                    received += len(frame)
+                    peak = max(peak, rss_bytes(server.pid))
+                    await asyncio.sleep(len(frame) / bytes_per_s)  # the slow reader's pace
+        upstream_tokens = (await tag_stats(http, sim_port, tag)).get("tokens", 0)
+        ws.transport.abort()
+    return {"rss_growth_mib": (peak - base) / 2**20, "upstream_tokens": upstream_tokens,
+            "received_mib": received / 2**20, "upstream_mib": upstream_tokens * 200 / 2**20}
+
+
+async def scale(server: Server, levels: list[int], seconds: float, limit_ms: float) -> dict[str, float]:
+    best = 0
+    rows: dict[str, float] = {}
+    tokens = int(seconds * 20)
+    for level in levels:
+        try:
+            result = await latency(server, level, 20, tokens)
+        except (RuntimeError, OSError, TimeoutError, WebSocketException) as exc:
+            print(f"    {server.name} at {level} streams: {exc!r}"[:200], flush=True)
+            break
+        rows[f"p99_ms_at_{level}"] = result["p99_ms"]
+        print(f"    {server.name}: {level} streams, p99 {result['p99_ms']:.1f} ms", flush=True)
+        if result["p99_ms"] >= limit_ms or result["tokens_lost"]:
+            break
+        best = level
+    rows["max_streams"] = best
+    return rows
+
+
+# -- driver ------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    quick = args.quick
+    sim_port, ws_port, peer_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{sim_port}/v1"
+    sim = await start("simulator", [sys.executable, "-m", "wsagent.simulator", "--port", str(sim_port),
+                                    "--rate", "0", "--no-reasoning"], sim_port)
+    servers = [
+        await start("wsagent", [sys.executable, "-m", "wsagent.serve", "--port", str(ws_port),
+                                "--upstream-url", upstream, "--log-level", "WARNING", "--max-connections", "30000",
+                                "--max-connections-per-ip", "30000", "--run-max-tokens", "0",
+                                "--run-max-seconds", "0", "--max-runs-per-user", "100000"], ws_port),
+        await start("peer", [sys.executable, "-m", "uvicorn", "scripts.bench_peer:app", "--port", str(peer_port),
+                             "--log-level", "warning", "--no-access-log", "--ws-max-queue", "16"], peer_port,
+                    {"BENCH_UPSTREAM_URL": upstream}),
+    ]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    idle_counts = [1000] if quick else [1000, 10000]
+    try:
+        for server in servers:
+            print(f"== {server.name}", flush=True)
+            r = results[server.name] = {}
+            r["latency"] = await latency(server, 50, 50, 100 if quick else 500)
+            print(f"  latency {r['latency']}", flush=True)
+            r["throughput"] = await throughput(server, 20, 1000 if quick else 10000)
+            print(f"  throughput {r['throughput']}", flush=True)
+            for abrupt in (False, True):
+                key = "cancel_abrupt" if abrupt else "cancel_clean"
+                r[key] = await cancellation(server, sim_port, 5 if quick else 50, abrupt, 1.0 if quick else 3.0)
+                print(f"  {key} {r[key]}", flush=True)
+            for count in idle_counts:
+                r[f"idle_{count}"] = await idle_memory(server, count)
+                print(f"  idle {count} {r[f'idle_{count}']}", flush=True)
+            await slow_client(server, sim_port, 3, 64 * 1024)  # warm-up: first-use allocations are not growth
+            r["slow_client"] = await slow_client(server, sim_port, 8 if quick else 60, 64 * 1024)
+            print(f"  slow client {r['slow_client']}", flush=True)
+            levels = [50, 100, 200] if quick else [100, 250, 500, 750, 1000, 1250, 1500, 2000]
+            r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
+            print(f"  scale {r['scale']}", flush=True)
+    finally:
+        for process in [*(s.process for s in servers), sim.process]:
+            process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 10)
+    return results
+
+
+ROWS = [
+    ("latency", "p50_ms", "added latency per token, p50 (ms), 50 clients x 50 tok/s", "lower"),
+    ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
+    ("latency", "ttft_added_p99_ms", "time to first token added, p99 (ms)", "lower"),
+    ("throughput", "tokens_per_s", "throughput, 20 clients at full speed (tokens/s)", "higher"),
+    ("throughput", "cpu_s_per_100k", "server CPU seconds per 100k tokens", "lower"),
+    ("cancel_clean", "p99_ms", "cancellation after a clean close, p99 (ms)", "lower"),
+    ("cancel_clean", "missed", "clean closes never cancelled upstream", "lower"),
+    ("cancel_abrupt", "p99_ms", "cancellation after an abrupt close, p99 (ms)", "lower"),
+    ("cancel_abrupt", "missed", "abrupt closes never cancelled upstream", "lower"),
+    ("idle_1000", "rss_kib_per_connection", "RSS per idle connection, 1,000 open (KiB)", "lower"),
+    ("idle_10000", "rss_kib_per_connection", "RSS per idle connection, 10,000 open (KiB)", "lower"),
+    ("slow_client", "rss_growth_mib", "RSS growth, one slow reader (MiB)", "lower"),
+    ("slow_client", "upstream_mib", "upstream text sent meanwhile (MiB)", "lower"),
+    ("slow_client", "received_mib", "text the slow client read (MiB)", "higher"),
+    ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher"),
+]
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| measure | wsagent | peer | wsagent vs peer |", "| --- | ---: | ---: | ---: |"]
+    for scenario, key, label, better in ROWS:
+        ours = results.get("wsagent", {}).get(scenario, {}).get(key)
+        theirs = results.get("peer", {}).get(scenario, {}).get(key)
+        if ours is None or theirs is None:
+            continue
+        if ours and theirs:
+            ratio = theirs / ours if better == "lower" else ours / theirs
+            comparison = f"{ratio:.1f}x better" if ratio >= 1 else f"{1 / ratio:.1f}x worse"
+        else:
+            comparison = "—"
+        lines.append(f"| {label} | {ours:,.2f} | {theirs:,.2f} | {comparison} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    parser.add_argument("--out", type=Path, help="write the raw results as JSON here")
+    args = parser.parse_args()
+    started = time.monotonic()
+    results = asyncio.run(bench(args))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    print()
+    print(table(results))
+    print(f"\n{'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f}s, {os.cpu_count()} cores,"
+          f" python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()

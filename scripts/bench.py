@@ -20,17 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
+import random
 import resource
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
@@ -100,11 +101,6 @@ async def start(name: str, command: list[str], port: int, env: dict[str, str] | 
     return Server(name, process, port)
 
 
-async def sim_stats(http: aiohttp.ClientSession, port: int) -> dict[str, Any]:
-    async with http.get(f"http://127.0.0.1:{port}/stats") as response:
-        return dict(await response.json())
-
-
 def stamps(frame: str) -> list[float]:
     out = []
     for word in frame.split():
@@ -126,9 +122,12 @@ class Stream:
     error: str | None = None
 
 
-async def stream_once(ws: ClientConnection, prompt: str, limit: float,
-                      on_frame: Callable[[str], Any] | None = None) -> Stream:
+async def stream_once(ws: ClientConnection, prompt: str, limit: float, stagger: float = 0.0) -> Stream:
+    """Send ``prompt`` after a random delay up to ``stagger`` seconds (so that many streams at one
+    rate are not phase-locked, as real users are not) and read its answer to ``[DONE]``."""
     result = Stream()
+    if stagger:
+        await asyncio.sleep(random.uniform(0, stagger))
     sent = time.monotonic()
     await ws.send(prompt)
     async with asyncio.timeout(limit):
@@ -146,8 +145,6 @@ async def stream_once(ws: ClientConnection, prompt: str, limit: float,
                     result.first_latency = now - found[0]
                 result.latencies.extend(now - s for s in found)
                 result.tokens += len(found)
-            if on_frame is not None:
-                await on_frame(frame)
             if frame.endswith("[DONE]"):
                 return result
 
@@ -178,7 +175,8 @@ async def sockets(url: str, count: int) -> AsyncIterator[list[ClientConnection]]
 async def latency(server: Server, clients: int, rate: float, tokens: int) -> dict[str, float]:
     prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
     async with sockets(server.url, clients) as conns:
-        results = await asyncio.gather(*(stream_once(ws, f"{n} {prompt}", 120) for n, ws in enumerate(conns)))
+        results = await asyncio.gather(*(stream_once(ws, f"{n} {prompt}", 120, 1 / rate)
+                                         for n, ws in enumerate(conns)))
     lat = [x for r in results for x in r.latencies]
     first = [r.first_latency for r in results if r.first_latency is not None]
     expected = clients * tokens
@@ -287,7 +285,10 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
 
 
 async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gc.collect()
+    gc.freeze()  # the measuring client must not add collector pauses of its own to what it measures
+    gc.set_threshold(50_000, 20, 100)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     quick = args.quick
     sim_port, ws_port, peer_port = free_port(), free_port(), free_port()

@@ -326,9 +326,6 @@ class SequentialWorkflow:
         return answers.get(self.agents[-1].name, "") if self.agents else ""
 
 
-Workflow = ConcurrentWorkflow | SequentialWorkflow
-
-
 def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, Any]:
     """Workflow definitions from a JSON file (see README, "Workflows")."""
     with open(path, encoding="utf-8") as handle:
@@ -367,4 +364,4 @@ def build_workflows(spec: dict[str, Any], client: UpstreamClient, tools: Sequenc
     return factories
 
 
-__all__ += ["load_workflows", "build_workflows", "Workflow"]
+__all__ += ["load_workflows", "build_workflows"]

@@ -105,10 +105,6 @@ class Authenticator:
         self.user_claim = settings.jwt_user_claim
         self.leeway = settings.jwt_leeway
 
-    @property
-    def configured(self) -> bool:
-        return self.key is not None
-
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", "no token")

@@ -255,14 +255,13 @@ class ChatSession:
         return run
 
     def _start(self, run: Run, producer: Any) -> None:
-        busy = self.server.busy()
-        busy.__enter__()
+        self.server.stream_started()
         conn_id = self.conn.id
         ids = {"conn": conn_id, "run": run.id}
         log.info("run %s start on %s", run.id, conn_id, extra=ids)
 
         def finished(done: Run) -> None:
-            busy.__exit__(None, None, None)
+            self.server.stream_ended()
             log.info("run %s end on %s outcome=%s deltas=%d duration=%.3fs", done.id, conn_id, done.outcome,
                      done.streamed, time.monotonic() - done.started, extra=ids)
 

@@ -60,7 +60,6 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    estimated: bool = False
 
 
 ModelEvent = TextDelta | ToolCall | Finish | Usage

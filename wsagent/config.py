@@ -77,6 +77,8 @@ class Settings:
     run_max_seconds: float = _opt(600.0, "wall time budget of one run (0: none)", group="auth")
     run_max_tokens: int = _opt(32768, "streamed deltas budget of one run (0: none)", group="auth")
 
+    gc_thresholds: str = _opt("50000,20,100", "the cyclic garbage collector's thresholds after startup objects are frozen out of it (empty: CPython's 700,10,10)")
+
     log_level: str = _opt("INFO", "logging level", group="logging")
     log_format: str = _opt("text", "text or json (one object per line)", group="logging")
     transcripts_dir: str | None = _opt(None, "write each run's events as JSON lines with timestamps to this directory", group="logging")
@@ -172,6 +174,13 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     return settings
 
 
+def gc_thresholds(settings: Settings) -> tuple[int, int, int] | None:
+    if not settings.gc_thresholds.strip():
+        return None
+    first, second, third = (int(part) for part in settings.gc_thresholds.split(","))
+    return first, second, third
+
+
 def read_env_file(path: str) -> dict[str, str]:
     """``KEY=VALUE`` lines as systemd's ``EnvironmentFile=`` reads them (comments and quotes allowed)."""
     values: dict[str, str] = {}
@@ -200,6 +209,10 @@ def validate(settings: Settings) -> None:
         raise SystemExit("--log-format must be 'text' or 'json'")
     if not 0 <= settings.port <= 65535:
         raise SystemExit("--port must be between 0 and 65535")
+    try:
+        gc_thresholds(settings)
+    except ValueError:
+        raise SystemExit("--gc-thresholds takes three whole numbers, like 50000,20,100") from None
     if settings.workers < 1:
         raise SystemExit("--workers must be at least 1")
     if settings.workers > 1 and settings.port == 0:

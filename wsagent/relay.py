@@ -318,10 +318,6 @@ class Run:
             self._seal_tail()
         return self._log[0].seq if self._log else self._next_seq
 
-    @property
-    def watchers(self) -> int:
-        return len(self._subs)
-
     def orphan(self, grace: float) -> None:
         """Nobody watches: keep going for ``grace`` seconds, then cancel."""
         if self.finished or self._subs:
@@ -406,10 +402,6 @@ class Run:
             size = log_.popleft().size
             self._log_bytes -= size
             kept_delivered -= size
-
-    def events_since(self, after: int) -> list[tuple[int, Event]]:
-        """The kept events after ``after`` (for tests and snapshots)."""
-        return [(e.seq, e.event) for e in self._log if e.seq > after]
 
 
 class RunRegistry:

@@ -9,6 +9,7 @@ Everything before the upgrade happens in :meth:`WsAgentServer.process_request`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import http
 import json
@@ -17,7 +18,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import suppress
 from importlib import resources
 from typing import Any
@@ -229,9 +230,23 @@ class WsAgentServer:
             await self.simulator.stop()
         log.info("wsagent stopped")
 
-    def busy(self) -> _Busy:
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
         """``with server.busy():`` marks a stream in flight, for the drain on shutdown."""
-        return _Busy(self)
+        self.stream_started()
+        try:
+            yield
+        finally:
+            self.stream_ended()
+
+    def stream_started(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def stream_ended(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     async def _sweep(self) -> None:
         interval = max(0.05, min(1.0, self.settings.slow_client_timeout / 4))
@@ -441,20 +456,6 @@ def _ip(remote: Any) -> str:
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """Pick ``wsagent`` when offered; never echo a ``bearer.<token>`` entry back."""
     return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
-
-
-class _Busy:
-    def __init__(self, server: WsAgentServer) -> None:
-        self.server = server
-
-    def __enter__(self) -> None:
-        self.server.inflight += 1
-        self.server._idle.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.inflight -= 1
-        if self.server.inflight == 0:
-            self.server._idle.set()
 
 
 def healthz(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:

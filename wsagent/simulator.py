@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -549,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def run() -> None:
         server = await SimulatorServer(settings, args.host, args.port).start()
+        gc.collect()
+        gc.freeze()  # a model server should not pause every stream for the collector; see wsagent.serve
+        gc.set_threshold(50_000, 20, 100)
         log.info("simulated model at %s", server.base_url)
         try:
             await asyncio.Event().wait()

@@ -66,10 +66,6 @@ class SSEDecoder:
         self._retry: int | None = None
         self._closed = False
 
-    @property
-    def last_event_id(self) -> str | None:
-        return self._last_id
-
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Decode ``chunk`` and return the events it completed, in order."""
         if self._closed:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import resource
@@ -354,6 +355,12 @@ ROWS = [
 ]
 
 
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "none"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = ["| measure | wsagent | peer | wsagent vs peer |", "| --- | ---: | ---: | ---: |"]
     for scenario, key, label, better in ROWS:
@@ -361,12 +368,16 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         theirs = results.get("peer", {}).get(scenario, {}).get(key)
         if ours is None or theirs is None:
             continue
-        if ours and theirs:
+        if math.isnan(theirs) and not math.isnan(ours):
+            comparison = "the peer never cancelled"
+        elif ours and theirs and not math.isnan(ours):
             ratio = theirs / ours if better == "lower" else ours / theirs
             comparison = f"{ratio:.1f}x better" if ratio >= 1 else f"{1 / ratio:.1f}x worse"
+        elif ours == theirs:
+            comparison = "same"
         else:
-            comparison = "—"
-        lines.append(f"| {label} | {ours:,.2f} | {theirs:,.2f} | {comparison} |")
+            comparison = "better" if (ours < theirs) == (better == "lower") else "worse"
+        lines.append(f"| {label} | {_number(ours)} | {_number(theirs)} | {comparison} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,39 +61,41 @@ def _escape(value: str) -> str:
 
 def render(server: WsAgentServer) -> str:
     m = server.metrics
+    active = server.runs.active()
     out: list[str] = []
 
     def family(name: str, kind: str, text: str) -> None:
         out.append(f"# HELP {name} {text}")
         out.append(f"# TYPE {name} {kind}")
 
-    family("wsagent_connections_open", "gauge", "Open WebSocket connections by route.")
-    for route, count in sorted(server.manager.open_by_route().items()):
-        out.append(f'wsagent_connections_open{{route="{_escape(route)}"}} {count}')
-    family("wsagent_connections_total", "counter", "WebSocket connections accepted by route.")
-    for route, count in sorted(server.manager.total_by_route.items()):
-        out.append(f'wsagent_connections_total{{route="{_escape(route)}"}} {count}')
-    active = server.runs.active()
-    family("wsagent_runs_active", "gauge", "Runs streaming now.")
-    out.append(f"wsagent_runs_active {len(active)}")
-    family("wsagent_runs_total", "counter", "Finished runs by outcome.")
-    for outcome, count in sorted(server.runs.total.items()):
-        out.append(f'wsagent_runs_total{{outcome="{_escape(outcome)}"}} {count}')
-    family("wsagent_tokens_relayed_total", "counter", "Text deltas relayed from the model.")
-    out.append(f"wsagent_tokens_relayed_total {server.runs.tokens + sum(run.streamed for run in active)}")
-    family("wsagent_upstream_requests_total", "counter", "Requests to the model server by HTTP status.")
-    for status, count in sorted(m.upstream_requests.items()):
-        out.append(f'wsagent_upstream_requests_total{{status="{_escape(status)}"}} {count}')
-    family("wsagent_upstream_ttft_seconds", "histogram", "Time from request to the model's first event.")
-    out.extend(m.upstream_ttft.lines("wsagent_upstream_ttft_seconds"))
-    family("wsagent_relay_latency_seconds", "histogram", "Time from a delta's arrival to its frame in the socket.")
-    out.extend(m.relay_latency.lines("wsagent_relay_latency_seconds"))
-    family("wsagent_cancellations_total", "counter", "Cancelled runs by reason.")
-    for reason, count in sorted(server.runs.cancellations.items()):
-        out.append(f'wsagent_cancellations_total{{reason="{_escape(reason)}"}} {count}')
-    family("wsagent_slow_client_closes_total", "counter", "Clients closed with 4008.")
-    out.append(f"wsagent_slow_client_closes_total {server.manager.slow_closes}")
-    family("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.")
-    buffered = sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in server.manager)
-    out.append(f"wsagent_bytes_buffered {buffered}")
+    def single(name: str, kind: str, text: str, value: float) -> None:
+        family(name, kind, text)
+        out.append(f"{name} {value}")
+
+    def labelled(name: str, kind: str, text: str, label: str, counts: Mapping[str, int]) -> None:
+        family(name, kind, text)
+        out.extend(f'{name}{{{label}="{_escape(key)}"}} {count}' for key, count in sorted(counts.items()))
+
+    def histogram(name: str, text: str, values: Histogram) -> None:
+        family(name, "histogram", text)
+        out.extend(values.lines(name))
+
+    labelled("wsagent_connections_open", "gauge", "Open WebSocket connections by route.", "route",
+             server.manager.open_by_route())
+    labelled("wsagent_connections_total", "counter", "WebSocket connections accepted by route.", "route",
+             server.manager.total_by_route)
+    single("wsagent_runs_active", "gauge", "Runs streaming now.", len(active))
+    labelled("wsagent_runs_total", "counter", "Finished runs by outcome.", "outcome", server.runs.total)
+    single("wsagent_tokens_relayed_total", "counter", "Text deltas relayed from the model.",
+           server.runs.tokens + sum(run.streamed for run in active))
+    labelled("wsagent_upstream_requests_total", "counter", "Requests to the model server by HTTP status.", "status",
+             m.upstream_requests)
+    histogram("wsagent_upstream_ttft_seconds", "Time from request to the model's first event.", m.upstream_ttft)
+    histogram("wsagent_relay_latency_seconds", "Time from a delta's arrival to its frame in the socket.",
+              m.relay_latency)
+    labelled("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", "reason",
+             server.runs.cancellations)
+    single("wsagent_slow_client_closes_total", "counter", "Clients closed with 4008.", server.manager.slow_closes)
+    single("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
+           sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in server.manager))
     return "\n".join(out) + "\n"

@@ -299,3 +299,22 @@ async def test_socket_closed_mid_send_is_quiet(server: WsAgentServer) -> None:
     async with ws_connect(server, "/ws/chat") as again:
         await again.send(run("fine", "x sim:tokens=3"))
         assert (await run_events(again, "fine"))[-1]["type"] == "done"
+
+
+async def test_a_relay_paused_by_its_client_is_not_an_upstream_timeout(make_server: ServerFactory,
+                                                                       sim: SimulatorServer) -> None:
+    """Backpressure stops the upstream reads; the between-bytes timeout must not count that pause."""
+    server = await make_server(run_buffer_bytes=4096, upstream={"read_timeout": 0.2})
+    prompt = "paused sim:rate=0 sim:tokens=3000 sim:pad=500 sim:reasoning=0"
+    async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
+        await ws.send(run("p", prompt))
+        assert (await recv_json(ws))["type"] == "start"
+        ws.transport.pause_reading()
+        live = server.runs.get(None, "p")
+        assert live is not None
+        await asyncio.wait_for(live.stalled.wait(), 10)
+        await asyncio.sleep(0.6)  # the subject under test: three read timeouts' worth of paused time
+        ws.transport.resume_reading()
+        events = await run_events(ws, "p")
+    assert events[-1]["type"] == "done"
+    assert content(events) == await expected_text(sim, prompt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
 import socket
 import time
@@ -81,6 +82,40 @@ def _error_message(body: bytes) -> tuple[str, str | int | None]:
         code = error.get("code", error.get("type"))
         return str(error.get("message") or text[:500]), code if isinstance(code, (str, int)) else None
     return str(error)[:500], None
+
+
+class _ReadWatchdog:
+    """The first-byte and between-bytes timeouts, without a timer per read.
+
+    ``deadline`` is finite only while the relay waits for upstream bytes (a relay
+    paused by a slow client is not an upstream that stopped sending); each read
+    costs two float stores, and the one timer re-arms itself once per period.
+    When a deadline passes, the waiting read fails with ``upstream_timeout``.
+    """
+
+    __slots__ = ("loop", "reader", "deadline", "period", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: aiohttp.StreamReader, first: float,
+                 period: float) -> None:
+        self.loop = loop
+        self.reader = reader
+        self.period = period
+        self.deadline = loop.time() + first
+        self.handle: asyncio.TimerHandle | None = loop.call_at(self.deadline, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if now >= self.deadline:
+            self.handle = None
+            self.reader.set_exception(
+                UpstreamError("upstream stopped sending", code="upstream_timeout", retryable=True))
+            return
+        self.handle = self.loop.call_at(min(self.deadline, now + self.period), self._check)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 class UpstreamClient:
@@ -225,12 +260,13 @@ class UpstreamClient:
             interpreter = ChunkInterpreter()
             loop = asyncio.get_running_loop()
             reader = response.content
-            async with asyncio.timeout_at(loop.time() + cfg.first_byte_timeout) as deadline:
+            watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
+            try:
                 while True:
                     data = await reader.readany()
                     if not data:
                         break
-                    deadline.reschedule(loop.time() + cfg.read_timeout)
+                    watchdog.deadline = math.inf
                     for sse in decoder.feed(data):
                         for event in interpreter.feed(sse):
                             yield event
@@ -238,12 +274,13 @@ class UpstreamClient:
                             break
                     if interpreter.done:
                         break
+                    watchdog.deadline = loop.time() + cfg.read_timeout
+            finally:
+                watchdog.stop()
             if not interpreter.done:
                 for event in interpreter.end(decoder.close()):
                     yield event
             finished = True
-        except TimeoutError:
-            raise UpstreamError("upstream stopped sending", code="upstream_timeout", retryable=True) from None
         except SSEError as exc:
             raise UpstreamError(str(exc), code="upstream_protocol", retryable=False) from None
         except aiohttp.ClientPayloadError as exc:

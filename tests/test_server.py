@@ -247,3 +247,19 @@ def test_settings_flags_env_and_defaults() -> None:
         9001, 5.0, "http://x/v1", "k")
     with pytest.raises(SystemExit):
         load_settings([], {"WSAGENT_PORT": "eighty"})
+
+
+async def test_deflate_skips_tiny_messages_and_compresses_the_rest(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws") as ws:
+        conn = next(iter(server.manager))
+        deflate = conn.ws.protocol.extensions[0]
+        assert "encoder" not in vars(deflate)  # no zlib context until something is compressed
+        await ws.send("tiny")
+        assert await ws.recv() == "TINY"
+        assert "encoder" not in vars(deflate)
+        big = "a rather long message that deflate can shrink " * 20
+        await ws.send(big)
+        assert await ws.recv() == big.upper()
+        assert "encoder" in vars(deflate) and "decoder" in vars(deflate)
+        await ws.send("tiny again")
+        assert await ws.recv() == "TINY AGAIN"

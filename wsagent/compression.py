@@ -1,4 +1,4 @@
-"""permessage-deflate whose zlib contexts are made on first use.
+"""permessage-deflate whose zlib contexts are made on first use, and which leaves tiny messages alone.
 
 The websockets library allocates a compressor and a decompressor (about 40 KiB
 together with its default settings) for every connection that negotiates
@@ -16,12 +16,25 @@ from typing import Any
 
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
 from websockets.typing import ExtensionParameter
 
 __all__ = ["LazyPerMessageDeflate", "lazy_deflate"]
 
 
+#: Messages shorter than this go out uncompressed: a token of a few bytes does not shrink, and
+#: deflating it costs both ends a compression call per token.
+MIN_COMPRESSED = 48
+
+
 class LazyPerMessageDeflate(PerMessageDeflate):
+    def encode(self, frame: Frame) -> Frame:
+        # A whole small message may skip compression (RFC 7692 sets RSV1 per message); the
+        # shared compression context is untouched, so later messages still decode.
+        if frame.fin and frame.opcode is not Opcode.CONT and len(frame.data) < MIN_COMPRESSED:
+            return frame
+        return super().encode(frame)
+
     def __getattr__(self, name: str) -> Any:
         # Only reached while the attribute does not exist yet.
         if name == "decoder":

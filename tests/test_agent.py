@@ -214,3 +214,15 @@ async def test_cancel_one_agent_and_attach_snapshot_over_the_wire(server: WsAgen
         assert ends == {"market-researcher": "done", "financial-analyst": "done", "technical-analyst": "cancelled"}
         watched = await run_events(late, "w")
         assert watched[-1]["type"] == "done"
+
+
+async def test_cancelling_a_whole_workflow_stops_every_agent(server: WsAgentServer, sim: SimulatorServer) -> None:
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "w", "workflow": "market-analysis",
+                                  "prompt": "Analyze sim:rate=50 sim:tokens=100000"}))
+        while (await recv_json(ws))["type"] != "answer":
+            pass
+        await ws.send(json.dumps({"type": "cancel", "id": "w"}))
+        events = await run_events(ws, "w")
+        assert events[-1]["type"] == "cancelled"
+        await sim.simulator.stats.wait_for(lambda s: s.disconnected == 3 and s.active == 0, 10)

@@ -13,9 +13,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from .agent import Agent, ConcurrentWorkflow, SequentialWorkflow
+from .config import Settings
 from .connections import Connection
 from .errors import ProtocolViolation
 from .events import AgentEnd, Answer, Event, Snapshot, encode, encode_message, json_object
@@ -48,12 +50,13 @@ class WorkflowState:
         self.text: dict[str, list[str]] = {name: [] for name in agents}
 
     async def observe(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        async for event in events:
-            if isinstance(event, Answer) and event.agent in self.text:
-                self.text[event.agent].append(event.content)
-            elif isinstance(event, AgentEnd) and event.agent in self.status:
-                self.status[event.agent] = event.outcome
-            yield event
+        async with aclosing(events) as stream:  # closing this closes the workflow, which stops its agents
+            async for event in stream:
+                if isinstance(event, Answer) and event.agent in self.text:
+                    self.text[event.agent].append(event.content)
+                elif isinstance(event, AgentEnd) and event.agent in self.status:
+                    self.status[event.agent] = event.outcome
+                yield event
 
     def snapshot(self) -> tuple[dict[str, Any], ...]:
         return tuple({"agent": name, "status": self.status[name], "content": "".join(self.text[name])}
@@ -64,10 +67,14 @@ class ChatSession:
     def __init__(self, server: WsAgentServer, conn: Connection) -> None:
         self.server = server
         self.conn = conn
-        self.settings = server.settings
         self.history: deque[dict[str, str]] = deque()
         self.text_runs = 0
         self._last_text_run: Run | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """Read on every request, so a SIGHUP reload applies to open connections too."""
+        return self.server.settings
 
     async def serve(self) -> None:
         async for message in self.server.incoming(self.conn, self._refusal):

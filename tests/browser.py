@@ -26,6 +26,7 @@ class Browser:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
 
     async def start(self) -> Browser:
         self.process = await asyncio.create_subprocess_exec(
@@ -90,18 +91,12 @@ class Browser:
         await self.evaluate("new Promise(r => document.readyState === 'complete' ? r() : "
                             "addEventListener('load', () => r()))")
 
-    async def screenshot(self, path: str) -> None:
-        import base64
-
-        shot = await self.call("Page.captureScreenshot", {"format": "png"})
-        with open(path, "wb") as handle:
-            handle.write(base64.b64decode(shot["data"]))
-
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._drain):
+            if task is not None:
+                task.cancel()
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()

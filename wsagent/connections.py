@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -181,7 +181,6 @@ class Connection:
     id: str = field(default_factory=lambda: f"c{next(_ids)}")
     opened: float = field(default_factory=time.monotonic)
     outbox: Outbox = field(init=False)
-    state: dict[str, Any] = field(default_factory=dict)
     _closer: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:

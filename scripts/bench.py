@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import math
 import os
@@ -35,8 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
+
+from wsagent.tuning import tune_gc, tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -116,58 +121,147 @@ def stamps(frame: str) -> list[float]:
 class Stream:
     """One prompt's stream on one socket, with per-token latency from the upstream's stamps."""
 
+    sent: float = 0.0
     latencies: list[float] = field(default_factory=list)
     ttft: float | None = None
     first_latency: float | None = None
     tokens: int = 0
     error: str | None = None
 
+    def feed(self, frame: str, now: float) -> bool:
+        """Account for one text frame received at ``now``; True once the answer is complete."""
+        if frame.startswith("[ERROR]"):
+            self.error = frame
+            return True
+        found = stamps(frame)
+        if found:
+            if self.ttft is None:
+                self.ttft = now - self.sent
+                self.first_latency = now - found[0]
+            self.latencies.extend(now - s for s in found)
+            self.tokens += len(found)
+        return frame.endswith("[DONE]")
 
-async def stream_once(ws: ClientConnection, prompt: str, limit: float, stagger: float = 0.0) -> Stream:
-    """Send ``prompt`` after a random delay up to ``stagger`` seconds (so that many streams at one
-    rate are not phase-locked, as real users are not) and read its answer to ``[DONE]``."""
-    result = Stream()
-    if stagger:
-        await asyncio.sleep(random.uniform(0, stagger))
-    sent = time.monotonic()
-    await ws.send(prompt)
-    async with asyncio.timeout(limit):
-        while True:
-            frame = await ws.recv()
-            now = time.monotonic()
-            assert isinstance(frame, str)
-            if frame.startswith("[ERROR]"):
-                result.error = frame
-                return result
-            found = stamps(frame)
-            if found:
-                if result.ttft is None:
-                    result.ttft = now - sent
-                    result.first_latency = now - found[0]
-                result.latencies.extend(now - s for s in found)
-                result.tokens += len(found)
-            if frame.endswith("[DONE]"):
-                return result
+
+class LoadClient(asyncio.Protocol):
+    """One WebSocket client for the load scenarios: the websockets library's sans-I/O
+    protocol (with permessage-deflate offered, as browsers do), driven from
+    ``data_received``.
+
+    Frames are handled in the callback that reads them, timestamped there, with
+    no task, queue or future per message: a thousand streams cost the measuring
+    process little of the two cores it shares with the servers it measures, and
+    the latency it records is the relay's, not its own scheduling.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.protocol = ClientProtocol(parse_uri(url), extensions=enable_client_permessage_deflate(None),
+                                       max_size=None)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = self.loop.create_future()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.stream: Stream | None = None
+        self.answered: asyncio.Future[Stream] | None = None
+        self._fragments: list[bytes] = []
+
+    @classmethod
+    async def open(cls, url: str, limit: float = 60) -> LoadClient:
+        uri = parse_uri(url)
+        async with asyncio.timeout(limit):
+            _, client = await asyncio.get_running_loop().create_connection(lambda: cls(url), uri.host, uri.port)
+            await client.opened
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        protocol = self.protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Frame):
+                if event.opcode is Opcode.TEXT or event.opcode is Opcode.CONT:
+                    self._fragments.append(event.data)
+                    if event.fin:
+                        message = b"".join(self._fragments).decode()
+                        self._fragments.clear()
+                        self._message(message, now)
+            elif not self.opened.done():
+                if protocol.handshake_exc is None:
+                    self.opened.set_result(None)
+                else:
+                    self.opened.set_exception(protocol.handshake_exc)
+        self._flush()
+
+    def _message(self, message: str, now: float) -> None:
+        stream, answered = self.stream, self.answered
+        if stream is not None and answered is not None and stream.feed(message, now) and not answered.done():
+            answered.set_result(stream)
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()
+        failure = ConnectionError(f"connection lost: {exc or 'closed by the server'}")
+        for future in (self.opened, self.answered):
+            if future is not None and not future.done():
+                future.set_exception(failure)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    async def ask(self, prompt: str, limit: float, stagger: float = 0.0) -> Stream:
+        """Send ``prompt`` after a random delay up to ``stagger`` seconds (so that many streams at one
+        rate are not phase-locked, as real users are not) and collect its answer to ``[DONE]``."""
+        if stagger:
+            await asyncio.sleep(random.uniform(0, stagger))
+        self.stream = Stream(sent=time.monotonic())
+        self.answered = self.loop.create_future()
+        self.protocol.send_text(prompt.encode())
+        self._flush()
+        async with asyncio.timeout(limit):
+            return await self.answered
+
+    async def close(self) -> None:
+        if self.transport is None or self.closed.done():
+            return
+        try:
+            self.protocol.send_close(1000)
+            self._flush()
+            async with asyncio.timeout(5):
+                await self.closed
+        except Exception:  # already closing, or the server did not answer: drop the connection
+            self.transport.abort()
 
 
 @contextlib.asynccontextmanager
-async def sockets(url: str, count: int) -> AsyncIterator[list[ClientConnection]]:
+async def sockets(url: str, count: int) -> AsyncIterator[list[LoadClient]]:
     gate = asyncio.Semaphore(200)
 
-    async def one() -> ClientConnection:
+    async def one() -> LoadClient:
         async with gate:
-            return await connect(url, open_timeout=60, max_size=None, ping_interval=None)
+            return await LoadClient.open(url)
 
     opened = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
-    good = [ws for ws in opened if isinstance(ws, ClientConnection)]
+    good = [client for client in opened if isinstance(client, LoadClient)]
     try:
         if len(good) != count:
-            errors = [repr(e) for e in opened if not isinstance(e, ClientConnection)][:3]
+            errors = [repr(e) for e in opened if not isinstance(e, LoadClient)][:3]
             raise RuntimeError(f"opened {len(good)} of {count} connections: {errors}")
         yield good
     finally:
         for chunk in range(0, len(good), 500):
-            await asyncio.gather(*(ws.close() for ws in good[chunk:chunk + 500]), return_exceptions=True)
+            await asyncio.gather(*(client.close() for client in good[chunk:chunk + 500]), return_exceptions=True)
 
 
 # -- scenarios ---------------------------------------------------------------
@@ -176,7 +270,7 @@ async def sockets(url: str, count: int) -> AsyncIterator[list[ClientConnection]]
 async def latency(server: Server, clients: int, rate: float, tokens: int) -> dict[str, float]:
     prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
     async with sockets(server.url, clients) as conns:
-        results = await asyncio.gather(*(stream_once(ws, f"{n} {prompt}", 120, 1 / rate)
+        results = await asyncio.gather(*(ws.ask(f"{n} {prompt}", 120, 1 / rate)
                                          for n, ws in enumerate(conns)))
     lat = [x for r in results for x in r.latencies]
     first = [r.first_latency for r in results if r.first_latency is not None]
@@ -192,7 +286,7 @@ async def throughput(server: Server, clients: int, tokens: int) -> dict[str, flo
     prompt = f"throughput sim:stamp=1 sim:rate=0 sim:tokens={tokens} sim:reasoning=0"
     async with sockets(server.url, clients) as conns:
         cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
-        results = await asyncio.gather(*(stream_once(ws, f"{n} {prompt}", 600) for n, ws in enumerate(conns)))
+        results = await asyncio.gather(*(ws.ask(f"{n} {prompt}", 600) for n, ws in enumerate(conns)))
         elapsed, cpu = time.monotonic() - t0, cpu_seconds(server.pid) - cpu0
     delivered = sum(r.tokens for r in results)
     return {"tokens_per_s": delivered / elapsed, "cpu_s_per_100k": cpu / delivered * 100_000,
@@ -286,9 +380,8 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
 
 
 async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
-    gc.collect()
-    gc.freeze()  # the measuring client must not add collector pauses of its own to what it measures
-    gc.set_threshold(50_000, 20, 100)
+    tune_gc((50_000, 20, 100))  # the measuring client must not add collector pauses of its own to what it measures
+    tune_malloc()  # nor spend the cores it shares with the servers on mmap for every frame it reads
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     quick = args.quick

@@ -24,11 +24,15 @@ from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 if TYPE_CHECKING:
     from .relay import Subscription
 
-__all__ = ["Connection", "ConnectionManager", "Outbox", "close_or_abort", "CLOSE_SLOW_CLIENT", "CLOSE_REPLACED"]
+__all__ = [
+    "Connection", "ConnectionManager", "Outbox", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
+    "CLOSE_REPLACED",
+]
 
 log = logging.getLogger("wsagent.connections")
 
@@ -51,15 +55,46 @@ async def close_or_abort(ws: ServerConnection, code: int, reason: str, grace: fl
         ws.transport.abort()
 
 
+class StreamConnection(ServerConnection):
+    """The library's server connection, plus a write that does not wait.
+
+    :meth:`send` is a coroutine that waits for the socket after every message;
+    awaiting it for every token costs a task switch and a context manager per
+    frame, most of the relay's time at a thousand streams. :meth:`write_now`
+    hands a whole frame to the transport at once; :class:`Outbox` checks
+    :attr:`paused` (the transport's buffer is past its high-water mark: the
+    client reads slower than we write) before each batch and waits with
+    :meth:`wait_writable` instead. Writing is synchronous on the event loop's
+    thread, so these frames never interleave with the library's own (pings,
+    close).
+    """
+
+    def write_now(self, message: str) -> bool:
+        """Write a text frame now. False if the connection is no longer open."""
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
+            return False
+        protocol.send_text(message.encode())
+        self.send_data()
+        return True
+
+    async def wait_writable(self) -> None:
+        """Wait until flow control lets writing go on, or the connection is lost."""
+        await self.drain()
+
+
 class Outbox:
     """Serializes everything written to one connection: queued messages and run streams.
 
-    One writer task per connection, started when there is something to write
-    and ended when there is not, so an idle connection costs no task.
+    Whoever has something new (a run's producer, a broadcast) writes it at
+    once, synchronously, while the socket takes data: no task and no event
+    loop iteration per token. Only when the client falls behind does a task
+    start; it waits for the socket to drain and carries on, while the run
+    merges what piles up meanwhile (see :mod:`wsagent.relay`). An idle or
+    keeping-up connection therefore costs no task at all.
     """
 
-    __slots__ = ("conn", "_queue", "_queued_bytes", "_subs", "_ready", "_task", "sending_since", "limit",
-                 "closing")
+    __slots__ = ("conn", "_queue", "_queued_bytes", "_subs", "_task", "sending_since", "limit", "closing")
 
     def __init__(self, conn: Connection, limit: int) -> None:
         self.conn = conn
@@ -67,7 +102,6 @@ class Outbox:
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
         self._subs: list[Subscription] = []
-        self._ready: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.sending_since: float | None = None
         self.closing = False
@@ -96,14 +130,11 @@ class Outbox:
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
-            if self._ready is not None:
-                self._ready.set()  # let an idle writer notice it has nothing left and end
 
     def close(self) -> None:
         """The connection is gone: stop the writer, drop what is queued."""
         self.closing = True
-        self._queue.clear()
-        self._queued_bytes = 0
+        self._drop()
         if self._task is not None:
             self._task.cancel()
 
@@ -112,51 +143,61 @@ class Outbox:
         return list(self._subs)
 
     def wake(self) -> None:
-        ready = self._ready
-        if ready is not None:
-            ready.set()
-        elif self._task is None and not self.closing:
-            self._ready = asyncio.Event()
-            self._ready.set()
-            self._task = asyncio.get_running_loop().create_task(self._write())
+        """Something is pending: write it now, or leave it to the task that waits for the client."""
+        if self._task is None and not self.closing and not self._flush():
+            self._task = asyncio.get_running_loop().create_task(self._wait_and_flush())
 
-    async def _write(self) -> None:
+    def _flush(self) -> bool:
+        """Write what is pending while the socket takes it. False if the client must catch up first.
+
+        Flow control is checked between batches: the frames of one
+        :meth:`~wsagent.relay.Subscription.take` go out together.
+        """
         ws = self.conn.ws
-        ready = self._ready
-        assert ready is not None
+        queue = self._queue
+        while queue:
+            if ws.paused:
+                return False
+            frame = queue.popleft()
+            self._queued_bytes -= len(frame)
+            if not ws.write_now(frame):
+                self._drop()
+                return True
+        subs = self._subs
+        for sub in subs[:] if len(subs) > 1 else subs:  # (removing the only item ends the loop cleanly)
+            if ws.paused:
+                return False
+            for frame in sub.take():
+                if not ws.write_now(frame):
+                    self._drop()
+                    return True
+            sub.sent()
+            if sub.ended:
+                self.unsubscribe(sub)
+        return True
+
+    def _drop(self) -> None:
+        self._queue.clear()
+        self._queued_bytes = 0
+
+    async def _wait_and_flush(self) -> None:
+        ws = self.conn.ws
         loop = asyncio.get_running_loop()
         try:
-            while True:
-                if not ready.is_set():
-                    if not self._queue and not self._subs:
-                        break
-                    await ready.wait()
-                ready.clear()
-                queue = self._queue
-                while queue:
-                    frame = queue.popleft()
-                    self._queued_bytes -= len(frame)
-                    self.sending_since = loop.time()
-                    await ws.send(frame)
-                    self.sending_since = None
-                for sub in list(self._subs):
-                    for frame in sub.take():
-                        self.sending_since = loop.time()
-                        await ws.send(frame)
-                        self.sending_since = None
-                    sub.sent()
-                    if sub.ended:
-                        self.unsubscribe(sub)
-        except ConnectionClosed:
-            self._queue.clear()
-            self._queued_bytes = 0
+            while not self.closing:
+                self.sending_since = loop.time()
+                await ws.wait_writable()
+                self.sending_since = None
+                if self._flush():
+                    break
+        except Exception:  # the connection was lost while we waited: nothing more can be written
+            self._drop()
         finally:
             self.sending_since = None
             self._task = None
-            self._ready = None
 
     async def flush(self) -> None:
-        """Wait until the writer has nothing left (used before closing the socket)."""
+        """Wait until everything pending is written (used before closing the socket)."""
         while self._task is not None:
             await asyncio.shield(self._task)
 
@@ -165,7 +206,7 @@ class Outbox:
 class Connection:
     """One client: who it is, where it came from, and its outbox."""
 
-    ws: ServerConnection
+    ws: StreamConnection
     path: str
     params: dict[str, str]
     remote: str

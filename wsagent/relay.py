@@ -22,7 +22,6 @@ Backpressure, without an unbounded buffer anywhere:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import time
@@ -170,31 +169,39 @@ class Run:
 
     def push(self, event: Event) -> None:
         """Append ``event``; text deltas merge with the pending tail. Never waits."""
+        if isinstance(event, TextEvent):
+            self.push_text(type(event), event.content, event.agent, event.workflow)
+            return
         if self.finished or self._interruption is not None:
             return
-        if isinstance(event, TextEvent):
-            self.streamed += 1
-            if self.streamed > self.max_streamed:
-                self.interrupt(ErrorEvent("budget_exceeded", f"run exceeded its {self.max_streamed} token budget",
-                                          False, agent=self.agent, workflow=self.workflow))
-                return
-            cls = type(event)
-            if (self._tail_cls is not cls or self._tail_agent != event.agent or self._tail_workflow != event.workflow
-                    or self._tail_size > _MAX_MERGED):
-                if self._tail_cls is not None:
-                    self._seal_tail()
-                self._tail_cls = cls
-                self._tail_agent = event.agent
-                self._tail_workflow = event.workflow
-                self._tail_born = _now()
-            self._tail.append(event.content)
-            self._tail_size += len(event.content)
-        else:
+        if self._tail_cls is not None:
+            self._seal_tail()
+        if type(event) is UsageEvent:
+            self.usage_sent = True
+        self._seal(event, _CONTROL_SIZE)
+        for sub in self._subs:
+            sub.outbox.wake()
+
+    def push_text(self, cls: type[TextEvent], text: str, agent: str | None = None,
+                  workflow: str | None = None) -> None:
+        """:meth:`push` of a text delta, without making the event first (the relay's hot path)."""
+        if self.finished or self._interruption is not None:
+            return
+        self.streamed += 1
+        if self.streamed > self.max_streamed:
+            self.interrupt(ErrorEvent("budget_exceeded", f"run exceeded its {self.max_streamed} token budget",
+                                      False, agent=self.agent, workflow=self.workflow))
+            return
+        if (self._tail_cls is not cls or self._tail_agent != agent or self._tail_workflow != workflow
+                or self._tail_size > _MAX_MERGED):
             if self._tail_cls is not None:
                 self._seal_tail()
-            if type(event) is UsageEvent:
-                self.usage_sent = True
-            self._seal(event, _CONTROL_SIZE)
+            self._tail_cls = cls
+            self._tail_agent = agent
+            self._tail_workflow = workflow
+            self._tail_born = _now()
+        self._tail.append(text)
+        self._tail_size += len(text)
         for sub in self._subs:
             sub.outbox.wake()
 
@@ -221,7 +228,10 @@ class Run:
     def undelivered(self) -> int:
         """Bytes (approximately) produced but not yet taken by the slowest watcher."""
         subs = self._subs
-        floor = min(sub.delivered for sub in subs) if subs else self._floor_delivered
+        if len(subs) == 1:
+            floor = subs[0].delivered
+        else:
+            floor = min(sub.delivered for sub in subs) if subs else self._floor_delivered
         return self._sealed_bytes + self._tail_size - floor
 
     def finish(self, event: Event) -> None:
@@ -245,7 +255,7 @@ class Run:
         if self._orphan_timer is not None:
             self._orphan_timer.cancel()
             self._orphan_timer = None
-        for sub in self._subs:
+        for sub in self._subs[:]:  # a watcher that takes the terminal event leaves the list
             sub.outbox.wake()
         for callback in self.on_finish:
             callback(self)
@@ -356,16 +366,18 @@ class Run:
             if self.finished:
                 self._end(sub)
             return []
+        # The pending events are the log's last ``last - cursor``; index from the right, because
+        # the left holds up to ``replay_bytes`` of delivered events (thousands of tokens).
         log_ = self._log
-        start = sub.cursor + 1 - log_[0].seq
-        entries = itertools.islice(log_, start, None) if start else log_
-        sub.born = log_[start].born
+        end = len(log_)
+        pending = [log_[-1]] if sub.cursor == last - 1 else [log_[i] for i in range(end - (last - sub.cursor), end)]
+        sub.born = pending[0].born
         frames: list[str]
         if sub.text_mode:
-            frames = [f for f in (render_text(e.event) for e in entries) if f]
+            frames = [f for f in (render_text(e.event) for e in pending) if f]
         else:
             run_id = self.id
-            frames = [e.json(run_id) for e in entries]
+            frames = [e.json(run_id) for e in pending]
         sub.cursor = last
         sub.mark = self._sealed_bytes
         return frames
@@ -390,7 +402,10 @@ class Run:
 
     def _trim(self) -> None:
         subs = self._subs
-        if subs:
+        if len(subs) == 1:
+            min_cursor = subs[0].cursor
+            min_delivered = subs[0].delivered
+        elif subs:
             min_cursor = min(s.cursor for s in subs)
             min_delivered = min(s.delivered for s in subs)
         else:
@@ -497,35 +512,35 @@ async def stream_model(
     finish_reason = "stop"
     try:
         run.push(Start(model or upstream.config.model, agent=agent, workflow=workflow))
-        async with aclosing(upstream.stream(messages, model=model, tools=tools, params=params)) as events:
-            async for event in events:
-                kind = type(event)
-                if kind is TextDelta:
-                    if event.choice:  # type: ignore[union-attr]
-                        continue
-                    text = event.text  # type: ignore[union-attr]
-                    delta = event.kind  # type: ignore[union-attr]
-                    if delta == "content":
-                        run.push(Token(text, agent=agent, workflow=workflow))
-                        if collect is not None:
-                            collect.append(text)
-                    elif delta == "reasoning":
-                        run.push(Thinking(text, agent=agent, workflow=workflow))
-                    else:
-                        run.push(Refusal(text, agent=agent, workflow=workflow))
-                    if run.full:
-                        await run.room()
-                elif kind is ToolCall:
-                    call: ToolCall = event  # type: ignore[assignment]
-                    if not call.choice:
-                        run.push(ToolCallEvent(call.id, call.name, call.arguments, agent=agent, workflow=workflow))
-                elif kind is Finish:
-                    if not event.choice:  # type: ignore[union-attr]
-                        finish_reason = event.reason  # type: ignore[union-attr]
-                elif kind is Usage:
-                    usage: Usage = event  # type: ignore[assignment]
-                    run.push(UsageEvent(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
-                                        agent=agent, workflow=workflow))
+        async with aclosing(upstream.batches(messages, model=model, tools=tools, params=params)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    kind = type(event)
+                    if kind is TextDelta:
+                        if event.choice:  # type: ignore[union-attr]
+                            continue
+                        text = event.text  # type: ignore[union-attr]
+                        delta = event.kind  # type: ignore[union-attr]
+                        if delta == "content":
+                            run.push_text(Token, text, agent, workflow)
+                            if collect is not None:
+                                collect.append(text)
+                        else:
+                            run.push_text(Thinking if delta == "reasoning" else Refusal, text, agent, workflow)
+                        if run.full:
+                            await run.room()
+                    elif kind is ToolCall:
+                        call: ToolCall = event  # type: ignore[assignment]
+                        if not call.choice:
+                            run.push(ToolCallEvent(call.id, call.name, call.arguments, agent=agent,
+                                                   workflow=workflow))
+                    elif kind is Finish:
+                        if not event.choice:  # type: ignore[union-attr]
+                            finish_reason = event.reason  # type: ignore[union-attr]
+                    elif kind is Usage:
+                        usage: Usage = event  # type: ignore[assignment]
+                        run.push(UsageEvent(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                                            agent=agent, workflow=workflow))
         run.finish(Done(finish_reason, agent=agent, workflow=workflow))
     except asyncio.CancelledError:
         run.finish(run.interruption())

@@ -42,7 +42,7 @@ from .auth import (
 )
 from .compression import lazy_deflate
 from .config import RELOADABLE, Settings
-from .connections import Connection, ConnectionManager, close_or_abort
+from .connections import Connection, ConnectionManager, StreamConnection, close_or_abort
 from .events import encode_message, json_object
 from .logs import Redactor
 from .metrics import Metrics
@@ -138,6 +138,7 @@ class WsAgentServer:
             self.handler,
             process_request=self.process_request,
             process_response=self.process_response,
+            create_connection=StreamConnection,
             compression=None,
             extensions=lazy_deflate() if s.compression == "deflate" else None,
             open_timeout=s.open_timeout or None,

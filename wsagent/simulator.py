@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hashlib
 import json
 import logging
@@ -53,6 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from .tuning import tune_gc, tune_malloc
 
 __all__ = ["SimulatorSettings", "SimStats", "make_app", "Simulator", "SimulatorServer", "main"]
 
@@ -550,9 +551,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def run() -> None:
         server = await SimulatorServer(settings, args.host, args.port).start()
-        gc.collect()
-        gc.freeze()  # a model server should not pause every stream for the collector; see wsagent.serve
-        gc.set_threshold(50_000, 20, 100)
+        tune_gc((50_000, 20, 100))  # a model server should not pause every stream for the collector either
+        tune_malloc()
         log.info("simulated model at %s", server.base_url)
         try:
             await asyncio.Event().wait()

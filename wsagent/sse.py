@@ -56,6 +56,7 @@ class SSEDecoder:
     def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self.max_event_size = max_event_size
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8_clean = True  # the incremental decoder holds no partial character
         self._partial = ""
         self._skip_lf = False
         self._started = False
@@ -70,7 +71,13 @@ class SSEDecoder:
         """Decode ``chunk`` and return the events it completed, in order."""
         if self._closed:
             raise SSEError("decoder is closed")
-        text = self._utf8.decode(chunk)
+        if self._utf8_clean:
+            try:
+                text = chunk.decode()  # the usual case: whole characters, valid UTF-8
+            except UnicodeDecodeError:
+                text = self._decode(chunk)
+        else:
+            text = self._decode(chunk)
         if not text:
             return []
         if not self._started:
@@ -83,7 +90,7 @@ class SSEDecoder:
                 text = text[1:]
         if self._partial:
             text = self._partial + text
-        lines = _LINE_BREAK.split(text)
+        lines = _LINE_BREAK.split(text) if "\r" in text else text.split("\n")
         self._partial = lines.pop()
         if not self._partial and text[-1:] == "\r":
             self._skip_lf = True
@@ -94,6 +101,12 @@ class SSEDecoder:
             self._closed = True
             raise SSEError(f"event larger than {self.max_event_size} characters")
         return events
+
+    def _decode(self, chunk: bytes) -> str:
+        """A character split across reads, or invalid bytes (replaced): the incremental decoder."""
+        text = self._utf8.decode(chunk)
+        self._utf8_clean = not self._utf8.getstate()[0]
+        return text
 
     def close(self) -> list[SSEEvent]:
         """End of input. An event that was not ended by a blank line comes back
@@ -140,13 +153,9 @@ class SSEDecoder:
                 self._retry = int(value)
 
     def _build(self, complete: bool) -> SSEEvent:
-        event = SSEEvent(
-            data="\n".join(self._data),
-            event=self._event or "message",
-            id=self._last_id,
-            retry=self._retry,
-            complete=complete,
-        )
+        data = self._data
+        event = SSEEvent(data[0] if len(data) == 1 else "\n".join(data), self._event or "message", self._last_id,
+                         self._retry, complete)
         self._data = []
         self._data_size = 0
         self._event = ""

@@ -118,6 +118,21 @@ class _ReadWatchdog:
             self.handle = None
 
 
+def _interpret(decoder: SSEDecoder, interpreter: ChunkInterpreter,
+               data: bytes) -> tuple[list[ModelEvent], Exception | None]:
+    """The events one read completed, and the error that stopped them, if any: the events before
+    an error in the stream are delivered before it is raised."""
+    batch: list[ModelEvent] = []
+    try:
+        for sse in decoder.feed(data):
+            batch += interpreter.feed(sse)
+            if interpreter.done:
+                break
+    except (SSEError, UpstreamError) as exc:
+        return batch, exc
+    return batch, None
+
+
 class UpstreamClient:
     """Stream chat completions from one OpenAI-compatible server.
 
@@ -190,16 +205,71 @@ class UpstreamClient:
         leaving early closes the upstream connection rather than returning a
         half-read one to the pool.
         """
+        async with aclosing(self.batches(messages, model=model, tools=tools, params=params)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def batches(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[list[ModelEvent]]:
+        """Like :meth:`stream`, a list of events per network read: the relay's hot path, where one
+        generator step per read instead of one per event (through two generators) is measurable."""
         body = self.build_body(messages, model, tools, params)
         started = time.monotonic()
         response = await self._open(body)
-        async with aclosing(self._read(response)) as events:
-            async for event in events:
-                if started:
-                    if self.metrics is not None:
-                        self.metrics.upstream_ttft.observe(time.monotonic() - started)
-                    started = 0.0
-                yield event
+        cfg = self.config
+        finished = False
+        try:
+            content_type = response.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):
+                yield await self._not_streamed(response)
+                finished = True
+                return
+            decoder = SSEDecoder(cfg.max_event_size)
+            interpreter = ChunkInterpreter()
+            loop = asyncio.get_running_loop()
+            reader = response.content
+            watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
+            try:
+                while not interpreter.done:
+                    data = await reader.readany()
+                    if not data:
+                        break
+                    watchdog.deadline = math.inf
+                    batch, error = _interpret(decoder, interpreter, data)
+                    if batch:
+                        if started:
+                            if self.metrics is not None:
+                                self.metrics.upstream_ttft.observe(time.monotonic() - started)
+                            started = 0.0
+                        yield batch
+                    if error is not None:
+                        raise error
+                    watchdog.deadline = loop.time() + cfg.read_timeout
+            finally:
+                watchdog.stop()
+            if not interpreter.done:
+                yield interpreter.end(decoder.close())
+            finished = True
+        except SSEError as exc:
+            raise UpstreamError(str(exc), code="upstream_protocol", retryable=False) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_truncated",
+                                retryable=True) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_connection",
+                                retryable=True) from None
+        finally:
+            if finished:
+                response.release()
+            else:
+                response.close()
 
     async def _open(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """POST and return a 200 response, retrying what may be retried before any body byte."""
@@ -245,55 +315,6 @@ class UpstreamClient:
                 delay = random.uniform(0, min(cfg.backoff_cap, cfg.backoff_base * 2**attempt))
             await asyncio.sleep(min(delay, 60.0))
             attempt += 1
-
-    async def _read(self, response: aiohttp.ClientResponse) -> AsyncIterator[ModelEvent]:
-        cfg = self.config
-        finished = False
-        try:
-            content_type = response.headers.get("Content-Type", "")
-            if not content_type.startswith("text/event-stream"):
-                for event in await self._not_streamed(response):
-                    yield event
-                finished = True
-                return
-            decoder = SSEDecoder(cfg.max_event_size)
-            interpreter = ChunkInterpreter()
-            loop = asyncio.get_running_loop()
-            reader = response.content
-            watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
-            try:
-                while True:
-                    data = await reader.readany()
-                    if not data:
-                        break
-                    watchdog.deadline = math.inf
-                    for sse in decoder.feed(data):
-                        for event in interpreter.feed(sse):
-                            yield event
-                        if interpreter.done:
-                            break
-                    if interpreter.done:
-                        break
-                    watchdog.deadline = loop.time() + cfg.read_timeout
-            finally:
-                watchdog.stop()
-            if not interpreter.done:
-                for event in interpreter.end(decoder.close()):
-                    yield event
-            finished = True
-        except SSEError as exc:
-            raise UpstreamError(str(exc), code="upstream_protocol", retryable=False) from None
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_truncated",
-                                retryable=True) from None
-        except aiohttp.ClientConnectionError as exc:
-            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_connection",
-                                retryable=True) from None
-        finally:
-            if finished:
-                response.release()
-            else:
-                response.close()
 
     async def _not_streamed(self, response: aiohttp.ClientResponse) -> list[ModelEvent]:
         """A 200 that is not an event stream: a JSON error, or a whole completion."""

@@ -267,10 +267,12 @@ async def sockets(url: str, count: int) -> AsyncIterator[list[LoadClient]]:
 # -- scenarios ---------------------------------------------------------------
 
 
-async def latency(server: Server, clients: int, rate: float, tokens: int) -> dict[str, float]:
+async def latency(server: Server, clients: int, rate: float, tokens: int, ramp: float | None = None) -> dict[str, float]:
+    """``clients`` streams at ``rate`` tokens/s, started at random moments over ``ramp`` seconds
+    (one token interval unless given)."""
     prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
     async with sockets(server.url, clients) as conns:
-        results = await asyncio.gather(*(ws.ask(f"{n} {prompt}", 120, 1 / rate)
+        results = await asyncio.gather(*(ws.ask(f"{n} {prompt}", 120, ramp or 1 / rate)
                                          for n, ws in enumerate(conns)))
     lat = [x for r in results for x in r.latencies]
     first = [r.first_latency for r in results if r.first_latency is not None]
@@ -363,7 +365,7 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
     tokens = int(seconds * 20)
     for level in levels:
         try:
-            result = await latency(server, level, 20, tokens)
+            result = await latency(server, level, 20, tokens, ramp=1.0)
         except (RuntimeError, OSError, TimeoutError, WebSocketException) as exc:
             print(f"    {server.name} at {level} streams: {exc!r}"[:200], flush=True)
             break

@@ -171,6 +171,7 @@ class Run:
         """Append ``event``; text deltas merge with the pending tail. Never waits."""
         if isinstance(event, TextEvent):
             self.push_text(type(event), event.content, event.agent, event.workflow)
+            self.wake()
             return
         if self.finished or self._interruption is not None:
             return
@@ -179,12 +180,13 @@ class Run:
         if type(event) is UsageEvent:
             self.usage_sent = True
         self._seal(event, _CONTROL_SIZE)
-        for sub in self._subs:
-            sub.outbox.wake()
+        self.wake()
 
     def push_text(self, cls: type[TextEvent], text: str, agent: str | None = None,
                   workflow: str | None = None) -> None:
-        """:meth:`push` of a text delta, without making the event first (the relay's hot path)."""
+        """Append a text delta without making the event first, and without waking the watchers:
+        the relay's hot path pushes every delta of one upstream read, then calls :meth:`wake` once,
+        so the deltas that arrived together leave together, in one frame."""
         if self.finished or self._interruption is not None:
             return
         self.streamed += 1
@@ -202,6 +204,9 @@ class Run:
             self._tail_born = _now()
         self._tail.append(text)
         self._tail_size += len(text)
+
+    def wake(self) -> None:
+        """Let every watcher's outbox write what is pending."""
         for sub in self._subs:
             sub.outbox.wake()
 
@@ -528,6 +533,7 @@ async def stream_model(
                         else:
                             run.push_text(Thinking if delta == "reasoning" else Refusal, text, agent, workflow)
                         if run.full:
+                            run.wake()
                             await run.room()
                     elif kind is ToolCall:
                         call: ToolCall = event  # type: ignore[assignment]
@@ -541,6 +547,7 @@ async def stream_model(
                         usage: Usage = event  # type: ignore[assignment]
                         run.push(UsageEvent(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
                                             agent=agent, workflow=workflow))
+                run.wake()
         run.finish(Done(finish_reason, agent=agent, workflow=workflow))
     except asyncio.CancelledError:
         run.finish(run.interruption())

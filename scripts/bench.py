@@ -267,7 +267,8 @@ async def sockets(url: str, count: int) -> AsyncIterator[list[LoadClient]]:
 # -- scenarios ---------------------------------------------------------------
 
 
-async def latency(server: Server, clients: int, rate: float, tokens: int, ramp: float | None = None) -> dict[str, float]:
+async def latency(server: Server, clients: int, rate: float, tokens: int,
+                  ramp: float | None = None) -> dict[str, float]:
     """``clients`` streams at ``rate`` tokens/s, started at random moments over ``ramp`` seconds
     (one token interval unless given)."""
     prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.relay import Run, stream_model
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
@@ -151,6 +152,25 @@ async def test_client_that_never_reads_is_closed_4008(make_server: ServerFactory
         assert conn.ws.protocol.close_sent.code == 4008
         await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 5)
         ws.transport.abort()
+
+
+async def test_deltas_read_together_leave_in_one_frame(server: WsAgentServer, sim: SimulatorServer) -> None:
+    """A model that writes faster than we relay hands over many deltas per network read; they go
+    out merged, one frame per read, not one frame (and one system call) per delta."""
+    words = [f"w{n} " for n in range(200)]
+    raw = "".join(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': w}}]})}\n\n" for w in words)
+    raw += 'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    async with ws_connect(server, "/ws/chat") as ws:
+        (conn,) = list(server.manager)
+        live = Run("burst")
+        live.subscribe(conn.outbox)
+        assert server.upstream is not None
+        await stream_model(live, server.upstream, [{"role": "user", "content": "burst"}],
+                           params={"sim": {"raw": raw}})
+        events = await run_events(ws, "burst")
+    check_sequence(events)
+    assert content(events) == "".join(words)
+    assert len([e for e in events if e["type"] == "token"]) < 20  # one write of 200 deltas: a few reads
 
 
 async def test_resume_after_drop_loses_and_repeats_nothing(make_server: ServerFactory, sim: SimulatorServer) -> None:

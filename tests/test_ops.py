@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from wsagent.server import WsAgentServer
+from wsagent.tuning import tune_malloc
 
 from .conftest import ServerFactory, run_events, ws_connect
 
@@ -277,3 +279,10 @@ async def test_transcripts(make_server: ServerFactory, tmp_path: Path) -> None:
     assert events[-1]["type"] == "done" and all(line["t"] > 1e9 for line in lines)
     assert "".join(e["content"] for e in events if e["type"] == "token") == \
         "".join(e["content"] for e in sent if e["type"] == "token")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's")
+def test_malloc_tuning_applies_on_glibc() -> None:
+    """``python -m wsagent.serve`` makes glibc serve asyncio's 256 KiB read buffers from the heap
+    (see :func:`wsagent.tuning.tune_malloc`); the benchmark measures what that saves."""
+    assert tune_malloc() is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -171,6 +172,29 @@ async def test_deltas_read_together_leave_in_one_frame(server: WsAgentServer, si
     check_sequence(events)
     assert content(events) == "".join(words)
     assert len([e for e in events if e["type"] == "token"]) < 20  # one write of 200 deltas: a few reads
+
+
+async def test_finished_run_keeps_its_events_until_its_last_watcher_has_them(
+        make_server: ServerFactory, sim: SimulatorServer) -> None:
+    """With no resume grace a finished run is forgotten at once, and its log is dropped (it is
+    thousands of objects); a watcher still reading it gets every event first."""
+    server = await make_server(run_buffer_bytes=8 * 2**20)
+    prompt = "big sim:rate=0 sim:tokens=10000 sim:pad=200 sim:reasoning=0"
+    async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
+        ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        await ws.send(run("big", prompt))
+        start = await recv_json(ws)
+        assert start["type"] == "start"
+        ws.transport.pause_reading()
+        live = server.runs.get(None, "big")
+        assert live is not None
+        await asyncio.wait_for(live.wait(), 20)
+        assert server.runs.get(None, "big") is None and live.oldest_kept < live.streamed  # still kept for us
+        ws.transport.resume_reading()
+        events = [start, *await run_events(ws, "big")]
+    check_sequence(events)
+    assert content(events) == await expected_text(sim, prompt)
+    assert live.oldest_kept == events[-1]["seq"] + 1  # and then forgotten
 
 
 async def test_resume_after_drop_loses_and_repeats_nothing(make_server: ServerFactory, sim: SimulatorServer) -> None:

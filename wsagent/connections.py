@@ -1,4 +1,4 @@
-"""Every open connection, and the one task that writes to each of them.
+"""Every open connection, and how frames get written to each of them.
 
 Policy for a slow client (documented in README): nothing a client has not
 read is buffered without bound. Messages queued for a client (broadcasts,

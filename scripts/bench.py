@@ -1,7 +1,7 @@
 """wsagent against the tutorial's FastAPI relay, side by side, on this machine.
 
     pip install -e ".[bench]"
-    python scripts/bench.py            # the full run (about 15 minutes on 2 cores)
+    python scripts/bench.py            # the full run (about 10 minutes on 2 cores)
     python scripts/bench.py --quick    # under two minutes
 
 Three processes besides this one: the simulated upstream (``python -m wsagent.simulator``),

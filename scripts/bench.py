@@ -41,7 +41,7 @@ from websockets.extensions.permessage_deflate import enable_client_permessage_de
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from wsagent.tuning import tune_gc, tune_malloc
+from wsagent.tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -390,7 +390,7 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
 
 
 async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
-    tune_gc((50_000, 20, 100))  # the measuring client must not add collector pauses of its own to what it measures
+    tune_gc(DEFAULT_GC_THRESHOLDS)  # the measuring client must not add collector pauses of its own to what it measures
     tune_malloc()  # nor spend the cores it shares with the servers on mmap for every frame it reads
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tuning import DEFAULT_GC_THRESHOLDS
+
 __all__ = ["Settings", "build_parser", "load_settings", "settings_table", "read_env_file", "RELOADABLE"]
 
 
@@ -77,7 +79,7 @@ class Settings:
     run_max_seconds: float = _opt(600.0, "wall time budget of one run (0: none)", group="auth")
     run_max_tokens: int = _opt(32768, "streamed deltas budget of one run (0: none)", group="auth")
 
-    gc_thresholds: str = _opt("50000,20,100", "the cyclic garbage collector's thresholds after startup objects are frozen out of it (empty: CPython's 700,10,10)")
+    gc_thresholds: str = _opt(",".join(map(str, DEFAULT_GC_THRESHOLDS)), "the cyclic garbage collector's thresholds after startup objects are frozen out of it (empty: CPython's 700,10,10)")
 
     log_level: str = _opt("INFO", "logging level", group="logging")
     log_format: str = _opt("text", "text or json (one object per line)", group="logging")

@@ -188,12 +188,14 @@ class Outbox:
         try:
             while not self.closing:
                 self.sending_since = loop.time()
-                await ws.wait_writable()
+                try:
+                    await ws.wait_writable()
+                except Exception:  # the connection was lost while we waited: nothing more can be written
+                    self._drop()
+                    return
                 self.sending_since = None
                 if self._flush():
-                    break
-        except Exception:  # the connection was lost while we waited: nothing more can be written
-            self._drop()
+                    return
         finally:
             self.sending_since = None
             self._task = None

@@ -211,7 +211,8 @@ class Run:
 
     def wake(self) -> None:
         """Let every watcher's outbox write what is pending."""
-        for sub in self._subs:
+        subs = self._subs
+        for sub in subs[:] if len(subs) > 1 else subs:  # a watcher that takes the terminal event leaves the list
             sub.outbox.wake()
 
     @property
@@ -237,10 +238,7 @@ class Run:
     def undelivered(self) -> int:
         """Bytes (approximately) produced but not yet taken by the slowest watcher."""
         subs = self._subs
-        if len(subs) == 1:
-            floor = subs[0].delivered
-        else:
-            floor = min(sub.delivered for sub in subs) if subs else self._floor_delivered
+        floor = subs[0].delivered if len(subs) == 1 else min((s.delivered for s in subs), default=self._floor_delivered)
         return self._sealed_bytes + self._tail_size - floor
 
     def finish(self, event: Event) -> None:
@@ -264,8 +262,7 @@ class Run:
         if self._orphan_timer is not None:
             self._orphan_timer.cancel()
             self._orphan_timer = None
-        for sub in self._subs[:]:  # a watcher that takes the terminal event leaves the list
-            sub.outbox.wake()
+        self.wake()
         for callback in self.on_finish:
             callback(self)
 
@@ -321,16 +318,9 @@ class Run:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subs:
-            self._subs.remove(sub)
-            if not self._subs:
-                self._floor_cursor = sub.cursor
-                self._floor_delivered = sub.delivered
-                if self._released:
-                    self._log.clear()
-            self._room.set()
+        self._end(sub)
+        self._room.set()  # the producer no longer waits for this watcher
         sub.outbox.unsubscribe(sub)
-        sub.ended = True
 
     @property
     def oldest_kept(self) -> int:
@@ -420,6 +410,7 @@ class Run:
             self._room.set()
 
     def _end(self, sub: Subscription) -> None:
+        """``sub`` watches no more; the last watcher to leave leaves the floor of the log behind it."""
         sub.ended = True
         if sub in self._subs:
             self._subs.remove(sub)
@@ -431,14 +422,10 @@ class Run:
     def _trim(self) -> None:
         subs = self._subs
         if len(subs) == 1:
-            min_cursor = subs[0].cursor
-            min_delivered = subs[0].delivered
-        elif subs:
-            min_cursor = min(s.cursor for s in subs)
-            min_delivered = min(s.delivered for s in subs)
+            min_cursor, min_delivered = subs[0].cursor, subs[0].delivered
         else:
-            min_cursor = self._floor_cursor
-            min_delivered = self._floor_delivered
+            min_cursor = min((s.cursor for s in subs), default=self._floor_cursor)
+            min_delivered = min((s.delivered for s in subs), default=self._floor_delivered)
         log_ = self._log
         kept_delivered = self._log_bytes - (self._sealed_bytes - min_delivered)
         while log_ and log_[0].seq <= min_cursor and kept_delivered > self.replay_bytes:

@@ -53,7 +53,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .tuning import tune_gc, tune_malloc
+from .tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
 
 __all__ = ["SimulatorSettings", "SimStats", "make_app", "Simulator", "SimulatorServer", "main"]
 
@@ -551,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def run() -> None:
         server = await SimulatorServer(settings, args.host, args.port).start()
-        tune_gc((50_000, 20, 100))  # a model server should not pause every stream for the collector either
+        tune_gc(DEFAULT_GC_THRESHOLDS)  # a model server should not pause every stream for the collector either
         tune_malloc()
         log.info("simulated model at %s", server.base_url)
         try:

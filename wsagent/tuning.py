@@ -11,7 +11,10 @@ import ctypes
 import gc
 import sys
 
-__all__ = ["tune_gc", "tune_malloc"]
+__all__ = ["DEFAULT_GC_THRESHOLDS", "tune_gc", "tune_malloc"]
+
+#: ``--gc-thresholds``' default, also used by the simulator and the benchmark's load client.
+DEFAULT_GC_THRESHOLDS = (50_000, 20, 100)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -1,0 +1,75 @@
+"""What the cyclic garbage collector sees: as little as possible.
+
+A collection pauses every stream at once, for a time that grows with the
+objects it walks; at a thousand streams one pause of 50 ms breaks the scale
+target (see README's benchmarks). So a closed connection must be freed by
+reference counting alone, and a run's replay log, which grows with every token,
+must hold nothing the collector tracks. Both are checked with the collector
+switched off: what it would have had to find is then still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from wsagent.server import WsAgentServer
+
+from .conftest import ServerFactory, recv_json, run_events, text_reply, ws_connect
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def handler_task(server: WsAgentServer) -> asyncio.Task[None]:
+    """The library's task that runs (and then closes) the one connection open."""
+    assert server._server is not None
+    (task,) = server._server.handler_tasks
+    return task
+
+
+async def test_a_closed_connection_is_freed_without_the_collector(make_server: ServerFactory,
+                                                                 no_collector: None) -> None:
+    server = await make_server(resume_grace=0)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send("Tell me about sockets sim:tokens=30")
+        assert (await text_reply(ws)).endswith("\n[DONE]")
+        await ws.send(json.dumps({"type": "run", "id": "r1", "prompt": "and cycles sim:tokens=500 sim:rate=200"}))
+        assert (await recv_json(ws))["type"] == "start"
+        (conn,) = list(server.manager)
+        run = server.runs.get(None, "r1")
+        assert run is not None and not run.finished
+        held = {"connection": weakref.ref(conn), "websocket": weakref.ref(conn.ws), "run": weakref.ref(run)}
+        handler = handler_task(server)
+        del conn, run
+    await handler  # the client left mid-stream: the run is cancelled, the handler ends
+    assert {name: ref() is None for name, ref in held.items()} == dict.fromkeys(held, True)
+
+
+async def test_a_runs_replay_log_gives_the_collector_nothing_to_track(make_server: ServerFactory,
+                                                                      no_collector: None) -> None:
+    server = await make_server(resume_grace=60)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "warm-up", "prompt": "hi sim:tokens=5"}))
+        await run_events(ws, "warm-up")  # the upstream connection and first-use state exist from here on
+        before = {id(o) for o in gc.get_objects(0)}  # with the collector off, every new object stays young
+        await ws.send(json.dumps({"type": "run", "id": "r1", "prompt": "count sim:tokens=3000 sim:rate=6000"}))
+        received = len(await run_events(ws, "r1"))  # the events' dicts are freed again here
+        created = sum(id(o) not in before for o in gc.get_objects(0))  # tracked objects made and still alive
+        run = server.runs.get(None, "r1")
+        assert run is not None and run.finished
+        kept = len(run._log.frames)
+    assert kept == received >= 500  # nothing trimmed: the whole run is kept for resume
+    assert created < kept / 4  # an object (or a tuple) per kept event would be one or two per event

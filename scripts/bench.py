@@ -445,12 +445,13 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
                 key = "cancel_abrupt" if abrupt else "cancel_clean"
                 r[key] = await cancellation(server, sim_port, 5 if quick else 50, abrupt, 1.0 if quick else 3.0)
                 print(f"  {key} {r[key]}", flush=True)
-            for count in idle_counts:
-                r[f"idle_{count}"] = await idle_memory(server, count)
-                print(f"  idle {count} {r[f'idle_{count}']}", flush=True)
+            # Before the idle scenarios: the memory their connections free would hide the slow client's growth.
             await slow_client(server, sim_port, 3, 64 * 1024)  # warm-up: first-use allocations are not growth
             r["slow_client"] = await slow_client(server, sim_port, 8 if quick else 60, 64 * 1024)
             print(f"  slow client {r['slow_client']}", flush=True)
+            for count in idle_counts:
+                r[f"idle_{count}"] = await idle_memory(server, count)
+                print(f"  idle {count} {r[f'idle_{count}']}", flush=True)
             levels = [50, 100, 200] if quick else [100, 250, 500, 750, 1000, 1250, 1500, 2000]
             r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
             print(f"  scale {r['scale']}", flush=True)

@@ -174,6 +174,32 @@ async def test_deltas_read_together_leave_in_one_frame(server: WsAgentServer, si
     assert len([e for e in events if e["type"] == "token"]) < 20  # one write of 200 deltas: a few reads
 
 
+async def test_a_reply_is_collected_only_up_to_what_the_history_keeps(sim: SimulatorServer) -> None:
+    client = upstream_for(sim)
+    reply: list[str] = []
+    run = Run("long")
+    await stream_model(run, client, [{"role": "user", "content": "long sim:tokens=2000 sim:reasoning=0"}],
+                       collect=reply, collect_chars=500)
+    await client.close()
+    assert run.outcome == "done" and run.streamed == 2000
+    kept = sum(map(len, reply))
+    assert 500 < kept <= 500 + max(map(len, reply))  # up to the delta that crossed the limit
+
+
+async def test_text_mode_forgets_a_reply_longer_than_the_history(make_server: ServerFactory,
+                                                                 sim: SimulatorServer) -> None:
+    server = await make_server(history_chars=2000)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send("short sim:tokens=5")
+        await text_reply(ws)
+        await ws.send("long sim:tokens=3000")
+        assert len(await text_reply(ws)) > 2000
+        await ws.send("next sim:tokens=5")
+        await text_reply(ws)
+    assert sim.simulator.stats.last_body is not None
+    assert [m["content"] for m in sim.simulator.stats.last_body["messages"]] == ["next sim:tokens=5"]
+
+
 async def test_finished_run_keeps_its_events_until_its_last_watcher_has_them(
         make_server: ServerFactory, sim: SimulatorServer) -> None:
     """With no resume grace a finished run is forgotten at once, and its log is dropped (it is

@@ -126,11 +126,14 @@ class ChatSession:
         assert self.server.upstream is not None
         messages = [*self.history, {"role": "user", "content": prompt}]
         reply: list[str] = []
-        await stream_model(run, self.server.upstream, messages, collect=reply)
+        await stream_model(run, self.server.upstream, messages, collect=reply,
+                           collect_chars=self.settings.history_chars)
         if run.outcome == "done":
             self._remember(prompt, "".join(reply))
 
     def _remember(self, prompt: str, reply: str) -> None:
+        """Keep the exchange, within the history's bounds (a reply longer than ``history_chars``, which
+        arrives here cut short, leaves no history: older turns without it would misrepresent the talk)."""
         history = self.history
         history.append({"role": "user", "content": prompt})
         history.append({"role": "assistant", "content": reply})

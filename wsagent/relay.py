@@ -542,13 +542,20 @@ async def stream_model(
     tools: Sequence[dict[str, Any]] | None = None,
     params: dict[str, Any] | None = None,
     collect: list[str] | None = None,
+    collect_chars: float = math.inf,
 ) -> None:
     """Relay one completion into ``run`` and end it with exactly one terminal event.
+
+    With ``collect``, the answer's text is appended to it too, until it holds
+    more than ``collect_chars`` characters: a caller that keeps answers (a chat
+    history) keeps no more than that, and an answer that runs for an hour must
+    not grow the server's memory with it.
 
     This is the hot path: per chunk it does a type check, one append, and a
     buffer check; no logging, no encoding, no task creation.
     """
     agent, workflow = run.agent, run.workflow
+    collected = 0
     run.prompt_estimate = estimate_tokens(messages)
     finish_reason = "stop"
     try:
@@ -564,8 +571,9 @@ async def stream_model(
                         delta = event.kind  # type: ignore[union-attr]
                         if delta == "content":
                             run.push_text(Token, text, agent, workflow)
-                            if collect is not None:
+                            if collect is not None and collected <= collect_chars:
                                 collect.append(text)
+                                collected += len(text)
                         else:
                             run.push_text(Thinking if delta == "reasoning" else Refusal, text, agent, workflow)
                         if run.full:

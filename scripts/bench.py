@@ -96,7 +96,7 @@ def pin(servers: list[Server], load: list[int]) -> str:
 
     With three busy processes on two cores the scheduler preempts whichever it likes: the
     server's tokens then wait for the load client's or the simulator's time slice, a delay the
-    server did not add (measured at 1,000 streams: p99 9-54 ms shared, 6-9 ms pinned).
+    server did not add (back to back at 1,000 streams: p99 5-26 ms shared, 3-6 ms pinned).
     """
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
     if len(cores) < 2:

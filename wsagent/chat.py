@@ -132,8 +132,8 @@ class ChatSession:
             self._remember(prompt, "".join(reply))
 
     def _remember(self, prompt: str, reply: str) -> None:
-        """Keep the exchange, within the history's bounds (a reply longer than ``history_chars``, which
-        arrives here cut short, leaves no history: older turns without it would misrepresent the talk)."""
+        """Keep the exchange, trimming the oldest turns to the history's bounds. A reply longer than
+        ``history_chars`` (collected only up to there) does not fit at all: the history is left empty."""
         history = self.history
         history.append({"role": "user", "content": prompt})
         history.append({"role": "assistant", "content": reply})

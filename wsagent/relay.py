@@ -50,7 +50,9 @@ from .events import (
     ToolCallEvent,
     UsageEvent,
     encode,
+    encode_text,
     render_text,
+    render_text_delta,
 )
 from .metrics import Histogram
 from .transcripts import Transcript
@@ -389,14 +391,17 @@ class Run:
         assert cls is not None
         parts = self._tail
         text = parts[0] if len(parts) == 1 else "".join(parts)
-        self._seal(cls(text, agent=self._tail_agent, workflow=self._tail_workflow), self._tail_born)
+        self._append(encode_text(cls, text, self.id, self._log.end, self._tail_agent, self._tail_workflow),
+                     render_text_delta(cls, text), self._tail_born)
         self._tail_cls = None
         self._tail = []
         self._tail_size = 0
 
-    def _seal(self, event: Event, born: float = 0.0) -> None:
-        frame = encode(event, self.id, self._log.end)
-        self._log.append(frame, render_text(event), born or _now())
+    def _seal(self, event: Event) -> None:
+        self._append(encode(event, self.id, self._log.end), render_text(event), _now())
+
+    def _append(self, frame: str, text: str | None, born: float) -> None:
+        self._log.append(frame, text, born)
         if self.transcript is not None:
             self.transcript.write(frame)
         self._sealed_bytes += len(frame)

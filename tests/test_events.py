@@ -1,0 +1,38 @@
+"""One wire encoding: the relay's fast path for text deltas writes exactly what ``encode`` writes."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wsagent.events import (
+    Answer,
+    Refusal,
+    TextEvent,
+    Thinking,
+    Token,
+    encode,
+    encode_text,
+    render_text,
+    render_text_delta,
+)
+
+TEXT_EVENTS = [Token, Thinking, Refusal, Answer]
+names = st.none() | st.text(max_size=12)
+
+
+@given(st.sampled_from(TEXT_EVENTS), st.text(max_size=40), st.text(min_size=1, max_size=12),
+       st.integers(min_value=1, max_value=2**40), names, names)
+def test_a_text_delta_encodes_as_its_event_does(cls: type[TextEvent], content: str, run_id: str, seq: int,
+                                                agent: str | None, workflow: str | None) -> None:
+    event = cls(content, agent=agent, workflow=workflow)
+    frame = encode_text(cls, content, run_id, seq, agent, workflow)
+    assert frame == encode(event, run_id, seq)
+    assert json.loads(frame)["content"] == content
+    assert render_text_delta(cls, content) == render_text(event)
+
+
+def test_text_mode_shows_answer_tokens_only() -> None:
+    assert [render_text_delta(cls, "x") for cls in TEXT_EVENTS] == ["x", None, None, None]

@@ -85,7 +85,7 @@ class _Log:
     keeps up to ``replay_bytes`` of events, so at 1,000 streams of 20 tokens/s
     objects per entry meant 40,000 new tracked objects a second: a collection
     every second or so, each pausing every stream for 5-25 ms, and every
-    twentieth walking a million objects (180 ms, measured).
+    twentieth (an older generation) for 180 ms (measured).
     """
 
     __slots__ = ("first", "frames", "texts", "borns", "size")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from wsagent.relay import Run, stream_model
@@ -33,6 +36,19 @@ def check_sequence(events: list[dict[str, Any]]) -> None:
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
     assert events[-1]["type"] in ("done", "error", "cancelled")
+
+
+@contextlib.asynccontextmanager
+async def stalled_run(server: WsAgentServer, run_id: str, prompt: str) -> AsyncIterator[tuple[ClientConnection, Run]]:
+    """A run whose client stopped reading, once the relay has stopped reading the upstream for it."""
+    async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
+        await ws.send(run(run_id, prompt))
+        assert (await recv_json(ws))["type"] == "start"
+        ws.transport.pause_reading()
+        live = server.runs.get(None, run_id)
+        assert live is not None
+        await asyncio.wait_for(live.stalled.wait(), 10)  # upstream reading paused: TCP holds the model back
+        yield ws, live
 
 
 async def test_text_mode_streams_and_keeps_history(server: WsAgentServer, sim: SimulatorServer) -> None:
@@ -125,13 +141,7 @@ async def test_client_leaving_closes_upstream(server: WsAgentServer, sim: Simula
 async def test_slow_reader_gets_merged_text_in_order(make_server: ServerFactory, sim: SimulatorServer) -> None:
     server = await make_server(run_buffer_bytes=16384)
     prompt = "flood sim:rate=0 sim:tokens=8000 sim:pad=1000 sim:reasoning=0"
-    async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
-        await ws.send(run("slow", prompt))
-        assert (await recv_json(ws))["type"] == "start"
-        ws.transport.pause_reading()
-        live = server.runs.get(None, "slow")
-        assert live is not None
-        await asyncio.wait_for(live.stalled.wait(), 10)  # upstream reading paused: TCP holds the model back
+    async with stalled_run(server, "slow", prompt) as (ws, live):
         assert live.undelivered <= 16384 + 1100  # the limit plus the one event that crossed it
         assert sim.simulator.stats.tokens_sent < 8000
         ws.transport.resume_reading()
@@ -376,13 +386,7 @@ async def test_a_relay_paused_by_its_client_is_not_an_upstream_timeout(make_serv
     """Backpressure stops the upstream reads; the between-bytes timeout must not count that pause."""
     server = await make_server(run_buffer_bytes=4096, upstream={"read_timeout": 0.2})
     prompt = "paused sim:rate=0 sim:tokens=3000 sim:pad=500 sim:reasoning=0"
-    async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
-        await ws.send(run("p", prompt))
-        assert (await recv_json(ws))["type"] == "start"
-        ws.transport.pause_reading()
-        live = server.runs.get(None, "p")
-        assert live is not None
-        await asyncio.wait_for(live.stalled.wait(), 10)
+    async with stalled_run(server, "p", prompt) as (ws, _):
         await asyncio.sleep(0.6)  # the subject under test: three read timeouts' worth of paused time
         ws.transport.resume_reading()
         events = await run_events(ws, "p")

@@ -23,11 +23,11 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from .chunks import Finish, TextDelta, ToolCall, Usage
+from .chunks import Finish, TextDelta, ToolCall
 from .errors import UpstreamError
 from .events import (
     Action,
@@ -40,15 +40,25 @@ from .events import (
     Thinking,
     UsageEvent,
 )
-from .relay import estimate_tokens
-from .tools import Tool, ToolBox, ToolFunction
+from .tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
 from .upstream import UpstreamClient, UpstreamConfig
 
-__all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback"]
+__all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow", "assistant",
+           "estimate_tokens"]
 
 log = logging.getLogger("wsagent.agent")
 
 StreamingCallback = Callable[[Any], Any]
+
+
+def estimate_tokens(messages: Sequence[dict[str, Any]]) -> int:
+    """A rough prompt size (4 characters a token) for usage the upstream did not report."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+    return chars // 4 + 4 * len(messages)
 
 
 def default_client() -> UpstreamClient:
@@ -127,8 +137,17 @@ class Agent:
         return messages
 
     async def stream(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
-                     params: dict[str, Any] | None = None) -> AsyncIterator[Event]:
+                     params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
         """Yield the agent's events, ending with exactly one ``done`` or ``error``."""
+        async with aclosing(self.batches(task, workflow=workflow, params=params)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def batches(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
+                      params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
+        """Like :meth:`stream`, the events of each upstream read together: a run merges what
+        arrives together into one frame, as it does for a plain model stream."""
         name = self.name
         messages = self.messages_for(task)
         schemas = self.toolbox.schemas() or None
@@ -142,35 +161,37 @@ class Agent:
             calls: list[ToolCall] = []
             content: list[str] = []
             try:
-                async with aclosing(self.client.stream(messages, model=self.model, tools=schemas,
-                                                       params=merged_params)) as events:
-                    async for event in events:
-                        kind = type(event)
-                        if kind is TextDelta:
-                            delta: TextDelta = event  # type: ignore[assignment]
-                            if delta.choice:
-                                continue
-                            streamed += 1
-                            if delta.kind == "reasoning":
-                                yield Thinking(delta.text, agent=name, workflow=workflow)
+                async with aclosing(self.client.batches(messages, model=self.model, tools=schemas,
+                                                        params=merged_params)) as reads:
+                    async for read in reads:
+                        batch: list[Event] = []
+                        for event in read:
+                            if isinstance(event, TextDelta):
+                                if event.choice:
+                                    continue
+                                streamed += 1
+                                if event.kind == "reasoning":
+                                    batch.append(Thinking(event.text, agent=name, workflow=workflow))
+                                else:
+                                    content.append(event.text)
+                                    batch.append(Answer(event.text, agent=name, workflow=workflow))
+                            elif isinstance(event, ToolCall):
+                                calls.append(event)
+                            elif isinstance(event, Finish):
+                                finish_reason = event.reason
                             else:
-                                content.append(delta.text)
-                                yield Answer(delta.text, agent=name, workflow=workflow)
-                        elif kind is ToolCall:
-                            calls.append(event)  # type: ignore[arg-type]
-                        elif kind is Finish:
-                            finish_reason = event.reason  # type: ignore[union-attr]
-                        elif kind is Usage:
-                            usage[0] += event.prompt_tokens  # type: ignore[union-attr]
-                            usage[1] += event.completion_tokens  # type: ignore[union-attr]
-                            usage_reported = True
+                                usage[0] += event.prompt_tokens
+                                usage[1] += event.completion_tokens
+                                usage_reported = True
+                        if batch:
+                            yield batch
             except UpstreamError as exc:
-                yield self._usage(usage, usage_reported, prompt_estimate, streamed, workflow)
-                yield ErrorEvent(exc.code, exc.message, exc.retryable, agent=name, workflow=workflow)
+                yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+                       ErrorEvent(exc.code, exc.message, exc.retryable, agent=name, workflow=workflow)]
                 return
             if not calls:
-                yield self._usage(usage, usage_reported, prompt_estimate, streamed, workflow)
-                yield Done(finish_reason, agent=name, workflow=workflow)
+                yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+                       Done(finish_reason, agent=name, workflow=workflow)]
                 return
             messages.append({
                 "role": "assistant",
@@ -179,13 +200,13 @@ class Agent:
                                 "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
             })
             for call in calls:
-                yield Action(f"{call.name}({call.arguments})", call.id, call.name, call.arguments,
-                             agent=name, workflow=workflow)
+                yield [Action(f"{call.name}({call.arguments})", call.id, call.name, call.arguments,
+                              agent=name, workflow=workflow)]
                 result, is_error = await self.toolbox.call(call.name, call.arguments)
-                yield Observation(result, call.id, call.name, is_error, agent=name, workflow=workflow)
+                yield [Observation(result, call.id, call.name, is_error, agent=name, workflow=workflow)]
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-        yield self._usage(usage, usage_reported, prompt_estimate, streamed, workflow)
-        yield Done("max_loops", agent=name, workflow=workflow)
+        yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+               Done("max_loops", agent=name, workflow=workflow)]
 
     def _usage(self, usage: list[int], reported: bool, prompt_estimate: int, streamed: int,
                workflow: str | None) -> UsageEvent:
@@ -206,7 +227,13 @@ class Agent:
         return (await _collect(self.stream(task), streaming_callback, detailed)).get(self.name, "")
 
 
-async def _collect(events: AsyncIterator[Event], callback: StreamingCallback | None,
+def assistant(client: UpstreamClient, model: str | None = None) -> Agent:
+    """The built-in tool-using agent (``"agent": "assistant"``, ``/ws/agent-thoughts``)."""
+    return Agent("assistant", "You are a helpful assistant. Use a tool when it helps.", model, BUILTIN_TOOLS,
+                 max_loops=4, client=client)
+
+
+async def _collect(events: AsyncGenerator[Event, None], callback: StreamingCallback | None,
                    detailed: bool) -> dict[str, str]:
     answers: dict[str, list[str]] = {}
     failures: list[int] = []
@@ -252,20 +279,27 @@ class ConcurrentWorkflow:
         task.cancel()
         return True
 
-    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncIterator[Event]:
-        queue: asyncio.Queue[Event | None] = asyncio.Queue(self.max_pending)
+    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
+        async with aclosing(self.batches(task, params)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def batches(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
+        """The agents' batches as they come; those that arrived meanwhile leave as one batch."""
+        queue: asyncio.Queue[list[Event] | None] = asyncio.Queue(self.max_pending)
 
         async def drive(agent: Agent) -> None:
             try:
-                async with aclosing(agent.stream(task, workflow=self.name, params=params)) as events:
-                    async for event in events:
-                        await queue.put(_ending(event) or event)
+                async with aclosing(agent.batches(task, workflow=self.name, params=params)) as batches:
+                    async for batch in batches:
+                        await queue.put([_ending(event) or event for event in batch])
             except asyncio.CancelledError:
-                await queue.put(AgentEnd("cancelled", None, "cancelled", agent=agent.name, workflow=self.name))
+                await queue.put([AgentEnd("cancelled", None, "cancelled", agent=agent.name, workflow=self.name)])
             except Exception as exc:
                 log.exception("agent %s failed", agent.name)
-                await queue.put(AgentEnd("error", None, f"internal error: {type(exc).__name__}",
-                                         agent=agent.name, workflow=self.name))
+                await queue.put([AgentEnd("error", None, f"internal error: {type(exc).__name__}",
+                                          agent=agent.name, workflow=self.name)])
             finally:
                 await queue.put(None)
 
@@ -273,12 +307,19 @@ class ConcurrentWorkflow:
         remaining = len(self._tasks)
         try:
             while remaining:
-                event = await queue.get()
-                if event is None:
-                    remaining -= 1
-                else:
-                    yield event
-            yield Done("stop", workflow=self.name)
+                item = await queue.get()
+                merged: list[Event] = []
+                while True:
+                    if item is None:
+                        remaining -= 1
+                    else:
+                        merged.extend(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if merged:
+                    yield merged
+            yield [Done("stop", workflow=self.name)]
         finally:
             for t in self._tasks.values():
                 t.cancel()
@@ -300,24 +341,31 @@ class SequentialWorkflow:
     def cancel(self, agent_name: str) -> bool:
         return False
 
-    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncIterator[Event]:
+    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
+        async with aclosing(self.batches(task, params)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def batches(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
         current = task
         for agent in self.agents:
             answer: list[str] = []
             failed: ErrorEvent | None = None
-            async with aclosing(agent.stream(current, workflow=self.name, params=params)) as events:
-                async for event in events:
-                    if isinstance(event, Answer):
-                        answer.append(event.content)
-                    if isinstance(event, ErrorEvent):
-                        failed = event
-                    yield _ending(event) or event
+            async with aclosing(agent.batches(current, workflow=self.name, params=params)) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        if isinstance(event, Answer):
+                            answer.append(event.content)
+                        elif isinstance(event, ErrorEvent):
+                            failed = event
+                    yield [_ending(event) or event for event in batch]
             if failed is not None:
-                yield ErrorEvent(failed.code, f"{agent.name}: {failed.message}", failed.retryable,
-                                 workflow=self.name)
+                yield [ErrorEvent(failed.code, f"{agent.name}: {failed.message}", failed.retryable,
+                                  workflow=self.name)]
                 return
             current = "".join(answer)
-        yield Done("stop", workflow=self.name)
+        yield [Done("stop", workflow=self.name)]
 
     async def run(self, task: str, streaming_callback: StreamingCallback | None = None, *,
                   detailed: bool = False) -> str:
@@ -326,21 +374,26 @@ class SequentialWorkflow:
         return answers.get(self.agents[-1].name, "") if self.agents else ""
 
 
-def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, Any]:
+Workflow = ConcurrentWorkflow | SequentialWorkflow
+WorkflowFactory = Callable[[], Workflow]
+
+
+def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, WorkflowFactory]:
     """Workflow definitions from a JSON file (see README, "Workflows")."""
     with open(path, encoding="utf-8") as handle:
         spec = json.load(handle)
     return build_workflows(spec, client, tools)
 
 
-def build_workflows(spec: dict[str, Any], client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, Any]:
+def build_workflows(spec: dict[str, Any], client: UpstreamClient,
+                    tools: Sequence[Tool]) -> dict[str, WorkflowFactory]:
     """``{"name": {"mode": "concurrent"|"sequential", "agents": [{"name", "system_prompt", ...}]}}``.
 
     Returns factories: each run gets fresh workflow objects, so one run's
     cancellations never touch another's.
     """
     by_name = {t.name: t for t in tools}
-    factories: dict[str, Any] = {}
+    factories: dict[str, WorkflowFactory] = {}
     for wf_name, wf in (spec.get("workflows") or spec).items():
         mode = wf.get("mode", "concurrent")
         if mode not in ("concurrent", "sequential"):
@@ -353,15 +406,17 @@ def build_workflows(spec: dict[str, Any], client: UpstreamClient, tools: Sequenc
             if unknown:
                 raise ValueError(f"workflow {wf_name}: unknown tools {unknown}")
 
-        def factory(wf_name: str = wf_name, mode: str = mode, agent_specs: list[dict[str, Any]] = agent_specs) -> Any:
+        def factory(wf_name: str = wf_name, mode: str = mode,
+                    agent_specs: list[dict[str, Any]] = agent_specs) -> Workflow:
             agents = [Agent(a["name"], a.get("system_prompt", ""), a.get("model"),
                             [by_name[t] for t in a.get("tools", [])], int(a.get("max_loops", 3)), client=client)
                       for a in agent_specs]
-            cls = ConcurrentWorkflow if mode == "concurrent" else SequentialWorkflow
-            return cls(wf_name, agents)
+            if mode == "concurrent":
+                return ConcurrentWorkflow(wf_name, agents)
+            return SequentialWorkflow(wf_name, agents)
 
         factories[wf_name] = factory
     return factories
 
 
-__all__ += ["load_workflows", "build_workflows"]
+__all__ += ["load_workflows", "build_workflows", "WorkflowFactory"]

@@ -2,30 +2,26 @@
 
 A text frame that parses as a JSON object with a string ``type`` is a protocol
 message; anything else is a text-mode prompt. README has the table of message
-types. Each run is a :class:`~wsagent.relay.Run` driven by its own task; this
+types. Each run is a :class:`~wsagent.run.Run` driven by its own task; this
 module only validates requests and wires runs to the connection's outbox.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .agent import Agent, ConcurrentWorkflow, SequentialWorkflow
+from .agent import assistant, estimate_tokens
+from .app import App
+from .broker import scope_of
 from .config import Settings
 from .connections import Connection
 from .errors import ProtocolViolation
-from .events import AgentEnd, Answer, Event, Snapshot, encode, encode_message, json_object
-from .relay import ReplayGap, Run, drive, stream_model
-from .tools import BUILTIN_TOOLS
-from .transcripts import Transcript
-
-if TYPE_CHECKING:
-    from .server import WsAgentServer
+from .events import Snapshot, encode, encode_message, json_object
+from .pump import Producer, model_batches
+from .render import TextMode
+from .run import BadResume, Phase, ReplayGap, Run
+from .workflow_state import WorkflowState
 
 __all__ = ["chat", "ChatSession", "PARAMS"]
 
@@ -41,30 +37,9 @@ _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _MAX_ID = 128
 
 
-class WorkflowState:
-    """Each agent's status and answer so far, for the snapshot an attaching client gets."""
-
-    def __init__(self, agents: list[str]) -> None:
-        self.status = {name: "running" for name in agents}
-        self.text: dict[str, list[str]] = {name: [] for name in agents}
-
-    async def observe(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        async with aclosing(events) as stream:  # closing this closes the workflow, which stops its agents
-            async for event in stream:
-                if isinstance(event, Answer) and event.agent in self.text:
-                    self.text[event.agent].append(event.content)
-                elif isinstance(event, AgentEnd) and event.agent in self.status:
-                    self.status[event.agent] = event.outcome
-                yield event
-
-    def snapshot(self) -> tuple[dict[str, Any], ...]:
-        return tuple({"agent": name, "status": self.status[name], "content": "".join(self.text[name])}
-                     for name in self.status)
-
-
 class ChatSession:
-    def __init__(self, server: WsAgentServer, conn: Connection) -> None:
-        self.server = server
+    def __init__(self, app: App, conn: Connection) -> None:
+        self.app = app
         self.conn = conn
         self.history: list[dict[str, str]] = []  # a list: an empty deque costs 760 bytes per connection
         self.text_runs = 0
@@ -73,10 +48,10 @@ class ChatSession:
     @property
     def settings(self) -> Settings:
         """Read on every request, so a SIGHUP reload applies to open connections too."""
-        return self.server.settings
+        return self.app.settings
 
     async def serve(self) -> None:
-        async for message in self.server.incoming(self.conn, self._refusal):
+        async for message in self.app.incoming(self.conn, self._refusal):
             if message is None:
                 continue
             if isinstance(message, bytes):
@@ -95,7 +70,7 @@ class ChatSession:
     # -- replies ---------------------------------------------------------
 
     def reply(self, frame: str) -> None:
-        self.conn.outbox.put(frame)
+        self.conn.put(frame)
 
     @staticmethod
     def _refusal(code: str, message: str) -> str:
@@ -108,28 +83,28 @@ class ChatSession:
     # -- text mode -------------------------------------------------------
 
     def text_prompt(self, prompt: str) -> None:
-        if self.server.draining:
-            self.reply("[ERROR] server is shutting down")
-            return
-        if self._active_runs() >= self.settings.max_runs_per_connection:
-            self.reply(f"[ERROR] too many prompts in flight (at most {self.settings.max_runs_per_connection})")
+        refusal = self.app.admit(self.conn, self.settings.max_runs_per_connection)
+        if refusal is not None:
+            self.reply(f"[ERROR] {refusal[1]}")
             return
         self.text_runs += 1
-        run = self._new_run(f"text-{self.text_runs}")
+        run = self.app.new_run(self.conn, f"text-{self.conn.id}-{self.text_runs}", grace=self.settings.resume_grace)
         previous, self._last_text_run = self._last_text_run, run
-        run.subscribe(self.conn.outbox, 0, text_mode=True)
-        self._start(run, self._text_run(run, previous, prompt))
+        run.subscribe(self.conn.outbox, 0, TextMode(), primary=True)
+        messages = [*self.history, {"role": "user", "content": prompt}]
+        run.prompt_estimate = estimate_tokens(messages)
+        self.app.start(self.conn, run, self._text_run(run, prompt), model=self.app.upstream.config.model,
+                       after=previous)
 
-    async def _text_run(self, run: Run, previous: Run | None, prompt: str) -> None:
-        if previous is not None:
-            await previous.wait()
-        assert self.server.upstream is not None
+    async def _text_run(self, run: Run, prompt: str) -> Producer:
+        """The history is read when the run's turn comes (the previous prompt's reply is in it by then)."""
         messages = [*self.history, {"role": "user", "content": prompt}]
         reply: list[str] = []
-        await stream_model(run, self.server.upstream, messages, collect=reply,
-                           collect_chars=self.settings.history_chars)
-        if run.outcome == "done":
-            self._remember(prompt, "".join(reply))
+        async for batch in model_batches(self.app.upstream, messages, collect=reply,
+                                         collect_chars=self.settings.history_chars):
+            if batch and batch[-1].terminal and run.phase is Phase.RUNNING:
+                self._remember(prompt, "".join(reply))
+            yield batch
 
     def _remember(self, prompt: str, reply: str) -> None:
         """Keep the exchange, trimming the oldest turns to the history's bounds. A reply longer than
@@ -160,19 +135,12 @@ class ChatSession:
 
     def start_run(self, request: dict[str, Any]) -> None:
         run_id = _run_id(request)
-        if self.server.draining:
-            self.reply_error(run_id, "server_shutting_down", "server is shutting down; try again shortly", True)
+        refusal = self.app.admit(self.conn, self.settings.max_runs_per_connection)
+        if refusal is not None:
+            self.reply_error(run_id, *refusal, True)
             return
-        if self.server.runs.get(self.conn.user, run_id) is not None:
+        if self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id) is not None:
             raise ProtocolViolation(f"run id {run_id!r} is already in use")
-        if self._active_runs() >= self.settings.max_runs_per_connection:
-            self.reply_error(run_id, "too_many_runs",
-                             f"at most {self.settings.max_runs_per_connection} runs in flight per connection", True)
-            return
-        user, per_user = self.conn.user, self.settings.max_runs_per_user
-        if user is not None and sum(r.user == user for r in self.server.runs.active()) >= per_user:
-            self.reply_error(run_id, "too_many_runs", f"at most {per_user} runs in flight per user", True)
-            return
         messages = _messages(request)
         model = request.get("model")
         if model is not None and not isinstance(model, str):
@@ -184,100 +152,78 @@ class ChatSession:
         if unknown:
             raise ProtocolViolation(f"unsupported params: {', '.join(unknown)}")
         agent_name, workflow_name = request.get("agent"), request.get("workflow")
-        assert self.server.upstream is not None
+        app, grace = self.app, self.settings.resume_grace
+        producer: Producer
         if workflow_name is not None:
-            factory = self.server.workflows.get(workflow_name) if isinstance(workflow_name, str) else None
+            factory = app.workflows.get(workflow_name) if isinstance(workflow_name, str) else None
             if factory is None:
-                raise ProtocolViolation(f"unknown workflow {workflow_name!r}; known: {sorted(self.server.workflows)}")
-            workflow: ConcurrentWorkflow | SequentialWorkflow = factory()
-            run = self._new_run(run_id, workflow=workflow.name)
+                raise ProtocolViolation(f"unknown workflow {workflow_name!r}; known: {sorted(app.workflows)}")
+            workflow = factory()
             state = WorkflowState([a.name for a in workflow.agents])
-            run.state = state
-            run.controller = workflow
-            events: AsyncIterator[Event] = state.observe(workflow.stream(_last_user_text(messages), params))
-            run.subscribe(self.conn.outbox, 0)
-            self._start(run, drive(run, events))
+            run = app.new_run(self.conn, run_id, grace=grace, workflow=workflow.name, controller=workflow,
+                              state=state)
+            producer = state.observe(workflow.batches(_last_user_text(messages), params))
         elif agent_name is not None:
             if agent_name != "assistant":
                 raise ProtocolViolation(f"unknown agent {agent_name!r}; known: ['assistant']")
-            agent = Agent("assistant", "You are a helpful assistant. Use a tool when it helps.", model,
-                          BUILTIN_TOOLS, max_loops=4, client=self.server.upstream)
-            run = self._new_run(run_id, agent=agent.name)
-            run.subscribe(self.conn.outbox, 0)
-            self._start(run, drive(run, agent.stream(messages, params=params)))
+            agent = assistant(app.upstream, model)
+            run = app.new_run(self.conn, run_id, grace=grace, agent=agent.name)
+            producer = agent.batches(messages, params=params)
         else:
-            run = self._new_run(run_id)
-            run.subscribe(self.conn.outbox, 0)
-            self._start(run, stream_model(run, self.server.upstream, messages, model=model, params=params))
+            run = app.new_run(self.conn, run_id, grace=grace)
+            producer = model_batches(app.upstream, messages, model=model, params=params)
+        run.prompt_estimate = estimate_tokens(messages)
+        run.subscribe(self.conn.outbox, 0, primary=True)
+        app.start(self.conn, run, producer, model=model or app.upstream.config.model)
+
+    def find(self, request: dict[str, Any]) -> tuple[str, Run | None]:
+        """The run a request names: by its ``key`` (from any socket; a user's run for that user only),
+        or without one by ``id`` among the client's own (its user's, or anonymously its socket's)."""
+        run_id = _run_id(request)
+        key = request.get("key")
+        if key is None:
+            return run_id, self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id)
+        if not isinstance(key, str):
+            raise ProtocolViolation("'key' must be a string (the key of the run's start event)")
+        run = self.app.broker.run_by_key(key)
+        if run is None or run.id != run_id or (run.user is not None and run.user != self.conn.user):
+            return run_id, None
+        return run_id, run
 
     def cancel(self, request: dict[str, Any]) -> None:
-        run_id = _run_id(request)
-        run = self.server.runs.get(self.conn.user, run_id)
+        run_id, run = self.find(request)
         if run is None or run.finished:
-            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} in flight")
+            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} in flight that you may cancel")
             return
         agent = request.get("agent")
         if agent is not None:
-            if run.controller is None or not run.controller.cancel(agent):
+            if run.controller is None or not isinstance(agent, str) or not run.controller.cancel(agent):
                 self.reply_error(run_id, "unknown_agent", f"no agent {agent!r} running in run {run_id!r}")
             return
         run.cancel("cancelled by client")
 
     def resume(self, request: dict[str, Any]) -> None:
-        run_id = _run_id(request)
         after = request.get("after", 0)
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise ProtocolViolation("'after' must be a non-negative integer (the last seq you received)")
-        run = self.server.runs.get(self.conn.user, run_id)
+        run_id, run = self.find(request)
         if run is None:
-            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to resume (never started, or forgotten)")
+            self.reply_error(run_id, "unknown_run",
+                             f"no run {run_id!r} to resume (never started, forgotten, or not yours: send its key)")
             return
         try:
-            run.subscribe(self.conn.outbox, after)
-        except ReplayGap as exc:
+            run.subscribe(self.conn.outbox, after, primary=not run.finished)
+        except (ReplayGap, BadResume) as exc:
             self.reply_error(run_id, exc.code, exc.message)
-            return
-        if not run.finished:
-            run.owner = self.conn
 
     def attach(self, request: dict[str, Any]) -> None:
-        run_id = _run_id(request)
-        run = self.server.runs.get(self.conn.user, run_id)
+        run_id, run = self.find(request)
         if run is None:
-            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to")
+            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to (send its key)")
             return
-        if isinstance(run.state, WorkflowState):
+        if run.state is not None:
             self.reply(encode(Snapshot(run.state.snapshot(), workflow=run.workflow), run.id, None))
         run.subscribe(self.conn.outbox, run.oldest_kept - 1)
-
-    # -- runs ------------------------------------------------------------
-
-    def _new_run(self, run_id: str, *, agent: str | None = None, workflow: str | None = None) -> Run:
-        s = self.settings
-        transcript = Transcript(s.transcripts_dir, run_id, self.conn.id, self.conn.user) if s.transcripts_dir else None
-        run = Run(run_id, user=self.conn.user, buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes,
-                  agent=agent, workflow=workflow, latency=self.server.metrics.relay_latency, transcript=transcript)
-        run.owner = self.conn
-        run.budget(s.run_max_seconds, s.run_max_tokens)
-        self.server.runs.add(run, s.resume_grace)
-        return run
-
-    def _start(self, run: Run, producer: Any) -> None:
-        self.server.stream_started()
-        conn_id = self.conn.id
-        ids = {"conn": conn_id, "run": run.id}
-        log.info("run %s start on %s", run.id, conn_id, extra=ids)
-
-        def finished(done: Run) -> None:
-            self.server.stream_ended()
-            log.info("run %s end on %s outcome=%s deltas=%d duration=%.3fs", done.id, conn_id, done.outcome,
-                     done.streamed, time.monotonic() - done.started, extra=ids)
-
-        run.on_finish.append(finished)
-        run.task = asyncio.get_running_loop().create_task(producer)
-
-    def _active_runs(self) -> int:
-        return sum(1 for run in self.server.runs.active() if run.owner is self.conn)
 
 
 def _run_id(request: dict[str, Any]) -> str:
@@ -312,5 +258,5 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-async def chat(server: WsAgentServer, conn: Connection) -> None:
-    await ChatSession(server, conn).serve()
+async def chat(app: App, conn: Connection) -> None:
+    await ChatSession(app, conn).serve()

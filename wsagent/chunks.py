@@ -192,7 +192,8 @@ class ChunkInterpreter:
             index = 0
         delta = choice.get("delta")
         if not isinstance(delta, dict):
-            delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            message = choice.get("message")
+            delta = message if isinstance(message, dict) else {}
         reasoning = delta.get("reasoning_content")
         if reasoning is None:
             reasoning = delta.get("reasoning")
@@ -220,7 +221,8 @@ class ChunkInterpreter:
 
     def _tool_delta(self, choice: int, position: int, call: dict[str, Any]) -> None:
         calls = self._calls.setdefault(choice, [])
-        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = call.get("function")
+        fn: dict[str, Any] = function if isinstance(function, dict) else {}
         call_id = call.get("id") if isinstance(call.get("id"), str) else ""
         name = fn.get("name") if isinstance(fn.get("name"), str) else ""
         args = fn.get("arguments")

@@ -71,8 +71,8 @@ class TextRenderer:
             try:
                 from rich.console import Console
             except ImportError:
-                Console = None
-            if Console is not None:
+                pass
+            else:
                 self.console = Console(file=out, highlight=False, soft_wrap=True)
 
     def _write(self, text: str, style: str | None = None) -> None:

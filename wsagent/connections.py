@@ -19,16 +19,14 @@ import math
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-if TYPE_CHECKING:
-    from .relay import Subscription
+from .broker import Broker
+from .run import Subscription
 
 __all__ = [
     "Connection", "ConnectionManager", "Outbox", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
@@ -147,11 +145,11 @@ class Outbox:
         self.wake()
         return True
 
-    def subscribe(self, sub: Subscription) -> None:
+    def watch(self, sub: Subscription) -> None:
         self._subs.append(sub)
         self.wake()
 
-    def unsubscribe(self, sub: Subscription) -> None:
+    def unwatch(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
 
@@ -197,7 +195,7 @@ class Outbox:
                     return True
             sub.sent()
             if sub.ended:
-                self.unsubscribe(sub)
+                self.unwatch(sub)
         return True
 
     def _drop(self) -> None:
@@ -273,18 +271,17 @@ class Connection:
                 pass
         await close_or_abort(self.ws, code, reason, self.close_timeout)
 
-    async def send(self, frame: str) -> None:
-        """Send now, waiting for the socket (a handler's own stream); watched for 4008 like the outbox."""
-        outbox = self.outbox
-        outbox.sending_since = time.monotonic()
-        try:
-            await self.ws.send(frame)
-        finally:
-            outbox.sending_since = None
+    def put(self, frame: str) -> bool:
+        """Queue ``frame`` behind everything already pending for this client (one writer, one order)."""
+        return self.outbox.put(frame)
+
+    def evict(self) -> None:
+        """A newer connection took this client's id."""
+        self.close_soon(CLOSE_REPLACED, "replaced by a newer connection")
 
 
 class ConnectionManager:
-    """Knows every open connection; personal sends and broadcast.
+    """Knows every open connection of this process; client ids and per-user counts live in the broker.
 
     ``client_id_policy`` decides what a second connection with a connected
     client id gets: ``replace`` closes the old one with 4009 (a reloaded page
@@ -292,13 +289,12 @@ class ConnectionManager:
     ``reject`` closes the new one with 4009.
     """
 
-    def __init__(self, max_connections: int, client_id_policy: str = "replace") -> None:
+    def __init__(self, broker: Broker, max_connections: int, client_id_policy: str = "replace") -> None:
+        self.broker = broker
         self.max_connections = max_connections
         self.client_id_policy = client_id_policy
         self._all: dict[str, Connection] = {}
-        self._by_client: dict[str, Connection] = {}
         self._per_ip: Counter[str] = Counter()
-        self._per_user: Counter[str] = Counter()
         self.total = 0
         self.total_by_route: Counter[str] = Counter()
         self.slow_closes = 0
@@ -327,11 +323,9 @@ class ConnectionManager:
         if not self._per_ip[conn.ip]:
             del self._per_ip[conn.ip]
         if conn.user is not None:
-            self._per_user[conn.user] -= 1
-            if not self._per_user[conn.user]:
-                del self._per_user[conn.user]
-        if conn.client_id is not None and self._by_client.get(conn.client_id) is conn:
-            del self._by_client[conn.client_id]
+            self.broker.user_disconnected(conn.user)
+        if conn.client_id is not None:
+            self.broker.release_client(conn.client_id, conn)
 
     def from_ip(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)
@@ -339,45 +333,17 @@ class ConnectionManager:
     def set_user(self, conn: Connection, user: str) -> int:
         """Record who ``conn`` is; returns how many connections that user now has open."""
         conn.user = user
-        self._per_user[user] += 1
-        return self._per_user[user]
+        return self.broker.user_connected(user)
 
     def open_by_route(self) -> Counter[str]:
         return Counter(conn.route for conn in self._all.values())
 
     def claim_client_id(self, conn: Connection, client_id: str) -> bool:
         """Bind ``client_id`` to ``conn`` following the policy. False if ``conn`` must go."""
-        old = self._by_client.get(client_id)
-        if old is not None and old is not conn:
-            if self.client_id_policy == "reject":
-                return False
-            old.close_soon(CLOSE_REPLACED, "replaced by a newer connection")
+        if not self.broker.claim_client(client_id, conn, self.client_id_policy):
+            return False
         conn.client_id = client_id
-        self._by_client[client_id] = conn
         return True
-
-    def get(self, client_id: str) -> Connection | None:
-        return self._by_client.get(client_id)
-
-    async def send_personal(self, client_id: str, message: str) -> bool:
-        """Send to one client, waiting for its socket. False if it is not connected."""
-        conn = self._by_client.get(client_id)
-        if conn is None:
-            return False
-        try:
-            await conn.send(message)
-        except ConnectionClosed:
-            return False
-        return True
-
-    def broadcast(self, message: str, where: Callable[[Connection], bool] | None = None) -> int:
-        """Queue ``message`` for every addressed client (or those ``where`` picks); never waits.
-
-        Returns how many clients it was queued for. A client too far behind is
-        closed with 4008 instead of growing its queue.
-        """
-        targets = self._by_client.values() if where is None else (c for c in self._all.values() if where(c))
-        return sum(1 for conn in list(targets) if conn.outbox.put(message))
 
     def sweep(self, now: float, slow_after: float) -> None:
         """Close clients stuck in one send for longer than ``slow_after`` seconds (4008)."""

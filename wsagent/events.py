@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,9 +37,12 @@ __all__ = [
     "encode",
     "encode_message",
     "encode_text",
-    "render_text",
-    "render_text_delta",
     "json_object",
+    "KIND_NAMES",
+    "TEXT_KINDS",
+    "kind_of",
+    "TEXT_CLASSES",
+    "Producer",
 ]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -64,8 +68,11 @@ class TextEvent(Event):
 
 @dataclass(frozen=True, slots=True)
 class Start(Event):
+    """A run began. ``key`` is the run's own secret: present it to resume, attach or cancel elsewhere."""
+
     type: ClassVar[str] = "start"
-    model: str = ""
+    model: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +173,28 @@ class Cancelled(Event):
     reason: str = "cancelled"
 
 
+#: What a run streams: batches of events, each the events that arrived together (one upstream read).
+Producer = AsyncGenerator[Sequence[Event], None]
+
+#: Every event type's wire name, by a small number: a run's log keeps the number, not the class.
+#: The text deltas come first, so ``kind < TEXT_KINDS`` tells a text delta.
+KIND_NAMES: tuple[str, ...] = (
+    "token", "thinking", "refusal", "answer",
+    "start", "tool_call", "action", "observation", "usage", "snapshot", "agent_end", "done", "error", "cancelled",
+)
+TEXT_KINDS = 4
+_KINDS = {name: number for number, name in enumerate(KIND_NAMES)}
+
+
+#: The text delta classes by their number.
+TEXT_CLASSES: tuple[type[TextEvent], ...] = (Token, Thinking, Refusal, Answer)
+
+
+def kind_of(cls: type[Event]) -> int:
+    """The number of an event class in :data:`KIND_NAMES`."""
+    return _KINDS[cls.type]
+
+
 _FIELDS: dict[type, tuple[str, ...]] = {}
 
 
@@ -206,30 +235,11 @@ def encode_text(cls: type[TextEvent], content: str, run_id: str, seq: int, agent
     return f'{{"type":"{cls.type}","id":{_quote(run_id)},"seq":{seq},{origin}"content":{_quote(content)}}}'
 
 
-def render_text_delta(cls: type[TextEvent], content: str) -> str | None:
-    """Text mode shows the answer's tokens, and no thinking or refusal deltas."""
-    return content if cls.type == "token" else None
-
-
 def encode_message(type_: str, **fields: Any) -> str:
     """A frame that belongs to no run (``pong``, ``broadcast``, refusals of a request)."""
     obj = {"type": type_}
     obj.update((k, v) for k, v in fields.items() if v is not None)
     return _dumps(obj)
-
-
-def render_text(event: Event) -> str | None:
-    """The tutorial's text mode: answer text as it comes, then ``\\n[DONE]`` or ``[ERROR] ...``."""
-    if isinstance(event, TextEvent):
-        return render_text_delta(type(event), event.content)
-    kind = event.type
-    if kind == "done":
-        return "\n[DONE]"
-    if kind == "error":
-        return f"[ERROR] {event.message}"  # type: ignore[attr-defined]
-    if kind == "cancelled":
-        return f"\n[CANCELLED] {event.reason}"  # type: ignore[attr-defined]
-    return None
 
 
 def json_object(text: str) -> dict[str, Any] | None:

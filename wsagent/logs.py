@@ -7,9 +7,17 @@ import logging
 import re
 import time
 
-__all__ = ["configure_logging", "JsonFormatter", "Redactor"]
+__all__ = ["configure_logging", "JsonFormatter", "Redactor", "printable"]
 
 _SECRETS = re.compile(r"([?&]token=)[^&\s]+|(bearer[. ])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def printable(value: str) -> str:
+    """``value`` safe for one log line: control characters (a newline that would forge a line) escaped."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in value)
 
 
 class Redactor(logging.Filter):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
 
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-if TYPE_CHECKING:
-    from .server import WsAgentServer
+from .app import App
+from .responses import http_response
 
 __all__ = ["index", "static", "workflows"]
 
@@ -29,8 +27,6 @@ def _file(name: str) -> bytes | None:
 
 
 def _serve(name: str) -> Response:
-    from .server import http_response
-
     body = _file(name)
     if body is None:
         return http_response(404, "Not found.\n")
@@ -39,18 +35,16 @@ def _serve(name: str) -> Response:
         "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _CSP})
 
 
-def index(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+def index(app: App, request: Request) -> Response:
     return _serve("index.html")
 
 
-def static(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
+def static(app: App, request: Request) -> Response:
     name = request.path.partition("?")[0].removeprefix("/static/")
     if "/" in name or name.startswith("."):
         return _serve("")
     return _serve(name)
 
 
-def workflows(server: WsAgentServer, connection: ServerConnection, request: Request) -> Response:
-    from .server import http_response
-
-    return http_response(200, json.dumps(sorted(server.workflows)), "application/json")
+def workflows(app: App, request: Request) -> Response:
+    return http_response(200, json.dumps(sorted(app.workflows)), "application/json")

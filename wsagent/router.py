@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .connections import Connection
+from websockets.http11 import Request, Response
 
-__all__ = ["Route", "Router", "Handler"]
+from .app import App
+from .connections import Connection
 
-Handler = Callable[[Any, "Connection"], Awaitable[None]]
+__all__ = ["Route", "Router", "Handler", "HttpHandler"]
+
+#: A WebSocket route's handler: it gets the application context and its connection.
+Handler = Callable[[App, Connection], Awaitable[None]]
+#: A plain HTTP answer on the same port, before any upgrade.
+HttpHandler = Callable[[App, Request], Response]
 
 
 @dataclass(frozen=True)

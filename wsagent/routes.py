@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from .chat import chat
 from .pages import index, static, workflows
-from .router import Route
-from .server import healthz, metrics
+from .router import HttpHandler, Route
+from .status import healthz, metrics
 from .tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
 
 __all__ = ["ROUTES", "HTTP_ROUTES"]
@@ -24,7 +24,7 @@ ROUTES = (
     Route("/ws/{client_id}", client_addressed),
 )
 
-HTTP_ROUTES = {
+HTTP_ROUTES: dict[str, HttpHandler] = {
     "/": index,
     "/static/app.js": static,
     "/static/style.css": static,

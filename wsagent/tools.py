@@ -107,7 +107,7 @@ class ToolBox:
         try:
             args = json.loads(arguments or "{}")
         except ValueError as exc:
-            return f"error: arguments are not valid JSON ({exc.msg}): {arguments[:200]}", True
+            return f"error: arguments are not valid JSON ({exc}): {arguments[:200]}", True
         if not isinstance(args, dict):
             return "error: arguments must be a JSON object", True
         try:
@@ -119,10 +119,12 @@ class ToolBox:
         return result if isinstance(result, str) else json.dumps(result, default=str), False
 
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "sin": math.sin, "cos": math.cos, "tan": math.tan,
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "sqrt": math.sqrt, "abs": abs, "round": round, "sin": math.sin, "cos": math.cos, "tan": math.tan,
               "log": math.log, "exp": math.exp, "floor": math.floor, "ceil": math.ceil}
 _CONSTANTS = {"pi": math.pi, "e": math.e}
 

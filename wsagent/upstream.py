@@ -15,7 +15,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -198,7 +198,7 @@ class UpstreamClient:
         model: str | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         params: dict[str, Any] | None = None,
-    ) -> AsyncIterator[ModelEvent]:
+    ) -> AsyncGenerator[ModelEvent, None]:
         """Yield :data:`ModelEvent` s as the model writes them.
 
         Use it under :func:`contextlib.aclosing` (or cancel the consuming task):
@@ -217,7 +217,7 @@ class UpstreamClient:
         model: str | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         params: dict[str, Any] | None = None,
-    ) -> AsyncIterator[list[ModelEvent]]:
+    ) -> AsyncGenerator[list[ModelEvent], None]:
         """Like :meth:`stream`, a list of events per network read: the relay's hot path, where one
         generator step per read instead of one per event (through two generators) is measurable."""
         body = self.build_body(messages, model, tools, params)

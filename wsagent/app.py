@@ -1,0 +1,225 @@
+"""What a handler may use: the application context, narrow and typed.
+
+Every route's handler is ``async def handler(app: App, conn: Connection)``.
+It reads messages with :meth:`App.incoming`, starts every stream it makes as a
+run with :meth:`App.new_run` and :meth:`App.start` (so every route gets the
+same budgets, limits, transcripts, metrics and ``run`` log lines), and writes
+only through its connection's outbox. The server (:mod:`wsagent.server`) owns
+the App and the sockets; handlers never see the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Callable, Iterator
+
+from .agent import WorkflowFactory
+from .auth import CLOSE_INVALID_TOKEN, CLOSE_RATE_LIMIT, Authenticator, AuthError, TokenBucket, token_from_request
+from .broker import LocalBroker, mint_key, scope_of
+from .config import Settings
+from .connections import Connection, ConnectionManager
+from .events import Start, encode_message, json_object
+from .logs import printable
+from .metrics import Metrics
+from .pump import Producer, pump
+from .run import Run
+from .transcripts import Transcript
+from .upstream import UpstreamClient
+from .workflow_state import Controller, WorkflowState
+
+__all__ = ["App", "Refusal"]
+
+log = logging.getLogger("wsagent.app")
+
+#: Why a run may not start: (code, message).
+Refusal = tuple[str, str]
+
+
+class App:
+    """The settings, the model server, the runs and the connections, for handlers."""
+
+    def __init__(self, settings: Settings, upstream: UpstreamClient, metrics: Metrics,
+                 workflows: dict[str, WorkflowFactory]) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.metrics = metrics
+        self.workflows = workflows
+        self.broker = LocalBroker()
+        self.manager = ConnectionManager(self.broker, settings.max_connections, settings.client_id_policy)
+        self.auth = Authenticator(settings)
+        self.started = time.monotonic()
+        self.draining = False
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._conn_runs: Counter[str] = Counter()
+
+    # -- runs ------------------------------------------------------------
+
+    def admit(self, conn: Connection, per_connection: int) -> Refusal | None:
+        """Whether ``conn`` may start another run: the server is not draining, and the connection
+        and its user are under their limits (every run counts, whatever its id)."""
+        if self.draining:
+            return "server_shutting_down", "server is shutting down; try again shortly"
+        if self._conn_runs[conn.id] >= per_connection:
+            return "too_many_runs", f"at most {per_connection} runs in flight per connection"
+        per_user = self.settings.max_runs_per_user
+        if conn.user is not None and self.broker.runs_of(conn.user) >= per_user:
+            return "too_many_runs", f"at most {per_user} runs in flight per user"
+        return None
+
+    def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
+                workflow: str | None = None, controller: Controller | None = None,
+                state: WorkflowState | None = None) -> Run:
+        """A run owned by ``conn``, registered under a fresh key, with the configured budgets.
+
+        ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once).
+        Raises ``ValueError`` if ``run_id`` is in use in the client's scope.
+        """
+        s = self.settings
+        key = mint_key()
+        transcript = Transcript(s.transcripts_dir, f"{run_id}-{key[:8]}", conn.id, conn.user) \
+            if s.transcripts_dir else None
+        run = Run(run_id, key=key, user=conn.user, scope=scope_of(conn.user, conn.id),
+                  buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
+                  latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state)
+        run.grace = grace
+        self.broker.add_run(run, s.resume_grace)
+        run.budget(s.run_max_seconds, s.run_max_tokens)
+        return run
+
+    def start(self, conn: Connection, run: Run, producer: Producer, *, model: str | None = None,
+              after: Run | None = None) -> None:
+        """Send ``start`` (with the run's key), then run ``producer`` into ``run`` (once ``after`` has
+        ended, to answer a client's prompts in order)."""
+        run.push(Start(model, run.key, agent=run.agent, workflow=run.workflow))
+        run.wake()
+        self.stream_started()
+        conn_id = conn.id
+        self._conn_runs[conn_id] += 1
+        ids = {"conn": conn_id, "run": run.id}
+        log.info("run %s start on %s", printable(run.id), conn_id, extra=ids)
+
+        def finished(done: Run) -> None:
+            self.stream_ended()
+            self._conn_runs[conn_id] -= 1
+            if not self._conn_runs[conn_id]:
+                del self._conn_runs[conn_id]
+            log.info("run %s end on %s outcome=%s deltas=%d duration=%.3fs", printable(done.id), conn_id,
+                     done.outcome, done.streamed, time.monotonic() - done.started, extra=ids)
+
+        run.on_finish.append(finished)
+        run.task = asyncio.get_running_loop().create_task(pump(run, producer, after))
+
+    def release(self, conn: Connection) -> None:
+        """The client is gone: what it watched loses a watcher; a run it owned goes on for its resume
+        grace, or is cancelled (at once while draining)."""
+        for sub in conn.outbox.subscriptions:
+            sub.run.unsubscribe(sub, 0.0 if self.draining else sub.run.grace)
+
+    def stream_started(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def stream_ended(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """``with app.busy():`` marks work in flight, for the drain on shutdown."""
+        self.stream_started()
+        try:
+            yield
+        finally:
+            self.stream_ended()
+
+    # -- messages --------------------------------------------------------
+
+    async def incoming(self, conn: Connection, refuse: Callable[[str, str], str],
+                       idle: float | None = None) -> AsyncGenerator[str | bytes | None, None]:
+        """A connection's messages, rate limited, with in-band token refresh taken out.
+
+        Yields ``None`` after ``idle`` seconds without a message. Over the rate, a
+        message is refused with ``refuse(code, text)``; a client that keeps going
+        past another burst's worth is closed with 4029.
+        """
+        ws = conn.ws
+        bucket = TokenBucket(self.settings.messages_per_second, self.settings.message_burst)
+        strikes = 0
+        while True:
+            if idle:
+                try:
+                    async with asyncio.timeout(idle):
+                        message = await ws.recv()
+                except TimeoutError:
+                    yield None
+                    continue
+            else:
+                message = await ws.recv()
+            if not bucket.allow():
+                strikes += 1
+                if strikes > self.settings.message_burst:
+                    conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded", flush=True)
+                    await ws.wait_closed()
+                    return
+                conn.put(refuse("rate_limited", f"over {self.settings.messages_per_second:g} messages per second"))
+                continue
+            strikes = 0
+            if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
+                request = json_object(message)
+                if request is not None and request.get("type") == "auth":
+                    conn.put(self.refresh(conn, request.get("token")))
+                    continue
+            yield message
+
+    # -- who the client is -----------------------------------------------
+
+    def authenticate(self, conn: Connection, route: str, required: bool) -> tuple[int, str] | None:
+        """Who the client is; a (close code, reason) if it may not stay. A token is checked whenever one is
+        sent, and needed where the route (or ``--require-auth``) says so."""
+        assert conn.ws.request is not None
+        token = token_from_request(conn.ws.request)
+        if token is None and not required:
+            return None
+        try:
+            identity = self.auth.verify(token)
+            identity.may_use(route, conn.params)
+        except AuthError as exc:
+            log.info("refused %s %s: %s (%s)", conn.id, printable(conn.path), exc.reason, exc.detail)
+            return exc.code, exc.reason
+        if self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
+            return CLOSE_RATE_LIMIT, "Too many connections for this user"
+        self._expire_at(conn, identity.expires)
+        return None
+
+    def _expire_at(self, conn: Connection, expires: float) -> None:
+        if conn.expiry_timer is not None:
+            conn.expiry_timer.cancel()
+            conn.expiry_timer = None
+        conn.expires = expires
+        if expires != math.inf:
+            delay = max(0.0, expires - time.time())
+            conn.expiry_timer = asyncio.get_running_loop().call_later(
+                delay, conn.close_soon, CLOSE_INVALID_TOKEN, "Token expired")
+
+    def refresh(self, conn: Connection, token: object) -> str:
+        """``{"type": "auth", "token": ...}`` in band: a new token for the same user moves the expiry."""
+        try:
+            identity = self.auth.verify(token if isinstance(token, str) else None)
+        except AuthError as exc:
+            return encode_message("error", code="invalid_token", message=f"token refused: {exc.detail}")
+        if conn.user is not None and identity.user != conn.user:
+            return encode_message("error", code="forbidden", message="a refreshed token must be for the same user")
+        if conn.user is None:
+            self.manager.set_user(conn, identity.user)
+        self._expire_at(conn, identity.expires)
+        return encode_message("auth", status="ok", user=identity.user,
+                              expires=None if identity.expires == math.inf else identity.expires)
+

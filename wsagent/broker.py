@@ -1,0 +1,199 @@
+"""The broker: where a node finds runs, delivers cancels, and keeps client ids and per-user counts.
+
+The engine and the handlers depend on the :class:`Broker` interface only, as a
+Centrifuge node depends on its broker: :class:`LocalBroker` keeps everything in
+this process (the embedded default); a shared implementation (Redis) plugs in
+behind the same methods without the rest of the engine changing.
+
+Runs are found two ways:
+
+* by ``key``, minted here for every run and unguessable: whoever presents it
+  may resume, attach to or cancel the run (with the run's own user, if it has
+  one), from any socket;
+* by ``id`` within a *scope*: the user's, for an authenticated client, or the
+  connection's own, for an anonymous one. An id is unique in its scope while
+  its run is kept, and ids of different scopes never meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from typing import Protocol
+
+from .events import Cancelled
+from .run import Run
+
+__all__ = ["Broker", "LocalBroker", "Mailbox", "mint_key", "scope_of"]
+
+
+def mint_key() -> str:
+    """A run key: 128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+def scope_of(user: str | None, connection_id: str) -> str:
+    """Where a client's run ids live: its user's runs, or (anonymous) its connection's."""
+    return f"user:{user}" if user is not None else f"conn:{connection_id}"
+
+
+class Mailbox(Protocol):
+    """A client addressed by its client id (``/ws/{client_id}``)."""
+
+    def put(self, frame: str) -> bool:
+        """Queue ``frame`` without waiting; False if the client is gone or too far behind."""
+        ...
+
+    def evict(self) -> None:
+        """A newer connection took this client id: close this one (4009)."""
+        ...
+
+
+class Broker(Protocol):
+    """What a node shares with the others (with itself alone, in-process)."""
+
+    def add_run(self, run: Run, keep_after_finish: float) -> None: ...
+
+    def run_by_key(self, key: str) -> Run | None: ...
+
+    def run_by_id(self, scope: str, run_id: str) -> Run | None: ...
+
+    def active_runs(self) -> list[Run]: ...
+
+    def runs_of(self, user: str) -> int:
+        """Runs of ``user`` in flight."""
+        ...
+
+    def cancel(self, key: str, reason: str) -> bool:
+        """Stop the run with ``key`` wherever it is produced; False if no such run is in flight."""
+        ...
+
+    def user_connected(self, user: str) -> int:
+        """Count a connection of ``user``; returns how many it now has."""
+        ...
+
+    def user_disconnected(self, user: str) -> None: ...
+
+    def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+        """Bind ``client_id`` to ``mailbox``: ``replace`` evicts its holder, ``reject`` refuses (False)."""
+        ...
+
+    def release_client(self, client_id: str, mailbox: Mailbox) -> None: ...
+
+    def send_to_client(self, client_id: str, frame: str) -> bool: ...
+
+    def broadcast(self, frame: str) -> int:
+        """Queue ``frame`` for every addressed client; returns how many took it."""
+        ...
+
+
+class LocalBroker:
+    """Everything in this process's memory."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, Run] = {}
+        self._by_id: dict[tuple[str, str], Run] = {}
+        self._user_runs: Counter[str] = Counter()
+        self._user_conns: Counter[str] = Counter()
+        self._clients: dict[str, Mailbox] = {}
+        self.total: Counter[str] = Counter()
+        self.cancellations: Counter[str] = Counter()
+        self.tokens = 0
+
+    # -- runs ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(list(self._by_key.values()))
+
+    def add_run(self, run: Run, keep_after_finish: float) -> None:
+        if not run.key:
+            run.key = mint_key()
+        if (run.scope, run.id) in self._by_id:
+            raise ValueError(f"run id {run.id!r} is already in use")
+        self._by_key[run.key] = run
+        self._by_id[run.scope, run.id] = run
+        if run.user is not None:
+            self._user_runs[run.user] += 1
+
+        def forget(finished: Run) -> None:
+            if finished.user is not None:
+                self._user_runs[finished.user] -= 1
+                if not self._user_runs[finished.user]:
+                    del self._user_runs[finished.user]
+            self.total[finished.outcome or "unknown"] += 1
+            self.tokens += finished.streamed
+            if isinstance(finished.terminal, Cancelled):
+                self.cancellations[finished.terminal.reason] += 1
+            if keep_after_finish > 0:
+                asyncio.get_running_loop().call_later(keep_after_finish, self._drop, finished)
+            else:
+                self._drop(finished)
+
+        run.on_finish.append(forget)
+
+    def _drop(self, run: Run) -> None:
+        if self._by_key.get(run.key) is run:
+            del self._by_key[run.key]
+        if self._by_id.get((run.scope, run.id)) is run:
+            del self._by_id[run.scope, run.id]
+        run.release()
+
+    def run_by_key(self, key: str) -> Run | None:
+        return self._by_key.get(key)
+
+    def run_by_id(self, scope: str, run_id: str) -> Run | None:
+        return self._by_id.get((scope, run_id))
+
+    def active_runs(self) -> list[Run]:
+        return [run for run in self._by_key.values() if not run.finished]
+
+    def runs_of(self, user: str) -> int:
+        return self._user_runs.get(user, 0)
+
+    def cancel(self, key: str, reason: str) -> bool:
+        run = self._by_key.get(key)
+        if run is None or run.finished:
+            return False
+        run.cancel(reason)
+        return True
+
+    # -- users -----------------------------------------------------------
+
+    def user_connected(self, user: str) -> int:
+        self._user_conns[user] += 1
+        return self._user_conns[user]
+
+    def user_disconnected(self, user: str) -> None:
+        self._user_conns[user] -= 1
+        if not self._user_conns[user]:
+            del self._user_conns[user]
+
+    # -- client ids ------------------------------------------------------
+
+    def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+        old = self._clients.get(client_id)
+        if old is not None and old is not mailbox:
+            if policy == "reject":
+                return False
+            old.evict()
+        self._clients[client_id] = mailbox
+        return True
+
+    def release_client(self, client_id: str, mailbox: Mailbox) -> None:
+        if self._clients.get(client_id) is mailbox:
+            del self._clients[client_id]
+
+    def client(self, client_id: str) -> Mailbox | None:
+        return self._clients.get(client_id)
+
+    def send_to_client(self, client_id: str, frame: str) -> bool:
+        mailbox = self._clients.get(client_id)
+        return mailbox is not None and mailbox.put(frame)
+
+    def broadcast(self, frame: str) -> int:
+        return sum(1 for mailbox in list(self._clients.values()) if mailbox.put(frame))

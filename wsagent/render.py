@@ -1,0 +1,133 @@
+"""How a run's sealed events become frames on each wire: one renderer per protocol, no I/O.
+
+A run's log (:mod:`wsagent.run`) keeps each event once, in a form no wire owns:
+a text delta as its bare text, any other event as its JSON frame (the JSON
+protocol's own bytes, numbered when sealed). A route only chooses how those
+entries are rendered for its clients:
+
+* JSON (``/ws/chat``): a text delta is written with :func:`~wsagent.events.encode_text`
+  as it is taken, any other entry is sent as it was sealed;
+* :class:`TextMode` (``/ws/chat`` text prompts): the answer's text, then
+  ``\\n[DONE]``, ``[ERROR] ...`` or ``\\n[CANCELLED] ...``;
+* :class:`Words` (``/ws/agent``, ``/ws/{client_id}``): the answer regrouped into
+  whole words, then ``[DONE]``;
+* :class:`Thoughts` (``/ws/agent-thoughts``, ``/ws/robust``): the tutorial's
+  ``{"type": "thinking"|"action"|"observation"|"answer", "content": ...}``
+  messages, whole sentences of thinking, then ``{"type": "done"}``.
+
+A renderer may keep state between entries (a word or a sentence not yet
+complete): each watching socket has its own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from .events import KIND_NAMES, TEXT_KINDS, encode_message
+
+__all__ = ["Renderer", "TextMode", "Words", "Thoughts"]
+
+_SENTENCE_END = (".", "!", "?", "\n")
+_TOKEN = KIND_NAMES.index("token")
+_ANSWER = KIND_NAMES.index("answer")
+_THINKING = KIND_NAMES.index("thinking")
+
+
+class Renderer(Protocol):
+    """Turns one sealed log entry into frames for one socket (appended to ``out``)."""
+
+    def render(self, kind: int, payload: str, out: list[str]) -> None: ...
+
+
+def _fields(payload: str) -> dict[str, Any]:
+    """A non-text entry's fields (its JSON frame); only rare events (tool calls, ends) take this path."""
+    value = json.loads(payload)
+    assert isinstance(value, dict)
+    return value
+
+
+class TextMode:
+    """The tutorial's text mode: the answer's tokens as they come, then how the run ended."""
+
+    __slots__ = ()
+
+    def render(self, kind: int, payload: str, out: list[str]) -> None:
+        if kind == _TOKEN:
+            out.append(payload)
+        elif kind >= TEXT_KINDS:
+            name = KIND_NAMES[kind]
+            if name == "done":
+                out.append("\n[DONE]")
+            elif name == "error":
+                out.append(f"[ERROR] {_fields(payload)['message']}")
+            elif name == "cancelled":
+                out.append(f"\n[CANCELLED] {_fields(payload)['reason']}")
+
+
+class Words:
+    """``/ws/agent``: the answer (a model's tokens or an agent's answer) one whole word a frame,
+    each with its trailing space; then ``[DONE]``, ``[ERROR] ...`` or ``[CANCELLED] ...``."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def render(self, kind: int, payload: str, out: list[str]) -> None:
+        if kind == _TOKEN or kind == _ANSWER:
+            *words, self.pending = (self.pending + payload).split(" ")
+            out.extend(word + " " for word in words if word)
+            return
+        name = KIND_NAMES[kind]
+        if name not in ("done", "error", "cancelled"):
+            return
+        if self.pending:
+            out.append(self.pending + " ")
+            self.pending = ""
+        if name == "done":
+            out.append("[DONE]")
+        elif name == "error":
+            out.append(f"[ERROR] {_fields(payload)['message']}")
+        else:
+            out.append(f"[CANCELLED] {_fields(payload)['reason']}")
+
+
+class Thoughts:
+    """``/ws/agent-thoughts``: thinking in whole sentences, every action and observation, the
+    answer as it streams; a failure as ``{"type": "error", "message": ...}``; then ``done``."""
+
+    __slots__ = ("thought",)
+
+    def __init__(self) -> None:
+        self.thought = ""
+
+    def render(self, kind: int, payload: str, out: list[str]) -> None:
+        if kind == _THINKING:
+            self.thought += payload
+            if self.thought.rstrip().endswith(_SENTENCE_END):
+                self._flush(out)
+            return
+        if kind < TEXT_KINDS and kind != _ANSWER and kind != _TOKEN:
+            return
+        self._flush(out)
+        if kind == _ANSWER or kind == _TOKEN:
+            out.append(encode_message("answer", content=payload))
+            return
+        name = KIND_NAMES[kind]
+        if name in ("action", "observation"):
+            out.append(encode_message(name, content=_fields(payload)["content"]))
+        elif name == "error":
+            out.append(encode_message("error", message=_fields(payload)["message"]))
+            out.append('{"type":"done"}')
+        elif name == "cancelled":
+            out.append(encode_message("cancelled", reason=_fields(payload)["reason"]))
+            out.append('{"type":"done"}')
+        elif name == "done":
+            out.append('{"type":"done"}')
+
+    def _flush(self, out: list[str]) -> None:
+        thought = self.thought.strip()
+        self.thought = ""
+        if thought:
+            out.append(encode_message("thinking", content=thought))

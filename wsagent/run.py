@@ -1,0 +1,612 @@
+"""A run: one stream of events (a model's answer, an agent's thoughts, a workflow), its log, and who watches it.
+
+No sockets here. A producer pushes events in (:func:`wsagent.pump.pump`);
+each watcher (a :class:`Watcher`: in the server, a connection's outbox) is
+woken and takes its frames with :meth:`Subscription.take`, rendered for its
+wire (:mod:`wsagent.render`). Tests feed events in and take frames out at any
+interleaving, as the SSE decoder is tested at any split.
+
+A run's life is two small state machines, each a transition table in the
+manner of h11 and ``websockets.protocol``: an input a state does not list is
+a bug and raises :class:`RunStateError` rather than being checked ad hoc.
+
+* :class:`Phase`: ``RUNNING`` → ``INTERRUPTED`` (a cancel or a budget; the
+  producer is being stopped) → ``FINISHED`` (exactly one terminal event is
+  sealed). A run that was interrupted ends with its interruption, whatever the
+  producer says afterwards.
+* :class:`Watch`: ``WATCHED`` while its own client (the *primary* watcher)
+  is connected, ``ORPHANED`` while it is gone; an orphaned run that is still
+  producing is cancelled after its resume grace.
+
+Backpressure, without an unbounded buffer anywhere:
+
+* Text deltas not yet taken sit in one *tail* and merge: the deltas of one
+  read leave as one frame, and while a client's socket is busy, fifty tokens
+  become one frame. Nothing is dropped or reordered: any other event seals the
+  tail first.
+* Sealed events live in the run's log. When what the primary watcher has not
+  taken passes ``buffer_bytes``, the producer stops (:meth:`Run.room`), so TCP
+  backpressure reaches the model server. Only the run's own client holds the
+  producer back: another watcher (an ``attach``) that falls out of the log is
+  told so and dropped; it never slows the run.
+* The log also keeps ``replay_bytes`` of events the primary has taken, so a
+  client that dropped can resume from the last ``seq`` it saw. The log stores
+  each event once (a text delta as its text, anything else as its JSON frame),
+  and ``replay_bytes`` bounds those stored characters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
+from typing import Protocol, TypeVar
+
+from .errors import WsAgentError
+from .events import (
+    KIND_NAMES,
+    TEXT_CLASSES,
+    TEXT_KINDS,
+    Cancelled,
+    ErrorEvent,
+    Event,
+    TextEvent,
+    UsageEvent,
+    encode,
+    encode_message,
+    encode_text,
+    kind_of,
+)
+from .metrics import Histogram
+from .render import Renderer
+from .transcripts import Transcript
+from .workflow_state import Controller, WorkflowState
+
+__all__ = ["Run", "Subscription", "Watcher", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume"]
+
+_now = time.monotonic
+
+# A merged frame stops growing past this many characters: big enough that a slow client gets few
+# frames, small enough that no single frame is a large allocation.
+_MAX_MERGED = 16384
+_KIND_BITS = 5
+_KIND_MASK = (1 << _KIND_BITS) - 1
+_USAGE = KIND_NAMES.index("usage")
+
+
+class ReplayGap(WsAgentError):
+    code = "replay_gap"
+
+
+class BadResume(WsAgentError):
+    code = "bad_resume"
+
+
+class RunStateError(RuntimeError):
+    """An input the run's state does not allow: a bug in a producer or a handler, never a client's doing."""
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"
+    FINISHED = "finished"
+
+
+class Watch(enum.Enum):
+    WATCHED = "watched"
+    ORPHANED = "orphaned"
+
+
+class _In(enum.Enum):
+    PUSH = "push"
+    INTERRUPT = "interrupt"
+    END = "end"
+    ADOPT = "adopt"  # a socket becomes the run's own client (the run starts, or a resume)
+    LEAVE = "leave"  # the run's own client went away
+
+
+_PHASES: dict[tuple[Phase, _In], Phase] = {
+    (Phase.RUNNING, _In.PUSH): Phase.RUNNING,
+    (Phase.RUNNING, _In.INTERRUPT): Phase.INTERRUPTED,
+    (Phase.RUNNING, _In.END): Phase.FINISHED,
+    (Phase.INTERRUPTED, _In.PUSH): Phase.INTERRUPTED,  # dropped: the producer is being stopped
+    (Phase.INTERRUPTED, _In.INTERRUPT): Phase.INTERRUPTED,  # the first interruption stands
+    (Phase.INTERRUPTED, _In.END): Phase.FINISHED,  # ... and is the terminal event
+    (Phase.FINISHED, _In.INTERRUPT): Phase.FINISHED,  # a late cancel: nothing left to stop
+}
+
+_WATCHES: dict[tuple[Watch, _In], Watch] = {
+    (Watch.WATCHED, _In.ADOPT): Watch.WATCHED,  # a resume from a new socket before the old one was noticed gone
+    (Watch.ORPHANED, _In.ADOPT): Watch.WATCHED,
+    (Watch.WATCHED, _In.LEAVE): Watch.ORPHANED,
+}
+
+
+_S = TypeVar("_S", Phase, Watch)
+
+
+def _step(table: dict[tuple[_S, _In], _S], state: _S, event: _In) -> _S:
+    try:
+        return table[state, event]
+    except KeyError:
+        raise RunStateError(f"{event.value} is not allowed while {state.value}") from None
+
+
+class Watcher(Protocol):
+    """Whoever writes subscriptions' frames somewhere (in the server, a connection's outbox)."""
+
+    def watch(self, sub: Subscription) -> None:
+        """``sub`` is new: take its frames from now on (and now)."""
+        ...
+
+    def wake(self) -> None:
+        """Something is pending: take it now, or as soon as the socket allows."""
+        ...
+
+    def unwatch(self, sub: Subscription) -> None:
+        """``sub`` has ended: forget it."""
+        ...
+
+
+class _Log:
+    """A run's sealed events, oldest first, as parallel deques of ints, strings and floats.
+
+    Each entry is a code (the event's kind, and the index of its agent and
+    workflow in the run's origins), a payload (a text delta's text, any other
+    event's JSON frame) and the time it was born. Its seq is ``first`` plus its
+    index; ``size`` counts payload characters.
+
+    No object per entry, on purpose: ints, strings and floats are not tracked
+    by CPython's cyclic collector, while an object (or a tuple) per entry is. At
+    1,000 streams of 20 tokens/s objects per entry meant 40,000 new tracked
+    objects a second: a collection every second or so, each pausing every
+    stream for 5-25 ms, and every twentieth (an older generation) for 180 ms
+    (measured).
+    """
+
+    __slots__ = ("first", "codes", "payloads", "borns", "size")
+
+    def __init__(self) -> None:
+        self.first = 1
+        self.codes: deque[int] = deque()
+        self.payloads: deque[str] = deque()
+        self.borns: deque[float] = deque()
+        self.size = 0
+
+    @property
+    def end(self) -> int:
+        """The seq the next sealed event gets."""
+        return self.first + len(self.codes)
+
+    def append(self, code: int, payload: str, born: float) -> None:
+        self.codes.append(code)
+        self.payloads.append(payload)
+        self.borns.append(born)
+        self.size += len(payload)
+
+    def popleft(self) -> int:
+        """Forget the oldest event; returns its size."""
+        self.first += 1
+        self.codes.popleft()
+        self.borns.popleft()
+        size = len(self.payloads.popleft())
+        self.size -= size
+        return size
+
+    def clear(self) -> None:
+        self.first = self.end
+        self.codes.clear()
+        self.payloads.clear()
+        self.borns.clear()
+        self.size = 0
+
+
+class Subscription:
+    """One socket watching one run, with its own position in the run's log and its own renderer
+    (``None``: the JSON protocol)."""
+
+    __slots__ = ("run", "watcher", "cursor", "delivered", "mark", "renderer", "ended", "born")
+
+    def __init__(self, run: Run, watcher: Watcher, cursor: int, delivered: int, renderer: Renderer | None) -> None:
+        self.run = run
+        self.watcher = watcher
+        self.cursor = cursor
+        self.delivered = delivered
+        self.mark = delivered
+        self.renderer = renderer
+        self.ended = False
+        self.born = 0.0
+
+    @property
+    def primary(self) -> bool:
+        """This is the run's own client: its pace is the producer's."""
+        return self.run.primary is self
+
+    def take(self) -> list[str]:
+        """Frames for everything pending; call :meth:`sent` once they are written."""
+        return self.run._take(self)
+
+    def sent(self) -> None:
+        """The frames of the last :meth:`take` are in the socket: they no longer count as buffered."""
+        self.run._sent(self)
+
+
+class Run:
+    """One streamed generation (or agent run), its log, and who watches it.
+
+    ``key`` is minted by the server and unguessable: whoever presents it (with
+    the run's own user, if it has one) may resume, attach to or cancel the run
+    from another socket. ``scope`` is where its ``id`` is unique: its user, or
+    for an anonymous client the connection that started it.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        key: str = "",
+        user: str | None = None,
+        scope: str = "",
+        buffer_bytes: int = 65536,
+        replay_bytes: int = 262144,
+        agent: str | None = None,
+        workflow: str | None = None,
+        latency: Histogram | None = None,
+        transcript: Transcript | None = None,
+        controller: Controller | None = None,
+        state: WorkflowState | None = None,
+    ) -> None:
+        self.id = run_id
+        self.key = key
+        self.user = user
+        self.scope = scope
+        self.agent = agent
+        self.workflow = workflow
+        self.buffer_bytes = buffer_bytes
+        self.replay_bytes = replay_bytes
+        self.controller = controller
+        self.state = state
+        self.latency = latency
+        self.transcript = transcript
+        self.task: asyncio.Task[None] | None = None
+        self.grace = 0.0  # how long it goes on for a resume once its own client is gone
+        self.started = time.monotonic()
+        self.phase = Phase.RUNNING
+        self.watch = Watch.ORPHANED
+        self.primary: Subscription | None = None
+        self.outcome: str | None = None
+        self.terminal: Event | None = None
+        self.streamed = 0
+        self.prompt_estimate = 0
+        self.usage_sent = False
+        self.on_finish: list[Callable[[Run], None]] = []
+        self.max_streamed = math.inf
+        self._log = _Log()
+        self._sealed_bytes = 0
+        self._subs: list[Subscription] = []
+        self._floor_cursor = 0
+        self._floor_delivered = 0
+        self._origins: list[tuple[str | None, str | None]] = [(None, None)]
+        self._origin_codes: dict[tuple[str | None, str | None], int] = {(None, None): 0}
+        self._tail_code = -1
+        self._tail: list[str] = []
+        self._tail_size = 0
+        self._tail_born = 0.0
+        self._room = asyncio.Event()
+        self._room.set()
+        self.stalled = asyncio.Event()
+        self._done = asyncio.Event()
+        self._interruption: Event | None = None
+        self._orphan_timer: asyncio.TimerHandle | None = None
+        self._released = False
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
+
+    # -- producing -------------------------------------------------------
+
+    def push(self, event: Event) -> None:
+        """Append ``event`` without waking the watchers; text deltas merge with the pending tail.
+
+        A producer pushes every event of one upstream read, then calls :meth:`wake` once, so the
+        deltas that arrived together leave together, in one frame.
+        """
+        if self.phase is not Phase.RUNNING:
+            self.phase = _step(_PHASES, self.phase, _In.PUSH)
+            return
+        if isinstance(event, TextEvent):
+            self._push_text(kind_of(type(event)), event.content, event.agent, event.workflow)
+            return
+        if self._tail_code >= 0:
+            self._seal_tail()
+        if type(event) is UsageEvent:
+            self.usage_sent = True
+        self._seal(event)
+
+    def _push_text(self, kind: int, text: str, agent: str | None, workflow: str | None) -> None:
+        self.streamed += 1
+        if self.streamed > self.max_streamed:
+            self.interrupt(ErrorEvent("budget_exceeded", f"run exceeded its {self.max_streamed} token budget",
+                                      False, agent=self.agent, workflow=self.workflow))
+            return
+        code = kind if agent is None and workflow is None else self._origin(agent, workflow) << _KIND_BITS | kind
+        if self._tail_code != code or self._tail_size > _MAX_MERGED:
+            if self._tail_code >= 0:
+                self._seal_tail()
+            self._tail_code = code
+            self._tail_born = _now()
+        self._tail.append(text)
+        self._tail_size += len(text)
+
+    def _origin(self, agent: str | None, workflow: str | None) -> int:
+        origin = (agent, workflow)
+        number = self._origin_codes.get(origin)
+        if number is None:
+            number = self._origin_codes[origin] = len(self._origins)
+            self._origins.append(origin)
+        return number
+
+    def wake(self) -> None:
+        """Let every watcher write what is pending."""
+        subs = self._subs
+        for sub in subs[:] if len(subs) > 1 else subs:  # a watcher that takes the terminal event leaves the list
+            sub.watcher.wake()
+
+    @property
+    def full(self) -> bool:
+        """True when the run's own client is ``buffer_bytes`` behind."""
+        return self.undelivered > self.buffer_bytes
+
+    async def room(self) -> None:
+        """Wait until the run's own client has caught up below the buffer limit.
+
+        While it waits, the upstream socket is not read: TCP flow control holds
+        the model server back. ``stalled`` is set meanwhile (metrics and tests).
+        """
+        while self.full:
+            self._room.clear()
+            self.stalled.set()
+            try:
+                await self._room.wait()
+            finally:
+                self.stalled.clear()
+
+    @property
+    def undelivered(self) -> int:
+        """Characters produced but not yet taken by the run's own client."""
+        primary = self.primary
+        floor = primary.delivered if primary is not None else self._floor_delivered
+        return self._sealed_bytes + self._tail_size - floor
+
+    def end(self, event: Event) -> None:
+        """The producer is done: seal exactly one terminal event (``event``, or the interruption)."""
+        terminal = self._interruption if self.phase is Phase.INTERRUPTED else event
+        self.phase = _step(_PHASES, self.phase, _In.END)
+        assert terminal is not None and terminal.terminal
+        if self._tail_code >= 0:
+            self._seal_tail()
+        if not self.usage_sent:
+            self.usage_sent = True
+            self._seal(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
+                                  estimated=True, agent=self.agent, workflow=self.workflow))
+        self._seal(terminal)
+        self.terminal = terminal
+        self.outcome = terminal.type
+        if self.transcript is not None:
+            self.transcript.close()
+        self._done.set()
+        self._room.set()
+        self._stop_orphan_timer()
+        self.wake()
+        callbacks, self.on_finish = self.on_finish, []  # run once; dropped, since they refer back to their owners
+        for callback in callbacks:
+            callback(self)
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.interrupt(Cancelled(reason, agent=self.agent, workflow=self.workflow))
+
+    def interrupt(self, terminal: Event) -> None:
+        """Stop the producer; the run ends with ``terminal`` (a cancellation or a budget error)."""
+        if self.phase is not Phase.RUNNING:
+            self.phase = _step(_PHASES, self.phase, _In.INTERRUPT)
+            return
+        self.phase = Phase.INTERRUPTED
+        self._interruption = terminal
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        else:
+            self.end(terminal)
+
+    def interruption(self) -> Event:
+        """The terminal event for a producer that was cancelled."""
+        return self._interruption or Cancelled("cancelled", agent=self.agent, workflow=self.workflow)
+
+    def budget(self, seconds: float, tokens: int) -> None:
+        """End the run with ``budget_exceeded`` after ``seconds`` or ``tokens`` streamed deltas (0: no limit)."""
+        if tokens:
+            self.max_streamed = tokens
+        if seconds:
+            timer = asyncio.get_running_loop().call_later(
+                seconds, self.interrupt,
+                ErrorEvent("budget_exceeded", f"run exceeded its {seconds:g}s budget", False,
+                           agent=self.agent, workflow=self.workflow))
+            self.on_finish.append(lambda _run: timer.cancel())
+
+    # -- watching --------------------------------------------------------
+
+    def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
+                  primary: bool = False) -> Subscription:
+        """Watch from the event after ``after``.
+
+        Raises :class:`ReplayGap` if those events are no longer kept, and :class:`BadResume` if
+        ``after`` names an event the run never sent. With ``primary``, the watcher becomes the run's
+        own client (the run's pace, and whoever leaving orphans it); the previous one, if any, watches on.
+        """
+        if self._tail_code >= 0:
+            self._seal_tail()
+        log_ = self._log
+        if after > log_.end - 1:
+            raise BadResume(f"run {self.id} has sent {log_.end - 1} events; there is no seq {after}")
+        if after < log_.first - 1:
+            raise ReplayGap(f"run {self.id}: events after seq {after} are no longer kept (oldest kept: {log_.first})")
+        pending = sum(map(len, islice(log_.payloads, after + 1 - log_.first, None)))
+        sub = Subscription(self, watcher, after, self._sealed_bytes - pending, renderer)
+        self._subs.append(sub)
+        if primary:
+            self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
+            self.primary = sub
+            self._stop_orphan_timer()
+        watcher.watch(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription, grace: float = 0.0) -> None:
+        """``sub`` watches no more. If it was the run's own client and the run still produces, the run
+        is orphaned: it goes on for ``grace`` seconds (waiting for a resume), or is cancelled at once."""
+        was_primary = sub is self.primary
+        self._end(sub)
+        sub.watcher.unwatch(sub)
+        self._room.set()  # the producer no longer waits for this watcher
+        if was_primary and not self.finished:
+            if grace > 0:
+                self._orphan_timer = asyncio.get_running_loop().call_later(
+                    grace, self.cancel, "client did not return")
+            else:
+                self.cancel("client disconnected")
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subs)
+
+    @property
+    def oldest_kept(self) -> int:
+        """The lowest seq still in the log (a watcher can start right before it)."""
+        if self._tail_code >= 0:
+            self._seal_tail()
+        return self._log.first
+
+    @property
+    def log_bytes(self) -> int:
+        """Characters the log keeps (what ``replay_bytes`` and ``buffer_bytes`` bound)."""
+        return self._log.size
+
+    def release(self) -> None:
+        """Nobody can resume or attach to this finished run any more: drop its log once the
+        watchers still reading it have taken their last event.
+
+        A run's log keeps up to ``replay_bytes`` of events for resume, and the
+        run object itself may outlive that need by far (a chat session keeps its
+        last text run, to order the next one after it): an idle connection would
+        hold a stream's worth of frames it can never send again.
+        """
+        self._released = True
+        if not self._subs:
+            self._log.clear()
+
+    def _stop_orphan_timer(self) -> None:
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+            self._orphan_timer = None
+
+    # -- log -------------------------------------------------------------
+
+    def _seal_tail(self) -> None:
+        parts = self._tail
+        text = parts[0] if len(parts) == 1 else "".join(parts)
+        self._append(self._tail_code, text, self._tail_born)
+        self._tail_code = -1
+        self._tail = []
+        self._tail_size = 0
+
+    def _seal(self, event: Event) -> None:
+        code = kind_of(type(event))
+        if event.agent is not None or event.workflow is not None:
+            code |= self._origin(event.agent, event.workflow) << _KIND_BITS
+        self._append(code, encode(event, self.id, self._log.end), _now())
+
+    def _append(self, code: int, payload: str, born: float) -> None:
+        if self.transcript is not None:
+            self.transcript.write(self._json(code, payload, self._log.end))
+        self._log.append(code, payload, born)
+        self._sealed_bytes += len(payload)
+
+    def _json(self, code: int, payload: str, seq: int) -> str:
+        kind = code & _KIND_MASK
+        if kind >= TEXT_KINDS:
+            return payload
+        agent, workflow = self._origins[code >> _KIND_BITS]
+        return encode_text(TEXT_CLASSES[kind], payload, self.id, seq, agent, workflow)
+
+    def _take(self, sub: Subscription) -> list[str]:
+        if self._tail_code >= 0:
+            self._seal_tail()
+        log_ = self._log
+        end = log_.end
+        if sub.cursor >= end - 1:
+            if self.finished:
+                self._end(sub)
+            return []
+        if sub.cursor < log_.first - 1:  # not the primary (its events are kept): it fell out of the log
+            self._end(sub)
+            return [encode_message("error", id=self.id, code="lagging", retryable=True, message=(
+                f"this watcher fell {self._log.first - 1 - sub.cursor} events behind the run and was dropped; "
+                f"resume with after={sub.cursor} within the replay window, or attach again"))]
+        # The pending events are the log's last ``count``; index from the right, because the left
+        # holds up to ``replay_bytes`` of delivered events (thousands of tokens).
+        count = end - 1 - sub.cursor
+        codes, payloads = log_.codes, log_.payloads
+        sub.born = log_.borns[-count]
+        frames: list[str] = []
+        renderer = sub.renderer
+        if renderer is None:
+            frames = [self._json(codes[i], payloads[i], end + i) for i in range(-count, 0)]
+        else:
+            for i in range(-count, 0):
+                renderer.render(codes[i] & _KIND_MASK, payloads[i], frames)
+        sub.cursor = end - 1
+        sub.mark = self._sealed_bytes
+        return frames
+
+    def _sent(self, sub: Subscription) -> None:
+        if sub.born and self.latency is not None:
+            self.latency.observe(_now() - sub.born)
+            sub.born = 0.0
+        sub.delivered = sub.mark
+        if self.finished and sub.cursor >= self._log.end - 1:
+            self._end(sub)
+        if sub is self.primary:
+            self._trim()
+            if not self._room.is_set() and not self.full:
+                self._room.set()
+
+    def _end(self, sub: Subscription) -> None:
+        """``sub`` watches no more; if it was the run's own client, the floor of the log stays where it was."""
+        sub.ended = True
+        if sub in self._subs:
+            self._subs.remove(sub)
+        if sub is self.primary:
+            self.primary = None
+            self.watch = _step(_WATCHES, self.watch, _In.LEAVE)
+            self._floor_cursor = sub.cursor
+            self._floor_delivered = sub.delivered
+        if self._released and not self._subs:
+            self._log.clear()
+
+    def _trim(self) -> None:
+        """Forget the oldest events the run's own client has taken, down to ``replay_bytes``."""
+        primary = self.primary
+        if primary is not None:
+            min_cursor, min_delivered = primary.cursor, primary.delivered
+        else:
+            min_cursor, min_delivered = self._floor_cursor, self._floor_delivered
+        log_ = self._log
+        kept_delivered = log_.size - (self._sealed_bytes - min_delivered)
+        while log_.codes and log_.first <= min_cursor and kept_delivered > self.replay_bytes:
+            kept_delivered -= log_.popleft()

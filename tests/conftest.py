@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from wsagent.config import Settings
+from wsagent.run import Run
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer, SimulatorSettings
 from wsagent.upstream import UpstreamClient, UpstreamConfig
@@ -101,3 +102,8 @@ async def text_reply(ws: ClientConnection) -> str:
 
 def content(events: list[dict[str, Any]], kind: str = "token") -> str:
     return "".join(e["content"] for e in events if e["type"] == kind)
+
+
+def find_run(server: WsAgentServer, run_id: str) -> Run | None:
+    """The newest run with ``run_id``, whoever started it (tests look runs up from outside any scope)."""
+    return next((run for run in reversed(list(server.runs)) if run.id == run_id), None)

@@ -202,9 +202,10 @@ async def test_cancel_one_agent_and_attach_snapshot_over_the_wire(server: WsAgen
     async with ws_connect(server, "/ws/chat") as ws, ws_connect(server, "/ws/chat") as late:
         await ws.send(json.dumps({"type": "run", "id": "w", "workflow": "market-analysis",
                                   "prompt": "Analyze sim:rate=100 sim:tokens=100"}))
+        start = await recv_json(ws)
         while (await recv_json(ws))["type"] != "answer":
             pass
-        await late.send(json.dumps({"type": "attach", "id": "w"}))
+        await late.send(json.dumps({"type": "attach", "id": "w", "key": start["key"]}))
         snapshot = await recv_json(late)
         assert snapshot["type"] == "snapshot" and len(snapshot["agents"]) == 3
         assert all(a["status"] == "running" for a in snapshot["agents"])

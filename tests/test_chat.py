@@ -13,11 +13,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.relay import Run, stream_model
+from wsagent.pump import stream_model
+from wsagent.run import Run
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
-from .conftest import ServerFactory, content, recv_json, run_events, text_reply, upstream_for, ws_connect
+from .conftest import ServerFactory, content, find_run, recv_json, run_events, text_reply, upstream_for, ws_connect
 
 
 async def expected_text(sim: SimulatorServer, prompt: str) -> str:
@@ -45,7 +46,7 @@ async def stalled_run(server: WsAgentServer, run_id: str, prompt: str) -> AsyncI
         await ws.send(run(run_id, prompt))
         assert (await recv_json(ws))["type"] == "start"
         ws.transport.pause_reading()
-        live = server.runs.get(None, run_id)
+        live = find_run(server, run_id)
         assert live is not None
         await asyncio.wait_for(live.stalled.wait(), 10)  # upstream reading paused: TCP holds the model back
         yield ws, live
@@ -222,10 +223,10 @@ async def test_finished_run_keeps_its_events_until_its_last_watcher_has_them(
         start = await recv_json(ws)
         assert start["type"] == "start"
         ws.transport.pause_reading()
-        live = server.runs.get(None, "big")
+        live = find_run(server, "big")
         assert live is not None
         await asyncio.wait_for(live.wait(), 20)
-        assert server.runs.get(None, "big") is None and live.oldest_kept < live.streamed  # still kept for us
+        assert find_run(server, "big") is None and live.oldest_kept < live.streamed  # still kept for us
         ws.transport.resume_reading()
         events = [start, *await run_events(ws, "big")]
     check_sequence(events)
@@ -243,7 +244,7 @@ async def test_resume_after_drop_loses_and_repeats_nothing(make_server: ServerFa
         seen.append(await recv_json(first))
     first.transport.abort()
     async with ws_connect(server, "/ws/chat") as second:
-        await second.send(json.dumps({"type": "resume", "id": "r1", "after": seen[-1]["seq"]}))
+        await second.send(json.dumps({"type": "resume", "id": "r1", "key": seen[0]["key"], "after": seen[-1]["seq"]}))
         rest = await run_events(second, "r1")
     events = seen + rest
     check_sequence(events)
@@ -256,14 +257,15 @@ async def test_resume_of_forgotten_events_is_an_error(make_server: ServerFactory
     server = await make_server(resume_grace=10, replay_bytes=0, run_buffer_bytes=1024)
     first = await ws_connect(server, "/ws/chat")
     await first.send(run("r2", "x sim:rate=0 sim:tokens=400"))
+    key = (await recv_json(first))["key"]
     while (await recv_json(first))["type"] != "token":
         pass
     first.transport.abort()
     async with ws_connect(server, "/ws/chat") as second:
-        live = server.runs.get(None, "r2")
+        live = find_run(server, "r2")
         assert live is not None
         await live.wait()
-        await second.send(json.dumps({"type": "resume", "id": "r2", "after": 0}))
+        await second.send(json.dumps({"type": "resume", "id": "r2", "key": key, "after": 0}))
         error = await recv_json(second)
         assert error["type"] == "error" and error["code"] == "replay_gap" and "seq" not in error
 
@@ -271,23 +273,25 @@ async def test_resume_of_forgotten_events_is_an_error(make_server: ServerFactory
 async def test_without_grace_a_drop_cancels(server: WsAgentServer, sim: SimulatorServer) -> None:
     first = await ws_connect(server, "/ws/chat")
     await first.send(run("r3", "x sim:rate=100 sim:tokens=100000"))
+    key = (await recv_json(first))["key"]
     while (await recv_json(first))["type"] != "token":
         pass
-    live = server.runs.get(None, "r3")
+    live = find_run(server, "r3")
     first.transport.abort()
     assert live is not None
     await live.wait()
     assert live.outcome == "cancelled"
     async with ws_connect(server, "/ws/chat") as second:
-        await second.send(json.dumps({"type": "resume", "id": "r3", "after": 1}))
+        await second.send(json.dumps({"type": "resume", "id": "r3", "key": key, "after": 1}))
         assert (await recv_json(second))["code"] == "unknown_run"
 
 
 async def test_attach_watches_the_same_stream(server: WsAgentServer) -> None:
     async with ws_connect(server, "/ws/chat") as owner, ws_connect(server, "/ws/chat") as watcher:
         await owner.send(run("shared", "watch this sim:rate=100 sim:tokens=40"))
-        assert (await recv_json(owner))["type"] == "start"
-        await watcher.send(json.dumps({"type": "attach", "id": "shared"}))
+        start = await recv_json(owner)
+        assert start["type"] == "start"
+        await watcher.send(json.dumps({"type": "attach", "id": "shared", "key": start["key"]}))
         mine, theirs = await asyncio.gather(run_events(owner, "shared"), run_events(watcher, "shared"))
         assert theirs[0]["seq"] == 1  # everything still kept, from the start
         check_sequence(theirs)

@@ -20,7 +20,7 @@ import pytest
 
 from wsagent.server import WsAgentServer
 
-from .conftest import ServerFactory, recv_json, run_events, text_reply, ws_connect
+from .conftest import ServerFactory, find_run, recv_json, run_events, text_reply, ws_connect
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ async def test_a_closed_connection_is_freed_without_the_collector(make_server: S
         await ws.send(json.dumps({"type": "run", "id": "r1", "prompt": "and cycles sim:tokens=500 sim:rate=200"}))
         assert (await recv_json(ws))["type"] == "start"
         (conn,) = list(server.manager)
-        run = server.runs.get(None, "r1")
+        run = find_run(server, "r1")
         assert run is not None and not run.finished
         held = {"connection": weakref.ref(conn), "websocket": weakref.ref(conn.ws), "run": weakref.ref(run)}
         handler = handler_task(server)
@@ -68,8 +68,8 @@ async def test_a_runs_replay_log_gives_the_collector_nothing_to_track(make_serve
         await ws.send(json.dumps({"type": "run", "id": "r1", "prompt": "count sim:tokens=3000 sim:rate=6000"}))
         received = len(await run_events(ws, "r1"))  # the events' dicts are freed again here
         created = sum(id(o) not in before for o in gc.get_objects(0))  # tracked objects made and still alive
-        run = server.runs.get(None, "r1")
+        run = find_run(server, "r1")
         assert run is not None and run.finished
-        kept = len(run._log.frames)
+        kept = len(run._log.codes)
     assert kept == received >= 500  # nothing trimmed: the whole run is kept for resume
     assert created < kept / 4  # an object (or a tuple) per kept event would be one or two per event

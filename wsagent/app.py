@@ -83,8 +83,7 @@ class App:
         """
         s = self.settings
         key = mint_key()
-        transcript = Transcript(s.transcripts_dir, f"{run_id}-{key[:8]}", conn.id, conn.user) \
-            if s.transcripts_dir else None
+        transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user) if s.transcripts_dir else None
         run = Run(run_id, key=key, user=conn.user, scope=scope_of(conn.user, conn.id),
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
                   latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state)

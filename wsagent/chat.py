@@ -135,12 +135,12 @@ class ChatSession:
 
     def start_run(self, request: dict[str, Any]) -> None:
         run_id = _run_id(request)
+        if self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id) is not None:
+            raise ProtocolViolation(f"run id {run_id!r} is already in use")
         refusal = self.app.admit(self.conn, self.settings.max_runs_per_connection)
         if refusal is not None:
             self.reply_error(run_id, *refusal, True)
             return
-        if self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id) is not None:
-            raise ProtocolViolation(f"run id {run_id!r} is already in use")
         messages = _messages(request)
         model = request.get("model")
         if model is not None and not isinstance(model, str):

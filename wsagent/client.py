@@ -239,7 +239,7 @@ class StreamClient:
         self.cancel_requested = True
         ws, run_id = self.ws, getattr(self, "run_id", None)
         if ws is not None and run_id is not None:
-            asyncio.ensure_future(self._send_quietly(ws, {"type": "cancel", "id": run_id}))
+            asyncio.ensure_future(self._send_quietly(ws, {"type": "cancel", "id": run_id, "key": self.key}))
 
     @staticmethod
     async def _send_quietly(ws: ClientConnection, message: dict[str, Any]) -> None:
@@ -251,6 +251,7 @@ class StreamClient:
     async def run(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send ``request`` and render its events; returns the terminal event."""
         self.run_id = request["id"]
+        self.key: str | None = None  # the run's key, from its start event: it proves the run is ours on a new socket
         first = True
         while True:
             ws = self.ws = await self._connect()
@@ -259,9 +260,10 @@ class StreamClient:
                     await ws.send(json.dumps(request))
                     first = False
                 else:
-                    await ws.send(json.dumps({"type": "resume", "id": self.run_id, "after": self.last_seq}))
+                    await ws.send(json.dumps({"type": "resume", "id": self.run_id, "key": self.key,
+                                              "after": self.last_seq}))
                 if self.cancel_requested:
-                    await ws.send(json.dumps({"type": "cancel", "id": self.run_id}))
+                    await ws.send(json.dumps({"type": "cancel", "id": self.run_id, "key": self.key}))
                 async for message in ws:
                     event = json.loads(message)
                     if event.get("id") != self.run_id:
@@ -273,6 +275,8 @@ class StreamClient:
                         if seq <= self.last_seq:
                             continue
                         self.last_seq = seq
+                    if event.get("type") == "start":
+                        self.key = event.get("key")
                     self.renderer.event(event)
                     if event.get("type") in TERMINAL:
                         await ws.close()

@@ -1,8 +1,8 @@
 """Per-run transcripts: every event of a run as one JSON line with the wall time it was sealed.
 
-Enabled with ``--transcripts-dir``. Lines reuse the frame already encoded for
-the wire and go through a buffered file, so a transcript costs one small
-string format per event.
+Enabled with ``--transcripts-dir``. Each line holds the event's JSON frame
+(as the JSON protocol sends it) and goes through a buffered file, so a
+transcript costs one small string format per event.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ function connect() {
     state.attempt = 0;
     setStatus("open", "connected");
     for (const [id, view] of state.runs) {
-      ws.send(JSON.stringify({ type: "resume", id, after: view.seq }));
+      ws.send(JSON.stringify({ type: "resume", id, key: view.key, after: view.seq }));
     }
   };
   ws.onmessage = (message) => handle(JSON.parse(message.data));
@@ -118,6 +118,10 @@ function handle(event) {
     finish(view, event.id, `error: ${event.message}`, true);
     return;
   }
+  if (event.type === "start") {
+    view.key = event.key;  // proves the run is ours when resuming it on a new connection
+    return;
+  }
   const part = agentView(view, event.workflow ? event.agent : null);
   switch (event.type) {
     case "token":
@@ -187,8 +191,10 @@ function send(prompt) {
 }
 
 function stop() {
-  for (const id of state.runs.keys()) {
-    if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "cancel", id }));
+  for (const [id, view] of state.runs) {
+    if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+      state.ws.send(JSON.stringify({ type: "cancel", id, key: view.key }));
+    }
   }
 }
 

@@ -87,8 +87,13 @@ class ChatSession:
         if refusal is not None:
             self.reply(f"[ERROR] {refusal[1]}")
             return
-        self.text_runs += 1
-        run = self.app.new_run(self.conn, f"text-{self.conn.id}-{self.text_runs}", grace=self.settings.resume_grace)
+        scope = scope_of(self.conn.user, self.conn.id)
+        while True:  # a JSON run may have taken the name first
+            self.text_runs += 1
+            run_id = f"text-{self.conn.id}-{self.text_runs}"
+            if self.app.broker.run_by_id(scope, run_id) is None:
+                break
+        run = self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
         previous, self._last_text_run = self._last_text_run, run
         run.subscribe(self.conn.outbox, 0, TextMode(), primary=True)
         messages = [*self.history, {"role": "user", "content": prompt}]

@@ -15,7 +15,6 @@ from wsagent.events import (
     Token,
     encode,
     encode_text,
-    kind_of,
 )
 from wsagent.render import TextMode
 
@@ -36,5 +35,5 @@ def test_a_text_delta_encodes_as_its_event_does(cls: type[TextEvent], content: s
 def test_text_mode_shows_answer_tokens_only() -> None:
     shown: list[str] = []
     for cls in TEXT_EVENTS:
-        TextMode().render(kind_of(cls), cls.type, shown)
+        TextMode().render(cls.kind, cls.type, shown)
     assert shown == ["token"]

@@ -26,7 +26,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -40,6 +40,16 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
 class RunFailed(Exception):
     """The run cannot go on (the server refused it, or it could not be resumed)."""
+
+
+class Renderer(Protocol):
+    """How the client shows a run: every event, a note of its own, and the end."""
+
+    def event(self, event: dict[str, Any]) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class JsonRenderer:
@@ -207,7 +217,7 @@ class DashboardRenderer:
 class StreamClient:
     """One run over the JSON protocol, with reconnect-and-resume and Ctrl-C cancellation."""
 
-    def __init__(self, url: str, token: str | None, renderer: Any, retries: int = 5, backoff: float = 0.5) -> None:
+    def __init__(self, url: str, token: str | None, renderer: Renderer, retries: int = 5, backoff: float = 0.5) -> None:
         self.url = url
         self.token = token
         self.renderer = renderer
@@ -309,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _main(args: argparse.Namespace, prompt: str) -> int:
     if args.json:
-        renderer: Any = JsonRenderer(sys.stdout)
+        renderer: Renderer = JsonRenderer(sys.stdout)
     elif args.workflow and not args.no_dashboard and sys.stdout.isatty():
         try:
             renderer = DashboardRenderer(sys.stdout, args.max_tokens)

@@ -1,12 +1,19 @@
-"""What the server sends: small frozen event types, and their one wire encoding.
+"""What the server sends: small event types, and their one wire encoding.
 
-Handlers never build JSON by hand; they construct an event and the relay
+Handlers never build JSON by hand; they construct an event and the run
 encodes it once, here. A run's events carry the run ``id`` and a per-run
 ``seq`` (1, 2, 3, ...), given when the event is sealed into the run's log, so
 merged text deltas still number without gaps.
 
 Text-bearing events (``token``, ``thinking``, ``answer``, ``refusal``) name
 their text ``content``, as the tutorial's clients expect.
+
+Events are plain slotted dataclasses, not frozen ones, and are not changed
+once made: a model run makes one event per delta, and a frozen dataclass's
+``__init__`` (``object.__setattr__`` per field) cost 0.58 µs a token against
+0.16 µs (measured), on a path whose whole engine cost is about 3 µs a token.
+Each class knows its number in :data:`KIND_NAMES` as ``kind``, so the run
+files an event without a lookup.
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ __all__ = [
     "json_object",
     "KIND_NAMES",
     "TEXT_KINDS",
-    "kind_of",
     "TEXT_CLASSES",
     "Producer",
 ]
@@ -49,24 +55,25 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _quote = json.encoder.encode_basestring  # how that encoder writes a string (it does not escape non-ASCII)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """Base of every run event. ``agent`` and ``workflow`` name where it came from."""
 
     type: ClassVar[str] = "event"
     terminal: ClassVar[bool] = False
+    kind: ClassVar[int] = -1
     agent: str | None = dataclasses.field(default=None, kw_only=True)
     workflow: str | None = dataclasses.field(default=None, kw_only=True)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TextEvent(Event):
     """A text delta. Consecutive deltas of one type and agent may be merged."""
 
     content: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Start(Event):
     """A run began. ``key`` is the run's own secret: present it to resume, attach or cancel elsewhere."""
 
@@ -75,27 +82,27 @@ class Start(Event):
     key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Token(TextEvent):
     type: ClassVar[str] = "token"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Thinking(TextEvent):
     type: ClassVar[str] = "thinking"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refusal(TextEvent):
     type: ClassVar[str] = "refusal"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer(TextEvent):
     type: ClassVar[str] = "answer"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ToolCallEvent(Event):
     type: ClassVar[str] = "tool_call"
     call_id: str = ""
@@ -103,7 +110,7 @@ class ToolCallEvent(Event):
     arguments: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Action(Event):
     """An agent is calling a tool. ``content`` is a line a person can read."""
 
@@ -114,7 +121,7 @@ class Action(Event):
     arguments: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Observation(Event):
     type: ClassVar[str] = "observation"
     content: str = ""
@@ -123,7 +130,7 @@ class Observation(Event):
     is_error: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageEvent(Event):
     type: ClassVar[str] = "usage"
     prompt_tokens: int = 0
@@ -132,7 +139,7 @@ class UsageEvent(Event):
     estimated: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot(Event):
     """The state of each agent of a workflow, sent to a client that attaches."""
 
@@ -140,7 +147,7 @@ class Snapshot(Event):
     agents: tuple[dict[str, Any], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AgentEnd(Event):
     """One agent of a workflow ended; the run itself goes on until ``done``."""
 
@@ -150,14 +157,14 @@ class AgentEnd(Event):
     message: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Done(Event):
     type: ClassVar[str] = "done"
     terminal: ClassVar[bool] = True
     finish_reason: str = "stop"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ErrorEvent(Event):
     type: ClassVar[str] = "error"
     terminal: ClassVar[bool] = True
@@ -166,7 +173,7 @@ class ErrorEvent(Event):
     retryable: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cancelled(Event):
     type: ClassVar[str] = "cancelled"
     terminal: ClassVar[bool] = True
@@ -183,16 +190,12 @@ KIND_NAMES: tuple[str, ...] = (
     "start", "tool_call", "action", "observation", "usage", "snapshot", "agent_end", "done", "error", "cancelled",
 )
 TEXT_KINDS = 4
-_KINDS = {name: number for number, name in enumerate(KIND_NAMES)}
-
+for _cls in (Token, Thinking, Refusal, Answer, Start, ToolCallEvent, Action, Observation, UsageEvent, Snapshot,
+             AgentEnd, Done, ErrorEvent, Cancelled):
+    _cls.kind = KIND_NAMES.index(_cls.type)
 
 #: The text delta classes by their number.
 TEXT_CLASSES: tuple[type[TextEvent], ...] = (Token, Thinking, Refusal, Answer)
-
-
-def kind_of(cls: type[Event]) -> int:
-    """The number of an event class in :data:`KIND_NAMES`."""
-    return _KINDS[cls.type]
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}

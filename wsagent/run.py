@@ -59,7 +59,6 @@ from .events import (
     encode,
     encode_message,
     encode_text,
-    kind_of,
 )
 from .metrics import Histogram
 from .render import Renderer
@@ -94,6 +93,9 @@ class Phase(enum.Enum):
     RUNNING = "running"
     INTERRUPTED = "interrupted"
     FINISHED = "finished"
+
+
+_RUNNING = Phase.RUNNING
 
 
 class Watch(enum.Enum):
@@ -316,30 +318,30 @@ class Run:
         A producer pushes every event of one upstream read, then calls :meth:`wake` once, so the
         deltas that arrived together leave together, in one frame.
         """
-        if self.phase is not Phase.RUNNING:
+        if self.phase is not _RUNNING:
             self.phase = _step(_PHASES, self.phase, _In.PUSH)
             return
-        if isinstance(event, TextEvent):
-            self._push_text(kind_of(type(event)), event.content, event.agent, event.workflow)
+        if not isinstance(event, TextEvent):
+            if self._tail_code >= 0:
+                self._seal_tail()
+            if event.kind == _USAGE:
+                self.usage_sent = True
+            self._seal(event)
             return
-        if self._tail_code >= 0:
-            self._seal_tail()
-        if type(event) is UsageEvent:
-            self.usage_sent = True
-        self._seal(event)
-
-    def _push_text(self, kind: int, text: str, agent: str | None, workflow: str | None) -> None:
         self.streamed += 1
         if self.streamed > self.max_streamed:
             self.interrupt(ErrorEvent("budget_exceeded", f"run exceeded its {self.max_streamed} token budget",
                                       False, agent=self.agent, workflow=self.workflow))
             return
-        code = kind if agent is None and workflow is None else self._origin(agent, workflow) << _KIND_BITS | kind
+        code = event.kind
+        if event.agent is not None or event.workflow is not None:
+            code |= self._origin(event.agent, event.workflow) << _KIND_BITS
         if self._tail_code != code or self._tail_size > _MAX_MERGED:
             if self._tail_code >= 0:
                 self._seal_tail()
             self._tail_code = code
             self._tail_born = _now()
+        text = event.content
         self._tail.append(text)
         self._tail_size += len(text)
 
@@ -526,7 +528,7 @@ class Run:
         self._tail_size = 0
 
     def _seal(self, event: Event) -> None:
-        code = kind_of(type(event))
+        code = event.kind
         if event.agent is not None or event.workflow is not None:
             code |= self._origin(event.agent, event.workflow) << _KIND_BITS
         self._append(code, encode(event, self.id, self._log.end), _now())
@@ -538,6 +540,8 @@ class Run:
         self._sealed_bytes += len(payload)
 
     def _json(self, code: int, payload: str, seq: int) -> str:
+        if code < TEXT_KINDS:  # a text delta of the run's own origin: the common case
+            return encode_text(TEXT_CLASSES[code], payload, self.id, seq)
         kind = code & _KIND_MASK
         if kind >= TEXT_KINDS:
             return payload
@@ -566,7 +570,11 @@ class Run:
         frames: list[str] = []
         renderer = sub.renderer
         if renderer is None:
-            frames = [self._json(codes[i], payloads[i], end + i) for i in range(-count, 0)]
+            if count == 1:  # a client that keeps up takes one entry at a time
+                frames.append(self._json(codes[-1], payloads[-1], end - 1))
+            else:
+                for i in range(-count, 0):
+                    frames.append(self._json(codes[i], payloads[i], end + i))
         else:
             for i in range(-count, 0):
                 renderer.render(codes[i] & _KIND_MASK, payloads[i], frames)

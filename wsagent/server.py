@@ -29,9 +29,10 @@ from websockets.typing import Subprotocol
 from .agent import WorkflowFactory, build_workflows, load_workflows
 from .app import App
 from .auth import SUBPROTOCOL, Authenticator
+from .broker import LocalBroker
 from .compression import lazy_deflate
 from .config import RELOADABLE, Settings
-from .connections import Connection, StreamConnection, close_or_abort
+from .connections import Connection, ConnectionManager, StreamConnection, close_or_abort
 from .logs import Redactor, printable
 from .metrics import Metrics
 from .responses import http_response
@@ -79,11 +80,11 @@ class WsAgentServer:
         return self.app.upstream
 
     @property
-    def manager(self) -> Any:
+    def manager(self) -> ConnectionManager:
         return self.app.manager
 
     @property
-    def runs(self) -> Any:
+    def runs(self) -> LocalBroker:
         return self.app.broker
 
     @property

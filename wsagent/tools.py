@@ -157,7 +157,8 @@ def evaluate(expression: str) -> float | int:
             return _FUNCTIONS[node.func.id](*(walk(arg) for arg in node.args))
         raise ValueError(f"unsupported expression element: {type(node).__name__}")
 
-    return walk(tree)  # type: ignore[no-any-return]
+    result: float | int = walk(tree)
+    return result
 
 
 @tool

@@ -78,7 +78,8 @@ class App:
                 state: WorkflowState | None = None) -> Run:
         """A run owned by ``conn``, registered under a fresh key, with the configured budgets.
 
-        ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once).
+        ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once),
+        and how long it is kept for a resume once it has ended.
         Raises ``ValueError`` if ``run_id`` is in use in the client's scope.
         """
         s = self.settings
@@ -86,16 +87,16 @@ class App:
         transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user) if s.transcripts_dir else None
         run = Run(run_id, key=key, user=conn.user, scope=scope_of(conn.user, conn.id),
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
-                  latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state)
-        run.grace = grace
-        self.broker.add_run(run, s.resume_grace)
+                  latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state,
+                  grace=grace)
+        self.broker.add_run(run, grace)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         return run
 
-    def start(self, conn: Connection, run: Run, producer: Producer, *, model: str | None = None,
+    def start(self, conn: Connection, run: Run, make: Callable[[], Producer], *, model: str | None = None,
               after: Run | None = None) -> None:
-        """Send ``start`` (with the run's key), then run ``producer`` into ``run`` (once ``after`` has
-        ended, to answer a client's prompts in order)."""
+        """Send ``start`` (with the run's key), then stream ``make()`` into ``run`` (made once ``after``
+        has ended, to answer a client's prompts in order)."""
         run.push(Start(model, run.key, agent=run.agent, workflow=run.workflow))
         run.wake()
         self.stream_started()
@@ -113,7 +114,7 @@ class App:
                      done.outcome, done.streamed, time.monotonic() - done.started, extra=ids)
 
         run.on_finish.append(finished)
-        run.task = asyncio.get_running_loop().create_task(pump(run, producer, after))
+        run.task = asyncio.get_running_loop().create_task(pump(run, make, after))
 
     def release(self, conn: Connection) -> None:
         """The client is gone: what it watched loses a watcher; a run it owned goes on for its resume

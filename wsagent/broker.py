@@ -82,8 +82,6 @@ class Broker(Protocol):
 
     def release_client(self, client_id: str, mailbox: Mailbox) -> None: ...
 
-    def send_to_client(self, client_id: str, frame: str) -> bool: ...
-
     def broadcast(self, frame: str) -> int:
         """Queue ``frame`` for every addressed client; returns how many took it."""
         ...
@@ -187,13 +185,6 @@ class LocalBroker:
     def release_client(self, client_id: str, mailbox: Mailbox) -> None:
         if self._clients.get(client_id) is mailbox:
             del self._clients[client_id]
-
-    def client(self, client_id: str) -> Mailbox | None:
-        return self._clients.get(client_id)
-
-    def send_to_client(self, client_id: str, frame: str) -> bool:
-        mailbox = self._clients.get(client_id)
-        return mailbox is not None and mailbox.put(frame)
 
     def broadcast(self, frame: str) -> int:
         return sum(1 for mailbox in list(self._clients.values()) if mailbox.put(frame))

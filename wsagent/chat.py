@@ -20,7 +20,7 @@ from .errors import ProtocolViolation
 from .events import Snapshot, encode, encode_message, json_object
 from .pump import Producer, model_batches
 from .render import TextMode
-from .run import BadResume, Phase, ReplayGap, Run
+from .run import BadResume, ReplayGap, Run
 from .workflow_state import WorkflowState
 
 __all__ = ["chat", "ChatSession", "PARAMS"]
@@ -96,20 +96,20 @@ class ChatSession:
         run = self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
         previous, self._last_text_run = self._last_text_run, run
         run.subscribe(self.conn.outbox, 0, TextMode(), primary=True)
-        messages = [*self.history, {"role": "user", "content": prompt}]
-        run.prompt_estimate = estimate_tokens(messages)
-        self.app.start(self.conn, run, self._text_run(run, prompt), model=self.app.upstream.config.model,
-                       after=previous)
-
-    async def _text_run(self, run: Run, prompt: str) -> Producer:
-        """The history is read when the run's turn comes (the previous prompt's reply is in it by then)."""
-        messages = [*self.history, {"role": "user", "content": prompt}]
+        run.prompt_estimate = estimate_tokens([*self.history, {"role": "user", "content": prompt}])
         reply: list[str] = []
-        async for batch in model_batches(self.app.upstream, messages, collect=reply,
-                                         collect_chars=self.settings.history_chars):
-            if batch and batch[-1].terminal and run.phase is Phase.RUNNING:
+
+        def ask() -> Producer:
+            """Made when the previous prompt has been answered: its reply is in the history by then."""
+            return model_batches(self.app.upstream, [*self.history, {"role": "user", "content": prompt}],
+                                 collect=reply, collect_chars=self.settings.history_chars)
+
+        def remember(done: Run) -> None:
+            if done.outcome == "done":
                 self._remember(prompt, "".join(reply))
-            yield batch
+
+        run.on_finish.append(remember)
+        self.app.start(self.conn, run, ask, model=self.app.upstream.config.model, after=previous)
 
     def _remember(self, prompt: str, reply: str) -> None:
         """Keep the exchange, trimming the oldest turns to the history's bounds. A reply longer than
@@ -179,7 +179,7 @@ class ChatSession:
             producer = model_batches(app.upstream, messages, model=model, params=params)
         run.prompt_estimate = estimate_tokens(messages)
         run.subscribe(self.conn.outbox, 0, primary=True)
-        app.start(self.conn, run, producer, model=model or app.upstream.config.model)
+        app.start(self.conn, run, lambda: producer, model=model or app.upstream.config.model)
 
     def find(self, request: dict[str, Any]) -> tuple[str, Run | None]:
         """The run a request names: by its ``key`` (from any socket; a user's run for that user only),
@@ -205,7 +205,7 @@ class ChatSession:
             if run.controller is None or not isinstance(agent, str) or not run.controller.cancel(agent):
                 self.reply_error(run_id, "unknown_agent", f"no agent {agent!r} running in run {run_id!r}")
             return
-        run.cancel("cancelled by client")
+        self.app.broker.cancel(run.key, "cancelled by client")
 
     def resume(self, request: dict[str, Any]) -> None:
         after = request.get("after", 0)

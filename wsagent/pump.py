@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -36,13 +36,16 @@ _DELTAS: dict[str, type[Token] | type[Thinking] | type[Refusal]] = {
     "content": Token, "reasoning": Thinking, "refusal": Refusal}
 
 
-async def pump(run: Run, batches: Producer, after: Run | None = None) -> None:
-    """Push ``batches`` into ``run`` and end it with exactly one terminal event. With ``after``,
-    start once that run has ended (a client's prompts are answered in order)."""
+async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None) -> None:
+    """Push the batches of ``make()`` into ``run`` and end it with exactly one terminal event.
+
+    With ``after``, the producer is made once that run has ended: a client's prompts are answered in
+    order, and each is asked with what the previous answers left (a chat history).
+    """
     try:
         if after is not None:
             await after.wait()
-        async with aclosing(batches) as stream:
+        async with aclosing(make()) as stream:
             async for batch in stream:
                 for event in batch:
                     if event.terminal:
@@ -117,5 +120,6 @@ async def stream_model(run: Run, upstream: UpstreamClient, messages: Sequence[di
                        collect_chars: float = math.inf) -> None:
     """Relay one completion into ``run`` (see :func:`model_batches`) and end it."""
     run.prompt_estimate = estimate_tokens(messages)
-    await pump(run, model_batches(upstream, messages, model=model, tools=tools, params=params, agent=run.agent,
-                                  workflow=run.workflow, collect=collect, collect_chars=collect_chars))
+    await pump(run, lambda: model_batches(upstream, messages, model=model, tools=tools, params=params,
+                                          agent=run.agent, workflow=run.workflow, collect=collect,
+                                          collect_chars=collect_chars))

@@ -261,6 +261,7 @@ class Run:
         transcript: Transcript | None = None,
         controller: Controller | None = None,
         state: WorkflowState | None = None,
+        grace: float = 0.0,
     ) -> None:
         self.id = run_id
         self.key = key
@@ -275,7 +276,7 @@ class Run:
         self.latency = latency
         self.transcript = transcript
         self.task: asyncio.Task[None] | None = None
-        self.grace = 0.0  # how long it goes on for a resume once its own client is gone
+        self.grace = grace  # how long it goes on for a resume once its own client is gone, and is kept once ended
         self.started = time.monotonic()
         self.phase = Phase.RUNNING
         self.watch = Watch.ORPHANED
@@ -417,10 +418,10 @@ class Run:
 
     def interrupt(self, terminal: Event) -> None:
         """Stop the producer; the run ends with ``terminal`` (a cancellation or a budget error)."""
-        if self.phase is not Phase.RUNNING:
-            self.phase = _step(_PHASES, self.phase, _In.INTERRUPT)
+        was = self.phase
+        self.phase = _step(_PHASES, was, _In.INTERRUPT)
+        if was is not _RUNNING:
             return
-        self.phase = Phase.INTERRUPTED
         self._interruption = terminal
         if self.task is not None and not self.task.done():
             self.task.cancel()

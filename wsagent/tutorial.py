@@ -14,6 +14,7 @@ cancelled, which closes the upstream request.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from .agent import assistant
@@ -75,7 +76,7 @@ async def _prompts(
         count += 1
         run = app.new_run(conn, f"{conn.id}-{count}")
         run.subscribe(conn.outbox, 0, renderer(), primary=True)
-        app.start(conn, run, producer(message), model=model, after=previous)
+        app.start(conn, run, functools.partial(producer, message), model=model, after=previous)
         previous = run
 
 

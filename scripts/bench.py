@@ -418,7 +418,7 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
     quick = args.quick
     sim_port, ws_port, peer_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
-    sim = await start("simulator", [sys.executable, "-m", "wsagent.simulator", "--port", str(sim_port),
+    sim = await start("simulator", [sys.executable, "-m", "wsagent.simulator", "--switches", "--port", str(sim_port),
                                     "--rate", "0", "--no-reasoning"], sim_port)
     servers = [
         await start("wsagent", [sys.executable, "-m", "wsagent.serve", "--port", str(ws_port),

@@ -21,7 +21,7 @@ TERMINAL = {"done", "error", "cancelled"}
 
 @pytest.fixture
 async def sim() -> AsyncIterator[SimulatorServer]:
-    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24)).start()
+    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
     try:
         yield server
     finally:

@@ -76,7 +76,7 @@ async def attack(server: WsAgentServer, route: str, token: str | None, payloads:
 def test_fuzz_every_route(caplog: Any) -> None:
     caplog.set_level(logging.WARNING, logger="wsagent")
     with asyncio.Runner() as runner:
-        sim = runner.run(SimulatorServer(SimulatorSettings(rate=0)).start())
+        sim = runner.run(SimulatorServer(SimulatorSettings(rate=0, switches=True)).start())
         server = runner.run(WsAgentServer(
             Settings(port=0, jwt_secret=SECRET, max_message_size=65536, messages_per_second=1000,
                      message_burst=1000, max_connections_per_ip=10000),

@@ -73,7 +73,7 @@ ACTIVATE = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd)
 
 def spawn(args: list[str], env: dict[str, str] | None = None, activate_fd: int | None = None,
           ) -> subprocess.Popen[bytes]:
-    full_env = {**os.environ, "WSAGENT_SIM_RATE": "200", **(env or {})}
+    full_env = {**os.environ, "WSAGENT_SIM_RATE": "200", "WSAGENT_SIM_SWITCHES": "1", **(env or {})}
     command = ["-m", "wsagent.serve", "--port", "0", *args]
     if activate_fd is None:
         return subprocess.Popen([sys.executable, *command], env=full_env, stderr=subprocess.PIPE, cwd=ROOT)

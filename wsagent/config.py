@@ -52,10 +52,11 @@ class Settings:
     upstream_receive_buffer: int = _opt(262144, "kernel receive buffer per upstream connection in bytes, so a paused relay holds the model back sooner (0: kernel autotuning)", group="upstream")
     sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
     sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")
+    sim_switches: bool = _opt(False, "the built-in simulator honours sim:key=value fault switches in prompts (for tests; anyone who can send a prompt can use them)", group="upstream")
 
     max_runs_per_connection: int = _opt(8, "runs in flight on one socket", group="relay")
-    run_buffer_bytes: int = _opt(65536, "undelivered bytes of one run before the upstream read is paused", group="relay")
-    replay_bytes: int = _opt(262144, "delivered bytes one run keeps for resume", group="relay")
+    run_buffer_bytes: int = _opt(65536, "bytes (characters) of one run its own client has not taken before the upstream read is paused", group="relay")
+    replay_bytes: int = _opt(262144, "bytes (characters) of delivered events one run keeps for resume; each event is kept once", group="relay")
     resume_grace: float = _opt(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay")
     history_messages: int = _opt(20, "messages kept per connection in /ws/chat text mode", group="relay")
     history_chars: int = _opt(32000, "characters kept per connection in /ws/chat text mode", group="relay")

@@ -100,7 +100,8 @@ class WsAgentServer:
             base_url = s.upstream_url
             if not base_url:
                 self.simulator = await SimulatorServer(
-                    SimulatorSettings(rate=s.sim_rate, tokens=s.sim_tokens, model=s.model)).start()
+                    SimulatorSettings(rate=s.sim_rate, tokens=s.sim_tokens, model=s.model,
+                                      switches=s.sim_switches)).start()
                 base_url = self.simulator.base_url
                 log.info("no upstream configured: streaming from the built-in simulator at %s", base_url)
             upstream = UpstreamClient(metrics=self.metrics, config=UpstreamConfig(

@@ -5,9 +5,15 @@ parsing, relay, backpressure, cancellation, tool calls) runs for real on a
 machine with no network and no model. Tests and benchmarks use it too, with
 switches that inject the faults real servers produce.
 
-Answers are deterministic for a given request. Switches come from a ``sim``
-object in the request body, or from ``sim:key=value`` words in the last user
-message (so a person at a WebSocket client can try them):
+Answers are deterministic for a given request. Switches are honoured only when
+the simulator is started with them on (``SimulatorSettings(switches=True)``,
+``python -m wsagent.simulator --switches``, ``python -m wsagent.serve
+--sim-switches``): they are for tests and benchmarks, and anyone who can send
+a prompt could otherwise use them (``sim:tokens=20000 sim:pad=20000`` once took
+the server from 49 to 438 MiB). Then they come from a ``sim`` object in the
+request body, or from ``sim:key=value`` words in the last user message (so a
+person at a WebSocket client can try them), capped so that one answer holds at
+most about 16 MiB:
 
 =================  ==========================================================
 ``tokens=N``       answer length in tokens (default: the server's setting)
@@ -75,6 +81,27 @@ class SimulatorSettings:
     tokens: int = 24
     reasoning: bool = True
     model: str = "wsagent-sim"
+    switches: bool = False  # honour ``sim`` switches (tests, benchmarks); off, a prompt is only a prompt
+
+
+#: What one answer may hold, whatever the switches ask: tokens, and characters (``pad`` x tokens, ``long``).
+MAX_TOKENS = 1_000_000
+MAX_CHARS = 16 * 1024 * 1024
+
+
+def _capped(switches: dict[str, str]) -> dict[str, str]:
+    """``switches`` with ``tokens``, ``pad`` and ``long`` held to :data:`MAX_TOKENS` and :data:`MAX_CHARS`."""
+    try:
+        tokens = min(int(switches.get("tokens", 0)), MAX_TOKENS)
+        if "tokens" in switches:
+            switches["tokens"] = str(tokens)
+        if "pad" in switches:
+            switches["pad"] = str(min(int(switches["pad"]), MAX_CHARS // max(tokens, 1)))
+        if "long" in switches:
+            switches["long"] = str(min(int(switches["long"]), MAX_CHARS))
+    except ValueError:
+        return {}
+    return switches
 
 
 @dataclass
@@ -118,14 +145,17 @@ async def _notify_all(cond: asyncio.Condition) -> None:
         cond.notify_all()
 
 
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
 def _directives(body: dict[str, Any]) -> tuple[dict[str, str], str]:
     """Switches from the body's ``sim`` object and the last user message; the prompt without them."""
     switches: dict[str, str] = {}
-    prompt = ""
-    for message in reversed(body.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            prompt = _text(message.get("content"))
-            break
+    prompt = _last_user_text(body)
     for key, value in _DIRECTIVE.findall(prompt):
         switches[key] = value
     prompt = _DIRECTIVE.sub("", prompt).strip()
@@ -323,6 +353,9 @@ class Simulator:
             return _error(400, "'messages' is required", "invalid_request_error")
         self.stats.last_body = body
         switches, prompt = _directives(body)
+        if not self.settings.switches:
+            switches, prompt = {}, _last_user_text(body)
+        switches = _capped(switches)
         status = switches.get("status")
         if status is not None:
             key = switches.get("fail_key", prompt)
@@ -543,9 +576,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="tokens per second (0: unthrottled)")
     parser.add_argument("--tokens", type=int, default=24, help="answer length in tokens")
     parser.add_argument("--no-reasoning", action="store_true", help="do not stream reasoning deltas")
+    parser.add_argument("--switches", action="store_true",
+                        help="honour sim switches in requests (fault injection for tests and benchmarks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = SimulatorSettings(rate=args.rate, tokens=args.tokens, reasoning=not args.no_reasoning)
+    settings = SimulatorSettings(rate=args.rate, tokens=args.tokens, reasoning=not args.no_reasoning,
+                                 switches=args.switches)
 
     async def run() -> None:
         server = await SimulatorServer(settings, args.host, args.port).start()

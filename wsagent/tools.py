@@ -1,12 +1,17 @@
 """Tools an agent may call: plain async functions with a schema from their signature.
 
-A tool that raises, or a call whose arguments are not valid JSON for it,
-becomes an observation that carries the error; the agent loop goes on.
+A tool that raises, times out, or is called with arguments that are not valid
+JSON for it becomes an observation that carries the error; the agent loop
+goes on. A tool never holds the event loop: work that could take long is
+bounded before it starts and runs in a worker thread (the calculator refuses
+a result over :data:`MAX_BITS` before computing it), and every call has a time
+limit (``ToolBox(timeout=...)``).
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import datetime as _dt
 import inspect
 import json
@@ -18,7 +23,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, get_type_hints
 
-__all__ = ["Tool", "ToolBox", "tool", "calculator", "current_time", "search_notes", "BUILTIN_TOOLS", "evaluate"]
+__all__ = ["Tool", "ToolBox", "tool", "calculator", "current_time", "search_notes", "BUILTIN_TOOLS", "evaluate",
+           "MAX_BITS"]
+
+#: The largest integer the calculator computes: 4,096 bits (1,234 digits), a few microseconds of work.
+#: ``((9**99)**999)**99`` once froze every other stream for 7 s.
+MAX_BITS = 4096
 
 ToolFunction = Callable[..., Awaitable[Any]]
 
@@ -82,9 +92,10 @@ def tool(function: ToolFunction | None = None, *, name: str | None = None) -> An
 
 
 class ToolBox:
-    """The tools one agent may use, looked up by name."""
+    """The tools one agent may use, looked up by name; each call may take ``timeout`` seconds."""
 
-    def __init__(self, tools: Iterable[Tool | ToolFunction] = ()) -> None:
+    def __init__(self, tools: Iterable[Tool | ToolFunction] = (), timeout: float = 10.0) -> None:
+        self.timeout = timeout
         self._tools: dict[str, Tool] = {}
         for item in tools:
             t = item if isinstance(item, Tool) else tool(item)
@@ -100,7 +111,7 @@ class ToolBox:
         return [t.schema() for t in self._tools.values()]
 
     async def call(self, name: str, arguments: str) -> tuple[str, bool]:
-        """Run a tool; returns (observation text, is_error). Never raises."""
+        """Run a tool; returns (observation text, is_error). Never raises; gives up after ``timeout`` seconds."""
         t = self._tools.get(name)
         if t is None:
             return f"error: no tool named {name!r}", True
@@ -111,28 +122,32 @@ class ToolBox:
         if not isinstance(args, dict):
             return "error: arguments must be a JSON object", True
         try:
-            result = await t.function(**args)
+            async with asyncio.timeout(self.timeout):
+                result = await t.function(**args)
+            return (result if isinstance(result, str) else json.dumps(result, default=str)), False
+        except TimeoutError:
+            return f"error: {name} took longer than {self.timeout:g}s and was stopped", True
         except TypeError as exc:
             return f"error: bad arguments for {name}: {exc}", True
         except Exception as exc:  # a tool's failure is the model's observation, not our crash
             return f"error: {type(exc).__name__}: {exc}", True
-        return result if isinstance(result, str) else json.dumps(result, default=str), False
 
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "sqrt": math.sqrt, "abs": abs, "round": round, "sin": math.sin, "cos": math.cos, "tan": math.tan,
-              "log": math.log, "exp": math.exp, "floor": math.floor, "ceil": math.ceil}
+    "log": math.log, "exp": math.exp, "floor": math.floor, "ceil": math.ceil}
 _CONSTANTS = {"pi": math.pi, "e": math.e}
 
 
 def evaluate(expression: str) -> float | int:
     """Arithmetic by walking the syntax tree: numbers, + - * / // % **, a few math functions.
 
-    No ``eval``: names, attributes and calls other than the listed functions are refused.
+    No ``eval``: names, attributes and calls other than the listed functions are refused. An
+    integer result over :data:`MAX_BITS` is refused from its operands' sizes, before it is computed.
     """
     if len(expression) > 500:
         raise ValueError("expression too long")
@@ -147,6 +162,8 @@ def evaluate(expression: str) -> float | int:
             left, right = walk(node.left), walk(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 1000:
                 raise ValueError("exponent too large")
+            if isinstance(left, int) and isinstance(right, int) and _bits(node.op, left, right) > MAX_BITS:
+                raise ValueError(f"the result would have over {MAX_BITS} bits; refused")
             return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](walk(node.operand))
@@ -161,6 +178,16 @@ def evaluate(expression: str) -> float | int:
     return result
 
 
+def _bits(op: ast.operator, left: int, right: int) -> int:
+    """The fewest bits ``left op right`` can have, from its operands' sizes alone (so a result
+    this refuses is certainly too large; one it lets through has at most twice ``MAX_BITS``)."""
+    if isinstance(op, ast.Pow):
+        return (left.bit_length() - 1) * right + 1 if right > 0 else 1
+    if isinstance(op, ast.Mult):
+        return left.bit_length() + right.bit_length() - 1
+    return max(left.bit_length(), right.bit_length())
+
+
 @tool
 async def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression exactly as written.
@@ -168,6 +195,10 @@ async def calculator(expression: str) -> str:
     Args:
         expression: arithmetic such as "2 + 3 * (4 - 1)" or "sqrt(2) ^ 2"
     """
+    return await asyncio.to_thread(_calculate, expression)
+
+
+def _calculate(expression: str) -> str:
     return f"{expression} = {evaluate(expression)}"
 
 

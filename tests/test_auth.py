@@ -190,8 +190,11 @@ async def test_origins(make_server: ServerFactory) -> None:
     async with ws_connect(listed, "/ws", origin="https://app.example") as ws:
         await ws.send("ok")
         assert await ws.recv() == "OK"
+    async with ws_connect(listed, "/ws", origin=f"http://127.0.0.1:{listed.port}") as ws:  # its own page, always
+        await ws.send("own")
+        assert await ws.recv() == "OWN"
     with pytest.raises(InvalidStatus):
-        async with ws_connect(listed, "/ws", origin=f"http://127.0.0.1:{listed.port}"):
+        async with ws_connect(listed, "/ws", origin="https://other.example"):
             pass
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wsagent.config import Settings
 from wsagent.server import WsAgentServer
 from wsagent.simulator import MAX_CHARS, MAX_TOKENS, _capped
 from wsagent.tools import MAX_BITS, ToolBox, calculator, tool
 
-from .conftest import text_reply, ws_connect
+from .conftest import ServerFactory, recv_json, run_events, text_reply, ws_connect
+from .test_auth import SECRET, token
 
 
 @pytest.mark.parametrize("expression", ["((9**99)**999)**99", "((9**99)**999)**999", "(10**999)**5", "9**999*9**999"])
@@ -61,3 +64,106 @@ def test_switches_are_capped_even_when_honoured() -> None:
     capped = _capped({"tokens": "20000000", "pad": "20000", "long": str(10**9)})
     assert int(capped["tokens"]) == MAX_TOKENS
     assert int(capped["tokens"]) * int(capped["pad"]) <= MAX_CHARS and int(capped["long"]) == MAX_CHARS
+
+
+async def handshake(server: WsAgentServer, headers: list[tuple[str, str]], path: str = "/ws") -> bytes:
+    """A raw upgrade request with exactly these headers; the first line of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    status = await reader.readline()
+    writer.close()
+    return status
+
+
+@pytest.mark.parametrize("header", ["Origin", "Upgrade", "Authorization", "Host", "Sec-WebSocket-Key"])
+async def test_a_duplicate_header_is_a_plain_400(server: WsAgentServer, header: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Two ``Origin``, ``Upgrade`` or ``Authorization`` headers gave HTTP 500 or close 1011, with a traceback."""
+    value = {"Origin": f"http://127.0.0.1:{server.port}", "Upgrade": "websocket", "Authorization": "Bearer x",
+             "Host": "127.0.0.1", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}[header]
+    extra = [(header, value)] * (1 if header in ("Upgrade", "Host", "Sec-WebSocket-Key") else 2)
+    with caplog.at_level(logging.INFO):
+        status = await handshake(server, extra)
+    assert status.startswith(b"HTTP/1.1 400")
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_the_origin_check_never_trusts_the_host_header(server: WsAgentServer) -> None:
+    """A DNS-rebinding page sends Host and Origin both of its own name: they matched, so it got in."""
+    evil = f"evil.example:{server.port}"
+    status = await handshake(server, [("Origin", f"http://{evil}")])
+    assert status.startswith(b"HTTP/1.1 403")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: {evil}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                 f"Origin: http://{evil}\r\n\r\n".encode())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 403")
+    writer.close()
+
+
+async def test_the_server_s_own_page_may_always_connect(make_server: ServerFactory,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Allowing another origin once locked wsagent's own page at ``/`` out; a refusal was never logged."""
+    server = await make_server(allowed_origins="http://localhost:9999")
+    for origin in (f"http://127.0.0.1:{server.port}", f"http://localhost:{server.port}"):
+        async with ws_connect(server, "/ws", origin=origin) as ws:
+            await ws.send("mine")
+            assert await ws.recv() == "MINE"
+    with caplog.at_level(logging.INFO, "wsagent"):
+        for origin in ("null", f"http://127.0.0.1:{server.port + 1}"):
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_connect(server, "/ws", origin=origin):
+                    pass
+            assert info.value.response.status_code == 403
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 2 and "origin null" in refused[0]
+
+
+async def test_in_band_auth_passes_the_handshake_s_checks(make_server: ServerFactory) -> None:
+    """Five sockets that authenticated in band were all let in as one user with a limit of 2, and
+    a token whose ``routes`` left out the route was accepted by refresh."""
+    server = await make_server(jwt_secret=SECRET, max_connections_per_user=2)
+    narrow = token({"routes": ["/ws/agent"]})
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "auth", "token": narrow}))
+        reply = await recv_json(ws)
+        assert reply["type"] == "error" and reply["code"] == "forbidden"
+    sockets = [await ws_connect(server, "/ws/chat") for _ in range(3)]
+    replies = []
+    for ws in sockets:
+        await ws.send(json.dumps({"type": "auth", "token": token()}))
+        replies.append(await recv_json(ws))
+    assert [r["type"] for r in replies] == ["auth", "auth", "error"] and replies[2]["code"] == "too_many_connections"
+    with pytest.raises(ConnectionClosed) as closed:
+        await sockets[2].recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4029
+    for ws in sockets[:2]:
+        await ws.close()
+
+
+async def test_client_values_cannot_forge_log_lines(server: WsAgentServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, "wsagent"):
+        async with ws_connect(server, "/ws/chat") as ws:
+            await ws.send(json.dumps({"type": "run", "id": "r\nINFO forged line", "prompt": "hi sim:tokens=2"}))
+            await run_events(ws, "r\nINFO forged line")
+    lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert lines and all("\n" not in line and "r\\x0aINFO forged line" in line for line in lines)
+
+
+async def test_a_broadcast_is_bounded_well_below_the_outbox(make_server: ServerFactory) -> None:
+    """A 1,048,563-byte broadcast is under ``--max-message-size``, but with ``"from"`` added it passed
+    ``--outbox-bytes``: all 20 listeners were closed with 4008."""
+    server = await make_server(max_message_size=2**21, outbox_bytes=2**20)
+    listeners = [await ws_connect(server, f"/ws/listener{i}", max_size=None) for i in range(3)]
+    async with ws_connect(server, "/ws/sender", max_size=None) as sender:
+        await sender.send(json.dumps({"type": "broadcast", "content": "é" * 400_000}, ensure_ascii=False))
+        refusal = await recv_json(sender)
+        assert refusal["type"] == "error" and "too large" in refusal["message"]
+        await sender.send(json.dumps({"type": "broadcast", "content": "still here"}))
+        for listener in listeners:
+            assert json.loads(await listener.recv())["content"] == "still here"
+    for listener in listeners:
+        await listener.close()

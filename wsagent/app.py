@@ -19,7 +19,15 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterator
 
 from .agent import WorkflowFactory
-from .auth import CLOSE_INVALID_TOKEN, CLOSE_RATE_LIMIT, Authenticator, AuthError, TokenBucket, token_from_request
+from .auth import (
+    CLOSE_FORBIDDEN,
+    CLOSE_INVALID_TOKEN,
+    CLOSE_RATE_LIMIT,
+    Authenticator,
+    AuthError,
+    TokenBucket,
+    token_from_request,
+)
 from .broker import LocalBroker, mint_key, scope_of
 from .config import Settings
 from .connections import Connection, ConnectionManager
@@ -175,7 +183,7 @@ class App:
             if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
                 request = json_object(message)
                 if request is not None and request.get("type") == "auth":
-                    conn.put(self.refresh(conn, request.get("token")))
+                    self.refresh(conn, request.get("token"))
                     continue
             yield message
 
@@ -192,7 +200,7 @@ class App:
             identity = self.auth.verify(token)
             identity.may_use(route, conn.params)
         except AuthError as exc:
-            log.info("refused %s %s: %s (%s)", conn.id, printable(conn.path), exc.reason, exc.detail)
+            log.info("refused %s %s: %s (%s)", conn.id, printable(conn.path), exc.reason, printable(exc.detail))
             return exc.code, exc.reason
         if self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
             return CLOSE_RATE_LIMIT, "Too many connections for this user"
@@ -209,17 +217,29 @@ class App:
             conn.expiry_timer = asyncio.get_running_loop().call_later(
                 delay, conn.close_soon, CLOSE_INVALID_TOKEN, "Token expired")
 
-    def refresh(self, conn: Connection, token: object) -> str:
-        """``{"type": "auth", "token": ...}`` in band: a new token for the same user moves the expiry."""
+    def refresh(self, conn: Connection, token: object) -> None:
+        """``{"type": "auth", "token": ...}`` in band: a new token for the same user moves the expiry.
+
+        The token passes every check the handshake makes (its route and client-id claims, the
+        per-user connection limit); a connection that authenticates in band over that limit is
+        closed with 4029, as it would have been at the handshake.
+        """
         try:
             identity = self.auth.verify(token if isinstance(token, str) else None)
+            identity.may_use(conn.route, conn.params)
         except AuthError as exc:
-            return encode_message("error", code="invalid_token", message=f"token refused: {exc.detail}")
+            code = "forbidden" if exc.code == CLOSE_FORBIDDEN else "invalid_token"
+            conn.put(encode_message("error", code=code, message=f"token refused: {exc.detail or exc.reason}"))
+            return
         if conn.user is not None and identity.user != conn.user:
-            return encode_message("error", code="forbidden", message="a refreshed token must be for the same user")
-        if conn.user is None:
-            self.manager.set_user(conn, identity.user)
+            conn.put(encode_message("error", code="forbidden", message="a refreshed token must be for the same user"))
+            return
+        if conn.user is None and self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
+            conn.put(encode_message("error", code="too_many_connections",
+                                    message=f"at most {self.settings.max_connections_per_user} connections per user"))
+            conn.close_soon(CLOSE_RATE_LIMIT, "Too many connections for this user", flush=True)
+            return
         self._expire_at(conn, identity.expires)
-        return encode_message("auth", status="ok", user=identity.user,
-                              expires=None if identity.expires == math.inf else identity.expires)
+        conn.put(encode_message("auth", status="ok", user=identity.user,
+                                expires=None if identity.expires == math.inf else identity.expires))
 

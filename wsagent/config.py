@@ -39,6 +39,7 @@ class Settings:
     drain_timeout: float = _opt(10.0, "seconds in-flight streams may finish after SIGTERM before they are cancelled")
     client_id_policy: str = _opt("replace", "a second connection with a connected client id: replace (old gets 4009) or reject (new gets 4009)")
     outbox_bytes: int = _opt(1048576, "bytes queued for one client (broadcasts) before it is closed with 4008")
+    max_broadcast_bytes: int = _opt(65536, "largest broadcast content in bytes (well below --outbox-bytes, so one broadcast never overflows a listener's outbox)")
     slow_client_timeout: float = _opt(30.0, "seconds a client may accept no data before it is closed with 4008")
     socket_send_buffer: int = _opt(262144, "kernel send buffer per client socket in bytes, so backpressure reaches the model sooner (0: kernel autotuning, up to 4 MiB)")
 
@@ -89,7 +90,7 @@ class Settings:
 
 #: Settings SIGHUP may change on a running server; the others need a restart.
 RELOADABLE = frozenset({
-    "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes",
+    "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes", "max_broadcast_bytes",
     "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace",
     "history_messages", "history_chars", "workflows", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",

@@ -30,7 +30,7 @@ from .run import Subscription
 
 __all__ = [
     "Connection", "ConnectionManager", "Outbox", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
-    "CLOSE_REPLACED",
+    "CLOSE_REPLACED", "utf8_size",
 ]
 
 log = logging.getLogger("wsagent.connections")
@@ -39,6 +39,11 @@ CLOSE_SLOW_CLIENT = 4008
 CLOSE_REPLACED = 4009
 
 _ids = itertools.count(1)
+
+
+def utf8_size(text: str) -> int:
+    """Bytes ``text`` takes on the wire (a character of it may take up to four)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 async def close_or_abort(ws: ServerConnection, code: int, reason: str, grace: float) -> None:
@@ -132,7 +137,7 @@ class Outbox:
         """Queue ``frame`` without waiting. False (and a 4008 close) if the client is too far behind."""
         if self.closing:
             return False
-        size = len(frame)
+        size = utf8_size(frame)
         if self._queued_bytes + size > self.limit:
             conn = self._conn()
             if conn is not None:
@@ -181,7 +186,7 @@ class Outbox:
             if ws.paused:
                 return False
             frame = queue.popleft()
-            self._queued_bytes -= len(frame)
+            self._queued_bytes -= utf8_size(frame)
             if not ws.write_now(frame):
                 self._drop()
                 return True

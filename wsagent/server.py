@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -63,6 +64,8 @@ class WsAgentServer:
         self._upstream = upstream
         self.simulator: SimulatorServer | None = None
         self._app: App | None = None
+        self._own_names: frozenset[str] = frozenset()
+        self._wildcard = False
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
@@ -137,8 +140,10 @@ class WsAgentServer:
             logger=_library_logger(),
             **listen,
         )
+        self._own_names, self._wildcard = _own_names(s.host, [sock.getsockname()[0] for sock in self._server.sockets])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        log.info("wsagent listening on %s", self.url)
+        log.info("wsagent listening on %s (the page: http://%s:%d/)", self.url,
+                 "localhost" if self._wildcard else _url_host(self._server.sockets[0].getsockname()[0]), self.port)
         return self
 
     @property
@@ -223,7 +228,19 @@ class WsAgentServer:
     # -- HTTP, before the upgrade ----------------------------------------
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        response = self._answer(connection, request)
+        if response is not None and response.status_code >= 400:
+            log.info("refused %s %s: %d %s", _ip(connection.remote_address),
+                     printable(request.path.partition("?")[0][:200]), response.status_code,
+                     printable(response.body.decode(errors="replace").strip()[:300]))
+        return response
+
+    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The plain HTTP answer to ``request``, or None to go on with the upgrade."""
         path = request.path.partition("?")[0]
+        for name in _SINGLE_HEADERS:
+            if len(request.headers.get_all(name)) > 1:
+                return http_response(400, f"More than one {name} header.\n")
         if request.method != "GET":
             text = "" if request.method == "HEAD" else (
                 f"{request.method} is not supported: wsagent answers GET only "
@@ -238,8 +255,8 @@ class WsAgentServer:
             return http_response(426, f"{path} is a WebSocket endpoint: connect with a WebSocket client.\n",
                                  extra={"Upgrade": "websocket"})
         origin = request.headers.get("Origin")
-        if origin is not None and not self.origin_allowed(origin, request.headers.get("Host", "")):
-            return http_response(403, f"Origin {origin} may not connect; see --allowed-origins.\n")
+        if origin is not None and not self.origin_allowed(origin):
+            return http_response(403, f"The page at origin {origin} may not connect; see --allowed-origins.\n")
         app = self.app
         if app.draining:
             return http_response(503, "Server is shutting down.\n", extra={"Retry-After": "1"})
@@ -253,16 +270,31 @@ class WsAgentServer:
         """Name the worker process that took the connection (``--workers``: which one drains it)."""
         response.headers["X-Wsagent-Worker"] = self.worker_header
 
-    def origin_allowed(self, origin: str, host: str) -> bool:
+    def origin_allowed(self, origin: str) -> bool:
         """Browsers send Origin; a page on another site may not use a browser's network position.
 
-        With no list, only pages served by this server's own host:port may connect.
+        Pages served by this server itself may always connect: its own names (``localhost``, the
+        loopback addresses, this machine's host name, ``--host``) and the address it is bound to,
+        with its port; bound to every interface, any IP address with its port (a page served from
+        that address and port was served by this server). Others only if ``--allowed-origins``
+        lists them (``null``, a page opened from a file, included). The Host header is never
+        trusted: a DNS-rebinding page sends its own name as Host and as Origin.
         """
         if "*" in self.origins or origin in self.origins:
             return True
-        if self.origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.hostname is None:
             return False
-        return urlsplit(origin).netloc.lower() == host.lower()
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return False
+        if port != self.port:
+            return False
+        host = parts.hostname.lower()
+        if host in self._own_names:
+            return True
+        return self._wildcard and _is_ip(host)
 
     # -- WebSocket, after the upgrade ------------------------------------
 
@@ -308,6 +340,34 @@ class WsAgentServer:
             log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, printable(path), remote_text,
                      sent.code if sent is not None else ws.close_code, time.monotonic() - conn.opened,
                      extra={"conn": conn.id})
+
+
+#: Headers a handshake may carry once: two of them are a malformed request (HTTP 400), not a crash.
+_SINGLE_HEADERS = ("Host", "Upgrade", "Origin", "Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _own_names(configured: str, bound: list[str]) -> tuple[frozenset[str], bool]:
+    """The host names a page served by this server can have, and whether it is bound to every interface."""
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname().lower(), socket.getfqdn().lower()}
+    wildcard = False
+    for address in [configured, *bound]:
+        if address in ("", "0.0.0.0", "::"):
+            wildcard = True
+        else:
+            names.add(address.lower())
+    return frozenset(names), wildcard
 
 
 def _origins(settings: Settings) -> set[str]:

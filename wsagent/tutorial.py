@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from .agent import assistant
 from .app import App
-from .connections import Connection
+from .connections import Connection, utf8_size
 from .events import encode_message, json_object
 from .pump import Producer, model_batches
 from .render import Renderer, Thoughts, Words
@@ -114,8 +114,12 @@ async def client_addressed(app: App, conn: Connection) -> None:
         if request is None or request.get("type") != "broadcast":
             return False
         content = request.get("content")
+        limit = app.settings.max_broadcast_bytes
         if not isinstance(content, str):
             conn.put(encode_message("error", message="broadcast needs a string content"))
+        elif utf8_size(content) > limit:
+            conn.put(encode_message("error", message=f"broadcast too large: {utf8_size(content)} bytes, "
+                                                     f"at most {limit} (--max-broadcast-bytes)"))
         else:
             app.broker.broadcast(encode_message("broadcast", **{"from": client_id, "content": content}))
         return True

@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wsagent.config import Settings
+from wsagent.errors import UpstreamError
 from wsagent.server import WsAgentServer
 from wsagent.simulator import MAX_CHARS, MAX_TOKENS, _capped
 from wsagent.tools import MAX_BITS, ToolBox, calculator, tool
+from wsagent.upstream import UpstreamClient, UpstreamConfig
 
 from .conftest import ServerFactory, recv_json, run_events, text_reply, ws_connect
 from .test_auth import SECRET, token
+from .test_chat import run
 
 
 @pytest.mark.parametrize("expression", ["((9**99)**999)**99", "((9**99)**999)**999", "(10**999)**5", "9**999*9**999"])
@@ -167,3 +172,82 @@ async def test_a_broadcast_is_bounded_well_below_the_outbox(make_server: ServerF
             assert json.loads(await listener.recv())["content"] == "still here"
     for listener in listeners:
         await listener.close()
+
+
+@pytest.fixture
+async def faulty_upstream() -> AsyncIterator[tuple[str, dict[str, int]]]:
+    """A model server that answers 500 with a 300 MB plain body, or a JSON error with a 1 MB message."""
+    sent = {"chunks": 0}
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if "json" in json.dumps(body["messages"]):
+            return web.json_response({"error": {"message": "m" * 1_000_000, "type": "server_error"}}, status=500)
+        response = web.StreamResponse(status=500, headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        chunk = b"x" * 1_000_000
+        for _ in range(300):
+            await response.write(chunk)
+            sent["chunks"] += 1
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1", sent
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_upstream_error_body_is_read_only_so_far(faulty_upstream: tuple[str, dict[str, int]]) -> None:
+    url, sent = faulty_upstream
+    client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
+    try:
+        for prompt in ("plain", "json"):
+            with pytest.raises(UpstreamError) as info:
+                async for _ in client.stream([{"role": "user", "content": prompt}]):
+                    pass
+            assert info.value.code == "upstream_unavailable" and len(info.value.message) <= 600
+    finally:
+        await client.close()
+    assert sent["chunks"] < 100  # the rest of the 300 MB was never read: the connection was closed
+
+
+async def test_clients_choose_only_allowed_models(make_server: ServerFactory) -> None:
+    """A client-chosen ``model`` was forwarded verbatim: anyone could pick the most expensive one."""
+    server = await make_server(model="wsagent-sim")
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(run("a", "hi", model="gpt-most-expensive"))
+        refusal = await recv_json(ws)
+        assert refusal["code"] == "bad_request" and "may not be chosen" in refusal["message"]
+        await ws.send(run("b", "hi sim:tokens=2", model="wsagent-sim"))
+        assert (await run_events(ws, "b"))[-1]["type"] == "done"
+    open_server = await make_server(allowed_models="gpt-most-expensive, other")
+    async with ws_connect(open_server, "/ws/chat") as ws:
+        await ws.send(run("c", "hi sim:tokens=2", model="gpt-most-expensive"))
+        events = await run_events(ws, "c")
+        assert events[0]["model"] == "gpt-most-expensive" and events[-1]["type"] == "done"
+
+
+async def test_a_draining_server_answers_503_then_stops(make_server: ServerFactory) -> None:
+    """README promised 503 during shutdown; new connections got a refused TCP connection."""
+    server = await make_server()
+    port = server.port
+    streaming = await ws_connect(server, "/ws/chat")
+    await streaming.send("long sim:rate=20 sim:tokens=10000")
+    assert await streaming.recv()
+    stopping = asyncio.ensure_future(server.stop(drain=30))
+    await asyncio.sleep(0)  # one loop step: stop() runs up to its drain wait
+    assert server.draining
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(server, "/ws/chat"):
+            pass
+    assert info.value.response.status_code == 503 and info.value.response.headers["Retry-After"] == "1"
+    await streaming.close()  # the last stream ends (its run is cancelled): the drain is over at once
+    await asyncio.wait_for(stopping, 10)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)

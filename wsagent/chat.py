@@ -150,6 +150,9 @@ class ChatSession:
         model = request.get("model")
         if model is not None and not isinstance(model, str):
             raise ProtocolViolation("'model' must be a string")
+        if model is not None and not self.settings.model_allowed(model):
+            raise ProtocolViolation(f"model {model!r} may not be chosen here; ask without 'model' for "
+                                    f"{self.settings.model!r}, or see --allowed-models")
         params = request.get("params") or {}
         if not isinstance(params, dict):
             raise ProtocolViolation("'params' must be an object")

@@ -53,6 +53,7 @@ class Settings:
     upstream_receive_buffer: int = _opt(262144, "kernel receive buffer per upstream connection in bytes, so a paused relay holds the model back sooner (0: kernel autotuning)", group="upstream")
     sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
     sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")
+    allowed_models: str = _opt("", "models a client may ask for with 'model', comma-separated (the configured --model always); *: any", group="upstream")
     sim_switches: bool = _opt(False, "the built-in simulator honours sim:key=value fault switches in prompts (for tests; anyone who can send a prompt can use them)", group="upstream")
 
     max_runs_per_connection: int = _opt(8, "runs in flight on one socket", group="relay")
@@ -87,10 +88,16 @@ class Settings:
     log_format: str = _opt("text", "text or json (one object per line)", group="logging")
     transcripts_dir: str | None = _opt(None, "write each run's events as JSON lines with timestamps to this directory", group="logging")
 
+    def model_allowed(self, model: str) -> bool:
+        """A client may ask for the configured model, and for those ``--allowed-models`` lists."""
+        allowed = {name.strip() for name in self.allowed_models.split(",") if name.strip()}
+        return model == self.model or model in allowed or "*" in allowed
+
 
 #: Settings SIGHUP may change on a running server; the others need a restart.
 RELOADABLE = frozenset({
     "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes", "max_broadcast_bytes",
+    "allowed_models",
     "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace",
     "history_messages", "history_chars", "workflows", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",

@@ -184,21 +184,21 @@ class WsAgentServer:
         await self.stop(drain=0)
 
     async def stop(self, drain: float | None = None) -> None:
-        """Stop accepting, let in-flight streams finish for ``drain`` seconds, cancel the rest,
-        close every client with 1001, and release the upstream."""
+        """Answer new connections 503 while in-flight streams finish for ``drain`` seconds, then stop
+        listening, cancel the rest, close every client with 1001, and release the upstream."""
         if self._stopped:
             return
         self._stopped = True
         drain = self.settings.drain_timeout if drain is None else drain
         app = self._app
         if self._server is not None and app is not None:
-            app.draining = True
-            self._server.server.close()
+            app.draining = True  # from here, a new connection is answered 503 with Retry-After
             if drain > 0 and not app.idle.is_set():
                 log.info("draining %d in-flight streams for up to %.1fs", app.inflight, drain)
                 with suppress(TimeoutError):
                     async with asyncio.timeout(drain):
                         await app.idle.wait()
+            self._server.server.close()
             for run in app.broker.active_runs():
                 run.cancel("server shutting down")
             with suppress(TimeoutError):

@@ -21,7 +21,7 @@ import pytest
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
-from .conftest import ServerFactory
+from .conftest import ServerFactory, recv_json, run_events, ws_connect
 from .test_chat import expected_text
 
 ROOT = Path(__file__).parent.parent
@@ -156,3 +156,30 @@ async def test_websocat_agent_thoughts_and_secure(make_server: ServerFactory) ->
     assert code == 0 and json.loads(out) == {"type": "pong"}
 
 
+
+
+async def test_websocat_run_helper_fails_on_error_with_a_unique_id(server: WsAgentServer) -> None:
+    """The helper always used the id ``cli`` and exited 0 whatever the run's end."""
+    ids = set()
+    for prompt in ("first", "second"):
+        code, out, _ = await run(["scripts/websocat-run.sh", prompt, "", f"{server.url}/ws/chat"])
+        ids.add(json.loads(out.splitlines()[0])["id"])
+        assert code == 0
+    assert len(ids) == 2 and "cli" not in ids
+    code, out, _ = await run(["scripts/websocat-run.sh", "x sim:status=500", "", f"{server.url}/ws/chat"])
+    assert code == 1 and json.loads(out.splitlines()[-1])["type"] == "error"
+
+
+async def test_client_attaches_to_a_run_started_elsewhere(server: WsAgentServer, sim: SimulatorServer) -> None:
+    prompt = "watch me sim:rate=200 sim:tokens=200"
+    async with ws_connect(server, "/ws/chat") as owner:
+        await owner.send(json.dumps({"type": "run", "id": "shared", "prompt": prompt}))
+        start = await recv_json(owner)
+        watcher = asyncio.ensure_future(run(client(server, "--json", "--attach", "shared", "--key", start["key"])))
+        mine = await run_events(owner, "shared")
+        code, out, _ = await watcher
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[-1] == mine[-1]
+    assert "".join(e["content"] for e in events if e["type"] == "token") == await expected_text(sim, prompt)
+    code, _, err = await run(client(server, "--attach", "shared"))
+    assert code == 2 and "--attach needs --key" in err

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from wsagent.config import Settings
+from wsagent.config import Settings, load_settings
 from wsagent.errors import UpstreamError
 from wsagent.server import WsAgentServer
 from wsagent.simulator import MAX_CHARS, MAX_TOKENS, _capped
@@ -251,3 +254,50 @@ async def test_a_draining_server_answers_503_then_stops(make_server: ServerFacto
     await asyncio.wait_for(stopping, 10)
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_finished_runs_kept_for_resume_stay_in_the_replay_budget(make_server: ServerFactory) -> None:
+    """With a 60 s grace, ten sockets starting ten runs a second grew the server to 1 GiB in 20 s."""
+    server = await make_server(resume_grace=60, replay_budget_bytes=60_000, replay_budget_per_user=40_000)
+    keys = []
+    async with ws_connect(server, "/ws/chat") as first, ws_connect(server, "/ws/chat") as second:
+        for n in range(6):
+            ws = first if n < 4 else second
+            await ws.send(run(f"r{n}", f"bulk {n} sim:tokens=100 sim:pad=150"))
+            events = await run_events(ws, f"r{n}")
+            keys.append(events[0]["key"])
+        assert server.runs.kept_bytes <= 60_000
+        assert all(size <= 40_000 for size in server.runs._kept_by_owner.values())
+        await first.send(json.dumps({"type": "resume", "id": "r0", "key": keys[0], "after": 0}))
+        assert (await recv_json(first))["code"] == "unknown_run"  # the oldest went first
+        await second.send(json.dumps({"type": "resume", "id": "r5", "key": keys[5], "after": 0}))
+        assert (await run_events(second, "r5"))[-1]["type"] == "done"  # the newest is kept whole
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}/metrics") as response:
+            text = await response.text()
+    evictions = float(next(line.split()[1] for line in text.splitlines()
+                           if line.startswith("wsagent_replay_evictions_total")))
+    assert evictions >= 2
+
+
+def test_a_misspelt_setting_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    env_file = tmp_path / "wsagent.env"
+    env_file.write_text("WSAGENT_MAX_CONECTIONS=5\nWSAGENT_PORT=9000\n")
+    with caplog.at_level(logging.WARNING, "wsagent.config"):
+        settings = load_settings(["--env-file", str(env_file)], environ={"WSAGENT_URL": "ws://x"})
+    assert settings.port == 9000
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "WSAGENT_MAX_CONECTIONS" in warning and "did you mean WSAGENT_MAX_CONNECTIONS?" in warning
+
+
+async def test_a_reload_that_fails_changes_nothing(server: WsAgentServer, tmp_path: Path) -> None:
+    """The settings, auth, origins and limits were swapped before the workflows file was read: when
+    that failed, the log said the running settings were kept, but ``max_connections`` had changed."""
+    before = server.settings
+    broken = tmp_path / "workflows.json"
+    broken.write_text("{not json")
+    new = dataclasses.replace(before, max_connections=3, allowed_origins="https://x.example", workflows=str(broken))
+    with pytest.raises(ValueError):
+        server.reload(new)
+    assert server.settings is before and server.app.settings is before
+    assert server.manager.max_connections == before.max_connections and server.origins == set()

@@ -57,7 +57,7 @@ class App:
         self.upstream = upstream
         self.metrics = metrics
         self.workflows = workflows
-        self.broker = LocalBroker()
+        self.broker = LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
         self.manager = ConnectionManager(self.broker, settings.max_connections, settings.client_id_policy)
         self.auth = Authenticator(settings)
         self.started = time.monotonic()

@@ -88,9 +88,23 @@ class Broker(Protocol):
 
 
 class LocalBroker:
-    """Everything in this process's memory."""
+    """Everything in this process's memory.
 
-    def __init__(self) -> None:
+    A finished run is kept for a resume for its grace period, but the logs of
+    all kept runs together stay under ``budget`` bytes, and one user's (an
+    anonymous client's: its connection's) under ``budget_per_user``: past
+    either, the oldest finished run is forgotten first. Without a total bound,
+    ten sockets starting ten runs a second with a 60 s grace grew the server
+    to 1 GiB in 20 s.
+    """
+
+    def __init__(self, budget: int = 64 * 1024 * 1024, budget_per_user: int = 8 * 1024 * 1024) -> None:
+        self.budget = budget
+        self.budget_per_user = budget_per_user
+        self._kept: dict[Run, int] = {}  # finished runs kept for resume, oldest first, and their log sizes
+        self._kept_by_owner: Counter[str] = Counter()
+        self.kept_bytes = 0
+        self.evictions = 0
         self._by_key: dict[str, Run] = {}
         self._by_id: dict[tuple[str, str], Run] = {}
         self._user_runs: Counter[str] = Counter()
@@ -128,13 +142,36 @@ class LocalBroker:
             if isinstance(finished.terminal, Cancelled):
                 self.cancellations[finished.terminal.reason] += 1
             if keep_after_finish > 0:
+                self._keep(finished)
                 asyncio.get_running_loop().call_later(keep_after_finish, self._drop, finished)
             else:
                 self._drop(finished)
 
         run.on_finish.append(forget)
 
+    def _keep(self, run: Run) -> None:
+        size = run.log_bytes
+        owner = run.scope
+        self._kept[run] = size
+        self._kept_by_owner[owner] += size
+        self.kept_bytes += size
+        while self.kept_bytes > self.budget and self._kept:
+            self._evict(next(iter(self._kept)))
+        while self._kept_by_owner[owner] > self.budget_per_user:
+            self._evict(next(r for r in self._kept if r.scope == owner))
+
+    def _evict(self, run: Run) -> None:
+        self.evictions += 1
+        self._drop(run)
+
     def _drop(self, run: Run) -> None:
+        size = self._kept.pop(run, None)
+        if size is not None:
+            owner = run.scope
+            self.kept_bytes -= size
+            self._kept_by_owner[owner] -= size
+            if not self._kept_by_owner[owner]:
+                del self._kept_by_owner[owner]
         if self._by_key.get(run.key) is run:
             del self._by_key[run.key]
         if self._by_id.get((run.scope, run.id)) is run:

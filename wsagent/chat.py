@@ -225,13 +225,19 @@ class ChatSession:
             self.reply_error(run_id, exc.code, exc.message)
 
     def attach(self, request: dict[str, Any]) -> None:
+        after = request.get("after")
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+            raise ProtocolViolation("'after' must be a non-negative integer (the last seq you received)")
         run_id, run = self.find(request)
         if run is None:
             self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to (send its key)")
             return
-        if run.state is not None:
+        if run.state is not None and after is None:
             self.reply(encode(Snapshot(run.state.snapshot(), workflow=run.workflow), run.id, None))
-        run.subscribe(self.conn.outbox, run.oldest_kept - 1)
+        try:
+            run.subscribe(self.conn.outbox, run.oldest_kept - 1 if after is None else after)
+        except (ReplayGap, BadResume) as exc:
+            self.reply_error(run_id, exc.code, exc.message)
 
 
 def _run_id(request: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import random
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -226,6 +226,7 @@ class StreamClient:
         self.ws: ClientConnection | None = None
         self.last_seq = 0
         self.cancel_requested = False
+        self.on_start: Callable[[str, str | None], None] = _quiet
 
     async def _connect(self) -> ClientConnection:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -261,7 +262,9 @@ class StreamClient:
     async def run(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send ``request`` and render its events; returns the terminal event."""
         self.run_id = request["id"]
-        self.key: str | None = None  # the run's key, from its start event: it proves the run is ours on a new socket
+        # The run's key, from its start event (or given to attach): it proves the run is ours on a new socket.
+        self.key: str | None = request.get("key")
+        watching = request["type"] == "attach"
         first = True
         while True:
             ws = self.ws = await self._connect()
@@ -270,8 +273,8 @@ class StreamClient:
                     await ws.send(json.dumps(request))
                     first = False
                 else:
-                    await ws.send(json.dumps({"type": "resume", "id": self.run_id, "key": self.key,
-                                              "after": self.last_seq}))
+                    await ws.send(json.dumps({"type": "attach" if watching else "resume", "id": self.run_id,
+                                              "key": self.key, "after": self.last_seq}))
                 if self.cancel_requested:
                     await ws.send(json.dumps({"type": "cancel", "id": self.run_id, "key": self.key}))
                 async for message in ws:
@@ -285,8 +288,9 @@ class StreamClient:
                         if seq <= self.last_seq:
                             continue
                         self.last_seq = seq
-                    if event.get("type") == "start":
+                    if event.get("type") == "start" and not watching:
                         self.key = event.get("key")
+                        self.on_start(self.run_id, self.key)
                     self.renderer.event(event)
                     if event.get("type") in TERMINAL:
                         await ws.close()
@@ -297,6 +301,15 @@ class StreamClient:
             finally:
                 self.ws = None
                 await ws.close()
+
+
+def _quiet(run_id: str, key: str | None) -> None:
+    """Started: nothing to say."""
+
+
+def _announce(run_id: str, key: str | None) -> None:
+    """Say, once the run has started, how to watch it from elsewhere (on stderr: stdout is the answer)."""
+    sys.stderr.write(f"watch from another terminal: python -m wsagent.client --attach {run_id} --key {key}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -314,6 +327,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print raw events, one JSON object per line")
     parser.add_argument("--no-dashboard", action="store_true", help="workflows as plain text, not panels")
     parser.add_argument("--retries", type=int, default=5, help="reconnect attempts (default: %(default)s)")
+    parser.add_argument("--attach", metavar="ID", help="watch run ID that another client started (needs --key)")
+    parser.add_argument("--key", help="the key of the run to --attach to (its start event has it; the page shows it)")
     return parser
 
 
@@ -327,19 +342,25 @@ async def _main(args: argparse.Namespace, prompt: str) -> int:
             renderer = TextRenderer(sys.stdout, color=False)
     else:
         renderer = TextRenderer(sys.stdout, color=sys.stdout.isatty())
-    request: dict[str, Any] = {"type": "run", "id": f"cli-{uuid.uuid4().hex[:12]}", "prompt": prompt}
-    for key in ("workflow", "agent", "model"):
-        if getattr(args, key):
-            request[key] = getattr(args, key)
-    if args.max_tokens:
-        request["params"] = {"max_tokens": args.max_tokens}
+    request: dict[str, Any]
+    if args.attach:
+        request = {"type": "attach", "id": args.attach, "key": args.key}
+    else:
+        request = {"type": "run", "id": f"cli-{uuid.uuid4().hex[:12]}", "prompt": prompt}
+        for key in ("workflow", "agent", "model"):
+            if getattr(args, key):
+                request[key] = getattr(args, key)
+        if args.max_tokens:
+            request["params"] = {"max_tokens": args.max_tokens}
     client = StreamClient(args.url, args.token, renderer, retries=args.retries)
+    if sys.stderr.isatty():
+        client.on_start = _announce
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
 
     def interrupt() -> None:
-        if client.cancel_requested:
+        if client.cancel_requested or args.attach:  # a watcher leaves; the run is someone else's
             main_task.cancel()
         else:
             renderer.note("cancelling… (Ctrl-C again to quit)")
@@ -367,14 +388,18 @@ async def _main(args: argparse.Namespace, prompt: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.attach and not args.key:
+        _parser().print_usage(sys.stderr)
+        sys.stderr.write("error: --attach needs --key (the run's key: its start event has it)\n")
+        return EXIT_USAGE
     prompt = args.prompt
-    if prompt is None and not sys.stdin.isatty():
+    if prompt is None and not args.attach and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
-    if not prompt:
+    if not prompt and not args.attach:
         _parser().print_usage(sys.stderr)
         sys.stderr.write("error: give a prompt as an argument or on stdin\n")
         return EXIT_USAGE
-    return asyncio.run(_main(args, prompt))
+    return asyncio.run(_main(args, prompt or ""))
 
 
 if __name__ == "__main__":

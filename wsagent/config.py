@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .tuning import DEFAULT_GC_THRESHOLDS
+
+log = logging.getLogger("wsagent.config")
 
 __all__ = ["Settings", "build_parser", "load_settings", "settings_table", "read_env_file", "RELOADABLE"]
 
@@ -60,6 +64,8 @@ class Settings:
     run_buffer_bytes: int = _opt(65536, "bytes (characters) of one run its own client has not taken before the upstream read is paused", group="relay")
     replay_bytes: int = _opt(262144, "bytes (characters) of delivered events one run keeps for resume; each event is kept once", group="relay")
     resume_grace: float = _opt(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay")
+    replay_budget_bytes: int = _opt(64 * 1024 * 1024, "bytes the logs of all finished runs kept for resume may hold together; the oldest run is forgotten first", group="relay")
+    replay_budget_per_user: int = _opt(8 * 1024 * 1024, "the same for one user's finished runs (an anonymous client's: its connection's)", group="relay")
     history_messages: int = _opt(20, "messages kept per connection in /ws/chat text mode", group="relay")
     history_chars: int = _opt(32000, "characters kept per connection in /ws/chat text mode", group="relay")
     workflows: str | None = _opt(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay")
@@ -99,6 +105,7 @@ RELOADABLE = frozenset({
     "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes", "max_broadcast_bytes",
     "allowed_models",
     "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace",
+    "replay_budget_bytes", "replay_budget_per_user",
     "history_messages", "history_chars", "workflows", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",
     "allowed_origins", "max_connections_per_ip", "max_connections_per_user", "messages_per_second",
@@ -182,7 +189,23 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
                 raise SystemExit(f"{env_name(f.name)}: {exc}") from None
     settings = Settings(**values)
     validate(settings)
+    _warn_unknown(environ)
     return settings
+
+
+#: ``WSAGENT_*`` names that are not settings of the server but are read elsewhere (the client, the
+#: installer, ``--workers``, CI).
+_OTHER_NAMES = frozenset({"WSAGENT_ENV_FILE", "WSAGENT_URL", "WSAGENT_TOKEN", "WSAGENT_PREFIX", "WSAGENT_WORKER_OF",
+                          "WSAGENT_READY_FD", "WSAGENT_CI_VENV"})
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """A misspelt setting (``WSAGENT_MAX_CONECTIONS``) would be ignored without a word: say so."""
+    known = {env_name(f.name) for f in dataclasses.fields(Settings)} | _OTHER_NAMES
+    for name in sorted(environ):
+        if name.startswith("WSAGENT_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            log.warning("unknown setting %s is ignored%s", name, f"; did you mean {close[0]}?" if close else "")
 
 
 def gc_thresholds(settings: Settings) -> tuple[int, int, int] | None:

@@ -94,10 +94,19 @@ class StreamConnection(ServerConnection):
         itself (fixed in 3.12, python/cpython#100348). Each cycle kept the whole
         connection (about 90 objects) alive until a collection, and at a thousand
         streams those collections paused every stream for hundreds of
-        milliseconds. The library breaks its other cycles here too.
+        milliseconds. The library breaks its other cycles here too, but not the
+        sans-I/O protocol's own: its parser is a suspended generator whose frame
+        holds the protocol, and after a reset ``parser_exc`` holds a traceback
+        through it. Nothing is parsed after the connection is lost, so the
+        parser is closed and the exception dropped; without that, every closed
+        connection of every kind left its protocol (and its deflate state) to the
+        collector: 1,053 of them after a five-minute soak.
         """
         super().connection_lost(exc)
-        vars(self.protocol).pop("select_subprotocol", None)  # the handshake is long over
+        protocol = self.protocol
+        vars(protocol).pop("select_subprotocol", None)  # the handshake is long over
+        protocol.parser.close()
+        protocol.parser_exc = None
         transport = self.transport
         if getattr(transport, "_read_ready_cb", None) is not None:
             transport._read_ready_cb = None  # type: ignore[attr-defined]

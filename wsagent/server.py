@@ -171,6 +171,7 @@ class WsAgentServer:
         self.origins = _origins(settings)
         app.manager.max_connections = settings.max_connections
         app.manager.client_id_policy = settings.client_id_policy
+        app.broker.budget, app.broker.budget_per_user = settings.replay_budget_bytes, settings.replay_budget_per_user
         app.workflows = workflows
         logging.getLogger().setLevel(settings.log_level.upper())
         log.info("reloaded: %s changed%s", ", ".join(sorted(applied)) or "nothing",

@@ -75,6 +75,10 @@ def render(app: App) -> str:
               m.relay_latency)
     labelled("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", "reason",
              app.broker.cancellations)
+    single("wsagent_replay_kept_bytes", "gauge", "Bytes in the logs of finished runs kept for resume.",
+           app.broker.kept_bytes)
+    single("wsagent_replay_evictions_total", "counter", "Finished runs forgotten early to stay in the replay budget.",
+           app.broker.evictions)
     single("wsagent_slow_client_closes_total", "counter", "Clients closed with 4008.", app.manager.slow_closes)
     single("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
            sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in app.manager))

@@ -120,6 +120,10 @@ function handle(event) {
   }
   if (event.type === "start") {
     view.key = event.key;  // proves the run is ours when resuming it on a new connection
+    // Shown so that a person can watch this run from another client: attach with its id and key.
+    const ref = el("div", "run-ref", `run ${event.id} · key ${event.key}`);
+    ref.title = JSON.stringify({ type: "attach", id: event.id, key: event.key });
+    view.turn.append(ref);
     return;
   }
   const part = agentView(view, event.workflow ? event.agent : null);
@@ -145,7 +149,10 @@ function handle(event) {
       part.meta.textContent = event.outcome;
       break;
     case "usage":
-      view.usage = `${event.total_tokens} tokens${event.estimated ? " (estimated)" : ""}`;
+      // A workflow's agents each report their own usage: the footer shows the sum.
+      view.tokens = (view.tokens || 0) + event.total_tokens;
+      view.estimated = view.estimated || event.estimated;
+      view.usage = `${view.tokens} tokens${view.estimated ? " (estimated)" : ""}`;
       break;
     case "done":
       finish(view, event.id, `done (${event.finish_reason}) · ${view.usage || ""}`, false);

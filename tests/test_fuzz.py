@@ -32,9 +32,9 @@ json_values = st.recursive(
 )
 protocol_like = st.fixed_dictionaries(
     {"type": st.sampled_from(["run", "cancel", "resume", "attach", "ping", "auth", "broadcast", "x"])},
-    optional={"id": json_values, "prompt": json_values, "messages": json_values, "params": json_values,
-              "after": json_values, "token": json_values, "agent": json_values, "workflow": json_values,
-              "model": json_values, "content": json_values},
+    optional={"id": json_values, "key": json_values, "prompt": json_values, "messages": json_values,
+              "params": json_values, "after": json_values, "token": json_values, "agent": json_values,
+              "workflow": json_values, "model": json_values, "content": json_values},
 ).map(json.dumps)
 frames = st.one_of(
     st.binary(max_size=200),

@@ -173,7 +173,8 @@ async def test_workers_share_the_port_and_each_drains(notifications: Notificatio
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--workers", "2", "--drain-timeout", "0.2"],
-        env={**os.environ, "NOTIFY_SOCKET": notifications.path}, stderr=subprocess.PIPE, cwd=ROOT)
+        env={**os.environ, "NOTIFY_SOCKET": notifications.path, "WSAGENT_SIM_SWITCHES": "1"}, stderr=subprocess.PIPE,
+        cwd=ROOT)
     await notifications.expect("READY=1")
     workers: set[int] = set()
     async with aiohttp.ClientSession() as http:
@@ -202,6 +203,10 @@ async def test_workers_share_the_port_and_each_drains(notifications: Notificatio
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     code, logs = await finish(process)
     assert code == 0 and logs.count("wsagent stopped") == 2
+    stopped = [line for line in logs.splitlines() if "wsagent stopped" in line]
+    assert sorted(line.split()[3] for line in stopped) == ["w1", "w2"]  # which worker said it
+    opened = [line.split(" open ")[1].split()[0] for line in logs.splitlines() if " open " in line]
+    assert len(opened) == len(set(opened)) >= 2 and {o.split("-")[0] for o in opened} == {"w1", "w2"}
 
 
 async def test_json_logs_carry_connection_and_run_ids(notifications: Notifications) -> None:

@@ -26,6 +26,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from .broker import Broker
+from .logs import worker_tag
 from .run import Subscription
 
 __all__ = [
@@ -39,6 +40,7 @@ CLOSE_SLOW_CLIENT = 4008
 CLOSE_REPLACED = 4009
 
 _ids = itertools.count(1)
+_ID_PREFIX = f"{worker_tag()}-c" if worker_tag() else "c"
 
 
 def utf8_size(text: str) -> int:
@@ -90,8 +92,8 @@ class StreamConnection(ServerConnection):
         """Break the reference cycles a closed connection would otherwise leave to the collector.
 
         ``serve(select_subprotocol=...)`` binds a closure over this connection to
-        its protocol, and Python 3.11's socket transport keeps a bound method of
-        itself (fixed in 3.12, python/cpython#100348). Each cycle kept the whole
+        its protocol (and Python 3.11's socket transport keeps a bound method of
+        itself: :func:`wsagent.tuning.break_transport_cycles`). Each cycle kept the whole
         connection (about 90 objects) alive until a collection, and at a thousand
         streams those collections paused every stream for hundreds of
         milliseconds. The library breaks its other cycles here too, but not the
@@ -107,9 +109,6 @@ class StreamConnection(ServerConnection):
         vars(protocol).pop("select_subprotocol", None)  # the handshake is long over
         protocol.parser.close()
         protocol.parser_exc = None
-        transport = self.transport
-        if getattr(transport, "_read_ready_cb", None) is not None:
-            transport._read_ready_cb = None  # type: ignore[attr-defined]
 
 
 class Outbox:
@@ -257,7 +256,7 @@ class Connection:
     expiry_timer: asyncio.TimerHandle | None = None
     manager: ConnectionManager | None = None
     client_id: str | None = None
-    id: str = field(default_factory=lambda: f"c{next(_ids)}")
+    id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids)}")
     opened: float = field(default_factory=time.monotonic)
     outbox: Outbox = field(init=False)
     _closer: asyncio.Task[None] | None = None

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 
-__all__ = ["configure_logging", "JsonFormatter", "Redactor", "printable"]
+__all__ = ["configure_logging", "JsonFormatter", "Redactor", "printable", "WORKER_NUMBER", "worker_tag"]
+
+#: The environment variable ``--workers`` sets to each worker's number.
+WORKER_NUMBER = "WSAGENT_WORKER"
+
+
+def worker_tag() -> str:
+    """``w1``, ``w2``, ... in a worker that ``--workers`` started; empty otherwise."""
+    number = os.environ.get(WORKER_NUMBER, "")
+    return f"w{number}" if number.isdigit() else ""
 
 _SECRETS = re.compile(r"([?&]token=)[^&\s]+|(bearer[. ])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
@@ -38,6 +48,8 @@ class Redactor(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, for log shippers."""
 
+    worker = worker_tag()
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -49,6 +61,8 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value
+        if self.worker:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -59,7 +73,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        worker = worker_tag()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {worker + ' ' if worker else ''}"
+                                               "%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -25,7 +25,7 @@ from contextlib import suppress
 
 from . import systemd
 from .config import Settings, gc_thresholds, load_settings
-from .logs import configure_logging
+from .logs import WORKER_NUMBER, configure_logging
 from .server import WORKER_OF, WsAgentServer
 from .tuning import tune_gc, tune_malloc
 
@@ -83,9 +83,9 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Run ``--workers`` copies of this server on one port and stand between them and systemd."""
     children: list[subprocess.Popen[bytes]] = []
     pipes: list[int] = []
-    for _ in range(settings.workers):
+    for number in range(1, settings.workers + 1):
         read, write = os.pipe()
-        env = {**os.environ, _READY_FD: str(write), WORKER_OF: str(os.getpid())}
+        env = {**os.environ, _READY_FD: str(write), WORKER_OF: str(os.getpid()), WORKER_NUMBER: str(number)}
         env.pop("NOTIFY_SOCKET", None)
         command = [sys.executable, "-m", "wsagent.serve", *argv, "--workers", "1"]
         children.append(subprocess.Popen(command, env=env, pass_fds=(write,)))

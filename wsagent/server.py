@@ -41,6 +41,7 @@ from .router import HttpHandler, Route, Router
 from .routes import HTTP_ROUTES, ROUTES
 from .simulator import SimulatorServer, SimulatorSettings
 from .tools import BUILTIN_TOOLS
+from .tuning import break_transport_cycles
 from .upstream import UpstreamClient, UpstreamConfig
 
 __all__ = ["WsAgentServer", "WORKER_OF"]
@@ -98,6 +99,7 @@ class WsAgentServer:
 
     async def start(self) -> WsAgentServer:
         s = self.settings
+        break_transport_cycles()
         upstream = self._upstream
         if upstream is None:
             base_url = s.upstream_url

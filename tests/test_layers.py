@@ -27,7 +27,7 @@ LAYERS = {
     "engine": {"run", "pump", "broker", "transcripts"},
     "transport": {"connections", "compression", "responses"},
     "handlers": {"app", "chat", "tutorial", "pages", "status"},
-    "wiring": {"router", "routes", "server", "serve", "systemd", "client", "__init__"},
+    "wiring": {"router", "routes", "server", "serve", "systemd", "client", "workers", "__init__"},
 }
 ORDER = list(LAYERS)
 PACKAGE = Path(wsagent.__file__).parent

@@ -291,3 +291,35 @@ def test_malloc_tuning_applies_on_glibc() -> None:
     """``python -m wsagent.serve`` makes glibc serve asyncio's 256 KiB read buffers from the heap
     (see :func:`wsagent.tuning.tune_malloc`); the benchmark measures what that saves."""
     assert tune_malloc() is True
+
+
+async def test_one_scrape_reports_every_worker(notifications: Notifications) -> None:
+    """With ``--workers`` a scrape saw one random worker's counts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--workers", "2", "--drain-timeout", "0"],
+        env={**os.environ, "NOTIFY_SOCKET": notifications.path}, stderr=subprocess.PIPE, cwd=ROOT)
+    await notifications.expect("READY=1")
+    done_on: set[str] = set()
+    for n in range(40):
+        if len(done_on) == 2:
+            break
+        async with connect(f"ws://127.0.0.1:{port}/ws/chat") as ws:
+            worker = ws.response.headers["X-Wsagent-Worker"]
+            if worker in done_on:
+                continue
+            await ws.send(json.dumps({"type": "run", "id": f"r{n}", "prompt": "count me"}))
+            assert (await run_events(ws, f"r{n}"))[-1]["type"] == "done"
+            done_on.add(worker)
+    assert len(done_on) == 2
+    async with aiohttp.ClientSession() as http:
+        for _ in range(6):
+            async with http.get(f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"}) as response:
+                text = await response.text()
+            assert 'wsagent_runs_total{outcome="done"} 2' in text
+            assert _value(text, "wsagent_workers_answering") == 2
+    process.send_signal(signal.SIGTERM)
+    code, _ = await finish(process)
+    assert code == 0

@@ -17,6 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import Any, Protocol
 
 from .agent import WorkflowFactory
 from .auth import (
@@ -48,6 +49,14 @@ log = logging.getLogger("wsagent.app")
 Refusal = tuple[str, str]
 
 
+class Peers(Protocol):
+    """The other worker processes of this server (``--workers``), for a scrape of the whole server."""
+
+    async def snapshots(self) -> list[list[dict[str, Any]]]:
+        """Each other worker's metrics (:func:`wsagent.status.snapshot`); those that do not answer are left out."""
+        ...
+
+
 class App:
     """The settings, the model server, the runs and the connections, for handlers."""
 
@@ -66,6 +75,7 @@ class App:
         self.idle = asyncio.Event()
         self.idle.set()
         self._conn_runs: Counter[str] = Counter()
+        self.peers: Peers | None = None
 
     # -- runs ------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 __all__ = ["Histogram", "Metrics"]
 
@@ -31,15 +31,6 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
-
-    def lines(self, name: str) -> Iterable[str]:
-        running = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            running += count
-            yield f'{name}_bucket{{le="{bound}"}} {running}'
-        yield f'{name}_bucket{{le="+Inf"}} {self.count}'
-        yield f"{name}_sum {self.sum}"
-        yield f"{name}_count {self.count}"
 
 
 class Metrics:

@@ -18,8 +18,8 @@ __all__ = ["Route", "Router", "Handler", "HttpHandler"]
 
 #: A WebSocket route's handler: it gets the application context and its connection.
 Handler = Callable[[App, Connection], Awaitable[None]]
-#: A plain HTTP answer on the same port, before any upgrade.
-HttpHandler = Callable[[App, Request], Response]
+#: A plain HTTP answer on the same port, before any upgrade (or a coroutine that makes one).
+HttpHandler = Callable[[App, Request], Response | Awaitable[Response]]
 
 
 @dataclass(frozen=True)

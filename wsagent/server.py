@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import suppress
 from importlib import resources
 from typing import Any
@@ -34,7 +35,7 @@ from .broker import LocalBroker
 from .compression import lazy_deflate
 from .config import RELOADABLE, Settings
 from .connections import Connection, ConnectionManager, StreamConnection, close_or_abort
-from .logs import Redactor, printable
+from .logs import WORKER_NUMBER, Redactor, printable
 from .metrics import Metrics
 from .responses import http_response
 from .router import HttpHandler, Route, Router
@@ -43,6 +44,7 @@ from .simulator import SimulatorServer, SimulatorSettings
 from .tools import BUILTIN_TOOLS
 from .tuning import break_transport_cycles
 from .upstream import UpstreamClient, UpstreamConfig
+from .workers import WorkerMesh
 
 __all__ = ["WsAgentServer", "WORKER_OF"]
 
@@ -66,6 +68,7 @@ class WsAgentServer:
         self.simulator: SimulatorServer | None = None
         self._app: App | None = None
         self._own_names: frozenset[str] = frozenset()
+        self._mesh: WorkerMesh | None = None
         self._wildcard = False
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -122,6 +125,10 @@ class WsAgentServer:
         else:
             upstream.metrics = self.metrics
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream))
+        supervisor, number = os.environ.get(WORKER_OF), os.environ.get(WORKER_NUMBER)
+        if supervisor and number:
+            self._mesh = await WorkerMesh(self._app, supervisor, number).start()
+            self._app.peers = self._mesh
         listen: dict[str, Any] = {"sock": self.sock} if self.sock is not None else {
             "host": s.host, "port": s.port, "reuse_port": WORKER_OF in os.environ}
         self._server = await serve(
@@ -209,6 +216,8 @@ class WsAgentServer:
                     await asyncio.gather(*(conn.outbox.flush() for conn in app.manager))
             self._server.close(close_connections=True)
             await self._server.wait_closed()
+        if self._mesh is not None:
+            await self._mesh.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):
@@ -230,15 +239,16 @@ class WsAgentServer:
 
     # -- HTTP, before the upgrade ----------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        response = self._answer(connection, request)
+    async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        answer = self._answer(connection, request)
+        response = await answer if inspect.isawaitable(answer) else answer
         if response is not None and response.status_code >= 400:
             log.info("refused %s %s: %d %s", _ip(connection.remote_address),
                      printable(request.path.partition("?")[0][:200]), response.status_code,
                      printable(response.body.decode(errors="replace").strip()[:300]))
         return response
 
-    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _answer(self, connection: ServerConnection, request: Request) -> Response | Awaitable[Response] | None:
         """The plain HTTP answer to ``request``, or None to go on with the upgrade."""
         path = request.path.partition("?")[0]
         for name in _SINGLE_HEADERS:

@@ -31,55 +31,100 @@ def healthz(app: App, request: Request) -> Response:
     return http_response(200, json.dumps(health(app)), "application/json")
 
 
-def metrics(app: App, request: Request) -> Response:
-    return http_response(200, render(app), "text/plain; version=0.0.4; charset=utf-8")
+async def metrics(app: App, request: Request) -> Response:
+    """The whole server's metrics: with ``--workers``, every worker's added up (see :mod:`wsagent.workers`)."""
+    families = snapshot(app)
+    if app.peers is not None:
+        families = merge([families, *await app.peers.snapshots()])
+    return http_response(200, render(families), "text/plain; version=0.0.4; charset=utf-8")
 
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(app: App) -> str:
+#: One metric family: its name, type, help text, label name ("" for none), and value by label value.
+#: Histograms carry ``{"bounds": [...], "counts": [...], "sum": x, "count": n}`` under the label "".
+Family = dict[str, Any]
+
+
+def snapshot(app: App) -> list[Family]:
+    """This process's metrics, as plain data: rendered here, or merged with the other workers'."""
     m = app.metrics
     active = app.broker.active_runs()
-    out: list[str] = []
+    families: list[Family] = []
 
-    def family(name: str, kind: str, text: str) -> None:
-        out.append(f"# HELP {name} {text}")
-        out.append(f"# TYPE {name} {kind}")
-
-    def single(name: str, kind: str, text: str, value: float) -> None:
-        family(name, kind, text)
-        out.append(f"{name} {value}")
-
-    def labelled(name: str, kind: str, text: str, label: str, counts: Mapping[str, int]) -> None:
-        family(name, kind, text)
-        out.extend(f'{name}{{{label}="{_escape(key)}"}} {count}' for key, count in sorted(counts.items()))
+    def add(name: str, kind: str, text: str, values: Mapping[str, float], label: str = "") -> None:
+        families.append({"name": name, "type": kind, "help": text, "label": label, "values": dict(values)})
 
     def histogram(name: str, text: str, values: Histogram) -> None:
-        family(name, "histogram", text)
-        out.extend(values.lines(name))
+        add(name, "histogram", text, {})
+        families[-1]["histogram"] = {"bounds": list(values.bounds), "counts": list(values.counts),
+                                     "sum": values.sum, "count": values.count}
 
-    labelled("wsagent_connections_open", "gauge", "Open WebSocket connections by route.", "route",
-             app.manager.open_by_route())
-    labelled("wsagent_connections_total", "counter", "WebSocket connections accepted by route.", "route",
-             app.manager.total_by_route)
-    single("wsagent_runs_active", "gauge", "Runs streaming now.", len(active))
-    labelled("wsagent_runs_total", "counter", "Finished runs by outcome.", "outcome", app.broker.total)
-    single("wsagent_tokens_relayed_total", "counter", "Text deltas relayed from the model.",
-           app.broker.tokens + sum(run.streamed for run in active))
-    labelled("wsagent_upstream_requests_total", "counter", "Requests to the model server by HTTP status.", "status",
-             m.upstream_requests)
+    add("wsagent_connections_open", "gauge", "Open WebSocket connections by route.", app.manager.open_by_route(),
+        "route")
+    add("wsagent_connections_total", "counter", "WebSocket connections accepted by route.",
+        app.manager.total_by_route, "route")
+    add("wsagent_runs_active", "gauge", "Runs streaming now.", {"": len(active)})
+    add("wsagent_runs_total", "counter", "Finished runs by outcome.", app.broker.total, "outcome")
+    add("wsagent_tokens_relayed_total", "counter", "Text deltas relayed from the model.",
+        {"": app.broker.tokens + sum(run.streamed for run in active)})
+    add("wsagent_upstream_requests_total", "counter", "Requests to the model server by HTTP status.",
+        m.upstream_requests, "status")
     histogram("wsagent_upstream_ttft_seconds", "Time from request to the model's first event.", m.upstream_ttft)
     histogram("wsagent_relay_latency_seconds", "Time from a delta's arrival to its frame in the socket.",
               m.relay_latency)
-    labelled("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", "reason",
-             app.broker.cancellations)
-    single("wsagent_replay_kept_bytes", "gauge", "Bytes in the logs of finished runs kept for resume.",
-           app.broker.kept_bytes)
-    single("wsagent_replay_evictions_total", "counter", "Finished runs forgotten early to stay in the replay budget.",
-           app.broker.evictions)
-    single("wsagent_slow_client_closes_total", "counter", "Clients closed with 4008.", app.manager.slow_closes)
-    single("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
-           sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in app.manager))
+    add("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", app.broker.cancellations, "reason")
+    add("wsagent_replay_kept_bytes", "gauge", "Bytes in the logs of finished runs kept for resume.",
+        {"": app.broker.kept_bytes})
+    add("wsagent_replay_evictions_total", "counter", "Finished runs forgotten early to stay in the replay budget.",
+        {"": app.broker.evictions})
+    add("wsagent_slow_client_closes_total", "counter", "Clients closed with 4008.", {"": app.manager.slow_closes})
+    add("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
+        {"": sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in app.manager)})
+    return families
+
+
+def merge(snapshots: list[list[Family]]) -> list[Family]:
+    """The whole server's metrics from each worker's: counters and gauges add up, histograms bucket by bucket."""
+    merged: dict[str, Family] = {}
+    for families in snapshots:
+        for family in families:
+            mine = merged.get(family["name"])
+            if mine is None:
+                merged[family["name"]] = {**family, "values": dict(family["values"]),
+                                          **({"histogram": dict(family["histogram"])} if "histogram" in family else {})}
+                continue
+            for key, value in family["values"].items():
+                mine["values"][key] = mine["values"].get(key, 0) + value
+            if "histogram" in family:
+                ours, theirs = mine["histogram"], family["histogram"]
+                ours["counts"] = [a + b for a, b in zip(ours["counts"], theirs["counts"], strict=True)]
+                ours["sum"] += theirs["sum"]
+                ours["count"] += theirs["count"]
+    return list(merged.values())
+
+
+def render(families: list[Family]) -> str:
+    """The Prometheus text exposition format."""
+    out: list[str] = []
+    for family in families:
+        name = family["name"]
+        out.append(f"# HELP {name} {family['help']}")
+        out.append(f"# TYPE {name} {family['type']}")
+        if "histogram" in family:
+            h = family["histogram"]
+            running = 0
+            for bound, count in zip(h["bounds"], h["counts"], strict=False):
+                running += count
+                out.append(f'{name}_bucket{{le="{bound}"}} {running}')
+            out.append(f'{name}_bucket{{le="+Inf"}} {h["count"]}')
+            out.append(f"{name}_sum {h['sum']}")
+            out.append(f"{name}_count {h['count']}")
+        elif family["label"]:
+            out.extend(f'{name}{{{family["label"]}="{_escape(key)}"}} {value}'
+                       for key, value in sorted(family["values"].items()))
+        else:
+            out.append(f"{name} {family['values'].get('', 0)}")
     return "\n".join(out) + "\n"

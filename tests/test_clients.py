@@ -183,3 +183,26 @@ async def test_client_attaches_to_a_run_started_elsewhere(server: WsAgentServer,
     assert "".join(e["content"] for e in events if e["type"] == "token") == await expected_text(sim, prompt)
     code, _, err = await run(client(server, "--attach", "shared"))
     assert code == 2 and "--attach needs --key" in err
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
+async def test_dashboard_after_ctrl_c_shows_no_agent_running(server: WsAgentServer, sim: SimulatorServer) -> None:
+    """Ctrl-C left the dashboard showing every agent still running (🔄)."""
+    session = f"wsagent-{uuid.uuid4().hex[:8]}"
+    done = Path(f"/tmp/{session}.done")
+    command = shlex.join(client(server, "--workflow", "market-analysis", "Analyze sim:rate=20 sim:tokens=2000"))
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "60", "-c", str(ROOT)],
+                   check=True)
+    subprocess.run(["tmux", "send-keys", "-t", session,
+                    f"clear; {command}; echo exit=$? > {done}; tmux wait-for -S {session}", "Enter"], check=True)
+    try:
+        await sim.simulator.stats.wait_for(lambda s: s.active == 3, 30)  # all three agents are streaming
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        await asyncio.wait_for(asyncio.to_thread(subprocess.run, ["tmux", "wait-for", session], check=True), 60)
+        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                                check=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert done.read_text().strip() == "exit=130"
+    done.unlink()
+    assert "🔄" not in screen and screen.count("⏹") == 3

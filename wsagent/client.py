@@ -179,7 +179,14 @@ class DashboardRenderer:
                 state["tokens"] = max(state["tokens"], int(event.get("completion_tokens", 0)))
             elif kind == "agent_end":
                 state["status"] = event.get("outcome", "done")
+        if kind in TERMINAL:  # the whole run ended: an agent still running was stopped with it
+            self._settle("done" if kind == "done" else kind)
         self.live.update(self._render())
+
+    def _settle(self, outcome: str) -> None:
+        for state in self.agents.values():
+            if state["status"] == "running":
+                state["status"] = outcome
 
     def _render(self) -> Any:
         from rich.console import Group
@@ -210,7 +217,10 @@ class DashboardRenderer:
         self.console.print(text, style="yellow")
 
     def close(self) -> None:
-        self.live.update(self._render())
+        """The last frame, then the terminal back: no agent is left shown as running (a second Ctrl-C
+        quits without waiting for the run's end)."""
+        self._settle("cancelled")
+        self.live.update(self._render(), refresh=True)
         self.live.stop()
 
 

@@ -393,6 +393,7 @@ class Simulator:
         stats = self.stats
         stats.streams += 1
         stats.active += 1
+        stats._notify()
         rate = float(switches.get("rate", self.settings.rate))
         interval = 1.0 / rate if rate > 0 else 0.0
         error_after = int(switches.get("error_after", -1))

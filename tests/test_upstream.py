@@ -106,15 +106,30 @@ async def test_mid_stream_error_with_and_without_done(sim: SimulatorServer) -> N
         assert sim.simulator.stats.requests <= 2  # never retried after the first byte
 
 
-async def test_stall_hits_read_timeout(sim: SimulatorServer) -> None:
-    error = await failure(upstream_for(sim, read_timeout=0.3), "s sim:stall_after=2")
-    assert error.code == "upstream_timeout"
+async def timed_failure(client: UpstreamClient, prompt: str) -> tuple[UpstreamError, float]:
+    """The error, and how long after the request's last byte (or its start) it came."""
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    with pytest.raises(UpstreamError) as info:
+        async for _ in client.stream([{"role": "user", "content": prompt}]):
+            last = loop.time()
+    return info.value, loop.time() - last
 
 
-async def test_no_headers_hits_first_byte_timeout(sim: SimulatorServer) -> None:
-    error = await failure(upstream_for(sim, first_byte_timeout=0.3, connect_timeout=0.3, max_retries=0),
-                          "h sim:hold=1")
+async def test_stall_hits_read_timeout_when_it_is_due(sim: SimulatorServer) -> None:
+    """With ``--read-timeout 2 --first-byte-timeout 9`` a stall after three tokens was reported at 9 s:
+    the watchdog's first check was at the first-byte deadline and never moved earlier."""
+    client = upstream_for(sim, read_timeout=0.3, first_byte_timeout=5)
+    error, after = await timed_failure(client, "s sim:stall_after=3")
     assert error.code == "upstream_timeout"
+    assert 0.3 <= after < 1.0  # at the read timeout, not at the first-byte one
+
+
+async def test_no_headers_hits_first_byte_timeout_when_it_is_due(sim: SimulatorServer) -> None:
+    client = upstream_for(sim, first_byte_timeout=0.3, connect_timeout=0.3, read_timeout=5, max_retries=0)
+    error, after = await timed_failure(client, "h sim:hold=1")
+    assert error.code == "upstream_timeout"
+    assert 0.3 <= after < 1.0
 
 
 async def test_dropped_connection_is_truncation(sim: SimulatorServer) -> None:

@@ -112,6 +112,12 @@ class _ReadWatchdog:
     paused by a slow client is not an upstream that stopped sending); each read
     costs two float stores, and the one timer re-arms itself once per period.
     When a deadline passes, the waiting read fails with ``upstream_timeout``.
+
+    The timer first fires after the shorter of the two timeouts, and from then on
+    at the deadline or a period later, whichever is sooner: a deadline only moves
+    forward by at most a period at a time, so each is checked when it is due.
+    (Armed at the first-byte deadline, a stall after the first bytes was reported
+    then: at 9 s with ``--read-timeout 2 --first-byte-timeout 9``.)
     """
 
     __slots__ = ("loop", "reader", "deadline", "period", "handle")
@@ -121,8 +127,9 @@ class _ReadWatchdog:
         self.loop = loop
         self.reader = reader
         self.period = period
-        self.deadline = loop.time() + first
-        self.handle: asyncio.TimerHandle | None = loop.call_at(self.deadline, self._check)
+        now = loop.time()
+        self.deadline = now + first
+        self.handle: asyncio.TimerHandle | None = loop.call_at(now + min(first, period), self._check)
 
     def _check(self) -> None:
         now = self.loop.time()

@@ -94,24 +94,40 @@ async def test_client_reconnects_and_resumes(make_server: ServerFactory, sim: Si
     assert "".join(e["content"] for e in events if e["type"] == "token") == await expected_text(sim, prompt)
 
 
+class Terminal:
+    """A command in a real terminal (a tmux session): keys in, the screen and exit status out."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.session = f"wsagent-{uuid.uuid4().hex[:8]}"
+        self.done = Path(f"/tmp/{self.session}.done")
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", "120", "-y", "60", "-c", str(ROOT)],
+                       check=True)
+        self.keys(f"clear; {shlex.join(command)}; echo exit=$? > {self.done}; tmux wait-for -S {self.session}",
+                  "Enter")
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.session, *keys], check=True)
+
+    async def finish(self) -> tuple[str, str]:
+        """Wait for the command to end; its exit line and the screen it left."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(subprocess.run, ["tmux", "wait-for", self.session], check=True),
+                                   60)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.session], capture_output=True,
+                                    text=True, check=True).stdout
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
+        status = self.done.read_text().strip()
+        self.done.unlink()
+        return status, screen
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
 async def test_dashboard_in_a_terminal(server: WsAgentServer) -> None:
     """The concurrent workflow's live dashboard, in a real terminal (tmux), one panel per agent."""
-    session = f"wsagent-{uuid.uuid4().hex[:8]}"
-    done = Path(f"/tmp/{session}.done")
-    command = shlex.join(client(server, "--workflow", "market-analysis", "--max-tokens", "20", "Analyze TSLA"))
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "60", "-c", str(ROOT)],
-                   check=True)
-    subprocess.run(["tmux", "send-keys", "-t", session,
-                    f"clear; {command}; echo exit=$? > {done}; tmux wait-for -S {session}", "Enter"], check=True)
-    try:
-        await asyncio.wait_for(asyncio.to_thread(subprocess.run, ["tmux", "wait-for", session], check=True), 60)
-        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
-                                check=True).stdout
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    assert done.read_text().strip() == "exit=0"
-    done.unlink()
+    terminal = Terminal(client(server, "--workflow", "market-analysis", "--max-tokens", "20", "Analyze TSLA"))
+    status, screen = await terminal.finish()
+    assert status == "exit=0"
     for agent in ("market-researcher", "financial-analyst", "technical-analyst"):
         assert agent in screen
     counts = [int(n) for n in re.findall(r"(\d+) tokens", screen)]
@@ -188,21 +204,9 @@ async def test_client_attaches_to_a_run_started_elsewhere(server: WsAgentServer,
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
 async def test_dashboard_after_ctrl_c_shows_no_agent_running(server: WsAgentServer, sim: SimulatorServer) -> None:
     """Ctrl-C left the dashboard showing every agent still running (🔄)."""
-    session = f"wsagent-{uuid.uuid4().hex[:8]}"
-    done = Path(f"/tmp/{session}.done")
-    command = shlex.join(client(server, "--workflow", "market-analysis", "Analyze sim:rate=20 sim:tokens=2000"))
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "60", "-c", str(ROOT)],
-                   check=True)
-    subprocess.run(["tmux", "send-keys", "-t", session,
-                    f"clear; {command}; echo exit=$? > {done}; tmux wait-for -S {session}", "Enter"], check=True)
-    try:
-        await sim.simulator.stats.wait_for(lambda s: s.active == 3, 30)  # all three agents are streaming
-        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
-        await asyncio.wait_for(asyncio.to_thread(subprocess.run, ["tmux", "wait-for", session], check=True), 60)
-        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
-                                check=True).stdout
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    assert done.read_text().strip() == "exit=130"
-    done.unlink()
+    terminal = Terminal(client(server, "--workflow", "market-analysis", "Analyze sim:rate=20 sim:tokens=2000"))
+    await sim.simulator.stats.wait_for(lambda s: s.active == 3, 30)  # all three agents are streaming
+    terminal.keys("C-c")
+    status, screen = await terminal.finish()
+    assert status == "exit=130"
     assert "🔄" not in screen and screen.count("⏹") == 3

@@ -167,15 +167,21 @@ async def test_sighup_reloads_secret_and_limits(notifications: Notifications, tm
     assert code == 0 and "needs a restart: model" in logs and "second-secret" not in logs
 
 
-async def test_workers_share_the_port_and_each_drains(notifications: Notifications) -> None:
+async def two_workers(notifications: Notifications, drain: float) -> tuple[subprocess.Popen[bytes], int]:
+    """``python -m wsagent.serve --workers 2`` on a free port, once systemd would be told it is ready."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--workers", "2", "--drain-timeout", "0.2"],
+        [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--workers", "2", "--drain-timeout", str(drain)],
         env={**os.environ, "NOTIFY_SOCKET": notifications.path, "WSAGENT_SIM_SWITCHES": "1"}, stderr=subprocess.PIPE,
         cwd=ROOT)
     await notifications.expect("READY=1")
+    return process, port
+
+
+async def test_workers_share_the_port_and_each_drains(notifications: Notifications) -> None:
+    process, port = await two_workers(notifications, 0.2)
     workers: set[int] = set()
     async with aiohttp.ClientSession() as http:
         for _ in range(40):
@@ -295,13 +301,7 @@ def test_malloc_tuning_applies_on_glibc() -> None:
 
 async def test_one_scrape_reports_every_worker(notifications: Notifications) -> None:
     """With ``--workers`` a scrape saw one random worker's counts."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--workers", "2", "--drain-timeout", "0"],
-        env={**os.environ, "NOTIFY_SOCKET": notifications.path}, stderr=subprocess.PIPE, cwd=ROOT)
-    await notifications.expect("READY=1")
+    process, port = await two_workers(notifications, 0)
     done_on: set[str] = set()
     for n in range(40):
         if len(done_on) == 2:

@@ -22,6 +22,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import os
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
@@ -37,7 +38,10 @@ from .events import (
     ErrorEvent,
     Event,
     Observation,
+    Refusal,
     Thinking,
+    Token,
+    ToolCallEvent,
     UsageEvent,
 )
 from .tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
@@ -59,6 +63,64 @@ def estimate_tokens(messages: Sequence[dict[str, Any]]) -> int:
         if isinstance(content, str):
             chars += len(content)
     return chars // 4 + 4 * len(messages)
+
+
+async def model_batches(
+    upstream: UpstreamClient,
+    messages: Sequence[dict[str, Any]],
+    *,
+    model: str | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
+    agent: str | None = None,
+    workflow: str | None = None,
+    collect: list[str] | None = None,
+    collect_chars: float = math.inf,
+) -> AsyncGenerator[list[Event], None]:
+    """One completion as batches of events: what each read brought, then ``done``.
+
+    With ``collect``, the answer's text is appended to it too, until it holds
+    more than ``collect_chars`` characters: a caller that keeps answers (a chat
+    history) keeps no more than that, and an answer that runs for an hour must
+    not grow the server's memory with it.
+    """
+    collected = 0
+    finish_reason = "stop"
+    async with aclosing(upstream.batches(messages, model=model, tools=tools, params=params)) as reads:
+        async for read in reads:
+            batch: list[Event] = []
+            for event in read:
+                if isinstance(event, TextDelta):
+                    if event.choice:
+                        continue
+                    text = event.text
+                    batch.append(_DELTAS[event.kind](text, agent=agent, workflow=workflow))
+                    if collect is not None and event.kind == "content" and collected <= collect_chars:
+                        collect.append(text)
+                        collected += len(text)
+                elif isinstance(event, ToolCall):
+                    if not event.choice:
+                        batch.append(ToolCallEvent(event.id, event.name, event.arguments, agent=agent,
+                                                   workflow=workflow))
+                elif isinstance(event, Finish):
+                    if not event.choice:
+                        finish_reason = event.reason
+                else:
+                    batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
+                                            agent=agent, workflow=workflow))
+            yield batch
+    yield [Done(finish_reason, agent=agent, workflow=workflow)]
+
+
+_DELTAS: dict[str, type[Token] | type[Thinking] | type[Refusal]] = {
+    "content": Token, "reasoning": Thinking, "refusal": Refusal}
+
+
+async def _flatten(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[Event, None]:
+    async with aclosing(batches) as stream:
+        async for batch in stream:
+            for event in batch:
+                yield event
 
 
 def default_client() -> UpstreamClient:
@@ -139,10 +201,9 @@ class Agent:
     async def stream(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
                      params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
         """Yield the agent's events, ending with exactly one ``done`` or ``error``."""
-        async with aclosing(self.batches(task, workflow=workflow, params=params)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
+        async with aclosing(_flatten(self.batches(task, workflow=workflow, params=params))) as events:
+            async for event in events:
+                yield event
 
     async def batches(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
                       params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
@@ -158,28 +219,26 @@ class Agent:
         prompt_estimate = estimate_tokens(messages)
         finish_reason = "stop"
         for _ in range(self.max_loops):
-            calls: list[ToolCall] = []
+            calls: list[ToolCallEvent] = []
             content: list[str] = []
             try:
-                async with aclosing(self.client.batches(messages, model=self.model, tools=schemas,
-                                                        params=merged_params)) as reads:
+                async with aclosing(model_batches(self.client, messages, model=self.model, tools=schemas,
+                                                  params=merged_params)) as reads:
                     async for read in reads:
                         batch: list[Event] = []
                         for event in read:
-                            if isinstance(event, TextDelta):
-                                if event.choice:
-                                    continue
+                            if isinstance(event, Thinking):
                                 streamed += 1
-                                if event.kind == "reasoning":
-                                    batch.append(Thinking(event.text, agent=name, workflow=workflow))
-                                else:
-                                    content.append(event.text)
-                                    batch.append(Answer(event.text, agent=name, workflow=workflow))
-                            elif isinstance(event, ToolCall):
+                                batch.append(Thinking(event.content, agent=name, workflow=workflow))
+                            elif isinstance(event, (Token, Refusal)):
+                                streamed += 1
+                                content.append(event.content)
+                                batch.append(Answer(event.content, agent=name, workflow=workflow))
+                            elif isinstance(event, ToolCallEvent):
                                 calls.append(event)
-                            elif isinstance(event, Finish):
-                                finish_reason = event.reason
-                            else:
+                            elif isinstance(event, Done):
+                                finish_reason = event.finish_reason
+                            elif isinstance(event, UsageEvent):
                                 usage[0] += event.prompt_tokens
                                 usage[1] += event.completion_tokens
                                 usage_reported = True
@@ -196,15 +255,15 @@ class Agent:
             messages.append({
                 "role": "assistant",
                 "content": "".join(content) or None,
-                "tool_calls": [{"id": c.id, "type": "function",
+                "tool_calls": [{"id": c.call_id, "type": "function",
                                 "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
             })
             for call in calls:
-                yield [Action(f"{call.name}({call.arguments})", call.id, call.name, call.arguments,
+                yield [Action(f"{call.name}({call.arguments})", call.call_id, call.name, call.arguments,
                               agent=name, workflow=workflow)]
                 result, is_error = await self.toolbox.call(call.name, call.arguments)
-                yield [Observation(result, call.id, call.name, is_error, agent=name, workflow=workflow)]
-                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+                yield [Observation(result, call.call_id, call.name, is_error, agent=name, workflow=workflow)]
+                messages.append({"role": "tool", "tool_call_id": call.call_id, "content": result})
         yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
                Done("max_loops", agent=name, workflow=workflow)]
 
@@ -279,11 +338,8 @@ class ConcurrentWorkflow:
         task.cancel()
         return True
 
-    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
-        async with aclosing(self.batches(task, params)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
+    def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
+        return _flatten(self.batches(task, params))
 
     async def batches(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
         """The agents' batches as they come; those that arrived meanwhile leave as one batch."""
@@ -341,11 +397,8 @@ class SequentialWorkflow:
     def cancel(self, agent_name: str) -> bool:
         return False
 
-    async def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
-        async with aclosing(self.batches(task, params)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
+    def stream(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[Event, None]:
+        return _flatten(self.batches(task, params))
 
     async def batches(self, task: str, params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
         current = task

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .agent import assistant, estimate_tokens
+from .agent import assistant, estimate_tokens, model_batches
 from .app import App
 from .broker import scope_of
 from .config import Settings
 from .connections import Connection
 from .errors import ProtocolViolation
-from .events import Snapshot, encode, encode_message, json_object
-from .pump import Producer, model_batches
+from .events import Producer, Snapshot, encode, encode_message, json_object
 from .render import TextMode
 from .run import BadResume, ReplayGap, Run
 from .workflow_state import WorkflowState

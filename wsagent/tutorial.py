@@ -17,11 +17,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from .agent import assistant
+from .agent import assistant, model_batches
 from .app import App
 from .connections import Connection, utf8_size
-from .events import encode_message, json_object
-from .pump import Producer, model_batches
+from .events import Producer, encode_message, json_object
 from .render import Renderer, Thoughts, Words
 from .run import Run
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 from typing import Any
 
+import aiohttp
 import pytest
 
 from wsagent.chunks import Finish, TextDelta, ToolCall, Usage
@@ -13,7 +16,7 @@ from wsagent.errors import UpstreamError
 from wsagent.simulator import SimulatorServer
 from wsagent.upstream import UpstreamClient, UpstreamConfig, parse_retry_after
 
-from .conftest import upstream_for
+from .conftest import ServerFactory, run_events, upstream_for, ws_connect
 
 
 async def collect(client: UpstreamClient, prompt: str, **kwargs: Any) -> list[Any]:
@@ -190,3 +193,59 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after({"retry-after": "3"}) == 3.0
     assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412478.0) == 2.0
     assert parse_retry_after({"retry-after": "soon"}) is None
+
+
+async def test_a_refused_connection_reads_plainly() -> None:
+    """Was ``cannot reach upstream: Cannot connect to host localhost:8001 ssl:default [...]``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = UpstreamClient(UpstreamConfig(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base=0.01))
+    try:
+        error = await failure(client, "hi")
+    finally:
+        await client.close()
+    assert error.code == "upstream_connection"
+    assert error.message == f"cannot connect to the model server at 127.0.0.1:{port} (connection refused; 2 attempts)"
+
+
+async def test_a_stream_cut_short_reads_plainly(sim: SimulatorServer) -> None:
+    """Was ``upstream connection broke: Response payload is not completed: <TransferEncodingError: 400, ...>``."""
+    error = await failure(upstream_for(sim), "d sim:drop_after=3")
+    assert error.message == "the model server closed the stream before it ended"
+    assert "400" not in error.message and "Error" not in error.message
+
+
+async def test_retries_stop_at_their_deadline_and_say_how_many(sim: SimulatorServer) -> None:
+    """Behind a proxy that retries too, a 429 took 15.3 s to reach the client: retries need a total deadline."""
+    client = upstream_for(sim, max_retries=10, backoff_base=0.2, backoff_cap=0.2, retry_deadline=0.5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    error = await failure(client, "x sim:status=429 sim:retry_after_ms=200")
+    elapsed = loop.time() - started
+    assert error.code == "upstream_rate_limited" and 0.4 <= elapsed < 0.9
+    assert error.message.endswith("attempts; gave up at the 0.5 s retry deadline)")
+
+
+async def test_health_and_the_run_line_tell_the_upstream_s_state(make_server: ServerFactory,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """``/healthz`` said ``ok`` while the upstream was down, and the ``run`` line said ``outcome=error``
+    with no code."""
+    server = await make_server(upstream={"max_retries": 0})
+    async with aiohttp.ClientSession() as http:
+        async def upstream_health() -> dict[str, Any]:
+            async with http.get(f"http://127.0.0.1:{server.port}/healthz") as response:
+                return dict((await response.json())["upstream"])
+
+        assert (await upstream_health())["last_success_s_ago"] is None
+        with caplog.at_level(logging.INFO, "wsagent"):
+            async with ws_connect(server, "/ws/chat") as ws:
+                await ws.send(json.dumps({"type": "run", "id": "bad", "prompt": "x sim:status=503"}))
+                await run_events(ws, "bad")
+                await ws.send(json.dumps({"type": "run", "id": "good", "prompt": "y sim:tokens=2"}))
+                await run_events(ws, "good")
+        state = await upstream_health()
+    assert state["url"].startswith("http://127.0.0.1:") and state["last_success_s_ago"] >= 0
+    assert state["last_failure"]["code"] == "upstream_unavailable"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run bad end")]
+    assert lines and "outcome=error code=upstream_unavailable" in lines[0]

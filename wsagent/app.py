@@ -32,7 +32,7 @@ from .auth import (
 from .broker import LocalBroker, mint_key, scope_of
 from .config import Settings
 from .connections import Connection, ConnectionManager
-from .events import Start, encode_message, json_object
+from .events import ErrorEvent, Start, encode_message, json_object
 from .logs import printable
 from .metrics import Metrics
 from .pump import Producer, pump
@@ -128,8 +128,9 @@ class App:
             self._conn_runs[conn_id] -= 1
             if not self._conn_runs[conn_id]:
                 del self._conn_runs[conn_id]
-            log.info("run %s end on %s outcome=%s deltas=%d duration=%.3fs", printable(done.id), conn_id,
-                     done.outcome, done.streamed, time.monotonic() - done.started, extra=ids)
+            code = done.terminal.code if isinstance(done.terminal, ErrorEvent) else "-"
+            log.info("run %s end on %s outcome=%s code=%s deltas=%d duration=%.3fs", printable(done.id), conn_id,
+                     done.outcome, code, done.streamed, time.monotonic() - done.started, extra=ids)
 
         run.on_finish.append(finished)
         run.task = asyncio.get_running_loop().create_task(pump(run, make, after))

@@ -54,6 +54,7 @@ class Settings:
     first_byte_timeout: float = _opt(60.0, "seconds to wait for the upstream's first byte", group="upstream")
     read_timeout: float = _opt(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream")
     max_retries: int = _opt(2, "retries of 408/409/429/5xx and connection errors before the first byte", group="upstream")
+    retry_deadline: float = _opt(30.0, "seconds after which no retry starts, however many are left (behind a proxy that retries too)", group="upstream")
     upstream_receive_buffer: int = _opt(262144, "kernel receive buffer per upstream connection in bytes, so a paused relay holds the model back sooner (0: kernel autotuning)", group="upstream")
     sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
     sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")

@@ -47,6 +47,16 @@ class UpstreamError(WsAgentError):
         self.upstream_code = upstream_code
         self.retry_after = retry_after
 
+    def attempts(self, count: int, deadline: float | None = None) -> None:
+        """Say how many requests were made, and whether the retry deadline ended them: the client
+        sees why it waited. Inside the message's closing parenthesis if it has one."""
+        said = f"{count} attempts" + (f"; gave up at the {deadline:g} s retry deadline" if deadline else "")
+        if self.message.endswith(")"):
+            self.message = f"{self.message[:-1]}; {said})"
+        else:
+            self.message = f"{self.message} ({said})"
+        self.args = (self.message,)
+
 
 def error_for_status(status: int, message: str, upstream_code: str | int | None = None,
                      retry_after: float | None = None) -> UpstreamError:

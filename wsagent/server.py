@@ -120,10 +120,12 @@ class WsAgentServer:
                 first_byte_timeout=s.first_byte_timeout,
                 read_timeout=s.read_timeout,
                 max_retries=s.max_retries,
+                retry_deadline=s.retry_deadline,
                 receive_buffer=s.upstream_receive_buffer,
             ))
         else:
             upstream.metrics = self.metrics
+        log.info("model server: %s (OpenAI chat completions)", upstream.url)
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream))
         supervisor, number = os.environ.get(WORKER_OF), os.environ.get(WORKER_NUMBER)
         if supervisor and number:

@@ -18,12 +18,22 @@ __all__ = ["healthz", "metrics", "health", "render"]
 
 
 def health(app: App) -> dict[str, Any]:
+    """The server's state, and the model server's as its recent requests found it (never probed here)."""
+    upstream = app.upstream
+    now = time.monotonic()
+    last_failure = upstream.last_failure
     return {
         "status": "draining" if app.draining else "ok",
         "connections": len(app.manager),
         "runs_active": len(app.broker.active_runs()),
-        "uptime_s": round(time.monotonic() - app.started, 3),
+        "uptime_s": round(now - app.started, 3),
         "worker": os.getpid(),
+        "upstream": {
+            "url": upstream.url,
+            "last_success_s_ago": None if upstream.last_success is None else round(now - upstream.last_success, 3),
+            "last_failure": None if last_failure is None else {"code": last_failure[1],
+                                                               "s_ago": round(now - last_failure[0], 3)},
+        },
     }
 
 

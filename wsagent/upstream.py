@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import json
 import math
+import os
 import random
 import socket
 import time
@@ -19,6 +21,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -41,6 +44,7 @@ class UpstreamConfig:
     first_byte_timeout: float = 60.0
     read_timeout: float = 60.0
     max_retries: int = 2
+    retry_deadline: float = 30.0
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE
@@ -175,6 +179,12 @@ class UpstreamClient:
         self._session = session
         self._own_session = session is None
         self._url = config.base_url.rstrip("/") + "/chat/completions"
+        parts = urlsplit(config.base_url)
+        self._where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        #: The model server's URL as it may be shown (no credentials, no query).
+        self.url = urlunsplit((parts.scheme, self._where if parts.port else parts.hostname or "", parts.path, "", ""))
+        self.last_success: float | None = None
+        self.last_failure: tuple[float, str] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -250,7 +260,11 @@ class UpstreamClient:
         generator step per read instead of one per event (through two generators) is measurable."""
         body = self.build_body(messages, model, tools, params)
         started = time.monotonic()
-        response = await self._open(body)
+        try:
+            response = await self._open(body)
+        except UpstreamError as exc:
+            self.last_failure = (time.monotonic(), exc.code)
+            raise
         cfg = self.config
         finished = False
         try:
@@ -285,13 +299,20 @@ class UpstreamClient:
             if not interpreter.done:
                 yield interpreter.end(decoder.close())
             finished = True
+            self.last_success = time.monotonic()
+        except UpstreamError as exc:
+            self.last_failure = (time.monotonic(), exc.code)
+            raise
         except SSEError as exc:
+            self.last_failure = (time.monotonic(), "upstream_protocol")
             raise UpstreamError(str(exc), code="upstream_protocol", retryable=False) from None
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_truncated",
+        except aiohttp.ClientPayloadError:
+            self.last_failure = (time.monotonic(), "upstream_truncated")
+            raise UpstreamError("the model server closed the stream before it ended", code="upstream_truncated",
                                 retryable=True) from None
-        except aiohttp.ClientConnectionError as exc:
-            raise UpstreamError(f"upstream connection broke: {exc}", code="upstream_connection",
+        except aiohttp.ClientConnectionError:
+            self.last_failure = (time.monotonic(), "upstream_connection")
+            raise UpstreamError("the connection to the model server broke mid-stream", code="upstream_connection",
                                 retryable=True) from None
         finally:
             if finished:
@@ -306,6 +327,8 @@ class UpstreamClient:
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
         payload = json.dumps(body).encode()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         attempt = 0
         while True:
             delay: float | None = None
@@ -313,9 +336,17 @@ class UpstreamClient:
                 async with asyncio.timeout(cfg.connect_timeout + cfg.first_byte_timeout):
                     response = await self.session.post(self._url, data=payload, headers=headers)
             except TimeoutError:
-                error = UpstreamError("upstream did not answer in time", code="upstream_timeout", retryable=True)
-            except aiohttp.ClientError as exc:
-                error = UpstreamError(f"cannot reach upstream: {exc}", code="upstream_connection", retryable=True)
+                error = UpstreamError(
+                    f"the model server did not answer within {cfg.connect_timeout + cfg.first_byte_timeout:g} s",
+                    code="upstream_timeout", retryable=True)
+            except aiohttp.ClientConnectorError as exc:
+                reason = "connection refused" if exc.os_error.errno == errno.ECONNREFUSED else (
+                    os.strerror(exc.os_error.errno).lower() if exc.os_error.errno else "no connection")
+                error = UpstreamError(f"cannot connect to the model server at {exc.host}:{exc.port} ({reason})",
+                                      code="upstream_connection", retryable=True)
+            except aiohttp.ClientError:
+                error = UpstreamError(f"cannot reach the model server at {self._where}", code="upstream_connection",
+                                      retryable=True)
             else:
                 if self.metrics is not None:
                     self.metrics.upstream_requests[str(response.status)] += 1
@@ -341,11 +372,16 @@ class UpstreamClient:
                     error.retryable = False
             if self.metrics is not None and error.status is None:
                 self.metrics.upstream_requests[error.code] += 1
-            if not error.retryable or attempt >= cfg.max_retries:
-                raise error
             if delay is None:
                 delay = random.uniform(0, min(cfg.backoff_cap, cfg.backoff_base * 2**attempt))
-            await asyncio.sleep(min(delay, 60.0))
+            delay = min(delay, 60.0)
+            late = loop.time() + delay - began > cfg.retry_deadline
+            if not error.retryable or attempt >= cfg.max_retries or late:
+                if attempt:
+                    error.attempts(attempt + 1, cfg.retry_deadline if late and error.retryable
+                                   and attempt < cfg.max_retries else None)
+                raise error
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def _not_streamed(self, response: aiohttp.ClientResponse) -> list[ModelEvent]:

@@ -5,7 +5,9 @@ parsing, relay, backpressure, cancellation, tool calls) runs for real on a
 machine with no network and no model. Tests and benchmarks use it too, with
 switches that inject the faults real servers produce.
 
-Answers are deterministic for a given request. Switches are honoured only when
+Answers are deterministic for a given request. ``tool_choice`` and
+``response_format`` are honoured as OpenAI does (a JSON answer conforms to the
+request's schema), and a reply that is not streamed carries its reasoning. Switches are honoured only when
 the simulator is started with them on (``SimulatorSettings(switches=True)``,
 ``python -m wsagent.simulator --switches``, ``python -m wsagent.serve
 --sim-switches``): they are for tests and benchmarks, and anyone who can send
@@ -250,8 +252,17 @@ def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: 
     last_role = messages[-1].get("role") if messages else "user"
     looping = switches.get("tool_loop") == "1"
 
-    if tools and (last_role != "tool" or looping):
-        wanted = _wanted_tools(prompt, tools, switches.get("tool"))
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        tools = []
+    if tools and (last_role != "tool" or looping or choice == "required" or isinstance(choice, dict)):
+        if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}}: that one, always
+            named = (choice.get("function") or {}).get("name")
+            wanted = [(name, schema) for name, schema in tools if name == named]
+        else:
+            wanted = _wanted_tools(prompt, tools, switches.get("tool"))
+            if not wanted and choice == "required":
+                wanted = tools[:1]
         if wanted:
             calls = []
             for n, (name, schema) in enumerate(wanted):
@@ -283,6 +294,9 @@ def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: 
         text = f"{opening}here is a simulated answer about {topic or 'nothing in particular'}: " + " ".join(filler)
         thought = f"The user asks about {topic or 'nothing'}. I will answer briefly."
     tokens = _words(text)[:limit] if limit > 0 else []
+    shaped = _formatted(body.get("response_format"), " ".join(tokens).strip())
+    if shaped is not None:  # a JSON answer, whole (cutting it to a token limit would break it), in pieces
+        tokens = [shaped[i:i + 8] for i in range(0, len(shaped), 8)]
     finish = "stop"
     if isinstance(max_tokens, int) and 0 < max_tokens < len(tokens):
         tokens = tokens[:max_tokens]
@@ -294,6 +308,54 @@ def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: 
         finish_reason=finish,
         prompt_tokens=prompt_tokens,
     )
+
+
+def _formatted(response_format: Any, text: str) -> str | None:
+    """The answer as ``response_format`` asks: a JSON object (``json_object``), or a value that conforms
+    to ``json_schema``'s schema (every property, so that ``strict`` holds too); None for plain text."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return json.dumps({"answer": text})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return json.dumps(_conforming(schema if isinstance(schema, dict) else {}, text, {}))
+    return None
+
+
+def _conforming(schema: dict[str, Any], text: str, defs: dict[str, Any], depth: int = 0) -> Any:
+    """A value of ``schema``: the simplest that validates, with the answer's words in its strings."""
+    defs = {**defs, **(schema.get("$defs") or schema.get("definitions") or {})}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and depth < 8:
+        return _conforming(defs.get(ref.rsplit("/", 1)[-1], {}), text, defs, depth + 1)
+    for combined in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(combined)
+        if isinstance(options, list) and options and depth < 8:
+            return _conforming(options[0], text, defs, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {key: _conforming(sub, text, defs, depth + 1) for key, sub in props.items()} if depth < 8 else {}
+    if kind == "array":
+        return [_conforming(schema.get("items") or {}, text, defs, depth + 1)] if depth < 8 else []
+    if kind == "integer":
+        return int(schema.get("minimum", 42))
+    if kind == "number":
+        return float(schema.get("minimum", 42.0))
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
 
 
 def messages_tail_start(messages: Sequence[dict[str, Any]]) -> int:
@@ -510,6 +572,8 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
 
 def _completion(model: str, the_plan: _Plan) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": "".join(the_plan.content) or None}
+    if the_plan.reasoning:
+        message["reasoning_content"] = "".join(the_plan.reasoning)
     if the_plan.tool_calls:
         message["tool_calls"] = [
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}

@@ -191,7 +191,7 @@ async def test_client_attaches_to_a_run_started_elsewhere(server: WsAgentServer,
     async with ws_connect(server, "/ws/chat") as owner:
         await owner.send(json.dumps({"type": "run", "id": "shared", "prompt": prompt}))
         start = await recv_json(owner)
-        watcher = asyncio.ensure_future(run(client(server, "--json", "--attach", "shared", "--key", start["key"])))
+        watcher = asyncio.ensure_future(run(client(server, "--json", "--attach", "shared", f"--key={start['key']}")))
         mine = await run_events(owner, "shared")
         code, out, _ = await watcher
     events = [json.loads(line) for line in out.splitlines()]
@@ -199,6 +199,8 @@ async def test_client_attaches_to_a_run_started_elsewhere(server: WsAgentServer,
     assert "".join(e["content"] for e in events if e["type"] == "token") == await expected_text(sim, prompt)
     code, _, err = await run(client(server, "--attach", "shared"))
     assert code == 2 and "--attach needs --key" in err
+    code, _, err = await run(client(server, "--attach", "shared", "--key=-Z9x"))  # keys may begin with "-"
+    assert code == 1 and "unknown_run" in err
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")

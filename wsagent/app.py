@@ -11,12 +11,11 @@ the App and the sockets; handlers never see the server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from .agent import WorkflowFactory
@@ -149,15 +148,6 @@ class App:
         self.inflight -= 1
         if self.inflight == 0:
             self.idle.set()
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """``with app.busy():`` marks work in flight, for the drain on shutdown."""
-        self.stream_started()
-        try:
-            yield
-        finally:
-            self.stream_ended()
 
     # -- messages --------------------------------------------------------
 

@@ -319,7 +319,7 @@ def _quiet(run_id: str, key: str | None) -> None:
 
 def _announce(run_id: str, key: str | None) -> None:
     """Say, once the run has started, how to watch it from elsewhere (on stderr: stdout is the answer)."""
-    sys.stderr.write(f"watch from another terminal: python -m wsagent.client --attach {run_id} --key {key}\n")
+    sys.stderr.write(f"watch from another terminal: python -m wsagent.client --attach {run_id} --key={key}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -338,7 +338,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-dashboard", action="store_true", help="workflows as plain text, not panels")
     parser.add_argument("--retries", type=int, default=5, help="reconnect attempts (default: %(default)s)")
     parser.add_argument("--attach", metavar="ID", help="watch run ID that another client started (needs --key)")
-    parser.add_argument("--key", help="the key of the run to --attach to (its start event has it; the page shows it)")
+    parser.add_argument("--key", help="the key of the run to --attach to, as --key=KEY (a key may begin with -; "
+                                      "its start event has it)")
     return parser
 
 

@@ -223,11 +223,6 @@ class Subscription:
         self.ended = False
         self.born = 0.0
 
-    @property
-    def primary(self) -> bool:
-        """This is the run's own client: its pace is the producer's."""
-        return self.run.primary is self
-
     def take(self) -> list[str]:
         """Frames for everything pending; call :meth:`sent` once they are written."""
         return self.run._take(self)
@@ -562,7 +557,7 @@ class Run:
             self._end(sub)
             return [encode_message("error", id=self.id, code="lagging", retryable=True, message=(
                 f"this watcher fell {self._log.first - 1 - sub.cursor} events behind the run and was dropped; "
-                f"resume with after={sub.cursor} within the replay window, or attach again"))]
+                "attach again (from the oldest event kept)"))]
         # The pending events are the log's last ``count``; index from the right, because the left
         # holds up to ``replay_bytes`` of delivered events (thousands of tokens).
         count = end - 1 - sub.cursor

@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from openai import AsyncOpenAI
+from openai import APIError, AsyncOpenAI, RateLimitError
 from pydantic import BaseModel
 
 from wsagent.simulator import SimulatorServer
@@ -71,3 +71,24 @@ async def test_streamed_json_schema_and_reasoning_without_streaming(client: Asyn
     whole = await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "think"}])
     assert whole.choices[0].message.model_extra is not None
     assert whole.choices[0].message.model_extra.get("reasoning_content")  # reasoning is no longer dropped
+
+
+async def test_streams_helpers_usage_and_errors(client: AsyncOpenAI) -> None:
+    async with client.chat.completions.stream(model="sim", messages=[{"role": "user", "content": "stream me"}],
+                                              stream_options={"include_usage": True}) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content and final.usage is not None and final.usage.completion_tokens > 0
+    streamed_call = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "What is 2 + 2?"}], tools=TOOLS, stream=True)
+    arguments = "".join([c.choices[0].delta.tool_calls[0].function.arguments or "" async for c in streamed_call
+                         if c.choices and c.choices[0].delta.tool_calls and c.choices[0].delta.tool_calls[0].function])
+    assert json.loads(arguments) == {"expression": "2 + 2"}
+    with pytest.raises(RateLimitError):
+        await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x sim:status=429"}])
+    with pytest.raises(APIError):
+        broken = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x sim:error_after=3"}], stream=True)
+        async for _ in broken:
+            pass

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsagent.events import Answer, Done, Event, Producer, Start, Token, ToolCallEvent
+from wsagent.events import Answer, Done, Event, Producer, Start, Thinking, Token, ToolCallEvent
 from wsagent.pump import pump
+from wsagent.render import Thoughts, Words
 from wsagent.run import Run, RunStateError, Subscription
 
 
@@ -193,3 +194,14 @@ def test_an_interrupted_run_ends_with_its_interruption() -> None:
     run.push(Token("a"))
     run.cancel("first")  # no producer task: ends at once
     assert run.outcome == "cancelled" and sink.events()[-1]["reason"] == "first"
+
+
+def test_renderers_hold_back_a_bounded_amount() -> None:
+    """A word or a sentence that never ends is sent once it is 4 KiB long, not held for ever."""
+    words, thoughts = Words(), Thoughts()
+    out: list[str] = []
+    for _ in range(100):
+        words.render(Token.kind, "x" * 100, out)
+        thoughts.render(Thinking.kind, "y" * 100, out)
+    assert len(words.pending) <= 4096 and len(thoughts.thought) <= 4096
+    assert sum(len(frame) for frame in out if frame.startswith("x")) >= 10_000 - 4096

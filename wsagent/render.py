@@ -29,6 +29,8 @@ from .events import KIND_NAMES, TEXT_KINDS, encode_message
 __all__ = ["Renderer", "TextMode", "Words", "Thoughts"]
 
 _SENTENCE_END = (".", "!", "?", "\n")
+#: What a renderer holds back at most (a sentence or a word that does not end): past it, it goes out as is.
+_HELD = 4096
 _TOKEN = KIND_NAMES.index("token")
 _ANSWER = KIND_NAMES.index("answer")
 _THINKING = KIND_NAMES.index("thinking")
@@ -78,6 +80,9 @@ class Words:
         if kind == _TOKEN or kind == _ANSWER:
             *words, self.pending = (self.pending + payload).split(" ")
             out.extend(word + " " for word in words if word)
+            if len(self.pending) > _HELD:  # a "word" that never ends is not held back for ever
+                out.append(self.pending)
+                self.pending = ""
             return
         name = KIND_NAMES[kind]
         if name not in ("done", "error", "cancelled"):
@@ -105,7 +110,7 @@ class Thoughts:
     def render(self, kind: int, payload: str, out: list[str]) -> None:
         if kind == _THINKING:
             self.thought += payload
-            if self.thought.rstrip().endswith(_SENTENCE_END):
+            if self.thought.rstrip().endswith(_SENTENCE_END) or len(self.thought) > _HELD:
                 self._flush(out)
             return
         if kind < TEXT_KINDS and kind != _ANSWER and kind != _TOKEN:

@@ -102,7 +102,8 @@ class LocalBroker:
         self.budget = budget
         self.budget_per_user = budget_per_user
         self._kept: dict[Run, int] = {}  # finished runs kept for resume, oldest first, and their log sizes
-        self._kept_by_owner: Counter[str] = Counter()
+        self._kept_by_owner: Counter[str] = Counter()  # their bytes by scope
+        self._kept_of: dict[str, dict[Run, None]] = {}  # their runs by scope, oldest first: evicting finds one at once
         self.kept_bytes = 0
         self.evictions = 0
         self._by_key: dict[str, Run] = {}
@@ -153,12 +154,13 @@ class LocalBroker:
         size = run.log_bytes
         owner = run.scope
         self._kept[run] = size
+        self._kept_of.setdefault(owner, {})[run] = None
         self._kept_by_owner[owner] += size
         self.kept_bytes += size
         while self.kept_bytes > self.budget and self._kept:
             self._evict(next(iter(self._kept)))
-        while self._kept_by_owner[owner] > self.budget_per_user:
-            self._evict(next(r for r in self._kept if r.scope == owner))
+        while self._kept_by_owner[owner] > self.budget_per_user and owner in self._kept_of:
+            self._evict(next(iter(self._kept_of[owner])))
 
     def _evict(self, run: Run) -> None:
         self.evictions += 1
@@ -170,8 +172,10 @@ class LocalBroker:
             owner = run.scope
             self.kept_bytes -= size
             self._kept_by_owner[owner] -= size
-            if not self._kept_by_owner[owner]:
-                del self._kept_by_owner[owner]
+            runs = self._kept_of[owner]
+            del runs[run]
+            if not runs:
+                del self._kept_of[owner], self._kept_by_owner[owner]
         if self._by_key.get(run.key) is run:
             del self._by_key[run.key]
         if self._by_id.get((run.scope, run.id)) is run:

@@ -92,3 +92,63 @@ async def test_streams_helpers_usage_and_errors(client: AsyncOpenAI) -> None:
             model="sim", messages=[{"role": "user", "content": "x sim:error_after=3"}], stream=True)
         async for _ in broken:
             pass
+
+
+RESPONSES_TOOLS = [{"type": "function", "name": "calculator", "description": "Evaluate arithmetic.", "strict": True,
+                    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                   "required": ["expression"], "additionalProperties": False}}]
+
+
+async def test_responses_api_streamed_with_reasoning_and_function_call(client: AsyncOpenAI) -> None:
+    """The simulator's ``/v1/responses`` in OpenAI's exact wire format: the SDK's typed events validate strictly."""
+    stream = await client.responses.create(model="sim", input="stream me a story", stream=True)
+    kinds: list[str] = []
+    text, reasoning = [], []
+    sequence = []
+    async for event in stream:
+        kinds.append(event.type)
+        sequence.append(event.sequence_number)
+        if event.type == "response.output_text.delta":
+            text.append(event.delta)
+        elif event.type == "response.reasoning_summary_text.delta":
+            reasoning.append(event.delta)
+        elif event.type == "response.completed":
+            completed = event.response
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert sequence == list(range(len(sequence)))
+    assert completed.output_text == "".join(text) and "story" in completed.output_text
+    assert completed.usage is not None and completed.usage.output_tokens == len(text) + len(reasoning)
+    assert [item.type for item in completed.output] == ["reasoning", "message"]
+
+    async with client.responses.stream(model="sim", input="What is 17 * 23?", tools=RESPONSES_TOOLS) as helper:
+        arguments = [event.delta async for event in helper if event.type == "response.function_call_arguments.delta"]
+        final = await helper.get_final_response()
+    (call,) = [item for item in final.output if item.type == "function_call"]
+    assert call.name == "calculator" and json.loads("".join(arguments)) == json.loads(call.arguments)
+    assert json.loads(call.arguments) == {"expression": "17 * 23"}
+
+    follow_up = await client.responses.create(model="sim", input=[
+        {"role": "user", "content": "What is 17 * 23?"},
+        {"type": "function_call", "call_id": call.call_id, "name": "calculator", "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "391"}], tools=RESPONSES_TOOLS)
+    assert "391" in follow_up.output_text and follow_up.status == "completed"
+
+
+async def test_responses_api_whole_structured_incomplete_and_failed(client: AsyncOpenAI) -> None:
+    class Verdict(BaseModel):
+        answer: str
+        confidence: float
+
+    parsed = await client.responses.parse(model="sim", input="Judge this", text_format=Verdict)
+    assert isinstance(parsed.output_parsed, Verdict) and parsed.output_parsed.answer
+    whole = await client.responses.create(model="sim", input="think first")
+    assert [item.type for item in whole.output] == ["reasoning", "message"]
+    short = await client.responses.create(model="sim", input="a long one", max_output_tokens=3)
+    assert short.status == "incomplete" and short.incomplete_details is not None
+    assert short.incomplete_details.reason == "max_output_tokens"
+    with pytest.raises(RateLimitError):
+        await client.responses.create(model="sim", input="x sim:status=429")
+    failed = await client.responses.create(model="sim", input="x sim:error_after=3", stream=True)
+    last = [event async for event in failed][-1]
+    assert last.type == "response.failed" and last.response.error is not None
+    assert last.response.error.code == "server_error"

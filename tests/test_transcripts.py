@@ -15,6 +15,11 @@ from .conftest import upstream_for
 
 HERE = Path(__file__).parent / "transcripts"
 
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [words[0], *(" " + w for w in words[1:])]
+
 EXPECTED: dict[str, list[Any]] = {
     "openai": [
         TextDelta("content", "Checking"),
@@ -49,6 +54,16 @@ EXPECTED: dict[str, list[Any]] = {
         Finish("tool_calls"),
         Usage(300, 20, 320),
     ],
+    # captured from LiteLLM 1.105.7's proxy forwarding to the simulator (tests/test_litellm.py checks it still
+    # writes them so): a usage chunk whose choices are not empty, reasoning_tokens details, [DONE] at the end
+    "litellm-tools": [
+        *[TextDelta("reasoning", w)
+          for w in _words("The request needs the calculator and get_time tool, so I will call it.")],
+        ToolCall("call_bad99abeed69", "calculator", '{"expression": "2 + 2"}', 0),
+        ToolCall("call_d99abeed6929", "get_time", '{"tz": "What is 2 + 2 and what time is it?"}', 1),
+        Finish("tool_calls"),
+        Usage(14, 15, 29),
+    ],
     "deepseek": [
         TextDelta("reasoning", "Hmm, greeting."), TextDelta("content", "Hi!"), Finish("stop"), Usage(6, 9, 15),
     ],
@@ -58,6 +73,9 @@ ERRORS: dict[str, tuple[list[Any], str, str | int | None]] = {
     "vllm-error": ([TextDelta("content", "Partial")], "KV cache is exhausted", 500),
     "llamacpp-error": ([], "exceeds the available context size", 500),
     "litellm-error": ([TextDelta("content", "Hel")], "Overloaded", "429"),
+    # captured from LiteLLM (above): an {"error": ...} event with no [DONE] after it
+    "litellm-midstream-error": ([TextDelta("content", "here"), TextDelta("content", " is"), TextDelta("content", " a")],
+                                "simulated mid-stream failure", "500"),
     "openrouter": ([TextDelta("content", "Sure")], "Provider disconnected", 502),
 }
 

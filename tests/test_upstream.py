@@ -227,6 +227,17 @@ async def test_retries_stop_at_their_deadline_and_say_how_many(sim: SimulatorSer
     assert error.message.endswith("attempts; gave up at the 0.5 s retry deadline)")
 
 
+async def test_a_first_attempt_past_the_deadline_says_so(sim: SimulatorServer) -> None:
+    """A proxy that spends the whole deadline on one attempt (LiteLLM took 5.4 s on a 429) got no retry and
+    no word on why."""
+    client = upstream_for(sim, max_retries=2, retry_deadline=0.5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    error = await failure(client, "x sim:status=429 sim:retry_after_ms=2000")
+    assert loop.time() - started < 0.4  # no retry was started: waiting 2 s would pass the deadline
+    assert error.message == "upstream HTTP 429: simulated HTTP 429 (1 attempt; gave up at the 0.5 s retry deadline)"
+
+
 async def test_health_and_the_run_line_tell_the_upstream_s_state(make_server: ServerFactory,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """``/healthz`` said ``ok`` while the upstream was down, and the ``run`` line said ``outcome=error``

@@ -130,6 +130,7 @@ def default_client() -> UpstreamClient:
             "no model server: pass client=UpstreamClient(...), or set WSAGENT_UPSTREAM_URL "
             "(run `python -m wsagent.simulator` for an offline one)")
     return UpstreamClient(UpstreamConfig(base_url=url, api_key=os.environ.get("OPENAI_API_KEY"),
+                                         api=os.environ.get("WSAGENT_UPSTREAM_API", "chat"),
                                          model=os.environ.get("WSAGENT_MODEL", "wsagent-sim")))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .errors import UpstreamError
 from .sse import SSEEvent
@@ -24,6 +24,8 @@ __all__ = [
     "Usage",
     "ModelEvent",
     "completion_to_events",
+    "stream_error",
+    "StreamInterpreter",
 ]
 
 DeltaKind = Literal["content", "reasoning", "refusal"]
@@ -80,7 +82,18 @@ class _PendingCall:
         return True
 
 
-def _error_from(obj: Any, default: str) -> UpstreamError:
+class StreamInterpreter(Protocol):
+    """What the transport needs of a dialect's interpreter (chat completions or Responses)."""
+
+    done: bool
+    finish_reason: str | None
+
+    def feed(self, sse: SSEEvent) -> list[ModelEvent]: ...
+
+    def end(self, tail: list[SSEEvent] | None = None) -> list[ModelEvent]: ...
+
+
+def stream_error(obj: Any, default: str) -> UpstreamError:
     """Build a typed error from an upstream error object (a dict or a string)."""
     if isinstance(obj, dict):
         message = str(obj.get("message") or obj.get("error") or default)
@@ -117,7 +130,7 @@ class ChunkInterpreter:
                 payload = data
             if isinstance(payload, dict) and "error" in payload:
                 payload = payload["error"]
-            raise _error_from(payload, "upstream sent an error event")
+            raise stream_error(payload, "upstream sent an error event")
         if data == "[DONE]":
             self.done = True
             return self._flush_all()
@@ -171,7 +184,7 @@ class ChunkInterpreter:
         error = chunk.get("error")
         choices = chunk.get("choices")
         if error is not None and not choices:
-            raise _error_from(error, "upstream reported an error")
+            raise stream_error(error, "upstream reported an error")
         out: list[ModelEvent] = []
         if isinstance(choices, list):
             for choice in choices:
@@ -213,7 +226,7 @@ class ChunkInterpreter:
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
             if reason == "error":
-                raise _error_from(chunk.get("error") or choice.get("error"), "upstream finished with an error")
+                raise stream_error(chunk.get("error") or choice.get("error"), "upstream finished with an error")
             if index == 0:
                 self.finish_reason = reason
             out.extend(self._flush(index))

@@ -49,6 +49,7 @@ class Settings:
 
     upstream_url: str | None = _opt(None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (unset: built-in simulator)", "WSAGENT_UPSTREAM_URL", "upstream")
     api_key: str | None = _opt(None, "API key sent as a Bearer token to the upstream", "OPENAI_API_KEY", "upstream")
+    upstream_api: str = _opt("chat", "the upstream's dialect: chat (POST {url}/chat/completions) or responses (POST {url}/responses, the OpenAI Responses API)", "WSAGENT_UPSTREAM_API", "upstream")
     model: str = _opt("wsagent-sim", "model name sent upstream when a run names none", "WSAGENT_MODEL", "upstream")
     connect_timeout: float = _opt(10.0, "seconds to connect to the upstream", group="upstream")
     first_byte_timeout: float = _opt(60.0, "seconds to wait for the upstream's first byte", group="upstream")
@@ -238,6 +239,8 @@ def read_env_file(path: str) -> dict[str, str]:
 def validate(settings: Settings) -> None:
     if settings.client_id_policy not in ("replace", "reject"):
         raise SystemExit("--client-id-policy must be 'replace' or 'reject'")
+    if settings.upstream_api not in ("chat", "responses"):
+        raise SystemExit("--upstream-api must be 'chat' or 'responses'")
     if settings.compression not in ("deflate", "off"):
         raise SystemExit("--compression must be 'deflate' or 'off'")
     if settings.log_format not in ("text", "json"):

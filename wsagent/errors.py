@@ -50,7 +50,9 @@ class UpstreamError(WsAgentError):
     def attempts(self, count: int, deadline: float | None = None) -> None:
         """Say how many requests were made, and whether the retry deadline ended them: the client
         sees why it waited. Inside the message's closing parenthesis if it has one."""
-        said = f"{count} attempts" + (f"; gave up at the {deadline:g} s retry deadline" if deadline else "")
+        said = f"{count} attempt{'s' if count != 1 else ''}"
+        if deadline:
+            said += f"; gave up at the {deadline:g} s retry deadline"
         if self.message.endswith(")"):
             self.message = f"{self.message[:-1]}; {said})"
         else:

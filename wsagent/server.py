@@ -43,7 +43,7 @@ from .routes import HTTP_ROUTES, ROUTES
 from .simulator import SimulatorServer, SimulatorSettings
 from .tools import BUILTIN_TOOLS
 from .tuning import break_transport_cycles
-from .upstream import UpstreamClient, UpstreamConfig
+from .upstream import DIALECTS, UpstreamClient, UpstreamConfig
 from .workers import WorkerMesh
 
 __all__ = ["WsAgentServer", "WORKER_OF"]
@@ -115,6 +115,7 @@ class WsAgentServer:
             upstream = UpstreamClient(metrics=self.metrics, config=UpstreamConfig(
                 base_url=base_url,
                 api_key=s.api_key,
+                api=s.upstream_api,
                 model=s.model,
                 connect_timeout=s.connect_timeout,
                 first_byte_timeout=s.first_byte_timeout,
@@ -125,7 +126,7 @@ class WsAgentServer:
             ))
         else:
             upstream.metrics = self.metrics
-        log.info("model server: %s (OpenAI chat completions)", upstream.url)
+        log.info("model server: %s (%s)", upstream.url, DIALECTS[upstream.config.api])
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream))
         supervisor, number = os.environ.get(WORKER_OF), os.environ.get(WORKER_NUMBER)
         if supervisor and number:

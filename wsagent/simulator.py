@@ -1,4 +1,5 @@
-"""A simulated OpenAI-compatible model server, served over real HTTP.
+"""A simulated OpenAI-compatible model server, served over real HTTP: ``POST /v1/chat/completions`` and
+``POST /v1/responses`` (the Responses API, in OpenAI's exact event format), the same answers on both.
 
 wsagent streams from it when no upstream is configured, so every path (SSE
 parsing, relay, backpressure, cancellation, tool calls) runs for real on a
@@ -366,18 +367,256 @@ def messages_tail_start(messages: Sequence[dict[str, Any]]) -> int:
     return start
 
 
-class _Writer:
-    """Writes one SSE response with the chosen line ending and fault switches."""
+class _ChatFormat:
+    """``chat.completion.chunk`` events, and the whole ``chat.completion``."""
 
-    def __init__(self, response: web.StreamResponse, newline: str) -> None:
-        self.response = response
-        self.nl = {"crlf": "\r\n", "cr": "\r"}.get(newline, "\n")
+    def __init__(self, body: dict[str, Any], model: str, the_plan: _Plan, nl: str) -> None:
+        self.plan = the_plan
+        self.nl = nl
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunk_id = "chatcmpl-sim" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
+        self.head = json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                                "model": model, "system_fingerprint": "fp_wsagent_sim"})[:-1]
+        self.model = model
 
-    async def data(self, payload: str) -> None:
-        await self.response.write(f"data: {payload}{self.nl}{self.nl}".encode())
+    def _data(self, payload: str) -> str:
+        return f"data: {payload}{self.nl}{self.nl}"
 
-    async def comment(self, text: str) -> None:
-        await self.response.write(f": {text}{self.nl}".encode())
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._data(f'{self.head},"choices":[{json.dumps(choice)}]}}')
+
+    def begin(self) -> str:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def token(self, kind: str, text: str) -> str:
+        return (f'data: {self.head},"choices":[{{"index":0,"delta":{{"{kind}":{json.dumps(text)}}},'
+                f'"logprobs":null,"finish_reason":null}}]}}{self.nl}{self.nl}')
+
+    def error(self, done: bool) -> str:
+        out = self._data(json.dumps({"error": {"message": "simulated mid-stream failure", "type": "server_error",
+                                               "code": 500}}))
+        return out + self._data("[DONE]") if done else out
+
+    def end(self, completion_tokens: int) -> str:
+        out = []
+        for n, (call_id, name, args) in enumerate(self.plan.tool_calls):
+            half = len(args) // 2
+            out.append(self._chunk({"tool_calls": [{"index": n, "id": call_id, "type": "function",
+                                                    "function": {"name": name, "arguments": args[:half]}}]}))
+            out.append(self._chunk({"tool_calls": [{"index": n, "function": {"arguments": args[half:]}}]}))
+        out.append(self._chunk({}, self.plan.finish_reason))
+        if self.include_usage:
+            usage = json.dumps(_usage(self.plan, completion_tokens))
+            out.append(self._data(f'{self.head},"choices":[],"usage":{usage}}}'))
+        out.append(self._data("[DONE]"))
+        return "".join(out)
+
+    def whole(self) -> dict[str, Any]:
+        the_plan = self.plan
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(the_plan.content) or None}
+        if the_plan.reasoning:
+            message["reasoning_content"] = "".join(the_plan.reasoning)
+        if the_plan.tool_calls:
+            message["tool_calls"] = [
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+                for call_id, name, args in the_plan.tool_calls
+            ]
+        return {
+            "id": "chatcmpl-sim",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": the_plan.finish_reason}],
+            "usage": _usage(the_plan, len(the_plan.content) + len(the_plan.reasoning)),
+        }
+
+
+def _usage(the_plan: _Plan, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": the_plan.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": the_plan.prompt_tokens + completion}
+
+
+class _ResponsesFormat:
+    """The Responses API's typed events (``response.created`` ... ``response.completed``), exactly as
+    OpenAI writes them (an ``event:`` line naming each, a ``sequence_number`` in each), and the whole
+    ``response`` object."""
+
+    def __init__(self, body: dict[str, Any], model: str, the_plan: _Plan, nl: str) -> None:
+        self.plan = the_plan
+        self.nl = nl
+        self.seq = 0
+        digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+        self.digest = digest
+        self.output: list[dict[str, Any]] = []
+        self.open: str | None = None
+        self.text: list[str] = []
+        text_config = body.get("text") if isinstance(body.get("text"), dict) else None
+        self.response: dict[str, Any] = {
+            "id": f"resp_{digest}", "object": "response", "created_at": int(time.time()), "model": model,
+            "status": "in_progress", "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions") if isinstance(body.get("instructions"), str) else None,
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+            "output": [], "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "text": text_config or {"format": {"type": "text"}}, "store": False, "usage": None,
+            "max_output_tokens": body.get("max_output_tokens"),
+        }
+
+    def _event(self, kind: str, payload: dict[str, Any]) -> str:
+        payload = {"type": kind, **payload, "sequence_number": self.seq}
+        self.seq += 1
+        return f"event: {kind}{self.nl}data: {json.dumps(payload)}{self.nl}{self.nl}"
+
+    def _item(self) -> dict[str, Any]:
+        return {"item_id": self.item_id, "output_index": len(self.output)}
+
+    @property
+    def item_id(self) -> str:
+        prefix = "rs" if self.open == "reasoning_content" else "msg"
+        return f"{prefix}_{self.digest}{len(self.output)}"
+
+    def begin(self) -> str:
+        return (self._event("response.created", {"response": self.response})
+                + self._event("response.in_progress", {"response": self.response}))
+
+    def _start(self, kind: str) -> str:
+        self.open = kind
+        self.text = []
+        item: dict[str, Any]
+        part: dict[str, Any]
+        if kind == "reasoning_content":
+            item = {"id": self.item_id, "type": "reasoning", "summary": []}
+            part = {"type": "summary_text", "text": ""}
+            return (self._event("response.output_item.added", {"output_index": len(self.output), "item": item})
+                    + self._event("response.reasoning_summary_part.added",
+                                  {**self._item(), "summary_index": 0, "part": part}))
+        item = {"id": self.item_id, "type": "message", "status": "in_progress", "role": "assistant",
+                "content": []}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return (self._event("response.output_item.added", {"output_index": len(self.output), "item": item})
+                + self._event("response.content_part.added", {**self._item(), "content_index": 0, "part": part}))
+
+    def _finish_item(self) -> str:
+        if self.open is None:
+            return ""
+        text = "".join(self.text)
+        where = self._item()
+        part: dict[str, Any]
+        if self.open == "reasoning_content":
+            part = {"type": "summary_text", "text": text}
+            item: dict[str, Any] = {"id": self.item_id, "type": "reasoning", "summary": [part]}
+            out = (self._event("response.reasoning_summary_text.done", {**where, "summary_index": 0, "text": text})
+                   + self._event("response.reasoning_summary_part.done", {**where, "summary_index": 0, "part": part}))
+        else:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            status = "incomplete" if self.plan.finish_reason == "length" else "completed"
+            item = {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": [part]}
+            out = (self._event("response.output_text.done", {**where, "content_index": 0, "text": text,
+                                                              "logprobs": []})
+                   + self._event("response.content_part.done", {**where, "content_index": 0, "part": part}))
+        out += self._event("response.output_item.done", {"output_index": where["output_index"], "item": item})
+        self.output.append(item)
+        self.open = None
+        return out
+
+    def token(self, kind: str, text: str) -> str:
+        out = self._finish_item() + self._start(kind) if kind != self.open else ""
+        self.text.append(text)
+        if kind == "reasoning_content":
+            return out + self._event("response.reasoning_summary_text.delta",
+                                     {**self._item(), "summary_index": 0, "delta": text})
+        return out + self._event("response.output_text.delta",
+                                 {**self._item(), "content_index": 0, "delta": text, "logprobs": []})
+
+    def error(self, done: bool) -> str:
+        failed = {**self.response, "status": "failed", "output": self.output,
+                  "error": {"code": "server_error", "message": "simulated mid-stream failure"}}
+        return self._event("response.failed", {"response": failed})
+
+    def end(self, completion_tokens: int) -> str:
+        out = [self._finish_item()]
+        for call_id, name, args in self.plan.tool_calls:
+            index = len(self.output)
+            item = {"id": f"fc_{self.digest}{index}", "type": "function_call", "status": "in_progress",
+                    "call_id": call_id, "name": name, "arguments": ""}
+            where = {"item_id": item["id"], "output_index": index}
+            half = len(args) // 2
+            out += [self._event("response.output_item.added", {"output_index": index, "item": item}),
+                    self._event("response.function_call_arguments.delta", {**where, "delta": args[:half]}),
+                    self._event("response.function_call_arguments.delta", {**where, "delta": args[half:]}),
+                    self._event("response.function_call_arguments.done", {**where, "name": name, "arguments": args})]
+            item = {**item, "status": "completed", "arguments": args}
+            out.append(self._event("response.output_item.done", {"output_index": index, "item": item}))
+            self.output.append(item)
+        final = self._final(completion_tokens)
+        out.append(self._event(f"response.{final['status']}", {"response": final}))
+        return "".join(out)
+
+    def _final(self, completion_tokens: int) -> dict[str, Any]:
+        incomplete = self.plan.finish_reason == "length"
+        reasoning = len(self.plan.reasoning)
+        return {**self.response, "status": "incomplete" if incomplete else "completed", "output": self.output,
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "usage": {"input_tokens": self.plan.prompt_tokens,
+                          "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                          "output_tokens": completion_tokens,
+                          "output_tokens_details": {"reasoning_tokens": reasoning},
+                          "total_tokens": self.plan.prompt_tokens + completion_tokens}}
+
+    def whole(self) -> dict[str, Any]:
+        for text in self.plan.reasoning:
+            self.token("reasoning_content", text)
+        for text in self.plan.content:
+            self.token("content", text)
+        self.end(len(self.plan.reasoning) + len(self.plan.content))
+        return self._final(len(self.plan.reasoning) + len(self.plan.content))
+
+
+_Format = _ChatFormat | _ResponsesFormat
+
+
+def chat_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses API request as the chat-completions request that asks the same (what :func:`plan` reads)."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    for item in [{"role": "user", "content": items}] if isinstance(items, str) else items or ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            if not messages or messages[-1].get("role") != "assistant":
+                messages.append({"role": "assistant", "content": None})
+            messages[-1].setdefault("tool_calls", []).append(
+                {"id": item.get("call_id"), "type": "function",
+                 "function": {"name": item.get("name"), "arguments": item.get("arguments")}})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": _text(item.get("output"))})
+        elif kind == "message":
+            messages.append({"role": item.get("role"), "content": _text(item.get("content"))})
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": bool(body.get("stream"))}
+    tools = [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+             for tool in body.get("tools") or () if isinstance(tool, dict) and tool.get("type") == "function"]
+    if tools:
+        chat["tools"] = tools
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif choice is not None:
+        chat["tool_choice"] = choice
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat["response_format"] = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    elif isinstance(fmt, dict):
+        chat["response_format"] = fmt
+    if isinstance(body.get("max_output_tokens"), int):
+        chat["max_tokens"] = body["max_output_tokens"]
+    if "sim" in body:
+        chat["sim"] = body["sim"]
+    return chat
 
 
 class Simulator:
@@ -406,14 +645,24 @@ class Simulator:
         })
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``."""
+        return await self._answer(request, "messages", _ChatFormat)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: the same answers, in the Responses API's events."""
+        return await self._answer(request, "input", _ResponsesFormat)
+
+    async def _answer(self, request: web.Request, required: str,
+                      make: type[_ChatFormat] | type[_ResponsesFormat]) -> web.StreamResponse:
         self.stats.requests += 1
         try:
-            body = await request.json()
+            raw_body = await request.json()
         except ValueError:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return _error(400, "'messages' is required", "invalid_request_error")
-        self.stats.last_body = body
+        if not isinstance(raw_body, dict) or not isinstance(raw_body.get(required), (list, str)):
+            return _error(400, f"'{required}' is required", "invalid_request_error")
+        self.stats.last_body = raw_body
+        body = raw_body if make is _ChatFormat else chat_body(raw_body)
         switches, prompt = _directives(body)
         if not self.settings.switches:
             switches, prompt = {}, _last_user_text(body)
@@ -435,10 +684,11 @@ class Simulator:
         if "raw" in switches:
             return await self._raw(request, switches)
         model = str(body.get("model") or self.settings.model)
-        the_plan = plan(body, switches, prompt, self.settings)
+        nl = {"crlf": "\r\n", "cr": "\r"}.get(switches.get("newline", "lf"), "\n")
+        fmt = make(raw_body, model, plan(body, switches, prompt, self.settings), nl)
         if not body.get("stream") or switches.get("json") == "1":
-            return web.json_response(_completion(model, the_plan))
-        return await self._stream(request, body, model, the_plan, switches)
+            return web.json_response(fmt.whole())
+        return await self._stream(request, fmt, switches)
 
     async def _raw(self, request: web.Request, switches: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -450,12 +700,12 @@ class Simulator:
         await response.write_eof()
         return response
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, the_plan: _Plan,
-                      switches: dict[str, str]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, fmt: _Format, switches: dict[str, str]) -> web.StreamResponse:
         stats = self.stats
         stats.streams += 1
         stats.active += 1
         stats._notify()
+        the_plan = fmt.plan
         rate = float(switches.get("rate", self.settings.rate))
         interval = 1.0 / rate if rate > 0 else 0.0
         error_after = int(switches.get("error_after", -1))
@@ -464,22 +714,12 @@ class Simulator:
         comment_every = int(switches.get("comment_every", 0))
         stamp = switches.get("stamp") == "1"
         tag = stats.tags.setdefault(switches["tag"], {"tokens": 0}) if "tag" in switches else None
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunk_id = "chatcmpl-sim" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
-        head = json.dumps({"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                           "model": model, "system_fingerprint": "fp_wsagent_sim"})[:-1]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         loop = asyncio.get_running_loop()
         finished = False
         try:
             await response.prepare(request)
-            out = _Writer(response, switches.get("newline", "lf"))
-
-            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                return f'{head},"choices":[{json.dumps(choice)}]}}'
-
-            await out.data(chunk({"role": "assistant", "content": ""}))
+            await response.write(fmt.begin().encode())
             sent = 0
             start = loop.time()
             pieces: list[tuple[str, str]] = [("reasoning_content", t) for t in the_plan.reasoning]
@@ -489,10 +729,7 @@ class Simulator:
                 pieces.append(("content", "x" * int(switches["long"])))
             for kind, text in pieces:
                 if sent == error_after:
-                    await out.data(json.dumps({"error": {"message": "simulated mid-stream failure",
-                                                         "type": "server_error", "code": 500}}))
-                    if switches.get("error_done") == "1":
-                        await out.data("[DONE]")
+                    await response.write(fmt.error(switches.get("error_done") == "1").encode())
                     finished = True
                     return response
                 if sent == stall_after:
@@ -507,29 +744,15 @@ class Simulator:
                     if delay > 0:
                         await asyncio.sleep(delay)
                 if comment_every and sent and sent % comment_every == 0:
-                    await out.comment("ping")
+                    await response.write(f": ping{fmt.nl}".encode())
                 if stamp:
                     text = f"{time.monotonic():.6f} "
-                await response.write(
-                    f'data: {head},"choices":[{{"index":0,"delta":{{"{kind}":{json.dumps(text)}}},'
-                    f'"logprobs":null,"finish_reason":null}}]}}{out.nl}{out.nl}'.encode()
-                )
+                await response.write(fmt.token(kind, text).encode())
                 sent += 1
                 stats.tokens_sent += 1
                 if tag is not None:
                     tag["tokens"] = sent
-            for n, (call_id, name, args) in enumerate(the_plan.tool_calls):
-                half = len(args) // 2
-                await out.data(chunk({"tool_calls": [{"index": n, "id": call_id, "type": "function",
-                                                      "function": {"name": name, "arguments": args[:half]}}]}))
-                await out.data(chunk({"tool_calls": [{"index": n, "function": {"arguments": args[half:]}}]}))
-            await out.data(chunk({}, the_plan.finish_reason))
-            if include_usage:
-                completion = len(pieces) + len(the_plan.tool_calls)
-                usage = {"prompt_tokens": the_plan.prompt_tokens, "completion_tokens": completion,
-                         "total_tokens": the_plan.prompt_tokens + completion}
-                await out.data(f'{head},"choices":[],"usage":{json.dumps(usage)}}}')
-            await out.data("[DONE]")
+            await response.write(fmt.end(len(pieces) + len(the_plan.tool_calls)).encode())
             await response.write_eof()
             finished = True
             return response
@@ -570,27 +793,6 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
     )
 
 
-def _completion(model: str, the_plan: _Plan) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(the_plan.content) or None}
-    if the_plan.reasoning:
-        message["reasoning_content"] = "".join(the_plan.reasoning)
-    if the_plan.tool_calls:
-        message["tool_calls"] = [
-            {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
-            for call_id, name, args in the_plan.tool_calls
-        ]
-    completion = len(the_plan.content) + len(the_plan.reasoning)
-    return {
-        "id": "chatcmpl-sim",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": the_plan.finish_reason}],
-        "usage": {"prompt_tokens": the_plan.prompt_tokens, "completion_tokens": completion,
-                  "total_tokens": the_plan.prompt_tokens + completion},
-    }
-
-
 SIMULATOR = web.AppKey("simulator", Simulator)
 
 
@@ -600,6 +802,7 @@ def make_app(settings: SimulatorSettings | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[SIMULATOR] = sim
     app.router.add_post("/v1/chat/completions", sim.completions)
+    app.router.add_post("/v1/responses", sim.responses)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/stats", sim.stats_view)
     return app

@@ -1,6 +1,8 @@
-"""The aiohttp transport for OpenAI-compatible ``POST {base}/chat/completions``.
+"""The aiohttp transport for OpenAI-compatible ``POST {base}/chat/completions``, or
+``POST {base}/responses`` (the Responses API, ``UpstreamConfig(api="responses")``).
 
-The decoding lives in :mod:`wsagent.sse` and :mod:`wsagent.chunks`; this module
+The decoding lives in :mod:`wsagent.sse`, :mod:`wsagent.chunks` and
+:mod:`wsagent.response_events`; this module
 only moves bytes, applies timeouts and retries, and makes sure that a consumer
 that stops listening closes the TCP connection to the model server at once, so
 it stops generating tokens for nobody.
@@ -25,12 +27,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from .chunks import ChunkInterpreter, ModelEvent, completion_to_events
+from .chunks import ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
 from .errors import UpstreamError, error_for_status
 from .metrics import Metrics
+from .response_events import ResponsesInterpreter, response_to_events, responses_request
 from .sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 
-__all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after"]
+__all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after", "DIALECTS"]
+
+#: The upstream dialects (``UpstreamConfig.api``) and how the startup line names them.
+DIALECTS = {"chat": "OpenAI chat completions", "responses": "OpenAI Responses API"}
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
 
@@ -39,6 +45,7 @@ _RETRY_STATUSES = frozenset({408, 409, 429})
 class UpstreamConfig:
     base_url: str
     api_key: str | None = None
+    api: str = "chat"
     model: str = "wsagent-sim"
     connect_timeout: float = 10.0
     first_byte_timeout: float = 60.0
@@ -150,7 +157,7 @@ class _ReadWatchdog:
             self.handle = None
 
 
-def _interpret(decoder: SSEDecoder, interpreter: ChunkInterpreter,
+def _interpret(decoder: SSEDecoder, interpreter: StreamInterpreter,
                data: bytes) -> tuple[list[ModelEvent], Exception | None]:
     """The events one read completed, and the error that stopped them, if any: the events before
     an error in the stream are delivered before it is raised."""
@@ -178,7 +185,10 @@ class UpstreamClient:
         self.metrics = metrics
         self._session = session
         self._own_session = session is None
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        if config.api not in DIALECTS:
+            raise ValueError(f"unknown upstream api {config.api!r}: one of {', '.join(DIALECTS)}")
+        self._responses = config.api == "responses"
+        self._url = config.base_url.rstrip("/") + ("/responses" if self._responses else "/chat/completions")
         parts = urlsplit(config.base_url)
         self._where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         #: The model server's URL as it may be shown (no credentials, no query).
@@ -227,7 +237,7 @@ class UpstreamClient:
             body["stream_options"] = {"include_usage": True}
         if tools:
             body["tools"] = list(tools)
-        return body
+        return responses_request(body) if self._responses else body
 
     async def stream(
         self,
@@ -274,7 +284,7 @@ class UpstreamClient:
                 finished = True
                 return
             decoder = SSEDecoder(cfg.max_event_size)
-            interpreter = ChunkInterpreter()
+            interpreter: StreamInterpreter = ResponsesInterpreter() if self._responses else ChunkInterpreter()
             loop = asyncio.get_running_loop()
             reader = response.content
             watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
@@ -377,9 +387,9 @@ class UpstreamClient:
             delay = min(delay, 60.0)
             late = loop.time() + delay - began > cfg.retry_deadline
             if not error.retryable or attempt >= cfg.max_retries or late:
-                if attempt:
-                    error.attempts(attempt + 1, cfg.retry_deadline if late and error.retryable
-                                   and attempt < cfg.max_retries else None)
+                cut = late and error.retryable and attempt < cfg.max_retries
+                if attempt or cut:
+                    error.attempts(attempt + 1, cfg.retry_deadline if cut else None)
                 raise error
             await asyncio.sleep(delay)
             attempt += 1
@@ -400,6 +410,8 @@ class UpstreamClient:
                 code="upstream_protocol",
                 retryable=False,
             ) from None
+        if isinstance(body, dict) and body.get("object") == "response":
+            return response_to_events(body)
         if isinstance(body, dict) and "error" in body and not body.get("choices"):
             message, upstream_code = _error_message(raw)
             raise UpstreamError(message, code="upstream_stream_error", retryable=True, upstream_code=upstream_code)

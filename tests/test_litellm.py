@@ -1,0 +1,226 @@
+"""wsagent behind LiteLLM's proxy, the real one: ``litellm[proxy]`` pinned in ``tests/litellm/requirements.txt``
+and installed into a virtual environment of its own (it pins its own openai, pydantic and aiohttp), started on
+loopback with two models: ``mock`` answers with LiteLLM's ``mock_response``, ``sim`` forwards to the simulator
+in this process, so real reasoning, tool-call and error streams pass through LiteLLM, and the simulator sees
+whether a cancel reached it.
+
+The first run installs LiteLLM (about 50 s, 740 MB) into ``$WSAGENT_LITELLM_VENV`` or
+``~/.cache/wsagent/litellm-<version>``; later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from wsagent.chunks import ModelEvent
+from wsagent.config import Settings
+from wsagent.errors import UpstreamError
+from wsagent.server import WsAgentServer
+from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.upstream import UpstreamClient, UpstreamConfig
+
+from .conftest import recv_json, run_events, text_reply, ws_connect
+
+pytestmark = [pytest.mark.litellm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
+
+HERE = Path(__file__).parent
+REQUIREMENTS = HERE / "litellm" / "requirements.txt"
+VERSION = next(line.split("==")[1] for line in REQUIREMENTS.read_text().splitlines() if line.startswith("litellm["))
+KEY = "sk-wsagent-test"
+TOOLS = [{"type": "function", "function": {"name": name, "description": text, "parameters": {
+    "type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}}}
+    for name, text, arg in (("calculator", "Evaluate arithmetic.", "expression"), ("get_time", "The time.", "tz"))]
+
+
+def litellm_venv() -> Path:
+    """The proxy's own virtual environment, made once from the pinned requirements."""
+    venv = Path(os.environ.get("WSAGENT_LITELLM_VENV") or Path.home() / ".cache" / "wsagent" / f"litellm-{VERSION}")
+    marker = venv / "requirements.txt"
+    if marker.exists() and marker.read_text() == REQUIREMENTS.read_text():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-r",
+                    str(REQUIREMENTS)], check=True, timeout=480)
+    shutil.copy(REQUIREMENTS, marker)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def proxy_venv() -> Path:
+    return litellm_venv()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def sim() -> AsyncIterator[SimulatorServer]:
+    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def litellm(proxy_venv: Path, sim: SimulatorServer) -> AsyncIterator[str]:
+    """LiteLLM's proxy on a free loopback port; its base URL once it says it is listening."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    folder = Path(tempfile.mkdtemp(prefix="wsagent-litellm-"))
+    config = folder / "config.yaml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "model_list": [
+            {"model_name": "mock", "litellm_params": {"model": "openai/mock", "api_key": "unused",
+                                                     "mock_response": "Hello from LiteLLM's mock response"}},
+            {"model_name": "sim", "litellm_params": {"model": "openai/wsagent-sim", "api_base": sim.base_url,
+                                                    "api_key": "unused"}},
+        ],
+        "general_settings": {"master_key": KEY},
+        "litellm_settings": {"telemetry": False},
+    }))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    process = await asyncio.create_subprocess_exec(
+        str(proxy_venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    assert process.stdout is not None
+    said: deque[str] = deque(maxlen=200)
+    settled = asyncio.Event()  # listening, or its output ended
+    listening = False
+
+    async def read() -> None:  # reads the proxy's output to its end, so a full pipe never stalls it
+        nonlocal listening
+        assert process.stdout is not None
+        async for line in process.stdout:
+            said.append(line.decode(errors="replace"))
+            if b"Uvicorn running on" in line:
+                listening = True
+                settled.set()
+        settled.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(settled.wait(), 90)
+        if not listening:
+            raise RuntimeError("LiteLLM did not start listening in 90 s:\n" + "".join(said))
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+        await reader
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(litellm: str) -> AsyncIterator[WsAgentServer]:
+    settings = Settings(host="127.0.0.1", port=0, upstream_url=litellm, api_key=KEY, model="sim",
+                        allowed_models="*", retry_deadline=2)
+    started = await WsAgentServer(settings).start()
+    try:
+        yield started
+    finally:
+        await started.stop(drain=0)
+
+
+async def events_of(base_url: str, prompt: str, **params: Any) -> tuple[list[ModelEvent], UpstreamError | None]:
+    client = UpstreamClient(UpstreamConfig(base_url=base_url, api_key=KEY, model="sim", max_retries=0))
+    out: list[ModelEvent] = []
+    try:
+        async for event in client.stream([{"role": "user", "content": prompt}], params=params or None):
+            out.append(event)
+    except UpstreamError as exc:
+        return out, exc
+    finally:
+        await client.close()
+    return out, None
+
+
+async def test_text_mode_and_json_runs(server: WsAgentServer, sim: SimulatorServer, litellm: str) -> None:
+    direct, _ = await events_of(sim.base_url, "tell me about websockets")
+    expected = "".join(e.text for e in direct if getattr(e, "kind", None) == "content")
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send("tell me about websockets")
+        assert await text_reply(ws) == expected + "\n[DONE]"
+        await ws.send(json.dumps({"type": "run", "id": "mock", "prompt": "hi", "model": "mock"}))
+        events = await run_events(ws, "mock")
+    assert "".join(e["content"] for e in events if e["type"] == "token") == "Hello from LiteLLM's mock response"
+    assert [e["type"] for e in events].count("usage") == 1 and events[-1]["type"] == "done"
+
+
+async def test_agent_tool_loop_through_litellm(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "a", "prompt": "What is 6 * 7?", "agent": "assistant"}))
+        events = await run_events(ws, "a")
+    kinds = [e["type"] for e in events]
+    assert kinds.index("action") < kinds.index("observation") < kinds.index("answer") and kinds[-1] == "done"
+    (action,) = [e for e in events if e["type"] == "action"]
+    assert action["name"] == "calculator" and json.loads(action["arguments"]) == {"expression": "6 * 7"}
+    assert "42" in "".join(e["content"] for e in events if e["type"] == "answer")
+
+
+async def test_failures_read_plainly(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "u", "prompt": "hi", "model": "no-such-model"}))
+        unknown = (await run_events(ws, "u"))[-1]
+        await ws.send(json.dumps({"type": "run", "id": "m", "prompt": "hi sim:error_after=3 sim:reasoning=0"}))
+        mid = await run_events(ws, "m")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await ws.send(json.dumps({"type": "run", "id": "r", "prompt": "hi sim:status=429"}))
+        limited = (await run_events(ws, "r"))[-1]
+        waited = loop.time() - started
+    assert unknown["code"] == "upstream_bad_request" and "Invalid model name" in unknown["message"]
+    assert "".join(e["content"] for e in mid if e["type"] == "token") == "here is a"
+    assert mid[-1]["code"] == "upstream_stream_error" and "simulated mid-stream failure" in mid[-1]["message"]
+    # LiteLLM retries a 429 itself (about 5 s): wsagent starts no retry past its 2 s deadline, and says so.
+    assert limited["code"] == "upstream_rate_limited", limited
+    assert limited["message"].endswith("(1 attempt; gave up at the 2 s retry deadline)"), limited
+    assert waited < 15
+
+
+async def test_cancel_reaches_the_model_behind_litellm(server: WsAgentServer, sim: SimulatorServer) -> None:
+    stats = sim.simulator.stats
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "c", "prompt": "long sim:rate=50 sim:tokens=100000 sim:tag=c"}))
+        while (await recv_json(ws))["type"] != "token":
+            pass
+        loop = asyncio.get_running_loop()
+        await ws.send(json.dumps({"type": "cancel", "id": "c"}))
+        cancelled = loop.time()
+        assert (await run_events(ws, "c"))[-1]["type"] == "cancelled"
+    await stats.wait_for(lambda s: "disconnected" in s.tags.get("c", {}), 10)
+    # the simulator saw its connection close within a second of the cancel, through LiteLLM
+    assert stats.tags["c"]["disconnected"] - cancelled < 1.0
+
+
+@pytest.mark.parametrize(("name", "prompt", "tools"), [
+    ("litellm-tools", "What is 2 + 2 and what time is it?", TOOLS),
+    ("litellm-midstream-error", "hello sim:error_after=3 sim:reasoning=0", None),
+])
+async def test_recorded_transcripts_match_litellm_today(litellm: str, sim: SimulatorServer, name: str, prompt: str,
+                                                         tools: Any) -> None:
+    """``tests/transcripts/litellm-*.sse`` were captured from this proxy with curl; it still writes them so."""
+    params = {"tools": tools} if tools else {}
+    live = await events_of(litellm, prompt, **params)
+    raw = (HERE / "transcripts" / f"{name}.sse").read_text()
+    replayed = await events_of(sim.base_url, prompt, sim={"raw": raw, "raw_chunk": 11})
+    assert live[0] == replayed[0]
+    assert (live[1] and live[1].message, live[1] and live[1].code) == (
+        replayed[1] and replayed[1].message, replayed[1] and replayed[1].code)
+

@@ -224,3 +224,27 @@ async def test_recorded_transcripts_match_litellm_today(litellm: str, sim: Simul
     assert (live[1] and live[1].message, live[1] and live[1].code) == (
         replayed[1] and replayed[1].message, replayed[1] and replayed[1].code)
 
+
+
+async def test_responses_dialect_through_litellm(litellm: str, sim: SimulatorServer) -> None:
+    """``--upstream-api responses`` with LiteLLM's ``/v1/responses`` in front of the simulator: an agent's tool
+    loop and a model run with reasoning, read from Responses API events that a third party wrote."""
+    settings = Settings(host="127.0.0.1", port=0, upstream_url=litellm, api_key=KEY, model="sim",
+                        upstream_api="responses")
+    server = await WsAgentServer(settings).start()
+    try:
+        async with ws_connect(server, "/ws/chat") as ws:
+            await ws.send(json.dumps({"type": "run", "id": "a", "prompt": "What is 6 * 7?", "agent": "assistant"}))
+            events = await run_events(ws, "a")
+            await ws.send(json.dumps({"type": "run", "id": "t", "prompt": "tell me about websockets"}))
+            text = await run_events(ws, "t")
+    finally:
+        await server.stop(drain=0)
+    assert "42" in "".join(e["content"] for e in events if e["type"] == "answer") and events[-1]["type"] == "done"
+    direct, _ = await events_of(sim.base_url, "tell me about websockets")
+    assert "".join(e["content"] for e in text if e["type"] == "token") == "".join(
+        e.text for e in direct if getattr(e, "kind", None) == "content")
+    assert [e["type"] for e in text].count("thinking") >= 1 and text[-1]["type"] == "done"
+    # LiteLLM bridges its /v1/responses to the simulator's chat completions: the Responses events wsagent
+    # read were written by LiteLLM, not by our simulator
+    assert sim.simulator.stats.last_body is not None and "messages" in sim.simulator.stats.last_body

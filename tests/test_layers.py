@@ -21,8 +21,8 @@ from pathlib import Path
 import wsagent
 
 LAYERS = {
-    "core": {"errors", "events", "sse", "chunks", "response_events", "tools", "metrics", "config", "tuning", "logs", "auth", "render",
-             "workflow_state"},
+    "core": {"errors", "events", "sse", "chunks", "response_events", "tools", "metrics", "config", "tuning", "logs",
+             "auth", "render", "workflow_state"},
     "upstream": {"upstream", "agent", "simulator"},
     "engine": {"run", "pump", "broker", "transcripts"},
     "transport": {"connections", "compression", "responses"},

@@ -7,7 +7,8 @@
 Three processes besides this one: the simulated upstream (``python -m wsagent.simulator``),
 wsagent (``python -m wsagent.serve``) and the peer (``uvicorn scripts.bench_peer:app``: FastAPI, the
 openai SDK's AsyncOpenAI, ``async for chunk in stream: await websocket.send_text(...)``). Both servers
-stream from the same upstream, one at a time, over the tutorial's text protocol on ``/ws/chat``.
+stream from the same upstream, one at a time, over the tutorial's text protocol on ``/ws/chat``; wsagent's
+latency is also measured on ``/ws/ai-sdk`` (the AI SDK's WebSocket chat transport) in the same run.
 
 The servers under test run on core 0; the load (the simulated upstream and this client) runs on the
 other cores, as it would on other machines in a deployment, so that it does not preempt the server it
@@ -150,10 +151,18 @@ class Stream:
     error: str | None = None
 
     def feed(self, frame: str, now: float) -> bool:
-        """Account for one text frame received at ``now``; True once the answer is complete."""
+        """Account for one text frame received at ``now`` (text mode, or the AI SDK's transport on
+        ``/ws/ai-sdk``); True once the answer is complete."""
         if frame.startswith("[ERROR]"):
             self.error = frame
             return True
+        if frame.startswith('{"type":'):
+            message = json.loads(frame)
+            if message["type"] != "chunk":
+                self.error = None if message["type"] == "end" else frame
+                return True
+            chunk = message["chunk"]
+            frame = chunk["delta"] if chunk["type"] == "text-delta" else ""
         found = stamps(frame)
         if found:
             if self.ttft is None:
@@ -288,14 +297,22 @@ async def sockets(url: str, count: int) -> AsyncIterator[list[LoadClient]]:
 # -- scenarios ---------------------------------------------------------------
 
 
+def ai_sdk_send(prompt: str, n: int) -> str:
+    """The frame the AI SDK's ``WebSocketChatTransport`` sends for a one-message chat."""
+    return json.dumps({"type": "send", "requestId": f"r{n}", "id": f"bench-chat-{n:06d}", "trigger": "submit-message",
+                       "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": prompt}]}],
+                       "headers": {}, "body": {}})
+
+
 async def latency(server: Server, clients: int, rate: float, tokens: int,
-                  ramp: float | None = None) -> dict[str, float]:
+                  ramp: float | None = None, ai_sdk: bool = False) -> dict[str, float]:
     """``clients`` streams at ``rate`` tokens/s, started at random moments over ``ramp`` seconds
-    (one token interval unless given)."""
+    (one token interval unless given); on ``/ws/ai-sdk`` with ``ai_sdk``."""
     prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
-    async with sockets(server.url, clients) as conns:
-        results = await asyncio.gather(*(ws.ask(f"{n} {prompt}", 120, ramp or 1 / rate)
-                                         for n, ws in enumerate(conns)))
+    url = server.url.replace("/ws/chat", "/ws/ai-sdk") if ai_sdk else server.url
+    async with sockets(url, clients) as conns:
+        results = await asyncio.gather(*(ws.ask(ai_sdk_send(f"{n} {prompt}", n) if ai_sdk else f"{n} {prompt}",
+                                                120, ramp or 1 / rate) for n, ws in enumerate(conns)))
     lat = [x for r in results for x in r.latencies]
     first = [r.first_latency for r in results if r.first_latency is not None]
     expected = clients * tokens
@@ -439,6 +456,9 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
             r = results[server.name] = {}
             r["latency"] = await latency(server, 50, 50, 100 if quick else 500)
             print(f"  latency {r['latency']}", flush=True)
+            if server.name == "wsagent":  # the AI SDK's protocol, in the same run
+                r["latency_ai_sdk"] = await latency(server, 50, 50, 100 if quick else 500, ai_sdk=True)
+                print(f"  latency on /ws/ai-sdk {r['latency_ai_sdk']}", flush=True)
             r["throughput"] = await throughput(server, 20, 1000 if quick else 10000)
             print(f"  throughput {r['throughput']}", flush=True)
             for abrupt in (False, True):
@@ -505,6 +525,12 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         else:
             comparison = "better" if (ours < theirs) == (better == "lower") else "worse"
         lines.append(f"| {label} | {_number(ours)} | {_number(theirs)} | {comparison} |")
+    chat = results.get("wsagent", {}).get("latency")
+    sdk = results.get("wsagent", {}).get("latency_ai_sdk")
+    if chat and sdk:  # the AI SDK's protocol against wsagent's own /ws/chat, measured in the same run
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk | {_number(sdk[key])} | - | "
+                         f"{sdk[key] / chat[key]:.1f}x /ws/chat's |")
     return "\n".join(lines)
 
 

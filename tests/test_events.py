@@ -35,5 +35,5 @@ def test_a_text_delta_encodes_as_its_event_does(cls: type[TextEvent], content: s
 def test_text_mode_shows_answer_tokens_only() -> None:
     shown: list[str] = []
     for cls in TEXT_EVENTS:
-        TextMode().render(cls.kind, cls.type, shown)
+        TextMode().render(cls.kind, cls.type, shown, (None, None))
     assert shown == ["token"]

@@ -22,11 +22,11 @@ import wsagent
 
 LAYERS = {
     "core": {"errors", "events", "sse", "chunks", "response_events", "tools", "metrics", "config", "tuning", "logs",
-             "auth", "render", "workflow_state"},
+             "auth", "render", "ui_stream", "workflow_state"},
     "upstream": {"upstream", "agent", "simulator"},
     "engine": {"run", "pump", "broker", "transcripts"},
     "transport": {"connections", "compression", "responses"},
-    "handlers": {"app", "chat", "tutorial", "pages", "status"},
+    "handlers": {"app", "chat", "ai_sdk", "tutorial", "pages", "status"},
     "wiring": {"router", "routes", "server", "serve", "systemd", "client", "workers", "__init__"},
 }
 ORDER = list(LAYERS)

@@ -35,7 +35,7 @@ def test_every_flag_is_in_help_and_readme() -> None:
 def test_readme_opens_with_the_two_commands() -> None:
     blocks = README.split("```sh\n")
     assert blocks[1].startswith("pip install . && python -m wsagent.serve\n")
-    assert blocks[2].startswith('pip install -e ".[test]" && ruff check && mypy && python -m pytest\n')
+    assert blocks[2].startswith('npm ci && pip install -e ".[test]" && ruff check && mypy && python -m pytest\n')
     assert "<!-- test-command -->" in blocks[1]
 
 

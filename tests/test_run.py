@@ -201,7 +201,7 @@ def test_renderers_hold_back_a_bounded_amount() -> None:
     words, thoughts = Words(), Thoughts()
     out: list[str] = []
     for _ in range(100):
-        words.render(Token.kind, "x" * 100, out)
-        thoughts.render(Thinking.kind, "y" * 100, out)
+        words.render(Token.kind, "x" * 100, out, (None, None))
+        thoughts.render(Thinking.kind, "y" * 100, out, (None, None))
     assert len(words.pending) <= 4096 and len(thoughts.thought) <= 4096
     assert sum(len(frame) for frame in out if frame.startswith("x")) >= 10_000 - 4096

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
-from .agent import WorkflowFactory
+from .agent import WorkflowFactory, assistant, estimate_tokens, model_batches
 from .auth import (
     CLOSE_FORBIDDEN,
     CLOSE_INVALID_TOKEN,
@@ -31,6 +31,7 @@ from .auth import (
 from .broker import LocalBroker, mint_key, scope_of
 from .config import Settings
 from .connections import Connection, ConnectionManager
+from .errors import ProtocolViolation
 from .events import ErrorEvent, Start, encode_message, json_object
 from .logs import printable
 from .metrics import Metrics
@@ -40,7 +41,14 @@ from .transcripts import Transcript
 from .upstream import UpstreamClient
 from .workflow_state import Controller, WorkflowState
 
-__all__ = ["App", "Refusal"]
+__all__ = ["App", "Refusal", "PARAMS"]
+
+#: Request parameters passed through to the model server; anything else is refused.
+PARAMS = frozenset({
+    "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
+    "frequency_penalty", "response_format", "tools", "tool_choice", "user", "reasoning_effort", "logit_bias",
+    "parallel_tool_calls", "sim",
+})
 
 log = logging.getLogger("wsagent.app")
 
@@ -92,23 +100,64 @@ class App:
 
     def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
                 workflow: str | None = None, controller: Controller | None = None,
-                state: WorkflowState | None = None) -> Run:
+                state: WorkflowState | None = None, scope: str | None = None) -> Run:
         """A run owned by ``conn``, registered under a fresh key, with the configured budgets.
 
         ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once),
         and how long it is kept for a resume once it has ended.
-        Raises ``ValueError`` if ``run_id`` is in use in the client's scope.
+        ``scope``: where ``run_id`` is unique (default: the client's, see :func:`~wsagent.broker.scope_of`).
+        Raises ``ValueError`` if ``run_id`` is in use in that scope.
         """
         s = self.settings
         key = mint_key()
         transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user) if s.transcripts_dir else None
-        run = Run(run_id, key=key, user=conn.user, scope=scope_of(conn.user, conn.id),
+        run = Run(run_id, key=key, user=conn.user, scope=scope or scope_of(conn.user, conn.id),
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
                   latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state,
                   grace=grace)
         self.broker.add_run(run, grace)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         return run
+
+    def open_run(self, conn: Connection, run_id: str, messages: list[dict[str, Any]], *, model: Any = None,
+                 agent: Any = None, workflow: Any = None, params: Any = None, grace: float = 0.0,
+                 scope: str | None = None) -> tuple[Run, Producer, str]:
+        """A run of a model, the built-in agent or a named workflow over ``messages``, as a client asked:
+        the run, its producer (start it with :meth:`start`), and the model it uses. Raises
+        :class:`ProtocolViolation` for a request that may not run (an unknown workflow or agent, a model
+        the settings do not allow, a parameter not in :data:`PARAMS`)."""
+        if model is not None and not isinstance(model, str):
+            raise ProtocolViolation("'model' must be a string")
+        if model is not None and not self.settings.model_allowed(model):
+            raise ProtocolViolation(f"model {model!r} may not be chosen here; ask without 'model' for "
+                                    f"{self.settings.model!r}, or see --allowed-models")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise ProtocolViolation("'params' must be an object")
+        unknown = sorted(set(params) - PARAMS)
+        if unknown:
+            raise ProtocolViolation(f"unsupported params: {', '.join(unknown)}")
+        producer: Producer
+        if workflow is not None:
+            factory = self.workflows.get(workflow) if isinstance(workflow, str) else None
+            if factory is None:
+                raise ProtocolViolation(f"unknown workflow {workflow!r}; known: {sorted(self.workflows)}")
+            flow = factory()
+            state = WorkflowState([a.name for a in flow.agents])
+            run = self.new_run(conn, run_id, grace=grace, workflow=flow.name, controller=flow, state=state,
+                               scope=scope)
+            producer = state.observe(flow.batches(_last_user_text(messages), params))
+        elif agent is not None:
+            if agent != "assistant":
+                raise ProtocolViolation(f"unknown agent {agent!r}; known: ['assistant']")
+            helper = assistant(self.upstream, model)
+            run = self.new_run(conn, run_id, grace=grace, agent=helper.name, scope=scope)
+            producer = helper.batches(messages, params=params)
+        else:
+            run = self.new_run(conn, run_id, grace=grace, scope=scope)
+            producer = model_batches(self.upstream, messages, model=model, params=params)
+        run.prompt_estimate = estimate_tokens(messages)
+        return run, producer, model or self.upstream.config.model
 
     def start(self, conn: Connection, run: Run, make: Callable[[], Producer], *, model: str | None = None,
               after: Run | None = None) -> None:
@@ -151,12 +200,12 @@ class App:
 
     # -- messages --------------------------------------------------------
 
-    async def incoming(self, conn: Connection, refuse: Callable[[str, str], str],
+    async def incoming(self, conn: Connection, refuse: Callable[[str, str, str | bytes], str],
                        idle: float | None = None) -> AsyncGenerator[str | bytes | None, None]:
         """A connection's messages, rate limited, with in-band token refresh taken out.
 
         Yields ``None`` after ``idle`` seconds without a message. Over the rate, a
-        message is refused with ``refuse(code, text)``; a client that keeps going
+        message is refused with ``refuse(code, text, message)``; a client that keeps going
         past another burst's worth is closed with 4029.
         """
         ws = conn.ws
@@ -178,7 +227,8 @@ class App:
                     conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded", flush=True)
                     await ws.wait_closed()
                     return
-                conn.put(refuse("rate_limited", f"over {self.settings.messages_per_second:g} messages per second"))
+                conn.put(refuse("rate_limited", f"over {self.settings.messages_per_second:g} messages per second",
+                                message))
                 continue
             strikes = 0
             if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
@@ -244,3 +294,10 @@ class App:
         conn.put(encode_message("auth", status="ok", user=identity.user,
                                 expires=None if identity.expires == math.inf else identity.expires))
 
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return str(message["content"])
+    return ""

@@ -62,6 +62,10 @@ class Broker(Protocol):
 
     def active_runs(self) -> list[Run]: ...
 
+    def forget(self, run: Run) -> None:
+        """Stop keeping the finished ``run`` for a resume (a newer run takes its id)."""
+        ...
+
     def runs_of(self, user: str) -> int:
         """Runs of ``user`` in flight."""
         ...
@@ -190,6 +194,9 @@ class LocalBroker:
 
     def active_runs(self) -> list[Run]:
         return [run for run in self._by_key.values() if not run.finished]
+
+    def forget(self, run: Run) -> None:
+        self._drop(run)
 
     def runs_of(self, user: str) -> int:
         return self._user_runs.get(user, 0)

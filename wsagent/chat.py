@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .agent import assistant, estimate_tokens, model_batches
+from .agent import estimate_tokens, model_batches
 from .app import App
 from .broker import scope_of
 from .config import Settings
@@ -20,16 +20,9 @@ from .errors import ProtocolViolation
 from .events import Producer, Snapshot, encode, encode_message, json_object
 from .render import TextMode
 from .run import BadResume, ReplayGap, Run
-from .workflow_state import WorkflowState
 
-__all__ = ["chat", "ChatSession", "PARAMS"]
+__all__ = ["chat", "ChatSession"]
 
-#: Request parameters passed through to the model server; anything else is refused.
-PARAMS = frozenset({
-    "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty",
-    "frequency_penalty", "response_format", "tools", "tool_choice", "user", "reasoning_effort", "logit_bias",
-    "parallel_tool_calls", "sim",
-})
 log = logging.getLogger("wsagent.chat")
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -72,7 +65,7 @@ class ChatSession:
         self.conn.put(frame)
 
     @staticmethod
-    def _refusal(code: str, message: str) -> str:
+    def _refusal(code: str, message: str, refused: str | bytes) -> str:
         return encode_message("error", code=code, message=message, retryable=True)
 
     def reply_error(self, run_id: str | None, code: str, message: str, retryable: bool = False) -> None:
@@ -146,42 +139,11 @@ class ChatSession:
             self.reply_error(run_id, *refusal, True)
             return
         messages = _messages(request)
-        model = request.get("model")
-        if model is not None and not isinstance(model, str):
-            raise ProtocolViolation("'model' must be a string")
-        if model is not None and not self.settings.model_allowed(model):
-            raise ProtocolViolation(f"model {model!r} may not be chosen here; ask without 'model' for "
-                                    f"{self.settings.model!r}, or see --allowed-models")
-        params = request.get("params") or {}
-        if not isinstance(params, dict):
-            raise ProtocolViolation("'params' must be an object")
-        unknown = sorted(set(params) - PARAMS)
-        if unknown:
-            raise ProtocolViolation(f"unsupported params: {', '.join(unknown)}")
-        agent_name, workflow_name = request.get("agent"), request.get("workflow")
-        app, grace = self.app, self.settings.resume_grace
-        producer: Producer
-        if workflow_name is not None:
-            factory = app.workflows.get(workflow_name) if isinstance(workflow_name, str) else None
-            if factory is None:
-                raise ProtocolViolation(f"unknown workflow {workflow_name!r}; known: {sorted(app.workflows)}")
-            workflow = factory()
-            state = WorkflowState([a.name for a in workflow.agents])
-            run = app.new_run(self.conn, run_id, grace=grace, workflow=workflow.name, controller=workflow,
-                              state=state)
-            producer = state.observe(workflow.batches(_last_user_text(messages), params))
-        elif agent_name is not None:
-            if agent_name != "assistant":
-                raise ProtocolViolation(f"unknown agent {agent_name!r}; known: ['assistant']")
-            agent = assistant(app.upstream, model)
-            run = app.new_run(self.conn, run_id, grace=grace, agent=agent.name)
-            producer = agent.batches(messages, params=params)
-        else:
-            run = app.new_run(self.conn, run_id, grace=grace)
-            producer = model_batches(app.upstream, messages, model=model, params=params)
-        run.prompt_estimate = estimate_tokens(messages)
+        run, producer, model = self.app.open_run(
+            self.conn, run_id, messages, model=request.get("model"), agent=request.get("agent"),
+            workflow=request.get("workflow"), params=request.get("params"), grace=self.settings.resume_grace)
         run.subscribe(self.conn.outbox, 0, primary=True)
-        app.start(self.conn, run, lambda: producer, model=model or app.upstream.config.model)
+        self.app.start(self.conn, run, lambda: producer, model=model)
 
     def find(self, request: dict[str, Any]) -> tuple[str, Run | None]:
         """The run a request names: by its ``key`` (from any socket; a user's run for that user only),
@@ -262,13 +224,6 @@ def _messages(request: dict[str, Any]) -> list[dict[str, Any]]:
         if content is not None and not isinstance(content, (str, list)):
             raise ProtocolViolation("a message's content must be a string or a list of parts")
     return messages
-
-
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return str(message["content"])
-    return ""
 
 
 async def chat(app: App, conn: Connection) -> None:

@@ -65,6 +65,7 @@ class Settings:
     max_runs_per_connection: int = _opt(8, "runs in flight on one socket", group="relay")
     run_buffer_bytes: int = _opt(65536, "bytes (characters) of one run its own client has not taken before the upstream read is paused", group="relay")
     replay_bytes: int = _opt(262144, "bytes (characters) of delivered events one run keeps for resume; each event is kept once", group="relay")
+    ai_sdk_grace: float = _opt(30.0, "seconds a /ws/ai-sdk response goes on without its client, and is kept once it ended, for useChat's resume (a page reload)", group="relay")
     resume_grace: float = _opt(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay")
     replay_budget_bytes: int = _opt(64 * 1024 * 1024, "bytes the logs of all finished runs kept for resume may hold together; the oldest run is forgotten first", group="relay")
     replay_budget_per_user: int = _opt(8 * 1024 * 1024, "the same for one user's finished runs (an anonymous client's: its connection's)", group="relay")
@@ -106,7 +107,7 @@ class Settings:
 RELOADABLE = frozenset({
     "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes", "max_broadcast_bytes",
     "allowed_models",
-    "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace",
+    "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace", "ai_sdk_grace",
     "replay_budget_bytes", "replay_budget_per_user",
     "history_messages", "history_chars", "workflows", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",

@@ -6,6 +6,7 @@ plain HTTP answers served on the same port before any upgrade.
 
 from __future__ import annotations
 
+from .ai_sdk import ai_sdk
 from .chat import chat
 from .pages import index, static, workflows
 from .router import HttpHandler, Route
@@ -21,6 +22,7 @@ ROUTES = (
     Route("/ws/robust", robust),
     Route("/ws/chat", chat),
     Route("/ws/secure", chat, auth=True),
+    Route("/ws/ai-sdk", ai_sdk),
     Route("/ws/{client_id}", client_addressed),
 )
 

@@ -572,8 +572,10 @@ class Run:
                 for i in range(-count, 0):
                     frames.append(self._json(codes[i], payloads[i], end + i))
         else:
+            origins = self._origins
             for i in range(-count, 0):
-                renderer.render(codes[i] & _KIND_MASK, payloads[i], frames)
+                code = codes[i]
+                renderer.render(code & _KIND_MASK, payloads[i], frames, origins[code >> _KIND_BITS])
         sub.cursor = end - 1
         sub.mark = self._sealed_bytes
         return frames

@@ -29,11 +29,11 @@ __all__ = ["echo_upper", "agent_words", "agent_thoughts", "robust", "client_addr
 _QUEUED_PROMPTS = 8
 
 
-def _text_refusal(code: str, message: str) -> str:
+def _text_refusal(code: str, message: str, refused: str | bytes) -> str:
     return f"[ERROR] {message}"
 
 
-def _json_refusal(code: str, message: str) -> str:
+def _json_refusal(code: str, message: str, refused: str | bytes) -> str:
     return encode_message("error", code=code, message=message)
 
 
@@ -52,7 +52,7 @@ async def _prompts(
     *,
     model: str | None = None,
     idle_ping: float | None = None,
-    refuse: Callable[[str, str], str] = _text_refusal,
+    refuse: Callable[[str, str, str | bytes], str] = _text_refusal,
     intercept: Callable[[str], bool] | None = None,
 ) -> None:
     """Each prompt becomes a run rendered by ``renderer``, started once the previous one has ended.
@@ -64,13 +64,13 @@ async def _prompts(
             conn.put(encode_message("ping"))
             continue
         if isinstance(message, bytes):
-            conn.put(refuse("bad_request", "send prompts as text frames"))
+            conn.put(refuse("bad_request", "send prompts as text frames", message))
             continue
         if intercept is not None and intercept(message):
             continue
         refusal = app.admit(conn, _QUEUED_PROMPTS)
         if refusal is not None:
-            conn.put(refuse(*refusal))
+            conn.put(refuse(*refusal, message))
             continue
         count += 1
         run = app.new_run(conn, f"{conn.id}-{count}")

@@ -1,0 +1,221 @@
+"""``/ws/ai-sdk`` with the real client: the AI SDK's ``WebSocketChatTransport`` and ``readUIMessageStream``
+(npm ``ai``, pinned in package.json, installed by ``npm ci``) driven by ``tests/ai_sdk/drive.mjs`` against
+a running wsagent and the simulator; bad input with a plain ``websockets`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from wsagent.server import WsAgentServer
+from wsagent.simulator import SimulatorServer
+
+from .conftest import ServerFactory, recv_json, upstream_for, ws_connect
+from .test_auth import SECRET, token
+
+ROOT = Path(__file__).parent.parent
+DRIVER = Path(__file__).parent / "ai_sdk" / "drive.mjs"
+
+
+async def drive(server: WsAgentServer, *steps: dict[str, Any], **transport: Any) -> list[dict[str, Any]]:
+    """Run the steps in Node with the AI SDK's transport; what each step saw."""
+    if not (ROOT / "node_modules" / "ai").is_dir():
+        pytest.fail("the AI SDK is not installed: run `npm ci` in the repository (README's test command does)")
+    plan = {"url": f"{server.url}/ws/ai-sdk", "transport": transport, "steps": list(steps)}
+    process = await asyncio.create_subprocess_exec(
+        "node", str(DRIVER), json.dumps(plan), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert isinstance(result, list)
+    return result
+
+
+async def expected(sim: SimulatorServer, prompt: str) -> tuple[str, str]:
+    """The simulator's deterministic (reasoning, answer) for ``prompt``."""
+    client = upstream_for(sim)
+    parts: dict[str, list[str]] = {"reasoning": [], "content": []}
+    async for event in client.stream([{"role": "user", "content": prompt}]):
+        kind = getattr(event, "kind", None)
+        if kind in parts:
+            parts[kind].append(event.text)
+    await client.close()
+    return "".join(parts["reasoning"]), "".join(parts["content"])
+
+
+def parts_of(message: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [p for p in message["parts"] if p["type"] == kind]
+
+
+async def test_a_turn_streams_text_reasoning_and_usage(server: WsAgentServer, sim: SimulatorServer) -> None:
+    (seen,) = await drive(server, {"kind": "send", "chatId": "chat-text-0123456789", "text": "tell me about streams"})
+    thought, answer = await expected(sim, "tell me about streams")
+    message = seen["message"]
+    assert seen["error"] is None and message["role"] == "assistant" and message["id"].startswith("msg-")
+    assert [p["type"] for p in message["parts"]] == ["step-start", "reasoning", "text"]
+    assert parts_of(message, "reasoning")[0]["text"] == thought and parts_of(message, "text")[0]["text"] == answer
+    assert all(p.get("state") == "done" for p in message["parts"][1:])
+    usage = message["metadata"]["usage"]
+    assert message["metadata"]["model"] == "wsagent-sim" and usage["outputTokens"] > 0 and usage["inputTokens"] > 0
+    types = seen["types"]
+    assert types[:2] == ["start", "start-step"] and types[-2:] == ["finish-step", "finish"]
+    # the run merges what its client has not taken: far fewer text deltas than the model's 24 tokens may be
+    assert 1 <= types.count("text-delta") <= 24
+
+
+async def test_agent_tools_and_steps(server: WsAgentServer) -> None:
+    (seen,) = await drive(server, {"kind": "send", "chatId": "chat-agent-0123456789", "text": "What is 6 * 7?",
+                                   "body": {"agent": "assistant"}})
+    message = seen["message"]
+    (tool,) = parts_of(message, "dynamic-tool")
+    assert tool["toolName"] == "calculator" and tool["state"] == "output-available"
+    assert tool["input"] == {"expression": "6 * 7"} and tool["output"] == "6 * 7 = 42"
+    assert parts_of(message, "step-start") and len(parts_of(message, "step-start")) == 2
+    assert parts_of(message, "text")[-1]["text"] == "Based on the tool results: 6 * 7 = 42."
+    assert parts_of(message, "text")[-1]["providerMetadata"] == {"wsagent": {"agent": "assistant"}}
+
+
+async def test_workflow_agents_are_attributed(server: WsAgentServer) -> None:
+    (seen,) = await drive(server, {"kind": "send", "chatId": "chat-flow-0123456789", "text": "Analyze TSLA",
+                                   "body": {"workflow": "market-analysis"}})
+    message = seen["message"]
+    agents = {"market-researcher", "financial-analyst", "technical-analyst"}
+    status = {p["data"]["agent"]: p["data"]["status"] for p in parts_of(message, "data-agent")}
+    assert status == dict.fromkeys(agents, "done")
+    texts = parts_of(message, "text")
+    assert {p["providerMetadata"]["wsagent"]["agent"] for p in texts} == agents
+    assert all(p["text"] for p in texts) and seen["error"] is None
+    assert message["metadata"]["workflow"] == "market-analysis"
+
+
+async def test_an_upstream_error_is_plain_text(server: WsAgentServer) -> None:
+    (seen,) = await drive(server, {"kind": "send", "chatId": "chat-err-0123456789",
+                                   "text": "fail sim:error_after=3 sim:reasoning=0"})
+    assert seen["error"] == "simulated mid-stream failure"
+    assert parts_of(seen["message"], "text")[0]["text"] == "here is a"
+    assert "error" in seen["types"] and "finish" not in seen["types"]
+
+
+async def test_stop_aborts_the_run_and_the_model_request(server: WsAgentServer, sim: SimulatorServer) -> None:
+    (seen,) = await drive(server, {"kind": "abort", "chatId": "chat-stop-0123456789", "after": 3,
+                                   "text": "go on sim:rate=50 sim:tokens=100000 sim:reasoning=0"})
+    assert seen["probe"] == "no-active" and seen["error"] is None
+    await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1 and s.active == 0, 5)
+    assert sim.simulator.stats.completed == 0
+    (run,) = [r for r in server.runs if r.id == "ai-sdk:chat-stop-0123456789"]
+    await asyncio.wait_for(run.wait(), 5)
+    assert run.outcome == "cancelled"
+
+
+async def test_resume_after_the_socket_dropped(server: WsAgentServer, sim: SimulatorServer) -> None:
+    prompt = "resume me sim:rate=100 sim:tokens=60"
+    (seen,) = await drive(server, {"kind": "resume", "chatId": "chat-resume-0123456789", "text": prompt,
+                                   "after": 3})
+    assert sim.simulator.stats.streams == 1  # resumed, not asked again
+    _, answer = await expected(sim, prompt)
+    before, after = seen["before"], seen["after"]
+    assert after is not None and after["error"] is None
+    assert after["message"]["id"] == before["message"]["id"]  # Chat replaces its partial message
+    assert parts_of(after["message"], "text")[0]["text"] == answer
+    assert answer.startswith(parts_of(before["message"], "text")[0]["text"])
+    assert after["types"][:2] == ["start", "start-step"] and after["types"][-1] == "finish"
+
+
+async def test_no_active_and_two_chats_on_one_socket(server: WsAgentServer, sim: SimulatorServer) -> None:
+    unknown, two = await drive(
+        server, {"kind": "noActive", "chatId": "chat-nobody-0123456789"},
+        {"kind": "two", "chats": [{"chatId": "chat-a-0123456789", "text": "first sim:tokens=30"},
+                                  {"chatId": "chat-b-0123456789", "text": "second sim:tokens=20"}]})
+    assert unknown["resumed"] is None
+    first, second = two["results"]
+    assert parts_of(first["message"], "text")[0]["text"] == (await expected(sim, "first sim:tokens=30"))[1]
+    assert parts_of(second["message"], "text")[0]["text"] == (await expected(sim, "second sim:tokens=20"))[1]
+
+
+async def test_a_token_in_a_bearer_subprotocol(make_server: ServerFactory) -> None:
+    """Browsers cannot set headers: the transport offers ``wsagent`` and ``bearer.<jwt>``."""
+    server = await make_server(jwt_secret=SECRET, require_auth=True)
+    (seen,) = await drive(server, {"kind": "send", "chatId": "chat-auth-0123456789", "text": "hello"},
+                          protocols=["wsagent", f"bearer.{token()}"])
+    assert seen["error"] is None and parts_of(seen["message"], "text")
+    (run,) = [r for r in server.runs if r.id == "ai-sdk:chat-auth-0123456789"]
+    assert run.user == "alice"
+
+
+def send_frame(request_id: str, chat_id: str, messages: Any, **extra: Any) -> str:
+    return json.dumps({"type": "send", "requestId": request_id, "id": chat_id, "trigger": "submit-message",
+                       "messages": messages, "headers": {}, "body": {}, **extra})
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    return [{"id": "u", "role": "user", "parts": [{"type": "text", "text": text}]}]
+
+
+async def test_bad_requests_get_an_error_for_their_request_only(server: WsAgentServer) -> None:
+    async with ws_connect(server, "/ws/ai-sdk") as ws:
+        await ws.send(send_frame("good", "chat-good-0123456789", user("long one sim:rate=100 sim:tokens=40")))
+        refused = {
+            "parts": send_frame("p", "c1", [{"id": "u", "role": "user", "parts": [{"type": "video", "url": "x"}]}]),
+            "role": send_frame("r", "c2", [{"id": "u", "role": "robot", "parts": []}]),
+            "many": send_frame("m", "c3", user("x") * 1001),
+            "trigger": send_frame("t", "c4", user("x"), trigger="reload"),
+            "kind": json.dumps({"type": "subscribe", "requestId": "k", "id": "c5"}),
+            "params": send_frame("q", "c6", user("x"), body={"params": {"api_key": "x"}}),
+            "model": send_frame("o", "c7", user("x"), body={"model": "gpt-5"}),
+        }
+        for frame in refused.values():
+            await ws.send(frame)
+        errors: dict[str, str] = {}
+        chunks = 0
+        while True:
+            frame = await recv_json(ws)
+            if frame["type"] == "error":
+                errors[frame["requestId"]] = frame["errorText"]
+            elif frame["requestId"] == "good":
+                chunks += frame["type"] == "chunk"
+                if frame["type"] == "end":
+                    break
+    assert errors == {
+        "p": "unknown part type 'video' in a user message",
+        "r": "each message needs a role: system, user or assistant",
+        "m": "too many messages: 1001, at most 1000",
+        "t": "'trigger' must be submit-message or regenerate-message",
+        "k": "unknown frame type 'subscribe': send, resume or abort",
+        "q": "unsupported params: api_key",
+        "o": "model 'gpt-5' may not be chosen here; ask without 'model' for 'wsagent-sim', or see --allowed-models",
+    }
+    assert chunks > 5  # the good chat streamed to its end beside them
+
+
+@pytest.mark.parametrize(("frame", "code"), [("not json", 1008), ('{"type": "send"}', 1008), (b"\x00", 1003)])
+async def test_frames_that_name_no_request_close_the_socket(server: WsAgentServer, frame: str | bytes,
+                                                           code: int) -> None:
+    async with ws_connect(server, "/ws/ai-sdk") as ws:
+        await ws.send(frame)
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+
+
+async def test_another_users_chat_cannot_be_resumed(make_server: ServerFactory) -> None:
+    server = await make_server(jwt_secret=SECRET)
+    chat = "chat-private-0123456789"
+    async with ws_connect(server, f"/ws/ai-sdk?token={token()}") as alice:
+        await alice.send(send_frame("a", chat, user("mine sim:rate=100 sim:tokens=200")))
+        assert (await recv_json(alice))["type"] == "chunk"
+        async with ws_connect(server, f"/ws/ai-sdk?token={token({'user_id': 'mallory'})}") as mallory, \
+                ws_connect(server, "/ws/ai-sdk") as anonymous:
+            for ws in (mallory, anonymous):
+                await ws.send(json.dumps({"type": "resume", "requestId": "x", "id": chat, "headers": {}, "body": {}}))
+                assert await recv_json(ws) == {"type": "no-active", "requestId": "x"}
+                await ws.send(json.dumps({"type": "abort", "requestId": "a"}))
+        frames = []
+        while not frames or frames[-1]["type"] != "end":
+            frames.append(await recv_json(alice))
+    assert frames[-2]["chunk"]["type"] == "finish"  # their aborts touched nothing

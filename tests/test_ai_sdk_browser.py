@@ -1,0 +1,114 @@
+"""The example app (``examples/ai-sdk-chat/``: React, ``useChat``, ``WebSocketChatTransport``, built by esbuild)
+in headless Chromium against wsagent: type, watch it stream, press Stop, reload mid-answer and see it resume."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from wsagent.simulator import SimulatorServer
+
+from .browser import Browser
+from .conftest import ServerFactory
+from .test_ai_sdk import ROOT
+
+EXAMPLE = ROOT / "examples" / "ai-sdk-chat"
+
+HELPERS = """
+window.t = {
+  until(check) {
+    return new Promise(resolve => {
+      const test = () => { const v = check(); if (v) { observer.disconnect(); resolve(v); } };
+      const observer = new MutationObserver(test);
+      observer.observe(document.body, { childList: true, subtree: true, characterData: true, attributes: true });
+      test();
+    });
+  },
+  status() { return document.getElementById('status')?.dataset.status; },
+  answers() { return [...document.querySelectorAll('#messages li.assistant')]; },
+  answer() {
+    const last = this.answers().at(-1);
+    return last ? [...last.querySelectorAll('.text')].map(p => p.textContent).join('') : '';
+  },
+};
+"""
+
+
+@pytest.fixture
+async def page_url() -> AsyncIterator[str]:
+    """The example, built now and served by a static server on loopback."""
+    build = await asyncio.create_subprocess_exec("npm", "run", "-s", "build:example", cwd=ROOT)
+    assert await build.wait() == 0
+    app = web.Application()
+    app.router.add_static("/", EXAMPLE)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    b = await Browser().start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def type_and_send(browser: Browser, text: str) -> None:
+    """As a person would: focus the field, type, press Send."""
+    await browser.evaluate("document.getElementById('prompt').focus()")
+    await browser.call("Input.insertText", {"text": text})
+    await browser.evaluate("t.until(() => document.getElementById('prompt').value.length > 0)")
+    await browser.evaluate("document.getElementById('send').click()")
+
+
+async def test_type_stream_stop_reload_resume(browser: Browser, make_server: ServerFactory, sim: SimulatorServer,
+                                              page_url: str, tmp_path: Path) -> None:
+    server = await make_server(allowed_origins=page_url)
+    await browser.call("Emulation.setDeviceMetricsOverride", {"width": 900, "height": 1400, "deviceScaleFactor": 1,
+                                                             "mobile": False})
+    await browser.goto(f"{page_url}/index.html?ws={server.url}/ws/ai-sdk")
+    await browser.evaluate(HELPERS)
+    await browser.evaluate("t.until(() => t.status() === 'ready')")
+
+    await type_and_send(browser, "go on forever sim:rate=50 sim:tokens=100000")
+    await browser.evaluate("t.until(() => t.answer().length > 30)")
+    await browser.evaluate("document.getElementById('stop').click()")
+    assert await browser.evaluate("t.until(() => t.status() === 'ready')") is True
+    await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1 and s.active == 0, 10)
+
+    prompt = "survive a reload sim:rate=60 sim:tokens=120"
+    await type_and_send(browser, prompt)
+    partial = await browser.evaluate("t.until(() => t.answer().length > 40 && t.answer())")
+    await browser.call("Page.reload")  # mid-answer: the socket goes, the run goes on for --ai-sdk-grace
+    await browser.evaluate("new Promise(r => document.readyState === 'complete' ? r() : addEventListener('load', r))")
+    await browser.evaluate(HELPERS)
+    answer = await browser.evaluate("t.until(() => t.status() === 'ready' && t.answer().split(' ').length >= 120 "
+                                    "&& t.answer())")
+    # the simulator answers 120 words (its answer depends on the whole chat, so it is counted, not recomputed):
+    # all of them, in order, none twice
+    assert len(answer.split()) == 120 and answer.startswith(partial)
+    assert sim.simulator.stats.streams == 2  # resumed from wsagent: the model was not asked again
+    assert await browser.evaluate("t.answers().length") == 2  # the stopped answer, and the resumed one once
+
+    shot = await browser.call("Page.captureScreenshot", {"format": "png"})
+    (tmp_path / "ai-sdk-chat.png").write_bytes(base64.b64decode(shot["data"]))
+    box = await browser.evaluate("(() => { const p = t.answers().at(-1).querySelector('.text'); p.scrollIntoView();"
+                                 " const r = p.getBoundingClientRect();"
+                                 " return {x: r.x, y: r.y, width: r.width, height: r.height, scale: 1}; })()")
+    with_text = await browser.call("Page.captureScreenshot", {"format": "png", "clip": box})
+    await browser.evaluate("document.querySelectorAll('.text').forEach(p => p.style.visibility = 'hidden')")
+    without = await browser.call("Page.captureScreenshot", {"format": "png", "clip": box})
+    assert box["width"] > 100 and box["height"] > 10
+    assert with_text["data"] != without["data"]  # the answer's pixels are on screen, not only in the DOM

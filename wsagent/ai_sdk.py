@@ -1,0 +1,149 @@
+"""``/ws/ai-sdk``: the Vercel AI SDK's ``WebSocketChatTransport`` protocol, for ``useChat``.
+
+Each ``send`` is a run like every other (merging, backpressure, budgets, limits,
+metrics, the ``run`` log line), rendered as UI message chunks by
+:class:`~wsagent.ui_stream.UIChunks`. Several chats stream at once on one
+socket, each request routed by its ``requestId``.
+
+A chat's current response is registered under the chat's id: an authenticated
+user's chats among that user's runs, an anonymous chat under its own id (the
+chat id is then what lets a page resume it: ``useChat`` makes ids of 16 random
+characters). A response goes on for ``--ai-sdk-grace`` seconds after its socket
+goes (a page reload) and is kept as long once it ended, so ``resume`` replays it
+from its first chunk and follows it live.
+
+Bad input: a frame that cannot be attributed to a request (not JSON, not an
+object, no string ``requestId``) closes the socket with 1008, a binary frame
+with 1003, as the transport's own server outline does; anything else wrong gets
+an ``error`` frame for its ``requestId`` and touches no other chat.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .app import App
+from .broker import scope_of
+from .connections import Connection
+from .errors import ProtocolViolation
+from .events import encode_message, json_object
+from .run import ReplayGap, Run, Subscription
+from .ui_stream import UIChunks, chat_messages, message_id
+
+__all__ = ["ai_sdk", "CLOSE_INVALID_FRAME", "CLOSE_BINARY_FRAME"]
+
+#: A frame that names no request.
+CLOSE_INVALID_FRAME = 1008
+#: A binary frame: the transport sends text only.
+CLOSE_BINARY_FRAME = 1003
+_MAX_ID = 128
+
+
+class AISDKSession:
+    def __init__(self, app: App, conn: Connection) -> None:
+        self.app = app
+        self.conn = conn
+        self.requests: dict[str, Subscription] = {}  # requests streaming to this socket, for ``abort``
+
+    async def serve(self) -> None:
+        async for message in self.app.incoming(self.conn, self._refusal):
+            if message is None:
+                continue
+            if isinstance(message, bytes):
+                await self.conn.ws.close(CLOSE_BINARY_FRAME, "Binary frames are not supported")
+                return
+            frame = json_object(message)
+            request_id = frame.get("requestId") if frame is not None else None
+            if frame is None or not isinstance(request_id, str):
+                await self.conn.ws.close(CLOSE_INVALID_FRAME, "Invalid frame")
+                return
+            try:
+                self.handle(frame, request_id)
+            except ProtocolViolation as exc:
+                self.error(request_id, exc.message)
+
+    @staticmethod
+    def _refusal(code: str, message: str, refused: str | bytes) -> str:
+        frame = json_object(refused) if isinstance(refused, str) else None
+        request_id = frame.get("requestId") if frame is not None else None
+        return encode_message("error", requestId=request_id if isinstance(request_id, str) else "",
+                              errorText=message)
+
+    def error(self, request_id: str, text: str) -> None:
+        self.conn.put(encode_message("error", requestId=request_id, errorText=text))
+
+    def handle(self, frame: dict[str, Any], request_id: str) -> None:
+        kind = frame.get("type")
+        if kind == "abort":
+            self.abort(request_id)
+            return
+        if kind not in ("send", "resume"):
+            raise ProtocolViolation(f"unknown frame type {kind!r}: send, resume or abort")
+        if not 0 < len(request_id) <= _MAX_ID:
+            raise ProtocolViolation(f"'requestId' must be 1 to {_MAX_ID} characters")
+        chat_id = frame.get("id")
+        if not isinstance(chat_id, str) or not 0 < len(chat_id) <= _MAX_ID:
+            raise ProtocolViolation(f"'id' (the chat's id) must be a string of 1 to {_MAX_ID} characters")
+        if request_id in self.requests and not self.requests[request_id].ended:
+            raise ProtocolViolation(f"request {request_id!r} is already streaming")
+        scope, run_id = self._where(chat_id)
+        if kind == "resume":
+            self.resume(request_id, scope, run_id)
+        else:
+            self.send(frame, request_id, scope, run_id)
+
+    def _where(self, chat_id: str) -> tuple[str, str]:
+        """Where a chat's response is registered: (scope, run id)."""
+        user = self.conn.user
+        return (scope_of(user, self.conn.id) if user is not None else f"ai-sdk:{chat_id}"), f"ai-sdk:{chat_id}"
+
+    def _watch(self, request_id: str, run: Run, primary: bool) -> None:
+        sub = run.subscribe(self.conn.outbox, 0, UIChunks(request_id, message_id(run.key)), primary=primary)
+        self.requests = {rid: s for rid, s in self.requests.items() if not s.ended}
+        self.requests[request_id] = sub
+
+    def send(self, frame: dict[str, Any], request_id: str, scope: str, run_id: str) -> None:
+        if frame.get("trigger") not in ("submit-message", "regenerate-message"):
+            raise ProtocolViolation("'trigger' must be submit-message or regenerate-message")
+        body = frame.get("body")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ProtocolViolation("'body' must be an object")
+        messages = chat_messages(frame.get("messages"))
+        app = self.app
+        previous = app.broker.run_by_id(scope, run_id)
+        if previous is not None and not previous.finished:
+            raise ProtocolViolation("a response is already streaming for this chat; abort it first")
+        refusal = app.admit(self.conn, app.settings.max_runs_per_connection)
+        if refusal is not None:
+            raise ProtocolViolation(refusal[1])
+        if previous is not None:
+            app.broker.forget(previous)
+        run, producer, model = app.open_run(
+            self.conn, run_id, messages, model=body.get("model"), agent=body.get("agent"),
+            workflow=body.get("workflow"), params=body.get("params"), grace=app.settings.ai_sdk_grace, scope=scope)
+        self._watch(request_id, run, primary=True)
+        app.start(self.conn, run, lambda: producer, model=model)
+
+    def resume(self, request_id: str, scope: str, run_id: str) -> None:
+        run = self.app.broker.run_by_id(scope, run_id)
+        if run is None:
+            self.conn.put(encode_message("no-active", requestId=request_id))
+            return
+        self.conn.put(encode_message("start", requestId=request_id))
+        try:
+            self._watch(request_id, run, primary=not run.finished)
+        except ReplayGap:
+            self.error(request_id, "this response is too long to replay from its start (see --replay-bytes)")
+
+    def abort(self, request_id: str) -> None:
+        """Cancel the run this request streams (whoever started it): the model server sees its
+        connection close. An abort for a request that is not streaming here does nothing."""
+        sub = self.requests.pop(request_id, None)
+        if sub is not None and not sub.run.finished:
+            self.app.broker.cancel(sub.run.key, "aborted by client")
+
+
+async def ai_sdk(app: App, conn: Connection) -> None:
+    await AISDKSession(app, conn).serve()

@@ -1,0 +1,307 @@
+"""The Vercel AI SDK's WebSocket chat transport, sans I/O: UI messages in, UI message chunks out.
+
+``WebSocketChatTransport`` (npm ``ai`` 7) sends ``send``, ``resume`` and
+``abort`` frames and expects ``start``, ``chunk`` (a ``sequence`` from 0 and
+one ``UIMessageChunk``), ``end``, ``error`` and ``no-active`` back. This module
+holds the two conversions the route (:mod:`wsagent.ai_sdk`) needs, with no
+I/O: :func:`chat_messages` turns the chat's UI messages into OpenAI chat
+messages, and :class:`UIChunks` renders a run's log (:mod:`wsagent.render`)
+as transport frames for one request.
+
+What maps to what (README has the table too):
+
+* ``start`` → ``start`` (a ``messageId`` stable for the run, the model in
+  ``messageMetadata``) and ``start-step``;
+* ``token``/``answer``/``refusal`` → ``text-start``/``text-delta``/``text-end``
+  (a delta may carry several model deltas: a run merges what its client has
+  not taken yet); ``thinking`` → ``reasoning-start``/``-delta``/``-end``;
+* a model's ``tool_call`` → ``tool-input-start``/``-delta``/``-available``
+  (the client's own tools: its ``onToolCall`` runs them); an agent's
+  ``action`` → the same with ``dynamic: true`` (a server-side tool), and its
+  ``observation`` → ``tool-output-available`` or ``tool-output-error``, then
+  a new step;
+* a workflow's agents: each agent's text and reasoning are parts of their own,
+  with ``providerMetadata.wsagent.agent`` naming the agent, and a
+  ``data-agent`` part (``{agent, workflow, status}``) per agent, updated from
+  ``running`` to how it ended;
+* ``usage`` → ``finish``'s ``messageMetadata.usage``; ``done`` → ``finish``
+  with its finish reason; ``error`` → ``error`` with the plain message;
+  ``cancelled`` → ``abort``; each then ``end``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from .errors import ProtocolViolation
+from .events import KIND_NAMES
+from .render import Origin
+
+__all__ = ["UIChunks", "chat_messages", "message_id", "MAX_MESSAGES", "MAX_PARTS"]
+
+#: What one ``send`` may carry (the chat's whole history).
+MAX_MESSAGES = 1000
+MAX_PARTS = 4000
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_quote = json.encoder.encode_basestring
+_NAMES = KIND_NAMES
+_TOKEN, _THINKING, _REFUSAL, _ANSWER = (KIND_NAMES.index(n) for n in ("token", "thinking", "refusal", "answer"))
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter",
+           "function_call": "tool-calls"}
+
+
+def message_id(run_key: str) -> str:
+    """The assistant message's id for the run with ``run_key``: the same on every replay (a resumed
+    chat replaces its partial message), and telling nothing of the key."""
+    return "msg-" + hashlib.blake2b(run_key.encode(), digest_size=12).hexdigest()
+
+
+class UIChunks:
+    """One transport request's view of a run: each log entry as ``chunk`` frames, then ``end``.
+
+    A :class:`~wsagent.render.Renderer`; the sequence numbers start at 0 for each
+    request, so a resume (a new request) replays the run from its first chunk.
+    """
+
+    __slots__ = ("_prefix", "_end", "_message_id", "sequence", "_text", "_reasoning", "_parts", "_steps",
+                 "_usage", "_model", "_agents")
+
+    def __init__(self, request_id: str, message: str) -> None:
+        self._prefix = '{"type":"chunk","requestId":' + _quote(request_id) + ',"sequence":'
+        self._end = '{"type":"end","requestId":' + _quote(request_id) + "}"
+        self._message_id = message
+        self.sequence = 0
+        self._text: dict[Origin, str] = {}
+        self._reasoning: dict[Origin, str] = {}
+        self._parts = 0
+        self._steps = True  # observations start new steps (not in a workflow: its agents interleave)
+        self._usage: dict[str, Any] | None = None
+        self._model: str | None = None
+        self._agents: set[str] = set()
+
+    def _chunk(self, out: list[str], chunk: str) -> None:
+        out.append(f'{self._prefix}{self.sequence},"chunk":{chunk}}}')
+        self.sequence += 1
+
+    def _emit(self, out: list[str], chunk: dict[str, Any]) -> None:
+        self._chunk(out, _dumps(chunk))
+
+    def render(self, kind: int, payload: str, out: list[str], origin: Origin) -> None:
+        if kind == _TOKEN or kind == _ANSWER or kind == _REFUSAL:
+            part = self._text.get(origin)
+            if part is None:
+                part = self._open(out, "text", origin)
+            self._chunk(out, f'{{"type":"text-delta","id":"{part}","delta":{_quote(payload)}}}')
+        elif kind == _THINKING:
+            part = self._reasoning.get(origin)
+            if part is None:
+                part = self._open(out, "reasoning", origin)
+            self._chunk(out, f'{{"type":"reasoning-delta","id":"{part}","delta":{_quote(payload)}}}')
+        else:
+            self._event(_NAMES[kind], json.loads(payload), out)
+
+    def _open(self, out: list[str], kind: str, origin: Origin) -> str:
+        """Start a text or reasoning part for ``origin`` (closing its part of the other kind)."""
+        other = self._reasoning if kind == "text" else self._text
+        if origin in other:
+            self._emit(out, {"type": f"{'reasoning' if kind == 'text' else 'text'}-end", "id": other.pop(origin)})
+        self._agent_seen(out, origin)
+        self._parts += 1
+        part = f"{kind[0]}{self._parts}"
+        (self._text if kind == "text" else self._reasoning)[origin] = part
+        chunk: dict[str, Any] = {"type": f"{kind}-start", "id": part}
+        if origin[0] is not None:
+            chunk["providerMetadata"] = {"wsagent": {"agent": origin[0]}}
+        self._emit(out, chunk)
+        return part
+
+    def _agent_seen(self, out: list[str], origin: Origin) -> None:
+        agent, workflow = origin
+        if agent is not None and workflow is not None and agent not in self._agents:
+            self._agents.add(agent)
+            self._emit(out, {"type": "data-agent", "id": f"agent-{agent}",
+                             "data": {"agent": agent, "workflow": workflow, "status": "running"}})
+
+    def _close(self, out: list[str], origin: Origin | None = None) -> None:
+        """End the open text and reasoning parts (of ``origin``, or all)."""
+        for kind, parts in (("text", self._text), ("reasoning", self._reasoning)):
+            for key in [k for k in parts if origin is None or k == origin]:
+                self._emit(out, {"type": f"{kind}-end", "id": parts.pop(key)})
+
+    def _event(self, name: str, fields: dict[str, Any], out: list[str]) -> None:
+        origin: Origin = (fields.get("agent"), fields.get("workflow"))
+        if name == "start":
+            self._model = fields.get("model")
+            self._steps = fields.get("workflow") is None
+            metadata = {k: fields[k] for k in ("model", "agent", "workflow") if fields.get(k) is not None}
+            self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": metadata})
+            self._chunk(out, '{"type":"start-step"}')
+        elif name in ("tool_call", "action"):
+            self._close(out, origin)
+            self._agent_seen(out, origin)
+            call_id, tool, arguments = fields.get("call_id", ""), fields.get("name", ""), fields.get("arguments", "")
+            dynamic = {"dynamic": True} if name == "action" else {}
+            self._emit(out, {"type": "tool-input-start", "toolCallId": call_id, "toolName": tool, **dynamic})
+            if arguments:
+                self._emit(out, {"type": "tool-input-delta", "toolCallId": call_id, "inputTextDelta": arguments})
+            self._emit(out, {"type": "tool-input-available", "toolCallId": call_id, "toolName": tool,
+                             "input": _parsed(arguments), **dynamic})
+        elif name == "observation":
+            call_id = fields.get("call_id", "")
+            if fields.get("is_error"):
+                self._emit(out, {"type": "tool-output-error", "toolCallId": call_id,
+                                 "errorText": fields.get("content", ""), "dynamic": True})
+            else:
+                self._emit(out, {"type": "tool-output-available", "toolCallId": call_id,
+                                 "output": fields.get("content", ""), "dynamic": True})
+            if self._steps:
+                self._close(out)
+                self._chunk(out, '{"type":"finish-step"}')
+                self._chunk(out, '{"type":"start-step"}')
+        elif name == "usage":
+            usage = self._usage or {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0}
+            usage["inputTokens"] += fields.get("prompt_tokens", 0)
+            usage["outputTokens"] += fields.get("completion_tokens", 0)
+            usage["totalTokens"] += fields.get("total_tokens", 0)
+            if fields.get("estimated"):
+                usage["estimated"] = True
+            self._usage = usage
+        elif name == "agent_end":
+            self._close(out, origin)
+            agent = fields.get("agent")
+            if agent is not None:
+                self._agents.add(agent)
+                data = {"agent": agent, "workflow": fields.get("workflow"), "status": fields.get("outcome", "done")}
+                if fields.get("message"):
+                    data["message"] = fields["message"]
+                self._emit(out, {"type": "data-agent", "id": f"agent-{agent}", "data": data})
+        elif name in ("done", "error", "cancelled"):
+            self._close(out)
+            if name == "done":
+                self._chunk(out, '{"type":"finish-step"}')
+                final: dict[str, Any] = {"model": self._model} if self._model else {}
+                if self._usage is not None:
+                    final["usage"] = self._usage
+                reason = fields.get("finish_reason") or "stop"
+                self._emit(out, {"type": "finish", "finishReason": _FINISH.get(reason, "other"),
+                                 "messageMetadata": final})
+            elif name == "error":
+                self._emit(out, {"type": "error", "errorText": fields.get("message") or "the run failed"})
+            else:
+                self._emit(out, {"type": "abort", "reason": fields.get("reason", "cancelled")})
+            out.append(self._end)
+
+
+def _parsed(arguments: str) -> Any:
+    """A tool call's input: its arguments as JSON, or the text as it came if it is not JSON."""
+    try:
+        return json.loads(arguments) if arguments else {}
+    except ValueError:
+        return arguments
+
+
+# -- UI messages → chat messages ------------------------------------------------
+
+_SKIPPED = frozenset({"reasoning", "step-start", "source-url", "source-document", "reasoning-file", "custom"})
+_DONE_TOOL_STATES = frozenset({"output-available", "output-error", "output-denied"})
+
+
+def chat_messages(ui_messages: Any) -> list[dict[str, Any]]:
+    """The chat's UI messages as OpenAI chat messages. Raises :class:`ProtocolViolation`.
+
+    Text parts become content; image files become ``image_url`` parts; each step of
+    an assistant message becomes an assistant message, its tool parts tool calls
+    followed by their results (a call with no result yet is left out: a model
+    server refuses a call without its answer); reasoning, sources and data parts
+    are the UI's own and are not sent back.
+    """
+    if not isinstance(ui_messages, list) or not ui_messages:
+        raise ProtocolViolation("'messages' must be a non-empty list of UI messages")
+    if len(ui_messages) > MAX_MESSAGES:
+        raise ProtocolViolation(f"too many messages: {len(ui_messages)}, at most {MAX_MESSAGES}")
+    parts_seen = 0
+    out: list[dict[str, Any]] = []
+    for message in ui_messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ProtocolViolation("each message needs a role: system, user or assistant")
+        parts = message.get("parts")
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("type"), str)
+                                                  for p in parts):
+            raise ProtocolViolation("each message needs 'parts', a list of objects with a 'type'")
+        parts_seen += len(parts)
+        if parts_seen > MAX_PARTS:
+            raise ProtocolViolation(f"too many parts: at most {MAX_PARTS} in all")
+        if message["role"] == "assistant":
+            out += _assistant(parts)
+        else:
+            content = _user_content(parts, message["role"])
+            if content:
+                out.append({"role": message["role"], "content": content})
+    if not out:
+        raise ProtocolViolation("the messages hold no text to answer")
+    return out
+
+
+def _user_content(parts: list[dict[str, Any]], role: str) -> str | list[dict[str, Any]]:
+    texts: list[dict[str, Any]] = []
+    for part in parts:
+        kind = part["type"]
+        if kind == "text":
+            texts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind == "file":
+            media = str(part.get("mediaType", ""))
+            if role != "user" or not media.startswith("image/") or not isinstance(part.get("url"), str):
+                raise ProtocolViolation(f"file parts of type {media!r} are not supported (images only, from the user)")
+            texts.append({"type": "image_url", "image_url": {"url": part["url"]}})
+        elif kind not in _SKIPPED and not kind.startswith("data-"):
+            raise ProtocolViolation(f"unknown part type {kind!r} in a {role} message")
+    if all(t["type"] == "text" for t in texts):
+        return "".join(t["text"] for t in texts)
+    return texts
+
+
+def _assistant(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    text: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+
+    def step() -> None:
+        if text or calls:
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+            if calls:
+                message["tool_calls"] = list(calls)
+            out.append(message)
+            out.extend(results)
+        text.clear()
+        calls.clear()
+        results.clear()
+
+    for part in parts:
+        kind = part["type"]
+        if kind == "text":
+            text.append(str(part.get("text", "")))
+        elif kind == "step-start":
+            step()
+        elif kind == "dynamic-tool" or kind.startswith("tool-"):
+            if part.get("state") not in _DONE_TOOL_STATES:
+                continue
+            name = part.get("toolName") if kind == "dynamic-tool" else kind[len("tool-"):]
+            call_id = str(part.get("toolCallId", ""))
+            calls.append({"id": call_id, "type": "function",
+                          "function": {"name": str(name), "arguments": json.dumps(part.get("input", {}))}})
+            if part["state"] == "output-available":
+                output = part.get("output")
+                result = output if isinstance(output, str) else json.dumps(output)
+            elif part["state"] == "output-error":
+                result = f"error: {part.get('errorText', '')}"
+            else:
+                result = "the user denied this tool call"
+            results.append({"role": "tool", "tool_call_id": call_id, "content": result})
+        elif kind not in _SKIPPED and kind != "file" and not kind.startswith("data-"):
+            raise ProtocolViolation(f"unknown part type {kind!r} in an assistant message")
+    step()
+    return out

@@ -35,6 +35,7 @@ from .errors import ProtocolViolation
 from .events import ErrorEvent, Start, encode_message, json_object
 from .logs import printable
 from .metrics import Metrics
+from .producers import AgentFactory, AgentRequest, produce
 from .pump import Producer, pump
 from .run import Run
 from .transcripts import Transcript
@@ -68,11 +69,12 @@ class App:
     """The settings, the model server, the runs and the connections, for handlers."""
 
     def __init__(self, settings: Settings, upstream: UpstreamClient, metrics: Metrics,
-                 workflows: dict[str, WorkflowFactory]) -> None:
+                 workflows: dict[str, WorkflowFactory], agents: dict[str, AgentFactory] | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
         self.metrics = metrics
         self.workflows = workflows
+        self.agents: dict[str, AgentFactory] = agents or {}
         self.broker = LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
         self.manager = ConnectionManager(self.broker, settings.max_connections, settings.client_id_policy)
         self.auth = Authenticator(settings)
@@ -148,16 +150,26 @@ class App:
                                scope=scope)
             producer = state.observe(flow.batches(_last_user_text(messages), params))
         elif agent is not None:
-            if agent != "assistant":
-                raise ProtocolViolation(f"unknown agent {agent!r}; known: ['assistant']")
-            helper = assistant(self.upstream, model)
-            run = self.new_run(conn, run_id, grace=grace, agent=helper.name, scope=scope)
-            producer = helper.batches(messages, params=params)
+            producer = self.agent_producer(agent, messages, params, model)
+            run = self.new_run(conn, run_id, grace=grace, agent=agent, scope=scope)
         else:
             run = self.new_run(conn, run_id, grace=grace, scope=scope)
             producer = model_batches(self.upstream, messages, model=model, params=params)
         run.prompt_estimate = estimate_tokens(messages)
         return run, producer, model or self.upstream.config.model
+
+    def agent_producer(self, name: Any, messages: list[dict[str, Any]], params: dict[str, Any],
+                       model: str | None = None) -> Producer:
+        """The producer of the agent called ``name``: the built-in ``assistant``, or one of ``--agents``.
+        Raises :class:`ProtocolViolation` for a name that is neither."""
+        if name == "assistant":
+            return assistant(self.upstream, model).batches(messages, params=params)
+        factory = self.agents.get(name) if isinstance(name, str) else None
+        if factory is None:
+            raise ProtocolViolation(f"unknown agent {name!r}; known: {['assistant', *sorted(self.agents)]}")
+        config = self.upstream.config
+        return produce(factory, AgentRequest(name, messages, params, model or config.model, config.base_url,
+                                             config.api_key))
 
     def start(self, conn: Connection, run: Run, make: Callable[[], Producer], *, model: str | None = None,
               after: Run | None = None) -> None:

@@ -22,8 +22,10 @@ log = logging.getLogger("wsagent.config")
 __all__ = ["Settings", "build_parser", "load_settings", "settings_table", "read_env_file", "RELOADABLE"]
 
 
-def _opt(default: Any, help: str, env: str | None = None, group: str = "server") -> Any:
-    return field(default=default, metadata={"help": help, "env": env, "group": group})
+def _opt(default: Any, help: str, env: str | None = None, group: str = "server", repeat: bool = False) -> Any:
+    """A setting. ``repeat``: the flag may be given several times (its values joined with commas, as the
+    environment variable gives them)."""
+    return field(default=default, metadata={"help": help, "env": env, "group": group, "repeat": repeat})
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Settings:
     replay_budget_per_user: int = _opt(8 * 1024 * 1024, "the same for one user's finished runs (an anonymous client's: its connection's)", group="relay")
     history_messages: int = _opt(20, "messages kept per connection in /ws/chat text mode", group="relay")
     history_chars: int = _opt(32000, "characters kept per connection in /ws/chat text mode", group="relay")
+    agents: str = _opt("", "your own agents, served by name: module:attribute or path/file.py:attribute, a dict of name to factory (repeatable; see README, Bring your own agent)", group="relay", repeat=True)
     workflows: str | None = _opt(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay")
 
     jwt_secret: str | None = _opt(None, "HS256 secret for JWTs (prefer the environment or a file; never logged)", group="auth")
@@ -109,7 +112,7 @@ RELOADABLE = frozenset({
     "allowed_models",
     "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace", "ai_sdk_grace",
     "replay_budget_bytes", "replay_budget_per_user",
-    "history_messages", "history_chars", "workflows", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
+    "history_messages", "history_chars", "workflows", "agents", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",
     "allowed_origins", "max_connections_per_ip", "max_connections_per_user", "messages_per_second",
     "message_burst", "max_runs_per_user", "run_max_seconds", "run_max_tokens", "transcripts_dir", "log_level",
@@ -165,6 +168,9 @@ def build_parser(prog: str = "python -m wsagent.serve") -> argparse.ArgumentPars
         if kind is bool:
             groups[group_name].add_argument(flag, dest=f.name, default=None,
                                             action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.metadata["repeat"]:
+            groups[group_name].add_argument(flag, dest=f.name, default=None, action="append",
+                                            metavar=f.name.upper(), help=help_text)
         else:
             groups[group_name].add_argument(flag, dest=f.name, default=None, type=kind,
                                             metavar=f.name.upper(), help=help_text)
@@ -182,7 +188,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     for f in dataclasses.fields(Settings):
         flag_value = getattr(args, f.name)
         if flag_value is not None:
-            values[f.name] = flag_value
+            values[f.name] = ",".join(flag_value) if isinstance(flag_value, list) else flag_value
             continue
         raw = environ.get(env_name(f.name))
         if raw is not None and raw != "":

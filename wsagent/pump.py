@@ -23,7 +23,7 @@ from contextlib import aclosing
 from typing import Any
 
 from .agent import estimate_tokens, model_batches
-from .errors import UpstreamError
+from .errors import WsAgentError
 from .events import Done, ErrorEvent, Producer
 from .run import Run
 from .upstream import UpstreamClient
@@ -55,7 +55,7 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
         run.end(Done("stop", agent=run.agent, workflow=run.workflow))
     except asyncio.CancelledError:
         run.end(run.interruption())
-    except UpstreamError as exc:
+    except WsAgentError as exc:  # an upstream's failure, a registered agent's
         run.end(ErrorEvent(exc.code, exc.message, exc.retryable, agent=run.agent, workflow=run.workflow))
     except Exception:
         log.exception("run %s failed", run.id)

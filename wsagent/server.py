@@ -37,6 +37,7 @@ from .config import RELOADABLE, Settings
 from .connections import Connection, ConnectionManager, StreamConnection, close_or_abort
 from .logs import WORKER_NUMBER, Redactor, printable
 from .metrics import Metrics
+from .producers import load_agents
 from .responses import http_response
 from .router import HttpHandler, Route, Router
 from .routes import HTTP_ROUTES, ROUTES
@@ -127,7 +128,9 @@ class WsAgentServer:
         else:
             upstream.metrics = self.metrics
         log.info("model server: %s (%s)", upstream.url, DIALECTS[upstream.config.api])
-        self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream))
+        self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents))
+        if self._app.agents:
+            log.info("agents: %s", ", ".join(sorted(self._app.agents)))
         supervisor, number = os.environ.get(WORKER_OF), os.environ.get(WORKER_NUMBER)
         if supervisor and number:
             self._mesh = await WorkerMesh(self._app, supervisor, number).start()
@@ -178,6 +181,7 @@ class WsAgentServer:
         applied = {name: getattr(new, name) for name in changed & RELOADABLE}
         settings = dataclasses.replace(old, **applied)
         workflows = _load_workflows(settings, app.upstream)
+        agents = load_agents(settings.agents) if "agents" in applied else app.agents
         app.auth = Authenticator(settings)
         self.settings = app.settings = settings
         self.origins = _origins(settings)
@@ -185,6 +189,7 @@ class WsAgentServer:
         app.manager.client_id_policy = settings.client_id_policy
         app.broker.budget, app.broker.budget_per_user = settings.replay_budget_bytes, settings.replay_budget_per_user
         app.workflows = workflows
+        app.agents = agents
         logging.getLogger().setLevel(settings.log_level.upper())
         log.info("reloaded: %s changed%s", ", ".join(sorted(applied)) or "nothing",
                  f"; needs a restart: {', '.join(later)}" if later else "")

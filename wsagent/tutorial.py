@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
 
 from .agent import assistant, model_batches
 from .app import App
 from .connections import Connection, utf8_size
+from .errors import ProtocolViolation
 from .events import Producer, encode_message, json_object
 from .render import Renderer, Thoughts, Words
 from .run import Run
@@ -27,6 +29,8 @@ from .run import Run
 __all__ = ["echo_upper", "agent_words", "agent_thoughts", "robust", "client_addressed"]
 
 _QUEUED_PROMPTS = 8
+#: ``/ws/agent-thoughts?agent=<name>`` names no agent the server has.
+CLOSE_BAD_AGENT = 1008
 
 
 def _text_refusal(code: str, message: str, refused: str | bytes) -> str:
@@ -83,8 +87,14 @@ def _model(app: App) -> Callable[[str], Producer]:
     return lambda prompt: model_batches(app.upstream, [{"role": "user", "content": prompt}])
 
 
-def _agent(app: App) -> Callable[[str], Producer]:
-    return lambda prompt: assistant(app.upstream).batches(prompt)
+def _agent(app: App, conn: Connection) -> Callable[[str], Producer]:
+    """The built-in agent, or the one ``?agent=<name>`` names (``--agents``)."""
+    assert conn.ws.request is not None
+    names = parse_qs(urlsplit(conn.ws.request.path).query).get("agent")
+    if not names or names[0] == "assistant":
+        return lambda prompt: assistant(app.upstream).batches(prompt)
+    app.agent_producer(names[0], [], {})  # an unknown name is refused before any prompt
+    return lambda prompt: app.agent_producer(names[0], [{"role": "user", "content": prompt}], {})
 
 
 async def agent_words(app: App, conn: Connection) -> None:
@@ -92,12 +102,22 @@ async def agent_words(app: App, conn: Connection) -> None:
 
 
 async def agent_thoughts(app: App, conn: Connection) -> None:
-    await _prompts(app, conn, _agent(app), Thoughts, refuse=_json_refusal)
+    await _thoughts(app, conn, None)
 
 
 async def robust(app: App, conn: Connection) -> None:
-    await _prompts(app, conn, _agent(app), Thoughts, idle_ping=app.settings.idle_ping or None,
-                   refuse=_json_refusal)
+    await _thoughts(app, conn, app.settings.idle_ping or None)
+
+
+async def _thoughts(app: App, conn: Connection, idle_ping: float | None) -> None:
+    try:
+        agent = _agent(app, conn)
+    except ProtocolViolation as exc:  # an error the page can show, then a close it can act on
+        conn.put(encode_message("error", message=exc.message))
+        conn.close_soon(CLOSE_BAD_AGENT, "Unknown agent", flush=True)
+        await conn.ws.wait_closed()
+        return
+    await _prompts(app, conn, agent, Thoughts, idle_ping=idle_ping, refuse=_json_refusal)
 
 
 async def client_addressed(app: App, conn: Connection) -> None:

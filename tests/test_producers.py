@@ -100,9 +100,10 @@ async def test_registered_agents_on_the_thoughts_route_and_the_ai_sdk(server: Ws
         await ws.wait_closed()
         assert ws.close_code == 1008
     async with ws_connect(server, "/ws/ai-sdk") as ws:
+        message = {"id": "u", "role": "user", "parts": [{"type": "text", "text": "go"}]}
         await ws.send(json.dumps({"type": "send", "requestId": "r", "id": "chat-byo-0123456789",
                                   "trigger": "submit-message", "headers": {}, "body": {"agent": "countdown"},
-                                  "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "go"}]}]}))
+                                  "messages": [message]}))
         chunks = []
         while True:
             frame = await recv_json(ws)

@@ -105,7 +105,22 @@ async def produce(factory: AgentFactory, request: AgentRequest) -> Producer:
 
 def load_agents(specs: str) -> dict[str, AgentFactory]:
     """The agents named by ``--agents``: comma-separated ``module:attribute`` or ``file.py:attribute``,
-    each attribute a dict of name → factory. A later spec's name replaces an earlier one's."""
+    each attribute a dict of name → factory. A later spec's name replaces an earlier one's.
+
+    The process's logging is the same afterwards: importing swarms replaces the root logger's
+    handlers with its own at level ERROR, which silenced every wsagent log line after it (the
+    server's "listening" line included).
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return _load(specs)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _load(specs: str) -> dict[str, AgentFactory]:
     agents: dict[str, AgentFactory] = {}
     for spec in (s.strip() for s in specs.split(",")):
         if not spec:
@@ -139,9 +154,11 @@ def _module(where: str) -> Any:
     return importlib.import_module(where)
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """Raised in the framework's thread by :meth:`ThreadBridge.emit` once the run no longer wants events
-    (cancelled, ended, or its client gone): the framework's own loop unwinds from there."""
+    (cancelled, ended, or its client gone): the framework's own loop unwinds from there. A
+    ``BaseException``, as ``GeneratorExit`` is, so that a framework's ``except Exception`` (which would
+    log it, retry the model call or carry on with the next agent) lets it through."""
 
 
 class ThreadBridge:
@@ -211,7 +228,7 @@ class ThreadBridge:
                 if batch:
                     yield batch
                 elif done:
-                    if self._error is not None and not isinstance(self._error, Stopped):
+                    if self._error is not None:
                         raise self._error
                     return
                 else:
@@ -222,6 +239,8 @@ class ThreadBridge:
     def _work(self, work: Callable[[], object]) -> None:
         try:
             work()
+        except Stopped:  # not kept: its traceback would keep the framework's frames, and the model stream they
+            pass  # read, alive (swarms' connection to the model server stayed open after a cancel)
         except BaseException as exc:  # handed to the run's task, which raises it
             self._error = exc
         with self._lock:

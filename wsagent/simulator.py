@@ -40,7 +40,7 @@ most about 16 MiB:
 ``tool_loop=1``    call a tool again even after tool results
 ``bad_args=1``     tool call arguments that are not valid JSON
 ``stamp=1``        each token is the monotonic time it was written at
-``tag=NAME``       count this stream's tokens and disconnect time under NAME (``GET /stats?tag=NAME``)
+``tag=NAME``       count this stream's tokens, streams and disconnect time under NAME (``GET /stats?tag=NAME``)
 ``raw=TEXT``       (body only) replay TEXT byte for byte as the stream
 ``raw_chunk=N``    with ``raw``: write it in pieces of N bytes
 =================  ==========================================================
@@ -432,9 +432,14 @@ class _ChatFormat:
         }
 
 
-def _usage(the_plan: _Plan, completion: int) -> dict[str, int]:
+def _usage(the_plan: _Plan, completion: int) -> dict[str, Any]:
+    """As OpenAI writes it, details included (swarms' detailed streaming, through litellm, failed on usage
+    without ``prompt_tokens_details``: ``'NoneType' object has no attribute 'audio_tokens'``)."""
     return {"prompt_tokens": the_plan.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": the_plan.prompt_tokens + completion}
+            "total_tokens": the_plan.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": len(the_plan.reasoning), "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
 class _ResponsesFormat:
@@ -713,7 +718,9 @@ class Simulator:
         drop_after = int(switches.get("drop_after", -1))
         comment_every = int(switches.get("comment_every", 0))
         stamp = switches.get("stamp") == "1"
-        tag = stats.tags.setdefault(switches["tag"], {"tokens": 0}) if "tag" in switches else None
+        tag = stats.tags.setdefault(switches["tag"], {"tokens": 0, "streams": 0}) if "tag" in switches else None
+        if tag is not None:
+            tag["streams"] += 1
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         loop = asyncio.get_running_loop()
         finished = False

@@ -1,0 +1,162 @@
+"""Real agent frameworks through a real wsagent server: swarms, LangGraph and the OpenAI Agents SDK, each
+pointed at the simulator over HTTP, served with ``--agents examples/agents/...:AGENTS``.
+
+The frameworks are installed into a virtual environment of their own (``tests/frameworks/requirements.txt``,
+every package pinned; about 40 s and 700 MB on first use, kept in ``~/.cache/wsagent/`` or
+``$WSAGENT_FRAMEWORKS_VENV``), and the server runs from it; the simulator runs in this process, so it sees
+every model request and every closed connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import connect
+
+from wsagent.simulator import SimulatorServer, SimulatorSettings
+
+pytestmark = [pytest.mark.frameworks, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).parent.parent
+REQUIREMENTS = Path(__file__).parent / "frameworks" / "requirements.txt"
+AGENTS = ",".join(f"examples/agents/{name}_example.py:AGENTS" for name in ("openai_agents", "langgraph", "swarms"))
+
+
+def frameworks_venv() -> Path:
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
+    default = Path.home() / ".cache" / "wsagent" / f"frameworks-{digest}"
+    venv = Path(os.environ.get("WSAGENT_FRAMEWORKS_VENV") or default)
+    marker = venv / "requirements.txt"
+    if marker.exists() and marker.read_bytes() == REQUIREMENTS.read_bytes():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True, timeout=540)
+    subprocess.run([*pip, "--no-deps", "openai-agents==0.24.0"], check=True, timeout=120)  # see the requirements
+    shutil.copy(REQUIREMENTS, marker)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    return frameworks_venv()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def sim() -> AsyncIterator[SimulatorServer]:
+    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def url(venv: Path, sim: SimulatorServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """wsagent, run from the frameworks' environment with the examples' agents; its ``/ws/chat``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    process = await asyncio.create_subprocess_exec(
+        str(venv / "bin" / "python"), "-m", "wsagent.serve", "--port", str(port), "--upstream-url", sim.base_url,
+        "--agents", AGENTS, "--run-max-seconds", "60", cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "WORKSPACE_DIR": str(tmp_path_factory.mktemp("swarms"))},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert process.stdout is not None
+    said: deque[str] = deque(maxlen=200)
+    listening = asyncio.Event()
+
+    async def read() -> None:  # to the end of its output, so that a full pipe never stalls the server
+        assert process.stdout is not None
+        async for line in process.stdout:
+            said.append(line.decode(errors="replace"))
+            if b"wsagent listening on" in line:
+                listening.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listening.wait(), 60)
+        if not listening.is_set():
+            raise RuntimeError("wsagent did not start:\n" + "".join(said))
+        yield f"ws://127.0.0.1:{port}/ws/chat"
+    finally:
+        process.terminate()
+        await process.wait()
+        await reader
+
+
+async def run(url: str, agent: str, prompt: str, cancel_after: int | None = None) -> list[dict[str, Any]]:
+    """One run's events; with ``cancel_after``, cancelled once that many answer deltas arrived."""
+    events: list[dict[str, Any]] = []
+    async with connect(url, open_timeout=10) as ws:
+        await ws.send(json.dumps({"type": "run", "id": "r", "prompt": prompt, "agent": agent}))
+        answers = 0
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            events.append(event)
+            if event["type"] == "answer":
+                answers += 1
+                if answers == cancel_after:
+                    await ws.send(json.dumps({"type": "cancel", "id": "r"}))
+            if event["type"] in ("done", "error", "cancelled"):
+                return events
+
+
+@pytest.mark.parametrize("agent", ["openai-agents", "langgraph", "swarms", "swarms-detailed"])
+async def test_a_tool_loop_end_to_end(url: str, agent: str) -> None:
+    events = await run(url, agent, "What is 6 * 7?")
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done", json.dumps(events[-1])
+    assert kinds.index("action") < kinds.index("observation") < kinds.index("answer")
+    (action,) = [e for e in events if e["type"] == "action"]
+    assert action["name"] == "calculator" and json.loads(action["arguments"]) == {"expression": "6 * 7"}
+    (observation,) = [e for e in events if e["type"] == "observation"]
+    assert observation["content"] == "42" and observation["call_id"] == action["call_id"]
+    answer = "".join(e["content"] for e in events if e["type"] == "answer")
+    assert answer.startswith("Based on the tool results: ") and answer.endswith("42."), answer
+    (usage,) = [e for e in events if e["type"] == "usage"]
+    assert usage["completion_tokens"] > 0
+    assert usage["estimated"] is (agent == "swarms")  # plain swarms tokens carry no usage: wsagent counts
+    assert all(e.get("agent") == agent for e in events)
+    if agent != "langgraph":  # ChatOpenAI drops an OpenAI-compatible server's reasoning_content
+        assert "thinking" in kinds
+
+
+async def test_a_swarms_workflow_streams_each_agent(url: str) -> None:
+    events = await run(url, "swarms-panel", "What is 6 * 7?")
+    assert events[-1]["type"] == "done"
+    ends = {e["agent"]: e["outcome"] for e in events if e["type"] == "agent_end"}
+    assert ends == {"market-researcher": "done", "risk-analyst": "done"}
+    for name in ends:
+        answer = "".join(e["content"] for e in events if e["type"] == "answer" and e["agent"] == name)
+        assert answer.endswith("42.") and any(e["type"] == "action" and e["agent"] == name for e in events)
+        assert all(e.get("workflow") == "swarms-panel" for e in events if e.get("agent") == name)
+
+
+@pytest.mark.parametrize("agent", ["openai-agents", "langgraph", "swarms"])
+async def test_cancel_stops_the_framework(url: str, sim: SimulatorServer, agent: str) -> None:
+    """The simulator sees the model request close, and no further model request is made for the run."""
+    tag = f"cancel-{agent}"
+    events = await run(url, agent, f"Tell me a long story sim:rate=50 sim:tokens=100000 sim:tag={tag}", cancel_after=3)
+    assert events[-1]["type"] == "cancelled"
+    stats = sim.simulator.stats
+    await stats.wait_for(lambda s: "disconnected" in s.tags.get(tag, {}), 10)
+    barrier = await run(url, agent, "What is 6 * 7?")  # a whole run after it: time for a stray request to show
+    assert barrier[-1]["type"] == "done"
+    assert stats.tags[tag]["streams"] == 1 and stats.tags[tag]["tokens"] < 1000

@@ -1,14 +1,23 @@
-"""wsagent against the tutorial's FastAPI relay, side by side, on this machine.
+"""wsagent against the relays people would write instead, side by side, on this machine.
 
-    pip install -e ".[bench]"
-    python scripts/bench.py            # the full run (about 10 minutes on 2 cores)
-    python scripts/bench.py --quick    # under two minutes
+    pip install -e ".[bench]" && npm ci --prefix scripts/node-peer
+    python scripts/bench.py            # the full run (about 30 minutes on 2 cores)
+    python scripts/bench.py --quick    # under five minutes, every peer
 
-Three processes besides this one: the simulated upstream (``python -m wsagent.simulator``),
-wsagent (``python -m wsagent.serve``) and the peer (``uvicorn scripts.bench_peer:app``: FastAPI, the
-openai SDK's AsyncOpenAI, ``async for chunk in stream: await websocket.send_text(...)``). Both servers
-stream from the same upstream, one at a time, over the tutorial's text protocol on ``/ws/chat``; wsagent's
-latency is also measured on ``/ws/ai-sdk`` (the AI SDK's WebSocket chat transport) in the same run.
+The simulated upstream (``python -m wsagent.simulator``), then one server at a time under load, each
+streaming from that upstream over the tutorial's text protocol on ``/ws/chat``:
+
+* **wsagent** (``python -m wsagent.serve``), also measured on ``/ws/ai-sdk`` (the AI SDK's transport);
+* **the tutorial's FastAPI relay** (``scripts/bench_peer.py``: the openai SDK, ``await send_text`` per delta);
+* **aiohttp** (``scripts/peer_aiohttp.py``): aiohttp's WebSocket server relaying its own client's stream,
+  parsed line by line, no SDK;
+* **Node.js** (``scripts/node-peer/relay.mjs``): the ``ws`` package relaying a ``fetch`` (undici) stream,
+  an ``AbortController`` tied to the socket's close;
+* **the floor** (``scripts/peer_floor.py``): each upstream read's bytes forwarded as one frame on
+  ``websockets``, no parsing or encoding: the least a Python relay can do.
+
+Every peer closes its upstream request when its client leaves, but the tutorial's. Then wsagent with
+one worker and with ``--workers 2``, neither pinned, for what a second core buys.
 
 The servers under test run on core 0; the load (the simulated upstream and this client) runs on the
 other cores, as it would on other machines in a deployment, so that it does not preempt the server it
@@ -25,10 +34,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import resource
 import socket
 import subprocess
@@ -58,16 +69,33 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (``--workers``' worker processes)."""
+    pids = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    total = 0.0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    total = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -129,6 +157,9 @@ async def start(name: str, command: list[str], port: int, env: dict[str, str] | 
     return Server(name, process, port)
 
 
+_STAMP = re.compile(r'"content":"(\d+\.\d+) "')
+
+
 def stamps(frame: str) -> list[float]:
     out = []
     for word in frame.split():
@@ -156,6 +187,10 @@ class Stream:
         if frame.startswith("[ERROR]"):
             self.error = frame
             return True
+        if frame.startswith("data: ") or frame.startswith(": "):  # the floor forwards the upstream's SSE as is
+            found = [float(x) for x in _STAMP.findall(frame)]
+            self._count(found, now)
+            return frame.rstrip().endswith("data: [DONE]")
         if frame.startswith('{"type":'):
             message = json.loads(frame)
             if message["type"] != "chunk":
@@ -163,14 +198,16 @@ class Stream:
                 return True
             chunk = message["chunk"]
             frame = chunk["delta"] if chunk["type"] == "text-delta" else ""
-        found = stamps(frame)
+        self._count(stamps(frame), now)
+        return frame.endswith("[DONE]")
+
+    def _count(self, found: list[float], now: float) -> None:
         if found:
             if self.ttft is None:
                 self.ttft = now - self.sent
                 self.first_latency = now - found[0]
             self.latencies.extend(now - s for s in found)
             self.tokens += len(found)
-        return frame.endswith("[DONE]")
 
 
 class LoadClient(asyncio.Protocol):
@@ -215,7 +252,7 @@ class LoadClient(asyncio.Protocol):
         protocol.receive_data(data)
         for event in protocol.events_received():
             if isinstance(event, Frame):
-                if event.opcode is Opcode.TEXT or event.opcode is Opcode.CONT:
+                if event.opcode is Opcode.TEXT or event.opcode is Opcode.CONT or event.opcode is Opcode.BINARY:
                     self._fragments.append(event.data)
                     if event.fin:
                         message = b"".join(self._fragments).decode()
@@ -389,7 +426,7 @@ async def slow_client(server: Server, sim_port: int, seconds: float, bytes_per_s
             async with asyncio.timeout(seconds):
                 while time.monotonic() < deadline:
                     frame = await ws.recv()
-                    received += len(frame)
+                    received += len(frame)  # the floor's frames are bytes, the others' text: the same here
                     peak = max(peak, rss_bytes(server.pid))
                     await asyncio.sleep(len(frame) / bytes_per_s)  # the slow reader's pace
         upstream_tokens = (await tag_stats(http, sim_port, tag)).get("tokens", 0)
@@ -427,25 +464,64 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
 # -- driver ------------------------------------------------------------------
 
 
+WSAGENT = [sys.executable, "-m", "wsagent.serve", "--port", "PORT", "--upstream-url", "UPSTREAM", "--log-level",
+           "WARNING", "--max-connections", "30000", "--max-connections-per-ip", "30000", "--run-max-tokens", "0",
+           "--run-max-seconds", "0", "--max-runs-per-user", "100000"]
+#: The servers, in the table's order: wsagent, then the peers (see the module's docstring), the floor last.
+PEERS = [
+    ("wsagent", WSAGENT),
+    ("fastapi", [sys.executable, "-m", "uvicorn", "scripts.bench_peer:app", "--port", "PORT", "--log-level", "warning",
+                 "--no-access-log", "--ws-max-queue", "16"]),
+    ("aiohttp", [sys.executable, "scripts/peer_aiohttp.py", "--port", "PORT"]),
+    ("node", ["node", "scripts/node-peer/relay.mjs", "PORT"]),
+    ("floor", [sys.executable, "scripts/peer_floor.py", "--port", "PORT"]),
+]
+if importlib.util.find_spec("uvloop") is not None:  # wsagent uses it when installed: measure it without too
+    PEERS.insert(1, ("wsagent-asyncio", [*WSAGENT, "--event-loop", "asyncio"]))
+LABELS = {"wsagent": "wsagent", "wsagent-asyncio": "wsagent, asyncio loop", "fastapi": "tutorial (FastAPI)",
+          "aiohttp": "aiohttp", "node": "Node.js (ws)", "floor": "floor"}
+
+
+async def workers_row(results: dict[str, dict[str, dict[str, float]]], upstream: str, quick: bool) -> None:
+    """What a second core buys: wsagent with one worker and with ``--workers 2``, neither pinned (the load
+    shares both cores with them), throughput and scale, one after the other."""
+    for name, workers in (("wsagent-1w", "1"), ("wsagent-2w", "2")):
+        port = free_port()
+        command = [part.replace("UPSTREAM", upstream).replace("PORT", str(port)) for part in WSAGENT]
+        server = await start(name, [*command, "--workers", workers], port)
+        try:
+            print(f"== {name} (not pinned)", flush=True)
+            r = results[name] = {}
+            r["throughput"] = await throughput(server, 40, 1000 if quick else 10000)
+            print(f"  throughput {r['throughput']}", flush=True)
+            levels = [100, 200, 400] if quick else [500, 1000, 1500, 2000, 2500, 3000]
+            r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
+            print(f"  scale {r['scale']}", flush=True)
+        finally:
+            server.process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.process.wait(), 15)
+
+
 async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     tune_gc(DEFAULT_GC_THRESHOLDS)  # the measuring client must not add collector pauses of its own to what it measures
     tune_malloc()  # nor spend the cores it shares with the servers on mmap for every frame it reads
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     quick = args.quick
-    sim_port, ws_port, peer_port = free_port(), free_port(), free_port()
+    sim_port = free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
     sim = await start("simulator", [sys.executable, "-m", "wsagent.simulator", "--switches", "--port", str(sim_port),
                                     "--rate", "0", "--no-reasoning"], sim_port)
-    servers = [
-        await start("wsagent", [sys.executable, "-m", "wsagent.serve", "--port", str(ws_port),
-                                "--upstream-url", upstream, "--log-level", "WARNING", "--max-connections", "30000",
-                                "--max-connections-per-ip", "30000", "--run-max-tokens", "0",
-                                "--run-max-seconds", "0", "--max-runs-per-user", "100000"], ws_port),
-        await start("peer", [sys.executable, "-m", "uvicorn", "scripts.bench_peer:app", "--port", str(peer_port),
-                             "--log-level", "warning", "--no-access-log", "--ws-max-queue", "16"], peer_port,
-                    {"BENCH_UPSTREAM_URL": upstream}),
-    ]
+    peer_env = {"BENCH_UPSTREAM_URL": upstream}
+    servers = []
+    chosen = set(args.servers.split(",")) if args.servers else None
+    for name, command in PEERS:
+        if chosen is not None and name not in chosen:
+            continue
+        port = free_port()
+        servers.append(await start(name, [p.replace("PORT", str(port)).replace("UPSTREAM", upstream) for p in command],
+                                   port, peer_env))
     placement = "not pinned" if args.no_pin else pin(servers, [sim.process.pid, 0])
     print(placement, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -475,6 +551,11 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
             levels = [50, 100, 200] if quick else [100, 250, 500, 750, 1000, 1250, 1500, 2000]
             r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
             print(f"  scale {r['scale']}", flush=True)
+        if not args.no_workers:
+            everything = sorted(os.sched_getaffinity(0))
+            for pid in (0, sim.process.pid):  # the --workers rows share every core, the load too
+                os.sched_setaffinity(pid, everything)
+            await workers_row(results, upstream, quick)
     finally:
         for process in [*(s.process for s in servers), sim.process]:
             process.terminate()
@@ -508,29 +589,52 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
 
 
+def _ratio(ours: float, theirs: float, better: str) -> str:
+    if math.isnan(theirs) and not math.isnan(ours):
+        return "it never cancelled"
+    if ours and theirs and not math.isnan(ours):
+        ratio = theirs / ours if better == "lower" else ours / theirs
+        return f"{ratio:.1f}x better" if ratio >= 1 else f"{1 / ratio:.1f}x worse"
+    if ours == theirs:
+        return "same"
+    return "better" if (ours < theirs) == (better == "lower") else "worse"
+
+
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = ["| measure | wsagent | peer | wsagent vs peer |", "| --- | ---: | ---: | ---: |"]
+    """One row per measure, one column per server, then wsagent against the strongest peers and the floor."""
+    names = [name for name, _ in PEERS if name in results]
+    against = [name for name in ("aiohttp", "node", "floor") if name in results]
+    lines = ["| measure | " + " | ".join(LABELS[n] for n in names) + " | "
+             + " | ".join(f"wsagent vs {LABELS[n]}" for n in against) + " |",
+             "| --- |" + " ---: |" * (len(names) + len(against))]
     for scenario, key, label, better in ROWS:
-        ours = results.get("wsagent", {}).get(scenario, {}).get(key)
-        theirs = results.get("peer", {}).get(scenario, {}).get(key)
-        if ours is None or theirs is None:
+        values = [results.get(n, {}).get(scenario, {}).get(key) for n in names]
+        if values[0] is None:
             continue
-        if math.isnan(theirs) and not math.isnan(ours):
-            comparison = "the peer never cancelled"
-        elif ours and theirs and not math.isnan(ours):
-            ratio = theirs / ours if better == "lower" else ours / theirs
-            comparison = f"{ratio:.1f}x better" if ratio >= 1 else f"{1 / ratio:.1f}x worse"
-        elif ours == theirs:
-            comparison = "same"
-        else:
-            comparison = "better" if (ours < theirs) == (better == "lower") else "worse"
-        lines.append(f"| {label} | {_number(ours)} | {_number(theirs)} | {comparison} |")
+        ours = float(values[0])
+        ratios = []
+        for name in against:
+            theirs = results.get(name, {}).get(scenario, {}).get(key)
+            ratios.append(_ratio(ours, float(theirs), better) if theirs is not None else "-")
+        shown = [_number(float(v)) if v is not None else "-" for v in values]
+        lines.append(f"| {label} | " + " | ".join(shown) + " | " + " | ".join(ratios) + " |")
     chat = results.get("wsagent", {}).get("latency")
     sdk = results.get("wsagent", {}).get("latency_ai_sdk")
     if chat and sdk:  # the AI SDK's protocol against wsagent's own /ws/chat, measured in the same run
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-            lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk | {_number(sdk[key])} | - | "
-                         f"{sdk[key] / chat[key]:.1f}x /ws/chat's |")
+            lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk: {_number(sdk[key])}, "
+                         f"{sdk[key] / chat[key]:.1f}x /ws/chat's |" + " |" * (len(names) + len(against) - 1))
+    one, two = results.get("wsagent-1w"), results.get("wsagent-2w")
+    if one and two:
+        lines += ["", "| not pinned (the load shares both cores) | one worker | --workers 2 | two vs one |",
+                  "| --- | ---: | ---: | ---: |"]
+        for scenario, key, label, better in (
+                ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),
+                ("throughput", "cpu_s_per_100k", "server CPU seconds per 100k tokens", "lower"),
+                ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")):
+            a_value, b_value = one[scenario][key], two[scenario][key]
+            lines.append(f"| {label} | {_number(a_value)} | {_number(b_value)} | "
+                         f"{_ratio(b_value, a_value, better)} |")
     return "\n".join(lines)
 
 
@@ -539,6 +643,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
     parser.add_argument("--out", type=Path, help="write the raw results as JSON here")
     parser.add_argument("--no-pin", action="store_true", help="let servers and load share every core")
+    parser.add_argument("--no-workers", action="store_true", help="leave out the --workers 2 rows")
+    parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")
     args = parser.parse_args()
     started = time.monotonic()
     results = asyncio.run(bench(args))

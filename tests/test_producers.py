@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from typing import Any
@@ -143,3 +144,17 @@ async def test_cancel_stops_a_threaded_agent(server: WsAgentServer, sim: Simulat
         events = await run_events(ws, "x")
     assert events[-1]["type"] == "cancelled"
     assert await asyncio.to_thread(agents_fixture.STOPPED.wait, 5)  # its next emit raised Stopped
+
+
+async def test_sighup_reloads_the_agents_and_a_bad_spec_changes_nothing(server: WsAgentServer) -> None:
+    before = server.settings
+    with pytest.raises(ValueError):
+        server.reload(dataclasses.replace(before, agents="tests.agents_fixture:STOPPED", max_connections=3))
+    assert server.settings is before and set(server.app.agents) >= {"countdown", "fails"}
+    server.reload(dataclasses.replace(before, agents="examples/agents/plain.py:AGENTS"))
+    assert set(server.app.agents) == {"countdown", "blocking"}
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(run("f", "fails"))
+        assert "unknown agent 'fails'" in (await recv_json(ws))["message"]
+        await ws.send(run("c", "countdown"))
+        assert (await run_events(ws, "c"))[-1]["type"] == "done"

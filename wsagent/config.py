@@ -33,6 +33,7 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "TCP port to listen on (0: any free port)")
     workers: int = _opt(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
+    event_loop: str = _opt("auto", "the event loop: auto (uvloop when installed: pip install \"wsagent[fast]\"), uvloop, or asyncio")
     env_file: str | None = _opt(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = _opt(10000, "open WebSocket connections before new ones get HTTP 503")
     max_message_size: int = _opt(1048576, "largest incoming message in bytes; larger closes with 1009")
@@ -246,6 +247,8 @@ def read_env_file(path: str) -> dict[str, str]:
 def validate(settings: Settings) -> None:
     if settings.client_id_policy not in ("replace", "reject"):
         raise SystemExit("--client-id-policy must be 'replace' or 'reject'")
+    if settings.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise SystemExit("--event-loop must be 'auto', 'uvloop' or 'asyncio'")
     if settings.upstream_api not in ("chat", "responses"):
         raise SystemExit("--upstream-api must be 'chat' or 'responses'")
     if settings.compression not in ("deflate", "off"):

@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 from . import systemd
@@ -111,14 +112,30 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
+def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The loop factory for ``--event-loop`` (``None``: asyncio's own), and its name for the log."""
+    if choice in ("auto", "uvloop"):
+        try:
+            uvloop = importlib.import_module("uvloop")
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit('--event-loop uvloop: uvloop is not installed (pip install "wsagent[fast]")') from None
+        else:
+            return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
+    return None, "asyncio"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     settings = load_settings(args)
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
         return supervise(settings, args)
+    factory, name = event_loop(settings.event_loop)
+    log.info("event loop: %s", name)
     try:
-        asyncio.run(serve_until_signalled(settings, args))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve_until_signalled(settings, args))
     except OSError as exc:
         log.error("cannot serve on %s:%s: %s", settings.host, settings.port, exc)
         return 1

@@ -494,7 +494,7 @@ async def workers_row(results: dict[str, dict[str, dict[str, float]]], upstream:
             r = results[name] = {}
             r["throughput"] = await throughput(server, 40, 1000 if quick else 10000)
             print(f"  throughput {r['throughput']}", flush=True)
-            levels = [100, 200, 400] if quick else [500, 1000, 1500, 2000, 2500, 3000]
+            levels = [100, 200, 400] if quick else [100, 250, 500, 750, 1000, 1500, 2000]
             r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
             print(f"  scale {r['scale']}", flush=True)
         finally:
@@ -552,7 +552,7 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
             r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
             print(f"  scale {r['scale']}", flush=True)
         if not args.no_workers:
-            everything = sorted(os.sched_getaffinity(0))
+            everything = set(range(os.cpu_count() or 1))
             for pid in (0, sim.process.pid):  # the --workers rows share every core, the load too
                 os.sched_setaffinity(pid, everything)
             await workers_row(results, upstream, quick)
@@ -590,6 +590,8 @@ def _number(value: float) -> str:
 
 
 def _ratio(ours: float, theirs: float, better: str) -> str:
+    if theirs < 0 or ours < 0:  # an RSS that shrank while connections opened (V8 gave memory back): no ratio
+        return "n/a"
     if math.isnan(theirs) and not math.isnan(ours):
         return "it never cancelled"
     if ours and theirs and not math.isnan(ours):
@@ -609,7 +611,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
              "| --- |" + " ---: |" * (len(names) + len(against))]
     for scenario, key, label, better in ROWS:
         values = [results.get(n, {}).get(scenario, {}).get(key) for n in names]
-        if values[0] is None:
+        if not values or values[0] is None:
             continue
         ours = float(values[0])
         ratios = []

@@ -17,6 +17,19 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-extensions", "--remote-debugging-port=0"]
 
 
+#: ``t.until(check)`` for a page's helpers: resolves with ``check()``'s first truthy value, re-checked on every
+#: change to the document (event driven, never polled).
+UNTIL = """  until(check) {
+    return new Promise(resolve => {
+      const test = () => { const v = check(); if (v) { observer.disconnect(); resolve(v); } };
+      const observer = new MutationObserver(test);
+      observer.observe(document.body, { childList: true, subtree: true, characterData: true, attributes: true });
+      test();
+    });
+  },
+"""
+
+
 class Browser:
     def __init__(self) -> None:
         self.profile = tempfile.mkdtemp(prefix="wsagent-chromium-")

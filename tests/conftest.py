@@ -3,6 +3,7 @@ wsagent server on port 0, and real ``websockets`` clients."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,16 +17,35 @@ from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer, SimulatorSettings
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
+from .browser import Browser
+
 TERMINAL = {"done", "error", "cancelled"}
 
 
-@pytest.fixture
-async def sim() -> AsyncIterator[SimulatorServer]:
+@contextlib.asynccontextmanager
+async def simulator() -> AsyncIterator[SimulatorServer]:
+    """The simulated model on a loopback port: unthrottled, 24 tokens, fault switches on."""
     server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatorServer]:
+    async with simulator() as server:
+        yield server
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium, driven over the DevTools protocol."""
+    started = await Browser().start()
+    try:
+        yield started
+    finally:
+        await started.close()
 
 
 def upstream_for(sim: SimulatorServer, **overrides: Any) -> UpstreamClient:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from wsagent.simulator import SimulatorServer
 
-from .browser import Browser
+from .browser import UNTIL, Browser
 from .conftest import ServerFactory
 from .test_ai_sdk import ROOT
 
@@ -21,15 +21,7 @@ EXAMPLE = ROOT / "examples" / "ai-sdk-chat"
 
 HELPERS = """
 window.t = {
-  until(check) {
-    return new Promise(resolve => {
-      const test = () => { const v = check(); if (v) { observer.disconnect(); resolve(v); } };
-      const observer = new MutationObserver(test);
-      observer.observe(document.body, { childList: true, subtree: true, characterData: true, attributes: true });
-      test();
-    });
-  },
-  status() { return document.getElementById('status')?.dataset.status; },
+""" + UNTIL + """  status() { return document.getElementById('status')?.dataset.status; },
   answers() { return [...document.querySelectorAll('#messages li.assistant')]; },
   answer() {
     const last = this.answers().at(-1);
@@ -54,15 +46,6 @@ async def page_url() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    b = await Browser().start()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 async def type_and_send(browser: Browser, text: str) -> None:

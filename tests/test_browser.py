@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import jwt
-import pytest
 
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
-from .browser import Browser
+from .browser import UNTIL, Browser
 from .conftest import ServerFactory
 from .test_chat import expected_text
 
@@ -33,27 +31,10 @@ window.t = {
       .observe(answer, { childList: true, characterData: true, subtree: true });
     return seen;
   },
-  until(check) {
-    return new Promise(resolve => {
-      const test = () => { const v = check(); if (v) { observer.disconnect(); resolve(v); } };
-      const observer = new MutationObserver(test);
-      observer.observe(document.body, { childList: true, subtree: true, characterData: true, attributes: true });
-      test();
-    });
-  },
-  finished(run) { return this.until(() => this.turn(run).dataset.outcome); },
+""" + UNTIL + """  finished(run) { return this.until(() => this.turn(run).dataset.outcome); },
   connected() { return this.until(() => document.getElementById('status').dataset.state === 'open'); },
 };
 """
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    b = await Browser().start()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 async def open_page(browser: Browser, server: WsAgentServer) -> None:

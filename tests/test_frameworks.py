@@ -10,15 +10,7 @@ every model request and every closed connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +19,10 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import connect
 
-from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.simulator import SimulatorServer
+
+from .conftest import simulator
+from .processes import free_port, pinned_venv, started
 
 pytestmark = [pytest.mark.frameworks, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
@@ -36,69 +31,27 @@ REQUIREMENTS = Path(__file__).parent / "frameworks" / "requirements.txt"
 AGENTS = ",".join(f"examples/agents/{name}_example.py:AGENTS" for name in ("openai_agents", "langgraph", "swarms"))
 
 
-def frameworks_venv() -> Path:
-    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:12]
-    default = Path.home() / ".cache" / "wsagent" / f"frameworks-{digest}"
-    venv = Path(os.environ.get("WSAGENT_FRAMEWORKS_VENV") or default)
-    marker = venv / "requirements.txt"
-    if marker.exists() and marker.read_bytes() == REQUIREMENTS.read_bytes():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True, timeout=540)
-    subprocess.run([*pip, "--no-deps", "openai-agents==0.24.0"], check=True, timeout=120)  # see the requirements
-    shutil.copy(REQUIREMENTS, marker)
-    return venv
-
-
 @pytest.fixture(scope="module")
 def venv() -> Path:
-    return frameworks_venv()
+    # openai-agents after the rest, without its requirements: see tests/frameworks/requirements.txt
+    return pinned_venv("frameworks", REQUIREMENTS, "WSAGENT_FRAMEWORKS_VENV", [["--no-deps", "openai-agents==0.24.0"]])
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def sim() -> AsyncIterator[SimulatorServer]:
-    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
-    try:
+    async with simulator() as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def url(venv: Path, sim: SimulatorServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     """wsagent, run from the frameworks' environment with the examples' agents; its ``/ws/chat``."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    process = await asyncio.create_subprocess_exec(
-        str(venv / "bin" / "python"), "-m", "wsagent.serve", "--port", str(port), "--upstream-url", sim.base_url,
-        "--agents", AGENTS, "--run-max-seconds", "60", cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "WORKSPACE_DIR": str(tmp_path_factory.mktemp("swarms"))},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    assert process.stdout is not None
-    said: deque[str] = deque(maxlen=200)
-    listening = asyncio.Event()
-
-    async def read() -> None:  # to the end of its output, so that a full pipe never stalls the server
-        assert process.stdout is not None
-        async for line in process.stdout:
-            said.append(line.decode(errors="replace"))
-            if b"wsagent listening on" in line:
-                listening.set()
-
-    reader = asyncio.create_task(read())
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(listening.wait(), 60)
-        if not listening.is_set():
-            raise RuntimeError("wsagent did not start:\n" + "".join(said))
+    port = free_port()
+    command = [str(venv / "bin" / "python"), "-m", "wsagent.serve", "--port", str(port), "--upstream-url",
+               sim.base_url, "--agents", AGENTS, "--run-max-seconds", "60"]
+    env = {"PYTHONPATH": str(ROOT), "WORKSPACE_DIR": str(tmp_path_factory.mktemp("swarms"))}
+    async with started(command, b"wsagent listening on", env=env, cwd=ROOT, limit=60):
         yield f"ws://127.0.0.1:{port}/ws/chat"
-    finally:
-        process.terminate()
-        await process.wait()
-        await reader
 
 
 async def run(url: str, agent: str, prompt: str, cancel_after: int | None = None) -> list[dict[str, Any]]:

@@ -5,21 +5,13 @@ in this process, so real reasoning, tool-call and error streams pass through Lit
 whether a cancel reached it.
 
 The first run installs LiteLLM (about 50 s, 740 MB) into ``$WSAGENT_LITELLM_VENV`` or
-``~/.cache/wsagent/litellm-<version>``; later runs reuse it.
+``~/.cache/wsagent/litellm-<digest>``; later runs reuse it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,58 +23,39 @@ from wsagent.chunks import ModelEvent
 from wsagent.config import Settings
 from wsagent.errors import UpstreamError
 from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.simulator import SimulatorServer
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
-from .conftest import recv_json, run_events, text_reply, ws_connect
+from .conftest import recv_json, run_events, simulator, text_reply, ws_connect
+from .processes import free_port, pinned_venv, started
 
 pytestmark = [pytest.mark.litellm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
 HERE = Path(__file__).parent
 REQUIREMENTS = HERE / "litellm" / "requirements.txt"
-VERSION = next(line.split("==")[1] for line in REQUIREMENTS.read_text().splitlines() if line.startswith("litellm["))
 KEY = "sk-wsagent-test"
 TOOLS = [{"type": "function", "function": {"name": name, "description": text, "parameters": {
     "type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}}}
     for name, text, arg in (("calculator", "Evaluate arithmetic.", "expression"), ("get_time", "The time.", "tz"))]
 
 
-def litellm_venv() -> Path:
-    """The proxy's own virtual environment, made once from the pinned requirements."""
-    venv = Path(os.environ.get("WSAGENT_LITELLM_VENV") or Path.home() / ".cache" / "wsagent" / f"litellm-{VERSION}")
-    marker = venv / "requirements.txt"
-    if marker.exists() and marker.read_text() == REQUIREMENTS.read_text():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "-r",
-                    str(REQUIREMENTS)], check=True, timeout=480)
-    shutil.copy(REQUIREMENTS, marker)
-    return venv
-
-
 @pytest.fixture(scope="module")
 def proxy_venv() -> Path:
-    return litellm_venv()
+    return pinned_venv("litellm", REQUIREMENTS, "WSAGENT_LITELLM_VENV")
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def sim() -> AsyncIterator[SimulatorServer]:
-    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
-    try:
+    async with simulator() as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def litellm(proxy_venv: Path, sim: SimulatorServer) -> AsyncIterator[str]:
+async def litellm(proxy_venv: Path, sim: SimulatorServer, tmp_path_factory: pytest.TempPathFactory,
+                  ) -> AsyncIterator[str]:
     """LiteLLM's proxy on a free loopback port; its base URL once it says it is listening."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    folder = Path(tempfile.mkdtemp(prefix="wsagent-litellm-"))
-    config = folder / "config.yaml"
+    port = free_port()
+    config = tmp_path_factory.mktemp("litellm") / "config.yaml"
     config.write_text(json.dumps({  # YAML is a superset of JSON
         "model_list": [
             {"model_name": "mock", "litellm_params": {"model": "openai/mock", "api_key": "unused",
@@ -93,38 +66,9 @@ async def litellm(proxy_venv: Path, sim: SimulatorServer) -> AsyncIterator[str]:
         "general_settings": {"master_key": KEY},
         "litellm_settings": {"telemetry": False},
     }))
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    process = await asyncio.create_subprocess_exec(
-        str(proxy_venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
-    assert process.stdout is not None
-    said: deque[str] = deque(maxlen=200)
-    settled = asyncio.Event()  # listening, or its output ended
-    listening = False
-
-    async def read() -> None:  # reads the proxy's output to its end, so a full pipe never stalls it
-        nonlocal listening
-        assert process.stdout is not None
-        async for line in process.stdout:
-            said.append(line.decode(errors="replace"))
-            if b"Uvicorn running on" in line:
-                listening = True
-                settled.set()
-        settled.set()
-
-    reader = asyncio.create_task(read())
-    try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(settled.wait(), 90)
-        if not listening:
-            raise RuntimeError("LiteLLM did not start listening in 90 s:\n" + "".join(said))
+    command = [str(proxy_venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    async with started(command, b"Uvicorn running on", env={"LITELLM_LOCAL_MODEL_COST_MAP": "True"}):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
-        await reader
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -28,6 +28,7 @@ __all__ = [
     "ModelEvent",
     "completion_to_events",
     "stream_error",
+    "feed_tail",
     "StreamInterpreter",
 ]
 
@@ -102,6 +103,24 @@ class StreamInterpreter(Protocol):
     def end(self, tail: list[SSEEvent] | None = None) -> list[ModelEvent]: ...
 
 
+def feed_tail(interpreter: StreamInterpreter, tail: list[SSEEvent] | None) -> list[ModelEvent]:
+    """Feed what the decoder held when the body ended. An event cut in half is ``upstream_truncated``
+    before the model finished, and ignored after it (a finish reason was all that mattered)."""
+    out: list[ModelEvent] = []
+    for sse in tail or ():
+        if interpreter.done:
+            break
+        try:
+            out.extend(interpreter.feed(sse))
+        except UpstreamError as exc:
+            if exc.code != "upstream_protocol":
+                raise
+            if interpreter.finish_reason is None:
+                raise UpstreamError("upstream closed the stream in the middle of an event",
+                                    code="upstream_truncated", retryable=True) from None
+    return out
+
+
 def stream_error(obj: Any, default: str) -> UpstreamError:
     """Build a typed error from an upstream error object (a dict or a string)."""
     if isinstance(obj, dict):
@@ -162,21 +181,7 @@ class ChunkInterpreter:
         A stream is complete after ``[DONE]``, or after a finish reason without
         ``[DONE]``; anything else raises ``upstream_truncated``.
         """
-        out: list[ModelEvent] = []
-        for sse in tail or ():
-            if self.done:
-                break
-            try:
-                out.extend(self.feed(sse))
-            except UpstreamError as exc:
-                if exc.code != "upstream_protocol":
-                    raise
-                if self.finish_reason is None:
-                    raise UpstreamError(
-                        "upstream closed the stream in the middle of an event",
-                        code="upstream_truncated",
-                        retryable=True,
-                    ) from None
+        out = feed_tail(self, tail)
         if self.done:
             return out
         if self.finish_reason is None:

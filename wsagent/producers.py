@@ -91,7 +91,7 @@ async def produce(factory: AgentFactory, request: AgentRequest) -> Producer:
                 if event.agent is None:
                     event.agent = name
             yield batch
-    except (asyncio.CancelledError, WsAgentError, GeneratorExit):
+    except WsAgentError:  # already a plain error (an upstream's, say)
         raise
     except Exception as exc:
         log.exception("agent %s failed", name)

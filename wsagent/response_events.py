@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chunks import DeltaKind, Finish, ModelEvent, TextDelta, ToolCall, Usage, stream_error
+from .chunks import DeltaKind, Finish, ModelEvent, TextDelta, ToolCall, Usage, feed_tail, stream_error
 from .errors import UpstreamError
 from .sse import SSEEvent
 
@@ -213,15 +213,7 @@ class ResponsesInterpreter:
 
     def end(self, tail: list[SSEEvent] | None = None) -> list[ModelEvent]:
         """The body ended (``tail``: what :meth:`SSEDecoder.close` returned)."""
-        out: list[ModelEvent] = []
-        for sse in tail or ():
-            if self.done:
-                break
-            try:
-                out.extend(self.feed(sse))
-            except UpstreamError as exc:
-                if exc.code != "upstream_protocol":
-                    raise
+        out = feed_tail(self, tail)
         if not self.done:
             raise UpstreamError("upstream closed the stream before the model finished", code="upstream_truncated",
                                 retryable=True)

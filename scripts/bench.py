@@ -348,8 +348,10 @@ async def latency(server: Server, clients: int, rate: float, tokens: int,
     prompt = f"latency sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
     url = server.url.replace("/ws/chat", "/ws/ai-sdk") if ai_sdk else server.url
     async with sockets(url, clients) as conns:
+        cpu0 = cpu_seconds(server.pid)
         results = await asyncio.gather(*(ws.ask(ai_sdk_send(f"{n} {prompt}", n) if ai_sdk else f"{n} {prompt}",
                                                 120, ramp or 1 / rate) for n, ws in enumerate(conns)))
+        cpu = cpu_seconds(server.pid) - cpu0
     lat = [x for r in results for x in r.latencies]
     first = [r.first_latency for r in results if r.first_latency is not None]
     expected = clients * tokens
@@ -357,6 +359,7 @@ async def latency(server: Server, clients: int, rate: float, tokens: int,
         "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
         "ttft_added_p50_ms": pct(first, 0.5) * 1000, "ttft_added_p99_ms": pct(first, 0.99) * 1000,
         "tokens_lost": expected - sum(r.tokens for r in results),
+        "cpu_us_per_token": cpu / max(1, sum(r.tokens for r in results)) * 1e6,
     }
 
 
@@ -453,6 +456,7 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
             print(f"    {server.name} at {level} streams: {exc!r}"[:200], flush=True)
             break
         rows[f"p99_ms_at_{level}"] = result["p99_ms"]
+        rows[f"cpu_us_per_token_at_{level}"] = result["cpu_us_per_token"]
         print(f"    {server.name}: {level} streams, p99 {result['p99_ms']:.1f} ms", flush=True)
         if result["p99_ms"] >= limit_ms or result["tokens_lost"]:
             break

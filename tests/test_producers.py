@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,6 +145,18 @@ async def test_cancel_stops_a_threaded_agent(server: WsAgentServer, sim: Simulat
         events = await run_events(ws, "x")
     assert events[-1]["type"] == "cancelled"
     assert await asyncio.to_thread(agents_fixture.STOPPED.wait, 5)  # its next emit raised Stopped
+
+
+async def test_sighup_imports_an_edited_agents_file_again(make_server: ServerFactory, tmp_path: Path) -> None:
+    """The file is read again on every reload, as the workflows file is, not only when the flag changes."""
+    agents = tmp_path / "mine.py"
+    agents.write_text("from wsagent.events import Answer\n\nasync def one(request):\n    yield Answer('1')\n\n"
+                      "AGENTS = {'one': one}\n")
+    server = await make_server(agents=f"{agents}:AGENTS")
+    assert set(server.app.agents) == {"one"}
+    agents.write_text(agents.read_text().replace("AGENTS = {'one': one}", "AGENTS = {'one': one, 'two': one}"))
+    server.reload(server.settings)
+    assert set(server.app.agents) == {"one", "two"}
 
 
 async def test_sighup_reloads_the_agents_and_a_bad_spec_changes_nothing(server: WsAgentServer) -> None:

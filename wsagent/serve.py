@@ -27,6 +27,7 @@ from contextlib import suppress
 from . import systemd
 from .config import Settings, gc_thresholds, load_settings
 from .logs import WORKER_NUMBER, configure_logging
+from .producers import load_agents
 from .server import WORKER_OF, WsAgentServer
 from .tuning import tune_gc, tune_malloc
 
@@ -62,7 +63,8 @@ async def serve_until_signalled(settings: Settings, argv: Sequence[str] | None =
                 reload.clear()
                 systemd.notify("RELOADING=1")
                 try:
-                    server.reload(load_settings(argv))
+                    new = load_settings(argv)
+                    server.reload(new, await asyncio.to_thread(load_agents, new.agents))
                 except (SystemExit, OSError, ValueError) as exc:
                     log.error("reload failed, keeping the running settings: %s", exc)
                 systemd.notify("READY=1")

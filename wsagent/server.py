@@ -37,7 +37,7 @@ from .config import RELOADABLE, Settings
 from .connections import Connection, ConnectionManager, StreamConnection, close_or_abort
 from .logs import WORKER_NUMBER, Redactor, printable
 from .metrics import Metrics
-from .producers import load_agents
+from .producers import AgentFactory, load_agents
 from .responses import http_response
 from .router import HttpHandler, Route, Router
 from .routes import HTTP_ROUTES, ROUTES
@@ -172,8 +172,11 @@ class WsAgentServer:
         host = self._server.sockets[0].getsockname()[0]
         return f"ws://{host}:{self.port}"
 
-    def reload(self, new: Settings) -> list[str]:
-        """Apply the settings that are safe to change live (SIGHUP); returns those that need a restart."""
+    def reload(self, new: Settings, agents: dict[str, AgentFactory] | None = None) -> list[str]:
+        """Apply the settings that are safe to change live (SIGHUP); returns those that need a restart.
+
+        The ``--agents`` files are imported again (``agents``: already imported, off the event loop, as
+        ``serve`` does: a file that brings a framework in takes seconds to import)."""
         app = self.app
         old = self.settings
         changed = {f.name for f in dataclasses.fields(Settings) if getattr(new, f.name) != getattr(old, f.name)}
@@ -181,7 +184,8 @@ class WsAgentServer:
         applied = {name: getattr(new, name) for name in changed & RELOADABLE}
         settings = dataclasses.replace(old, **applied)
         workflows = _load_workflows(settings, app.upstream)
-        agents = load_agents(settings.agents) if "agents" in applied else app.agents
+        if agents is None:
+            agents = load_agents(settings.agents)
         app.auth = Authenticator(settings)
         self.settings = app.settings = settings
         self.origins = _origins(settings)

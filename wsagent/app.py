@@ -121,8 +121,8 @@ class App:
         run.budget(s.run_max_seconds, s.run_max_tokens)
         return run
 
-    def open_run(self, conn: Connection, run_id: str, messages: list[dict[str, Any]], *, model: Any = None,
-                 agent: Any = None, workflow: Any = None, params: Any = None, grace: float = 0.0,
+    def open_run(self, conn: Connection, run_id: str, messages: list[dict[str, Any]], *, model: object = None,
+                 agent: object = None, workflow: object = None, params: object = None, grace: float = 0.0,
                  scope: str | None = None) -> tuple[Run, Producer, str]:
         """A run of a model, the built-in agent or a named workflow over ``messages``, as a client asked:
         the run, its producer (start it with :meth:`start`), and the model it uses. Raises
@@ -150,23 +150,30 @@ class App:
                                scope=scope)
             producer = state.observe(flow.batches(_last_user_text(messages), params))
         elif agent is not None:
-            producer = self.agent_producer(agent, messages, params, model)
-            run = self.new_run(conn, run_id, grace=grace, agent=agent, scope=scope)
+            name = self.check_agent(agent)
+            producer = self.agent_producer(name, messages, params, model)
+            run = self.new_run(conn, run_id, grace=grace, agent=name, scope=scope)
         else:
             run = self.new_run(conn, run_id, grace=grace, scope=scope)
             producer = model_batches(self.upstream, messages, model=model, params=params)
         run.prompt_estimate = estimate_tokens(messages)
         return run, producer, model or self.upstream.config.model
 
-    def agent_producer(self, name: Any, messages: list[dict[str, Any]], params: dict[str, Any],
+    def check_agent(self, name: object) -> str:
+        """``name`` if it names an agent: the built-in ``assistant``, or one of ``--agents``; else
+        :class:`ProtocolViolation`."""
+        if name != "assistant" and not (isinstance(name, str) and name in self.agents):
+            raise ProtocolViolation(f"unknown agent {name!r}; known: {['assistant', *sorted(self.agents)]}")
+        assert isinstance(name, str)
+        return name
+
+    def agent_producer(self, name: object, messages: list[dict[str, Any]], params: dict[str, Any],
                        model: str | None = None) -> Producer:
-        """The producer of the agent called ``name``: the built-in ``assistant``, or one of ``--agents``.
-        Raises :class:`ProtocolViolation` for a name that is neither."""
+        """The producer of the agent called ``name`` (see :meth:`check_agent`)."""
+        name = self.check_agent(name)
         if name == "assistant":
             return assistant(self.upstream, model).batches(messages, params=params)
-        factory = self.agents.get(name) if isinstance(name, str) else None
-        if factory is None:
-            raise ProtocolViolation(f"unknown agent {name!r}; known: {['assistant', *sorted(self.agents)]}")
+        factory = self.agents[name]
         config = self.upstream.config
         return produce(factory, AgentRequest(name, messages, params, model or config.model, config.base_url,
                                              config.api_key))

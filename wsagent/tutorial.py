@@ -93,8 +93,7 @@ def _agent(app: App, conn: Connection) -> Callable[[str], Producer]:
     names = parse_qs(urlsplit(conn.ws.request.path).query).get("agent")
     if not names or names[0] == "assistant":
         return lambda prompt: assistant(app.upstream).batches(prompt)
-    if names[0] not in app.agents:  # refused before any prompt
-        raise ProtocolViolation(f"unknown agent {names[0]!r}; known: {['assistant', *sorted(app.agents)]}")
+    app.check_agent(names[0])  # refused before any prompt
     return lambda prompt: app.agent_producer(names[0], [{"role": "user", "content": prompt}], {})
 
 

@@ -182,7 +182,7 @@ async def test_broadcast_with_a_client_that_never_reads(make_server: ServerFacto
         consumers = [asyncio.ensure_future(read_all(r)) for r in readers]
         peak = 0
         for n in range(count):
-            assert server.app.broker.broadcast(json.dumps({"n": n, "p": payload})) >= 3
+            assert server.runs.deliver_all(json.dumps({"n": n, "p": payload})) >= 3
             peak = max(peak, stuck_conn.outbox.queued_bytes)
             if n % 16 == 0:
                 await asyncio.sleep(0)  # let the writers run between bursts, as a live server would

@@ -25,7 +25,7 @@ from typing import Any
 from .app import App
 from .broker import scope_of
 from .connections import Connection
-from .errors import ProtocolViolation
+from .errors import ClusterUnavailable, ProtocolViolation
 from .events import encode_message, json_object
 from .run import ReplayGap, Run, Subscription
 from .ui_stream import UIChunks, chat_messages, message_id
@@ -58,8 +58,8 @@ class AISDKSession:
                 await self.conn.ws.close(CLOSE_INVALID_FRAME, "Invalid frame")
                 return
             try:
-                self.handle(frame, request_id)
-            except ProtocolViolation as exc:
+                await self.handle(frame, request_id)
+            except (ProtocolViolation, ClusterUnavailable) as exc:
                 self.error(request_id, exc.message)
 
     @staticmethod
@@ -72,10 +72,10 @@ class AISDKSession:
     def error(self, request_id: str, text: str) -> None:
         self.conn.put(encode_message("error", requestId=request_id, errorText=text))
 
-    def handle(self, frame: dict[str, Any], request_id: str) -> None:
+    async def handle(self, frame: dict[str, Any], request_id: str) -> None:
         kind = frame.get("type")
         if kind == "abort":
-            self.abort(request_id)
+            await self.abort(request_id)
             return
         if kind not in ("send", "resume"):
             raise ProtocolViolation(f"unknown frame type {kind!r}: send, resume or abort")
@@ -88,9 +88,9 @@ class AISDKSession:
             raise ProtocolViolation(f"request {request_id!r} is already streaming")
         scope, run_id = self._where(chat_id)
         if kind == "resume":
-            self.resume(request_id, scope, run_id)
+            await self.resume(request_id, scope, run_id)
         else:
-            self.send(frame, request_id, scope, run_id)
+            await self.send(frame, request_id, scope, run_id)
 
     def _where(self, chat_id: str) -> tuple[str, str]:
         """Where a chat's response is registered: (scope, run id)."""
@@ -102,7 +102,7 @@ class AISDKSession:
         self.requests = {rid: s for rid, s in self.requests.items() if not s.ended}
         self.requests[request_id] = sub
 
-    def send(self, frame: dict[str, Any], request_id: str, scope: str, run_id: str) -> None:
+    async def send(self, frame: dict[str, Any], request_id: str, scope: str, run_id: str) -> None:
         if frame.get("trigger") not in ("submit-message", "regenerate-message"):
             raise ProtocolViolation("'trigger' must be submit-message or regenerate-message")
         body = frame.get("body")
@@ -112,37 +112,38 @@ class AISDKSession:
             raise ProtocolViolation("'body' must be an object")
         messages = chat_messages(frame.get("messages"))
         app = self.app
-        previous = app.broker.run_by_id(scope, run_id)
+        previous = await app.broker.run_by_id(scope, run_id)
         if previous is not None and not previous.finished:
             raise ProtocolViolation("a response is already streaming for this chat; abort it first")
-        refusal = app.admit(self.conn, app.settings.max_runs_per_connection)
+        refusal = await app.admit(self.conn, app.settings.max_runs_per_connection)
         if refusal is not None:
             raise ProtocolViolation(refusal[1])
         if previous is not None:
             app.broker.forget(previous)
-        run, producer, model = app.open_run(
+        run, producer, model = await app.open_run(
             self.conn, run_id, messages, model=body.get("model"), agent=body.get("agent"),
             workflow=body.get("workflow"), params=body.get("params"), grace=app.settings.ai_sdk_grace, scope=scope)
         self._watch(request_id, run, primary=True)
         app.start(self.conn, run, lambda: producer, model=model)
 
-    def resume(self, request_id: str, scope: str, run_id: str) -> None:
-        run = self.app.broker.run_by_id(scope, run_id)
+    async def resume(self, request_id: str, scope: str, run_id: str) -> None:
+        run = await self.app.broker.run_by_id(scope, run_id)
         if run is None:
             self.conn.put(encode_message("no-active", requestId=request_id))
             return
+        run = await self.app.broker.follow(run)
         self.conn.put(encode_message("start", requestId=request_id))
         try:
             self._watch(request_id, run, primary=not run.finished)
         except ReplayGap:
             self.error(request_id, "this response is too long to replay from its start (see --replay-bytes)")
 
-    def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> None:
         """Cancel the run this request streams (whoever started it): the model server sees its
         connection close. An abort for a request that is not streaming here does nothing."""
         sub = self.requests.pop(request_id, None)
         if sub is not None and not sub.run.finished:
-            self.app.broker.cancel(sub.run.key, "aborted by client")
+            await self.app.broker.cancel(sub.run.key, "aborted by client")
 
 
 async def ai_sdk(app: App, conn: Connection) -> None:

@@ -88,7 +88,7 @@ class App:
 
     # -- runs ------------------------------------------------------------
 
-    def admit(self, conn: Connection, per_connection: int) -> Refusal | None:
+    async def admit(self, conn: Connection, per_connection: int) -> Refusal | None:
         """Whether ``conn`` may start another run: the server is not draining, and the connection
         and its user are under their limits (every run counts, whatever its id)."""
         if self.draining:
@@ -96,11 +96,11 @@ class App:
         if self._conn_runs[conn.id] >= per_connection:
             return "too_many_runs", f"at most {per_connection} runs in flight per connection"
         per_user = self.settings.max_runs_per_user
-        if conn.user is not None and self.broker.runs_of(conn.user) >= per_user:
+        if conn.user is not None and await self.broker.runs_of(conn.user) >= per_user:
             return "too_many_runs", f"at most {per_user} runs in flight per user"
         return None
 
-    def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
+    async def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
                 workflow: str | None = None, controller: Controller | None = None,
                 state: WorkflowState | None = None, scope: str | None = None) -> Run:
         """A run owned by ``conn``, registered under a fresh key, with the configured budgets.
@@ -117,11 +117,11 @@ class App:
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
                   latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state,
                   grace=grace)
-        self.broker.add_run(run, grace)
+        await self.broker.add_run(run, grace)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         return run
 
-    def open_run(self, conn: Connection, run_id: str, messages: list[dict[str, Any]], *, model: object = None,
+    async def open_run(self, conn: Connection, run_id: str, messages: list[dict[str, Any]], *, model: object = None,
                  agent: object = None, workflow: object = None, params: object = None, grace: float = 0.0,
                  scope: str | None = None) -> tuple[Run, Producer, str]:
         """A run of a model, the built-in agent or a named workflow over ``messages``, as a client asked:
@@ -146,15 +146,15 @@ class App:
                 raise ProtocolViolation(f"unknown workflow {workflow!r}; known: {sorted(self.workflows)}")
             flow = factory()
             state = WorkflowState([a.name for a in flow.agents])
-            run = self.new_run(conn, run_id, grace=grace, workflow=flow.name, controller=flow, state=state,
+            run = await self.new_run(conn, run_id, grace=grace, workflow=flow.name, controller=flow, state=state,
                                scope=scope)
             producer = state.observe(flow.batches(_last_user_text(messages), params))
         elif agent is not None:
             name = self.check_agent(agent)
             producer = self.agent_producer(name, messages, params, model)
-            run = self.new_run(conn, run_id, grace=grace, agent=name, scope=scope)
+            run = await self.new_run(conn, run_id, grace=grace, agent=name, scope=scope)
         else:
-            run = self.new_run(conn, run_id, grace=grace, scope=scope)
+            run = await self.new_run(conn, run_id, grace=grace, scope=scope)
             producer = model_batches(self.upstream, messages, model=model, params=params)
         run.prompt_estimate = estimate_tokens(messages)
         return run, producer, model or self.upstream.config.model
@@ -253,13 +253,13 @@ class App:
             if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
                 request = json_object(message)
                 if request is not None and request.get("type") == "auth":
-                    self.refresh(conn, request.get("token"))
+                    await self.refresh(conn, request.get("token"))
                     continue
             yield message
 
     # -- who the client is -----------------------------------------------
 
-    def authenticate(self, conn: Connection, route: str, required: bool) -> tuple[int, str] | None:
+    async def authenticate(self, conn: Connection, route: str, required: bool) -> tuple[int, str] | None:
         """Who the client is; a (close code, reason) if it may not stay. A token is checked whenever one is
         sent, and needed where the route (or ``--require-auth``) says so."""
         assert conn.ws.request is not None
@@ -272,7 +272,7 @@ class App:
         except AuthError as exc:
             log.info("refused %s %s: %s (%s)", conn.id, printable(conn.path), exc.reason, printable(exc.detail))
             return exc.code, exc.reason
-        if self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
+        if await self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
             return CLOSE_RATE_LIMIT, "Too many connections for this user"
         self._expire_at(conn, identity.expires)
         return None
@@ -287,7 +287,7 @@ class App:
             conn.expiry_timer = asyncio.get_running_loop().call_later(
                 delay, conn.close_soon, CLOSE_INVALID_TOKEN, "Token expired")
 
-    def refresh(self, conn: Connection, token: object) -> None:
+    async def refresh(self, conn: Connection, token: object) -> None:
         """``{"type": "auth", "token": ...}`` in band: a new token for the same user moves the expiry.
 
         The token passes every check the handshake makes (its route and client-id claims, the
@@ -304,9 +304,10 @@ class App:
         if conn.user is not None and identity.user != conn.user:
             conn.put(encode_message("error", code="forbidden", message="a refreshed token must be for the same user"))
             return
-        if conn.user is None and self.manager.set_user(conn, identity.user) > self.settings.max_connections_per_user:
+        limit = self.settings.max_connections_per_user
+        if conn.user is None and await self.manager.set_user(conn, identity.user) > limit:
             conn.put(encode_message("error", code="too_many_connections",
-                                    message=f"at most {self.settings.max_connections_per_user} connections per user"))
+                                    message=f"at most {limit} connections per user"))
             conn.close_soon(CLOSE_RATE_LIMIT, "Too many connections for this user", flush=True)
             return
         self._expire_at(conn, identity.expires)

@@ -52,42 +52,60 @@ class Mailbox(Protocol):
 
 
 class Broker(Protocol):
-    """What a node shares with the others (with itself alone, in-process)."""
+    """What a node shares with the others (with itself alone, in-process).
 
-    def add_run(self, run: Run, keep_after_finish: float) -> None: ...
+    The methods that may need the other nodes are coroutines; in-process they
+    answer at once. Those that cannot be answered because the cluster is out of
+    reach raise :class:`~wsagent.errors.ClusterUnavailable`.
+    """
 
-    def run_by_key(self, key: str) -> Run | None: ...
+    async def add_run(self, run: Run, keep_after_finish: float) -> None:
+        """Register ``run`` (it gets its key); ``ValueError`` if its id is in use in its scope."""
+        ...
 
-    def run_by_id(self, scope: str, run_id: str) -> Run | None: ...
+    async def run_by_key(self, key: str) -> Run | None: ...
 
-    def active_runs(self) -> list[Run]: ...
+    async def run_by_id(self, scope: str, run_id: str) -> Run | None: ...
+
+    async def follow(self, run: Run) -> Run:
+        """``run``, ready to be subscribed to: a run produced elsewhere is followed from the cluster's
+        copy of its log (the node's one follower of it is returned)."""
+        ...
+
+    def active_runs(self) -> list[Run]:
+        """The runs this node produces that are in flight."""
+        ...
 
     def forget(self, run: Run) -> None:
         """Stop keeping the finished ``run`` for a resume (a newer run takes its id)."""
         ...
 
-    def runs_of(self, user: str) -> int:
+    async def runs_of(self, user: str) -> int:
         """Runs of ``user`` in flight."""
         ...
 
-    def cancel(self, key: str, reason: str) -> bool:
+    async def cancel(self, key: str, reason: str) -> bool:
         """Stop the run with ``key`` wherever it is produced; False if no such run is in flight."""
         ...
 
-    def user_connected(self, user: str) -> int:
+    async def user_connected(self, user: str) -> int:
         """Count a connection of ``user``; returns how many it now has."""
         ...
 
     def user_disconnected(self, user: str) -> None: ...
 
-    def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+    async def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
         """Bind ``client_id`` to ``mailbox``: ``replace`` evicts its holder, ``reject`` refuses (False)."""
         ...
 
     def release_client(self, client_id: str, mailbox: Mailbox) -> None: ...
 
-    def broadcast(self, frame: str) -> int:
-        """Queue ``frame`` for every addressed client; returns how many took it."""
+    async def broadcast(self, frame: str) -> None:
+        """Queue ``frame`` for every addressed client."""
+        ...
+
+    async def send_to(self, client_id: str, frame: str) -> bool:
+        """Queue ``frame`` for the client holding ``client_id``; False if none does (or it is too far behind)."""
         ...
 
 
@@ -127,7 +145,11 @@ class LocalBroker:
     def __iter__(self) -> Iterator[Run]:
         return iter(list(self._by_key.values()))
 
-    def add_run(self, run: Run, keep_after_finish: float) -> None:
+    async def add_run(self, run: Run, keep_after_finish: float) -> None:
+        self.register(run, keep_after_finish)
+
+    def register(self, run: Run, keep_after_finish: float) -> None:
+        """:meth:`add_run` in this process."""
         if not run.key:
             run.key = mint_key()
         if (run.scope, run.id) in self._by_id:
@@ -186,11 +208,14 @@ class LocalBroker:
             del self._by_id[run.scope, run.id]
         run.release()
 
-    def run_by_key(self, key: str) -> Run | None:
+    async def run_by_key(self, key: str) -> Run | None:
         return self._by_key.get(key)
 
-    def run_by_id(self, scope: str, run_id: str) -> Run | None:
+    async def run_by_id(self, scope: str, run_id: str) -> Run | None:
         return self._by_id.get((scope, run_id))
+
+    async def follow(self, run: Run) -> Run:
+        return run
 
     def active_runs(self) -> list[Run]:
         return [run for run in self._by_key.values() if not run.finished]
@@ -198,10 +223,14 @@ class LocalBroker:
     def forget(self, run: Run) -> None:
         self._drop(run)
 
-    def runs_of(self, user: str) -> int:
+    async def runs_of(self, user: str) -> int:
         return self._user_runs.get(user, 0)
 
-    def cancel(self, key: str, reason: str) -> bool:
+    async def cancel(self, key: str, reason: str) -> bool:
+        return self.cancel_here(key, reason)
+
+    def cancel_here(self, key: str, reason: str) -> bool:
+        """:meth:`cancel` of a run this process produces."""
         run = self._by_key.get(key)
         if run is None or run.finished:
             return False
@@ -210,7 +239,7 @@ class LocalBroker:
 
     # -- users -----------------------------------------------------------
 
-    def user_connected(self, user: str) -> int:
+    async def user_connected(self, user: str) -> int:
         self._user_conns[user] += 1
         return self._user_conns[user]
 
@@ -221,7 +250,11 @@ class LocalBroker:
 
     # -- client ids ------------------------------------------------------
 
-    def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+    async def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+        return self.claim_here(client_id, mailbox, policy)
+
+    def claim_here(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+        """:meth:`claim_client` among this process's clients."""
         old = self._clients.get(client_id)
         if old is not None and old is not mailbox:
             if policy == "reject":
@@ -234,5 +267,17 @@ class LocalBroker:
         if self._clients.get(client_id) is mailbox:
             del self._clients[client_id]
 
-    def broadcast(self, frame: str) -> int:
+    async def broadcast(self, frame: str) -> None:
+        self.deliver_all(frame)
+
+    def deliver_all(self, frame: str) -> int:
+        """Queue ``frame`` for every addressed client of this process; returns how many took it."""
         return sum(1 for mailbox in list(self._clients.values()) if mailbox.put(frame))
+
+    async def send_to(self, client_id: str, frame: str) -> bool:
+        return self.deliver(client_id, frame)
+
+    def deliver(self, client_id: str, frame: str) -> bool:
+        """:meth:`send_to` a client of this process."""
+        mailbox = self._clients.get(client_id)
+        return mailbox is not None and mailbox.put(frame)

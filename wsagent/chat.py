@@ -16,7 +16,7 @@ from .app import App
 from .broker import scope_of
 from .config import Settings
 from .connections import Connection
-from .errors import ProtocolViolation
+from .errors import ClusterUnavailable, ProtocolViolation
 from .events import Producer, Snapshot, encode, encode_message, json_object
 from .render import TextMode
 from .run import BadResume, ReplayGap, Run
@@ -52,12 +52,12 @@ class ChatSession:
             request = json_object(message)
             if request is not None and isinstance(request.get("type"), str):
                 try:
-                    self.handle(request)
-                except ProtocolViolation as exc:
+                    await self.handle(request)
+                except (ProtocolViolation, ClusterUnavailable) as exc:
                     rid = request.get("id")
-                    self.reply_error(rid if isinstance(rid, str) else None, exc.code, exc.message)
+                    self.reply_error(rid if isinstance(rid, str) else None, exc.code, exc.message, exc.retryable)
             else:
-                self.text_prompt(message)
+                await self.text_prompt(message)
 
     # -- replies ---------------------------------------------------------
 
@@ -74,8 +74,8 @@ class ChatSession:
 
     # -- text mode -------------------------------------------------------
 
-    def text_prompt(self, prompt: str) -> None:
-        refusal = self.app.admit(self.conn, self.settings.max_runs_per_connection)
+    async def text_prompt(self, prompt: str) -> None:
+        refusal = await self.app.admit(self.conn, self.settings.max_runs_per_connection)
         if refusal is not None:
             self.reply(f"[ERROR] {refusal[1]}")
             return
@@ -83,9 +83,9 @@ class ChatSession:
         while True:  # a JSON run may have taken the name first
             self.text_runs += 1
             run_id = f"text-{self.conn.id}-{self.text_runs}"
-            if self.app.broker.run_by_id(scope, run_id) is None:
+            if await self.app.broker.run_by_id(scope, run_id) is None:
                 break
-        run = self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
+        run = await self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
         previous, self._last_text_run = self._last_text_run, run
         run.subscribe(self.conn.outbox, 0, TextMode(), primary=True)
         run.prompt_estimate = estimate_tokens([*self.history, {"role": "user", "content": prompt}])
@@ -115,52 +115,52 @@ class ChatSession:
 
     # -- JSON protocol ---------------------------------------------------
 
-    def handle(self, request: dict[str, Any]) -> None:
+    async def handle(self, request: dict[str, Any]) -> None:
         kind = request["type"]
         if kind == "ping":
             self.reply(encode_message("pong", id=request.get("id") if isinstance(request.get("id"), str) else None))
         elif kind == "run":
-            self.start_run(request)
+            await self.start_run(request)
         elif kind == "cancel":
-            self.cancel(request)
+            await self.cancel(request)
         elif kind == "resume":
-            self.resume(request)
+            await self.resume(request)
         elif kind == "attach":
-            self.attach(request)
+            await self.attach(request)
         else:
             raise ProtocolViolation(f"unknown message type {kind!r}")
 
-    def start_run(self, request: dict[str, Any]) -> None:
+    async def start_run(self, request: dict[str, Any]) -> None:
         run_id = _run_id(request)
-        if self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id) is not None:
+        if await self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id) is not None:
             raise ProtocolViolation(f"run id {run_id!r} is already in use")
-        refusal = self.app.admit(self.conn, self.settings.max_runs_per_connection)
+        refusal = await self.app.admit(self.conn, self.settings.max_runs_per_connection)
         if refusal is not None:
             self.reply_error(run_id, *refusal, True)
             return
         messages = _messages(request)
-        run, producer, model = self.app.open_run(
+        run, producer, model = await self.app.open_run(
             self.conn, run_id, messages, model=request.get("model"), agent=request.get("agent"),
             workflow=request.get("workflow"), params=request.get("params"), grace=self.settings.resume_grace)
         run.subscribe(self.conn.outbox, 0, primary=True)
         self.app.start(self.conn, run, lambda: producer, model=model)
 
-    def find(self, request: dict[str, Any]) -> tuple[str, Run | None]:
+    async def find(self, request: dict[str, Any]) -> tuple[str, Run | None]:
         """The run a request names: by its ``key`` (from any socket; a user's run for that user only),
         or without one by ``id`` among the client's own (its user's, or anonymously its socket's)."""
         run_id = _run_id(request)
         key = request.get("key")
         if key is None:
-            return run_id, self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id)
+            return run_id, await self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id)
         if not isinstance(key, str):
             raise ProtocolViolation("'key' must be a string (the key of the run's start event)")
-        run = self.app.broker.run_by_key(key)
+        run = await self.app.broker.run_by_key(key)
         if run is None or run.id != run_id or (run.user is not None and run.user != self.conn.user):
             return run_id, None
         return run_id, run
 
-    def cancel(self, request: dict[str, Any]) -> None:
-        run_id, run = self.find(request)
+    async def cancel(self, request: dict[str, Any]) -> None:
+        run_id, run = await self.find(request)
         if run is None or run.finished:
             self.reply_error(run_id, "unknown_run", f"no run {run_id!r} in flight that you may cancel")
             return
@@ -169,30 +169,32 @@ class ChatSession:
             if run.controller is None or not isinstance(agent, str) or not run.controller.cancel(agent):
                 self.reply_error(run_id, "unknown_agent", f"no agent {agent!r} running in run {run_id!r}")
             return
-        self.app.broker.cancel(run.key, "cancelled by client")
+        await self.app.broker.cancel(run.key, "cancelled by client")
 
-    def resume(self, request: dict[str, Any]) -> None:
+    async def resume(self, request: dict[str, Any]) -> None:
         after = request.get("after", 0)
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             raise ProtocolViolation("'after' must be a non-negative integer (the last seq you received)")
-        run_id, run = self.find(request)
+        run_id, run = await self.find(request)
         if run is None:
             self.reply_error(run_id, "unknown_run",
                              f"no run {run_id!r} to resume (never started, forgotten, or not yours: send its key)")
             return
+        run = await self.app.broker.follow(run)
         try:
             run.subscribe(self.conn.outbox, after, primary=not run.finished)
         except (ReplayGap, BadResume) as exc:
             self.reply_error(run_id, exc.code, exc.message)
 
-    def attach(self, request: dict[str, Any]) -> None:
+    async def attach(self, request: dict[str, Any]) -> None:
         after = request.get("after")
         if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
             raise ProtocolViolation("'after' must be a non-negative integer (the last seq you received)")
-        run_id, run = self.find(request)
+        run_id, run = await self.find(request)
         if run is None:
             self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to (send its key)")
             return
+        run = await self.app.broker.follow(run)
         if run.state is not None and after is None:
             self.reply(encode(Snapshot(run.state.snapshot(), workflow=run.workflow), run.id, None))
         try:

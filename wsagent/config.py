@@ -33,6 +33,8 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "TCP port to listen on (0: any free port)")
     workers: int = _opt(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
+    redis_url: str | None = _opt(None, "join a cluster through this Redis (redis://host:6379/0): runs, client ids and limits are shared by every node (needs pip install \"wsagent[cluster]\"); unset: this process alone", group="cluster")
+    node_id: str | None = _opt(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits, unique per process)", group="cluster")
     event_loop: str = _opt("auto", "the event loop: auto (uvloop when installed: pip install \"wsagent[fast]\"), uvloop, or asyncio")
     env_file: str | None = _opt(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = _opt(10000, "open WebSocket connections before new ones get HTTP 503")

@@ -348,17 +348,17 @@ class ConnectionManager:
     def from_ip(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)
 
-    def set_user(self, conn: Connection, user: str) -> int:
+    async def set_user(self, conn: Connection, user: str) -> int:
         """Record who ``conn`` is; returns how many connections that user now has open."""
         conn.user = user
-        return self.broker.user_connected(user)
+        return await self.broker.user_connected(user)
 
     def open_by_route(self) -> Counter[str]:
         return Counter(conn.route for conn in self._all.values())
 
-    def claim_client_id(self, conn: Connection, client_id: str) -> bool:
+    async def claim_client_id(self, conn: Connection, client_id: str) -> bool:
         """Bind ``client_id`` to ``conn`` following the policy. False if ``conn`` must go."""
-        if not self.broker.claim_client(client_id, conn, self.client_id_policy):
+        if not await self.broker.claim_client(client_id, conn, self.client_id_policy):
             return False
         conn.client_id = client_id
         return True

@@ -85,3 +85,10 @@ class ProtocolViolation(WsAgentError):
     """A client sent something the protocol does not allow."""
 
     code = "bad_request"
+
+
+class ClusterUnavailable(WsAgentError):
+    """A request needs the other nodes, and the cluster's Redis cannot be reached now; try again shortly."""
+
+    code = "cluster_unavailable"
+    retryable = True

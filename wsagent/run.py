@@ -65,7 +65,7 @@ from .render import Renderer
 from .transcripts import Transcript
 from .workflow_state import Controller, WorkflowState
 
-__all__ = ["Run", "Subscription", "Watcher", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume"]
+__all__ = ["Run", "Subscription", "Watcher", "Outlet", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume"]
 
 _now = time.monotonic
 
@@ -151,6 +151,15 @@ class Watcher(Protocol):
 
     def unwatch(self, sub: Subscription) -> None:
         """``sub`` has ended: forget it."""
+        ...
+
+
+class Outlet(Protocol):
+    """Where a run's sealed events go besides its own watchers (in a cluster: Redis, for other nodes)."""
+
+    def dirty(self, run: Run) -> None:
+        """``run`` has events the outlet has not had yet (:meth:`Run.unpublished`); called once per
+        upstream read, so the outlet batches them and never pays per token."""
         ...
 
 
@@ -301,6 +310,10 @@ class Run:
         self._interruption: Event | None = None
         self._orphan_timer: asyncio.TimerHandle | None = None
         self._released = False
+        self.outlet: Outlet | None = None
+        self.published = 0  # the last seq the outlet has had
+        self.published_origins = 1
+        self._holder: str | None = None  # the client on another node that resumed this run, if any
 
     @property
     def finished(self) -> bool:
@@ -351,6 +364,8 @@ class Run:
 
     def wake(self) -> None:
         """Let every watcher write what is pending."""
+        if self.outlet is not None:
+            self.outlet.dirty(self)
         subs = self._subs
         for sub in subs[:] if len(subs) > 1 else subs:  # a watcher that takes the terminal event leaves the list
             sub.watcher.wake()
@@ -378,7 +393,12 @@ class Run:
     def undelivered(self) -> int:
         """Characters produced but not yet taken by the run's own client."""
         primary = self.primary
-        floor = primary.delivered if primary is not None else self._floor_delivered
+        if primary is not None:
+            floor = primary.delivered
+        elif self._holder is not None:
+            return 0  # its client reads on another node, from the cluster's copy: it never holds the producer
+        else:
+            floor = self._floor_delivered
         return self._sealed_bytes + self._tail_size - floor
 
     def end(self, event: Event) -> None:
@@ -461,6 +481,7 @@ class Run:
         if primary:
             self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
             self.primary = sub
+            self._holder = None
             self._stop_orphan_timer()
         watcher.watch(sub)
         return sub
@@ -473,11 +494,59 @@ class Run:
         sub.watcher.unwatch(sub)
         self._room.set()  # the producer no longer waits for this watcher
         if was_primary and not self.finished:
-            if grace > 0:
-                self._orphan_timer = asyncio.get_running_loop().call_later(
-                    grace, self.cancel, "client did not return")
-            else:
-                self.cancel("client disconnected")
+            self._orphaned(grace)
+
+    def _orphaned(self, grace: float) -> None:
+        if grace > 0:
+            self._orphan_timer = asyncio.get_running_loop().call_later(grace, self.cancel, "client did not return")
+        else:
+            self.cancel("client disconnected")
+
+    # -- a client on another node (cluster mode) ---------------------------
+
+    def adopt_remote(self, holder: str) -> None:
+        """A client on another node resumed this run (``holder`` names its subscription there): the run
+        is watched, and paced by nobody (that node reads the cluster's copy, never this log)."""
+        if self.finished:
+            return
+        self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
+        self.primary = None  # a client of this node that was the run's own watches on, as after a resume
+        self._holder = holder
+        self._stop_orphan_timer()
+        self._room.set()
+
+    def leave_remote(self, holder: str) -> None:
+        """The client on another node that resumed this run went away: orphaned, as if it were local.
+        A leave from an older holder (the client moved on again) changes nothing."""
+        if self._holder != holder or self.finished:
+            return
+        self._holder = None
+        if self._tail_code >= 0:
+            self._seal_tail()
+        self.watch = _step(_WATCHES, self.watch, _In.LEAVE)
+        self._floor_cursor = self._log.end - 1
+        self._floor_delivered = self._sealed_bytes
+        self._orphaned(self.grace)
+
+    def unpublished(self) -> tuple[int, list[int], list[str]]:
+        """The sealed events the outlet has not had: (seq of the first, codes, payloads). Seals the
+        tail: in a cluster the deltas of one upstream read are one entry, for every node alike."""
+        if self._tail_code >= 0:
+            self._seal_tail()
+        log_ = self._log
+        end = log_.end
+        first = max(self.published + 1, log_.first)
+        self.published = end - 1
+        codes, payloads = log_.codes, log_.payloads
+        count = end - first
+        entries = first, [codes[i] for i in range(-count, 0)], [payloads[i] for i in range(-count, 0)]
+        if self._holder is not None:
+            self._trim_to(end - 1, self._sealed_bytes)
+        return entries
+
+    def origins(self) -> list[tuple[str | None, str | None]]:
+        """The (agent, workflow) pairs the high bits of an entry's code index."""
+        return list(self._origins)
 
     @property
     def watchers(self) -> int:
@@ -609,9 +678,11 @@ class Run:
         """Forget the oldest events the run's own client has taken, down to ``replay_bytes``."""
         primary = self.primary
         if primary is not None:
-            min_cursor, min_delivered = primary.cursor, primary.delivered
+            self._trim_to(primary.cursor, primary.delivered)
         else:
-            min_cursor, min_delivered = self._floor_cursor, self._floor_delivered
+            self._trim_to(self._floor_cursor, self._floor_delivered)
+
+    def _trim_to(self, min_cursor: int, min_delivered: int) -> None:
         log_ = self._log
         kept_delivered = log_.size - (self._sealed_bytes - min_delivered)
         while log_.codes and log_.first <= min_cursor and kept_delivered > self.replay_bytes:

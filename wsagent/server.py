@@ -343,7 +343,7 @@ class WsAgentServer:
         app.manager.register(conn, route.pattern)
         log.info("open %s %s from %s", conn.id, printable(path), remote_text, extra={"conn": conn.id})
         try:
-            refusal = app.authenticate(conn, route.pattern, route.auth or self.settings.require_auth)
+            refusal = await app.authenticate(conn, route.pattern, route.auth or self.settings.require_auth)
             if refusal is not None:
                 code, reason = refusal
                 await close_or_abort(ws, code, reason, self.settings.close_timeout)

@@ -15,13 +15,13 @@ cancelled, which closes the upstream request.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from .agent import assistant, model_batches
 from .app import App
 from .connections import Connection, utf8_size
-from .errors import ProtocolViolation
+from .errors import ClusterUnavailable, ProtocolViolation
 from .events import Producer, encode_message, json_object
 from .render import Renderer, Thoughts, Words
 from .run import Run
@@ -57,7 +57,7 @@ async def _prompts(
     model: str | None = None,
     idle_ping: float | None = None,
     refuse: Callable[[str, str, str | bytes], str] = _text_refusal,
-    intercept: Callable[[str], bool] | None = None,
+    intercept: Callable[[str], Awaitable[bool]] | None = None,
 ) -> None:
     """Each prompt becomes a run rendered by ``renderer``, started once the previous one has ended.
     ``intercept`` may take a message that is not a prompt (True: handled)."""
@@ -70,14 +70,14 @@ async def _prompts(
         if isinstance(message, bytes):
             conn.put(refuse("bad_request", "send prompts as text frames", message))
             continue
-        if intercept is not None and intercept(message):
+        if intercept is not None and await intercept(message):
             continue
-        refusal = app.admit(conn, _QUEUED_PROMPTS)
+        refusal = await app.admit(conn, _QUEUED_PROMPTS)
         if refusal is not None:
             conn.put(refuse(*refusal, message))
             continue
         count += 1
-        run = app.new_run(conn, f"{conn.id}-{count}")
+        run = await app.new_run(conn, f"{conn.id}-{count}")
         run.subscribe(conn.outbox, 0, renderer(), primary=True)
         app.start(conn, run, functools.partial(producer, message), model=model, after=previous)
         previous = run
@@ -122,25 +122,37 @@ async def _thoughts(app: App, conn: Connection, idle_ping: float | None) -> None
 
 async def client_addressed(app: App, conn: Connection) -> None:
     """``/ws/{client_id}``: a prompt streams back to this client, word by word;
-    ``{"type": "broadcast", "content": ...}`` reaches every client-addressed connection, on every node."""
+    ``{"type": "broadcast", "content": ...}`` reaches every client-addressed connection, and
+    ``{"type": "send", "to": id, "content": ...}`` the one client holding ``id``, on every node."""
     client_id = conn.params["client_id"]
-    if not app.manager.claim_client_id(conn, client_id):
+    if not await app.manager.claim_client_id(conn, client_id):
         await conn.ws.close(4009, "client id already connected")
         return
 
-    def broadcast(message: str) -> bool:
+    async def message_for_others(message: str) -> bool:
         request = json_object(message)
-        if request is None or request.get("type") != "broadcast":
+        kind = request.get("type") if request is not None else None
+        if request is None or kind not in ("broadcast", "send"):
             return False
         content = request.get("content")
+        to = request.get("to")
         limit = app.settings.max_broadcast_bytes
         if not isinstance(content, str):
-            conn.put(encode_message("error", message="broadcast needs a string content"))
+            conn.put(encode_message("error", message=f"{kind} needs a string content"))
         elif utf8_size(content) > limit:
-            conn.put(encode_message("error", message=f"broadcast too large: {utf8_size(content)} bytes, "
+            conn.put(encode_message("error", message=f"{kind} too large: {utf8_size(content)} bytes, "
                                                      f"at most {limit} (--max-broadcast-bytes)"))
+        elif kind == "send" and not isinstance(to, str):
+            conn.put(encode_message("error", message="send needs 'to': the client id to send to"))
         else:
-            app.broker.broadcast(encode_message("broadcast", **{"from": client_id, "content": content}))
+            try:
+                if kind == "broadcast":
+                    await app.broker.broadcast(encode_message("broadcast", **{"from": client_id, "content": content}))
+                elif not await app.broker.send_to(str(to), encode_message("personal", **{"from": client_id,
+                                                                                          "content": content})):
+                    conn.put(encode_message("error", code="unknown_client", message=f"no client {to!r} is connected"))
+            except ClusterUnavailable as exc:
+                conn.put(encode_message("error", code=exc.code, message=exc.message, retryable=True))
         return True
 
-    await _prompts(app, conn, _model(app), Words, model=app.upstream.config.model, intercept=broadcast)
+    await _prompts(app, conn, _model(app), Words, model=app.upstream.config.model, intercept=message_for_others)

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,9 +44,9 @@ def pinned_venv(kind: str, requirements: Path, env_var: str, then: Sequence[Sequ
 
 @contextlib.asynccontextmanager
 async def started(command: Sequence[str], ready: bytes, *, env: dict[str, str] | None = None,
-                  cwd: Path | None = None, limit: float = 90) -> AsyncIterator[None]:
+                  cwd: Path | None = None, limit: float = 90) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run ``command`` until it prints a line with ``ready`` (its output is read to its end meanwhile, so
-    a full pipe never stalls it); stop it on the way out."""
+    a full pipe never stalls it), and give its process; stop it on the way out (if the test did not)."""
     process = await asyncio.create_subprocess_exec(*command, cwd=cwd, env={**os.environ, **(env or {})},
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     said: deque[str] = deque(maxlen=200)
@@ -68,9 +69,11 @@ async def started(command: Sequence[str], ready: bytes, *, env: dict[str, str] |
             await asyncio.wait_for(settled.wait(), limit)
         if not up:
             raise RuntimeError(f"{Path(command[0]).name} did not start in {limit:g} s:\n" + "".join(said))
-        yield
+        yield process
     finally:
         if process.returncode is None:
-            process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)  # a test may have stopped it
+                process.terminate()
             await process.wait()
         await reader

@@ -24,7 +24,7 @@ LAYERS = {
     "core": {"errors", "events", "sse", "chunks", "response_events", "tools", "metrics", "config", "tuning", "logs",
              "auth", "render", "ui_stream", "workflow_state"},
     "upstream": {"upstream", "agent", "producers", "frameworks", "simulator"},
-    "engine": {"run", "pump", "broker", "transcripts"},
+    "engine": {"run", "pump", "broker", "cluster", "transcripts"},
     "transport": {"connections", "compression", "responses"},
     "handlers": {"app", "chat", "ai_sdk", "tutorial", "pages", "status"},
     "wiring": {"router", "routes", "server", "serve", "systemd", "client", "workers", "__init__"},

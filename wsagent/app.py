@@ -69,13 +69,15 @@ class App:
     """The settings, the model server, the runs and the connections, for handlers."""
 
     def __init__(self, settings: Settings, upstream: UpstreamClient, metrics: Metrics,
-                 workflows: dict[str, WorkflowFactory], agents: dict[str, AgentFactory] | None = None) -> None:
+                 workflows: dict[str, WorkflowFactory], agents: dict[str, AgentFactory] | None = None,
+                 broker: LocalBroker | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
         self.metrics = metrics
         self.workflows = workflows
         self.agents: dict[str, AgentFactory] = agents or {}
-        self.broker = LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
+        self.broker = broker if broker is not None else LocalBroker(settings.replay_budget_bytes,
+                                                                    settings.replay_budget_per_user)
         self.manager = ConnectionManager(self.broker, settings.max_connections, settings.client_id_policy)
         self.auth = Authenticator(settings)
         self.started = time.monotonic()

@@ -21,7 +21,7 @@ import asyncio
 import secrets
 from collections import Counter
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from .events import Cancelled
 from .run import Run
@@ -136,6 +136,13 @@ class LocalBroker:
         self.total: Counter[str] = Counter()
         self.cancellations: Counter[str] = Counter()
         self.tokens = 0
+
+    async def close(self) -> None:
+        """Nothing to release in-process (a cluster's broker leaves the cluster)."""
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The node's view of its cluster (None: this process is alone)."""
+        return None
 
     # -- runs ------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from .events import (
     TEXT_CLASSES,
     TEXT_KINDS,
     Cancelled,
+    Done,
     ErrorEvent,
     Event,
     TextEvent,
@@ -75,6 +76,7 @@ _MAX_MERGED = 16384
 _KIND_BITS = 5
 _KIND_MASK = (1 << _KIND_BITS) - 1
 _USAGE = KIND_NAMES.index("usage")
+_TERMINAL_KINDS = frozenset({Done.kind, ErrorEvent.kind, Cancelled.kind})
 
 
 class ReplayGap(WsAgentError):
@@ -152,6 +154,10 @@ class Watcher(Protocol):
     def unwatch(self, sub: Subscription) -> None:
         """``sub`` has ended: forget it."""
         ...
+
+
+#: Entries of a run's log, as a cluster carries them: (seq of the first, codes, payloads, origins or None).
+Entries = tuple[int, list[int], list[str], list[list[str | None]] | None]
 
 
 class Outlet(Protocol):
@@ -312,7 +318,7 @@ class Run:
         self._released = False
         self.outlet: Outlet | None = None
         self.published = 0  # the last seq the outlet has had
-        self.published_origins = 1
+        self.published_origins = 0  # how many origins the outlet has had
         self._holder: str | None = None  # the client on another node that resumed this run, if any
 
     @property
@@ -502,52 +508,6 @@ class Run:
         else:
             self.cancel("client disconnected")
 
-    # -- a client on another node (cluster mode) ---------------------------
-
-    def adopt_remote(self, holder: str) -> None:
-        """A client on another node resumed this run (``holder`` names its subscription there): the run
-        is watched, and paced by nobody (that node reads the cluster's copy, never this log)."""
-        if self.finished:
-            return
-        self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
-        self.primary = None  # a client of this node that was the run's own watches on, as after a resume
-        self._holder = holder
-        self._stop_orphan_timer()
-        self._room.set()
-
-    def leave_remote(self, holder: str) -> None:
-        """The client on another node that resumed this run went away: orphaned, as if it were local.
-        A leave from an older holder (the client moved on again) changes nothing."""
-        if self._holder != holder or self.finished:
-            return
-        self._holder = None
-        if self._tail_code >= 0:
-            self._seal_tail()
-        self.watch = _step(_WATCHES, self.watch, _In.LEAVE)
-        self._floor_cursor = self._log.end - 1
-        self._floor_delivered = self._sealed_bytes
-        self._orphaned(self.grace)
-
-    def unpublished(self) -> tuple[int, list[int], list[str]]:
-        """The sealed events the outlet has not had: (seq of the first, codes, payloads). Seals the
-        tail: in a cluster the deltas of one upstream read are one entry, for every node alike."""
-        if self._tail_code >= 0:
-            self._seal_tail()
-        log_ = self._log
-        end = log_.end
-        first = max(self.published + 1, log_.first)
-        self.published = end - 1
-        codes, payloads = log_.codes, log_.payloads
-        count = end - first
-        entries = first, [codes[i] for i in range(-count, 0)], [payloads[i] for i in range(-count, 0)]
-        if self._holder is not None:
-            self._trim_to(end - 1, self._sealed_bytes)
-        return entries
-
-    def origins(self) -> list[tuple[str | None, str | None]]:
-        """The (agent, workflow) pairs the high bits of an entry's code index."""
-        return list(self._origins)
-
     @property
     def watchers(self) -> int:
         return len(self._subs)
@@ -581,6 +541,88 @@ class Run:
         if self._orphan_timer is not None:
             self._orphan_timer.cancel()
             self._orphan_timer = None
+
+    # -- a client on another node (cluster mode) ---------------------------
+
+    def adopt_remote(self, holder: str) -> None:
+        """A client on another node resumed this run (``holder`` names its subscription there): the run
+        is watched, and paced by nobody (that node reads the cluster's copy, never this log)."""
+        if self.finished:
+            return
+        self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
+        self.primary = None  # a client of this node that was the run's own watches on, as after a resume
+        self._holder = holder
+        self._stop_orphan_timer()
+        self._room.set()
+
+    def leave_remote(self, holder: str) -> None:
+        """The client on another node that resumed this run went away: orphaned, as if it were local.
+        A leave from an older holder (the client moved on again) changes nothing."""
+        if self._holder != holder or self.finished:
+            return
+        self._holder = None
+        if self._tail_code >= 0:
+            self._seal_tail()
+        self.watch = _step(_WATCHES, self.watch, _In.LEAVE)
+        self._floor_cursor = self._log.end - 1
+        self._floor_delivered = self._sealed_bytes
+        self._orphaned(self.grace)
+
+    def unpublished(self, everything: bool = False) -> Entries:
+        """The sealed events the outlet has not had (``everything``: all the log keeps): the seq of the
+        first, their codes and payloads, and the origins their codes index if those changed since
+        the last call (else None). Seals the tail: in a cluster, the deltas of one upstream read are
+        one entry for every node alike."""
+        if self._tail_code >= 0:
+            self._seal_tail()
+        log_ = self._log
+        end = log_.end
+        first = log_.first if everything else max(self.published + 1, log_.first)
+        self.published = end - 1
+        codes, payloads = log_.codes, log_.payloads
+        count = end - first
+        origins = None
+        if everything or len(self._origins) != self.published_origins:
+            self.published_origins = len(self._origins)
+            origins = [[agent, workflow] for agent, workflow in self._origins]
+        entries = first, [codes[i] for i in range(-count, 0)], [payloads[i] for i in range(-count, 0)], origins
+        if self._holder is not None:
+            self._trim_to(end - 1, self._sealed_bytes)
+        return entries
+
+    def origins(self) -> list[list[str | None]]:
+        """The [agent, workflow] pairs the high bits of an entry's code index (JSON-ready)."""
+        return [[agent, workflow] for agent, workflow in self._origins]
+
+    def replicate(self, first: int, codes: list[int], payloads: list[str],
+                  origins: list[list[str | None]] | None = None) -> None:
+        """Fill the log of a run produced elsewhere with entries ``first``, ``first + 1``, ... of the
+        producer's (:meth:`unpublished` there). Entries already here are skipped; past a gap, the log
+        starts again at ``first`` (a watcher behind it is told it lags). A terminal entry finishes
+        the run. The log keeps at most ``replay_bytes`` plus ``buffer_bytes``, whoever reads it."""
+        if origins is not None:
+            self._origins = [(agent, workflow) for agent, workflow in origins]
+        log_ = self._log
+        if self.finished or first + len(codes) <= log_.end:
+            return
+        if first > log_.end:
+            log_.clear()
+            log_.first = first
+        now = _now()
+        for i in range(log_.end - first, len(codes)):
+            code, payload = codes[i], payloads[i]
+            log_.append(code, payload, now)
+            self._sealed_bytes += len(payload)
+            kind = code & _KIND_MASK
+            if kind in _TERMINAL_KINDS:
+                self.phase = _step(_PHASES, self.phase, _In.END)
+                self.outcome = KIND_NAMES[kind]
+                self._done.set()
+                break
+        bound = self.replay_bytes + self.buffer_bytes
+        while log_.size > bound and len(log_.codes) > 1:
+            log_.popleft()
+        self.wake()
 
     # -- log -------------------------------------------------------------
 

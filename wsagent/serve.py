@@ -84,6 +84,10 @@ def _announce_ready(server: WsAgentServer) -> None:
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Run ``--workers`` copies of this server on one port and stand between them and systemd."""
+    if not settings.redis_url:
+        log.warning("%d workers without --redis-url: resume, attach, cancel, client ids and per-user limits are "
+                    "per process (a client that reconnects to another worker cannot resume its run); "
+                    "give them a Redis to share them", settings.workers)
     children: list[subprocess.Popen[bytes]] = []
     pipes: list[int] = []
     for number in range(1, settings.workers + 1):

@@ -128,7 +128,8 @@ class WsAgentServer:
         else:
             upstream.metrics = self.metrics
         log.info("model server: %s (%s)", upstream.url, DIALECTS[upstream.config.api])
-        self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents))
+        self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents),
+                        await _broker(s))
         if self._app.agents:
             log.info("agents: %s", ", ".join(sorted(self._app.agents)))
         supervisor, number = os.environ.get(WORKER_OF), os.environ.get(WORKER_NUMBER)
@@ -230,6 +231,8 @@ class WsAgentServer:
             await self._server.wait_closed()
         if self._mesh is not None:
             await self._mesh.stop()
+        if app is not None:
+            await app.broker.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):
@@ -404,6 +407,21 @@ def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, W
         return load_workflows(settings.workflows, upstream, BUILTIN_TOOLS)
     spec = json.loads(resources.files("wsagent").joinpath("data/workflows.json").read_text(encoding="utf-8"))
     return build_workflows(spec, upstream, BUILTIN_TOOLS)
+
+
+async def _broker(settings: Settings) -> LocalBroker:
+    """Where runs, client ids and counts live: this process, or with ``--redis-url`` the cluster."""
+    if not settings.redis_url:
+        return LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
+    try:
+        from .cluster import RedisBroker, default_node_id
+    except ImportError as exc:
+        raise SystemExit(f"--redis-url needs redis-py: pip install \"wsagent[cluster]\" ({exc})") from None
+    node = settings.node_id or default_node_id()
+    broker = await RedisBroker(settings.redis_url, node, settings.replay_budget_bytes,
+                               settings.replay_budget_per_user).start()
+    log.info("cluster: node %s, Redis at %s (%s)", node, settings.redis_url, broker.link.value)
+    return broker
 
 
 def _library_logger() -> logging.Logger:

@@ -22,8 +22,10 @@ def health(app: App) -> dict[str, Any]:
     upstream = app.upstream
     now = time.monotonic()
     last_failure = upstream.last_failure
+    cluster = app.broker.cluster_status()
+    degraded = cluster is not None and cluster["redis"] != "up"
     return {
-        "status": "draining" if app.draining else "ok",
+        "status": "draining" if app.draining else "degraded" if degraded else "ok",
         "connections": len(app.manager),
         "runs_active": len(app.broker.active_runs()),
         "uptime_s": round(now - app.started, 3),
@@ -34,6 +36,7 @@ def health(app: App) -> dict[str, Any]:
             "last_failure": None if last_failure is None else {"code": last_failure[1],
                                                                "s_ago": round(now - last_failure[0], 3)},
         },
+        **({"cluster": cluster} if cluster is not None else {}),
     }
 
 
@@ -91,6 +94,16 @@ def snapshot(app: App) -> list[Family]:
     add("wsagent_replay_evictions_total", "counter", "Finished runs forgotten early to stay in the replay budget.",
         {"": app.broker.evictions})
     add("wsagent_slow_client_closes_total", "counter", "Clients closed with 4008.", {"": app.manager.slow_closes})
+    cluster = app.broker.cluster_status()
+    if cluster is not None:
+        add("wsagent_cluster_redis_up", "gauge", "1 while this node reaches the cluster's Redis.",
+            {"": 1.0 if cluster["redis"] == "up" else 0.0})
+        add("wsagent_cluster_redis_failures_total", "counter", "Times this node lost its link to Redis.",
+            {"": cluster["failures"]})
+        add("wsagent_cluster_followed_runs", "gauge", "Runs of other nodes watched here.",
+            {"": cluster["followed_runs"]})
+        add("wsagent_cluster_batches_total", "counter", "Pipelines of run entries written to Redis.",
+            {"": cluster["batches"]})
     add("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
         {"": sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in app.manager)})
     return families

@@ -1,0 +1,228 @@
+"""Cluster mode end to end: a real ``redis-server``, wsagent nodes as separate processes, the simulator.
+
+Faults are injected as they happen in production: a node killed with SIGKILL,
+a node or Redis stopped with SIGSTOP, Redis stopped and started again empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from wsagent.simulator import SimulatorServer
+
+from .conftest import TERMINAL
+from .processes import free_port, started
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+SECRET = "cluster-test-secret-of-32-bytes!"
+#: How long a test waits for what must happen well within it (a bound, never a pause).
+LIMIT = 15.0
+
+
+@contextlib.asynccontextmanager
+async def redis_server(port: int = 0, *options: str) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
+    """A ``redis-server`` of our own on a loopback port, with nothing saved to disk."""
+    port = port or free_port()
+    async with started([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                        *options], b"Ready to accept connections", limit=20) as process:
+        yield port, process
+
+
+class Node:
+    def __init__(self, name: str, port: int, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.port = port
+        self.process = process
+        self.url = f"ws://127.0.0.1:{port}"
+
+    def connect(self, path: str = "/ws/chat", user: str | None = None, **kwargs: Any) -> Any:
+        if user is not None:
+            path += f"?token={token(user)}"
+        return connect(self.url + path, open_timeout=5, close_timeout=2, **kwargs)
+
+    async def http(self, path: str) -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        head, _, body = data.decode().partition("\r\n\r\n")
+        return int(head.split()[1]), body
+
+
+class Cluster:
+    """Nodes joined through one Redis, streaming from one simulator."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, sim: SimulatorServer, redis_port: int,
+                 redis: asyncio.subprocess.Process) -> None:
+        self.stack = stack
+        self.sim = sim
+        self.redis_port = redis_port
+        self.redis = redis
+        self.nodes: dict[str, Node] = {}
+
+    async def start(self, *names: str, **options: Any) -> list[Node]:
+        return list(await asyncio.gather(*(self.node(name, **options) for name in names)))
+
+    async def node(self, name: str, **options: Any) -> Node:
+        port = free_port()
+        settings = {"resume_grace": 10, "jwt_secret": SECRET, "log_level": "INFO", **options}
+        command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--node-id", name,
+                   "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--upstream-url", self.sim.base_url,
+                   "--event-loop", "asyncio"]
+        for key, value in settings.items():
+            command += [f"--{key.replace('_', '-')}", str(value)]
+        process = await self.stack.enter_async_context(started(command, b"wsagent listening on", limit=30))
+        node = self.nodes[name] = Node(name, port, process)
+        return node
+
+
+@pytest.fixture
+async def cluster(sim: SimulatorServer) -> AsyncIterator[Cluster]:
+    async with contextlib.AsyncExitStack() as stack:
+        port, process = await stack.enter_async_context(redis_server())
+        yield Cluster(stack, sim, port, process)
+
+
+def token(user: str) -> str:
+    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+def run_request(run_id: str, prompt: str, **fields: Any) -> str:
+    return json.dumps({"type": "run", "id": run_id, "prompt": prompt, **fields})
+
+
+async def frames_until(ws: ClientConnection, stop: Any, limit: float = LIMIT) -> list[str]:
+    """Frames (as sent) until one satisfies ``stop`` (that one included)."""
+    got: list[str] = []
+    async with asyncio.timeout(limit):
+        while True:
+            frame = await ws.recv()
+            assert isinstance(frame, str)
+            got.append(frame)
+            if stop(json.loads(frame)):
+                return got
+
+
+def terminal(event: dict[str, Any]) -> bool:
+    return event["type"] in TERMINAL
+
+
+def seq(frame: str) -> int:
+    return int(json.loads(frame)["seq"])
+
+
+async def start(ws: ClientConnection, run_id: str, prompt: str, **fields: Any) -> str:
+    """Start a run; its key."""
+    await ws.send(run_request(run_id, prompt, **fields))
+    first = json.loads(await ws.recv())
+    assert first["type"] == "start", first
+    return str(first["key"])
+
+
+async def whole_log(node: Node, run_id: str, key: str, user: str | None = None) -> list[str]:
+    """Every frame of a finished run, attached from its start (the producer's log, verbatim)."""
+    async with node.connect(user=user) as ws:
+        await ws.send(json.dumps({"type": "attach", "id": run_id, "key": key, "after": 0}))
+        return await frames_until(ws, terminal)
+
+
+async def test_resume_on_another_node_gives_the_same_frames(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b")
+    async with a.connect() as ws:
+        key = await start(ws, "r1", "hello sim:rate=200 sim:tokens=120")
+        head = await frames_until(ws, lambda e: e.get("seq", 0) >= 20)
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        tail = await frames_until(ws, terminal)
+    assert json.loads(tail[-1])["type"] == "done", tail[-1]
+    received = head + tail  # (the start frame was read by start())
+    assert [seq(f) for f in received] == list(range(2, seq(tail[-1]) + 1))  # no gap, no duplicate
+    reference = await whole_log(a, "r1", key)
+    assert received == reference[1:]  # byte for byte
+
+
+async def test_attach_from_a_third_node_mid_stream(cluster: Cluster) -> None:
+    a, _, c = await cluster.start("a", "b", "c")
+    async with a.connect() as producer:
+        key = await start(producer, "r1", "hello sim:rate=100 sim:tokens=150")
+        await frames_until(producer, lambda e: e.get("seq", 0) >= 10)
+        async with c.connect() as watcher:
+            await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+            watched = await frames_until(watcher, terminal)
+        own = await frames_until(producer, terminal)
+    assert json.loads(own[-1])["type"] == "done"
+    reference = await whole_log(a, "r1", key)
+    assert watched == reference  # from the start event: the run's log is short enough to be kept whole
+    assert sum(1 for f in watched if json.loads(f)["type"] in TERMINAL) == 1
+
+
+async def test_cancel_from_another_node_closes_the_upstream_request(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b")
+    sim = cluster.sim.simulator.stats
+    async with a.connect() as producer:
+        key = await start(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
+        await frames_until(producer, lambda e: e["type"] == "token")
+        async with b.connect() as other:
+            sent = time.monotonic()
+            await other.send(json.dumps({"type": "cancel", "id": "r1", "key": key}))
+            await sim.wait_for(lambda s: s.disconnected == 1, LIMIT)
+            closed = time.monotonic() - sent
+        end = await frames_until(producer, terminal)
+    assert json.loads(end[-1]) | {"seq": 0} == json.loads(end[-1]) | {"seq": 0, "type": "cancelled",
+                                                                       "reason": "cancelled by client"}
+    assert closed < 1.0, f"the upstream saw its connection close {closed * 1000:.0f} ms after the cancel"
+
+
+async def test_another_user_cannot_resume_attach_or_cancel(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b")
+    async with a.connect(user="alice") as alice:
+        key = await start(alice, "mine", "secret sim:rate=50 sim:tokens=100")
+        async with b.connect(user="bob") as bob:
+            for kind in ("resume", "attach", "cancel"):
+                await bob.send(json.dumps({"type": kind, "id": "mine", "key": key, "after": 0}))
+                refusal = json.loads(await bob.recv())
+                assert (refusal["type"], refusal["code"]) == ("error", "unknown_run"), refusal
+        async with b.connect(user="alice") as alice_elsewhere:  # her own, from another node, by id alone
+            await alice_elsewhere.send(json.dumps({"type": "attach", "id": "mine"}))
+            watched = await frames_until(alice_elsewhere, terminal)
+        assert json.loads(watched[-1])["type"] == "done"
+        own = await frames_until(alice, terminal)
+        assert json.loads(own[-1])["type"] == "done"
+
+
+async def test_a_killed_producer_ends_every_remote_watcher_with_producer_lost(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b")
+    async with a.connect() as producer:
+        key = await start(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
+        async with b.connect() as watcher, b.connect() as second:
+            for ws in (watcher, second):
+                await ws.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+                await frames_until(ws, lambda e: e["type"] == "token")
+            a.process.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            for ws in (watcher, second):
+                frames = await frames_until(ws, terminal, limit=10)
+                elapsed = time.monotonic() - killed
+                last = json.loads(frames[-1])
+                assert (last["type"], last["code"], last["retryable"]) == ("error", "producer_lost", True)
+                assert elapsed < 5.0, f"producer_lost came {elapsed:.2f} s after the SIGKILL"
+                assert [json.loads(f)["type"] for f in frames].count("error") == 1
+        with pytest.raises(ConnectionClosed):  # its own client loses the connection (after what was in flight)
+            async with asyncio.timeout(LIMIT):
+                while True:
+                    await producer.recv()

@@ -1,0 +1,798 @@
+"""Cluster mode: the broker that shares runs, client ids and per-user counts through Redis.
+
+:class:`RedisBroker` is a :class:`~wsagent.broker.LocalBroker` (every run a
+node produces lives in its memory, as alone) that also tells the cluster about
+it, so that any node can resume, attach to, cancel or address it. What goes
+where (README's "Scaling out" has the table):
+
+* ``wsagent:run:{key}`` (hash: ``meta``, ``origins``) says which node produces
+  the run, whose it is and what its log's codes mean; ``wsagent:id:{scope}:{id}``
+  maps a run id to its key for scopes other nodes can name (a user's, an AI SDK
+  chat's);
+* ``wsagent:log:{key}`` (a stream) holds the run's log as the producer keeps it:
+  one entry per sealed event (the deltas of one upstream read are one entry),
+  its stream id ``{seq}-0``. Redis refuses an id that is not above the last one,
+  so a node that comes back after an outage can rewrite its history without
+  ever writing stale entries over newer ones (the fence). The stream is trimmed
+  to the producer's own log (``MINID``), so it never holds more than
+  ``--replay-bytes`` plus ``--run-buffer-bytes`` of the run;
+* ``wsagent:run:{key}`` (a channel) carries each batch of new entries to the
+  nodes that follow the run; ``wsagent:node:{node}`` carries cancels, a
+  resumed client's arrival and departure, evictions and personal messages to
+  one node; ``wsagent:broadcast`` reaches every node;
+* ``wsagent:nodes`` (a sorted set of heartbeats, every second) says which nodes
+  are alive; ``wsagent:user:{user}`` holds each node's count of the user's
+  connections and runs; ``wsagent:client:{id}`` names the holder of a client id.
+
+Every key expires: a running run's keys after 30 s unless its node refreshes
+them (every 10 s), a finished run's after its resume grace, a client id's after
+10 s unless refreshed.
+
+Cost on the hot path: a run's new entries are written once per upstream read,
+and every run's writes of one event-loop turn go to Redis in one pipeline (one
+``XADD`` per entry and one ``PUBLISH`` per run), from one task: no round trip
+and no task per token.
+
+A node that follows a run elsewhere keeps a :class:`Mirror`: a
+:class:`~wsagent.run.Run` whose log is filled from the stream and the channel
+instead of a producer, so its watchers get the producer's frames byte for byte,
+with the same ``seq``, through the same code (renderers, lagging, resume
+checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .broker import LocalBroker, Mailbox, mint_key
+from .errors import ClusterUnavailable
+from .events import encode_message
+from .render import Renderer
+from .run import Run, Subscription, Watcher
+
+__all__ = ["RedisBroker", "Mirror", "Link", "default_node_id"]
+
+log = logging.getLogger("wsagent.cluster")
+
+#: Seconds between heartbeats; a node whose last one is older than NODE_TTL is taken for dead.
+HEARTBEAT = 1.0
+NODE_TTL = 3.0
+#: A running run's keys live this long unless its node refreshes them (every REFRESH_EVERY seconds).
+RUN_TTL = 30
+REFRESH_EVERY = 10.0
+CLIENT_TTL = 10
+#: Seconds one Redis command may take before the cluster is taken for out of reach.
+COMMAND_TIMEOUT = 2.0
+
+_NODES = "wsagent:nodes"
+_BROADCAST = "wsagent:broadcast"
+_DOWN = (RedisError, OSError, TimeoutError)
+_T = TypeVar("_T")
+_holders = itertools.count(1)
+
+
+def default_node_id() -> str:
+    """Host name, pid and 16 random bits: unique per process, readable in logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _text(value: object) -> str | None:
+    """A Redis reply that should be a string (``decode_responses``), or None."""
+    return value if isinstance(value, str) else None
+
+
+def _meta_key(key: str) -> str:
+    return f"wsagent:run:{key}"
+
+
+def _log_key(key: str) -> str:
+    return f"wsagent:log:{key}"
+
+
+def _run_channel(key: str) -> str:
+    return f"wsagent:run:{key}"
+
+
+def _node_channel(node: str) -> str:
+    return f"wsagent:node:{node}"
+
+
+def _id_key(scope: str, run_id: str) -> str:
+    return f"wsagent:id:{scope}:{run_id}"
+
+
+def _user_key(user: str) -> str:
+    return f"wsagent:user:{user}"
+
+
+def _client_key(client_id: str) -> str:
+    return f"wsagent:client:{client_id}"
+
+
+def _shared(scope: str) -> bool:
+    """Whether other nodes can name runs of ``scope`` (an anonymous connection's runs stay on its node)."""
+    return not scope.startswith("conn:")
+
+
+#: Delete a key only while it still holds the value we wrote (a client id, a run id).
+_DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+class Link(enum.Enum):
+    """The node's link to the cluster's Redis."""
+
+    UP = "up"
+    DOWN = "down"
+
+
+class Mirror(Run):
+    """A run produced on another node, as this node follows it: its log is the cluster's copy.
+
+    Its watchers read it exactly as they read a local run. What a local run
+    would do itself goes to the producer instead: a cancel, and its own client
+    arriving (``adopt``) or leaving (``leave``: the producer's resume grace
+    starts). The log is bounded like the producer's (``replay_bytes`` plus
+    ``buffer_bytes``); a watcher that falls out of it is told ``lagging`` and
+    may attach or resume again from the history in Redis.
+    """
+
+    def __init__(self, broker: RedisBroker, key: str, meta: dict[str, Any], origins: list[list[str | None]]) -> None:
+        super().__init__(str(meta["id"]), key=key, user=meta.get("user"), scope=str(meta["scope"]),
+                         buffer_bytes=int(meta["buffer"]), replay_bytes=int(meta["replay"]),
+                         agent=meta.get("agent"), workflow=meta.get("workflow"), grace=float(meta["grace"]))
+        self.node = str(meta["node"])
+        self.broker = broker
+        self._origins = [(o[0], o[1]) for o in origins]
+        self.filling = True
+        self.early: list[tuple[int, list[int], list[str], list[list[str | None]] | None]] = []
+        self._failure: str | None = None
+        self._held_as: tuple[Subscription, str] | None = None
+
+    def fail(self, code: str, message: str) -> None:
+        """The run can no longer be followed from here: each watcher gets what it has not taken, then
+        one ``error`` (without a ``seq``: the producer never sent it), and leaves."""
+        if self.finished or self._failure is not None:
+            return
+        self._failure = encode_message("error", id=self.id, code=code, retryable=True, message=message)
+        self.wake()
+        if not self._subs:
+            self.broker.unfollow(self)
+
+    def _take(self, sub: Subscription) -> list[str]:
+        frames = super()._take(sub)
+        if self._failure is not None and not sub.ended and sub.cursor >= self._log.end - 1:
+            self._end(sub)
+            frames.append(self._failure)
+        return frames
+
+    def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
+                  primary: bool = False) -> Subscription:
+        sub = super().subscribe(watcher, after, renderer, primary=primary)
+        if primary and not self.finished:
+            holder = f"{self.broker.node}/{next(_holders)}"
+            self._held_as = (sub, holder)
+            self.broker.tell(self.node, {"op": "adopt", "key": self.key, "holder": holder})
+        return sub
+
+    def unsubscribe(self, sub: Subscription, grace: float = 0.0) -> None:
+        """The producer's grace applies (it was set when the run started), whatever ``grace`` says."""
+        held = self._held_as
+        self._end(sub)
+        sub.watcher.unwatch(sub)
+        if held is not None and held[0] is sub:
+            self._held_as = None
+            if not self.finished:
+                self.broker.tell(self.node, {"op": "leave", "key": self.key, "holder": held[1]})
+
+    def _end(self, sub: Subscription) -> None:
+        super()._end(sub)
+        if not self._subs:
+            self.broker.unfollow(self)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.broker.tell(self.node, {"op": "cancel", "key": self.key, "reason": reason})
+
+
+class RedisBroker(LocalBroker):
+    """A :class:`~wsagent.broker.LocalBroker` that shares what other nodes need through Redis.
+
+    While Redis is out of reach (:attr:`link` is ``DOWN``) the node goes on
+    alone: its own runs stream to its own clients untouched, new runs start,
+    limits count this node only; whatever needs another node raises
+    :class:`~wsagent.errors.ClusterUnavailable`, and the runs it follows end
+    for their watchers with a retryable ``cluster_unavailable``. Once Redis
+    answers again, the node writes back what it holds (runs, their retained
+    logs, client ids, counts) and follows again.
+    """
+
+    def __init__(self, url: str, node: str, budget: int = 64 * 1024 * 1024,
+                 budget_per_user: int = 8 * 1024 * 1024) -> None:
+        super().__init__(budget, budget_per_user)
+        self.url = url
+        self.node = node
+        self.link = Link.DOWN
+        self.failures = 0
+        self.down_since: float | None = time.monotonic()
+        self.batches = 0
+        self.live: frozenset[str] = frozenset({node})
+        no_retry = Retry(NoBackoff(), 0)
+        self.redis: Redis = Redis.from_url(url, decode_responses=True, socket_timeout=COMMAND_TIMEOUT,
+                                           socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry)
+        self._listen_redis: Redis = Redis.from_url(url, decode_responses=True,
+                                                   socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry)
+        self._delete_if = self.redis.register_script(_DELETE_IF)
+        self._dirty: dict[Run, None] = {}
+        self._users_dirty: set[str] = set()
+        self._wanted = asyncio.Event()
+        self._mirrors: dict[str, Mirror] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._claims: dict[str, str] = {}  # client id -> the value this node wrote for it
+        self._loops: list[asyncio.Task[None]] = []
+        self._refreshed = 0.0
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> RedisBroker:
+        """Join the cluster (or start alone, and join once Redis answers)."""
+        await self._beat()
+        if self.link is not Link.UP:
+            log.warning("cluster: Redis at %s is out of reach; node %s runs alone until it answers",
+                        self.url, self.node)
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._heartbeats()), loop.create_task(self._flusher())]
+        return self
+
+    async def close(self) -> None:
+        """Leave the cluster: the other nodes see this node gone at once (its runs have ended)."""
+        for task in [*self._loops, *self._tasks, *([self._listener] if self._listener else [])]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, *([self._listener] if self._listener else []),
+                             return_exceptions=True)
+        if self.link is Link.UP:
+            try:
+                await self._flush_once()
+                await self.redis.zrem(_NODES, self.node)
+            except _DOWN:
+                pass
+        await self.redis.aclose()
+        await self._listen_redis.aclose()
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background (a write nobody waits for), kept until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cluster_status(self) -> dict[str, Any]:
+        return {"node": self.node, "redis": self.link.value, "nodes": len(self.live),
+                "down_s": None if self.down_since is None else round(time.monotonic() - self.down_since, 3),
+                "failures": self.failures, "followed_runs": len(self._mirrors), "batches": self.batches}
+
+    # -- the link --------------------------------------------------------
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.link is Link.DOWN:
+            return
+        self.link = Link.DOWN
+        self.failures += 1
+        self.down_since = time.monotonic()
+        log.warning("cluster: Redis at %s is out of reach (%s): node %s goes on alone", self.url,
+                    exc or type(exc).__name__, self.node)
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+        for mirror in list(self._mirrors.values()):
+            mirror.fail("cluster_unavailable", "the cluster is out of reach (its Redis does not answer); "
+                        "resume shortly from the last seq you received")
+        self._mirrors.clear()
+
+    def _require_up(self) -> None:
+        if self.link is not Link.UP:
+            raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); try again shortly")
+
+    async def _ask(self, request: Awaitable[_T]) -> _T:
+        """One request to Redis; out of reach, :class:`ClusterUnavailable`."""
+        self._require_up()
+        try:
+            return await request
+        except _DOWN as exc:
+            self._lost(exc)
+            raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); "
+                                     "try again shortly") from None
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            await self._beat()
+
+    async def _beat(self) -> None:
+        """Say this node is alive, learn which others are, refresh what would expire, and notice
+        producers that died; when Redis answers again after an outage, write back what this node holds."""
+        now_ms = int(time.time() * 1000)
+        refresh = time.monotonic() - self._refreshed > REFRESH_EVERY
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(_NODES, {self.node: now_ms})
+        pipe.zrangebyscore(_NODES, now_ms - int(NODE_TTL * 1000), "+inf")
+        pipe.zremrangebyscore(_NODES, "-inf", now_ms - 60_000)
+        if refresh and self.link is Link.UP:
+            for run in self.active_runs():
+                for name in (_meta_key(run.key), _log_key(run.key)):
+                    pipe.expire(name, RUN_TTL)
+                if _shared(run.scope):
+                    pipe.expire(_id_key(run.scope, run.id), RUN_TTL)
+            for client_id in self._claims:
+                pipe.expire(_client_key(client_id), CLIENT_TTL)
+        try:
+            replies = await pipe.execute()
+            if self.link is Link.DOWN:
+                await self._rejoin()
+        except _DOWN as exc:
+            self._lost(exc)
+            return
+        if refresh:
+            self._refreshed = time.monotonic()
+        self.live = frozenset(replies[1]) | {self.node}
+        for mirror in list(self._mirrors.values()):
+            if mirror.node not in self.live and not mirror.finished:
+                mirror.fail("producer_lost", f"node {mirror.node}, which produced this run, stopped answering; "
+                            "start the run again")
+
+    async def _rejoin(self) -> None:
+        """Redis answers again (perhaps restarted empty): write back this node's runs with the logs they
+        keep, its client ids and counts, then follow again."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run in list(self._by_key.values()):
+            self._register_run(pipe, run, RUN_TTL if not run.finished else max(1, round(run.grace)))
+            self._append(pipe, run, *run.unpublished(everything=True), publish=False)
+        for user in {*self._user_conns, *self._user_runs}:
+            self._count_user(pipe, user)
+        for client_id, value in self._claims.items():
+            pipe.set(_client_key(client_id), value, nx=True, ex=CLIENT_TTL)
+            pipe.get(_client_key(client_id))
+        replies = await pipe.execute(raise_on_error=False)
+        holders = iter(replies[-2 * len(self._claims):] if self._claims else [])
+        for client_id, value in list(self._claims.items()):
+            next(holders)
+            holder = next(holders)
+            # Another node's client took the id while this one was cut off: that claim is the newer.
+            if isinstance(holder, str) and holder != value:
+                mailbox = self._clients.get(client_id)
+                self._claims.pop(client_id)
+                if mailbox is not None:
+                    mailbox.evict()
+        self.link = Link.UP
+        self.down_since = None
+        log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    # -- writing: once per upstream read, pipelined across runs -------------
+
+    def dirty(self, run: Run) -> None:
+        self._dirty[run] = None
+        self._wanted.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            if self.link is not Link.UP:
+                self._dirty.clear()  # the retained logs are written again when Redis answers
+                continue
+            try:
+                await self._flush_once()
+            except _DOWN as exc:
+                self._lost(exc)
+
+    async def _flush_once(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        users, self._users_dirty = self._users_dirty, set()
+        if not dirty and not users:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for run in dirty:
+            if run.published == 0:
+                self._register_run(pipe, run, RUN_TTL)
+            first, codes, payloads, origins = run.unpublished()
+            if codes:
+                self._append(pipe, run, first, codes, payloads, origins, publish=True)
+            if run.finished:
+                ttl = max(1, round(run.grace))
+                for name in (_meta_key(run.key), _log_key(run.key)):
+                    pipe.expire(name, ttl)
+                if _shared(run.scope):
+                    pipe.expire(_id_key(run.scope, run.id), ttl)
+        for user in users:
+            self._count_user(pipe, user)
+        self.batches += 1
+        await pipe.execute(raise_on_error=False)
+
+    def _register_run(self, pipe: Any, run: Run, ttl: int) -> None:
+        meta = {"id": run.id, "user": run.user, "scope": run.scope, "node": self.node, "agent": run.agent,
+                "workflow": run.workflow, "grace": run.grace, "buffer": run.buffer_bytes, "replay": run.replay_bytes}
+        pipe.hset(_meta_key(run.key), mapping={"meta": json.dumps(meta), "origins": json.dumps(run.origins())})
+        pipe.expire(_meta_key(run.key), ttl)
+        if _shared(run.scope):
+            pipe.set(_id_key(run.scope, run.id), run.key, nx=True, ex=ttl)
+
+    def _append(self, pipe: Any, run: Run, first: int, codes: list[int], payloads: list[str],
+                origins: list[list[str | None]] | None, *, publish: bool) -> None:
+        stream = _log_key(run.key)
+        if origins is not None:
+            pipe.hset(_meta_key(run.key), "origins", json.dumps(origins))
+        last = len(codes) - 1
+        for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
+            if i == last:
+                pipe.xadd(stream, {"c": code, "p": payload}, id=f"{first + i}-0", minid=f"{run.oldest_kept}-0",
+                          approximate=True)
+            else:
+                pipe.xadd(stream, {"c": code, "p": payload}, id=f"{first + i}-0")
+        if first == 1 or not publish:
+            pipe.expire(stream, RUN_TTL if not run.finished else max(1, round(run.grace)))
+        if publish:
+            pipe.publish(_run_channel(run.key), json.dumps([first, codes, payloads, origins]))
+
+    def _count_user(self, pipe: Any, user: str) -> None:
+        key = _user_key(user)
+        pipe.hset(key, mapping={f"c:{self.node}": self._user_conns.get(user, 0),
+                                f"r:{self.node}": self._user_runs.get(user, 0)})
+        pipe.expire(key, 86400)
+
+    def tell(self, node: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to ``node`` without waiting (an adopt, a leave)."""
+        if self.link is Link.UP:
+            self.spawn(self._tell(node, message))
+
+    async def _tell(self, node: str, message: dict[str, Any]) -> int:
+        try:
+            return int(await self.redis.publish(_node_channel(node), json.dumps(message)))
+        except _DOWN as exc:
+            self._lost(exc)
+            return 0
+
+    # -- reading: one subscriber connection per node -----------------------
+
+    async def _listen(self) -> None:
+        pubsub = self._listen_redis.pubsub()
+        self._pubsub = pubsub
+        try:
+            await pubsub.subscribe(_node_channel(self.node), _BROADCAST,
+                                   *(_run_channel(key) for key in self._mirrors))
+            refills = [self._refill(mirror) for mirror in self._mirrors.values()]
+            async for message in pubsub.listen():
+                if refills:  # after the subscription: nothing published from here on is missed
+                    for refill in refills:
+                        self.spawn(refill)
+                    refills = []
+                self._receive(message)
+        except _DOWN as exc:
+            self._listener = None
+            # Redis may have cut this connection alone (a subscriber too far behind hits its output
+            # buffer limit): if Redis answers, subscribe again and refill the followed runs from history.
+            try:
+                await self.redis.ping()
+            except _DOWN:
+                self._lost(exc)
+            else:
+                log.warning("cluster: the subscriber connection was cut (%s); subscribing again", exc)
+                self._listener = asyncio.get_running_loop().create_task(self._listen())
+        finally:
+            if self._pubsub is pubsub:
+                self._pubsub = None
+            for confirmation in self._confirmations.values():
+                if not confirmation.done():
+                    confirmation.cancel()
+            self._confirmations.clear()
+            await pubsub.reset()  # (aclose itself is untyped)
+
+    def _receive(self, message: dict[str, Any]) -> None:
+        kind, channel, data = message["type"], message["channel"], message["data"]
+        if kind == "subscribe":
+            confirmation = self._confirmations.pop(channel, None)
+            if confirmation is not None and not confirmation.done():
+                confirmation.set_result(None)
+        elif kind != "message":
+            return
+        elif channel == _BROADCAST:
+            self.deliver_all(data)
+        elif channel == _node_channel(self.node):
+            self._control(json.loads(data))
+        else:
+            mirror = self._mirrors.get(channel[len("wsagent:run:"):])
+            if mirror is not None:
+                first, codes, payloads, origins = json.loads(data)
+                if mirror.filling:
+                    mirror.early.append((first, codes, payloads, origins))
+                else:
+                    self._apply(mirror, first, codes, payloads, origins)
+
+    def _apply(self, mirror: Mirror, first: int, codes: list[int], payloads: list[str],
+               origins: list[list[str | None]] | None) -> None:
+        if first > mirror._log.end and not mirror.finished:  # a batch went missing: read it from history
+            mirror.filling = True
+            mirror.early.append((first, codes, payloads, origins))
+            self.spawn(self._refill(mirror))
+        else:
+            mirror.replicate(first, codes, payloads, origins)
+
+    def _control(self, message: dict[str, Any]) -> None:
+        op, key = message.get("op"), message.get("key")
+        run = self._by_key.get(key) if isinstance(key, str) else None
+        if op == "cancel" and run is not None:
+            self.cancel_here(run.key, str(message.get("reason", "cancelled")))
+        elif op == "adopt" and run is not None:
+            run.adopt_remote(str(message["holder"]))
+        elif op == "leave" and run is not None:
+            run.leave_remote(str(message["holder"]))
+        elif op == "evict":
+            client_id = str(message["client"])
+            mailbox = self._clients.get(client_id)
+            if mailbox is not None and self._claims.get(client_id) == message.get("holder"):
+                self._claims.pop(client_id)
+                del self._clients[client_id]
+                mailbox.evict()
+        elif op == "send":
+            self.deliver(str(message["client"]), str(message["frame"]))
+
+    async def _refill(self, mirror: Mirror) -> None:
+        """Read the run's entries from its history in Redis, then apply what arrived meanwhile."""
+        log_ = mirror._log
+        start = f"{log_.end}-0" if log_.codes or log_.first > 1 else "-"
+        try:
+            entries = cast(list[tuple[str, dict[str, str]]],
+                           await self.redis.xrange(_log_key(mirror.key), min=start, max="+"))
+        except _DOWN as exc:
+            self._lost(exc)
+            return
+        if mirror.finished or mirror._failure is not None:
+            return
+        run: list[tuple[int, int, str]] = [(int(entry_id.partition("-")[0]), int(fields["c"]), fields["p"])
+                                           for entry_id, fields in entries]
+        if run:
+            mirror.replicate(run[0][0], [c for _, c, _ in run], [p for _, _, p in run])
+        mirror.filling = False
+        early, mirror.early = mirror.early, []
+        for first, codes, payloads, origins in early:
+            self._apply(mirror, first, codes, payloads, origins)
+        if not run and not early:
+            mirror.wake()
+
+    # -- runs ------------------------------------------------------------
+
+    async def add_run(self, run: Run, keep_after_finish: float) -> None:
+        if (run.scope, run.id) in self._by_id:
+            raise ValueError(f"run id {run.id!r} is already in use")
+        if not run.key:
+            run.key = mint_key()
+        if _shared(run.scope) and self.link is Link.UP:
+            try:
+                taken = not await self.redis.set(_id_key(run.scope, run.id), run.key, nx=True, ex=RUN_TTL)
+            except _DOWN as exc:
+                self._lost(exc)
+                taken = False
+            if taken:
+                raise ValueError(f"run id {run.id!r} is already in use")
+        self.register(run, keep_after_finish)
+        run.outlet = self
+        if run.user is not None:
+            self._users_dirty.add(run.user)
+            run.on_finish.append(self._user_run_ended)
+        self.dirty(run)
+
+    def _user_run_ended(self, run: Run) -> None:
+        assert run.user is not None
+        self._users_dirty.add(run.user)
+        self._wanted.set()
+
+    async def run_by_key(self, key: str) -> Run | None:
+        run: Run | None = self._by_key.get(key) or self._mirrors.get(key)
+        if run is not None:
+            return run
+        fields = await self._ask(self.redis.hgetall(_meta_key(key)))
+        if not fields or "meta" not in fields:
+            return None
+        meta = json.loads(fields["meta"])
+        if meta["node"] == self.node:  # a run this node no longer keeps
+            return None
+        return Mirror(self, key, meta, json.loads(fields.get("origins") or "[[null, null]]"))
+
+    async def run_by_id(self, scope: str, run_id: str) -> Run | None:
+        run = self._by_id.get((scope, run_id))
+        if run is not None or not _shared(scope):
+            return run
+        key = await self._ask(self.redis.get(_id_key(scope, run_id)))
+        return None if not isinstance(key, str) else await self.run_by_key(key)
+
+    async def follow(self, run: Run) -> Run:
+        if not isinstance(run, Mirror):
+            return run
+        following = self._mirrors.get(run.key)
+        if following is not None:
+            return following
+        self._require_up()
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise ClusterUnavailable("this node is joining the cluster again; try again shortly")
+        self._mirrors[run.key] = run
+        channel = _run_channel(run.key)
+        confirmation = self._confirmations[channel] = asyncio.get_running_loop().create_future()
+        try:
+            await pubsub.subscribe(channel)
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                await confirmation
+            await self._refill(run)
+        except (*_DOWN, asyncio.CancelledError) as exc:
+            self._mirrors.pop(run.key, None)
+            if not isinstance(exc, asyncio.CancelledError):
+                self._lost(exc)
+            raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); "
+                                     "try again shortly") from None
+        if run.node not in self.live and not await self._alive(run.node):
+            run.fail("producer_lost", f"node {run.node}, which produced this run, stopped answering; "
+                     "start the run again")
+        return run
+
+    async def _alive(self, node: str) -> bool:
+        """Whether ``node`` beat lately (asked of Redis: it may have joined since this node's last beat)."""
+        try:
+            beat = await self.redis.zscore(_NODES, node)
+        except _DOWN as exc:
+            self._lost(exc)
+            return False
+        if beat is not None and beat > time.time() * 1000 - NODE_TTL * 1000:
+            self.live |= {node}
+            return True
+        return False
+
+    def unfollow(self, mirror: Mirror) -> None:
+        """Nobody here watches ``mirror`` any more: stop following it."""
+        if self._mirrors.get(mirror.key) is mirror:
+            del self._mirrors[mirror.key]
+            pubsub = self._pubsub
+            if pubsub is not None and self.link is Link.UP:
+                self.spawn(self._unsubscribe(pubsub, _run_channel(mirror.key)))
+        mirror.release()
+
+    async def _unsubscribe(self, pubsub: PubSub, channel: str) -> None:
+        try:
+            await pubsub.unsubscribe(channel)
+        except _DOWN as exc:
+            self._lost(exc)
+
+    def forget(self, run: Run) -> None:
+        super().forget(run)
+        if self.link is Link.UP:
+            self.spawn(self._forget(run))
+
+    async def _forget(self, run: Run) -> None:
+        try:
+            await self.redis.delete(_meta_key(run.key), _log_key(run.key))
+            if _shared(run.scope):
+                await self._delete_if(keys=[_id_key(run.scope, run.id)], args=[run.key])
+        except _DOWN as exc:
+            self._lost(exc)
+
+    async def runs_of(self, user: str) -> int:
+        return await self._count(user, "r", self._user_runs.get(user, 0))
+
+    async def _count(self, user: str, kind: str, here: int) -> int:
+        """``user``'s connections (``c``) or runs (``r``) on every live node; this node's alone while
+        the cluster is out of reach."""
+        if self.link is not Link.UP:
+            return here
+        try:
+            counts = cast(dict[str, str], await self.redis.hgetall(_user_key(user)))
+        except _DOWN as exc:
+            self._lost(exc)
+            return here
+        live = self.live
+        prefix = f"{kind}:"
+        return here + sum(int(value) for field, value in counts.items()
+                          if field.startswith(prefix) and field[2:] != self.node and field[2:] in live)
+
+    async def cancel(self, key: str, reason: str) -> bool:
+        if self.cancel_here(key, reason):
+            return True
+        if key in self._by_key:
+            return False
+        run = await self.run_by_key(key)
+        if not isinstance(run, Mirror):
+            return False
+        message = json.dumps({"op": "cancel", "key": key, "reason": reason})
+        return bool(await self._ask(self.redis.publish(_node_channel(run.node), message)))
+
+    # -- users -----------------------------------------------------------
+
+    async def user_connected(self, user: str) -> int:
+        here = await super().user_connected(user)
+        if self.link is Link.UP:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                self._count_user(pipe, user)
+                await pipe.execute()
+            except _DOWN as exc:
+                self._lost(exc)
+        return await self._count(user, "c", here)
+
+    def user_disconnected(self, user: str) -> None:
+        super().user_disconnected(user)
+        self._users_dirty.add(user)
+        self._wanted.set()
+
+    # -- client ids ------------------------------------------------------
+
+    async def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+        if not self.claim_here(client_id, mailbox, policy):
+            return False
+        value = f"{self.node}/{next(_holders)}"
+        self._claims[client_id] = value
+        if self.link is not Link.UP:
+            return True
+        key = _client_key(client_id)
+        try:
+            if policy == "reject":
+                if not await self.redis.set(key, value, nx=True, ex=CLIENT_TTL):
+                    holder = _text(await self.redis.get(key))
+                    if holder is not None and holder.rpartition("/")[0] in self.live:
+                        self._claims.pop(client_id, None)
+                        super().release_client(client_id, mailbox)
+                        return False
+                    await self.redis.set(key, value, ex=CLIENT_TTL)  # its holder's node is gone
+            else:
+                old = _text(await self.redis.set(key, value, ex=CLIENT_TTL, get=True))
+                node = old.rpartition("/")[0] if old is not None else None
+                if old is not None and node != self.node and node in self.live:
+                    await self.redis.publish(_node_channel(node),
+                                             json.dumps({"op": "evict", "client": client_id, "holder": old}))
+        except _DOWN as exc:
+            self._lost(exc)
+        return True
+
+    def release_client(self, client_id: str, mailbox: Mailbox) -> None:
+        if self._clients.get(client_id) is mailbox:
+            value = self._claims.pop(client_id, None)
+            if value is not None and self.link is Link.UP:
+                self.spawn(self._release(client_id, value))
+        super().release_client(client_id, mailbox)
+
+    async def _release(self, client_id: str, value: str) -> None:
+        try:
+            await self._delete_if(keys=[_client_key(client_id)], args=[value])
+        except _DOWN as exc:
+            self._lost(exc)
+
+    async def broadcast(self, frame: str) -> None:
+        """Every node's clients get ``frame`` through Redis (this node's too, so each gets it once)."""
+        if self.link is not Link.UP:
+            self.deliver_all(frame)
+            raise ClusterUnavailable("the cluster is out of reach: this broadcast reached this node's clients only")
+        await self._ask(self.redis.publish(_BROADCAST, frame))
+
+    async def send_to(self, client_id: str, frame: str) -> bool:
+        if client_id in self._clients:
+            return self.deliver(client_id, frame)
+        holder = _text(await self._ask(self.redis.get(_client_key(client_id))))
+        node = holder.rpartition("/")[0] if holder is not None else None
+        if node is None or node == self.node:
+            return False
+        message = json.dumps({"op": "send", "client": client_id, "frame": frame})
+        return bool(await self._ask(self.redis.publish(_node_channel(node), message)))
+

@@ -226,3 +226,143 @@ async def test_a_killed_producer_ends_every_remote_watcher_with_producer_lost(cl
             async with asyncio.timeout(LIMIT):
                 while True:
                     await producer.recv()
+
+
+async def test_a_client_that_moves_keeps_its_run_past_the_grace_and_leaving_starts_it_again(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b", resume_grace=1)
+    sim = cluster.sim.simulator.stats
+    async with a.connect() as ws:
+        key = await start(ws, "r1", "slow sim:rate=25 sim:tokens=75")  # 3 s: longer than the grace
+        head = await frames_until(ws, lambda e: e["type"] == "token")
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        tail = await frames_until(ws, terminal)
+    assert json.loads(tail[-1])["type"] == "done"  # watched on b all along: never orphaned on a
+
+    async with a.connect() as ws:
+        key = await start(ws, "r2", "slow sim:rate=20 sim:tokens=400")
+        head = await frames_until(ws, lambda e: e["type"] == "token")
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r2", "key": key, "after": seq(head[-1])}))
+        await frames_until(ws, lambda e: e["seq"] >= seq(head[-1]) + 3)
+        left = time.monotonic()
+    await sim.wait_for(lambda s: s.disconnected == 1, LIMIT)  # b's client left: a's grace ran out
+    waited = time.monotonic() - left
+    assert 0.9 < waited < 3.0, f"the run was cancelled {waited:.2f} s after its client left b (grace: 1 s)"
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "attach", "id": "r2", "key": key}))
+        frames = await frames_until(ws, terminal)
+    assert json.loads(frames[-1]) | {"seq": 0} == {"type": "cancelled", "id": "r2", "seq": 0,
+                                                   "reason": "client did not return"}
+
+
+async def redis_fields(port: int, *command: str) -> str:
+    process = await asyncio.create_subprocess_exec("redis-cli", "-p", str(port), *command,
+                                                   stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    return out.decode()
+
+
+async def wait_for_status(node: Node, wanted: str) -> dict[str, Any]:
+    """``/healthz`` until its status is ``wanted`` (asked every 50 ms, at most LIMIT seconds)."""
+    async with asyncio.timeout(LIMIT):
+        while True:
+            _, body = await node.http("/healthz")
+            health = json.loads(body)
+            if health["status"] == wanted:
+                return dict(health)
+            await asyncio.sleep(0.05)
+
+
+async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b", replay_bytes=100_000)
+    async with a.connect() as local, b.connect() as remote:
+        key = await start(local, "r1", "long sim:rate=40 sim:tokens=200")  # 5 s
+        head = await frames_until(local, lambda e: e["type"] == "token")
+        await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        await frames_until(remote, lambda e: e["type"] == "token")
+
+        cluster.redis.terminate()
+        await cluster.redis.wait()
+        watched = await frames_until(remote, lambda e: e["type"] == "error")
+        gone = json.loads(watched[-1])
+        assert (gone["code"], gone["retryable"], "seq" in gone) == ("cluster_unavailable", True, False)
+        health = await wait_for_status(a, "degraded")
+        assert health["cluster"]["redis"] == "down"
+        _, metrics = await a.http("/metrics")
+        assert "wsagent_cluster_redis_up 0" in metrics and "wsagent_cluster_redis_failures_total 1" in metrics
+        await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        refused = json.loads(await remote.recv())
+        assert (refused["code"], refused["retryable"]) == ("cluster_unavailable", True)
+
+        port = cluster.redis_port
+        _, cluster.redis = await cluster.stack.enter_async_context(redis_server(port))  # empty
+        for node in (a, b):
+            await wait_for_status(node, "ok")
+        await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key, "after": 0}))
+        again = await frames_until(remote, terminal)
+        own = await frames_until(local, terminal)
+    assert json.loads(own[-1])["type"] == "done"  # producer and client on one node: untouched
+    received = head + own
+    assert [seq(f) for f in received] == list(range(2, seq(own[-1]) + 1))
+    assert again == await whole_log(a, "r1", key)  # a wrote its log back to the new Redis
+    assert received == again[1:]
+
+
+async def test_what_an_empty_redis_lost_is_a_replay_gap(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b", replay_bytes=500)
+    async with a.connect() as local:
+        key = await start(local, "r1", "long sim:rate=0 sim:tokens=300 sim:reasoning=0")
+        own = await frames_until(local, terminal)
+    assert json.loads(own[-1])["type"] == "done"
+    cluster.redis.terminate()
+    await cluster.redis.wait()
+    _, cluster.redis = await cluster.stack.enter_async_context(redis_server(cluster.redis_port))
+    for node in (a, b):
+        await wait_for_status(node, "ok")
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": 1}))
+        refused = json.loads(await ws.recv())
+        assert refused["code"] == "replay_gap", refused
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(own[-3])}))
+        tail = await frames_until(ws, terminal)
+    assert tail == own[-2:]  # what the producer still kept (its usage and done) it wrote back
+
+
+@pytest.fixture
+async def small_buffers(sim: SimulatorServer) -> AsyncIterator[Cluster]:
+    """A cluster whose Redis cuts a subscriber off once 256 KiB wait for it (its default is 32 MiB)."""
+    async with contextlib.AsyncExitStack() as stack:
+        port, process = await stack.enter_async_context(
+            redis_server(0, "--client-output-buffer-limit", "pubsub 256kb 64kb 1"))
+        yield Cluster(stack, sim, port, process)
+
+
+async def test_a_stopped_watcher_node_never_holds_the_producer_back(small_buffers: Cluster) -> None:
+    cluster = small_buffers
+    a, b = await cluster.start("a", "b")
+    async with a.connect(max_size=None) as local, b.connect(max_size=None) as remote:
+        key = await start(local, "big", "bulk sim:rate=0 sim:tokens=8000 sim:pad=1000 sim:reasoning=0")
+        await remote.send(json.dumps({"type": "attach", "id": "big", "key": key}))
+        await frames_until(remote, lambda e: e["type"] == "start")
+        b.process.send_signal(signal.SIGSTOP)  # a's run waits for its own client, which reads from here on
+        try:
+            began = time.monotonic()
+            own = await frames_until(local, terminal, limit=60)
+            took = time.monotonic() - began
+            memory = await redis_fields(cluster.redis_port, "info", "memory")
+            used = int(next(line for line in memory.splitlines() if line.startswith("used_memory:")).split(":")[1])
+        finally:
+            b.process.send_signal(signal.SIGCONT)
+        assert json.loads(own[-1])["type"] == "done"
+        assert used < 32 * 1024 * 1024, f"Redis holds {used} bytes"  # not the stopped node's backlog
+        watched = await frames_until(remote, lambda e: e["type"] in TERMINAL or e.get("code") == "lagging")
+        last = json.loads(watched[-1])
+        # b's subscription was cut while it slept; it subscribes again and refills from the history the
+        # producer left (its last replay bytes): the watcher is told it lagged, or gets the rest, once.
+        assert last["type"] == "done" or (last["type"], last["code"], last["retryable"]) == ("error", "lagging", True)
+    _, body = await b.http("/healthz")
+    assert json.loads(body)["cluster"]["redis"] == "up"
+    _, metrics = await b.http("/metrics")
+    assert "wsagent_cluster_resubscribes_total 1" in metrics  # Redis did cut b off, and b came back
+    print(f"8 MB relayed on a in {took:.2f} s while b was stopped")

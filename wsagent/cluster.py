@@ -230,6 +230,7 @@ class RedisBroker(LocalBroker):
         self.failures = 0
         self.down_since: float | None = time.monotonic()
         self.batches = 0
+        self.resubscribes = 0
         self.live: frozenset[str] = frozenset({node})
         no_retry = Retry(NoBackoff(), 0)
         self.redis: Redis = Redis.from_url(url, decode_responses=True, socket_timeout=COMMAND_TIMEOUT,
@@ -285,7 +286,8 @@ class RedisBroker(LocalBroker):
     def cluster_status(self) -> dict[str, Any]:
         return {"node": self.node, "redis": self.link.value, "nodes": len(self.live),
                 "down_s": None if self.down_since is None else round(time.monotonic() - self.down_since, 3),
-                "failures": self.failures, "followed_runs": len(self._mirrors), "batches": self.batches}
+                "failures": self.failures, "followed_runs": len(self._mirrors), "batches": self.batches,
+                "resubscribes": self.resubscribes}
 
     # -- the link --------------------------------------------------------
 
@@ -409,8 +411,6 @@ class RedisBroker(LocalBroker):
             return
         pipe = self.redis.pipeline(transaction=False)
         for run in dirty:
-            if run.published == 0:
-                self._register_run(pipe, run, RUN_TTL)
             first, codes, payloads, origins = run.unpublished()
             if codes:
                 self._append(pipe, run, first, codes, payloads, origins, publish=True)
@@ -493,6 +493,7 @@ class RedisBroker(LocalBroker):
                 self._lost(exc)
             else:
                 log.warning("cluster: the subscriber connection was cut (%s); subscribing again", exc)
+                self.resubscribes += 1
                 self._listener = asyncio.get_running_loop().create_task(self._listen())
         finally:
             if self._pubsub is pubsub:
@@ -582,13 +583,16 @@ class RedisBroker(LocalBroker):
             raise ValueError(f"run id {run.id!r} is already in use")
         if not run.key:
             run.key = mint_key()
-        if _shared(run.scope) and self.link is Link.UP:
+        if self.link is Link.UP:  # known to the cluster before its client learns its key
+            pipe = self.redis.pipeline(transaction=False)
+            self._register_run(pipe, run, RUN_TTL)
             try:
-                taken = not await self.redis.set(_id_key(run.scope, run.id), run.key, nx=True, ex=RUN_TTL)
+                replies = await pipe.execute()
             except _DOWN as exc:
                 self._lost(exc)
-                taken = False
-            if taken:
+                replies = []
+            if _shared(run.scope) and replies and not replies[-1]:
+                self.spawn(self._forget(run))
                 raise ValueError(f"run id {run.id!r} is already in use")
         self.register(run, keep_after_finish)
         run.outlet = self

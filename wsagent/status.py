@@ -104,6 +104,9 @@ def snapshot(app: App) -> list[Family]:
             {"": cluster["followed_runs"]})
         add("wsagent_cluster_batches_total", "counter", "Pipelines of run entries written to Redis.",
             {"": cluster["batches"]})
+        add("wsagent_cluster_resubscribes_total", "counter",
+            "Times Redis cut this node's subscriber off (too far behind) and it subscribed again.",
+            {"": cluster["resubscribes"]})
     add("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
         {"": sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in app.manager)})
     return families

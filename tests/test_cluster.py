@@ -13,8 +13,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import jwt
 import pytest
@@ -32,6 +32,7 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SECRET = "cluster-test-secret-of-32-bytes!"
 #: How long a test waits for what must happen well within it (a bound, never a pause).
 LIMIT = 15.0
+_T = TypeVar("_T")
 
 
 @contextlib.asynccontextmanager
@@ -120,6 +121,12 @@ async def frames_until(ws: ClientConnection, stop: Any, limit: float = LIMIT) ->
 
 def terminal(event: dict[str, Any]) -> bool:
     return event["type"] in TERMINAL
+
+
+def at_most(count: int) -> Any:
+    """A stop for :func:`frames_until`: after ``count`` frames, or at the terminal event."""
+    seen = iter(range(1, count + 1))
+    return lambda event: terminal(event) or next(seen, count) == count
 
 
 def seq(frame: str) -> int:
@@ -263,15 +270,29 @@ async def redis_fields(port: int, *command: str) -> str:
     return out.decode()
 
 
-async def wait_for_status(node: Node, wanted: str) -> dict[str, Any]:
-    """``/healthz`` until its status is ``wanted`` (asked every 50 ms, at most LIMIT seconds)."""
+async def eventually(ask: Callable[[], Awaitable[_T]], wanted: _T) -> _T:
+    """``ask()`` until it answers ``wanted`` (every 50 ms, at most LIMIT seconds): for what a node does
+    on its own time (a heartbeat, a reconnect) and tells nobody."""
     async with asyncio.timeout(LIMIT):
         while True:
-            _, body = await node.http("/healthz")
-            health = json.loads(body)
-            if health["status"] == wanted:
-                return dict(health)
+            answer = await ask()
+            if answer == wanted:
+                return answer
             await asyncio.sleep(0.05)
+
+
+async def wait_for_status(node: Node, wanted: str) -> dict[str, Any]:
+    """``/healthz`` once its status is ``wanted``."""
+
+    async def health() -> str:
+        _, body = await node.http("/healthz")
+        return body
+
+    async def status() -> str:
+        return str(json.loads(await health())["status"])
+
+    await eventually(status, wanted)
+    return dict(json.loads(await health()))
 
 
 async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> None:
@@ -366,3 +387,116 @@ async def test_a_stopped_watcher_node_never_holds_the_producer_back(small_buffer
     _, metrics = await b.http("/metrics")
     assert "wsagent_cluster_resubscribes_total 1" in metrics  # Redis did cut b off, and b came back
     print(f"8 MB relayed on a in {took:.2f} s while b was stopped")
+
+
+async def registered(ws: ClientConnection, client_id: str) -> None:
+    """Once a message sent to ``client_id`` comes back, the cluster knows who holds it."""
+    await ws.send(json.dumps({"type": "send", "to": client_id, "content": "me?"}))
+    assert json.loads(await asyncio.wait_for(ws.recv(), LIMIT)) == {"type": "personal", "from": client_id,
+                                                                    "content": "me?"}
+
+
+async def test_broadcast_and_personal_messages_reach_every_node_once(cluster: Cluster) -> None:
+    a, b, c = await cluster.start("a", "b", "c")
+    async with a.connect("/ws/alice") as alice, b.connect("/ws/bob") as bob, c.connect("/ws/carol") as carol:
+        for ws, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+            await registered(ws, name)
+        await alice.send(json.dumps({"type": "broadcast", "content": "hi all"}))
+        for ws in (alice, bob, carol):
+            heard = json.loads(await asyncio.wait_for(ws.recv(), LIMIT))
+            assert heard == {"type": "broadcast", "from": "alice", "content": "hi all"}
+        await carol.send(json.dumps({"type": "send", "to": "alice", "content": "psst"}))
+        assert json.loads(await asyncio.wait_for(alice.recv(), LIMIT)) == {"type": "personal", "from": "carol",
+                                                                           "content": "psst"}
+        await carol.send(json.dumps({"type": "send", "to": "nobody", "content": "?"}))
+        assert json.loads(await asyncio.wait_for(carol.recv(), LIMIT))["code"] == "unknown_client"
+        await bob.send(json.dumps({"type": "broadcast", "content": "once"}))  # each got the first one once:
+        for ws in (alice, bob, carol):                                       # the next frame is this one
+            assert json.loads(await asyncio.wait_for(ws.recv(), LIMIT))["content"] == "once"
+
+
+async def test_a_client_id_taken_on_another_node_replaces_the_old_connection(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b")
+    async with a.connect("/ws/dora") as old:
+        await registered(old, "dora")
+        async with b.connect("/ws/dora") as new:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(old.recv(), LIMIT)
+            assert old.close_code == 4009
+            await registered(new, "dora")
+
+
+async def test_with_the_reject_policy_a_client_id_held_elsewhere_is_refused(cluster: Cluster) -> None:
+    a, b = await cluster.start("a", "b", client_id_policy="reject")
+    async with a.connect("/ws/erin") as held:
+        await registered(held, "erin")
+        async with b.connect("/ws/erin") as refused:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(refused.recv(), LIMIT)
+            assert refused.close_code == 4009
+        await held.send(json.dumps({"type": "broadcast", "content": "mine"}))
+        assert json.loads(await asyncio.wait_for(held.recv(), LIMIT))["content"] == "mine"
+    await eventually(lambda: redis_fields(cluster.redis_port, "exists", "wsagent:client:erin"), "0\n")
+    async with b.connect("/ws/erin") as later:
+        await registered(later, "erin")
+
+
+async def test_per_user_limits_hold_across_nodes(cluster: Cluster) -> None:
+    a, b, c = await cluster.start("a", "b", "c", max_connections_per_user=2, max_runs_per_user=1)
+    async with a.connect(user="frank") as first, b.connect(user="frank") as second:
+        for ws in (first, second):  # counted once answered (a handshake's count comes after its upgrade)
+            await ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), LIMIT))["type"] == "pong"
+        async with c.connect(user="frank") as third:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(third.recv(), LIMIT)
+            assert third.close_code == 4029
+        await start(first, "one", "long sim:rate=20 sim:tokens=200")
+        await second.send(run_request("two", "another"))
+        refused = json.loads(await asyncio.wait_for(second.recv(), LIMIT))
+        assert (refused["type"], refused["code"]) == ("error", "too_many_runs"), refused
+        await first.send(json.dumps({"type": "cancel", "id": "one"}))
+        await frames_until(first, terminal)
+    async with c.connect(user="frank") as again:  # both closed: the count went down everywhere
+        await start(again, "three", "short sim:tokens=3")
+        assert json.loads((await frames_until(again, terminal))[-1])["type"] == "done"
+
+
+@pytest.fixture
+async def three_nodes(cluster: Cluster) -> list[Node]:
+    return await cluster.start("a", "b", "c", resume_grace=5)
+
+
+_examples = iter(range(1_000_000))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=st.integers(0, 2), hops=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 25), st.booleans()),
+                                              min_size=1, max_size=6))
+async def test_random_reconnects_across_nodes_receive_the_producers_log(
+        three_nodes: list[Node], first: int, hops: list[tuple[int, int, bool]]) -> None:
+    """A client drops (cleanly or not) after a few frames and resumes on any node, again and again:
+    what it received, in order, is the producer's log, with one terminal event."""
+    run_id = f"hop{next(_examples)}"
+    producer = three_nodes[first]
+    async with producer.connect() as ws:
+        key = await start(ws, run_id, "hop sim:rate=300 sim:tokens=120")
+        received = await frames_until(ws, lambda e: e["seq"] >= 3)
+    for node_index, count, abrupt in hops:
+        if terminal(json.loads(received[-1])):
+            break
+        ws = await three_nodes[node_index].connect()
+        try:
+            await ws.send(json.dumps({"type": "resume", "id": run_id, "key": key, "after": seq(received[-1])}))
+            received += await frames_until(ws, at_most(count))
+        finally:
+            if abrupt:
+                ws.transport.abort()
+            await ws.close()
+    if not terminal(json.loads(received[-1])):
+        async with three_nodes[hops[-1][0]].connect() as ws:
+            await ws.send(json.dumps({"type": "resume", "id": run_id, "key": key, "after": seq(received[-1])}))
+            received += await frames_until(ws, terminal)
+    reference = await whole_log(producer, run_id, key)
+    assert received == reference[1:]
+    assert sum(1 for frame in received if json.loads(frame)["type"] in TERMINAL) == 1

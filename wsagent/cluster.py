@@ -361,6 +361,20 @@ class RedisBroker(LocalBroker):
     async def _rejoin(self) -> None:
         """Redis answers again (perhaps restarted empty): write back this node's runs with the logs they
         keep, its client ids and counts, then follow again."""
+        pubsub = await self._subscribe()
+        try:
+            await self._write_back()
+        except BaseException:
+            await pubsub.reset()
+            raise
+        self.link = Link.UP
+        self.down_since = None
+        log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
+        self._listener = asyncio.get_running_loop().create_task(self._listen(pubsub))
+
+    async def _write_back(self) -> None:
+        """Every run this node keeps, with its log (a stream refuses entries not above its last: the
+        fence), each user's counts here, and each client id, unless another node took it meanwhile."""
         pipe = self.redis.pipeline(transaction=False)
         for run in list(self._by_key.values()):
             self._register_run(pipe, run, RUN_TTL if not run.finished else max(1, round(run.grace)))
@@ -381,10 +395,6 @@ class RedisBroker(LocalBroker):
                 self._claims.pop(client_id)
                 if mailbox is not None:
                     mailbox.evict()
-        self.link = Link.UP
-        self.down_since = None
-        log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     # -- writing: once per upstream read, pipelined across runs -------------
 
@@ -470,18 +480,30 @@ class RedisBroker(LocalBroker):
 
     # -- reading: one subscriber connection per node -----------------------
 
-    async def _listen(self) -> None:
+    async def _subscribe(self) -> PubSub:
+        """A subscriber connection on this node's channels and the followed runs', once Redis confirmed
+        them all (so a cancel or an eviction sent from now on arrives)."""
         pubsub = self._listen_redis.pubsub()
-        self._pubsub = pubsub
+        channels = {_node_channel(self.node), _BROADCAST, *(_run_channel(key) for key in self._mirrors)}
         try:
-            await pubsub.subscribe(_node_channel(self.node), _BROADCAST,
-                                   *(_run_channel(key) for key in self._mirrors))
-            refills = [self._refill(mirror) for mirror in self._mirrors.values()]
+            await pubsub.subscribe(*channels)
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                while channels:
+                    message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
+                    if message is not None:
+                        channels.discard(message["channel"])
+                        self._receive(message)
+        except BaseException:
+            await pubsub.reset()
+            raise
+        return pubsub
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        self._pubsub = pubsub
+        for mirror in self._mirrors.values():  # subscribed again: read from history what passed meanwhile
+            self.spawn(self._refill(mirror))
+        try:
             async for message in pubsub.listen():
-                if refills:  # after the subscription: nothing published from here on is missed
-                    for refill in refills:
-                        self.spawn(refill)
-                    refills = []
                 self._receive(message)
         except _DOWN as exc:
             self._listener = None
@@ -489,12 +511,13 @@ class RedisBroker(LocalBroker):
             # buffer limit): if Redis answers, subscribe again and refill the followed runs from history.
             try:
                 await self.redis.ping()
+                again = await self._subscribe()
             except _DOWN:
                 self._lost(exc)
             else:
-                log.warning("cluster: the subscriber connection was cut (%s); subscribing again", exc)
+                log.warning("cluster: the subscriber connection was cut (%s); subscribed again", exc)
                 self.resubscribes += 1
-                self._listener = asyncio.get_running_loop().create_task(self._listen())
+                self._listener = asyncio.get_running_loop().create_task(self._listen(again))
         finally:
             if self._pubsub is pubsub:
                 self._pubsub = None
@@ -585,6 +608,8 @@ class RedisBroker(LocalBroker):
             run.key = mint_key()
         if self.link is Link.UP:  # known to the cluster before its client learns its key
             pipe = self.redis.pipeline(transaction=False)
+            if run.user is not None:  # counted everywhere before it starts
+                pipe.hset(_user_key(run.user), f"r:{self.node}", self._user_runs.get(run.user, 0) + 1)
             self._register_run(pipe, run, RUN_TTL)
             try:
                 replies = await pipe.execute()
@@ -649,13 +674,15 @@ class RedisBroker(LocalBroker):
                 self._lost(exc)
             raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); "
                                      "try again shortly") from None
-        if run.node not in self.live and not await self._alive(run.node):
+        if not await self._alive(run.node):
             run.fail("producer_lost", f"node {run.node}, which produced this run, stopped answering; "
                      "start the run again")
         return run
 
     async def _alive(self, node: str) -> bool:
         """Whether ``node`` beat lately (asked of Redis: it may have joined since this node's last beat)."""
+        if node in self.live:
+            return True
         try:
             beat = await self.redis.zscore(_NODES, node)
         except _DOWN as exc:
@@ -702,12 +729,15 @@ class RedisBroker(LocalBroker):
         the cluster is out of reach."""
         if self.link is not Link.UP:
             return here
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(_user_key(user))
+        pipe.zrangebyscore(_NODES, now_ms - int(NODE_TTL * 1000), "+inf")  # a node may have joined since
         try:
-            counts = cast(dict[str, str], await self.redis.hgetall(_user_key(user)))
+            counts, live = await pipe.execute()
         except _DOWN as exc:
             self._lost(exc)
             return here
-        live = self.live
         prefix = f"{kind}:"
         return here + sum(int(value) for field, value in counts.items()
                           if field.startswith(prefix) and field[2:] != self.node and field[2:] in live)
@@ -755,7 +785,7 @@ class RedisBroker(LocalBroker):
             if policy == "reject":
                 if not await self.redis.set(key, value, nx=True, ex=CLIENT_TTL):
                     holder = _text(await self.redis.get(key))
-                    if holder is not None and holder.rpartition("/")[0] in self.live:
+                    if holder is not None and await self._alive(holder.rpartition("/")[0]):
                         self._claims.pop(client_id, None)
                         super().release_client(client_id, mailbox)
                         return False
@@ -763,7 +793,7 @@ class RedisBroker(LocalBroker):
             else:
                 old = _text(await self.redis.set(key, value, ex=CLIENT_TTL, get=True))
                 node = old.rpartition("/")[0] if old is not None else None
-                if old is not None and node != self.node and node in self.live:
+                if old is not None and node is not None and node != self.node:
                     await self.redis.publish(_node_channel(node),
                                              json.dumps({"op": "evict", "client": client_id, "holder": old}))
         except _DOWN as exc:

@@ -446,7 +446,8 @@ class RedisBroker(LocalBroker):
     def _append(self, pipe: Any, run: Run, first: int, codes: list[int], payloads: list[str],
                 origins: list[list[str | None]] | None, *, publish: bool) -> None:
         stream = _log_key(run.key)
-        if origins is not None:
+        if origins is not None and len(origins) != run.published_origins:
+            run.published_origins = len(origins)
             pipe.hset(_meta_key(run.key), "origins", json.dumps(origins))
         last = len(codes) - 1
         for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
@@ -581,8 +582,11 @@ class RedisBroker(LocalBroker):
         log_ = mirror._log
         start = f"{log_.end}-0" if log_.codes or log_.first > 1 else "-"
         try:
-            entries = cast(list[tuple[str, dict[str, str]]],
-                           await self.redis.xrange(_log_key(mirror.key), min=start, max="+"))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xrange(_log_key(mirror.key), min=start, max="+")
+            pipe.hget(_meta_key(mirror.key), "origins")
+            found, origins = await pipe.execute()
+            entries = cast(list[tuple[str, dict[str, str]]], found)
         except _DOWN as exc:
             self._lost(exc)
             return
@@ -591,7 +595,8 @@ class RedisBroker(LocalBroker):
         run: list[tuple[int, int, str]] = [(int(entry_id.partition("-")[0]), int(fields["c"]), fields["p"])
                                            for entry_id, fields in entries]
         if run:
-            mirror.replicate(run[0][0], [c for _, c, _ in run], [p for _, _, p in run])
+            mirror.replicate(run[0][0], [c for _, c, _ in run], [p for _, _, p in run],
+                             json.loads(origins) if isinstance(origins, str) else None)
         mirror.filling = False
         early, mirror.early = mirror.early, []
         for first, codes, payloads, origins in early:

@@ -318,7 +318,7 @@ class Run:
         self._released = False
         self.outlet: Outlet | None = None
         self.published = 0  # the last seq the outlet has had
-        self.published_origins = 0  # how many origins the outlet has had
+        self.published_origins = 1  # how many origins the outlet has stored
         self._holder: str | None = None  # the client on another node that resumed this run, if any
 
     @property
@@ -570,9 +570,9 @@ class Run:
 
     def unpublished(self, everything: bool = False) -> Entries:
         """The sealed events the outlet has not had (``everything``: all the log keeps): the seq of the
-        first, their codes and payloads, and the origins their codes index if those changed since
-        the last call (else None). Seals the tail: in a cluster, the deltas of one upstream read are
-        one entry for every node alike."""
+        first, their codes and payloads, and the origins their codes index (None while the run has
+        only its own: a follower that missed a batch still reads the next one right). Seals the tail:
+        in a cluster, the deltas of one upstream read are one entry for every node alike."""
         if self._tail_code >= 0:
             self._seal_tail()
         log_ = self._log
@@ -581,10 +581,7 @@ class Run:
         self.published = end - 1
         codes, payloads = log_.codes, log_.payloads
         count = end - first
-        origins = None
-        if everything or len(self._origins) != self.published_origins:
-            self.published_origins = len(self._origins)
-            origins = [[agent, workflow] for agent, workflow in self._origins]
+        origins = self.origins() if everything or len(self._origins) > 1 else None
         entries = first, [codes[i] for i in range(-count, 0)], [payloads[i] for i in range(-count, 0)], origins
         if self._holder is not None:
             self._trim_to(end - 1, self._sealed_bytes)

@@ -24,9 +24,14 @@ DRIVER = Path(__file__).parent / "ai_sdk" / "drive.mjs"
 
 async def drive(server: WsAgentServer, *steps: dict[str, Any], **transport: Any) -> list[dict[str, Any]]:
     """Run the steps in Node with the AI SDK's transport; what each step saw."""
+    return await drive_at(f"{server.url}/ws/ai-sdk", *steps, **transport)
+
+
+async def drive_at(url: str, *steps: dict[str, Any], **transport: Any) -> list[dict[str, Any]]:
+    """:func:`drive` against the ``/ws/ai-sdk`` route at ``url``."""
     if not (ROOT / "node_modules" / "ai").is_dir():
         pytest.fail("the AI SDK is not installed: run `npm ci` in the repository (README's test command does)")
-    plan = {"url": f"{server.url}/ws/ai-sdk", "transport": transport, "steps": list(steps)}
+    plan = {"url": url, "transport": transport, "steps": list(steps)}
     process = await asyncio.create_subprocess_exec(
         "node", str(DRIVER), json.dumps(plan), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -27,6 +27,7 @@ from wsagent.simulator import SimulatorServer
 
 from .conftest import TERMINAL
 from .processes import free_port, started
+from .test_ai_sdk import drive_at
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SECRET = "cluster-test-secret-of-32-bytes!"
@@ -500,3 +501,47 @@ async def test_random_reconnects_across_nodes_receive_the_producers_log(
     reference = await whole_log(producer, run_id, key)
     assert received == reference[1:]
     assert sum(1 for frame in received if json.loads(frame)["type"] in TERMINAL) == 1
+
+
+async def test_use_chat_resumes_its_answer_on_another_node(cluster: Cluster) -> None:
+    """The AI SDK's own transport: a page reload lands on another node and reads the answer to its end."""
+    a, b = await cluster.start("a", "b")
+    (seen,) = await drive_at(f"{a.url}/ws/ai-sdk", {
+        "kind": "resume", "chatId": "chat-moves-0123456789", "text": "move me sim:rate=100 sim:tokens=60",
+        "after": 3, "resumeUrl": f"{b.url}/ws/ai-sdk"})
+    before, after = seen["before"], seen["after"]
+    assert after is not None and after["error"] is None
+    assert cluster.sim.simulator.stats.streams == 1  # resumed, not asked again
+    assert after["message"]["id"] == before["message"]["id"]  # the same message id on every node
+    text = "".join(part["text"] for part in after["message"]["parts"] if part["type"] == "text")
+    assert text.startswith("".join(part["text"] for part in before["message"]["parts"] if part["type"] == "text"))
+    assert after["types"][:2] == ["start", "start-step"] and after["types"][-1] == "finish"
+
+
+async def test_each_worker_process_is_a_node(cluster: Cluster) -> None:
+    """``--workers 2`` with Redis: both processes join, so a resume works on whichever one the kernel picks."""
+    port = free_port()
+    command = [sys.executable, "-m", "wsagent.serve", "--workers", "2", "--port", str(port), "--resume-grace", "10",
+               "--redis-url", f"redis://127.0.0.1:{cluster.redis_port}/0", "--upstream-url", cluster.sim.base_url]
+    async with started(command, b"2 workers listening on", limit=30):
+        nodes = (await redis_fields(cluster.redis_port, "zrange", "wsagent:nodes", "0", "-1")).split()
+        assert len(nodes) == 2, nodes
+        server = Node("workers", port, cluster.redis)
+        async with server.connect() as ws:
+            key = await start(ws, "w1", "hop sim:rate=40 sim:tokens=400")
+            received = await frames_until(ws, lambda e: e["seq"] >= 3)
+            workers = {ws.response.headers["X-Wsagent-Worker"]}
+        for _ in range(40):  # each new connection lands on either worker: go on until both served a resume
+            if len(workers) == 2 or terminal(json.loads(received[-1])):
+                break
+            async with server.connect() as ws:
+                await ws.send(json.dumps({"type": "resume", "id": "w1", "key": key, "after": seq(received[-1])}))
+                received += await frames_until(ws, at_most(2))
+                workers.add(ws.response.headers["X-Wsagent-Worker"])
+        assert len(workers) == 2  # (the header names the worker's pid)
+        async with server.connect() as ws:
+            if not terminal(json.loads(received[-1])):
+                await ws.send(json.dumps({"type": "resume", "id": "w1", "key": key, "after": seq(received[-1])}))
+                received += await frames_until(ws, terminal)
+        assert [seq(f) for f in received] == list(range(2, seq(received[-1]) + 1))
+        assert json.loads(received[-1])["type"] == "done"

@@ -209,6 +209,8 @@ async def test_workers_share_the_port_and_each_drains(notifications: Notificatio
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     code, logs = await finish(process)
     assert code == 0 and logs.count("wsagent stopped") == 2
+    assert logs.count("2 workers without --redis-url: resume, attach, cancel, client ids and per-user limits are "
+                      "per process") == 1
     stopped = [line for line in logs.splitlines() if "wsagent stopped" in line]
     assert sorted(line.split()[3] for line in stopped) == ["w1", "w2"]  # which worker said it
     opened = [line.split(" open ")[1].split()[0] for line in logs.splitlines() if " open " in line]

@@ -85,7 +85,8 @@ const steps = {
     t.close();
     return { ...result, probe: probe === null ? 'no-active' : 'stream' };
   },
-  // The socket drops mid-answer (a page reload); a new transport resumes the chat and reads it all.
+  // The socket drops mid-answer (a page reload); a new transport resumes the chat and reads it all
+  // (at `resumeUrl` if the step has one: another node of a cluster).
   async resume(step) {
     const first = transport();
     const stream = await first.sendMessages({
@@ -94,7 +95,7 @@ const steps = {
     });
     const before = await assemble(stream, { stopWhen: (_chunk, types) => types.filter(x => x === 'text-delta').length >= step.after });
     first.close();
-    const second = transport();
+    const second = transport(step.resumeUrl ? { url: step.resumeUrl } : {});
     const resumed = await second.reconnectToStream({ chatId: step.chatId });
     const after = resumed === null ? null : await assemble(resumed);
     second.close();

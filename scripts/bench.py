@@ -41,6 +41,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -193,7 +194,15 @@ class Stream:
             return frame.rstrip().endswith("data: [DONE]")
         if frame.startswith('{"type":'):
             message = json.loads(frame)
-            if message["type"] != "chunk":
+            kind = message["type"]
+            if kind in ("start", "usage"):  # the JSON protocol (the cluster rows resume runs there)
+                return False
+            if kind == "done":
+                return True
+            if kind == "token":
+                self._count(stamps(message["content"]), now)
+                return False
+            if kind != "chunk":
                 self.error = None if message["type"] == "end" else frame
                 return True
             chunk = message["chunk"]
@@ -465,6 +474,132 @@ async def scale(server: Server, levels: list[int], seconds: float, limit_ms: flo
     return rows
 
 
+# -- cluster mode ------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """Where runs start (``producer``) and where their clients read them (``reader``: another node of a
+    cluster, or the same server), and the processes whose CPU the pair spends."""
+
+    name: str
+    producer: Server
+    reader: Server
+    pids: list[int]
+
+
+async def handed_over(pair: Pair, n: int, prompt: str, reader: LoadClient, ramp: float) -> Stream:
+    """Start run ``n`` on the producer, then read it on the reader (a ``resume`` from seq 1), while the
+    socket that started it leaves: every token reaches its client through the reader."""
+    await asyncio.sleep(random.uniform(0, ramp))
+    async with connect(pair.producer.url, ping_interval=None, compression=None) as ws:
+        await ws.send(json.dumps({"type": "run", "id": f"b{n}", "prompt": f"{n} {prompt}"}))
+        key = json.loads(await ws.recv())["key"]
+        answer = asyncio.ensure_future(reader.ask(json.dumps({"type": "resume", "id": f"b{n}", "key": key,
+                                                              "after": 1}), 120))
+        await asyncio.sleep(0)  # the resume is written before this socket's close
+    return await answer
+
+
+async def pair_latency(pair: Pair, clients: int, rate: float, tokens: int, ramp: float | None = None
+                       ) -> dict[str, float]:
+    prompt = f"cluster sim:stamp=1 sim:rate={rate:g} sim:tokens={tokens} sim:reasoning=0"
+    async with sockets(pair.reader.url, clients) as conns:
+        cpu0 = sum(cpu_seconds(pid) for pid in pair.pids)
+        results = await asyncio.gather(*(handed_over(pair, n, prompt, ws, ramp or 1 / rate)
+                                         for n, ws in enumerate(conns)))
+        cpu = sum(cpu_seconds(pid) for pid in pair.pids) - cpu0
+    lat = [x for r in results for x in r.latencies]
+    return {"p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
+            "tokens_lost": clients * tokens - sum(r.tokens for r in results),
+            "cpu_us_per_token": cpu / max(1, sum(r.tokens for r in results)) * 1e6}
+
+
+async def pair_scale(pair: Pair, levels: list[int], seconds: float, limit_ms: float) -> dict[str, float]:
+    best = 0
+    rows: dict[str, float] = {}
+    for level in levels:
+        try:
+            result = await pair_latency(pair, level, 20, int(seconds * 20), ramp=1.0)
+        except (RuntimeError, OSError, TimeoutError, WebSocketException) as exc:
+            print(f"    {pair.name} at {level} streams: {exc!r}"[:200], flush=True)
+            break
+        rows[f"p99_ms_at_{level}"] = result["p99_ms"]
+        rows[f"cpu_us_per_token_at_{level}"] = result["cpu_us_per_token"]
+        print(f"    {pair.name}: {level} streams, p99 {result['p99_ms']:.1f} ms, "
+              f"{result['cpu_us_per_token']:.1f} us/token", flush=True)
+        if result["p99_ms"] >= limit_ms or result["tokens_lost"]:
+            break
+        best = level
+    rows["max_streams"] = best
+    return rows
+
+
+async def pair_cancel(pair: Pair, sim_port: int, runs: int, miss_after: float) -> dict[str, float]:
+    """A run started on the producer, cancelled from the reader; the upstream's clock says when it saw
+    its connection close."""
+    delays: list[float] = []
+    missed = 0
+    async with aiohttp.ClientSession() as http, connect(pair.reader.url, ping_interval=None) as other:
+        for n in range(runs):
+            tag = f"{pair.name}-cancel-{n}-{time.monotonic_ns()}"
+            async with connect(pair.producer.url, ping_interval=None) as ws:
+                await ws.send(json.dumps({"type": "run", "id": f"x{n}",
+                                          "prompt": f"cancel me sim:rate=50 sim:tokens=400 sim:tag={tag}"}))
+                key = json.loads(await ws.recv())["key"]
+                await ws.recv()
+                sent = time.monotonic()
+                await other.send(json.dumps({"type": "cancel", "id": f"x{n}", "key": key}))
+                while True:
+                    seen = (await tag_stats(http, sim_port, tag)).get("disconnected")
+                    if seen is not None:
+                        delays.append(seen - sent)
+                        break
+                    if time.monotonic() > sent + miss_after:
+                        missed += 1
+                        break
+                    await asyncio.sleep(0.005)  # polling the upstream's record; its own timestamp is what counts
+    return {"p50_ms": pct(delays, 0.5) * 1000, "p99_ms": pct(delays, 0.99) * 1000, "missed": missed}
+
+
+async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream: str, sim_port: int,
+                       quick: bool) -> None:
+    """Two nodes and Redis against one node, in the same run and by the same client: each run starts on
+    one node and its client reads it on the other (``resume``); the single node serves both sides.
+    Nothing is pinned (two nodes, Redis, the upstream and the load share both cores): CPU per token
+    counts every process of the pair."""
+    redis_port = free_port()
+    redis = await start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no"], redis_port)
+    extra = ["--resume-grace", "30"]
+    servers: list[Server] = []
+    try:
+        for name, cluster in (("single", False), ("a", True), ("b", True)):
+            port = free_port()
+            command = [part.replace("UPSTREAM", upstream).replace("PORT", str(port)) for part in WSAGENT]
+            if cluster:
+                command += ["--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--node-id", name]
+            servers.append(await start(name, [*command, *extra], port))
+        single, a, b = servers
+        pairs = [Pair("wsagent-single", single, single, [single.pid]),
+                 Pair("wsagent-cluster", a, b, [a.pid, b.pid, redis.pid])]
+        for pair in pairs:
+            print(f"== {pair.name}", flush=True)
+            r = results[pair.name] = {}
+            r["latency"] = await pair_latency(pair, 50, 50, 100 if quick else 500)
+            print(f"  latency {r['latency']}", flush=True)
+            r["cancel"] = await pair_cancel(pair, sim_port, 10 if quick else 100, 3.0)
+            print(f"  cancel {r['cancel']}", flush=True)
+            levels = [100, 250, 500] if quick else [250, 500, 750, 1000, 1250, 1500]
+            r["scale"] = await pair_scale(pair, levels, 3 if quick else 6, 50.0)
+            print(f"  scale {r['scale']}", flush=True)
+    finally:
+        for process in [*(s.process for s in servers), redis.process]:
+            process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 10)
+
+
 # -- driver ------------------------------------------------------------------
 
 
@@ -555,10 +690,12 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
             levels = [50, 100, 200] if quick else [100, 250, 500, 750, 1000, 1250, 1500, 2000]
             r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
             print(f"  scale {r['scale']}", flush=True)
+        everything = set(range(os.cpu_count() or 1))
+        for pid in (0, sim.process.pid):  # the cluster and --workers rows share every core, the load too
+            os.sched_setaffinity(pid, everything)
+        if shutil.which("redis-server") and not args.no_cluster:
+            await cluster_rows(results, upstream, sim_port, quick)
         if not args.no_workers:
-            everything = set(range(os.cpu_count() or 1))
-            for pid in (0, sim.process.pid):  # the --workers rows share every core, the load too
-                os.sched_setaffinity(pid, everything)
             await workers_row(results, upstream, quick)
     finally:
         for process in [*(s.process for s in servers), sim.process]:
@@ -630,6 +767,21 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
             lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk: {_number(sdk[key])}, "
                          f"{sdk[key] / chat[key]:.1f}x /ws/chat's |" + " |" * (len(names) + len(against) - 1))
+    single, cluster = results.get("wsagent-single"), results.get("wsagent-cluster")
+    if single and cluster:
+        lines += ["", "| not pinned; each run read on another node (resume) | one node | two nodes + Redis "
+                  "| cluster vs one |",
+                  "| --- | ---: | ---: | ---: |"]
+        for scenario, key, label, better in (
+                ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
+                ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
+                ("latency", "cpu_us_per_token", "CPU per token, every process (us)", "lower"),
+                ("cancel", "p99_ms", "cancel to upstream close, p99 (ms)", "lower"),
+                ("cancel", "missed", "cancels never seen upstream", "lower"),
+                ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")):
+            a_value, b_value = single[scenario][key], cluster[scenario][key]
+            lines.append(f"| {label} | {_number(a_value)} | {_number(b_value)} | "
+                         f"{_ratio(b_value, a_value, better)} |")
     one, two = results.get("wsagent-1w"), results.get("wsagent-2w")
     if one and two:
         lines += ["", "| not pinned (the load shares both cores) | one worker | --workers 2 | two vs one |",
@@ -650,6 +802,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the raw results as JSON here")
     parser.add_argument("--no-pin", action="store_true", help="let servers and load share every core")
     parser.add_argument("--no-workers", action="store_true", help="leave out the --workers 2 rows")
+    parser.add_argument("--no-cluster", action="store_true", help="leave out the cluster rows (two nodes and Redis)")
     parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")
     args = parser.parse_args()
     started = time.monotonic()

@@ -85,7 +85,7 @@ class Cluster:
         settings = {"resume_grace": 10, "jwt_secret": SECRET, "log_level": "INFO", **options}
         command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--node-id", name,
                    "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--upstream-url", self.sim.base_url,
-                   "--event-loop", "asyncio"]
+                   "--event-loop", "asyncio" if name == "b" else "auto"]  # b on asyncio's loop, the others on uvloop
         for key, value in settings.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
         process = await self.stack.enter_async_context(started(command, b"wsagent listening on", limit=30))

@@ -67,9 +67,10 @@ class Broker(Protocol):
 
     async def run_by_id(self, scope: str, run_id: str) -> Run | None: ...
 
-    async def follow(self, run: Run) -> Run:
-        """``run``, ready to be subscribed to: a run produced elsewhere is followed from the cluster's
-        copy of its log (the node's one follower of it is returned)."""
+    async def follow(self, run: Run, after: int = 0) -> Run:
+        """``run``, ready to be subscribed to from seq ``after``: a run produced elsewhere is followed
+        from the cluster's copy of its log (the node's one follower of it is returned), once that copy
+        has what the client says it saw (or, if it never comes, a resume check refuses it)."""
         ...
 
     def active_runs(self) -> list[Run]:
@@ -221,7 +222,7 @@ class LocalBroker:
     async def run_by_id(self, scope: str, run_id: str) -> Run | None:
         return self._by_id.get((scope, run_id))
 
-    async def follow(self, run: Run) -> Run:
+    async def follow(self, run: Run, after: int = 0) -> Run:
         return run
 
     def active_runs(self) -> list[Run]:

@@ -180,7 +180,7 @@ class ChatSession:
             self.reply_error(run_id, "unknown_run",
                              f"no run {run_id!r} to resume (never started, forgotten, or not yours: send its key)")
             return
-        run = await self.app.broker.follow(run)
+        run = await self.app.broker.follow(run, after)
         try:
             run.subscribe(self.conn.outbox, after, primary=not run.finished)
         except (ReplayGap, BadResume) as exc:
@@ -194,7 +194,7 @@ class ChatSession:
         if run is None:
             self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to (send its key)")
             return
-        run = await self.app.broker.follow(run)
+        run = await self.app.broker.follow(run, after or 0)
         if run.state is not None and after is None:
             self.reply(encode(Snapshot(run.state.snapshot(), workflow=run.workflow), run.id, None))
         try:

@@ -43,6 +43,7 @@ checks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import json
@@ -51,11 +52,13 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -79,6 +82,8 @@ REFRESH_EVERY = 10.0
 CLIENT_TTL = 10
 #: Seconds one Redis command may take before the cluster is taken for out of reach.
 COMMAND_TIMEOUT = 2.0
+#: Bytes of writes Redis may leave unread before the cluster is taken for out of reach.
+MAX_UNSENT = 16 * 1024 * 1024
 
 _NODES = "wsagent:nodes"
 _BROADCAST = "wsagent:broadcast"
@@ -134,6 +139,112 @@ def _shared(scope: str) -> bool:
 _DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
+#: A command as Redis takes it: its name, then its arguments.
+Command = tuple[str | int, ...]
+
+
+def _pack(command: Command) -> bytes:
+    """``command`` in RESP. (hiredis's stub types its argument as a tuple of one item.)"""
+    packed: bytes = hiredis.pack_command(cast(Any, command))
+    return packed
+
+
+class Wire(asyncio.Protocol):
+    """A connection to Redis spoken by hand, for the hot path: commands packed and replies parsed by
+    hiredis (C), no object per command.
+
+    redis-py's pipeline spent about 23 µs of this process's CPU per XADD and PUBLISH pair, most of a
+    token's cost here (py-spy: 29% of a node's time in ``Pipeline.execute``, its packing and its
+    reply parsing); packed by ``hiredis.pack_command`` and read by ``hiredis.Reader`` they cost about 3.
+    Two uses: :meth:`send` a batch and get its replies (errors as ``hiredis.ReplyError`` values, not
+    raised), or, as a subscriber, every reply goes to ``on_push``.
+    """
+
+    def __init__(self, on_push: Callable[[Any], None] | None = None) -> None:
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.on_push = on_push
+        self.transport: asyncio.Transport | None = None
+        # Per batch written: how many replies it awaits, those come so far, and who wants them (None: nobody).
+        self.waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]] | None]] = deque()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(cls, url: str, on_push: Callable[[Any], None] | None = None) -> Wire:
+        """Connected to the Redis of ``url`` (``redis://[user:password@]host[:port][/db]``), logged in,
+        its database selected."""
+        parts = urlsplit(url)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            _, wire = await loop.create_connection(lambda: cls(), parts.hostname or "127.0.0.1", parts.port or 6379,
+                                                   ssl=parts.scheme == "rediss" or None)
+            setup: list[Command] = []
+            if parts.password:
+                setup.append(("AUTH", unquote(parts.username or "default"), unquote(parts.password)))
+            if parts.path.strip("/"):
+                setup.append(("SELECT", int(parts.path.strip("/"))))
+            for reply in await wire.send(setup) if setup else []:
+                if isinstance(reply, hiredis.ReplyError):
+                    wire.close()
+                    raise ConnectionError(f"Redis refused {url}: {reply}")
+        wire.on_push = on_push
+        return wire
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not an asyncio.Transport subclass)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        while (reply := reader.gets()) is not False:
+            if self.on_push is not None:
+                self.on_push(reply)
+                continue
+            count, replies, future = self.waiting[0]
+            replies.append(reply)
+            if len(replies) == count:
+                self.waiting.popleft()
+                if future is not None and not future.done():
+                    future.set_result(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ConnectionError(f"Redis closed the connection ({exc or 'end of stream'})")
+        for _, _, future in self.waiting:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        self.waiting.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
+        """Write ``commands`` at once; the future has their replies, in order."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self.transport is None or self.transport.is_closing():
+            future.set_exception(ConnectionError("the connection to Redis is closed"))
+            return future
+        self.waiting.append((len(commands), [], future))
+        self.transport.write(b"".join([_pack(command) for command in commands]))
+        return future
+
+    def write(self, commands: list[Command]) -> int:
+        """Write ``commands`` at once, their replies read and dropped (a fence's refusal among them);
+        returns the bytes the connection has yet to send (False while it is closed: -1)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return -1
+        self.waiting.append((len(commands), [], None))
+        transport.write(b"".join([_pack(command) for command in commands]))
+        return transport.get_write_buffer_size()
+
+    def push(self, command: Command) -> None:
+        """Write ``command``; its reply goes to ``on_push`` (a subscriber's)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_pack(command))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class Link(enum.Enum):
     """The node's link to the cluster's Redis."""
 
@@ -163,6 +274,20 @@ class Mirror(Run):
         self.early: list[tuple[int, list[int], list[str], list[list[str | None]] | None]] = []
         self._failure: str | None = None
         self._held_as: tuple[Subscription, str] | None = None
+        self._grew = asyncio.Event()
+
+    def wake(self) -> None:
+        self._grew.set()
+        super().wake()
+
+    async def reach(self, seq: int, limit: float) -> None:
+        """Wait (at most ``limit`` seconds) until entry ``seq`` is here: a client resuming on this node
+        may have read it on the producer's a moment before the producer wrote it to Redis."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while self._log.end <= seq and not self.finished and self._failure is None:
+                    self._grew.clear()
+                    await self._grew.wait()
 
     def fail(self, code: str, message: str) -> None:
         """The run can no longer be followed from here: each watcher gets what it has not taken, then
@@ -235,16 +360,14 @@ class RedisBroker(LocalBroker):
         no_retry = Retry(NoBackoff(), 0)
         self.redis: Redis = Redis.from_url(url, decode_responses=True, socket_timeout=COMMAND_TIMEOUT,
                                            socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry)
-        self._listen_redis: Redis = Redis.from_url(url, decode_responses=True,
-                                                   socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry)
         self._delete_if = self.redis.register_script(_DELETE_IF)
         self._dirty: dict[Run, None] = {}
         self._users_dirty: set[str] = set()
-        self._wanted = asyncio.Event()
+        self._flush_soon = False
         self._mirrors: dict[str, Mirror] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: PubSub | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._wire: Wire | None = None  # the hot path's writes
+        self._subscriber: Wire | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._claims: dict[str, str] = {}  # client id -> the value this node wrote for it
         self._loops: list[asyncio.Task[None]] = []
@@ -259,23 +382,34 @@ class RedisBroker(LocalBroker):
             log.warning("cluster: Redis at %s is out of reach; node %s runs alone until it answers",
                         self.url, self.node)
         loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._heartbeats()), loop.create_task(self._flusher())]
+        self._loops = [loop.create_task(self._heartbeats())]
         return self
 
     async def close(self) -> None:
         """Leave the cluster: the other nodes see this node gone at once (its runs have ended)."""
-        for task in [*self._loops, *self._tasks, *([self._listener] if self._listener else [])]:
+        for task in [*self._loops, *self._tasks]:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, *([self._listener] if self._listener else []),
-                             return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         if self.link is Link.UP:
             try:
-                await self._flush_once()
+                self._flush()
+                await self._send([("PING",)])  # after everything written before it
                 await self.redis.zrem(_NODES, self.node)
             except _DOWN:
                 pass
+        self._hang_up()
         await self.redis.aclose()
-        await self._listen_redis.aclose()
+
+    def _hang_up(self) -> None:
+        for wire in (self._wire, self._subscriber):
+            if wire is not None:
+                wire.on_push = None
+                wire.close()
+        self._wire = self._subscriber = None
+        for confirmation in self._confirmations.values():
+            if not confirmation.done():
+                confirmation.cancel()
+        self._confirmations.clear()
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` in the background (a write nobody waits for), kept until it is done."""
@@ -299,9 +433,7 @@ class RedisBroker(LocalBroker):
         self.down_since = time.monotonic()
         log.warning("cluster: Redis at %s is out of reach (%s): node %s goes on alone", self.url,
                     exc or type(exc).__name__, self.node)
-        if self._listener is not None:
-            self._listener.cancel()
-            self._listener = None
+        self._hang_up()
         for mirror in list(self._mirrors.values()):
             mirror.fail("cluster_unavailable", "the cluster is out of reach (its Redis does not answer); "
                         "resume shortly from the last seq you received")
@@ -313,6 +445,8 @@ class RedisBroker(LocalBroker):
 
     async def _ask(self, request: Awaitable[_T]) -> _T:
         """One request to Redis; out of reach, :class:`ClusterUnavailable`."""
+        if self.link is not Link.UP and isinstance(request, Coroutine):
+            request.close()  # never sent
         self._require_up()
         try:
             return await request
@@ -361,30 +495,30 @@ class RedisBroker(LocalBroker):
     async def _rejoin(self) -> None:
         """Redis answers again (perhaps restarted empty): write back this node's runs with the logs they
         keep, its client ids and counts, then follow again."""
-        pubsub = await self._subscribe()
         try:
+            self._wire = await Wire.open(self.url)
+            await self._subscribe()
             await self._write_back()
         except BaseException:
-            await pubsub.reset()
+            self._hang_up()
             raise
         self.link = Link.UP
         self.down_since = None
         log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
-        self._listener = asyncio.get_running_loop().create_task(self._listen(pubsub))
 
     async def _write_back(self) -> None:
         """Every run this node keeps, with its log (a stream refuses entries not above its last: the
         fence), each user's counts here, and each client id, unless another node took it meanwhile."""
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[Command] = []
         for run in list(self._by_key.values()):
-            self._register_run(pipe, run, RUN_TTL if not run.finished else max(1, round(run.grace)))
-            self._append(pipe, run, *run.unpublished(everything=True), publish=False)
+            self._register_run(commands, run, RUN_TTL if not run.finished else max(1, round(run.grace)))
+            self._append(commands, run, *run.unpublished(everything=True), publish=False)
         for user in {*self._user_conns, *self._user_runs}:
-            self._count_user(pipe, user)
+            self._count_user(commands, user)
         for client_id, value in self._claims.items():
-            pipe.set(_client_key(client_id), value, nx=True, ex=CLIENT_TTL)
-            pipe.get(_client_key(client_id))
-        replies = await pipe.execute(raise_on_error=False)
+            commands += [("SET", _client_key(client_id), value, "NX", "EX", CLIENT_TTL),
+                         ("GET", _client_key(client_id))]
+        replies = await self._send(commands)
         holders = iter(replies[-2 * len(self._claims):] if self._claims else [])
         for client_id, value in list(self._claims.items()):
             next(holders)
@@ -396,76 +530,86 @@ class RedisBroker(LocalBroker):
                 if mailbox is not None:
                     mailbox.evict()
 
+    async def _send(self, commands: list[Command]) -> list[Any]:
+        """``commands`` on the hot path's connection, at once; their replies (errors as values)."""
+        wire = self._wire
+        if wire is None:
+            raise ConnectionError("not connected to Redis")
+        if not commands:
+            return []
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            return await wire.send(commands)
+
     # -- writing: once per upstream read, pipelined across runs -------------
 
     def dirty(self, run: Run) -> None:
         self._dirty[run] = None
-        self._wanted.set()
+        self._soon()
 
-    async def _flusher(self) -> None:
-        while True:
-            await self._wanted.wait()
-            self._wanted.clear()
-            if self.link is not Link.UP:
-                self._dirty.clear()  # the retained logs are written again when Redis answers
-                continue
-            try:
-                await self._flush_once()
-            except _DOWN as exc:
-                self._lost(exc)
+    def _soon(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _flush_once(self) -> None:
+    def _flush(self) -> None:
+        """Every dirty run's new entries, one XADD each and one PUBLISH per run, in one write: once per
+        turn of the event loop, so the reads of one turn share it. Nothing waits for the replies (no
+        task, no future); a Redis that stops reading is noticed by the heartbeat, and its unsent
+        backlog bounded here."""
+        self._flush_soon = False
         dirty, self._dirty = self._dirty, {}
         users, self._users_dirty = self._users_dirty, set()
-        if not dirty and not users:
-            return
-        pipe = self.redis.pipeline(transaction=False)
+        wire = self._wire
+        if wire is None or self.link is not Link.UP:
+            return  # the retained logs are written again when Redis answers
+        commands: list[Command] = []
         for run in dirty:
             first, codes, payloads, origins = run.unpublished()
             if codes:
-                self._append(pipe, run, first, codes, payloads, origins, publish=True)
+                self._append(commands, run, first, codes, payloads, origins, publish=True)
             if run.finished:
                 ttl = max(1, round(run.grace))
-                for name in (_meta_key(run.key), _log_key(run.key)):
-                    pipe.expire(name, ttl)
+                commands += [("EXPIRE", _meta_key(run.key), ttl), ("EXPIRE", _log_key(run.key), ttl)]
                 if _shared(run.scope):
-                    pipe.expire(_id_key(run.scope, run.id), ttl)
+                    commands.append(("EXPIRE", _id_key(run.scope, run.id), ttl))
         for user in users:
-            self._count_user(pipe, user)
+            self._count_user(commands, user)
+        if not commands:
+            return
         self.batches += 1
-        await pipe.execute(raise_on_error=False)
+        if wire.write(commands) > MAX_UNSENT:
+            self._lost(ConnectionError(f"Redis has not taken {MAX_UNSENT} bytes of writes"))
 
-    def _register_run(self, pipe: Any, run: Run, ttl: int) -> None:
+    def _register_run(self, commands: list[Command], run: Run, ttl: int) -> None:
         meta = {"id": run.id, "user": run.user, "scope": run.scope, "node": self.node, "agent": run.agent,
                 "workflow": run.workflow, "grace": run.grace, "buffer": run.buffer_bytes, "replay": run.replay_bytes}
-        pipe.hset(_meta_key(run.key), mapping={"meta": json.dumps(meta), "origins": json.dumps(run.origins())})
-        pipe.expire(_meta_key(run.key), ttl)
+        commands += [("HSET", _meta_key(run.key), "meta", json.dumps(meta), "origins", json.dumps(run.origins())),
+                     ("EXPIRE", _meta_key(run.key), ttl)]
         if _shared(run.scope):
-            pipe.set(_id_key(run.scope, run.id), run.key, nx=True, ex=ttl)
+            commands.append(("SET", _id_key(run.scope, run.id), run.key, "NX", "EX", ttl))
 
-    def _append(self, pipe: Any, run: Run, first: int, codes: list[int], payloads: list[str],
+    def _append(self, commands: list[Command], run: Run, first: int, codes: list[int], payloads: list[str],
                 origins: list[list[str | None]] | None, *, publish: bool) -> None:
         stream = _log_key(run.key)
         if origins is not None and len(origins) != run.published_origins:
             run.published_origins = len(origins)
-            pipe.hset(_meta_key(run.key), "origins", json.dumps(origins))
+            commands.append(("HSET", _meta_key(run.key), "origins", json.dumps(origins)))
         last = len(codes) - 1
         for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
-            if i == last:
-                pipe.xadd(stream, {"c": code, "p": payload}, id=f"{first + i}-0", minid=f"{run.oldest_kept}-0",
-                          approximate=True)
+            if i == last:  # trimmed to what the producer keeps, once per batch
+                commands.append(("XADD", stream, "MINID", "~", f"{run.oldest_kept}-0", f"{first + i}-0",
+                                 "c", code, "p", payload))
             else:
-                pipe.xadd(stream, {"c": code, "p": payload}, id=f"{first + i}-0")
+                commands.append(("XADD", stream, f"{first + i}-0", "c", code, "p", payload))
         if first == 1 or not publish:
-            pipe.expire(stream, RUN_TTL if not run.finished else max(1, round(run.grace)))
+            commands.append(("EXPIRE", stream, RUN_TTL if not run.finished else max(1, round(run.grace))))
         if publish:
-            pipe.publish(_run_channel(run.key), json.dumps([first, codes, payloads, origins]))
+            commands.append(("PUBLISH", _run_channel(run.key), json.dumps([first, codes, payloads, origins])))
 
-    def _count_user(self, pipe: Any, user: str) -> None:
+    def _count_user(self, commands: list[Command], user: str) -> None:
         key = _user_key(user)
-        pipe.hset(key, mapping={f"c:{self.node}": self._user_conns.get(user, 0),
-                                f"r:{self.node}": self._user_runs.get(user, 0)})
-        pipe.expire(key, 86400)
+        commands += [("HSET", key, f"c:{self.node}", self._user_conns.get(user, 0),
+                      f"r:{self.node}", self._user_runs.get(user, 0)), ("EXPIRE", key, 86400)]
 
     def tell(self, node: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``node`` without waiting (an adopt, a leave)."""
@@ -481,55 +625,48 @@ class RedisBroker(LocalBroker):
 
     # -- reading: one subscriber connection per node -----------------------
 
-    async def _subscribe(self) -> PubSub:
+    async def _subscribe(self) -> None:
         """A subscriber connection on this node's channels and the followed runs', once Redis confirmed
-        them all (so a cancel or an eviction sent from now on arrives)."""
-        pubsub = self._listen_redis.pubsub()
-        channels = {_node_channel(self.node), _BROADCAST, *(_run_channel(key) for key in self._mirrors)}
+        them all (so a cancel or an eviction sent from now on arrives); then the followed runs read from
+        history what passed while they were not subscribed."""
+        subscriber = await Wire.open(self.url, self._receive)
+        loop = asyncio.get_running_loop()
+        channels = [_node_channel(self.node), _BROADCAST, *(_run_channel(key) for key in self._mirrors)]
+        confirmations = [self._confirmations.setdefault(channel, loop.create_future()) for channel in channels]
+        subscriber.push(("SUBSCRIBE", *channels))
         try:
-            await pubsub.subscribe(*channels)
             async with asyncio.timeout(COMMAND_TIMEOUT):
-                while channels:
-                    message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
-                    if message is not None:
-                        channels.discard(message["channel"])
-                        self._receive(message)
+                await asyncio.gather(*confirmations)
         except BaseException:
-            await pubsub.reset()
+            subscriber.close()
             raise
-        return pubsub
-
-    async def _listen(self, pubsub: PubSub) -> None:
-        self._pubsub = pubsub
-        for mirror in self._mirrors.values():  # subscribed again: read from history what passed meanwhile
+        self._subscriber = subscriber
+        subscriber.closed.add_done_callback(lambda _closed: self._cut(subscriber))
+        for mirror in self._mirrors.values():
             self.spawn(self._refill(mirror))
-        try:
-            async for message in pubsub.listen():
-                self._receive(message)
-        except _DOWN as exc:
-            self._listener = None
-            # Redis may have cut this connection alone (a subscriber too far behind hits its output
-            # buffer limit): if Redis answers, subscribe again and refill the followed runs from history.
-            try:
-                await self.redis.ping()
-                again = await self._subscribe()
-            except _DOWN:
-                self._lost(exc)
-            else:
-                log.warning("cluster: the subscriber connection was cut (%s); subscribed again", exc)
-                self.resubscribes += 1
-                self._listener = asyncio.get_running_loop().create_task(self._listen(again))
-        finally:
-            if self._pubsub is pubsub:
-                self._pubsub = None
-            for confirmation in self._confirmations.values():
-                if not confirmation.done():
-                    confirmation.cancel()
-            self._confirmations.clear()
-            await pubsub.reset()  # (aclose itself is untyped)
 
-    def _receive(self, message: dict[str, Any]) -> None:
-        kind, channel, data = message["type"], message["channel"], message["data"]
+    def _cut(self, subscriber: Wire) -> None:
+        """The subscriber connection closed. If Redis answers, it cut this connection alone (a subscriber
+        too far behind passes its output buffer limit): subscribe again, and the followed runs refill
+        from history; if not, the cluster is out of reach."""
+        if self._subscriber is subscriber:
+            self._subscriber = None
+            self.spawn(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self.redis.ping()
+            await self._subscribe()
+        except _DOWN as exc:
+            self._lost(exc)
+        else:
+            log.warning("cluster: Redis cut node %s's subscriber connection; subscribed again", self.node)
+            self.resubscribes += 1
+
+    def _receive(self, reply: Any) -> None:
+        if not isinstance(reply, list) or len(reply) != 3:
+            return
+        kind, channel, data = reply
         if kind == "subscribe":
             confirmation = self._confirmations.pop(channel, None)
             if confirmation is not None and not confirmation.done():
@@ -612,12 +749,12 @@ class RedisBroker(LocalBroker):
         if not run.key:
             run.key = mint_key()
         if self.link is Link.UP:  # known to the cluster before its client learns its key
-            pipe = self.redis.pipeline(transaction=False)
+            commands: list[Command] = []
             if run.user is not None:  # counted everywhere before it starts
-                pipe.hset(_user_key(run.user), f"r:{self.node}", self._user_runs.get(run.user, 0) + 1)
-            self._register_run(pipe, run, RUN_TTL)
+                commands.append(("HSET", _user_key(run.user), f"r:{self.node}", self._user_runs.get(run.user, 0) + 1))
+            self._register_run(commands, run, RUN_TTL)
             try:
-                replies = await pipe.execute()
+                replies = await self._send(commands)
             except _DOWN as exc:
                 self._lost(exc)
                 replies = []
@@ -634,7 +771,7 @@ class RedisBroker(LocalBroker):
     def _user_run_ended(self, run: Run) -> None:
         assert run.user is not None
         self._users_dirty.add(run.user)
-        self._wanted.set()
+        self._soon()
 
     async def run_by_key(self, key: str) -> Run | None:
         run: Run | None = self._by_key.get(key) or self._mirrors.get(key)
@@ -655,21 +792,22 @@ class RedisBroker(LocalBroker):
         key = await self._ask(self.redis.get(_id_key(scope, run_id)))
         return None if not isinstance(key, str) else await self.run_by_key(key)
 
-    async def follow(self, run: Run) -> Run:
+    async def follow(self, run: Run, after: int = 0) -> Run:
         if not isinstance(run, Mirror):
             return run
         following = self._mirrors.get(run.key)
         if following is not None:
+            await following.reach(after, COMMAND_TIMEOUT)
             return following
         self._require_up()
-        pubsub = self._pubsub
-        if pubsub is None:
+        subscriber = self._subscriber
+        if subscriber is None:
             raise ClusterUnavailable("this node is joining the cluster again; try again shortly")
         self._mirrors[run.key] = run
         channel = _run_channel(run.key)
         confirmation = self._confirmations[channel] = asyncio.get_running_loop().create_future()
         try:
-            await pubsub.subscribe(channel)
+            subscriber.push(("SUBSCRIBE", channel))
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 await confirmation
             await self._refill(run)
@@ -682,6 +820,7 @@ class RedisBroker(LocalBroker):
         if not await self._alive(run.node):
             run.fail("producer_lost", f"node {run.node}, which produced this run, stopped answering; "
                      "start the run again")
+        await run.reach(after, COMMAND_TIMEOUT)
         return run
 
     async def _alive(self, node: str) -> bool:
@@ -702,16 +841,9 @@ class RedisBroker(LocalBroker):
         """Nobody here watches ``mirror`` any more: stop following it."""
         if self._mirrors.get(mirror.key) is mirror:
             del self._mirrors[mirror.key]
-            pubsub = self._pubsub
-            if pubsub is not None and self.link is Link.UP:
-                self.spawn(self._unsubscribe(pubsub, _run_channel(mirror.key)))
+            if self._subscriber is not None:
+                self._subscriber.push(("UNSUBSCRIBE", _run_channel(mirror.key)))
         mirror.release()
-
-    async def _unsubscribe(self, pubsub: PubSub, channel: str) -> None:
-        try:
-            await pubsub.unsubscribe(channel)
-        except _DOWN as exc:
-            self._lost(exc)
 
     def forget(self, run: Run) -> None:
         super().forget(run)
@@ -764,9 +896,9 @@ class RedisBroker(LocalBroker):
         here = await super().user_connected(user)
         if self.link is Link.UP:
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                self._count_user(pipe, user)
-                await pipe.execute()
+                commands: list[Command] = []
+                self._count_user(commands, user)
+                await self._send(commands)
             except _DOWN as exc:
                 self._lost(exc)
         return await self._count(user, "c", here)
@@ -774,7 +906,7 @@ class RedisBroker(LocalBroker):
     def user_disconnected(self, user: str) -> None:
         super().user_disconnected(user)
         self._users_dirty.add(user)
-        self._wanted.set()
+        self._soon()
 
     # -- client ids ------------------------------------------------------
 

@@ -540,14 +540,17 @@ async def pair_cancel(pair: Pair, sim_port: int, runs: int, miss_after: float) -
     its connection close."""
     delays: list[float] = []
     missed = 0
-    async with aiohttp.ClientSession() as http, connect(pair.reader.url, ping_interval=None) as other:
+    async with aiohttp.ClientSession() as http:
         for n in range(runs):
             tag = f"{pair.name}-cancel-{n}-{time.monotonic_ns()}"
-            async with connect(pair.producer.url, ping_interval=None) as ws:
+            # (a socket per cancel: one socket sending a hundred would pass --messages-per-second)
+            async with connect(pair.producer.url, ping_interval=None) as ws, \
+                    connect(pair.reader.url, ping_interval=None) as other:
                 await ws.send(json.dumps({"type": "run", "id": f"x{n}",
                                           "prompt": f"cancel me sim:rate=50 sim:tokens=400 sim:tag={tag}"}))
                 key = json.loads(await ws.recv())["key"]
-                await ws.recv()
+                while json.loads(await ws.recv())["type"] != "token":  # the model is answering
+                    pass
                 sent = time.monotonic()
                 await other.send(json.dumps({"type": "cancel", "id": f"x{n}", "key": key}))
                 while True:

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Install wsagent as a systemd service: a virtualenv in /opt/wsagent, the unit, an environment file,
 # and a JWT secret as a systemd credential. Run as root from a checkout: sudo scripts/install-systemd.sh
+# With --cluster: the cluster extra (redis-py, hiredis), and the drop-in that starts wsagent after the
+# local Redis (set WSAGENT_REDIS_URL in /etc/wsagent/wsagent.env).
 set -euo pipefail
+cluster=${1:-}
 here=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${WSAGENT_PREFIX:-/opt/wsagent}
 
 python3 -m venv "$prefix/venv"
-"$prefix/venv/bin/pip" install --quiet "$here"
+if [ "$cluster" = --cluster ]; then
+  "$prefix/venv/bin/pip" install --quiet "$here[cluster]"
+else
+  "$prefix/venv/bin/pip" install --quiet "$here"
+fi
 install -m 0644 "$here/README.md" "$prefix/README.md"
 
 install -d -m 0755 /etc/wsagent
@@ -19,6 +26,7 @@ WSAGENT_PORT=8000
 # OPENAI_API_KEY=sk-...
 # WSAGENT_MODEL=gpt-4o-mini
 # WSAGENT_LOG_FORMAT=json
+# WSAGENT_REDIS_URL=redis://127.0.0.1:6379/0
 ENV
   chmod 0640 /etc/wsagent/wsagent.env
 fi
@@ -30,6 +38,9 @@ fi
 sed "s|/opt/wsagent/venv/bin/python|$prefix/venv/bin/python|" "$here/scripts/wsagent.service" \
   > /etc/systemd/system/wsagent.service
 install -m 0644 "$here/scripts/wsagent.socket" /etc/systemd/system/wsagent.socket
+if [ "$cluster" = --cluster ]; then
+  install -D -m 0644 "$here/scripts/wsagent-cluster.conf" /etc/systemd/system/wsagent.service.d/cluster.conf
+fi
 systemd-analyze verify /etc/systemd/system/wsagent.service
 systemctl daemon-reload
 systemctl enable --now wsagent.service

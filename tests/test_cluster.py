@@ -23,6 +23,9 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.cluster import RedisBroker
+from wsagent.events import Start, Token
+from wsagent.run import Run
 from wsagent.simulator import SimulatorServer
 
 from .conftest import TERMINAL
@@ -545,3 +548,45 @@ async def test_each_worker_process_is_a_node(cluster: Cluster) -> None:
                 received += await frames_until(ws, terminal)
         assert [seq(f) for f in received] == list(range(2, seq(received[-1]) + 1))
         assert json.loads(received[-1])["type"] == "done"
+
+
+class Holder:
+    """A client id's holder as the broker sees one (a connection, in the server): it records an eviction."""
+
+    def __init__(self) -> None:
+        self.evicted = False
+        self.frames: list[str] = []
+
+    def put(self, frame: str) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+async def test_a_node_back_from_a_cut_writes_no_stale_state_over_newer() -> None:
+    """What a node writes back when Redis answers again is fenced: its log entries only above the
+    stream's last (Redis refuses lower ids), a client id only if nobody took it meanwhile."""
+    async with redis_server() as (port, _):
+        url = f"redis://127.0.0.1:{port}/0"
+        broker = await RedisBroker(url, "a").start()
+        try:
+            run = Run("r1", scope="user:u")
+            await broker.add_run(run, 5)
+            run.push(Start("m", run.key))
+            run.push(Token("old"))
+            run.wake()
+            holder = Holder()
+            assert await broker.claim_client("gina", holder, "replace")
+            await broker._send([("PING",)])  # everything before it is written
+            newer = [("XADD", f"wsagent:log:{run.key}", "9-0", "c", 0, "p", "newer"),
+                     ("SET", "wsagent:client:gina", "b/1")]  # what others wrote while "a" was cut off
+            await broker._send(newer)
+            run.push(Token("stale"))  # seq 3, never written: the cut
+            await broker._write_back()
+            log = await broker.redis.xrange(f"wsagent:log:{run.key}")
+            assert [(entry_id, fields["p"]) for entry_id, fields in log][-2:] == [("2-0", "old"), ("9-0", "newer")]
+            assert holder.evicted and await broker.redis.get("wsagent:client:gina") == "b/1"
+        finally:
+            await broker.close()

@@ -100,6 +100,11 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                              str(tmp_path / "wsagent.socket")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Type=notify" in unit and "DynamicUser=yes" in unit and "Restart=on-failure" in unit
+    # with the cluster drop-in (a section may appear twice in a unit: systemd reads them as one)
+    (tmp_path / "wsagent.service").write_text(unit + (ROOT / "scripts/wsagent-cluster.conf").read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "wsagent.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 async def test_notify_ready_watchdog_stopping_and_drain(notifications: Notifications) -> None:

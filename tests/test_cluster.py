@@ -193,7 +193,10 @@ async def test_cancel_from_another_node_closes_the_upstream_request(cluster: Clu
             await other.send(json.dumps({"type": "cancel", "id": "r1", "key": key}))
             await sim.wait_for(lambda s: s.disconnected == 1, LIMIT)
             closed = time.monotonic() - sent
-        end = await frames_until(producer, terminal)
+            end = await frames_until(producer, terminal)
+            await other.send(json.dumps({"type": "cancel", "id": "r1", "key": key}))  # again: it has ended
+            again = json.loads(await asyncio.wait_for(other.recv(), LIMIT))
+            assert (again["type"], again["code"]) == ("error", "unknown_run"), again
     assert json.loads(end[-1]) | {"seq": 0} == json.loads(end[-1]) | {"seq": 0, "type": "cancelled",
                                                                        "reason": "cancelled by client"}
     assert closed < 1.0, f"the upstream saw its connection close {closed * 1000:.0f} ms after the cancel"
@@ -590,3 +593,40 @@ async def test_a_node_back_from_a_cut_writes_no_stale_state_over_newer() -> None
             assert holder.evicted and await broker.redis.get("wsagent:client:gina") == "b/1"
         finally:
             await broker.close()
+
+
+async def test_a_workflow_watched_from_another_node(cluster: Cluster) -> None:
+    """Attach on another node gets the workflow's snapshot first, as on its own node, and a cancel of one
+    agent sent there stops that agent on the producing node."""
+    a, b = await cluster.start("a", "b")
+    async with a.connect() as ws, b.connect() as late:
+        await ws.send(run_request("w", "Analyze sim:rate=100 sim:tokens=100", workflow="market-analysis"))
+        key = json.loads(await ws.recv())["key"]
+        while json.loads(await ws.recv())["type"] != "answer":
+            pass
+        await late.send(json.dumps({"type": "attach", "id": "w", "key": key}))
+        snapshot = json.loads(await asyncio.wait_for(late.recv(), LIMIT))
+        assert snapshot["type"] == "snapshot" and snapshot["workflow"] == "market-analysis"
+        assert [agent["status"] for agent in snapshot["agents"]] == ["running"] * 3
+        await late.send(json.dumps({"type": "cancel", "id": "w", "key": key, "agent": "technical-analyst"}))
+        own = await frames_until(ws, terminal)
+        watched = await frames_until(late, terminal)
+    ends = {e["agent"]: e["outcome"] for e in map(json.loads, own) if e["type"] == "agent_end"}
+    assert ends == {"market-researcher": "done", "financial-analyst": "done", "technical-analyst": "cancelled"}
+    assert watched[-1] == own[-1] and json.loads(own[-1])["type"] == "done"
+    assert [f for f in watched if json.loads(f)["type"] == "agent_end"] == \
+        [f for f in own if json.loads(f)["type"] == "agent_end"]
+
+
+async def test_use_chat_takes_its_next_turn_on_another_node(cluster: Cluster) -> None:
+    """A chat's second message lands on another node: the first answer, produced elsewhere and finished,
+    gives way to the new one (the chat's id is the same, its key is new)."""
+    a, b = await cluster.start("a", "b")
+    chat = "chat-turns-0123456789"
+    first, second = await drive_at(
+        f"{a.url}/ws/ai-sdk",
+        {"kind": "send", "chatId": chat, "text": "one sim:tokens=5"},
+        {"kind": "send", "chatId": chat, "text": "two sim:tokens=5", "url": f"{b.url}/ws/ai-sdk"})
+    for turn in (first, second):
+        assert turn["error"] is None and turn["types"][-1] == "finish", turn
+    assert first["message"]["id"] != second["message"]["id"]

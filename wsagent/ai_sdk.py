@@ -113,6 +113,8 @@ class AISDKSession:
         messages = chat_messages(frame.get("messages"))
         app = self.app
         previous = await app.broker.run_by_id(scope, run_id)
+        if previous is not None:  # (produced on another node: its copy says whether it has ended)
+            previous = await app.broker.follow(previous)
         if previous is not None and not previous.finished:
             raise ProtocolViolation("a response is already streaming for this chat; abort it first")
         refusal = await app.admit(self.conn, app.settings.max_runs_per_connection)

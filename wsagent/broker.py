@@ -77,6 +77,14 @@ class Broker(Protocol):
         """The runs this node produces that are in flight."""
         ...
 
+    async def snapshot(self, run: Run) -> tuple[dict[str, Any], ...] | None:
+        """Each agent's status and answer so far, for a workflow ``run`` (None for any other run)."""
+        ...
+
+    async def cancel_agent(self, run: Run, agent: str) -> bool:
+        """Stop one agent of a workflow ``run``; False if it has no such agent running."""
+        ...
+
     def forget(self, run: Run) -> None:
         """Stop keeping the finished ``run`` for a resume (a newer run takes its id)."""
         ...
@@ -224,6 +232,12 @@ class LocalBroker:
 
     async def follow(self, run: Run, after: int = 0) -> Run:
         return run
+
+    async def snapshot(self, run: Run) -> tuple[dict[str, Any], ...] | None:
+        return run.state.snapshot() if run.state is not None else None
+
+    async def cancel_agent(self, run: Run, agent: str) -> bool:
+        return run.controller is not None and run.controller.cancel(agent)
 
     def active_runs(self) -> list[Run]:
         return [run for run in self._by_key.values() if not run.finished]

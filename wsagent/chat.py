@@ -166,10 +166,11 @@ class ChatSession:
             return
         agent = request.get("agent")
         if agent is not None:
-            if run.controller is None or not isinstance(agent, str) or not run.controller.cancel(agent):
+            if not isinstance(agent, str) or not await self.app.broker.cancel_agent(run, agent):
                 self.reply_error(run_id, "unknown_agent", f"no agent {agent!r} running in run {run_id!r}")
             return
-        await self.app.broker.cancel(run.key, "cancelled by client")
+        if not await self.app.broker.cancel(run.key, "cancelled by client"):  # it ended meanwhile, or elsewhere
+            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} in flight that you may cancel")
 
     async def resume(self, request: dict[str, Any]) -> None:
         after = request.get("after", 0)
@@ -195,8 +196,9 @@ class ChatSession:
             self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to (send its key)")
             return
         run = await self.app.broker.follow(run, after or 0)
-        if run.state is not None and after is None:
-            self.reply(encode(Snapshot(run.state.snapshot(), workflow=run.workflow), run.id, None))
+        snapshot = await self.app.broker.snapshot(run) if after is None else None
+        if snapshot is not None:
+            self.reply(encode(Snapshot(snapshot, workflow=run.workflow), run.id, None))
         try:
             run.subscribe(self.conn.outbox, run.oldest_kept - 1 if after is None else after)
         except (ReplayGap, BadResume) as exc:

@@ -363,7 +363,6 @@ class RedisBroker(LocalBroker):
         no_retry = Retry(NoBackoff(), 0)
         self.redis: Redis = Redis.from_url(url, decode_responses=True, socket_timeout=COMMAND_TIMEOUT,
                                            socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry)
-        self._delete_if = self.redis.register_script(_DELETE_IF)
         self._dirty: dict[Run, None] = {}
         self._users_dirty: set[str] = set()
         self._flush_soon = False
@@ -374,6 +373,7 @@ class RedisBroker(LocalBroker):
         self._subscriber: Wire | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._claims: dict[str, str] = {}  # client id -> the value this node wrote for it
+        self._asked: dict[str, asyncio.Future[Any]] = {}  # questions to other nodes, by number
         self._loops: list[asyncio.Task[None]] = []
         self._refreshed = 0.0
 
@@ -626,16 +626,10 @@ class RedisBroker(LocalBroker):
                       f"r:{self.node}", self._user_runs.get(user, 0)), ("EXPIRE", key, 86400)]
 
     def tell(self, node: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to ``node`` without waiting (an adopt, a leave)."""
-        if self.link is Link.UP:
-            self.spawn(self._tell(node, message))
-
-    async def _tell(self, node: str, message: dict[str, Any]) -> int:
-        try:
-            return int(await self.redis.publish(_node_channel(node), json.dumps(message)))
-        except _DOWN as exc:
-            self._lost(exc)
-            return 0
+        """Send ``message`` to ``node`` without waiting (a cancel, an adopt, a leave, a question), after
+        everything this node wrote before it."""
+        if self._wire is not None and self.link is Link.UP:
+            self._wire.write([("PUBLISH", _node_channel(node), json.dumps(message))])
 
     # -- reading: one subscriber connection per node -----------------------
 
@@ -712,8 +706,9 @@ class RedisBroker(LocalBroker):
     def _control(self, message: dict[str, Any]) -> None:
         op, key = message.get("op"), message.get("key")
         run = self._by_key.get(key) if isinstance(key, str) else None
-        if op == "cancel" and run is not None:
-            self.cancel_here(run.key, str(message.get("reason", "cancelled")))
+        if op == "cancel" and "ask" not in message:  # a follower passing its watcher's cancel on
+            if run is not None:
+                self.cancel_here(run.key, str(message.get("reason", "cancelled")))
         elif op == "adopt" and run is not None:
             run.adopt_remote(str(message["holder"]))
         elif op == "leave" and run is not None:
@@ -727,6 +722,19 @@ class RedisBroker(LocalBroker):
                 mailbox.evict()
         elif op == "send":
             self.deliver(str(message["client"]), str(message["frame"]))
+        elif op in ("cancel", "snapshot", "cancel_agent"):  # a question from another node: answer on its channel
+            answer: Any = None
+            if run is not None and op == "cancel":
+                answer = self.cancel_here(run.key, str(message.get("reason", "cancelled")))
+            elif run is not None and op == "snapshot" and run.state is not None:
+                answer = run.state.snapshot()
+            elif run is not None and op == "cancel_agent" and run.controller is not None:
+                answer = run.controller.cancel(str(message.get("agent")))
+            self.tell(str(message["from"]), {"op": "answer", "ask": message["ask"], "answer": answer})
+        elif op == "answer":
+            waiting = self._asked.pop(str(message.get("ask")), None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message.get("answer"))
 
     async def _refill(self, mirror: Mirror) -> None:
         """Read the run's entries from its history in Redis, then apply what arrived meanwhile."""
@@ -773,7 +781,7 @@ class RedisBroker(LocalBroker):
                 self._lost(exc)
                 replies = []
             if _shared(run.scope) and replies and not replies[-1]:
-                self.spawn(self._forget(run))
+                self._erase(run)
                 raise ValueError(f"run id {run.id!r} is already in use")
         self.register(run, keep_after_finish)
         run.outlet = self
@@ -837,6 +845,32 @@ class RedisBroker(LocalBroker):
         await run.reach(after, COMMAND_TIMEOUT)
         return run
 
+    async def snapshot(self, run: Run) -> tuple[dict[str, Any], ...] | None:
+        if not isinstance(run, Mirror):
+            return await super().snapshot(run)
+        if run.workflow is None:
+            return None
+        answer = await self._question(run, {"op": "snapshot"})
+        return tuple(answer) if isinstance(answer, list) else None
+
+    async def cancel_agent(self, run: Run, agent: str) -> bool:
+        if not isinstance(run, Mirror):
+            return await super().cancel_agent(run, agent)
+        return run.workflow is not None and await self._question(run, {"op": "cancel_agent", "agent": agent}) is True
+
+    async def _question(self, run: Mirror, message: dict[str, Any]) -> Any:
+        """Ask the node that produces ``run``; its answer, or None if it gives none within COMMAND_TIMEOUT."""
+        ask = f"{next(_holders)}"
+        waiting = self._asked[ask] = asyncio.get_running_loop().create_future()
+        try:
+            self.tell(run.node, {**message, "key": run.key, "from": self.node, "ask": ask})
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                return await waiting
+        except TimeoutError:
+            return None
+        finally:
+            self._asked.pop(ask, None)
+
     async def _alive(self, node: str) -> bool:
         """Whether ``node`` beat lately (asked of Redis: it may have joined since this node's last beat)."""
         if node in self.live:
@@ -861,16 +895,18 @@ class RedisBroker(LocalBroker):
 
     def forget(self, run: Run) -> None:
         super().forget(run)
-        if self.link is Link.UP:
-            self.spawn(self._forget(run))
+        if isinstance(run, Mirror):
+            self.unfollow(run)
+        self._erase(run)
 
-    async def _forget(self, run: Run) -> None:
-        try:
-            await self.redis.delete(_meta_key(run.key), _log_key(run.key))
+    def _erase(self, run: Run) -> None:
+        """Delete ``run`` from Redis, on the hot path's connection: a run registered after this (a new
+        turn taking the id) is written after it."""
+        if self._wire is not None and self.link is Link.UP:
+            commands: list[Command] = [("DEL", _meta_key(run.key), _log_key(run.key))]
             if _shared(run.scope):
-                await self._delete_if(keys=[_id_key(run.scope, run.id)], args=[run.key])
-        except _DOWN as exc:
-            self._lost(exc)
+                commands.append(("EVAL", _DELETE_IF, 1, _id_key(run.scope, run.id), run.key))
+            self._wire.write(commands)
 
     async def runs_of(self, user: str) -> int:
         return await self._count(user, "r", self._user_runs.get(user, 0))
@@ -901,8 +937,8 @@ class RedisBroker(LocalBroker):
         run = await self.run_by_key(key)
         if not isinstance(run, Mirror):
             return False
-        message = json.dumps({"op": "cancel", "key": key, "reason": reason})
-        return bool(await self._ask(self.redis.publish(_node_channel(run.node), message)))
+        self._require_up()
+        return await self._question(run, {"op": "cancel", "reason": reason}) is True
 
     # -- users -----------------------------------------------------------
 
@@ -954,15 +990,9 @@ class RedisBroker(LocalBroker):
     def release_client(self, client_id: str, mailbox: Mailbox) -> None:
         if self._clients.get(client_id) is mailbox:
             value = self._claims.pop(client_id, None)
-            if value is not None and self.link is Link.UP:
-                self.spawn(self._release(client_id, value))
+            if value is not None and self._wire is not None and self.link is Link.UP:
+                self._wire.write([("EVAL", _DELETE_IF, 1, _client_key(client_id), value)])
         super().release_client(client_id, mailbox)
-
-    async def _release(self, client_id: str, value: str) -> None:
-        try:
-            await self._delete_if(keys=[_client_key(client_id)], args=[value])
-        except _DOWN as exc:
-            self._lost(exc)
 
     async def broadcast(self, frame: str) -> None:
         """Every node's clients get ``frame`` through Redis (this node's too, so each gets it once)."""

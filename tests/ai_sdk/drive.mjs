@@ -45,9 +45,9 @@ async function assemble(stream, { stopWhen, onChunk } = {}) {
 }
 
 const steps = {
-  // One turn: send the chat's messages, read the answer to its end.
+  // One turn: send the chat's messages, read the answer to its end (at `step.url` if it has one).
   async send(step) {
-    const t = transport();
+    const t = transport(step.url ? { url: step.url } : {});
     const stream = await t.sendMessages({
       chatId: step.chatId, trigger: 'submit-message', messageId: undefined,
       messages: step.messages ?? [userMessage(step.text)], abortSignal: undefined, body: step.body,

@@ -388,10 +388,40 @@ async def tag_stats(http: aiohttp.ClientSession, port: int, tag: str) -> dict[st
         return dict(await response.json())
 
 
+@dataclass
+class Cancels:
+    """How long each cancel took to close the upstream request, and how many never did."""
+
+    delays: list[float] = field(default_factory=list)
+    missed: int = 0
+
+    def add(self, delay: float | None) -> None:
+        if delay is None:
+            self.missed += 1
+        else:
+            self.delays.append(delay)
+
+    def summary(self) -> dict[str, float]:
+        return {"p50_ms": pct(self.delays, 0.5) * 1000, "p99_ms": pct(self.delays, 0.99) * 1000,
+                "missed": self.missed}
+
+
+async def upstream_closed(http: aiohttp.ClientSession, sim_port: int, tag: str, since: float,
+                          miss_after: float) -> float | None:
+    """Seconds from ``since`` to the moment the upstream saw stream ``tag``'s connection close (by its own
+    clock), or None if it had not after ``miss_after`` seconds."""
+    while True:
+        seen = (await tag_stats(http, sim_port, tag)).get("disconnected")
+        if seen is not None:
+            return float(seen) - since
+        if time.monotonic() > since + miss_after:
+            return None
+        await asyncio.sleep(0.005)  # polling the upstream's record; its own timestamp is what counts
+
+
 async def cancellation(server: Server, sim_port: int, runs: int, abrupt: bool, miss_after: float) -> dict[str, float]:
     """Close mid-stream; the upstream's own clock says when it saw its connection close."""
-    delays: list[float] = []
-    missed = 0
+    cancels = Cancels()
     async with aiohttp.ClientSession() as http:
         for n in range(runs):
             tag = f"{server.name}-{'abrupt' if abrupt else 'clean'}-{n}-{time.monotonic_ns()}"
@@ -404,16 +434,8 @@ async def cancellation(server: Server, sim_port: int, runs: int, abrupt: bool, m
                 ws.transport.abort()
             else:
                 await ws.close()
-            while True:
-                seen = (await tag_stats(http, sim_port, tag)).get("disconnected")
-                if seen is not None:
-                    delays.append(seen - closed_at)
-                    break
-                if time.monotonic() > closed_at + miss_after:
-                    missed += 1
-                    break
-                await asyncio.sleep(0.005)  # polling the upstream's record; its own timestamp is what counts
-    return {"p50_ms": pct(delays, 0.5) * 1000, "p99_ms": pct(delays, 0.99) * 1000, "missed": missed}
+            cancels.add(await upstream_closed(http, sim_port, tag, closed_at, miss_after))
+    return cancels.summary()
 
 
 async def idle_memory(server: Server, count: int) -> dict[str, float]:
@@ -538,8 +560,7 @@ async def pair_scale(pair: Pair, levels: list[int], seconds: float, limit_ms: fl
 async def pair_cancel(pair: Pair, sim_port: int, runs: int, miss_after: float) -> dict[str, float]:
     """A run started on the producer, cancelled from the reader; the upstream's clock says when it saw
     its connection close."""
-    delays: list[float] = []
-    missed = 0
+    cancels = Cancels()
     async with aiohttp.ClientSession() as http:
         for n in range(runs):
             tag = f"{pair.name}-cancel-{n}-{time.monotonic_ns()}"
@@ -553,16 +574,8 @@ async def pair_cancel(pair: Pair, sim_port: int, runs: int, miss_after: float) -
                     pass
                 sent = time.monotonic()
                 await other.send(json.dumps({"type": "cancel", "id": f"x{n}", "key": key}))
-                while True:
-                    seen = (await tag_stats(http, sim_port, tag)).get("disconnected")
-                    if seen is not None:
-                        delays.append(seen - sent)
-                        break
-                    if time.monotonic() > sent + miss_after:
-                        missed += 1
-                        break
-                    await asyncio.sleep(0.005)  # polling the upstream's record; its own timestamp is what counts
-    return {"p50_ms": pct(delays, 0.5) * 1000, "p99_ms": pct(delays, 0.99) * 1000, "missed": missed}
+                cancels.add(await upstream_closed(http, sim_port, tag, sent, miss_after))
+    return cancels.summary()
 
 
 async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream: str, sim_port: int,
@@ -770,33 +783,33 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
             lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk: {_number(sdk[key])}, "
                          f"{sdk[key] / chat[key]:.1f}x /ws/chat's |" + " |" * (len(names) + len(against) - 1))
-    single, cluster = results.get("wsagent-single"), results.get("wsagent-cluster")
-    if single and cluster:
-        lines += ["", "| not pinned; each run read on another node (resume) | one node | two nodes + Redis "
-                  "| cluster vs one |",
-                  "| --- | ---: | ---: | ---: |"]
-        for scenario, key, label, better in (
-                ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
-                ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
-                ("latency", "cpu_us_per_token", "CPU per token, every process (us)", "lower"),
-                ("cancel", "p99_ms", "cancel to upstream close, p99 (ms)", "lower"),
-                ("cancel", "missed", "cancels never seen upstream", "lower"),
-                ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")):
-            a_value, b_value = single[scenario][key], cluster[scenario][key]
-            lines.append(f"| {label} | {_number(a_value)} | {_number(b_value)} | "
-                         f"{_ratio(b_value, a_value, better)} |")
-    one, two = results.get("wsagent-1w"), results.get("wsagent-2w")
-    if one and two:
-        lines += ["", "| not pinned (the load shares both cores) | one worker | --workers 2 | two vs one |",
-                  "| --- | ---: | ---: | ---: |"]
-        for scenario, key, label, better in (
-                ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),
-                ("throughput", "cpu_s_per_100k", "server CPU seconds per 100k tokens", "lower"),
-                ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")):
-            a_value, b_value = one[scenario][key], two[scenario][key]
-            lines.append(f"| {label} | {_number(a_value)} | {_number(b_value)} | "
-                         f"{_ratio(b_value, a_value, better)} |")
+    lines += _versus(results, "wsagent-single", "wsagent-cluster", (
+        "not pinned; each run read on another node (resume)", "one node", "two nodes + Redis", "cluster vs one"), (
+        ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
+        ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
+        ("latency", "cpu_us_per_token", "CPU per token, every process (us)", "lower"),
+        ("cancel", "p99_ms", "cancel to upstream close, p99 (ms)", "lower"),
+        ("cancel", "missed", "cancels never seen upstream", "lower"),
+        ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")))
+    lines += _versus(results, "wsagent-1w", "wsagent-2w", (
+        "not pinned (the load shares both cores)", "one worker", "--workers 2", "two vs one"), (
+        ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),
+        ("throughput", "cpu_s_per_100k", "server CPU seconds per 100k tokens", "lower"),
+        ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")))
     return "\n".join(lines)
+
+
+def _versus(results: dict[str, dict[str, dict[str, float]]], first: str, second: str, heads: tuple[str, ...],
+            rows: tuple[tuple[str, str, str, str], ...]) -> list[str]:
+    """A table of ``second`` against ``first`` (both measured in the run), or nothing if either is missing."""
+    one, two = results.get(first), results.get(second)
+    if not one or not two:
+        return []
+    lines = ["", "| " + " | ".join(heads) + " |", "| --- | ---: | ---: | ---: |"]
+    for scenario, key, label, better in rows:
+        a_value, b_value = one[scenario][key], two[scenario][key]
+        lines.append(f"| {label} | {_number(a_value)} | {_number(b_value)} | {_ratio(b_value, a_value, better)} |")
+    return lines
 
 
 def main() -> None:

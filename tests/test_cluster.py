@@ -396,6 +396,13 @@ async def test_a_stopped_watcher_node_never_holds_the_producer_back(small_buffer
     print(f"8 MB relayed on a in {took:.2f} s while b was stopped")
 
 
+async def closed_with(ws: ClientConnection, code: int) -> None:
+    """The server closes ``ws`` with ``code`` (within LIMIT seconds)."""
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), LIMIT)
+    assert ws.close_code == code
+
+
 async def registered(ws: ClientConnection, client_id: str) -> None:
     """Once a message sent to ``client_id`` comes back, the cluster knows who holds it."""
     await ws.send(json.dumps({"type": "send", "to": client_id, "content": "me?"}))
@@ -427,9 +434,7 @@ async def test_a_client_id_taken_on_another_node_replaces_the_old_connection(clu
     async with a.connect("/ws/dora") as old:
         await registered(old, "dora")
         async with b.connect("/ws/dora") as new:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(old.recv(), LIMIT)
-            assert old.close_code == 4009
+            await closed_with(old, 4009)
             await registered(new, "dora")
 
 
@@ -438,9 +443,7 @@ async def test_with_the_reject_policy_a_client_id_held_elsewhere_is_refused(clus
     async with a.connect("/ws/erin") as held:
         await registered(held, "erin")
         async with b.connect("/ws/erin") as refused:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(refused.recv(), LIMIT)
-            assert refused.close_code == 4009
+            await closed_with(refused, 4009)
         await held.send(json.dumps({"type": "broadcast", "content": "mine"}))
         assert json.loads(await asyncio.wait_for(held.recv(), LIMIT))["content"] == "mine"
     await eventually(lambda: redis_fields(cluster.redis_port, "exists", "wsagent:client:erin"), "0\n")
@@ -455,9 +458,7 @@ async def test_per_user_limits_hold_across_nodes(cluster: Cluster) -> None:
             await ws.send(json.dumps({"type": "ping"}))
             assert json.loads(await asyncio.wait_for(ws.recv(), LIMIT))["type"] == "pong"
         async with c.connect(user="frank") as third:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(third.recv(), LIMIT)
-            assert third.close_code == 4029
+            await closed_with(third, 4029)
         await start(first, "one", "long sim:rate=20 sim:tokens=200")
         await second.send(run_request("two", "another"))
         refused = json.loads(await asyncio.wait_for(second.recv(), LIMIT))

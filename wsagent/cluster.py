@@ -68,7 +68,7 @@ from .broker import LocalBroker, Mailbox, mint_key
 from .errors import ClusterUnavailable
 from .events import encode_message
 from .render import Renderer
-from .run import Run, Subscription, Watcher
+from .run import Entries, Run, Subscription, Watcher
 
 __all__ = ["RedisBroker", "Mirror", "Link", "default_node_id"]
 
@@ -274,7 +274,7 @@ class Mirror(Run):
         self.broker = broker
         self._origins = [(o[0], o[1]) for o in origins]
         self.filling = True
-        self.early: list[tuple[int, list[int], list[str], list[list[str | None]] | None]] = []
+        self.early: list[Entries] = []  # batches that came while its history was being read
         self._failure: str | None = None
         self._held_as: tuple[Subscription, str] | None = None
         self._grew = asyncio.Event()

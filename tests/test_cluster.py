@@ -631,3 +631,30 @@ async def test_use_chat_takes_its_next_turn_on_another_node(cluster: Cluster) ->
     for turn in (first, second):
         assert turn["error"] is None and turn["types"][-1] == "finish", turn
     assert first["message"]["id"] != second["message"]["id"]
+
+
+async def test_a_redis_that_stops_answering_is_noticed_and_nothing_hangs(cluster: Cluster) -> None:
+    """Redis stopped (SIGSTOP: connections stay open, nothing answers), then running again."""
+    a, b = await cluster.start("a", "b")
+    async with a.connect() as local, b.connect() as remote:
+        key = await start(local, "r1", "long sim:rate=40 sim:tokens=240")  # 6 s
+        await frames_until(local, lambda e: e["type"] == "token")
+        await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        await frames_until(remote, lambda e: e["type"] == "token")
+        cluster.redis.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            watched = await frames_until(remote, lambda e: e["type"] in TERMINAL or "code" in e)
+            noticed = time.monotonic() - stopped
+            gone = json.loads(watched[-1])
+            assert (gone["code"], gone["retryable"]) == ("cluster_unavailable", True)
+            assert noticed < 5.0, f"a stopped Redis was noticed after {noticed:.1f} s"
+            own = await frames_until(local, terminal)  # the producer's own client: never held back
+            assert json.loads(own[-1])["type"] == "done"
+        finally:
+            cluster.redis.send_signal(signal.SIGCONT)
+    for node in (a, b):
+        await wait_for_status(node, "ok")
+    async with b.connect() as again:
+        await again.send(json.dumps({"type": "attach", "id": "r1", "key": key, "after": 0}))
+        assert json.loads((await frames_until(again, terminal))[-1])["type"] == "done"

@@ -658,3 +658,25 @@ async def test_a_redis_that_stops_answering_is_noticed_and_nothing_hangs(cluster
     async with b.connect() as again:
         await again.send(json.dumps({"type": "attach", "id": "r1", "key": key, "after": 0}))
         assert json.loads((await frames_until(again, terminal))[-1])["type"] == "done"
+
+
+async def test_a_run_whose_client_was_on_a_node_that_died_is_orphaned(cluster: Cluster) -> None:
+    """The client resumed on b, then b was killed: a notices at its next heartbeats, and the run's
+    grace starts as if the client had left."""
+    a, b = await cluster.start("a", "b", resume_grace=1)
+    sim = cluster.sim.simulator.stats
+    async with a.connect() as ws:
+        key = await start(ws, "r1", "slow sim:rate=20 sim:tokens=400")
+        head = await frames_until(ws, lambda e: e["type"] == "token")
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        await frames_until(ws, lambda e: e["seq"] >= seq(head[-1]) + 2)
+        b.process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+    await sim.wait_for(lambda s: s.disconnected == 1, LIMIT)
+    waited = time.monotonic() - killed
+    assert 1.0 < waited < 6.0, f"the run was cancelled {waited:.2f} s after its client's node died"
+    async with a.connect() as ws:
+        await ws.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        last = json.loads((await frames_until(ws, terminal))[-1])
+    assert (last["type"], last["reason"]) == ("cancelled", "client did not return")

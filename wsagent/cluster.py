@@ -491,6 +491,10 @@ class RedisBroker(LocalBroker):
         if refresh:
             self._refreshed = time.monotonic()
         self.live = frozenset(replies[1]) | {self.node}
+        for run in self.active_runs():  # a client whose node died left its run: the grace starts
+            holder = run.holder
+            if holder is not None and holder.rpartition("/")[0] not in self.live:
+                run.leave_remote(holder)
         for mirror in list(self._mirrors.values()):
             if mirror.node not in self.live and not mirror.finished:
                 mirror.fail("producer_lost", f"node {mirror.node}, which produced this run, stopped answering; "

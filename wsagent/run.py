@@ -555,6 +555,11 @@ class Run:
         self._stop_orphan_timer()
         self._room.set()
 
+    @property
+    def holder(self) -> str | None:
+        """The subscription on another node whose client resumed this run, while it watches."""
+        return self._holder
+
     def leave_remote(self, holder: str) -> None:
         """The client on another node that resumed this run went away: orphaned, as if it were local.
         A leave from an older holder (the client moved on again) changes nothing."""

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from wsagent.cluster import RedisBroker
 from wsagent.events import Start, Token
+from wsagent.resp import Wire
 from wsagent.run import Run
 from wsagent.simulator import SimulatorServer
 
@@ -680,3 +681,15 @@ async def test_a_run_whose_client_was_on_a_node_that_died_is_orphaned(cluster: C
         await ws.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
         last = json.loads((await frames_until(ws, terminal))[-1])
     assert (last["type"], last["reason"]) == ("cancelled", "client did not return")
+
+
+async def test_the_hot_path_connection_logs_in_and_selects_its_database() -> None:
+    async with redis_server(0, "--requirepass", "s3cret") as (port, _):
+        with pytest.raises(ConnectionError, match="Redis refused"):
+            await Wire.open(f"redis://:wrong@127.0.0.1:{port}/0")
+        wire = await Wire.open(f"redis://:s3cret@127.0.0.1:{port}/2")
+        try:
+            stored, info = await wire.send([("SET", "k", "v"), ("CLIENT", "INFO")])
+            assert stored == "OK" and " db=2 " in info
+        finally:
+            wire.close()

@@ -23,7 +23,7 @@ import wsagent
 LAYERS = {
     "core": {"errors", "events", "sse", "chunks", "response_events", "tools", "metrics", "config", "tuning", "logs",
              "auth", "render", "ui_stream", "workflow_state"},
-    "upstream": {"upstream", "agent", "producers", "frameworks", "simulator"},
+    "upstream": {"upstream", "agent", "producers", "frameworks", "simulator", "resp"},
     "engine": {"run", "pump", "broker", "cluster", "transcripts"},
     "transport": {"connections", "compression", "responses"},
     "handlers": {"app", "chat", "ai_sdk", "tutorial", "pages", "status"},

@@ -31,7 +31,7 @@ them (every 10 s), a finished run's after its resume grace, a client id's after
 Cost on the hot path: a run's new entries are sealed once per upstream read, and
 every run's new entries go to Redis in one write at the end of the event loop's
 turn (under load, at most once a millisecond): one ``XADD`` per entry and one
-``PUBLISH`` per run, on a connection spoken by hand (:class:`Wire`). No round
+``PUBLISH`` per run, on a connection spoken by hand (:class:`~wsagent.resp.Wire`). No round
 trip, task or future per batch, nothing per token.
 
 A node that follows a run elsewhere keeps a :class:`Mirror`: a

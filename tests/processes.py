@@ -12,11 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-__all__ = ["pinned_venv", "started", "free_port"]
+__all__ = ["pinned_venv", "started", "free_port", "Notifications"]
 
 
 def free_port() -> int:
@@ -77,3 +78,28 @@ async def started(command: Sequence[str], ready: bytes, *, env: dict[str, str] |
                 process.terminate()
             await process.wait()
         await reader
+
+
+class Notifications:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.seen: list[str] = []
+
+    async def expect(self, prefix: str, limit: float = 20) -> str:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(limit):
+            while True:
+                message = (await loop.sock_recv(self.sock, 4096)).decode()
+                self.seen.append(message)
+                if message.startswith(prefix):
+                    return message
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

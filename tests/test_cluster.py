@@ -13,8 +13,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import jwt
 import pytest
@@ -30,14 +30,13 @@ from wsagent.run import Run
 from wsagent.simulator import SimulatorServer
 
 from .conftest import TERMINAL
-from .processes import free_port, started
+from .processes import Notifications, free_port, started
 from .test_ai_sdk import drive_at
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SECRET = "cluster-test-secret-of-32-bytes!"
 #: How long a test waits for what must happen well within it (a bound, never a pause).
 LIMIT = 15.0
-_T = TypeVar("_T")
 
 
 @contextlib.asynccontextmanager
@@ -50,10 +49,12 @@ async def redis_server(port: int = 0, *options: str) -> AsyncIterator[tuple[int,
 
 
 class Node:
-    def __init__(self, name: str, port: int, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, name: str, port: int, process: asyncio.subprocess.Process,
+                 notes: Notifications | None = None) -> None:
         self.name = name
         self.port = port
         self.process = process
+        self.notes = notes  # what it tells systemd (its status says whether Redis is up)
         self.url = f"ws://127.0.0.1:{port}"
 
     def connect(self, path: str = "/ws/chat", user: str | None = None, **kwargs: Any) -> Any:
@@ -92,8 +93,11 @@ class Cluster:
                    "--event-loop", "asyncio" if name == "b" else "auto"]  # b on asyncio's loop, the others on uvloop
         for key, value in settings.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
-        process = await self.stack.enter_async_context(started(command, b"wsagent listening on", limit=30))
-        node = self.nodes[name] = Node(name, port, process)
+        notes = Notifications()
+        self.stack.callback(notes.close)
+        process = await self.stack.enter_async_context(
+            started(command, b"wsagent listening on", env={"NOTIFY_SOCKET": notes.path}, limit=30))
+        node = self.nodes[name] = Node(name, port, process, notes)
         return node
 
 
@@ -278,29 +282,39 @@ async def redis_fields(port: int, *command: str) -> str:
     return out.decode()
 
 
-async def eventually(ask: Callable[[], Awaitable[_T]], wanted: _T) -> _T:
-    """``ask()`` until it answers ``wanted`` (every 50 ms, at most LIMIT seconds): for what a node does
-    on its own time (a heartbeat, a reconnect) and tells nobody."""
-    async with asyncio.timeout(LIMIT):
-        while True:
-            answer = await ask()
-            if answer == wanted:
-                return answer
-            await asyncio.sleep(0.05)
+async def redis_went(node: Node, *states: str) -> dict[str, Any]:
+    """Wait until ``node`` has told systemd its link to Redis went through ``states`` (``down``, ``up``), in
+    order; then its ``/healthz``."""
+    assert node.notes is not None
+    for state in states:
+        await node.notes.expect(f"STATUS=cluster node {node.name}: Redis {state}")
+    _, body = await node.http("/healthz")
+    return dict(json.loads(body))
 
 
-async def wait_for_status(node: Node, wanted: str) -> dict[str, Any]:
-    """``/healthz`` once its status is ``wanted``."""
+@contextlib.asynccontextmanager
+async def key_events(port: int, key: str) -> AsyncIterator[asyncio.Queue[str]]:
+    """What happens to ``key`` in Redis (``del``, ``expire``...), as it happens: its keyspace events."""
+    url = f"redis://127.0.0.1:{port}/0"
+    control = await Wire.open(url)
+    await control.send([("CONFIG", "SET", "notify-keyspace-events", "Kg")])
+    control.close()
+    events: asyncio.Queue[str] = asyncio.Queue()
+    subscribed = asyncio.get_running_loop().create_future()
 
-    async def health() -> str:
-        _, body = await node.http("/healthz")
-        return body
+    def push(reply: Any) -> None:
+        if reply[0] == "subscribe" and not subscribed.done():
+            subscribed.set_result(None)
+        elif reply[0] == "message":
+            events.put_nowait(reply[2])
 
-    async def status() -> str:
-        return str(json.loads(await health())["status"])
-
-    await eventually(status, wanted)
-    return dict(json.loads(await health()))
+    watcher = await Wire.open(url, push)
+    watcher.push(("SUBSCRIBE", f"__keyspace@0__:{key}"))
+    try:
+        await asyncio.wait_for(subscribed, LIMIT)
+        yield events
+    finally:
+        watcher.close()
 
 
 async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> None:
@@ -316,8 +330,8 @@ async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> No
         watched = await frames_until(remote, lambda e: e["type"] == "error")
         gone = json.loads(watched[-1])
         assert (gone["code"], gone["retryable"], "seq" in gone) == ("cluster_unavailable", True, False)
-        health = await wait_for_status(a, "degraded")
-        assert health["cluster"]["redis"] == "down"
+        health = await redis_went(a, "down")
+        assert (health["status"], health["cluster"]["redis"]) == ("degraded", "down")
         _, metrics = await a.http("/metrics")
         assert "wsagent_cluster_redis_up 0" in metrics and "wsagent_cluster_redis_failures_total 1" in metrics
         await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
@@ -326,8 +340,8 @@ async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> No
 
         port = cluster.redis_port
         _, cluster.redis = await cluster.stack.enter_async_context(redis_server(port))  # empty
-        for node in (a, b):
-            await wait_for_status(node, "ok")
+        await redis_went(a, "up")
+        assert (await redis_went(b, "down", "up"))["status"] == "ok"
         await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key, "after": 0}))
         again = await frames_until(remote, terminal)
         own = await frames_until(local, terminal)
@@ -348,7 +362,7 @@ async def test_what_an_empty_redis_lost_is_a_replay_gap(cluster: Cluster) -> Non
     await cluster.redis.wait()
     _, cluster.redis = await cluster.stack.enter_async_context(redis_server(cluster.redis_port))
     for node in (a, b):
-        await wait_for_status(node, "ok")
+        await redis_went(node, "down", "up")
     async with b.connect() as ws:
         await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": 1}))
         refused = json.loads(await ws.recv())
@@ -441,13 +455,16 @@ async def test_a_client_id_taken_on_another_node_replaces_the_old_connection(clu
 
 async def test_with_the_reject_policy_a_client_id_held_elsewhere_is_refused(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b", client_id_policy="reject")
-    async with a.connect("/ws/erin") as held:
-        await registered(held, "erin")
-        async with b.connect("/ws/erin") as refused:
-            await closed_with(refused, 4009)
-        await held.send(json.dumps({"type": "broadcast", "content": "mine"}))
-        assert json.loads(await asyncio.wait_for(held.recv(), LIMIT))["content"] == "mine"
-    await eventually(lambda: redis_fields(cluster.redis_port, "exists", "wsagent:client:erin"), "0\n")
+    async with key_events(cluster.redis_port, "wsagent:client:erin") as events:
+        async with a.connect("/ws/erin") as held:
+            await registered(held, "erin")
+            async with b.connect("/ws/erin") as refused:
+                await closed_with(refused, 4009)
+            await held.send(json.dumps({"type": "broadcast", "content": "mine"}))
+            assert json.loads(await asyncio.wait_for(held.recv(), LIMIT))["content"] == "mine"
+        async with asyncio.timeout(LIMIT):  # released once a has seen its holder close
+            while await events.get() != "del":
+                pass
     async with b.connect("/ws/erin") as later:
         await registered(later, "erin")
 
@@ -655,7 +672,7 @@ async def test_a_redis_that_stops_answering_is_noticed_and_nothing_hangs(cluster
         finally:
             cluster.redis.send_signal(signal.SIGCONT)
     for node in (a, b):
-        await wait_for_status(node, "ok")
+        await redis_went(node, "down", "up")
     async with b.connect() as again:
         await again.send(json.dumps({"type": "attach", "id": "r1", "key": key, "after": 0}))
         assert json.loads((await frames_until(again, terminal))[-1])["type"] == "done"

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,33 +27,9 @@ from wsagent.server import WsAgentServer
 from wsagent.tuning import tune_malloc
 
 from .conftest import ServerFactory, run_events, ws_connect
+from .processes import Notifications
 
 ROOT = Path(__file__).parent.parent
-
-
-class Notifications:
-    """A datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp()
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        self.seen: list[str] = []
-
-    async def expect(self, prefix: str, limit: float = 20) -> str:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(limit):
-            while True:
-                message = (await loop.sock_recv(self.sock, 4096)).decode()
-                self.seen.append(message)
-                if message.startswith(prefix):
-                    return message
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
@@ -247,6 +247,8 @@ class RedisBroker(LocalBroker):
         self.url = url
         self.node = node
         self.link = Link.DOWN
+        #: Told each change of :attr:`link` (the server passes it on to systemd as the unit's status).
+        self.on_link: Callable[[Link], None] = lambda link: None
         self.failures = 0
         self.down_since: float | None = time.monotonic()
         self.batches = 0
@@ -327,6 +329,7 @@ class RedisBroker(LocalBroker):
         self.link = Link.DOWN
         self.failures += 1
         self.down_since = time.monotonic()
+        self.on_link(self.link)
         log.warning("cluster: Redis at %s is out of reach (%s): node %s goes on alone", self.url,
                     exc or type(exc).__name__, self.node)
         self._hang_up()
@@ -404,6 +407,7 @@ class RedisBroker(LocalBroker):
             raise
         self.link = Link.UP
         self.down_since = None
+        self.on_link(self.link)
         log.info("cluster: node %s joined through Redis at %s", self.node, self.url)
 
     async def _write_back(self) -> None:

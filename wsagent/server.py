@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from . import systemd
 from .agent import WorkflowFactory, build_workflows, load_workflows
 from .app import App
 from .auth import SUBPROTOCOL, Authenticator
@@ -414,12 +415,17 @@ async def _broker(settings: Settings) -> LocalBroker:
     if not settings.redis_url:
         return LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
     try:
-        from .cluster import RedisBroker, default_node_id
+        from .cluster import Link, RedisBroker, default_node_id
     except ImportError as exc:
         raise SystemExit(f"--redis-url needs redis-py: pip install \"wsagent[cluster]\" ({exc})") from None
     node = settings.node_id or default_node_id()
-    broker = await RedisBroker(settings.redis_url, node, settings.replay_budget_bytes,
-                               settings.replay_budget_per_user).start()
+    broker = RedisBroker(settings.redis_url, node, settings.replay_budget_bytes, settings.replay_budget_per_user)
+
+    def said(link: Link) -> None:  # what `systemctl status` shows
+        systemd.notify(f"STATUS=cluster node {node}: Redis {link.value}")
+
+    broker.on_link = said
+    await broker.start()
     log.info("cluster: node %s, Redis at %s (%s)", node, settings.redis_url, broker.link.value)
     return broker
 

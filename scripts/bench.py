@@ -609,6 +609,10 @@ async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream
             levels = [100, 250, 500] if quick else [250, 500, 750, 1000, 1250, 1500]
             r["scale"] = await pair_scale(pair, levels, 3 if quick else 6, 50.0)
             print(f"  scale {r['scale']}", flush=True)
+        # What a run that never leaves its node pays for being in a cluster (its log still goes to Redis).
+        stays = Pair("wsagent-cluster-local", a, a, [a.pid, redis.pid])
+        results[stays.name] = {"latency": await pair_latency(stays, 50, 50, 100 if quick else 500)}
+        print(f"== {stays.name}\n  latency {results[stays.name]['latency']}", flush=True)
     finally:
         for process in [*(s.process for s in servers), redis.process]:
             process.terminate()
@@ -791,6 +795,11 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         ("cancel", "p99_ms", "cancel to upstream close, p99 (ms)", "lower"),
         ("cancel", "missed", "cancels never seen upstream", "lower"),
         ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")))
+    lines += _versus(results, "wsagent-single", "wsagent-cluster-local", (
+        "not pinned; each run read on its own node", "one node", "a node of a cluster", "cluster vs one"), (
+        ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
+        ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
+        ("latency", "cpu_us_per_token", "CPU per token, the node and Redis (us)", "lower")))
     lines += _versus(results, "wsagent-1w", "wsagent-2w", (
         "not pinned (the load shares both cores)", "one worker", "--workers 2", "two vs one"), (
         ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),

@@ -81,8 +81,10 @@ REFRESH_EVERY = 10.0
 CLIENT_TTL = 10
 #: Seconds one Redis command may take before the cluster is taken for out of reach.
 COMMAND_TIMEOUT = 2.0
-#: Seconds between two writes of run entries to Redis, at most one per turn of the event loop.
+#: Seconds between two writes of run entries to Redis while another node follows one of them (at most one
+#: write per turn of the event loop), and while none does (the entries only go to the history).
 FLUSH_EVERY = 0.001
+LAZY_EVERY = 0.01
 #: Bytes of writes Redis may leave unread before the cluster is taken for out of reach.
 MAX_UNSENT = 16 * 1024 * 1024
 
@@ -259,8 +261,10 @@ class RedisBroker(LocalBroker):
                                            socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry)
         self._dirty: dict[Run, None] = {}
         self._users_dirty: set[str] = set()
-        self._flush_soon = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_at = 0.0
         self._flushed = 0.0
+        self._followers: dict[str, set[str]] = {}  # runs produced here -> the nodes that follow them
         self._mirrors: dict[str, Mirror] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._wire: Wire | None = None  # the hot path's writes
@@ -386,6 +390,10 @@ class RedisBroker(LocalBroker):
         if refresh:
             self._refreshed = time.monotonic()
         self.live = frozenset(replies[1]) | {self.node}
+        for key, followers in list(self._followers.items()):  # runs forgotten here, nodes that died
+            followers &= self.live
+            if not followers or key not in self._by_key:
+                del self._followers[key]
         for run in self.active_runs():  # a client whose node died left its run: the grace starts
             holder = run.holder
             if holder is not None and holder.rpartition("/")[0] not in self.live:
@@ -448,28 +456,29 @@ class RedisBroker(LocalBroker):
 
     def dirty(self, run: Run) -> None:
         self._dirty[run] = None
-        self._soon()
+        self._soon(FLUSH_EVERY if run.key in self._followers else LAZY_EVERY)
 
-    def _soon(self) -> None:
-        """Flush at the end of this turn of the event loop, or, if the last flush was under
-        FLUSH_EVERY ago, once that much has passed: under load, one write to Redis carries the reads of
-        a millisecond (a write per turn was a fifth of a busy node's time, in the ``send`` syscall),
-        and a lone read still leaves at once."""
-        if not self._flush_soon:
-            self._flush_soon = True
-            loop = asyncio.get_running_loop()
-            wait = self._flushed + FLUSH_EVERY - loop.time()
-            if wait > 0:
-                loop.call_later(wait, self._flush)
-            else:
-                loop.call_soon(self._flush)
+    def _soon(self, every: float) -> None:
+        """Flush once ``every`` seconds have passed since the last flush (at the end of this turn of the
+        event loop if they have): FLUSH_EVERY while another node follows a dirty run, LAZY_EVERY while
+        none does. Each write costs a ``send`` (a fifth of a busy node's time when every turn wrote):
+        under load one carries a millisecond's reads, and a run nobody follows yet, whose entries only
+        need to be in the history in case its client moves, shares one with ten milliseconds' worth."""
+        loop = asyncio.get_running_loop()
+        at = max(self._flushed + every, loop.time())
+        if self._flush_timer is not None:
+            if self._flush_at <= at:
+                return
+            self._flush_timer.cancel()  # a followed run came in: sooner than planned
+        self._flush_at = at
+        self._flush_timer = loop.call_at(at, self._flush)
 
     def _flush(self) -> None:
         """Every dirty run's new entries, one XADD each and one PUBLISH per run, in one write: once per
         turn of the event loop, so the reads of one turn share it. Nothing waits for the replies (no
         task, no future); a Redis that stops reading is noticed by the heartbeat, and its unsent
         backlog bounded here."""
-        self._flush_soon = False
+        self._flush_timer = None
         self._flushed = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, {}
         users, self._users_dirty = self._users_dirty, set()
@@ -609,6 +618,14 @@ class RedisBroker(LocalBroker):
         if op == "cancel" and "ask" not in message:  # a follower passing its watcher's cancel on
             if run is not None:
                 self.cancel_here(run.key, str(message.get("reason", "cancelled")))
+        elif op == "follow" and run is not None:
+            self._followers.setdefault(run.key, set()).add(str(message["node"]))
+        elif op == "unfollow":
+            followers = self._followers.get(str(key))
+            if followers is not None:
+                followers.discard(str(message["node"]))
+                if not followers:
+                    del self._followers[str(key)]
         elif op == "adopt" and run is not None:
             run.adopt_remote(str(message["holder"]))
         elif op == "leave" and run is not None:
@@ -693,7 +710,7 @@ class RedisBroker(LocalBroker):
     def _user_run_ended(self, run: Run) -> None:
         assert run.user is not None
         self._users_dirty.add(run.user)
-        self._soon()
+        self._soon(FLUSH_EVERY)  # counts that limits read elsewhere: soon
 
     async def run_by_key(self, key: str) -> Run | None:
         run: Run | None = self._by_key.get(key) or self._mirrors.get(key)
@@ -726,6 +743,7 @@ class RedisBroker(LocalBroker):
         if subscriber is None:
             raise ClusterUnavailable("this node is joining the cluster again; try again shortly")
         self._mirrors[run.key] = run
+        self.tell(run.node, {"op": "follow", "key": run.key, "node": self.node})
         channel = _run_channel(run.key)
         confirmation = self._confirmations[channel] = asyncio.get_running_loop().create_future()
         try:
@@ -789,6 +807,7 @@ class RedisBroker(LocalBroker):
         """Nobody here watches ``mirror`` any more: stop following it."""
         if self._mirrors.get(mirror.key) is mirror:
             del self._mirrors[mirror.key]
+            self.tell(mirror.node, {"op": "unfollow", "key": mirror.key, "node": self.node})
             if self._subscriber is not None:
                 self._subscriber.push(("UNSUBSCRIBE", _run_channel(mirror.key)))
         mirror.release()
@@ -856,7 +875,7 @@ class RedisBroker(LocalBroker):
     def user_disconnected(self, user: str) -> None:
         super().user_disconnected(user)
         self._users_dirty.add(user)
-        self._soon()
+        self._soon(FLUSH_EVERY)  # counts that limits read elsewhere: soon
 
     # -- client ids ------------------------------------------------------
 

@@ -17,9 +17,10 @@ where (README's "Scaling out" has the table):
   to the producer's own log (``MINID``), so it never holds more than
   ``--replay-bytes`` plus ``--run-buffer-bytes`` of the run;
 * ``wsagent:run:{key}`` (a channel) carries each batch of new entries to the
-  nodes that follow the run; ``wsagent:node:{node}`` carries cancels, a
-  resumed client's arrival and departure, evictions and personal messages to
-  one node; ``wsagent:broadcast`` reaches every node;
+  nodes that follow the run; ``wsagent:node:{node}`` carries to one node a
+  cancel, a follower's arrival and departure, a resumed client's, an eviction,
+  a personal message, a question (a workflow's snapshot) and its answer;
+  ``wsagent:broadcast`` reaches every node;
 * ``wsagent:nodes`` (a sorted set of heartbeats, every second) says which nodes
   are alive; ``wsagent:user:{user}`` holds each node's count of the user's
   connections and runs; ``wsagent:client:{id}`` names the holder of a client id.
@@ -29,10 +30,11 @@ them (every 10 s), a finished run's after its resume grace, a client id's after
 10 s unless refreshed.
 
 Cost on the hot path: a run's new entries are sealed once per upstream read, and
-every run's new entries go to Redis in one write at the end of the event loop's
-turn (under load, at most once a millisecond): one ``XADD`` per entry and one
-``PUBLISH`` per run, on a connection spoken by hand (:class:`~wsagent.resp.Wire`). No round
-trip, task or future per batch, nothing per token.
+every dirty run's new entries go to Redis in one write, one ``XADD`` per entry
+and one ``PUBLISH`` per run, on a connection spoken by hand
+(:class:`~wsagent.resp.Wire`): at most once a millisecond while another node
+follows one of them, every 10 ms while none does. No round trip, task or future
+per batch, nothing per token.
 
 A node that follows a run elsewhere keeps a :class:`Mirror`: a
 :class:`~wsagent.run.Run` whose log is filled from the stream and the channel

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -352,6 +353,7 @@ class WsAgentServer:
                 code, reason = refusal
                 await close_or_abort(ws, code, reason, self.settings.close_timeout)
                 return
+            _forget_handshake(ws)
             await route.handler(app, conn)
         except ConnectionClosed:
             pass
@@ -408,6 +410,19 @@ def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, W
         return load_workflows(settings.workflows, upstream, BUILTIN_TOOLS)
     spec = json.loads(resources.files("wsagent").joinpath("data/workflows.json").read_text(encoding="utf-8"))
     return build_workflows(spec, upstream, BUILTIN_TOOLS)
+
+
+def _forget_handshake(ws: ServerConnection) -> None:
+    """Drop the handshake's request and response headers once the connection is checked and routed.
+
+    The library keeps both for the connection's life; nothing reads them after this (the path, the
+    route's parameters, the user and the address are on :class:`Connection`), and at 10,000 idle
+    connections they were a quarter of the server's memory: 16.6 KiB per connection with them, 12.4
+    without (RSS, measured with ``scripts/bench.py``'s idle scenario).
+    """
+    assert ws.request is not None and ws.response is not None
+    ws.request.headers = Headers()
+    ws.response.headers = Headers()
 
 
 async def _broker(settings: Settings) -> LocalBroker:

@@ -150,6 +150,15 @@ async def start(ws: ClientConnection, run_id: str, prompt: str, **fields: Any) -
     return str(first["key"])
 
 
+async def begun(node: Node, run_id: str, prompt: str) -> tuple[str, int]:
+    """Start ``run_id`` on ``node`` and read there up to its first token, then leave: its key, and the
+    last seq read."""
+    async with node.connect() as ws:
+        key = await start(ws, run_id, prompt)
+        head = await frames_until(ws, lambda e: e["type"] == "token")
+    return key, seq(head[-1])
+
+
 async def whole_log(node: Node, run_id: str, key: str, user: str | None = None) -> list[str]:
     """Every frame of a finished run, attached from its start (the producer's log, verbatim)."""
     async with node.connect(user=user) as ws:
@@ -258,12 +267,10 @@ async def test_a_client_that_moves_keeps_its_run_past_the_grace_and_leaving_star
         tail = await frames_until(ws, terminal)
     assert json.loads(tail[-1])["type"] == "done"  # watched on b all along: never orphaned on a
 
-    async with a.connect() as ws:
-        key = await start(ws, "r2", "slow sim:rate=20 sim:tokens=400")
-        head = await frames_until(ws, lambda e: e["type"] == "token")
+    key, after = await begun(a, "r2", "slow sim:rate=20 sim:tokens=400")
     async with b.connect() as ws:
-        await ws.send(json.dumps({"type": "resume", "id": "r2", "key": key, "after": seq(head[-1])}))
-        await frames_until(ws, lambda e: e["seq"] >= seq(head[-1]) + 3)
+        await ws.send(json.dumps({"type": "resume", "id": "r2", "key": key, "after": after}))
+        await frames_until(ws, lambda e: e["seq"] >= after + 3)
         left = time.monotonic()
     await sim.wait_for(lambda s: s.disconnected == 1, LIMIT)  # b's client left: a's grace ran out
     waited = time.monotonic() - left
@@ -683,12 +690,10 @@ async def test_a_run_whose_client_was_on_a_node_that_died_is_orphaned(cluster: C
     grace starts as if the client had left."""
     a, b = await cluster.start("a", "b", resume_grace=1)
     sim = cluster.sim.simulator.stats
-    async with a.connect() as ws:
-        key = await start(ws, "r1", "slow sim:rate=20 sim:tokens=400")
-        head = await frames_until(ws, lambda e: e["type"] == "token")
+    key, after = await begun(a, "r1", "slow sim:rate=20 sim:tokens=400")
     async with b.connect() as ws:
-        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
-        await frames_until(ws, lambda e: e["seq"] >= seq(head[-1]) + 2)
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": after}))
+        await frames_until(ws, lambda e: e["seq"] >= after + 2)
         b.process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
     await sim.wait_for(lambda s: s.disconnected == 1, LIMIT)

@@ -92,6 +92,8 @@ MAX_UNSENT = 16 * 1024 * 1024
 
 _NODES = "wsagent:nodes"
 _BROADCAST = "wsagent:broadcast"
+_RUNS = "wsagent:run:"  # a run's channel: this, then its key
+_OUT_OF_REACH = "the cluster is out of reach (its Redis does not answer)"
 _DOWN = (RedisError, OSError, TimeoutError)
 _T = TypeVar("_T")
 _holders = itertools.count(1)
@@ -107,32 +109,11 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _meta_key(key: str) -> str:
-    return f"wsagent:run:{key}"
-
-
-def _log_key(key: str) -> str:
-    return f"wsagent:log:{key}"
-
-
-def _run_channel(key: str) -> str:
-    return f"wsagent:run:{key}"
-
-
-def _node_channel(node: str) -> str:
-    return f"wsagent:node:{node}"
-
-
-def _id_key(scope: str, run_id: str) -> str:
-    return f"wsagent:id:{scope}:{run_id}"
-
-
-def _user_key(user: str) -> str:
-    return f"wsagent:user:{user}"
-
-
-def _client_key(client_id: str) -> str:
-    return f"wsagent:client:{client_id}"
+def _name(*parts: str) -> str:
+    """A key or channel of ours: ``wsagent:run:{key}`` (a run's meta hash, and its channel), ``wsagent:log:{key}``
+    (its stream), ``wsagent:id:{scope}:{id}``, ``wsagent:node:{node}`` (a channel), ``wsagent:user:{user}``,
+    ``wsagent:client:{id}``."""
+    return ":".join(("wsagent", *parts))
 
 
 def _shared(scope: str) -> bool:
@@ -197,6 +178,9 @@ class Mirror(Run):
         self.wake()
         if not self._subs:
             self.broker.unfollow(self)
+
+    def lost_producer(self) -> None:
+        self.fail("producer_lost", f"node {self.node}, which produced this run, stopped answering; start the run again")
 
     def _take(self, sub: Subscription) -> list[str]:
         frames = super()._take(sub)
@@ -340,13 +324,12 @@ class RedisBroker(LocalBroker):
                     exc or type(exc).__name__, self.node)
         self._hang_up()
         for mirror in list(self._mirrors.values()):
-            mirror.fail("cluster_unavailable", "the cluster is out of reach (its Redis does not answer); "
-                        "resume shortly from the last seq you received")
+            mirror.fail("cluster_unavailable", f"{_OUT_OF_REACH}; resume shortly from the last seq you received")
         self._mirrors.clear()
 
     def _require_up(self) -> None:
         if self.link is not Link.UP:
-            raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); try again shortly")
+            raise ClusterUnavailable(f"{_OUT_OF_REACH}; try again shortly")
 
     async def _ask(self, request: Awaitable[_T]) -> _T:
         """One request to Redis; out of reach, :class:`ClusterUnavailable`."""
@@ -357,8 +340,7 @@ class RedisBroker(LocalBroker):
             return await request
         except _DOWN as exc:
             self._lost(exc)
-            raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); "
-                                     "try again shortly") from None
+            raise ClusterUnavailable(f"{_OUT_OF_REACH}; try again shortly") from None
 
     async def _heartbeats(self) -> None:
         while True:
@@ -376,12 +358,12 @@ class RedisBroker(LocalBroker):
         pipe.zremrangebyscore(_NODES, "-inf", now_ms - 60_000)
         if refresh and self.link is Link.UP:
             for run in self.active_runs():
-                for name in (_meta_key(run.key), _log_key(run.key)):
+                for name in (_name("run", run.key), _name("log", run.key)):
                     pipe.expire(name, RUN_TTL)
                 if _shared(run.scope):
-                    pipe.expire(_id_key(run.scope, run.id), RUN_TTL)
+                    pipe.expire(_name("id", run.scope, run.id), RUN_TTL)
             for client_id in self._claims:
-                pipe.expire(_client_key(client_id), CLIENT_TTL)
+                pipe.expire(_name("client", client_id), CLIENT_TTL)
         try:
             replies = await pipe.execute()
             if self.link is Link.DOWN:
@@ -402,8 +384,7 @@ class RedisBroker(LocalBroker):
                 run.leave_remote(holder)
         for mirror in list(self._mirrors.values()):
             if mirror.node not in self.live and not mirror.finished:
-                mirror.fail("producer_lost", f"node {mirror.node}, which produced this run, stopped answering; "
-                            "start the run again")
+                mirror.lost_producer()
 
     async def _rejoin(self) -> None:
         """Redis answers again (perhaps restarted empty): write back this node's runs with the logs they
@@ -430,8 +411,8 @@ class RedisBroker(LocalBroker):
         for user in {*self._user_conns, *self._user_runs}:
             self._count_user(commands, user)
         for client_id, value in self._claims.items():
-            commands += [("SET", _client_key(client_id), value, "NX", "EX", CLIENT_TTL),
-                         ("GET", _client_key(client_id))]
+            commands += [("SET", _name("client", client_id), value, "NX", "EX", CLIENT_TTL),
+                         ("GET", _name("client", client_id))]
         replies = await self._send(commands)
         holders = iter(replies[-2 * len(self._claims):] if self._claims else [])
         for client_id, value in list(self._claims.items()):
@@ -476,11 +457,12 @@ class RedisBroker(LocalBroker):
         self._flush_timer = loop.call_at(at, self._flush)
 
     def _flush(self) -> None:
-        """Every dirty run's new entries, one XADD each and one PUBLISH per run, in one write: once per
-        turn of the event loop, so the reads of one turn share it. Nothing waits for the replies (no
-        task, no future); a Redis that stops reading is noticed by the heartbeat, and its unsent
-        backlog bounded here."""
-        self._flush_timer = None
+        """Every dirty run's new entries, one XADD each and one PUBLISH per run, in one write (when
+        :meth:`_soon` says). Nothing waits for the replies (no task, no future); a Redis that stops
+        reading is noticed by the heartbeat, and its unsent backlog bounded here."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()  # called directly (closing): the timer's turn is taken
+            self._flush_timer = None
         self._flushed = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, {}
         users, self._users_dirty = self._users_dirty, set()
@@ -494,9 +476,9 @@ class RedisBroker(LocalBroker):
                 self._append(commands, run, first, codes, payloads, origins, publish=True)
             if run.finished:
                 ttl = max(1, round(run.grace))
-                commands += [("EXPIRE", _meta_key(run.key), ttl), ("EXPIRE", _log_key(run.key), ttl)]
+                commands += [("EXPIRE", _name("run", run.key), ttl), ("EXPIRE", _name("log", run.key), ttl)]
                 if _shared(run.scope):
-                    commands.append(("EXPIRE", _id_key(run.scope, run.id), ttl))
+                    commands.append(("EXPIRE", _name("id", run.scope, run.id), ttl))
         for user in users:
             self._count_user(commands, user)
         if not commands:
@@ -508,17 +490,17 @@ class RedisBroker(LocalBroker):
     def _register_run(self, commands: list[Command], run: Run, ttl: int) -> None:
         meta = {"id": run.id, "user": run.user, "scope": run.scope, "node": self.node, "agent": run.agent,
                 "workflow": run.workflow, "grace": run.grace, "buffer": run.buffer_bytes, "replay": run.replay_bytes}
-        commands += [("HSET", _meta_key(run.key), "meta", json.dumps(meta), "origins", json.dumps(run.origins())),
-                     ("EXPIRE", _meta_key(run.key), ttl)]
+        commands += [("HSET", _name("run", run.key), "meta", json.dumps(meta), "origins", json.dumps(run.origins())),
+                     ("EXPIRE", _name("run", run.key), ttl)]
         if _shared(run.scope):
-            commands.append(("SET", _id_key(run.scope, run.id), run.key, "NX", "EX", ttl))
+            commands.append(("SET", _name("id", run.scope, run.id), run.key, "NX", "EX", ttl))
 
     def _append(self, commands: list[Command], run: Run, first: int, codes: list[int], payloads: list[str],
                 origins: list[list[str | None]] | None, *, publish: bool) -> None:
-        stream = _log_key(run.key)
+        stream = _name("log", run.key)
         if origins is not None and len(origins) != run.published_origins:
             run.published_origins = len(origins)
-            commands.append(("HSET", _meta_key(run.key), "origins", json.dumps(origins)))
+            commands.append(("HSET", _name("run", run.key), "origins", json.dumps(origins)))
         last = len(codes) - 1
         for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
             if i == last:  # trimmed to what the producer keeps, once per batch
@@ -529,10 +511,10 @@ class RedisBroker(LocalBroker):
         if first == 1 or not publish:
             commands.append(("EXPIRE", stream, RUN_TTL if not run.finished else max(1, round(run.grace))))
         if publish:
-            commands.append(("PUBLISH", _run_channel(run.key), json.dumps([first, codes, payloads, origins])))
+            commands.append(("PUBLISH", _name("run", run.key), json.dumps([first, codes, payloads, origins])))
 
     def _count_user(self, commands: list[Command], user: str) -> None:
-        key = _user_key(user)
+        key = _name("user", user)
         commands += [("HSET", key, f"c:{self.node}", self._user_conns.get(user, 0),
                       f"r:{self.node}", self._user_runs.get(user, 0)), ("EXPIRE", key, 86400)]
 
@@ -540,7 +522,7 @@ class RedisBroker(LocalBroker):
         """Send ``message`` to ``node`` without waiting (a cancel, an adopt, a leave, a question), after
         everything this node wrote before it."""
         if self._wire is not None and self.link is Link.UP:
-            self._wire.write([("PUBLISH", _node_channel(node), json.dumps(message))])
+            self._wire.write([("PUBLISH", _name("node", node), json.dumps(message))])
 
     # -- reading: one subscriber connection per node -----------------------
 
@@ -550,7 +532,7 @@ class RedisBroker(LocalBroker):
         history what passed while they were not subscribed."""
         subscriber = await Wire.open(self.url, self._receive)
         loop = asyncio.get_running_loop()
-        channels = [_node_channel(self.node), _BROADCAST, *(_run_channel(key) for key in self._mirrors)]
+        channels = [_name("node", self.node), _BROADCAST, *(_name("run", key) for key in self._mirrors)]
         confirmations = [self._confirmations.setdefault(channel, loop.create_future()) for channel in channels]
         subscriber.push(("SUBSCRIBE", *channels))
         try:
@@ -594,10 +576,10 @@ class RedisBroker(LocalBroker):
             return
         elif channel == _BROADCAST:
             self.deliver_all(data)
-        elif channel == _node_channel(self.node):
+        elif channel == _name("node", self.node):
             self._control(json.loads(data))
         else:
-            mirror = self._mirrors.get(channel[len("wsagent:run:"):])
+            mirror = self._mirrors.get(channel[len(_RUNS):])
             if mirror is not None:
                 first, codes, payloads, origins = json.loads(data)
                 if mirror.filling:
@@ -661,8 +643,8 @@ class RedisBroker(LocalBroker):
         start = f"{log_.end}-0" if log_.codes or log_.first > 1 else "-"
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.xrange(_log_key(mirror.key), min=start, max="+")
-            pipe.hget(_meta_key(mirror.key), "origins")
+            pipe.xrange(_name("log", mirror.key), min=start, max="+")
+            pipe.hget(_name("run", mirror.key), "origins")
             found, origins = await pipe.execute()
             entries = cast(list[tuple[str, dict[str, str]]], found)
         except _DOWN as exc:
@@ -692,7 +674,8 @@ class RedisBroker(LocalBroker):
         if self.link is Link.UP:  # known to the cluster before its client learns its key
             commands: list[Command] = []
             if run.user is not None:  # counted everywhere before it starts
-                commands.append(("HSET", _user_key(run.user), f"r:{self.node}", self._user_runs.get(run.user, 0) + 1))
+                runs = self._user_runs.get(run.user, 0) + 1
+                commands.append(("HSET", _name("user", run.user), f"r:{self.node}", runs))
             self._register_run(commands, run, RUN_TTL)
             try:
                 replies = await self._send(commands)
@@ -718,7 +701,7 @@ class RedisBroker(LocalBroker):
         run: Run | None = self._by_key.get(key) or self._mirrors.get(key)
         if run is not None:
             return run
-        fields = await self._ask(self.redis.hgetall(_meta_key(key)))
+        fields = await self._ask(self.redis.hgetall(_name("run", key)))
         if not fields or "meta" not in fields:
             return None
         meta = json.loads(fields["meta"])
@@ -730,7 +713,7 @@ class RedisBroker(LocalBroker):
         run = self._by_id.get((scope, run_id))
         if run is not None or not _shared(scope):
             return run
-        key = await self._ask(self.redis.get(_id_key(scope, run_id)))
+        key = await self._ask(self.redis.get(_name("id", scope, run_id)))
         return None if not isinstance(key, str) else await self.run_by_key(key)
 
     async def follow(self, run: Run, after: int = 0) -> Run:
@@ -746,7 +729,7 @@ class RedisBroker(LocalBroker):
             raise ClusterUnavailable("this node is joining the cluster again; try again shortly")
         self._mirrors[run.key] = run
         self.tell(run.node, {"op": "follow", "key": run.key, "node": self.node})
-        channel = _run_channel(run.key)
+        channel = _name("run", run.key)
         confirmation = self._confirmations[channel] = asyncio.get_running_loop().create_future()
         try:
             subscriber.push(("SUBSCRIBE", channel))
@@ -757,11 +740,9 @@ class RedisBroker(LocalBroker):
             self._mirrors.pop(run.key, None)
             if not isinstance(exc, asyncio.CancelledError):
                 self._lost(exc)
-            raise ClusterUnavailable("the cluster is out of reach (its Redis does not answer); "
-                                     "try again shortly") from None
+            raise ClusterUnavailable(f"{_OUT_OF_REACH}; try again shortly") from None
         if not await self._alive(run.node):
-            run.fail("producer_lost", f"node {run.node}, which produced this run, stopped answering; "
-                     "start the run again")
+            run.lost_producer()
         await run.reach(after, COMMAND_TIMEOUT)
         return run
 
@@ -811,7 +792,7 @@ class RedisBroker(LocalBroker):
             del self._mirrors[mirror.key]
             self.tell(mirror.node, {"op": "unfollow", "key": mirror.key, "node": self.node})
             if self._subscriber is not None:
-                self._subscriber.push(("UNSUBSCRIBE", _run_channel(mirror.key)))
+                self._subscriber.push(("UNSUBSCRIBE", _name("run", mirror.key)))
         mirror.release()
 
     def forget(self, run: Run) -> None:
@@ -824,9 +805,9 @@ class RedisBroker(LocalBroker):
         """Delete ``run`` from Redis, on the hot path's connection: a run registered after this (a new
         turn taking the id) is written after it."""
         if self._wire is not None and self.link is Link.UP:
-            commands: list[Command] = [("DEL", _meta_key(run.key), _log_key(run.key))]
+            commands: list[Command] = [("DEL", _name("run", run.key), _name("log", run.key))]
             if _shared(run.scope):
-                commands.append(("EVAL", _DELETE_IF, 1, _id_key(run.scope, run.id), run.key))
+                commands.append(("EVAL", _DELETE_IF, 1, _name("id", run.scope, run.id), run.key))
             self._wire.write(commands)
 
     async def runs_of(self, user: str) -> int:
@@ -839,7 +820,7 @@ class RedisBroker(LocalBroker):
             return here
         now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(_user_key(user))
+        pipe.hgetall(_name("user", user))
         pipe.zrangebyscore(_NODES, now_ms - int(NODE_TTL * 1000), "+inf")  # a node may have joined since
         try:
             counts, live = await pipe.execute()
@@ -888,7 +869,7 @@ class RedisBroker(LocalBroker):
         self._claims[client_id] = value
         if self.link is not Link.UP:
             return True
-        key = _client_key(client_id)
+        key = _name("client", client_id)
         try:
             if policy == "reject":
                 if not await self.redis.set(key, value, nx=True, ex=CLIENT_TTL):
@@ -902,7 +883,7 @@ class RedisBroker(LocalBroker):
                 old = _text(await self.redis.set(key, value, ex=CLIENT_TTL, get=True))
                 node = old.rpartition("/")[0] if old is not None else None
                 if old is not None and node is not None and node != self.node:
-                    await self.redis.publish(_node_channel(node),
+                    await self.redis.publish(_name("node", node),
                                              json.dumps({"op": "evict", "client": client_id, "holder": old}))
         except _DOWN as exc:
             self._lost(exc)
@@ -912,7 +893,7 @@ class RedisBroker(LocalBroker):
         if self._clients.get(client_id) is mailbox:
             value = self._claims.pop(client_id, None)
             if value is not None and self._wire is not None and self.link is Link.UP:
-                self._wire.write([("EVAL", _DELETE_IF, 1, _client_key(client_id), value)])
+                self._wire.write([("EVAL", _DELETE_IF, 1, _name("client", client_id), value)])
         super().release_client(client_id, mailbox)
 
     async def broadcast(self, frame: str) -> None:
@@ -925,10 +906,10 @@ class RedisBroker(LocalBroker):
     async def send_to(self, client_id: str, frame: str) -> bool:
         if client_id in self._clients:
             return self.deliver(client_id, frame)
-        holder = _text(await self._ask(self.redis.get(_client_key(client_id))))
+        holder = _text(await self._ask(self.redis.get(_name("client", client_id))))
         node = holder.rpartition("/")[0] if holder is not None else None
         if node is None or node == self.node:
             return False
         message = json.dumps({"op": "send", "client": client_id, "frame": frame})
-        return bool(await self._ask(self.redis.publish(_node_channel(node), message)))
+        return bool(await self._ask(self.redis.publish(_name("node", node), message)))
 

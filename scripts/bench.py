@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]" && npm ci --prefix scripts/node-peer
     python scripts/bench.py            # the full run (about 30 minutes on 2 cores)
-    python scripts/bench.py --quick    # under five minutes, every peer
+    python scripts/bench.py --quick    # under two minutes, every peer, smaller loads
 
 The simulated upstream (``python -m wsagent.simulator``), then one server at a time under load, each
 streaming from that upstream over the tutorial's text protocol on ``/ws/chat``:
@@ -46,7 +46,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +62,34 @@ from wsagent.tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each scenario a run does: :data:`FULL` for the published table, :data:`QUICK` (``--quick``,
+    under two minutes) to see every peer and every scenario still run, with figures too small to publish."""
+
+    tokens: int  #: per stream, 50 streams x 50 tok/s (the latency rows, here and in the cluster's)
+    throughput_tokens: int  #: per client, at full speed
+    cancels: int  #: clean closes, and as many abrupt ones
+    miss_after: float  #: seconds after which a close the upstream never saw counts as missed
+    slow_warmup: float  #: seconds of a first slow reader, whose first-use allocations are not growth
+    slow_seconds: float  #: seconds of the measured slow reader
+    idle_counts: tuple[int, ...]  #: idle connections held open, one measure each
+    levels: tuple[int, ...]  #: streams at 20 tok/s, tried in turn while p99 stays under 50 ms
+    level_seconds: float  #: how long each level streams
+    cluster_cancels: int  #: cancels from the other node
+    cluster_levels: tuple[int, ...]
+    worker_levels: tuple[int, ...]
+
+
+FULL = Plan(tokens=500, throughput_tokens=10000, cancels=50, miss_after=3.0, slow_warmup=3, slow_seconds=60,
+            idle_counts=(1000, 10000), levels=(100, 250, 500, 750, 1000, 1250, 1500, 2000), level_seconds=6,
+            cluster_cancels=100, cluster_levels=(250, 500, 750, 1000, 1250, 1500),
+            worker_levels=(100, 250, 500, 750, 1000, 1500, 2000))
+QUICK = Plan(tokens=50, throughput_tokens=300, cancels=5, miss_after=1.0, slow_warmup=1, slow_seconds=2,
+             idle_counts=(1000,), levels=(200,), level_seconds=2, cluster_cancels=5, cluster_levels=(100,),
+             worker_levels=(200,))
 
 
 def free_port() -> int:
@@ -181,17 +209,19 @@ class Stream:
     first_latency: float | None = None
     tokens: int = 0
     error: str | None = None
+    sse: str | None = None  #: the floor's frames: the upstream's reads as they came, an event's end not yet seen
 
     def feed(self, frame: str, now: float) -> bool:
-        """Account for one text frame received at ``now`` (text mode, or the AI SDK's transport on
-        ``/ws/ai-sdk``); True once the answer is complete."""
+        """Account for one text frame received at ``now`` (text mode, the AI SDK's transport on
+        ``/ws/ai-sdk``, or the floor's raw SSE); True once the answer is complete."""
+        if self.sse is not None or frame.startswith("data: ") or frame.startswith(": "):
+            # The floor forwards each upstream read as it came: an event may be split across frames.
+            events, _, self.sse = ((self.sse or "") + frame).rpartition("\n\n")
+            self._count([float(x) for x in _STAMP.findall(events)], now)
+            return events.endswith("data: [DONE]")
         if frame.startswith("[ERROR]"):
             self.error = frame
             return True
-        if frame.startswith("data: ") or frame.startswith(": "):  # the floor forwards the upstream's SSE as is
-            found = [float(x) for x in _STAMP.findall(frame)]
-            self._count(found, now)
-            return frame.rstrip().endswith("data: [DONE]")
         if frame.startswith('{"type":'):
             message = json.loads(frame)
             kind = message["type"]
@@ -239,7 +269,7 @@ class LoadClient(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.stream: Stream | None = None
         self.answered: asyncio.Future[Stream] | None = None
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes | bytearray | memoryview] = []
 
     @classmethod
     async def open(cls, url: str, limit: float = 60) -> LoadClient:
@@ -469,7 +499,7 @@ async def slow_client(server: Server, sim_port: int, seconds: float, bytes_per_s
             "received_mib": received / 2**20, "upstream_mib": upstream_tokens * 200 / 2**20}
 
 
-async def scale(server: Server, levels: list[int], seconds: float, limit_ms: float) -> dict[str, float]:
+async def scale(server: Server, levels: Sequence[int], seconds: float, limit_ms: float) -> dict[str, float]:
     """The most concurrent streams at 20 tokens/s whose added latency stays under ``limit_ms`` at p99.
 
     Streams start at random moments over one second, then all run together: this measures a
@@ -537,7 +567,7 @@ async def pair_latency(pair: Pair, clients: int, rate: float, tokens: int, ramp:
             "cpu_us_per_token": cpu / max(1, sum(r.tokens for r in results)) * 1e6}
 
 
-async def pair_scale(pair: Pair, levels: list[int], seconds: float, limit_ms: float) -> dict[str, float]:
+async def pair_scale(pair: Pair, levels: Sequence[int], seconds: float, limit_ms: float) -> dict[str, float]:
     best = 0
     rows: dict[str, float] = {}
     for level in levels:
@@ -579,7 +609,7 @@ async def pair_cancel(pair: Pair, sim_port: int, runs: int, miss_after: float) -
 
 
 async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream: str, sim_port: int,
-                       quick: bool) -> None:
+                       plan: Plan) -> None:
     """Two nodes and Redis against one node, in the same run and by the same client: each run starts on
     one node and its client reads it on the other (``resume``); the single node serves both sides.
     Nothing is pinned (two nodes, Redis, the upstream and the load share both cores): CPU per token
@@ -602,16 +632,15 @@ async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream
         for pair in pairs:
             print(f"== {pair.name}", flush=True)
             r = results[pair.name] = {}
-            r["latency"] = await pair_latency(pair, 50, 50, 100 if quick else 500)
+            r["latency"] = await pair_latency(pair, 50, 50, plan.tokens)
             print(f"  latency {r['latency']}", flush=True)
-            r["cancel"] = await pair_cancel(pair, sim_port, 10 if quick else 100, 3.0)
+            r["cancel"] = await pair_cancel(pair, sim_port, plan.cluster_cancels, 3.0)
             print(f"  cancel {r['cancel']}", flush=True)
-            levels = [100, 250, 500] if quick else [250, 500, 750, 1000, 1250, 1500]
-            r["scale"] = await pair_scale(pair, levels, 3 if quick else 6, 50.0)
+            r["scale"] = await pair_scale(pair, plan.cluster_levels, plan.level_seconds, 50.0)
             print(f"  scale {r['scale']}", flush=True)
         # What a run that never leaves its node pays for being in a cluster (its log still goes to Redis).
         stays = Pair("wsagent-cluster-local", a, a, [a.pid, redis.pid])
-        results[stays.name] = {"latency": await pair_latency(stays, 50, 50, 100 if quick else 500)}
+        results[stays.name] = {"latency": await pair_latency(stays, 50, 50, plan.tokens)}
         print(f"== {stays.name}\n  latency {results[stays.name]['latency']}", flush=True)
     finally:
         for process in [*(s.process for s in servers), redis.process]:
@@ -641,7 +670,7 @@ LABELS = {"wsagent": "wsagent", "wsagent-asyncio": "wsagent, asyncio loop", "fas
           "aiohttp": "aiohttp", "node": "Node.js (ws)", "floor": "floor"}
 
 
-async def workers_row(results: dict[str, dict[str, dict[str, float]]], upstream: str, quick: bool) -> None:
+async def workers_row(results: dict[str, dict[str, dict[str, float]]], upstream: str, plan: Plan) -> None:
     """What a second core buys: wsagent with one worker and with ``--workers 2``, neither pinned (the load
     shares both cores with them), throughput and scale, one after the other."""
     for name, workers in (("wsagent-1w", "1"), ("wsagent-2w", "2")):
@@ -651,10 +680,9 @@ async def workers_row(results: dict[str, dict[str, dict[str, float]]], upstream:
         try:
             print(f"== {name} (not pinned)", flush=True)
             r = results[name] = {}
-            r["throughput"] = await throughput(server, 40, 1000 if quick else 10000)
+            r["throughput"] = await throughput(server, 40, plan.throughput_tokens)
             print(f"  throughput {r['throughput']}", flush=True)
-            levels = [100, 200, 400] if quick else [100, 250, 500, 750, 1000, 1500, 2000]
-            r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
+            r["scale"] = await scale(server, plan.worker_levels, plan.level_seconds, 50.0)
             print(f"  scale {r['scale']}", flush=True)
         finally:
             server.process.terminate()
@@ -667,7 +695,7 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
     tune_malloc()  # nor spend the cores it shares with the servers on mmap for every frame it reads
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    quick = args.quick
+    plan = QUICK if args.quick else FULL
     sim_port = free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
     sim = await start("simulator", [sys.executable, "-m", "wsagent.simulator", "--switches", "--port", str(sim_port),
@@ -684,39 +712,37 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
     placement = "not pinned" if args.no_pin else pin(servers, [sim.process.pid, 0])
     print(placement, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
-    idle_counts = [1000] if quick else [1000, 10000]
     try:
         for server in servers:
             print(f"== {server.name}", flush=True)
             r = results[server.name] = {}
-            r["latency"] = await latency(server, 50, 50, 100 if quick else 500)
+            r["latency"] = await latency(server, 50, 50, plan.tokens)
             print(f"  latency {r['latency']}", flush=True)
             if server.name == "wsagent":  # the AI SDK's protocol, in the same run
-                r["latency_ai_sdk"] = await latency(server, 50, 50, 100 if quick else 500, ai_sdk=True)
+                r["latency_ai_sdk"] = await latency(server, 50, 50, plan.tokens, ai_sdk=True)
                 print(f"  latency on /ws/ai-sdk {r['latency_ai_sdk']}", flush=True)
-            r["throughput"] = await throughput(server, 20, 1000 if quick else 10000)
+            r["throughput"] = await throughput(server, 20, plan.throughput_tokens)
             print(f"  throughput {r['throughput']}", flush=True)
             for abrupt in (False, True):
                 key = "cancel_abrupt" if abrupt else "cancel_clean"
-                r[key] = await cancellation(server, sim_port, 5 if quick else 50, abrupt, 1.0 if quick else 3.0)
+                r[key] = await cancellation(server, sim_port, plan.cancels, abrupt, plan.miss_after)
                 print(f"  {key} {r[key]}", flush=True)
             # Before the idle scenarios: the memory their connections free would hide the slow client's growth.
-            await slow_client(server, sim_port, 3, 64 * 1024)  # warm-up: first-use allocations are not growth
-            r["slow_client"] = await slow_client(server, sim_port, 8 if quick else 60, 64 * 1024)
+            await slow_client(server, sim_port, plan.slow_warmup, 64 * 1024)  # first-use allocations are not growth
+            r["slow_client"] = await slow_client(server, sim_port, plan.slow_seconds, 64 * 1024)
             print(f"  slow client {r['slow_client']}", flush=True)
-            for count in idle_counts:
+            for count in plan.idle_counts:
                 r[f"idle_{count}"] = await idle_memory(server, count)
                 print(f"  idle {count} {r[f'idle_{count}']}", flush=True)
-            levels = [50, 100, 200] if quick else [100, 250, 500, 750, 1000, 1250, 1500, 2000]
-            r["scale"] = await scale(server, levels, 3 if quick else 6, 50.0)
+            r["scale"] = await scale(server, plan.levels, plan.level_seconds, 50.0)
             print(f"  scale {r['scale']}", flush=True)
         everything = set(range(os.cpu_count() or 1))
         for pid in (0, sim.process.pid):  # the cluster and --workers rows share every core, the load too
             os.sched_setaffinity(pid, everything)
         if shutil.which("redis-server") and not args.no_cluster:
-            await cluster_rows(results, upstream, sim_port, quick)
+            await cluster_rows(results, upstream, sim_port, plan)
         if not args.no_workers:
-            await workers_row(results, upstream, quick)
+            await workers_row(results, upstream, plan)
     finally:
         for process in [*(s.process for s in servers), sim.process]:
             process.terminate()
@@ -823,7 +849,7 @@ def _versus(results: dict[str, dict[str, dict[str, float]]], first: str, second:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes (QUICK)")
     parser.add_argument("--out", type=Path, help="write the raw results as JSON here")
     parser.add_argument("--no-pin", action="store_true", help="let servers and load share every core")
     parser.add_argument("--no-workers", action="store_true", help="leave out the --workers 2 rows")

@@ -139,6 +139,24 @@ async def test_client_leaving_closes_upstream(server: WsAgentServer, sim: Simula
     assert stats.completed == 0 and stats.active == 0
 
 
+async def test_close_frame_cancels_before_the_tcp_close(make_server: ServerFactory, sim: SimulatorServer) -> None:
+    """The client's close frame is its leaving: the upstream closes then, not once the closing
+    handshake's TCP close has come back from the client (a round trip later; here never)."""
+    server = await make_server(close_timeout=30)
+    ws = await ws_connect(server, "/ws/chat")
+    await ws.send("long sim:rate=100 sim:tokens=100000")
+    await ws.recv()
+    ws.transport.pause_reading()  # the server's close reply is never read, so the TCP stays open
+    ws.protocol.send_close(1000)
+    ws.send_data()
+    try:
+        await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 5)
+        conn = next(iter(server.manager))
+        assert conn.ws.protocol.close_rcvd is not None and not conn.ws.connection_lost_waiter.done()
+    finally:
+        ws.transport.abort()
+
+
 async def test_slow_reader_gets_merged_text_in_order(make_server: ServerFactory, sim: SimulatorServer) -> None:
     server = await make_server(run_buffer_bytes=16384)
     prompt = "flood sim:rate=0 sim:tokens=8000 sim:pad=1000 sim:reasoning=0"
@@ -183,6 +201,32 @@ async def test_deltas_read_together_leave_in_one_frame(server: WsAgentServer, si
     check_sequence(events)
     assert content(events) == "".join(words)
     assert len([e for e in events if e["type"] == "token"]) < 20  # one write of 200 deltas: a few reads
+
+
+async def test_the_read_that_ends_a_stream_leaves_with_the_end_in_one_write(server: WsAgentServer,
+                                                                            sim: SimulatorServer) -> None:
+    """The model's last deltas, the run's usage and its ``done`` arrive in one read, and leave in one
+    write to the socket (one system call, three frames), not one write per frame or per event."""
+    raw = ('data: {"choices":[{"index":0,"delta":{"content":"all of it"}}]}\n\n'
+           'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    async with ws_connect(server, "/ws/chat") as ws:
+        (conn,) = list(server.manager)
+        transport = conn.ws.transport
+        writes: list[bytes] = []
+        write = transport.write
+
+        def observed(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        transport.write = observed
+        live = Run("ending")
+        live.subscribe(conn.outbox)
+        assert server.upstream is not None
+        await stream_model(live, server.upstream, [{"role": "user", "content": "end"}], params={"sim": {"raw": raw}})
+        events = await run_events(ws, "ending")
+        assert len(writes) == 1
+    assert [e["type"] for e in events] == ["token", "usage", "done"]
 
 
 async def test_a_reply_is_collected_only_up_to_what_the_history_keeps(sim: SimulatorServer) -> None:

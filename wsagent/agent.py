@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from .chunks import Finish, TextDelta, ToolCall
+from .chunks import Finish, TextDelta, ToolCall, Usage
 from .errors import UpstreamError
 from .events import (
     Action,
@@ -77,7 +77,7 @@ async def model_batches(
     collect: list[str] | None = None,
     collect_chars: float = math.inf,
 ) -> AsyncGenerator[list[Event], None]:
-    """One completion as batches of events: what each read brought, then ``done``.
+    """One completion as batches of events: what each read brought, the last read's ending with ``done``.
 
     With ``collect``, the answer's text is appended to it too, until it holds
     more than ``collect_chars`` characters: a caller that keeps answers (a chat
@@ -105,11 +105,12 @@ async def model_batches(
                 elif isinstance(event, Finish):
                     if not event.choice:
                         finish_reason = event.reason
-                else:
+                elif isinstance(event, Usage):
                     batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
                                             agent=agent, workflow=workflow))
+                else:  # END: the stream is complete, and ``done`` leaves with the last read's events
+                    batch.append(Done(finish_reason, agent=agent, workflow=workflow))
             yield batch
-    yield [Done(finish_reason, agent=agent, workflow=workflow)]
 
 
 _DELTAS: dict[str, type[Token] | type[Thinking] | type[Refusal]] = {

@@ -26,6 +26,8 @@ __all__ = [
     "Finish",
     "Usage",
     "ModelEvent",
+    "End",
+    "END",
     "completion_to_events",
     "stream_error",
     "feed_tail",
@@ -68,7 +70,17 @@ class Usage:
     total_tokens: int
 
 
-ModelEvent = TextDelta | ToolCall | Finish | Usage
+@dataclass(frozen=True, slots=True)
+class End:
+    """The stream is complete: :meth:`~wsagent.upstream.UpstreamClient.batches` ends the batch of
+    its last read with it, so that whoever relays the answer can send its own end together with
+    that read's last deltas (one write to the client, not two)."""
+
+
+#: The one :class:`End`.
+END = End()
+
+ModelEvent = TextDelta | ToolCall | Finish | Usage | End
 
 #: The chunk decoder: orjson's when it is installed (``pip install "wsagent[fast]"``), else the standard
 #: library's; both raise a ``ValueError`` for what is not JSON.

@@ -19,7 +19,7 @@ import math
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
@@ -73,15 +73,38 @@ class StreamConnection(ServerConnection):
     :meth:`wait_writable` instead. Writing is synchronous on the event loop's
     thread, so these frames never interleave with the library's own (pings,
     close).
+
+    :attr:`on_leave` is called once, as soon as the client is known to be leaving: its close
+    frame arrived, or the connection was lost. The library's ``recv`` raises only once the TCP
+    connection is closed, which after a close frame is a round trip through the client later
+    (our close reply, its TCP close); a run the client leaves is released at the close frame
+    instead, as a relay that reads its own frames would (from the close frame to the model server
+    seeing its connection close, p50 here: 2.1 ms before, 1.0 after, aiohttp's relay 1.1).
     """
 
-    def write_now(self, message: str) -> bool:
-        """Write a text frame now. False if the connection is no longer open."""
+    on_leave: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.on_leave is not None and self.protocol.close_rcvd is not None:
+            self._leave()
+
+    def _leave(self) -> None:
+        leave, self.on_leave = self.on_leave, None
+        if leave is not None:
+            leave()
+
+    def write_now(self, messages: list[str]) -> bool:
+        """Write ``messages`` now, a text frame each, in one write to the socket (one system call,
+        not one per frame: a run's last token, its usage and ``done`` often leave together).
+        False if the connection is no longer open."""
         protocol = self.protocol
         if protocol.state is not State.OPEN:
             return False
-        protocol.send_text(message.encode())
-        self.send_data()
+        for message in messages:
+            protocol.send_text(message.encode())
+        # Only frames are pending while the connection is open (the end of stream comes after a close).
+        self.transport.write(b"".join(protocol.data_to_send()))
         return True
 
     async def wait_writable(self) -> None:
@@ -108,6 +131,7 @@ class StreamConnection(ServerConnection):
         this connection: the traceback goes too (the error itself is kept).
         """
         super().connection_lost(exc)
+        self._leave()
         if exc is not None:
             exc.__traceback__ = None
         protocol = self.protocol
@@ -200,17 +224,17 @@ class Outbox:
                 return False
             frame = queue.popleft()
             self._queued_bytes -= utf8_size(frame)
-            if not ws.write_now(frame):
+            if not ws.write_now([frame]):
                 self._drop()
                 return True
         subs = self._subs
         for sub in subs[:] if len(subs) > 1 else subs:  # (removing the only item ends the loop cleanly)
             if ws.paused:
                 return False
-            for frame in sub.take():
-                if not ws.write_now(frame):
-                    self._drop()
-                    return True
+            frames = sub.take()
+            if frames and not ws.write_now(frames):
+                self._drop()
+                return True
             sub.sent()
             if sub.ended:
                 self.unwatch(sub)

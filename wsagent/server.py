@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Awaitable, Sequence
 from contextlib import suppress
+from functools import partial
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -354,6 +355,7 @@ class WsAgentServer:
                 await close_or_abort(ws, code, reason, self.settings.close_timeout)
                 return
             _forget_handshake(ws)
+            ws.on_leave = partial(app.release, conn)
             await route.handler(app, conn)
         except ConnectionClosed:
             pass
@@ -363,6 +365,7 @@ class WsAgentServer:
         finally:
             if conn.expiry_timer is not None:
                 conn.expiry_timer.cancel()
+            ws.on_leave = None
             app.release(conn)
             await close_or_abort(ws, 1000, "", self.settings.close_timeout)
             conn.outbox.close()

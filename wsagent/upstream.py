@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from .chunks import ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
+from .chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
 from .errors import UpstreamError, error_for_status
 from .metrics import Metrics
 from .response_events import ResponsesInterpreter, response_to_events, responses_request
@@ -256,7 +256,8 @@ class UpstreamClient:
         async with aclosing(self.batches(messages, model=model, tools=tools, params=params)) as batches:
             async for batch in batches:
                 for event in batch:
-                    yield event
+                    if event is not END:
+                        yield event
 
     async def batches(
         self,
@@ -267,7 +268,8 @@ class UpstreamClient:
         params: dict[str, Any] | None = None,
     ) -> AsyncGenerator[list[ModelEvent], None]:
         """Like :meth:`stream`, a list of events per network read: the relay's hot path, where one
-        generator step per read instead of one per event (through two generators) is measurable."""
+        generator step per read instead of one per event (through two generators) is measurable.
+        The batch of the read that completed the stream ends with :data:`~wsagent.chunks.END`."""
         body = self.build_body(messages, model, tools, params)
         started = time.monotonic()
         try:
@@ -280,8 +282,9 @@ class UpstreamClient:
         try:
             content_type = response.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
-                yield await self._not_streamed(response)
+                events = await self._not_streamed(response)
                 finished = True
+                yield [*events, END]
                 return
             decoder = SSEDecoder(cfg.max_event_size)
             interpreter: StreamInterpreter = ResponsesInterpreter() if self._responses else ChunkInterpreter()
@@ -295,6 +298,9 @@ class UpstreamClient:
                         break
                     watchdog.deadline = math.inf
                     batch, error = _interpret(decoder, interpreter, data)
+                    if interpreter.done and error is None:  # complete: whoever reads it may stop here
+                        finished = True
+                        batch.append(END)
                     if batch:
                         if started:
                             if self.metrics is not None:
@@ -307,9 +313,9 @@ class UpstreamClient:
             finally:
                 watchdog.stop()
             if not interpreter.done:
-                yield interpreter.end(decoder.close())
-            finished = True
-            self.last_success = time.monotonic()
+                tail = interpreter.end(decoder.close())
+                finished = True
+                yield [*tail, END]
         except UpstreamError as exc:
             self.last_failure = (time.monotonic(), exc.code)
             raise
@@ -326,6 +332,7 @@ class UpstreamClient:
                                 retryable=True) from None
         finally:
             if finished:
+                self.last_success = time.monotonic()
                 response.release()
             else:
                 response.close()

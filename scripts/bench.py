@@ -27,6 +27,10 @@ The upstream writes each token as the CLOCK_MONOTONIC time it wrote it (``sim:st
 shared by every process on the machine, so a client computes the latency each relay adds for every
 token, even when a relay merges several tokens into one frame. Clients offer permessage-deflate, as
 browsers do. Every load loop is bounded in count and time.
+
+The latency and throughput scenarios, whose figures move most from one minute to the next on a
+shared machine, run in rounds that take every server in turn (three in the full run), and each of
+their figures is the median of its rounds; the other scenarios run once per server.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import re
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +74,7 @@ class Plan:
     """How much of each scenario a run does: :data:`FULL` for the published table, :data:`QUICK` (``--quick``,
     under two minutes) to see every peer and every scenario still run, with figures too small to publish."""
 
+    rounds: int  #: of the latency and throughput scenarios, every server in turn: each figure is their median
     tokens: int  #: per stream, 50 streams x 50 tok/s (the latency rows, here and in the cluster's)
     throughput_tokens: int  #: per client, at full speed
     cancels: int  #: clean closes, and as many abrupt ones
@@ -83,11 +89,11 @@ class Plan:
     worker_levels: tuple[int, ...]
 
 
-FULL = Plan(tokens=500, throughput_tokens=10000, cancels=50, miss_after=3.0, slow_warmup=3, slow_seconds=60,
+FULL = Plan(rounds=3, tokens=500, throughput_tokens=10000, cancels=50, miss_after=3.0, slow_warmup=3, slow_seconds=60,
             idle_counts=(1000, 10000), levels=(100, 250, 500, 750, 1000, 1250, 1500, 2000), level_seconds=6,
             cluster_cancels=100, cluster_levels=(250, 500, 750, 1000, 1250, 1500),
             worker_levels=(100, 250, 500, 750, 1000, 1500, 2000))
-QUICK = Plan(tokens=50, throughput_tokens=300, cancels=5, miss_after=1.0, slow_warmup=1, slow_seconds=2,
+QUICK = Plan(rounds=1, tokens=50, throughput_tokens=300, cancels=5, miss_after=1.0, slow_warmup=1, slow_seconds=2,
              idle_counts=(1000,), levels=(200,), level_seconds=2, cluster_cancels=5, cluster_levels=(100,),
              worker_levels=(200,))
 
@@ -125,6 +131,11 @@ def rss_bytes(pid: int) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
     return total
+
+
+def median(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over ``rounds`` (the results of one scenario, run several times)."""
+    return {key: statistics.median(figures[key] for figures in rounds) for key in rounds[0]}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -713,16 +724,23 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
     print(placement, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
+        # The figures that move most between runs, in rounds that take every server in turn: a slow
+        # minute of the machine lands on all of them alike, and each figure is the median of its rounds.
+        rounds: dict[str, dict[str, list[dict[str, float]]]] = {server.name: {} for server in servers}
+        for n in range(plan.rounds):
+            for server in servers:
+                mine = rounds[server.name]
+                print(f"== round {n + 1} of {plan.rounds}: {server.name}", flush=True)
+                mine.setdefault("latency", []).append(await latency(server, 50, 50, plan.tokens))
+                if server.name == "wsagent":  # the AI SDK's protocol, in the same run
+                    mine.setdefault("latency_ai_sdk", []).append(await latency(server, 50, 50, plan.tokens,
+                                                                               ai_sdk=True))
+                mine.setdefault("throughput", []).append(await throughput(server, 20, plan.throughput_tokens))
+                for scenario, figures in mine.items():
+                    print(f"  {scenario} {figures[-1]}", flush=True)
         for server in servers:
             print(f"== {server.name}", flush=True)
-            r = results[server.name] = {}
-            r["latency"] = await latency(server, 50, 50, plan.tokens)
-            print(f"  latency {r['latency']}", flush=True)
-            if server.name == "wsagent":  # the AI SDK's protocol, in the same run
-                r["latency_ai_sdk"] = await latency(server, 50, 50, plan.tokens, ai_sdk=True)
-                print(f"  latency on /ws/ai-sdk {r['latency_ai_sdk']}", flush=True)
-            r["throughput"] = await throughput(server, 20, plan.throughput_tokens)
-            print(f"  throughput {r['throughput']}", flush=True)
+            r = results[server.name] = {scenario: median(figures) for scenario, figures in rounds[server.name].items()}
             for abrupt in (False, True):
                 key = "cancel_abrupt" if abrupt else "cancel_clean"
                 r[key] = await cancellation(server, sim_port, plan.cancels, abrupt, plan.miss_after)

@@ -424,6 +424,22 @@ async def throughput(server: Server, clients: int, tokens: int) -> dict[str, flo
             "tokens_lost": clients * tokens - delivered}
 
 
+async def starts(server: Server, clients: int, prompts: int) -> dict[str, float]:
+    """What a run costs the server from start to end, apart from its tokens: ``clients`` sockets each
+    ask ``prompts`` one-token prompts in turn (within wsagent's default message burst)."""
+    prompt = "start sim:stamp=1 sim:rate=0 sim:tokens=1 sim:reasoning=0"
+
+    async def one(n: int, ws: LoadClient) -> None:
+        for i in range(prompts):
+            await ws.ask(f"{n}-{i} {prompt}", 60)
+
+    async with sockets(server.url, clients) as conns:
+        cpu0 = cpu_seconds(server.pid)
+        await asyncio.gather(*(one(n, ws) for n, ws in enumerate(conns)))
+        cpu = cpu_seconds(server.pid) - cpu0
+    return {"cpu_us_per_run": cpu / (clients * prompts) * 1e6}
+
+
 async def tag_stats(http: aiohttp.ClientSession, port: int, tag: str) -> dict[str, float]:
     async with http.get(f"http://127.0.0.1:{port}/stats", params={"tag": tag}) as response:
         return dict(await response.json())
@@ -724,6 +740,12 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
     print(placement, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
+        if args.starts:  # only this, in rounds like latency's
+            for n in range(3):
+                for server in servers:
+                    cost = results.setdefault(server.name, {})[f"starts_{n}"] = await starts(server, 200, 10)
+                    print(f"  {server.name}: {cost['cpu_us_per_run']:.0f} us per one-token run", flush=True)
+            return results
         # The figures that move most between runs, in rounds that take every server in turn: a slow
         # minute of the machine lands on all of them alike, and each figure is the median of its rounds.
         rounds: dict[str, dict[str, list[dict[str, float]]]] = {server.name: {} for server in servers}
@@ -872,12 +894,19 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true", help="let servers and load share every core")
     parser.add_argument("--no-workers", action="store_true", help="leave out the --workers 2 rows")
     parser.add_argument("--no-cluster", action="store_true", help="leave out the cluster rows (two nodes and Redis)")
+    parser.add_argument("--starts", action="store_true",
+                        help="only the server CPU per one-token run (what starting and ending a run costs), in rounds")
     parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")
     args = parser.parse_args()
     started = time.monotonic()
     results = asyncio.run(bench(args))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+    if args.starts:
+        for name, rounds in results.items():
+            print(f"{LABELS[name]}: {statistics.median(r['cpu_us_per_run'] for r in rounds.values()):.0f} us of "
+                  "server CPU per one-token run (median of three rounds)")
+        return
     print()
     print(table(results))
     print(f"\n{'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f}s, {os.cpu_count()} cores,"

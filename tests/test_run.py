@@ -175,6 +175,20 @@ def test_replay_bytes_bounds_what_the_log_keeps() -> None:
     assert len(run._log.payloads) == len(run._log.codes) == len(run._log.borns)
 
 
+def test_replay_bytes_bound_a_run_whose_end_left_in_its_last_take() -> None:
+    """A whole answer and its ``done`` taken at once (one upstream read) is trimmed like any take: the
+    last take once ended the run's own client before its log was trimmed, and the run kept everything."""
+    run = Run("r", replay_bytes=100)
+    owner = Sink(eager=False)
+    run.subscribe(owner, primary=True)
+    for i in range(300):
+        run.push(Token(f"word{i} "))
+    run.end(Done("stop"))
+    owner.drain()
+    assert owner.events()[-1]["type"] == "done"
+    assert run.oldest_kept > 2 and run.log_bytes <= 100 + 64
+
+
 def test_the_phase_table_refuses_what_a_finished_run_cannot_do() -> None:
     run = Run("r")
     run.push(Start("m"))

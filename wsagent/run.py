@@ -698,12 +698,12 @@ class Run:
             self.latency.observe(_now() - sub.born)
             sub.born = 0.0
         sub.delivered = sub.mark
-        if self.finished and sub.cursor >= self._log.end - 1:
-            self._end(sub)
-        if sub is self.primary:
+        if sub is self.primary:  # trimmed before an end below forgets who the primary was
             self._trim()
             if not self._room.is_set() and not self.full:
                 self._room.set()
+        if self.finished and sub.cursor >= self._log.end - 1:
+            self._end(sub)
 
     def _end(self, sub: Subscription) -> None:
         """``sub`` watches no more; if it was the run's own client, the floor of the log stays where it was."""

@@ -1,8 +1,9 @@
 """wsagent against the relays people would write instead, side by side, on this machine.
 
     pip install -e ".[bench]" && npm ci --prefix scripts/node-peer
-    python scripts/bench.py            # the full run (about 30 minutes on 2 cores)
+    python scripts/bench.py            # the full run (about 25 minutes on 2 cores)
     python scripts/bench.py --quick    # under two minutes, every peer, smaller loads
+    python scripts/bench.py --starts   # only what a one-token run costs the server, start to end
 
 The simulated upstream (``python -m wsagent.simulator``), then one server at a time under load, each
 streaming from that upstream over the tutorial's text protocol on ``/ws/chat``:

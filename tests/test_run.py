@@ -54,7 +54,7 @@ async def batches(items: Sequence[Sequence[Event]]) -> Producer:
 
 
 async def run_to_end(run: Run, producer: Producer) -> None:
-    run.task = asyncio.get_running_loop().create_task(pump(run, lambda: producer))
+    run.start(pump(run, lambda: producer))
     await run.wait()
 
 

@@ -112,7 +112,7 @@ class AISDKSession:
             raise ProtocolViolation("'body' must be an object")
         messages = chat_messages(frame.get("messages"))
         app = self.app
-        previous = await app.broker.run_by_id(scope, run_id)
+        previous = await app.existing_run(scope, run_id)
         if previous is not None:  # (produced on another node: its copy says whether it has ended)
             previous = await app.broker.follow(previous)
         if previous is not None and not previous.finished:

@@ -31,7 +31,7 @@ from .auth import (
 from .broker import LocalBroker, mint_key, scope_of
 from .config import Settings
 from .connections import Connection, ConnectionManager
-from .errors import ProtocolViolation
+from .errors import ClusterUnavailable, ProtocolViolation
 from .events import ErrorEvent, Start, encode_message, json_object
 from .logs import printable
 from .metrics import Metrics
@@ -86,21 +86,41 @@ class App:
         self.idle = asyncio.Event()
         self.idle.set()
         self._conn_runs: Counter[str] = Counter()
+        self._ip_runs: Counter[str] = Counter()  # anonymous runs in flight by address
         self.peers: Peers | None = None
 
     # -- runs ------------------------------------------------------------
 
     async def admit(self, conn: Connection, per_connection: int) -> Refusal | None:
         """Whether ``conn`` may start another run: the server is not draining, and the connection
-        and its user are under their limits (every run counts, whatever its id)."""
+        and its user (an anonymous client: its address, on this node) are under their limits. Every
+        run counts, whatever its id, until it ends: one that outlives its socket (a resume grace,
+        an AI SDK response) counts against the user or address that started it."""
         if self.draining:
             return "server_shutting_down", "server is shutting down; try again shortly"
         if self._conn_runs[conn.id] >= per_connection:
             return "too_many_runs", f"at most {per_connection} runs in flight per connection"
+        if conn.user is None:
+            per_ip = self.settings.max_runs_per_ip
+            if per_ip and self._ip_runs[conn.ip] >= per_ip:
+                return "too_many_runs", f"at most {per_ip} runs in flight from your address without a token"
+            return None
         per_user = self.settings.max_runs_per_user
-        if conn.user is not None and await self.broker.runs_of(conn.user) >= per_user:
+        if await self.broker.runs_of(conn.user) >= per_user:
             return "too_many_runs", f"at most {per_user} runs in flight per user"
         return None
+
+    async def existing_run(self, scope: str, run_id: str) -> Run | None:
+        """The run ``run_id`` names in ``scope``, asked before a new run takes that id.
+
+        A node whose cluster is out of reach answers for its own runs: it goes on starting runs on
+        every route (an id is then unique on this node; two runs that share it on two nodes are
+        still told apart by their keys), rather than refusing every authenticated client.
+        """
+        try:
+            return await self.broker.run_by_id(scope, run_id)
+        except ClusterUnavailable:
+            return None
 
     async def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
                 workflow: str | None = None, controller: Controller | None = None,
@@ -115,7 +135,8 @@ class App:
         s = self.settings
         key = mint_key()
         transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user) if s.transcripts_dir else None
-        run = Run(run_id, key=key, user=conn.user, scope=scope or scope_of(conn.user, conn.id),
+        owner = scope_of(conn.user, conn.id)
+        run = Run(run_id, key=key, user=conn.user, scope=scope or owner, owner=owner,
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
                   latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state,
                   grace=grace)
@@ -189,6 +210,9 @@ class App:
         self.stream_started()
         conn_id = conn.id
         self._conn_runs[conn_id] += 1
+        ip = conn.ip if conn.user is None else None
+        if ip is not None:
+            self._ip_runs[ip] += 1
         ids = {"conn": conn_id, "run": run.id}
         log.info("run %s start on %s", printable(run.id), conn_id, extra=ids)
 
@@ -197,12 +221,16 @@ class App:
             self._conn_runs[conn_id] -= 1
             if not self._conn_runs[conn_id]:
                 del self._conn_runs[conn_id]
+            if ip is not None:
+                self._ip_runs[ip] -= 1
+                if not self._ip_runs[ip]:
+                    del self._ip_runs[ip]
             code = done.terminal.code if isinstance(done.terminal, ErrorEvent) else "-"
             log.info("run %s end on %s outcome=%s code=%s deltas=%d duration=%.3fs", printable(done.id), conn_id,
                      done.outcome, code, done.streamed, time.monotonic() - done.started, extra=ids)
 
         run.on_finish.append(finished)
-        run.task = asyncio.get_running_loop().create_task(pump(run, make, after))
+        run.start(pump(run, make, after))
 
     def release(self, conn: Connection) -> None:
         """The client is gone: what it watched loses a watcher; a run it owned goes on for its resume

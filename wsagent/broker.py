@@ -133,8 +133,8 @@ class LocalBroker:
         self.budget = budget
         self.budget_per_user = budget_per_user
         self._kept: dict[Run, int] = {}  # finished runs kept for resume, oldest first, and their log sizes
-        self._kept_by_owner: Counter[str] = Counter()  # their bytes by scope
-        self._kept_of: dict[str, dict[Run, None]] = {}  # their runs by scope, oldest first: evicting finds one at once
+        self._kept_by_owner: Counter[str] = Counter()  # their bytes by owner (Run.owner)
+        self._kept_of: dict[str, dict[Run, None]] = {}  # their runs by owner, oldest first: evicting finds one at once
         self.kept_bytes = 0
         self.evictions = 0
         self._by_key: dict[str, Run] = {}
@@ -194,7 +194,7 @@ class LocalBroker:
 
     def _keep(self, run: Run) -> None:
         size = run.log_bytes
-        owner = run.scope
+        owner = run.owner
         self._kept[run] = size
         self._kept_of.setdefault(owner, {})[run] = None
         self._kept_by_owner[owner] += size
@@ -211,7 +211,7 @@ class LocalBroker:
     def _drop(self, run: Run) -> None:
         size = self._kept.pop(run, None)
         if size is not None:
-            owner = run.scope
+            owner = run.owner
             self.kept_bytes -= size
             self._kept_by_owner[owner] -= size
             runs = self._kept_of[owner]

@@ -83,7 +83,7 @@ class ChatSession:
         while True:  # a JSON run may have taken the name first
             self.text_runs += 1
             run_id = f"text-{self.conn.id}-{self.text_runs}"
-            if await self.app.broker.run_by_id(scope, run_id) is None:
+            if await self.app.existing_run(scope, run_id) is None:
                 break
         run = await self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
         previous, self._last_text_run = self._last_text_run, run
@@ -132,7 +132,7 @@ class ChatSession:
 
     async def start_run(self, request: dict[str, Any]) -> None:
         run_id = _run_id(request)
-        if await self.app.broker.run_by_id(scope_of(self.conn.user, self.conn.id), run_id) is not None:
+        if await self.app.existing_run(scope_of(self.conn.user, self.conn.id), run_id) is not None:
             raise ProtocolViolation(f"run id {run_id!r} is already in use")
         refusal = await self.app.admit(self.conn, self.settings.max_runs_per_connection)
         if refusal is not None:

@@ -94,6 +94,7 @@ class Settings:
     messages_per_second: float = _opt(20.0, "messages a connection may send per second, sustained", group="auth")
     message_burst: int = _opt(40, "messages a connection may send at once before the rate applies", group="auth")
     max_runs_per_user: int = _opt(16, "runs in flight for one user across connections", group="auth")
+    max_runs_per_ip: int = _opt(64, "runs in flight of anonymous clients from one IP address, across connections and routes, a response that outlives its socket included (behind a reverse proxy every client has the proxy's address: raise it, or 0 for no limit)", group="auth")
     run_max_seconds: float = _opt(600.0, "wall time budget of one run (0: none)", group="auth")
     run_max_tokens: int = _opt(32768, "streamed deltas budget of one run (0: none)", group="auth")
 
@@ -118,7 +119,7 @@ RELOADABLE = frozenset({
     "history_messages", "history_chars", "workflows", "agents", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",
     "allowed_origins", "max_connections_per_ip", "max_connections_per_user", "messages_per_second",
-    "message_burst", "max_runs_per_user", "run_max_seconds", "run_max_tokens", "transcripts_dir", "log_level",
+    "message_burst", "max_runs_per_user", "max_runs_per_ip", "run_max_seconds", "run_max_tokens", "transcripts_dir", "log_level",
 })
 
 

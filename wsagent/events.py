@@ -45,6 +45,7 @@ __all__ = [
     "encode_message",
     "encode_text",
     "json_object",
+    "well_formed",
     "KIND_NAMES",
     "TEXT_KINDS",
     "TEXT_CLASSES",
@@ -245,12 +246,42 @@ def encode_message(type_: str, **fields: Any) -> str:
     return _dumps(obj)
 
 
+def well_formed(text: str) -> str:
+    """``text`` with surrogate pairs joined and lone surrogates replaced by U+FFFD.
+
+    A Python ``str`` can hold a lone surrogate (JSON's ``"\\ud800"`` decodes to
+    one), which no UTF-8 writer accepts: a frame, a log line or a Redis command
+    holding it fails where it is written, far from where it came in. Text is
+    made well formed where it enters (client messages here, upstream chunks in
+    :mod:`wsagent.chunks`); valid text costs one ``encode`` attempt.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _well_formed_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return well_formed(value)
+    if isinstance(value, list):
+        return [_well_formed_json(item) for item in value]
+    if isinstance(value, dict):
+        return {well_formed(k): _well_formed_json(v) for k, v in value.items()}
+    return value
+
+
 def json_object(text: str) -> dict[str, Any] | None:
-    """``text`` as a JSON object, or None (not JSON, not an object, or nested too deep to parse)."""
+    """``text`` (a client's message) as a JSON object, or None (not JSON, not an object, or nested too
+    deep to parse). Its strings are :func:`well_formed`: a text frame is valid UTF-8, so only a
+    ``\\u`` escape can bring a lone surrogate, and a message without one is not walked."""
     if text[:1] != "{":
         return None
     try:
         value = json.loads(text)
+        if "\\u" in text:
+            value = _well_formed_json(value)
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

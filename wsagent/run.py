@@ -13,7 +13,12 @@ a bug and raises :class:`RunStateError` rather than being checked ad hoc.
 * :class:`Phase`: ``RUNNING`` → ``INTERRUPTED`` (a cancel or a budget; the
   producer is being stopped) → ``FINISHED`` (exactly one terminal event is
   sealed). A run that was interrupted ends with its interruption, whatever the
-  producer says afterwards.
+  producer says afterwards. The producer runs as the run's own task
+  (:meth:`Run.start`), and that task's end is an input too: a task that is
+  over, however it got there (cancelled before its first step, when a cancel
+  came in the same read as the run), ends a run that is not yet finished.
+  So every run that started reaches ``FINISHED`` with exactly one terminal
+  event, from every state.
 * :class:`Watch`: ``WATCHED`` while its own client (the *primary* watcher)
   is connected, ``ORPHANED`` while it is gone; an orphaned run that is still
   producing is cancelled after its resume grace.
@@ -42,9 +47,9 @@ import enum
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from itertools import islice
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import WsAgentError
 from .events import (
@@ -253,7 +258,9 @@ class Run:
     ``key`` is minted by the server and unguessable: whoever presents it (with
     the run's own user, if it has one) may resume, attach to or cancel the run
     from another socket. ``scope`` is where its ``id`` is unique: its user, or
-    for an anonymous client the connection that started it.
+    for an anonymous client the connection that started it (an anonymous AI SDK
+    chat: the chat). ``owner`` is the user or anonymous connection that started
+    it, whatever its scope: what budgets count it against.
     """
 
     def __init__(
@@ -263,6 +270,7 @@ class Run:
         key: str = "",
         user: str | None = None,
         scope: str = "",
+        owner: str | None = None,
         buffer_bytes: int = 65536,
         replay_bytes: int = 262144,
         agent: str | None = None,
@@ -277,6 +285,7 @@ class Run:
         self.key = key
         self.user = user
         self.scope = scope
+        self.owner = scope if owner is None else owner  # whose replay budget its log counts against
         self.agent = agent
         self.workflow = workflow
         self.buffer_bytes = buffer_bytes
@@ -436,6 +445,19 @@ class Run:
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.interrupt(Cancelled(reason, agent=self.agent, workflow=self.workflow))
+
+    def start(self, producer: Coroutine[Any, Any, None]) -> None:
+        """Run ``producer`` (which ends the run, see :func:`wsagent.pump.pump`) as this run's task.
+
+        A cancel can stop the task before its first step, so the producer never
+        runs, its ``finally`` never either: the task's end finishes the run then.
+        """
+        self.task = asyncio.get_running_loop().create_task(producer)
+        self.task.add_done_callback(self._producer_over)
+
+    def _producer_over(self, _task: asyncio.Task[None]) -> None:
+        if not self.finished:
+            self.end(self.interruption())
 
     def interrupt(self, terminal: Event) -> None:
         """Stop the producer; the run ends with ``terminal`` (a cancellation or a budget error)."""

@@ -1,0 +1,71 @@
+"""A node whose Redis is gone goes on alone: every route, anonymous and authenticated, starts new runs.
+
+What needs another node (a run produced elsewhere, a client id held elsewhere, a
+broadcast to other nodes) gets ``cluster_unavailable`` (retryable); what this
+node can do by itself it does, with limits and id uniqueness counted on this
+node only until Redis is back. README's failure table says the same, row by row.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .test_cluster import Cluster, cluster, frames_until, redis_went, terminal  # noqa: F401 (a fixture)
+
+
+def ai_sdk_send(request: str, chat: str) -> str:
+    return json.dumps({"type": "send", "requestId": request, "id": chat, "trigger": "submit-message",
+                       "messages": [{"id": "m", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]})
+
+
+def finished(frame: dict[str, object]) -> bool:
+    chunk = frame.get("chunk")
+    return frame.get("type") == "error" or isinstance(chunk, dict) and chunk.get("type") == "finish"
+
+
+async def test_every_route_starts_runs_while_redis_is_down(cluster: Cluster) -> None:  # noqa: F811
+    a = await cluster.node("a", resume_grace=None)  # default settings
+    cluster.redis.terminate()
+    await cluster.redis.wait()
+    await redis_went(a, "down")
+    for user in (None, "alice"):
+        async with a.connect("/ws/chat", user=user) as ws:
+            await ws.send(json.dumps({"type": "run", "id": "r1", "prompt": "hi"}))
+            events = [json.loads(f) for f in await frames_until(ws, terminal)]
+            assert (events[0]["type"], events[-1]["type"]) == ("start", "done"), (user, events[-1])
+            await ws.send("hello in text mode")
+            text = ""
+            while not text.endswith("[DONE]"):
+                frame = await ws.recv()
+                assert isinstance(frame, str) and not frame.startswith("[ERROR]"), frame
+                text += frame
+            # Ended, and not kept (no grace): an anonymous id is this socket's, so this node knows it
+            # is gone; a user's might be on another node, which only Redis could tell.
+            await ws.send(json.dumps({"type": "resume", "id": "r1", "after": 0}))
+            refused = json.loads(await ws.recv())
+            assert refused["code"] == ("unknown_run" if user is None else "cluster_unavailable"), refused
+        async with a.connect("/ws/ai-sdk", user=user) as ws:
+            await ws.send(ai_sdk_send("q1", "chat1"))
+            frames = [json.loads(f) for f in await frames_until(ws, finished)]
+            assert frames[-1]["type"] == "chunk", (user, frames[-1])
+            await ws.send(ai_sdk_send("q2", "chat1"))  # the chat's next turn
+            frames = [json.loads(f) for f in await frames_until(ws, finished)]
+            assert frames[-1]["type"] == "chunk", (user, frames[-1])
+    async with a.connect("/ws/secure", user="bob") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "r1", "prompt": "hi"}))
+        events = [json.loads(f) for f in await frames_until(ws, terminal)]
+        assert events[-1]["type"] == "done", events[-1]
+        await ws.send(json.dumps({"type": "attach", "id": "r2", "key": "not-a-key-of-this-node"}))
+        refused = json.loads(await ws.recv())
+        assert (refused["code"], refused["retryable"]) == ("cluster_unavailable", True)
+    async with a.connect("/ws/carol") as ws:  # a client id: claimed on this node alone
+        await ws.send("hi")
+        reply = ""
+        while not reply.endswith("[DONE]"):
+            frame = await ws.recv()
+            assert isinstance(frame, str)
+            reply += frame
+        await ws.send(json.dumps({"type": "broadcast", "content": "to all"}))
+        got = [json.loads(await ws.recv()) for _ in range(2)]  # this node's clients (carol too), and the error
+        assert {"type": "broadcast", "from": "carol", "content": "to all"} in got
+        assert any(g.get("code") == "cluster_unavailable" for g in got), got

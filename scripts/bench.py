@@ -682,7 +682,7 @@ async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream
 
 WSAGENT = [sys.executable, "-m", "wsagent.serve", "--port", "PORT", "--upstream-url", "UPSTREAM", "--log-level",
            "WARNING", "--max-connections", "30000", "--max-connections-per-ip", "30000", "--run-max-tokens", "0",
-           "--run-max-seconds", "0", "--max-runs-per-user", "100000"]
+           "--run-max-seconds", "0", "--max-runs-per-user", "100000", "--max-runs-per-ip", "0"]
 #: The servers, in the table's order: wsagent, then the peers (see the module's docstring), the floor last.
 PEERS = [
     ("wsagent", WSAGENT),

@@ -2,6 +2,7 @@
 
     python scripts/soak.py --clients 100 --seconds 300      # the 5-minute soak
     python scripts/soak.py --clients 20 --seconds 30        # what CI runs (tests/test_soak.py)
+    python scripts/soak.py --clients 100 --seconds 300 --hostile   # with early cancels, hostile names, churn
 
 It starts the simulated model (``python -m wsagent.simulator --switches``) and ``python -m
 wsagent.serve`` (with a 5 s resume grace: finished runs are kept that long) as processes of their
@@ -14,11 +15,21 @@ own, then each client loops until the time is up, doing one of:
 * **drop**: the socket is cut (TCP reset) after a few tokens, a new one resumes with the run's key
   and the last ``seq`` seen, and the whole answer must arrive exactly once.
 
+With ``--hostile``, clients also do what an attacker (or a fast page) does, in the same traffic:
+
+* **early-cancel**: ``run`` and ``cancel`` in one TCP write (the server reads both at once); the
+  run must still end with exactly one terminal event;
+* **names**: a run whose id holds a lone surrogate or a colon, and whose prompt holds a lone
+  surrogate; it must stream to its end (the id answered with U+FFFD for the surrogate);
+* **churn**: an AI SDK socket sends two chats, aborts one in the same write, and closes at once
+  (the other goes on for ``--ai-sdk-grace`` without a socket).
+
 Every run's ``seq`` must go 1, 2, 3... with no gap or repeat across a resume, and end with exactly
-one terminal event. It prints the server's RSS every few seconds and, at the end, the counts:
-runs by kind, characters checked, lost or wrong characters, ``seq`` anomalies, runs without a
-terminal event, and RSS growth after the warm-up (the first fifth of the time, at most a minute).
-Exit status 1 if any count is not 0 or RSS grew by 10 % or more after the warm-up.
+one terminal event, and once every client is gone the server must come back to ``runs_active`` 0
+(``/healthz``). It prints the server's RSS every few seconds and, at the end, the counts: runs by
+kind, characters checked, lost or wrong characters, ``seq`` anomalies, runs without a terminal
+event, runs left in flight, and RSS growth after the warm-up (the first fifth of the time, at most a
+minute). Exit status 1 if any count is not 0 or RSS grew by 10 % or more after the warm-up.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,7 +106,7 @@ async def expected_answers(upstream_url: str) -> dict[str, str]:
     client = UpstreamClient(UpstreamConfig(base_url=upstream_url))
     try:
         answers = {}
-        for prompt in PROMPTS:
+        for prompt in [*PROMPTS, *(f"{p} \ufffd" for p in PROMPTS)]:  # as sent, and as a lone surrogate arrives
             parts = [e.text async for e in client.stream([{"role": "user", "content": prompt}])
                      if getattr(e, "kind", None) == "content"]
             answers[prompt] = "".join(parts)
@@ -115,7 +127,7 @@ def check(view: RunView, expected: str, kind: str, tally: Tally) -> None:
     text = "".join(view.text)
     tally.chars += len(text)
     outcome = view.terminal["type"]
-    if kind == "cancel" and outcome in ("cancelled", "done"):
+    if kind in ("cancel", "early-cancel") and outcome in ("cancelled", "done"):
         if not expected.startswith(text):
             tally.lost += 1
             tally.fail(f"{view.id}: cancelled text is not a prefix of the answer")
@@ -125,18 +137,53 @@ def check(view: RunView, expected: str, kind: str, tally: Tally) -> None:
         tally.fail(f"{view.id}: {outcome}, {len(text)} of {len(expected)} characters")
 
 
-async def client(url: str, number: int, deadline: float, answers: dict[str, str], tally: Tally) -> None:
+def write_together(ws: ClientConnection, *messages: dict[str, Any]) -> None:
+    """``messages`` as text frames in one TCP write: the server reads them at once."""
+    for message in messages:
+        ws.protocol.send_text(json.dumps(message).encode())
+    ws.send_data()
+
+
+async def churn(base: str, number: int, count: int) -> None:
+    """An AI SDK page that sends two chats, aborts the first in the same write, and is gone."""
+    async with connect(f"{base}/ws/ai-sdk", open_timeout=10, close_timeout=2) as ws:
+        messages = [{"id": "m", "role": "user", "parts": [{"type": "text", "text": PROMPTS[count % len(PROMPTS)]}]}]
+        write_together(ws, *({"type": "send", "requestId": f"q{n}", "id": f"churn-{number}-{count}-{n}",
+                              "trigger": "submit-message", "messages": messages} for n in (1, 2)),
+                       {"type": "abort", "requestId": "q1"})
+
+
+async def client(url: str, number: int, deadline: float, answers: dict[str, str], tally: Tally,
+                 hostile: bool = False) -> None:
     rng = random.Random(number)
     count = 0
+    kinds, weights = (["run", "cancel", "drop", "early-cancel", "names", "churn"], [5, 2, 3, 2, 2, 2]) if hostile \
+        else (["run", "cancel", "drop"], [5, 2, 3])
     while time.monotonic() < deadline:
         count += 1
         prompt = rng.choice(PROMPTS)
-        kind = rng.choices(["run", "cancel", "drop"], [5, 2, 3])[0]
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "churn":
+            tally.kinds[kind] += 1
+            try:
+                await churn(url.rpartition("/ws")[0], number, count)
+            except OSError as exc:
+                tally.fail(f"churn {number}-{count}: {exc!r}"[:200])
+            continue
         view = RunView(f"c{number}-{count}")
+        request: dict[str, Any] = {"type": "run", "id": view.id, "prompt": prompt}
+        if kind == "names":
+            request = {**request, "id": f"\ud800:{view.id}", "prompt": f"{prompt} \udc00"}
+            view.id = f"\ufffd:{view.id}"
+            prompt = f"{prompt} \ufffd"
         ws = await connect(url, open_timeout=10, close_timeout=2, max_size=None)
         try:
-            await ws.send(json.dumps({"type": "run", "id": view.id, "prompt": prompt}))
-            if kind == "run":
+            if kind == "early-cancel":
+                write_together(ws, request, {"type": "cancel", "id": view.id})
+                await view.read(ws)
+            else:
+                await ws.send(json.dumps(request))
+            if kind in ("run", "names"):
                 await view.read(ws)
             elif kind == "cancel":
                 await view.read(ws, until_tokens=rng.randint(1, 10))
@@ -158,6 +205,21 @@ async def client(url: str, number: int, deadline: float, answers: dict[str, str]
         check(view, answers[prompt], kind, tally)
 
 
+async def runs_active(port: int) -> int:
+    """``runs_active`` of ``/healthz`` once no run is in flight, or after 30 s (what is left then).
+
+    Runs a client left go on for their grace (``--resume-grace``, ``--ai-sdk-grace``) or to their
+    end; the answers here take under a second, so 30 s is a bound, not a guess at a pause."""
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 30
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                active = int((await response.json())["runs_active"])
+            if not active or time.monotonic() > deadline:
+                return active
+            await asyncio.sleep(0.2)
+
+
 async def soak(args: argparse.Namespace) -> int:
     sim_port, ws_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
@@ -165,7 +227,8 @@ async def soak(args: argparse.Namespace) -> int:
                                     str(sim_port)], sim_port)
     server = await start("wsagent", [sys.executable, "-m", "wsagent.serve", "--port", str(ws_port),
                                      "--upstream-url", upstream, "--log-level", "WARNING", "--resume-grace", "5",
-                                     "--max-connections-per-ip", "100000", "--max-runs-per-user", "100000"], ws_port)
+                                     "--max-connections-per-ip", "100000", "--max-runs-per-user", "100000",
+                                     "--max-runs-per-ip", "0"], ws_port)
     tally = Tally()
     curve: list[tuple[float, int]] = []
     try:
@@ -180,10 +243,14 @@ async def soak(args: argparse.Namespace) -> int:
                 await asyncio.sleep(args.every)
 
         sampler = asyncio.get_running_loop().create_task(sample())
-        await asyncio.gather(*(client(server.url, n, deadline, answers, tally)
+        await asyncio.gather(*(client(server.url, n, deadline, answers, tally, args.hostile)
                                for n in range(args.clients)))
         sampler.cancel()
         curve.append((time.monotonic() - began, rss_bytes(server.pid)))
+        active = await runs_active(ws_port)
+        print(f"runs_active when every client is gone: {active}")
+        if active:
+            tally.fail(f"{active} runs still in flight with every client gone")
     finally:
         for process in (server.process, sim.process):
             process.terminate()
@@ -208,6 +275,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--every", type=float, default=5.0, help="seconds between RSS samples")
+    parser.add_argument("--hostile", action="store_true",
+                        help="mix in early cancels, lone surrogates and colons in names, and churned AI SDK sockets")
     sys.exit(asyncio.run(soak(parser.parse_args())))
 
 

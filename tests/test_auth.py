@@ -261,3 +261,52 @@ async def test_resume_is_only_for_the_runs_own_user(make_server: ServerFactory) 
                 await mallory.send(json.dumps({"type": kind, "id": "mine", "after": 0}))
                 assert (await recv_json(mallory))["code"] == "unknown_run"
         await asyncio.wait_for(alice.send(json.dumps({"type": "cancel", "id": "mine"})), 5)
+
+
+#: Claims of the wrong JSON type. Each used to be read as "no restriction" (``routes``), "no such client id"
+#: (``client_ids``) or "never expires" (an ``exp`` that PyJWT accepts as a numeric string).
+MALFORMED_CLAIMS: list[tuple[str, dict[str, Any]]] = [
+    ("routes as a string", {"routes": "/ws/chat"}),
+    ("routes as an object", {"routes": {"/ws/chat": True}}),
+    ("routes as null", {"routes": None}),
+    ("routes listing a number", {"routes": ["/ws/secure", 1]}),
+    ("client_ids as a string", {"client_ids": "bob"}),
+    ("client_ids as an object", {"client_ids": {"bob": True}}),
+    ("exp as a string", {"exp": str(int(time.time()) + 3600)}),
+    ("exp as a boolean", {"exp": True}),
+    ("nbf as a string", {"nbf": str(int(time.time()) - 10)}),
+]
+
+
+@pytest.mark.parametrize("path", ["/ws/ai-sdk", "/ws/secure", "/ws/alice", "/ws/bob"])
+@pytest.mark.parametrize(("name", "claims"), MALFORMED_CLAIMS)
+async def test_malformed_claims_close_4001(secured: WsAgentServer, path: str, name: str,
+                                          claims: dict[str, Any]) -> None:
+    """A claim of the wrong type makes the token invalid, on every route, whatever the claim would allow."""
+    value = token({"client_ids": ["bob"], **claims})
+    async with ws_connect(secured, f"{path}?token={value}") as ws:
+        await asyncio.wait_for(ws.wait_closed(), 5)  # a refusal comes right after the handshake
+    assert (ws.close_code, ws.close_reason) == (4001, "Invalid token"), name
+    assert not secured.manager.open_by_route()
+
+
+@pytest.mark.parametrize(("name", "claims"), MALFORMED_CLAIMS)
+async def test_malformed_claims_refused_in_band(secured: WsAgentServer, name: str, claims: dict[str, Any]) -> None:
+    async with ws_connect(secured, f"/ws/secure?token={token()}") as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token(claims)}))
+        reply = await recv_json(ws)
+        assert reply["type"] == "error" and reply["code"] == "invalid_token", name
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await recv_json(ws) == {"type": "pong"}
+
+
+async def test_well_formed_claims_still_limit(make_server: ServerFactory) -> None:
+    server = await make_server(jwt_secret=SECRET)
+    both = token({"routes": ["/ws/secure", "/ws/{client_id}"], "client_ids": ["bob"]})
+    for path in ("/ws/secure", "/ws/bob", "/ws/alice"):
+        async with ws_connect(server, f"{path}?token={both}") as ws:
+            await ws.send(json.dumps({"type": "ping"}))
+            assert ws.close_code is None
+    assert await closed_with(server, f"/ws/ai-sdk?token={both}") == (4003, "Forbidden route")
+    assert await closed_with(server, f"/ws/carol?token={both}") == (4003, "Forbidden client id")
+    assert await closed_with(server, f"/ws/secure?token={token({'routes': []})}") == (4003, "Forbidden route")

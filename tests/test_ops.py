@@ -4,12 +4,14 @@ transcripts, several worker processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,11 +25,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.serve import restart_delay
 from wsagent.server import WsAgentServer
 from wsagent.tuning import tune_malloc
 
 from .conftest import ServerFactory, run_events, ws_connect
-from .processes import Notifications
+from .processes import Notifications, free_port
 
 ROOT = Path(__file__).parent.parent
 
@@ -305,3 +308,205 @@ async def test_one_scrape_reports_every_worker(notifications: Notifications) -> 
     process.send_signal(signal.SIGTERM)
     code, _ = await finish(process)
     assert code == 0
+
+
+class Said:
+    """A process's stderr, line by line as it comes (read to its end, so a full pipe never stalls it)."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self._more = asyncio.Event()
+        self._ended = False
+        self._reader = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self.lines.append(line.decode(errors="replace"))
+            self._more.set()
+        self._ended = True
+        self._more.set()
+
+    async def expect(self, text: str, after: int = 0, limit: float = 30) -> tuple[int, str]:
+        """The first line from line ``after`` on holding ``text`` (its index too); fails if the output ends
+        first or nothing came within ``limit`` seconds."""
+        seen = after
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    for index in range(seen, len(self.lines)):
+                        if text in self.lines[index]:
+                            return index, self.lines[index]
+                    seen = len(self.lines)
+                    if self._ended:
+                        raise AssertionError(f"the output ended without {text!r}:\n{self.text}")
+                    self._more.clear()
+                    await self._more.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {text!r} within {limit:g} s:\n{self.text}") from None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    async def close(self) -> None:
+        await self._reader
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes ``pid`` started and that have not been reaped (``/proc/<pid>/task/*/children``)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+@contextlib.asynccontextmanager
+async def supervisor(command: list[str], env: dict[str, str]) -> AsyncIterator[tuple[asyncio.subprocess.Process,
+                                                                                      Said, int]]:
+    """``command`` (a ``--workers 2`` server on a free port, ``{port}`` in it filled in) once it says its workers
+    listen; SIGTERM and a wait on the way out (if the test did not stop it)."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *(part.replace("{port}", str(port)) for part in command), cwd=ROOT, env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    said = Said(process.stderr)
+    try:
+        await said.expect("2 workers listening on", limit=60)
+        yield process, said, port
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            await process.wait()
+        await said.close()
+
+
+SERVE_TWO = [sys.executable, "-m", "wsagent.serve", "--port", "{port}", "--workers", "2", "--drain-timeout", "0"]
+
+
+async def answering(port: int) -> float:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"}) as response:
+            return _value(await response.text(), "wsagent_workers_answering")
+
+
+async def test_a_killed_worker_is_logged_cleaned_up_and_restarted(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL stayed dead, unlogged, its socket left for every scrape to try."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    async with supervisor(SERVE_TWO, {"XDG_RUNTIME_DIR": str(runtime)}) as (process, said, port):
+        workers = children_of(process.pid)
+        assert len(workers) == 2
+        (mesh,) = runtime.iterdir()
+        inodes = {path.name: path.stat().st_ino for path in mesh.glob("w*.sock")}
+        assert sorted(inodes) == ["w1.sock", "w2.sock"]
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        at, died = await said.expect(f"(pid {victim})")
+        assert "died" in died and "killed by signal SIGKILL" in died and "ERROR" in died
+        number = died.split("worker w", 1)[1].split()[0]
+        sock = mesh / f"w{number}.sock"
+        # its socket is gone (or is already the new worker's)
+        assert not sock.exists() or sock.stat().st_ino != inodes[sock.name]
+        _, restarting = await said.expect(f"restarting worker w{number} in ", after=at)
+        _, restarted = await said.expect(f"worker w{number} restarted", after=at)
+        new = int(restarted.split("(pid ", 1)[1].split(")")[0])
+        assert children_of(process.pid) == workers - {victim} | {new}
+        for _ in range(6):  # whichever worker takes the scrape, both answer
+            assert await answering(port) == 2
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert said.text.count("wsagent stopped") == 2 and not list(runtime.iterdir())
+
+
+async def test_restarts_back_off_and_stop_at_shutdown(tmp_path: Path) -> None:
+    """A worker that dies again at once is restarted later each time (jittered, capped); SIGTERM while a
+    restart waits stops it all the same."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    async with supervisor(SERVE_TWO, {"XDG_RUNTIME_DIR": str(runtime)}) as (process, said, _):
+        delays: list[float] = []
+        at = 0
+        victim = max(children_of(process.pid))
+        for _ in range(3):  # the same worker each time: killed as soon as it is back
+            os.kill(victim, signal.SIGKILL)
+            at, _ = await said.expect(f"(pid {victim})", after=at)
+            at, line = await said.expect("restarting worker w", after=at)
+            delays.append(float(line.split(" in ", 1)[1].split(" s")[0]))
+            if len(delays) < 3:
+                at, line = await said.expect("restarted (pid ", after=at)
+                victim = int(line.split("(pid ", 1)[1].split(")")[0])
+        assert delays[0] <= delays[1] <= delays[2] and delays[0] < delays[2], delays
+        process.send_signal(signal.SIGTERM)  # the third restart is still waiting
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert said.text.count("wsagent stopped") == 1 and not any("restarted (pid" in line for line in said.lines[at:])
+    assert not list(runtime.iterdir())
+
+
+async def test_worker_mesh_dir_is_private_fresh_and_removed(tmp_path: Path) -> None:
+    """Another local user who made ``$TMPDIR/wsagent-<supervisor pid>`` first stopped every worker
+    ("belongs to another user"). The workers' directory is now made fresh with an unpredictable name."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # sh execs the server, so the squatter's directory is named after the supervisor's own pid
+    squat = ('mkdir "$TMPDIR/wsagent-$$" && chmod 0777 "$TMPDIR/wsagent-$$" && '
+             '{ [ "$(id -u)" != 0 ] || chown 65534:65534 "$TMPDIR/wsagent-$$"; } && exec "$0" "$@"')
+    env = {"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": ""}
+    async with supervisor(["sh", "-c", squat, *SERVE_TWO], env) as (process, said, port):
+        squatter = tmp / f"wsagent-{process.pid}"
+        meshes = [path for path in tmp.iterdir() if path != squatter]
+        assert squatter.is_dir() and len(meshes) == 1, list(tmp.iterdir())
+        mesh = meshes[0]
+        info = mesh.stat()
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+        assert sorted(path.name for path in mesh.iterdir()) == ["w1.sock", "w2.sock"]
+        assert not list(squatter.iterdir())
+        assert await answering(port) == 2
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert list(tmp.iterdir()) == [squatter]
+
+
+async def test_worker_mesh_dir_prefers_xdg_runtime_dir(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    async with supervisor(SERVE_TWO, {"XDG_RUNTIME_DIR": str(runtime), "TMPDIR": str(tmp)}) as (process, _, _):
+        (mesh,) = runtime.iterdir()
+        assert stat.S_IMODE(mesh.stat().st_mode) == 0o700 and mesh.name.startswith("wsagent-")
+        assert mesh.name != f"wsagent-{process.pid}" and not list(tmp.iterdir())
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert not list(runtime.iterdir())
+
+
+def test_restart_delays_grow_jittered_and_capped() -> None:
+    for failures in range(12):
+        nominal = min(30.0, 0.5 * 2 ** failures)
+        delays = {restart_delay(failures) for _ in range(50)}
+        assert all(nominal / 2 <= delay <= nominal for delay in delays) and len(delays) > 1
+    assert restart_delay(10_000) <= 30.0
+
+
+async def test_a_worker_that_cannot_start_stops_the_server() -> None:
+    """A worker that never listened is not restarted (it would fail again): the supervisor stops, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wsagent.serve", "--port", str(taken.getsockname()[1]), "--workers", "2",
+            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        assert process.stderr is not None
+        said = Said(process.stderr)
+        try:
+            await said.expect("before it was ready: stopping")
+            assert await asyncio.wait_for(process.wait(), 30) == 1
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await said.close()
+    assert "restart" not in said.text and "address already in use" in said.text

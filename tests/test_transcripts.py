@@ -1,8 +1,15 @@
-"""Recorded stream shapes of real servers, replayed byte for byte over HTTP and checked event by event."""
+"""Recorded stream shapes of real servers, replayed byte for byte over HTTP and checked event by event; and
+the server's own run transcripts (``--transcripts-dir``): where they go, who may read them, what they hold."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
+import os
+import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,8 @@ from wsagent.chunks import Finish, TextDelta, ToolCall, Usage
 from wsagent.errors import UpstreamError
 from wsagent.simulator import SimulatorServer
 
-from .conftest import upstream_for
+from .conftest import ServerFactory, recv_json, run_events, upstream_for, ws_connect
+from .processes import free_port
 
 HERE = Path(__file__).parent / "transcripts"
 
@@ -122,3 +130,129 @@ async def test_error_transcript(sim: SimulatorServer, name: str) -> None:
     assert events == before
     assert error is not None and message in error.message
     assert error.code == "upstream_stream_error" and error.upstream_code == upstream_code
+
+
+# -- run transcripts (--transcripts-dir) ------------------------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def _one_run(server: Any, path: str = "/ws/chat", run_id: str = "r") -> list[dict[str, Any]]:
+    async with ws_connect(server, path) as ws:
+        await ws.send(json.dumps({"type": "run", "id": run_id, "prompt": "record me sim:tokens=3"}))
+        return await run_events(ws, run_id)
+
+
+async def test_missing_transcripts_dir_is_created_private(make_server: ServerFactory, tmp_path: Path) -> None:
+    """A --transcripts-dir that does not exist failed every run with 1011 (FileNotFoundError in Transcript)."""
+    directory = tmp_path / "new" / "transcripts"
+    server = await make_server(transcripts_dir=str(directory))
+    assert (await _one_run(server))[-1]["type"] == "done"
+    assert directory.is_dir() and _mode(directory) == 0o700 and _mode(tmp_path / "new") == 0o700
+    assert len(list(directory.glob("*.jsonl"))) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_transcripts_dir_that_cannot_be_made_refuses_to_start(tmp_path: Path, workers: int) -> None:
+    """A path under a file: ``python -m wsagent.serve`` says so in one line and exits 1, before listening
+    (with ``--workers``, once, before any worker starts)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsagent.serve", "--port", str(free_port()), "--workers", str(workers),
+        "--transcripts-dir", str(blocker / "transcripts"),
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            async for line in process.stderr:  # ends when it exits; a server that starts says "listening"
+                said.append(line.decode())
+                if "listening on" in said[-1]:
+                    break
+            code = await process.wait() if not any("listening on" in line for line in said) else None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 1, "".join(said)
+    errors = [line for line in said if "--transcripts-dir" in line]
+    assert len(errors) == 1 and str(blocker / "transcripts") in errors[0], "".join(said)
+    assert not any("Traceback" in line for line in said), "".join(said)
+
+
+async def test_transcripts_dir_that_cannot_be_made_is_refused_in_process(make_server: ServerFactory,
+                                                                        tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--transcripts-dir"):
+        await make_server(transcripts_dir=str(blocker / "transcripts"))
+
+
+async def test_sighup_to_a_transcripts_dir(make_server: ServerFactory, tmp_path: Path) -> None:
+    """A reload makes a new --transcripts-dir as a start does; one that cannot be made fails the reload whole."""
+    server = await make_server(transcripts_dir=str(tmp_path / "first"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    before = server.settings
+    with pytest.raises(SystemExit, match="--transcripts-dir"):
+        server.reload(dataclasses.replace(before, transcripts_dir=str(blocker / "x"), max_connections=3))
+    assert server.settings == before
+    server.reload(dataclasses.replace(before, transcripts_dir=str(tmp_path / "second" / "t")))
+    assert _mode(tmp_path / "second" / "t") == 0o700
+    assert (await _one_run(server))[-1]["type"] == "done"
+    assert len(list((tmp_path / "second" / "t").glob("*.jsonl"))) == 1
+
+
+async def test_transcript_files_are_private_and_hold_no_run_key(make_server: ServerFactory, tmp_path: Path) -> None:
+    """Transcripts were 0644 and their start event carried the run's key (which resumes, attaches, cancels)."""
+    old_umask = os.umask(0)  # the file's mode comes from the open, not from whatever umask the service has
+    try:
+        server = await make_server(transcripts_dir=str(tmp_path))
+        async with ws_connect(server, "/ws/chat") as ws:
+            await ws.send(json.dumps({"type": "run", "id": "k", "prompt": "record me sim:tokens=3"}))
+            sent = await run_events(ws, "k")
+    finally:
+        os.umask(old_umask)
+    key = sent[0]["key"]
+    assert sent[0]["type"] == "start" and isinstance(key, str) and len(key) >= 16
+    (path,) = tmp_path.glob("*.jsonl")
+    assert _mode(path) == 0o600
+    text = path.read_text()
+    assert key not in text
+    events = [json.loads(line)["event"] for line in text.splitlines()[1:]]
+    assert events[0] == {k: v for k, v in sent[0].items() if k != "key"}
+    assert events[1:] == sent[1:]
+
+
+async def test_transcript_that_cannot_be_opened_does_not_fail_the_run(
+        make_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The directory vanishes under a running server: runs go on without transcripts, logged once; when
+    it is back, so are the transcripts."""
+    caplog.set_level(logging.INFO, logger="wsagent")
+    directory = tmp_path / "transcripts"
+    directory.mkdir()
+    server = await make_server(transcripts_dir=str(directory))
+    directory.rmdir()
+    for run_id in ("r1", "r2"):
+        assert (await _one_run(server, "/ws/chat", run_id))[-1]["type"] == "done"
+    async with ws_connect(server, "/ws/ai-sdk") as ws:  # another route, another kind of run
+        await ws.send(json.dumps({"type": "send", "requestId": "q", "id": "chat-0123456789abcdef",
+                                  "trigger": "submit-message", "headers": {}, "body": {}, "messages": [
+                                      {"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}))
+        frames = [await recv_json(ws)]
+        for _ in range(1000):
+            if frames[-1]["type"] in ("end", "error"):
+                break
+            frames.append(await recv_json(ws))
+    assert frames[-1]["type"] == "end" and not any(f["type"] == "error" for f in frames), frames
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "transcript" in r.getMessage()]
+    assert len(warnings) == 1 and str(directory) in warnings[0].getMessage(), caplog.text
+    assert not any(r.exc_info for r in caplog.records), caplog.text
+    directory.mkdir(mode=0o700)
+    assert (await _one_run(server, "/ws/chat", "back"))[-1]["type"] == "done"
+    assert len(list(directory.glob("*-back.jsonl"))) == 1

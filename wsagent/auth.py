@@ -2,8 +2,10 @@
 
 Refusals are close codes a browser can read, not bare HTTP errors: the server
 accepts the upgrade, then closes with 4001 (missing, malformed, badly signed,
-expired, not yet valid, wrong audience or issuer) or 4003 (a valid token that
-may not use this route or this client id).
+expired, not yet valid, wrong audience or issuer, or a claim of the wrong type:
+``routes`` or ``client_ids`` not a list of strings, ``exp``, ``nbf`` or ``iat``
+not a number) or 4003 (a valid token that may not use this route or this
+client id).
 
 Where a token comes from, in this order: ``?token=`` in the URL, an
 ``Authorization: Bearer`` header, or a ``Sec-WebSocket-Protocol`` entry
@@ -51,14 +53,35 @@ class Identity:
 
     def may_use(self, route_pattern: str, params: dict[str, str]) -> None:
         """Raise 4003 if the token's claims keep it off this route or client id."""
-        routes = self.claims.get("routes")
-        if isinstance(routes, list) and route_pattern not in routes:
+        routes = _string_list(self.claims, "routes")  # fails closed: a malformed claim is an invalid token
+        if routes is not None and route_pattern not in routes:
             raise AuthError(CLOSE_FORBIDDEN, "Forbidden route")
         client_id = params.get("client_id")
         if client_id is not None:
-            allowed = self.claims.get("client_ids")
-            if client_id != self.user and not (isinstance(allowed, list) and client_id in allowed):
+            allowed = _string_list(self.claims, "client_ids")
+            if client_id != self.user and not (allowed is not None and client_id in allowed):
                 raise AuthError(CLOSE_FORBIDDEN, "Forbidden client id")
+
+
+def _string_list(claims: dict[str, Any], name: str) -> list[str] | None:
+    """The claim ``name``, which must be a list of strings if it is there at all (4001 if not: a string, an
+    object or ``null`` where a list belongs is never read as "no restriction")."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", f"the {name} claim must be a list of strings")
+    return value
+
+
+def _number(claims: dict[str, Any], name: str) -> float | None:
+    """The time claim ``name`` as a number (PyJWT also takes a numeric string, which was read as "never")."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", f"the {name} claim must be a number")
+    return float(value)
 
 
 def token_from_request(request: Request) -> str | None:
@@ -127,9 +150,12 @@ class Authenticator:
             user = claims.get("user_id")
         if not isinstance(user, (str, int)) or isinstance(user, bool) or user == "":
             raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", f"no {self.user_claim} claim")
-        exp = claims.get("exp")
-        expires = float(exp) + self.leeway if isinstance(exp, (int, float)) else math.inf
-        return Identity(str(user), expires, claims)
+        exp = _number(claims, "exp")
+        for name in ("nbf", "iat"):
+            _number(claims, name)
+        for name in ("routes", "client_ids"):  # checked here, so a malformed one is refused on every route
+            _string_list(claims, name)
+        return Identity(str(user), math.inf if exp is None else exp + self.leeway, claims)
 
 
 class TokenBucket:

@@ -209,7 +209,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 #: ``WSAGENT_*`` names that are not settings of the server but are read elsewhere (the client, the
 #: installer, ``--workers``, CI).
 _OTHER_NAMES = frozenset({"WSAGENT_ENV_FILE", "WSAGENT_URL", "WSAGENT_TOKEN", "WSAGENT_PREFIX", "WSAGENT_WORKER_OF",
-                          "WSAGENT_READY_FD", "WSAGENT_CI_VENV", "WSAGENT_WORKER"})
+                          "WSAGENT_READY_FD", "WSAGENT_CI_VENV", "WSAGENT_WORKER", "WSAGENT_WORKER_DIR"})
 
 
 def _warn_unknown(environ: Mapping[str, str]) -> None:

@@ -9,7 +9,8 @@
   period, ``RELOADING=1`` around a reload, ``STOPPING=1`` at shutdown; a socket
   passed by socket activation (``LISTEN_FDS``) is used instead of binding.
 * ``--workers N``: N processes share the port with SO_REUSEPORT; this process
-  supervises them, forwards signals, and reports ready when all are.
+  supervises them, forwards signals, reports ready when all are, and restarts
+  one that dies, with a backoff (:class:`Supervisor`).
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ import asyncio
 import importlib
 import logging
 import os
+import random
+import shutil
 import signal
-import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 
 from . import systemd
 from .config import Settings, gc_thresholds, load_settings
 from .logs import WORKER_NUMBER, configure_logging
 from .producers import load_agents
 from .server import WORKER_OF, WsAgentServer
+from .transcripts import prepare_directory
 from .tuning import tune_gc, tune_malloc
+from .workers import MESH_DIR, mesh_directory
 
-__all__ = ["main", "serve_until_signalled", "supervise"]
+__all__ = ["main", "serve_until_signalled", "supervise", "Supervisor", "restart_delay"]
 
 log = logging.getLogger("wsagent.serve")
 
@@ -88,34 +94,178 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         log.warning("%d workers without --redis-url: resume, attach, cancel, client ids and per-user limits are "
                     "per process (a client that reconnects to another worker cannot resume its run); "
                     "give them a Redis to share them", settings.workers)
-    children: list[subprocess.Popen[bytes]] = []
-    pipes: list[int] = []
-    for number in range(1, settings.workers + 1):
+    return asyncio.run(Supervisor(settings.workers, argv).run())
+
+
+#: Restarts of a worker that died: the first after 0.5 s, then twice as long each time, at most 30 s (each
+#: delay times a random 0.5 to 1, so workers that died together do not all start again together); a worker
+#: that ran for a minute before it died is restarted as if for the first time.
+RESTART_FIRST, RESTART_MAX, RESTART_RESET_AFTER = 0.5, 30.0, 60.0
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before the restart of a worker that died ``failures`` times in a row before this."""
+    return min(RESTART_MAX, RESTART_FIRST * 2.0 ** min(failures, 32)) * random.uniform(0.5, 1.0)
+
+
+def exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+@dataclass
+class _Slot:
+    """One worker's place: its number, and the process that holds it now."""
+
+    number: int
+    process: asyncio.subprocess.Process | None = None
+    ready: bool = False
+    failures: int = 0  # deaths in a row, each after less than RESTART_RESET_AFTER seconds
+    restarts: int = 0
+
+
+class Supervisor:
+    """``--workers``: starts the workers, tells systemd when all listen, forwards signals, and restarts a
+    worker that dies (logging its death and its restart, removing its socket), until SIGINT or SIGTERM.
+
+    A worker that dies before it ever listened stops the whole server (exit 1): a worker that cannot start
+    (a port in use, a bad setting) would not start the next time either.
+    """
+
+    def __init__(self, count: int, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self.slots = [_Slot(number) for number in range(1, count + 1)]
+        self.directory = ""
+        self.url = ""
+        self._up = 0
+        self._stopping = asyncio.Event()
+        self._failed = False
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP, True)
+        try:
+            try:
+                self.directory = mesh_directory()
+            except OSError as exc:
+                log.error("cannot make a directory for the workers' sockets: %s", exc)
+                return 1
+            try:
+                codes = await asyncio.gather(*(self._keep(slot) for slot in self.slots))
+            finally:
+                shutil.rmtree(self.directory, ignore_errors=True)
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        systemd.notify("STOPPING=1")
+        return 0 if not self._failed and all(code == 0 for code in codes) else 1
+
+    def stop(self, signum: int) -> None:
+        """SIGINT or SIGTERM: to every worker, and no more restarts."""
+        self._stopping.set()
+        self._forward(signum)
+
+    def _forward(self, signum: int, ready_only: bool = False) -> None:
+        # A worker still starting has no SIGHUP handler yet (SIGHUP would kill it); it reads the settings anyway.
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.returncode is None and (slot.ready or not ready_only):
+                with suppress(ProcessLookupError):
+                    process.send_signal(signum)
+
+    async def _keep(self, slot: _Slot) -> int:
+        """Keep a worker in ``slot`` until the server stops; its last exit code."""
+        try:
+            return await self._supervise(slot)
+        except Exception:
+            log.exception("supervising worker w%d failed: stopping", slot.number)
+            self._failed = True
+            self.stop(signal.SIGTERM)
+            if slot.process is not None:
+                await slot.process.wait()
+            return 1
+
+    async def _supervise(self, slot: _Slot) -> int:
+        while not self._stopping.is_set():  # one worker process each time round
+            born = time.monotonic()
+            process, url = await self._spawn(slot)
+            if url:
+                slot.ready = True
+                if slot.restarts:
+                    log.info("worker w%d restarted (pid %d)", slot.number, process.pid)
+                    self._status()
+                else:
+                    self._listening(url)
+            code = await process.wait()
+            slot.ready = False
+            if self._stopping.is_set():
+                return code
+            lived = time.monotonic() - born
+            with suppress(OSError):
+                os.unlink(os.path.join(self.directory, f"w{slot.number}.sock"))
+            if not url and not slot.restarts:
+                log.error("worker w%d (pid %d) %s before it was ready: stopping", slot.number, process.pid,
+                          exit_status(code))
+                self._failed = True
+                self.stop(signal.SIGTERM)
+                return code
+            log.error("worker w%d (pid %d) died %s %.1f s: %s", slot.number, process.pid,
+                      "after" if url else "before it was ready, after", lived, exit_status(code))
+            if lived >= RESTART_RESET_AFTER:
+                slot.failures = 0
+            delay = restart_delay(slot.failures)
+            slot.failures += 1
+            slot.restarts += 1
+            log.warning("restarting worker w%d in %.2f s (death %d in a row)", slot.number, delay, slot.failures)
+            self._status()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+        return 0  # stopped before its worker started (again)
+
+    async def _spawn(self, slot: _Slot) -> tuple[asyncio.subprocess.Process, str]:
+        """A new worker for ``slot``, and the URL it says it listens on once it does ("" if it died first)."""
         read, write = os.pipe()
-        env = {**os.environ, _READY_FD: str(write), WORKER_OF: str(os.getpid()), WORKER_NUMBER: str(number)}
+        env = {**os.environ, _READY_FD: str(write), WORKER_OF: str(os.getpid()), WORKER_NUMBER: str(slot.number),
+               MESH_DIR: self.directory}
         env.pop("NOTIFY_SOCKET", None)
-        command = [sys.executable, "-m", "wsagent.serve", *argv, "--workers", "1"]
-        children.append(subprocess.Popen(command, env=env, pass_fds=(write,)))
-        os.close(write)
-        pipes.append(read)
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "wsagent.serve", *self.argv, "--workers", "1", env=env, pass_fds=(write,))
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        slot.process = process
+        if self._stopping.is_set():  # a SIGTERM came while it was being started
             with suppress(ProcessLookupError):
-                child.send_signal(signum)
+                process.terminate()
+        reader = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read, "rb", buffering=0))
+        try:
+            line = await reader.readline()  # the URL, or nothing: the worker is gone
+        finally:
+            transport.close()
+        return process, line.decode(errors="replace").strip()
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, forward)
-    urls = []
-    for read in pipes:
-        with os.fdopen(read) as pipe:
-            urls.append(pipe.readline().strip())
-    if all(urls):
-        log.info("%d workers listening on %s", len(children), urls[0])
-        systemd.notify(f"READY=1\nSTATUS={len(children)} workers on {urls[0]}")
-    codes = [child.wait() for child in children]
-    systemd.notify("STOPPING=1")
-    return 0 if all(code == 0 for code in codes) else 1
+    def _listening(self, url: str) -> None:
+        self._up += 1
+        self.url = self.url or url
+        if self._up == len(self.slots):
+            log.info("%d workers listening on %s", len(self.slots), self.url)
+            systemd.notify(f"READY=1\nSTATUS={len(self.slots)} workers on {self.url}")
+
+    def _status(self) -> None:
+        up = sum(slot.ready for slot in self.slots)
+        systemd.notify(f"STATUS={up} of {len(self.slots)} workers on {self.url}")
 
 
 def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
@@ -136,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(args)
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
+        if settings.transcripts_dir:
+            prepare_directory(settings.transcripts_dir)  # one line here, not one per worker
         return supervise(settings, args)
     factory, name = event_loop(settings.event_loop)
     log.info("event loop: %s", name)

@@ -46,9 +46,10 @@ from .router import HttpHandler, Route, Router
 from .routes import HTTP_ROUTES, ROUTES
 from .simulator import SimulatorServer, SimulatorSettings
 from .tools import BUILTIN_TOOLS
+from .transcripts import prepare_directory
 from .tuning import break_transport_cycles
 from .upstream import DIALECTS, UpstreamClient, UpstreamConfig
-from .workers import WorkerMesh
+from .workers import MESH_DIR, WorkerMesh
 
 __all__ = ["WsAgentServer", "WORKER_OF"]
 
@@ -107,6 +108,8 @@ class WsAgentServer:
     async def start(self) -> WsAgentServer:
         s = self.settings
         break_transport_cycles()
+        if s.transcripts_dir:
+            prepare_directory(s.transcripts_dir)  # before anything starts: SystemExit if it cannot be used
         upstream = self._upstream
         if upstream is None:
             base_url = s.upstream_url
@@ -135,9 +138,9 @@ class WsAgentServer:
                         await _broker(s))
         if self._app.agents:
             log.info("agents: %s", ", ".join(sorted(self._app.agents)))
-        supervisor, number = os.environ.get(WORKER_OF), os.environ.get(WORKER_NUMBER)
-        if supervisor and number:
-            self._mesh = await WorkerMesh(self._app, supervisor, number).start()
+        directory, number = os.environ.get(MESH_DIR), os.environ.get(WORKER_NUMBER)
+        if directory and number:
+            self._mesh = await WorkerMesh(self._app, directory, number).start()
             self._app.peers = self._mesh
         listen: dict[str, Any] = {"sock": self.sock} if self.sock is not None else {
             "host": s.host, "port": s.port, "reuse_port": WORKER_OF in os.environ}
@@ -186,6 +189,8 @@ class WsAgentServer:
         changed = {f.name for f in dataclasses.fields(Settings) if getattr(new, f.name) != getattr(old, f.name)}
         later = sorted(changed - RELOADABLE)
         applied = {name: getattr(new, name) for name in changed & RELOADABLE}
+        if applied.get("transcripts_dir"):
+            prepare_directory(applied["transcripts_dir"])  # SystemExit: the reload fails, nothing changes
         settings = dataclasses.replace(old, **applied)
         workflows = _load_workflows(settings, app.upstream)
         if agents is None:

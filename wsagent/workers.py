@@ -2,9 +2,16 @@
 
 A scrape of ``/metrics`` lands on whichever worker the kernel picks for that
 connection (``SO_REUSEPORT``). So each worker also listens on a Unix socket of
-its own, in a directory only its user may enter (named after the supervisor's
-pid), and answers there with its metrics as plain data; the worker that took
-the scrape asks the others and adds everything up (:func:`wsagent.status.merge`).
+its own, in a directory only its user may enter, and answers there with its
+metrics as plain data; the worker that took the scrape asks the others and adds
+everything up (:func:`wsagent.status.merge`).
+
+That directory is made afresh by the supervisor (:func:`mesh_directory`:
+``mkdtemp``, mode 0700, a name no other user can guess and so make first),
+under ``$XDG_RUNTIME_DIR`` when that is set and usable, else in the temporary
+directory; it is handed to the workers in ``WSAGENT_WORKER_DIR`` and removed
+when the supervisor exits. A worker refuses a directory that is not its user's
+own with mode 0700. The supervisor removes a dead worker's socket.
 
 Why not prometheus-client's multiprocess mode: it needs the extra dependency,
 a directory of memory-mapped files that must be wiped between runs, and
@@ -21,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +36,10 @@ from typing import Any
 from .app import App
 from .status import snapshot
 
-__all__ = ["WorkerMesh"]
+__all__ = ["WorkerMesh", "MESH_DIR", "mesh_directory"]
+
+#: Set in the environment of each worker that ``--workers`` starts: the directory of the workers' sockets.
+MESH_DIR = "WSAGENT_WORKER_DIR"
 
 log = logging.getLogger("wsagent.workers")
 
@@ -41,19 +52,32 @@ def _answering() -> dict[str, Any]:
             "help": "Worker processes whose metrics this scrape includes.", "values": {"": 1}}
 
 
+def mesh_directory() -> str:
+    """A new directory for the workers' sockets (the supervisor's, made once): mode 0700, a random name."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        try:
+            return tempfile.mkdtemp(prefix="wsagent-", dir=runtime)
+        except OSError as exc:
+            log.warning("XDG_RUNTIME_DIR=%s cannot be used (%s): the workers' sockets go in %s", runtime,
+                        exc.strerror or exc, tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix="wsagent-")
+
+
 class WorkerMesh:
     """One worker's place among its siblings: serves its own metrics, gathers theirs."""
 
-    def __init__(self, app: App, supervisor: str, number: str) -> None:
+    def __init__(self, app: App, directory: str, number: str) -> None:
         self.app = app
-        self.directory = Path(tempfile.gettempdir()) / f"wsagent-{supervisor}"
+        self.directory = Path(directory)
         self.path = self.directory / f"w{number}.sock"
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> WorkerMesh:
-        self.directory.mkdir(mode=0o700, exist_ok=True)
-        if self.directory.stat().st_uid != os.getuid():
-            raise PermissionError(f"{self.directory} belongs to another user")
+        info = os.lstat(self.directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{self.directory}: the workers' directory must be a directory of this user's "
+                                  "own with mode 0700")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._answer, path=str(self.path))
@@ -93,6 +117,4 @@ class WorkerMesh:
             self._server.close()
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        with contextlib.suppress(OSError):
-            self.directory.rmdir()  # the last worker to stop removes it
+            self.path.unlink()  # the directory is the supervisor's to remove

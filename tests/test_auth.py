@@ -275,6 +275,9 @@ MALFORMED_CLAIMS: list[tuple[str, dict[str, Any]]] = [
     ("exp as a string", {"exp": str(int(time.time()) + 3600)}),
     ("exp as a boolean", {"exp": True}),
     ("nbf as a string", {"nbf": str(int(time.time()) - 10)}),
+    # Two users whose names differ only in a lone surrogate would be one user once the surrogate is
+    # replaced, and as it is the name cannot be written to a socket, a log or a Redis key: refused.
+    ("a user with a lone surrogate", {"user_id": "alice\ud800"}),
 ]
 
 

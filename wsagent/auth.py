@@ -25,6 +25,7 @@ import jwt
 from websockets.http11 import Request
 
 from .config import Settings
+from .events import well_formed
 
 __all__ = ["AuthError", "Identity", "Authenticator", "TokenBucket", "SUBPROTOCOL", "token_from_request",
            "CLOSE_INVALID_TOKEN", "CLOSE_FORBIDDEN", "CLOSE_RATE_LIMIT"]
@@ -150,6 +151,8 @@ class Authenticator:
             user = claims.get("user_id")
         if not isinstance(user, (str, int)) or isinstance(user, bool) or user == "":
             raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", f"no {self.user_claim} claim")
+        if isinstance(user, str) and well_formed(user) != user:  # JSON's "\ud800": no socket or key can hold it
+            raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", f"the {self.user_claim} claim is not valid text")
         exp = _number(claims, "exp")
         for name in ("nbf", "iat"):
             _number(claims, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -136,3 +137,22 @@ async def test_an_anonymous_sockets_chats_share_one_replay_budget(make_server: S
     async with ws_connect(server, "/ws/ai-sdk") as other:
         await other.send(json.dumps({"type": "resume", "requestId": "r", "id": "theirs"}))
         assert (await recv_json(other)) == {"type": "start", "requestId": "r"}
+
+
+async def test_a_watcher_whose_write_fails_never_stops_the_run_or_its_owner(server: WsAgentServer) -> None:
+    """A write that raised inside a run's wake (a frame no encoder takes) reached the producer: the run
+    was ended twice (``RunStateError``) and its own client waited for ever. The failing connection is
+    closed with 1011 instead, and the run and its client go on."""
+    async with ws_connect(server, "/ws/chat") as owner, ws_connect(server, "/ws/chat") as watcher:
+        await owner.send(json.dumps({"type": "run", "id": "r", "prompt": "slow sim:rate=200 sim:tokens=40"}))
+        start = await recv_json(owner)
+        await watcher.send(json.dumps({"type": "attach", "id": "r", "key": start["key"]}))
+        assert (await recv_json(watcher))["id"] == "r"  # attached
+        (broken,) = [c for c in server.app.manager if any(s is not s.run.primary for s in c.outbox.subscriptions)]
+        # Queued without a wake: it is written at the run's next wake, from inside its producer.
+        broken.outbox._queue = deque(['{"type":"x","bad":"\ud800"}'])
+        events = await asyncio.wait_for(run_events(owner, "r"), 10)
+        assert events[-1]["type"] == "done"
+        await asyncio.wait_for(watcher.wait_closed(), 5)
+        assert watcher.close_code == 1011
+    await quiet(server)

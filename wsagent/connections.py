@@ -36,6 +36,7 @@ __all__ = [
 
 log = logging.getLogger("wsagent.connections")
 
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SLOW_CLIENT = 4008
 CLOSE_REPLACED = 4009
 
@@ -212,6 +213,20 @@ class Outbox:
             self._task = asyncio.get_running_loop().create_task(self._wait_and_flush())
 
     def _flush(self) -> bool:
+        """:meth:`_write`, on whoever's behalf it runs (a run's producer wakes every watcher of its run):
+        a write that fails is this connection's failure alone. It is logged and the connection closed
+        with 1011; the run and its other watchers go on."""
+        try:
+            return self._write()
+        except Exception:
+            conn = self._conn()
+            log.exception("writing to %s failed", conn.id if conn is not None else "a connection")
+            self._drop()
+            if conn is not None:  # closing: no more writes; leaving releases its subscriptions
+                conn.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
+            return True
+
+    def _write(self) -> bool:
         """Write what is pending while the socket takes it. False if the client must catch up first.
 
         Flow control is checked between batches: the frames of one

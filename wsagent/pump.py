@@ -59,8 +59,9 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
         run.end(ErrorEvent(exc.code, exc.message, exc.retryable, agent=run.agent, workflow=run.workflow))
     except Exception:
         log.exception("run %s failed", run.id)
-        run.end(ErrorEvent("internal_error", "internal error (see server log)", False,
-                           agent=run.agent, workflow=run.workflow))
+        if not run.finished:  # (a failure after its end: the run has its terminal event already)
+            run.end(ErrorEvent("internal_error", "internal error (see server log)", False,
+                               agent=run.agent, workflow=run.workflow))
 
 
 async def stream_model(run: Run, upstream: UpstreamClient, messages: Sequence[dict[str, Any]], *,

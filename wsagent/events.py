@@ -253,12 +253,15 @@ def well_formed(text: str) -> str:
     one), which no UTF-8 writer accepts: a frame, a log line or a Redis command
     holding it fails where it is written, far from where it came in. Text is
     made well formed where it enters (client messages here, upstream chunks in
-    :mod:`wsagent.chunks`); valid text costs one ``encode`` attempt.
+    :mod:`wsagent.chunks`); ASCII costs an ``isascii`` (14 ns), other valid text
+    an ``encode`` attempt (about 40 ns for a token).
     """
+    if text.isascii():
+        return text
     try:
-        text.encode()
+        text.encode()  # UTF-8; without the argument, a faster path
     except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return text
 
 

@@ -31,8 +31,23 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chunks import DeltaKind, Finish, ModelEvent, TextDelta, ToolCall, Usage, feed_tail, stream_error
+from .chunks import (
+    MAX_TOOL_ARGUMENTS,
+    Arguments,
+    DeltaKind,
+    Finish,
+    ModelEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallBounds,
+    Usage,
+    feed_tail,
+    mend,
+    stream_error,
+    unmended,
+)
 from .errors import UpstreamError
+from .events import well_formed
 from .sse import SSEEvent
 
 __all__ = ["ResponsesInterpreter", "responses_request", "response_to_events"]
@@ -141,7 +156,7 @@ def responses_request(chat: dict[str, Any]) -> dict[str, Any]:
 class _Call:
     call_id: str
     name: str
-    arguments: list[str] = field(default_factory=list)
+    arguments: Arguments = field(default_factory=Arguments)
 
 
 _FINISH = {"max_output_tokens": "length", "content_filter": "content_filter"}
@@ -155,13 +170,19 @@ class ResponsesInterpreter:
     terminal event (``response.completed`` or ``response.incomplete``): the
     Responses API has no ``[DONE]``, and an answer cut before its terminal event
     has lost its usage and maybe a tool call.
+
+    Text is made valid as :class:`~wsagent.chunks.ChunkInterpreter` makes it (see
+    :func:`~wsagent.chunks.mend`), and tool calls have the same bounds
+    (:class:`~wsagent.chunks.ToolCallBounds`).
     """
 
-    __slots__ = ("_calls", "_emitted", "done", "finish_reason")
+    __slots__ = ("_calls", "_emitted", "_bounds", "_held", "done", "finish_reason")
 
     def __init__(self) -> None:
         self._calls: dict[str, _Call] = {}
         self._emitted = 0
+        self._bounds = ToolCallBounds()
+        self._held: dict[tuple[int, DeltaKind], str] = {}
         self.done = False
         self.finish_reason: str | None = None
 
@@ -182,14 +203,14 @@ class ResponsesInterpreter:
                                 retryable=True)
         kind = event.get("type") or sse.event
         if kind == "response.output_text.delta":
-            return _delta("content", event)
+            return self._delta("content", event)
         if kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
-            return _delta("reasoning", event)
+            return self._delta("reasoning", event)
         if kind == "response.reasoning_summary_part.added":
             index = event.get("summary_index")
-            return [TextDelta("reasoning", "\n\n")] if isinstance(index, int) and index > 0 else []
+            return self._delta("reasoning", {"delta": "\n\n"}) if isinstance(index, int) and index > 0 else []
         if kind == "response.refusal.delta":
-            return _delta("refusal", event)
+            return self._delta("refusal", event)
         if kind == "response.output_item.added":
             self._item_added(event.get("item"))
             return []
@@ -197,6 +218,7 @@ class ResponsesInterpreter:
             call = self._calls.get(str(event.get("item_id")))
             delta = event.get("delta")
             if call is not None and isinstance(delta, str):
+                self._bounds.grow(call.arguments.size, len(delta))
                 call.arguments.append(delta)
             return []
         if kind == "response.output_item.done":
@@ -219,10 +241,20 @@ class ResponsesInterpreter:
                                 retryable=True)
         return out
 
+    def _delta(self, kind: DeltaKind, event: dict[str, Any]) -> list[ModelEvent]:
+        delta = event.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return []
+        if self._held or not delta.isascii():
+            delta = mend(self._held, kind, 0, delta)
+        return [TextDelta(kind, delta)] if delta else []
+
     def _item_added(self, item: Any) -> None:
         if isinstance(item, dict) and item.get("type") == "function_call":
+            self._bounds.call()
             call = _Call(str(item.get("call_id") or item.get("id") or ""), str(item.get("name") or ""))
             if isinstance(item.get("arguments"), str) and item["arguments"]:
+                self._bounds.grow(0, len(item["arguments"]))
                 call.arguments.append(item["arguments"])
             self._calls[str(item.get("id") or call.call_id)] = call
 
@@ -231,15 +263,22 @@ class ResponsesInterpreter:
             return []
         call = self._calls.pop(str(item.get("id") or item.get("call_id") or ""), None)
         arguments = item.get("arguments")
-        if not isinstance(arguments, str):
-            arguments = "".join(call.arguments) if call is not None else ""
+        if call is None:
+            self._bounds.call()
+        if isinstance(arguments, str):  # whole: counted once, when no deltas brought it already
+            if call is None:
+                self._bounds.grow(0, len(arguments))
+            elif len(arguments) > MAX_TOOL_ARGUMENTS:
+                self._bounds.grow(len(arguments), 0)
+        else:
+            arguments = call.arguments.text if call is not None else ""
         call_id = str(item.get("call_id") or (call.call_id if call else "") or f"call_{self._emitted}")
         name = str(item.get("name") or (call.name if call else ""))
         self._emitted += 1
-        return [ToolCall(call_id, name, arguments, self._emitted - 1)]
+        return [ToolCall(well_formed(call_id), well_formed(name), well_formed(arguments), self._emitted - 1)]
 
     def _terminal(self, response: Any) -> list[ModelEvent]:
-        out: list[ModelEvent] = []
+        out: list[ModelEvent] = unmended(self._held) if self._held else []
         response = response if isinstance(response, dict) else {}
         usage = response.get("usage")
         if isinstance(usage, dict):
@@ -254,11 +293,6 @@ class ResponsesInterpreter:
         self.done = True
         out.append(Finish(self.finish_reason))
         return out
-
-
-def _delta(kind: DeltaKind, event: dict[str, Any]) -> list[ModelEvent]:
-    delta = event.get("delta")
-    return [TextDelta(kind, delta)] if isinstance(delta, str) and delta else []
 
 
 def _int(value: Any) -> int:
@@ -279,13 +313,13 @@ def response_to_events(body: dict[str, Any]) -> list[ModelEvent]:
             text = text or "".join(part.get("text", "") for part in item.get("content") or ()
                                    if isinstance(part, dict))
             if text:
-                out.append(TextDelta("reasoning", text))
+                out.append(TextDelta("reasoning", well_formed(text)))
         elif item.get("type") == "message":
             for part in item.get("content") or ():
                 if isinstance(part, dict) and part.get("type") == "output_text" and part.get("text"):
-                    out.append(TextDelta("content", str(part["text"])))
+                    out.append(TextDelta("content", well_formed(str(part["text"]))))
                 elif isinstance(part, dict) and part.get("type") == "refusal" and part.get("refusal"):
-                    out.append(TextDelta("refusal", str(part["refusal"])))
+                    out.append(TextDelta("refusal", well_formed(str(part["refusal"]))))
         elif item.get("type") == "function_call":
             out += interpreter._item_done(item)
     return out + interpreter._terminal({**body, "output": []})

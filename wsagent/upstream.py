@@ -29,6 +29,7 @@ import aiohttp
 
 from .chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
 from .errors import UpstreamError, error_for_status
+from .events import well_formed
 from .metrics import Metrics
 from .response_events import ResponsesInterpreter, response_to_events, responses_request
 from .sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
@@ -109,11 +110,11 @@ def _error_message(body: bytes) -> tuple[str, str | int | None]:
     except (ValueError, RecursionError):
         return (text[:ERROR_MESSAGE_CHARS] or "no body"), None
     error = payload.get("error", payload) if isinstance(payload, dict) else payload
-    if isinstance(error, dict):
+    if isinstance(error, dict):  # JSON may escape a lone surrogate: made valid text, as the interpreters make it
         code = error.get("code", error.get("type"))
-        message = str(error.get("message") or text)[:ERROR_MESSAGE_CHARS]
-        return message, code if isinstance(code, (str, int)) else None
-    return str(error)[:ERROR_MESSAGE_CHARS], None
+        message = well_formed(str(error.get("message") or text)[:ERROR_MESSAGE_CHARS])
+        return message, well_formed(code) if isinstance(code, str) else code if isinstance(code, int) else None
+    return well_formed(str(error)[:ERROR_MESSAGE_CHARS]), None
 
 
 class _ReadWatchdog:
@@ -410,6 +411,9 @@ class UpstreamClient:
                                 "stream", code="upstream_protocol", retryable=False)
         try:
             body = json.loads(raw)
+        except RecursionError:  # the decoder's bound on depth (about a thousand); 200,000 deep was a traceback
+            raise UpstreamError("upstream answered JSON nested too deeply, not an event stream",
+                                code="upstream_protocol", retryable=False) from None
         except ValueError:
             raise UpstreamError(
                 f"upstream answered {response.headers.get('Content-Type', 'no content type')!r}, "

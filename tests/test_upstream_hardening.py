@@ -30,9 +30,12 @@ from wsagent.chunks import (
 )
 from wsagent.config import Settings
 from wsagent.errors import UpstreamError
+from wsagent.events import ToolCallEvent, encode
 from wsagent.response_events import ResponsesInterpreter
 from wsagent.server import WsAgentServer
 from wsagent.sse import SSEEvent
+from wsagent.tools import ToolBox, tool
+from wsagent.ui_stream import UIChunks
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
 from .conftest import run_events, ws_connect
@@ -501,3 +504,21 @@ def test_arguments_as_an_object_nested_deep_are_a_clear_error(codec: str) -> Non
     with pytest.raises(UpstreamError) as caught:
         ChunkInterpreter().feed(SSEEvent(data))
     assert caught.value.code == "upstream_protocol"
+
+
+async def test_escaped_lone_surrogates_in_tool_arguments_and_results_never_reach_a_frame() -> None:
+    """Arguments are ASCII text, but ``"\\\\ud800"`` in them is a lone surrogate once parsed: a tool saw it,
+    an observation carried it, and the AI SDK's tool input held it, where no frame could be written."""
+    @tool
+    async def echo(text: str) -> str:
+        """Says it back, with a half of its own."""
+        return text + "\udc00"
+
+    observation, is_error = await ToolBox([echo]).call("echo", '{"text": "a\\ud800b"}')
+    assert not is_error and observation == "a\ufffdb\ufffd"
+    frames: list[str] = []
+    renderer = UIChunks("q", "m")
+    payload = encode(ToolCallEvent("c1", "echo", '{"text": "a\\ud800"}'), "r", 1)
+    renderer.render(ToolCallEvent.kind, payload, frames, (None, None))
+    assert frames and all(frame.encode() for frame in frames)
+    assert any('"a\ufffd"' in frame for frame in frames)

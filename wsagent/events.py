@@ -46,6 +46,7 @@ __all__ = [
     "encode_text",
     "json_object",
     "well_formed",
+    "well_formed_json",
     "KIND_NAMES",
     "TEXT_KINDS",
     "TEXT_CLASSES",
@@ -265,13 +266,14 @@ def well_formed(text: str) -> str:
     return text
 
 
-def _well_formed_json(value: Any) -> Any:
+def well_formed_json(value: Any) -> Any:
+    """A parsed JSON ``value`` with every string in it :func:`well_formed`."""
     if isinstance(value, str):
         return well_formed(value)
     if isinstance(value, list):
-        return [_well_formed_json(item) for item in value]
+        return [well_formed_json(item) for item in value]
     if isinstance(value, dict):
-        return {well_formed(k): _well_formed_json(v) for k, v in value.items()}
+        return {well_formed(k): well_formed_json(v) for k, v in value.items()}
     return value
 
 
@@ -284,7 +286,7 @@ def json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
         if "\\u" in text:
-            value = _well_formed_json(value)
+            value = well_formed_json(value)
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, get_type_hints
 
+from .events import well_formed, well_formed_json
+
 __all__ = ["Tool", "ToolBox", "tool", "calculator", "current_time", "search_notes", "BUILTIN_TOOLS", "evaluate",
            "MAX_BITS"]
 
@@ -116,15 +118,15 @@ class ToolBox:
         if t is None:
             return f"error: no tool named {name!r}", True
         try:
-            args = json.loads(arguments or "{}")
-        except ValueError as exc:
+            args = well_formed_json(json.loads(arguments or "{}"))  # "\\ud800" in ASCII arguments is a lone surrogate
+        except (ValueError, RecursionError) as exc:
             return f"error: arguments are not valid JSON ({exc}): {arguments[:200]}", True
         if not isinstance(args, dict):
             return "error: arguments must be a JSON object", True
         try:
             async with asyncio.timeout(self.timeout):
                 result = await t.function(**args)
-            return (result if isinstance(result, str) else json.dumps(result, default=str)), False
+            return well_formed(result if isinstance(result, str) else json.dumps(result, default=str)), False
         except TimeoutError:
             return f"error: {name} took longer than {self.timeout:g}s and was stopped", True
         except TypeError as exc:

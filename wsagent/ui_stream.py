@@ -36,7 +36,7 @@ import json
 from typing import Any
 
 from .errors import ProtocolViolation
-from .events import KIND_NAMES
+from .events import KIND_NAMES, well_formed_json
 from .render import Origin
 
 __all__ = ["UIChunks", "chat_messages", "message_id", "MAX_MESSAGES", "MAX_PARTS"]
@@ -198,8 +198,8 @@ class UIChunks:
 def _parsed(arguments: str) -> Any:
     """A tool call's input: its arguments as JSON, or the text as it came if it is not JSON."""
     try:
-        return json.loads(arguments) if arguments else {}
-    except ValueError:
+        return well_formed_json(json.loads(arguments)) if arguments else {}
+    except (ValueError, RecursionError):
         return arguments
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from wsagent.config import build_parser, settings_table
@@ -105,3 +107,23 @@ async def test_python_api_example_runs(sim: SimulatorServer, tmp_path: Path) -> 
     assert process.returncode == 0, err.decode()
     text = out.decode()
     assert "6 * 7 = 42" in text and "'researcher':" in text and "done" in text
+
+
+def test_the_test_command_names_what_it_cannot_install() -> None:
+    """Run by a user who cannot install Debian packages (not root, no sudo) on a machine without them, the
+    test command stops at once with one line naming them, before it installs or runs anything."""
+    with tempfile.TemporaryDirectory() as where:  # a copy the other user may read, wherever the clone is
+        Path(where).chmod(0o755)
+        bin_dir, scripts = Path(where) / "bin", Path(where) / "scripts"
+        bin_dir.mkdir()
+        scripts.mkdir()
+        shutil.copy(ROOT / "scripts" / "test.sh", scripts / "test.sh")
+        for tool in ("dirname", "id"):  # what the script needs before its check; no redis-server, chromium, tmux
+            (bin_dir / tool).symlink_to(f"/usr/bin/{tool}")
+        result = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/bash",
+                                 str(scripts / "test.sh")], env={"PATH": str(bin_dir)},
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("scripts/test.sh: missing Debian packages: ")
+    assert all(name in line for name in ("redis-server", "chromium", "tmux", "systemd")), line

@@ -82,6 +82,7 @@ class App:
         self.auth = Authenticator(settings)
         self.started = time.monotonic()
         self.draining = False
+        self.handover_until: float | None = None  # the loop's time a rolling restart's hand-over ends
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -234,7 +235,13 @@ class App:
 
     def release(self, conn: Connection) -> None:
         """The client is gone: what it watched loses a watcher; a run it owned goes on for its resume
-        grace, or is cancelled (at once while draining)."""
+        grace, or is cancelled (at once while draining). While the node hands over (a rolling restart),
+        it goes on until the hand-over ends, for its client to resume it on another node."""
+        if self.handover_until is not None:
+            left = max(0.0, self.handover_until - asyncio.get_running_loop().time())
+            for sub in conn.outbox.subscriptions:
+                sub.run.unsubscribe(sub, max(left, sub.run.grace))
+            return
         for sub in conn.outbox.subscriptions:
             sub.run.unsubscribe(sub, 0.0 if self.draining else sub.run.grace)
 

@@ -37,6 +37,8 @@ __all__ = [
 log = logging.getLogger("wsagent.connections")
 
 CLOSE_INTERNAL_ERROR = 1011
+#: A rolling restart: reconnect (to another node) and resume.
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_SLOW_CLIENT = 4008
 CLOSE_REPLACED = 4009
 

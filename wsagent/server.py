@@ -37,7 +37,7 @@ from .auth import SUBPROTOCOL, Authenticator
 from .broker import LocalBroker
 from .compression import lazy_deflate
 from .config import RELOADABLE, Settings
-from .connections import Connection, ConnectionManager, StreamConnection, close_or_abort
+from .connections import CLOSE_SERVICE_RESTART, Connection, ConnectionManager, StreamConnection, close_or_abort
 from .logs import WORKER_NUMBER, Redactor, printable
 from .metrics import Metrics
 from .producers import AgentFactory, load_agents
@@ -216,7 +216,13 @@ class WsAgentServer:
 
     async def stop(self, drain: float | None = None) -> None:
         """Answer new connections 503 while in-flight streams finish for ``drain`` seconds, then stop
-        listening, cancel the rest, close every client with 1001, and release the upstream."""
+        listening, cancel the rest, close every client with 1001, and release the upstream.
+
+        In a cluster (a rolling restart) the node hands its clients over instead: it stops listening at
+        once, so new connections go to the other nodes, and closes every client with 1012 (service
+        restart) so that it reconnects elsewhere and resumes its runs by key; the runs go on here,
+        written to the cluster as ever, until they end or ``drain`` runs out.
+        """
         if self._stopped:
             return
         self._stopped = True
@@ -224,6 +230,8 @@ class WsAgentServer:
         app = self._app
         if self._server is not None and app is not None:
             app.draining = True  # from here, a new connection is answered 503 with Retry-After
+            if drain > 0 and app.broker.cluster_status() is not None:
+                self._hand_over(app, drain)
             if drain > 0 and not app.idle.is_set():
                 log.info("draining %d in-flight streams for up to %.1fs", app.inflight, drain)
                 with suppress(TimeoutError):
@@ -252,6 +260,17 @@ class WsAgentServer:
         if self.simulator is not None:
             await self.simulator.stop()
         log.info("wsagent stopped")
+
+    def _hand_over(self, app: App, drain: float) -> None:
+        """A rolling restart: no new connection here, every client told to move (1012), and the runs
+        they leave kept going (as in a resume grace) for the rest of ``drain``."""
+        assert self._server is not None
+        self._server.server.close()
+        app.handover_until = asyncio.get_running_loop().time() + drain
+        log.info("handing %d connections and %d runs over to the cluster for up to %.1fs", len(app.manager),
+                 app.inflight, drain)
+        for conn in app.manager:
+            conn.close_soon(CLOSE_SERVICE_RESTART, "service restart: reconnect and resume")
 
     async def _sweep(self) -> None:
         interval = max(0.05, min(1.0, self.settings.slow_client_timeout / 4))

@@ -440,3 +440,16 @@ async def test_a_relay_paused_by_its_client_is_not_an_upstream_timeout(make_serv
         events = await run_events(ws, "p")
     assert events[-1]["type"] == "done"
     assert content(events) == await expected_text(sim, prompt)
+
+
+async def test_an_unknown_run_is_explained_with_or_without_its_key(server: WsAgentServer) -> None:
+    """``(send its key)`` was said to a client that had sent the key."""
+    async with ws_connect(server, "/ws/chat") as ws:
+        for verb in ("resume", "attach"):
+            await ws.send(json.dumps({"type": verb, "id": "r9", "key": "not-a-key"}))
+            with_key = await recv_json(ws)
+            await ws.send(json.dumps({"type": verb, "id": "r9"}))
+            without = await recv_json(ws)
+            assert with_key["code"] == without["code"] == "unknown_run"
+            assert "with that key" in with_key["message"] and "send" not in with_key["message"]
+            assert "of yours" in without["message"] and "needs its key" in without["message"]

@@ -178,8 +178,7 @@ class ChatSession:
             raise ProtocolViolation("'after' must be a non-negative integer (the last seq you received)")
         run_id, run = await self.find(request)
         if run is None:
-            self.reply_error(run_id, "unknown_run",
-                             f"no run {run_id!r} to resume (never started, forgotten, or not yours: send its key)")
+            self.reply_error(run_id, "unknown_run", _unknown(run_id, "resume", request))
             return
         run = await self.app.broker.follow(run, after)
         try:
@@ -193,7 +192,7 @@ class ChatSession:
             raise ProtocolViolation("'after' must be a non-negative integer (the last seq you received)")
         run_id, run = await self.find(request)
         if run is None:
-            self.reply_error(run_id, "unknown_run", f"no run {run_id!r} to attach to (send its key)")
+            self.reply_error(run_id, "unknown_run", _unknown(run_id, "attach to", request))
             return
         run = await self.app.broker.follow(run, after or 0)
         snapshot = await self.app.broker.snapshot(run) if after is None else None
@@ -203,6 +202,14 @@ class ChatSession:
             run.subscribe(self.conn.outbox, run.oldest_kept - 1 if after is None else after)
         except (ReplayGap, BadResume) as exc:
             self.reply_error(run_id, exc.code, exc.message)
+
+
+def _unknown(run_id: str, verb: str, request: dict[str, Any]) -> str:
+    """Why no run was found: with a key, the key matched no run of that id the client may see; without
+    one, the id is looked up among the client's own runs only."""
+    if "key" in request:
+        return f"no run {run_id!r} with that key to {verb} (it ended and was forgotten, or the key is another run's)"
+    return f"no run {run_id!r} of yours to {verb} (never started or forgotten; another socket's run needs its key)"
 
 
 def _run_id(request: dict[str, Any]) -> str:

@@ -260,3 +260,10 @@ async def test_health_and_the_run_line_tell_the_upstream_s_state(make_server: Se
     assert state["last_failure"]["code"] == "upstream_unavailable"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run bad end")]
     assert lines and "outcome=error code=upstream_unavailable" in lines[0]
+
+
+async def test_a_base_url_without_its_v1_is_named_in_the_error(sim: SimulatorServer) -> None:
+    """An upstream URL without ``/v1`` answered ``upstream HTTP 404: 404: Not Found`` and no hint."""
+    error = await failure(upstream_for(sim, base_url=sim.base_url.removesuffix("/v1")), "hi")
+    assert (error.code, error.status) == ("upstream_bad_request", 404)
+    assert "/chat/completions" in error.message and "must be the API's base" in error.message

@@ -379,6 +379,9 @@ class UpstreamClient:
                     else:  # the rest is never read: the connection cannot go back to the pool
                         response.close()
                 message, upstream_code = _error_message(raw)
+                if response.status in (404, 405):  # most often a base URL without its /v1
+                    message += (f" (POST {self._url}: the upstream URL must be the API's base, such as "
+                                "http://host:8000/v1, ending where /chat/completions or /responses follows)")
                 delay = parse_retry_after(response.headers)
                 error = error_for_status(response.status, message, upstream_code, delay)
                 should = response.headers.get("x-should-retry")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -275,3 +276,11 @@ async def test_a_routed_connection_keeps_no_handshake_headers(server: WsAgentSer
         assert conn.ws.request is not None and conn.ws.response is not None
         assert list(conn.ws.request.headers.raw_items()) == [] and list(conn.ws.response.headers.raw_items()) == []
         assert conn.ws.request.path == "/ws/chat?x=1"
+
+
+async def test_the_startup_log_names_the_model_sent_upstream(make_server: ServerFactory,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="wsagent")
+    await make_server(upstream={"model": "my-model"})
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model server: ")]
+    assert "model my-model" in line

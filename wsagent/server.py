@@ -133,7 +133,8 @@ class WsAgentServer:
             ))
         else:
             upstream.metrics = self.metrics
-        log.info("model server: %s (%s)", upstream.url, DIALECTS[upstream.config.api])
+        log.info("model server: %s (%s), model %s unless a run names another", upstream.url,
+                 DIALECTS[upstream.config.api], upstream.config.model)
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents),
                         await _broker(s))
         if self._app.agents:

@@ -227,3 +227,18 @@ async def test_cancelling_a_whole_workflow_stops_every_agent(server: WsAgentServ
         events = await run_events(ws, "w")
         assert events[-1]["type"] == "cancelled"
         await sim.simulator.stats.wait_for(lambda s: s.disconnected == 3 and s.active == 0, 10)
+
+
+@pytest.mark.parametrize("workflow", ["market-analysis", "research-then-write"])
+async def test_a_workflow_reports_its_total_usage_before_it_ends(server: WsAgentServer, workflow: str) -> None:
+    """Each agent reported its usage; the run as a whole had none before ``done``."""
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "run", "id": "w", "prompt": "Analyze TSLA", "workflow": workflow}))
+        events = await run_events(ws, "w")
+    usages = [e for e in events if e["type"] == "usage"]
+    per_agent = [u for u in usages if "agent" in u]
+    total = events[-2]
+    assert total["type"] == "usage" and "agent" not in total and total["workflow"] == workflow
+    assert len(per_agent) >= 2 and usages == [*per_agent, total]
+    for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert total[field] == sum(u[field] for u in per_agent)

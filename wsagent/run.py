@@ -305,6 +305,7 @@ class Run:
         self.streamed = 0
         self.prompt_estimate = 0
         self.usage_sent = False
+        self._parts_usage: list[int] | None = None  # prompt and completion tokens its parts reported, any estimated
         self.on_finish: list[Callable[[Run], None]] = []
         self.max_streamed = math.inf
         self._log = _Log()
@@ -349,7 +350,7 @@ class Run:
             if self._tail_code >= 0:
                 self._seal_tail()
             if event.kind == _USAGE:
-                self.usage_sent = True
+                self._count_usage(event)
             self._seal(event)
             return
         self.streamed += 1
@@ -368,6 +369,20 @@ class Run:
         text = event.content
         self._tail.append(text)
         self._tail_size += len(text)
+
+    def _count_usage(self, event: Event) -> None:
+        """A usage event of the run's own origin is its total; one of a part (an agent of a workflow)
+        counts toward the total the run reports at its end, if none came."""
+        assert isinstance(event, UsageEvent)
+        if event.agent == self.agent:
+            self.usage_sent = True
+            return
+        parts = self._parts_usage
+        if parts is None:
+            parts = self._parts_usage = [0, 0, 0]
+        parts[0] += event.prompt_tokens
+        parts[1] += event.completion_tokens
+        parts[2] |= event.estimated
 
     def _origin(self, agent: str | None, workflow: str | None) -> int:
         origin = (agent, workflow)
@@ -425,8 +440,13 @@ class Run:
             self._seal_tail()
         if not self.usage_sent:
             self.usage_sent = True
-            self._seal(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
-                                  estimated=True, agent=self.agent, workflow=self.workflow))
+            parts = self._parts_usage
+            if parts is not None:  # a workflow's agents reported theirs: the run's is their sum
+                self._seal(UsageEvent(parts[0], parts[1], parts[0] + parts[1], estimated=bool(parts[2]),
+                                      agent=self.agent, workflow=self.workflow))
+            else:
+                self._seal(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
+                                      estimated=True, agent=self.agent, workflow=self.workflow))
         self._seal(terminal)
         self.terminal = terminal
         self.outcome = terminal.type

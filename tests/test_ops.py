@@ -510,3 +510,18 @@ async def test_a_worker_that_cannot_start_stops_the_server() -> None:
                 await process.wait()
             await said.close()
     assert "restart" not in said.text and "address already in use" in said.text
+
+
+@pytest.mark.parametrize("module", ["wsagent.serve", "wsagent.simulator"])
+def test_a_port_in_use_is_one_line_and_exit_1(module: str) -> None:
+    """``python -m wsagent.simulator`` on a used port died with a traceback where ``wsagent.serve`` said one line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", module, "--port", str(port)], capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert f"cannot serve on 127.0.0.1:{port}" in error

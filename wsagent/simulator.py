@@ -55,6 +55,7 @@ import json
 import logging
 import random
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -872,6 +873,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port is taken, the address is not this machine's: one line, as serve says it
+        log.error("cannot serve on %s:%s: %s", args.host, args.port, exc)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

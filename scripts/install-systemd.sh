@@ -3,10 +3,14 @@
 # and a JWT secret as a systemd credential. Run as root from a checkout: sudo scripts/install-systemd.sh
 # With --cluster: the cluster extra (redis-py, hiredis), and the drop-in that starts wsagent after the
 # local Redis (set WSAGENT_REDIS_URL in /etc/wsagent/wsagent.env).
+# --print-unit prints the unit as it would be installed (for WSAGENT_PREFIX), and changes nothing.
 set -euo pipefail
 cluster=${1:-}
 here=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${WSAGENT_PREFIX:-/opt/wsagent}
+
+unit() { sed "s|/opt/wsagent|$prefix|g" "$here/scripts/wsagent.service"; }  # the venv, and Documentation=
+if [ "$cluster" = --print-unit ]; then unit; exit 0; fi
 
 python3 -m venv "$prefix/venv"
 if [ "$cluster" = --cluster ]; then
@@ -15,6 +19,8 @@ else
   "$prefix/venv/bin/pip" install --quiet "$here"
 fi
 install -m 0644 "$here/README.md" "$prefix/README.md"
+install -d -m 0755 "$prefix/docs"
+install -m 0644 "$here"/docs/*.md "$prefix/docs/"
 
 install -d -m 0755 /etc/wsagent
 if [ ! -f /etc/wsagent/wsagent.env ]; then
@@ -35,8 +41,7 @@ if [ ! -f /etc/wsagent/jwt-secret ]; then
   head -c 32 /dev/urandom | base64 > /etc/wsagent/jwt-secret
 fi
 
-sed "s|/opt/wsagent/venv/bin/python|$prefix/venv/bin/python|" "$here/scripts/wsagent.service" \
-  > /etc/systemd/system/wsagent.service
+unit > /etc/systemd/system/wsagent.service
 install -m 0644 "$here/scripts/wsagent.socket" /etc/systemd/system/wsagent.socket
 if [ "$cluster" = --cluster ]; then
   install -D -m 0644 "$here/scripts/wsagent-cluster.conf" /etc/systemd/system/wsagent.service.d/cluster.conf

@@ -71,7 +71,14 @@ async def finish(process: subprocess.Popen[bytes]) -> tuple[int, str]:
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = (ROOT / "scripts/wsagent.service").read_text().replace("/opt/wsagent/venv/bin/python", sys.executable)
+    """The unit as the installer writes it for a prefix of one's own (``WSAGENT_PREFIX``): every path in it
+    (``Documentation=`` pointed at /opt/wsagent whatever the prefix), and systemd accepts it."""
+    prefix = tmp_path / "prefix"
+    (prefix / "venv" / "bin").mkdir(parents=True)
+    (prefix / "venv" / "bin" / "python").symlink_to(sys.executable)
+    unit = subprocess.run(["bash", str(ROOT / "scripts/install-systemd.sh"), "--print-unit"], check=True,
+                          capture_output=True, text=True, env={**os.environ, "WSAGENT_PREFIX": str(prefix)}).stdout
+    assert "/opt/wsagent" not in unit and f"Documentation=file://{prefix}/" in unit
     (tmp_path / "wsagent.service").write_text(unit)
     shutil.copy(ROOT / "scripts/wsagent.socket", tmp_path / "wsagent.socket")
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "wsagent.service"),

@@ -178,7 +178,9 @@ def pin(servers: list[Server], load: list[int]) -> str:
     return f"servers pinned to core {cores[0]}, load to {','.join(map(str, cores[1:]))}"
 
 
-async def wait_port(port: int, limit: float = 30) -> None:
+async def wait_port(port: int, process: asyncio.subprocess.Process | None = None, limit: float = 30) -> None:
+    """Until ``port`` takes a connection (a bounded poll: a peer tells nothing when it listens); a
+    ``process`` that exits meanwhile did not start, and waiting longer would not change that."""
     deadline = time.monotonic() + limit
     while True:
         try:
@@ -186,15 +188,44 @@ async def wait_port(port: int, limit: float = 30) -> None:
             writer.close()
             return
         except OSError:
+            if process is not None and process.returncode is not None:
+                raise RuntimeError(f"exited with status {process.returncode} before it listened") from None
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
 
 
+#: Every process :func:`start` started, so that whatever happens, :func:`stop_started` stops them all.
+STARTED: list[asyncio.subprocess.Process] = []
+
+
+async def stop_started() -> None:
+    """Stop what :func:`start` started and is still running (a run that failed half-way left a dozen
+    servers orphaned to init before)."""
+    running = [p for p in STARTED if p.returncode is None]
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+    for process in running:
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    STARTED.clear()
+
+
 async def start(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Server:
+    if command[0] == "node" and not (ROOT / "scripts" / "node-peer" / "node_modules").is_dir():
+        raise SystemExit("the Node.js peer needs its packages: run npm ci --prefix scripts/node-peer "
+                         "(or leave it out with --servers wsagent,aiohttp,fastapi,floor)")
     process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env={**os.environ, **(env or {})},
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    await wait_port(port)
+    STARTED.append(process)
+    try:
+        await wait_port(port, process)
+    except (OSError, RuntimeError) as exc:
+        raise SystemExit(f"{name} did not start ({' '.join(command)}): {exc}") from None
     return Server(name, process, port)
 
 
@@ -817,26 +848,26 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
 
 
-def _ratio(ours: float, theirs: float, better: str) -> str:
+def _ratio(ours: float, theirs: float) -> str:
+    """``ours / theirs``, the same way round on every row (each row's "better" column says which way wins)."""
     if theirs < 0 or ours < 0:  # an RSS that shrank while connections opened (V8 gave memory back): no ratio
         return "n/a"
     if math.isnan(theirs) and not math.isnan(ours):
         return "it never cancelled"
-    if ours and theirs and not math.isnan(ours):
-        ratio = theirs / ours if better == "lower" else ours / theirs
-        return f"{ratio:.1f}x better" if ratio >= 1 else f"{1 / ratio:.1f}x worse"
     if ours == theirs:
         return "same"
-    return "better" if (ours < theirs) == (better == "lower") else "worse"
+    if not theirs or math.isnan(ours):
+        return "n/a"
+    return f"{ours / theirs:.2f}"
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """One row per measure, one column per server, then wsagent against the strongest peers and the floor."""
     names = [name for name, _ in PEERS if name in results]
     against = [name for name in ("aiohttp", "node", "floor") if name in results]
-    lines = ["| measure | " + " | ".join(LABELS[n] for n in names) + " | "
-             + " | ".join(f"wsagent vs {LABELS[n]}" for n in against) + " |",
-             "| --- |" + " ---: |" * (len(names) + len(against))]
+    lines = ["| measure | better | " + " | ".join(LABELS[n] for n in names) + " | "
+             + " | ".join(f"wsagent / {LABELS[n]}" for n in against) + " |",
+             "| --- | --- |" + " ---: |" * (len(names) + len(against))]
     for scenario, key, label, better in ROWS:
         values = [results.get(n, {}).get(scenario, {}).get(key) for n in names]
         if not values or values[0] is None:
@@ -845,17 +876,18 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         ratios = []
         for name in against:
             theirs = results.get(name, {}).get(scenario, {}).get(key)
-            ratios.append(_ratio(ours, float(theirs), better) if theirs is not None else "-")
+            ratios.append(_ratio(ours, float(theirs)) if theirs is not None else "-")
         shown = [_number(float(v)) if v is not None else "-" for v in values]
-        lines.append(f"| {label} | " + " | ".join(shown) + " | " + " | ".join(ratios) + " |")
+        lines.append(f"| {label} | {better} | " + " | ".join(shown) + " | " + " | ".join(ratios) + " |")
     chat = results.get("wsagent", {}).get("latency")
     sdk = results.get("wsagent", {}).get("latency_ai_sdk")
     if chat and sdk:  # the AI SDK's protocol against wsagent's own /ws/chat, measured in the same run
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-            lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk: {_number(sdk[key])}, "
-                         f"{sdk[key] / chat[key]:.1f}x /ws/chat's |" + " |" * (len(names) + len(against) - 1))
+            lines.append(f"| added latency per token, {label} (ms), on /ws/ai-sdk: {_number(sdk[key])} "
+                         f"(/ws/ai-sdk / /ws/chat: {sdk[key] / chat[key]:.2f}) | lower |"
+                         + " |" * (len(names) + len(against)))
     lines += _versus(results, "wsagent-single", "wsagent-cluster", (
-        "not pinned; each run read on another node (resume)", "one node", "two nodes + Redis", "cluster vs one"), (
+        "not pinned; each run read on another node (resume)", "one node", "two nodes + Redis", "cluster / one"), (
         ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
         ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
         ("latency", "cpu_us_per_token", "CPU per token, every process (us)", "lower"),
@@ -863,12 +895,12 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         ("cancel", "missed", "cancels never seen upstream", "lower"),
         ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")))
     lines += _versus(results, "wsagent-single", "wsagent-cluster-local", (
-        "not pinned; each run read on its own node", "one node", "a node of a cluster", "cluster vs one"), (
+        "not pinned; each run read on its own node", "one node", "a node of a cluster", "cluster / one"), (
         ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
         ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
         ("latency", "cpu_us_per_token", "CPU per token, the node and Redis (us)", "lower")))
     lines += _versus(results, "wsagent-1w", "wsagent-2w", (
-        "not pinned (the load shares both cores)", "one worker", "--workers 2", "two vs one"), (
+        "not pinned (the load shares both cores)", "one worker", "--workers 2", "two / one"), (
         ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),
         ("throughput", "cpu_s_per_100k", "server CPU seconds per 100k tokens", "lower"),
         ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")))
@@ -881,11 +913,18 @@ def _versus(results: dict[str, dict[str, dict[str, float]]], first: str, second:
     one, two = results.get(first), results.get(second)
     if not one or not two:
         return []
-    lines = ["", "| " + " | ".join(heads) + " |", "| --- | ---: | ---: | ---: |"]
+    lines = ["", f"| {heads[0]} | better | " + " | ".join(heads[1:]) + " |", "| --- | --- | ---: | ---: | ---: |"]
     for scenario, key, label, better in rows:
         a_value, b_value = one[scenario][key], two[scenario][key]
-        lines.append(f"| {label} | {_number(a_value)} | {_number(b_value)} | {_ratio(b_value, a_value, better)} |")
+        lines.append(f"| {label} | {better} | {_number(a_value)} | {_number(b_value)} | {_ratio(b_value, a_value)} |")
     return lines
+
+
+async def bench_then_stop(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    try:
+        return await bench(args)
+    finally:
+        await stop_started()
 
 
 def main() -> None:
@@ -900,7 +939,7 @@ def main() -> None:
     parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")
     args = parser.parse_args()
     started = time.monotonic()
-    results = asyncio.run(bench(args))
+    results = asyncio.run(bench_then_stop(args))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     if args.starts:

@@ -48,7 +48,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import free_port, rss_bytes, start
+from bench import free_port, rss_bytes, start, stop_started
 
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
@@ -270,6 +270,13 @@ async def soak(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+async def soak_then_stop(args: argparse.Namespace) -> int:
+    try:
+        return await soak(args)
+    finally:
+        await stop_started()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100)
@@ -277,7 +284,7 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--hostile", action="store_true",
                         help="mix in early cancels, lone surrogates and colons in names, and churned AI SDK sockets")
-    sys.exit(asyncio.run(soak(parser.parse_args())))
+    sys.exit(asyncio.run(soak_then_stop(parser.parse_args())))
 
 
 if __name__ == "__main__":

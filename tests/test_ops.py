@@ -532,3 +532,22 @@ def test_a_port_in_use_is_one_line_and_exit_1(module: str) -> None:
     assert "Traceback" not in result.stderr
     (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert f"cannot serve on 127.0.0.1:{port}" in error
+
+
+def test_a_bench_that_cannot_start_a_peer_says_what_to_run_and_leaves_nothing_running() -> None:
+    """Without the Node.js peer's packages the bench died with ``ConnectionRefusedError``, and a failed run
+    left every server it had started (here: the simulator) orphaned to init."""
+    if (ROOT / "scripts" / "node-peer" / "node_modules").is_dir():
+        pytest.skip("the Node.js peer's packages are installed here")
+    mark = f"bench-test-{os.getpid()}-{time.monotonic_ns()}"
+    result = subprocess.run([sys.executable, "scripts/bench.py", "--servers", "node", "--quick", "--no-cluster",
+                             "--no-workers"], cwd=ROOT, env={**os.environ, "WSAGENT_BENCH_MARK": mark},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "npm ci --prefix scripts/node-peer" in result.stderr
+    assert "Traceback" not in result.stderr
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if mark.encode() in environ.read_bytes():
+                left.append(environ.parent.name)
+    assert left == []

@@ -12,7 +12,7 @@ from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
 from .browser import UNTIL, Browser
-from .conftest import ServerFactory
+from .conftest import ServerFactory, ws_connect
 from .test_chat import expected_text
 
 # Helpers installed in the page: send like a person would (type, press Send), then wait on the DOM.
@@ -126,3 +126,53 @@ async def test_token_field_for_secured_routes(browser: Browser, make_server: Ser
     }})()""")
     assert outcome == "done"
     assert any(c.user == "web" for c in server.manager) or server.runs.total["done"] == 1
+
+
+async def test_refused_page_shows_why_and_keeps_the_prompt(browser: Browser, make_server: ServerFactory,
+                                                           sim: SimulatorServer) -> None:
+    """With ``--require-auth`` and no token, the page said only "not connected" once a prompt was sent, and
+    dropped the prompt. It shows the server's close code and reason, and sends the prompt once connected."""
+    secret = "page-secret-long-enough-for-hs256-use"
+    server = await make_server(jwt_secret=secret, require_auth=True)
+    await browser.goto(f"http://127.0.0.1:{server.port}/")
+    await browser.evaluate(HELPERS)
+    prompt = "kept for later sim:tokens=5"
+    result = await browser.evaluate(f"""(async () => {{
+        const status = document.getElementById('status');
+        await t.until(() => status.dataset.state === 'closed');
+        const run = t.send({json.dumps(prompt)});
+        return {{ run, status: status.textContent, state: status.dataset.state,
+                  shown: t.turn(run).querySelector('.user').textContent,
+                  waiting: t.turn(run).querySelector('.meta').textContent }};
+    }})()""")
+    assert result["status"].startswith("refused: 4001 Invalid token") and result["state"] == "closed"
+    assert result["shown"] == prompt and "waiting" in result["waiting"]
+    good = jwt.encode({"user_id": "web", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    done = await browser.evaluate(f"""(async () => {{
+        document.getElementById('token').value = {json.dumps(good)};
+        document.getElementById('reconnect').click();
+        const outcome = await t.finished({json.dumps(result["run"])});
+        return {{ outcome, text: t.turn({json.dumps(result["run"])}).querySelector('.answer').textContent }};
+    }})()""")
+    assert done == {"outcome": "done", "text": await expected_text(sim, prompt)}
+    assert server.manager.total_by_route["/ws/chat"] == 2  # the refused connection, then the one with the token
+
+
+async def test_page_stops_at_a_refusal_after_the_handshake(browser: Browser, make_server: ServerFactory) -> None:
+    """A close that means "no" (here 4029, too many connections for the user) was retried as a drop, for ever:
+    each handshake reset the backoff. The page stops and shows the code and the reason."""
+    secret = "page-secret-long-enough-for-hs256-use"
+    server = await make_server(jwt_secret=secret, max_connections_per_user=1)
+    good = jwt.encode({"user_id": "web", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    async with ws_connect(server, "/ws/secure", additional_headers={"Authorization": f"Bearer {good}"}):
+        await open_page(browser, server)
+        status = await browser.evaluate(f"""(async () => {{
+            document.getElementById('token').value = {json.dumps(good)};
+            const route = document.getElementById('route');
+            route.value = '/ws/secure';
+            route.dispatchEvent(new Event('change'));
+            await new Promise(r => setTimeout(r, 2000));  // time enough for a few reconnects, were there any
+            return document.getElementById('status').textContent;
+        }})()""")
+        assert (status, server.manager.total_by_route["/ws/secure"]) == (
+            "refused: 4029 Too many connections for this user", 2)  # the test's own, and the page's one attempt

@@ -4,12 +4,17 @@
 
 const $ = (id) => document.getElementById(id);
 const MARKS = { thinking: "💭", action: "🔧", observation: "👁" };
+// Close codes that mean "no": connecting again cannot change the answer (a slow client's 4008 can).
+const REFUSED = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4001, 4003, 4009, 4029]);
+const refused = (code) => REFUSED.has(code) || (code >= 4000 && code < 5000 && code !== 4008);
 
 const state = {
   ws: null,
   wanted: true,        // reconnect when the socket drops
-  attempt: 0,
+  attempt: 0,          // reconnects since the server last sent anything (or kept the socket open a while)
+  openedAt: 0,
   runs: new Map(),     // run id -> view (only runs still streaming)
+  queue: [],           // views of prompts sent while not connected: they go out once connected
   counter: 0,
 };
 
@@ -39,29 +44,56 @@ function connect() {
   state.ws = ws;
   setStatus(state.attempt ? "reconnecting" : "connecting", state.attempt ? "reconnecting…" : "connecting…");
   ws.onopen = () => {
-    state.attempt = 0;
+    // The backoff is not reset here: a server that takes the connection and closes it at once would be
+    // flooded. Data from the server resets it, and so does a connection that stayed open a while.
+    state.openedAt = Date.now();
     setStatus("open", "connected");
     for (const [id, view] of state.runs) {
       ws.send(JSON.stringify({ type: "resume", id, key: view.key, after: view.seq }));
     }
+    const queued = state.queue;
+    state.queue = [];
+    for (const view of queued) start(view);
   };
-  ws.onmessage = (message) => handle(JSON.parse(message.data));
+  ws.onmessage = (message) => {
+    state.attempt = 0;
+    handle(JSON.parse(message.data));
+  };
   ws.onclose = (event) => {
     if (state.ws !== ws) return;
     state.ws = null;
-    if (event.code === 4001 || event.code === 4003) {
-      setStatus("closed", `refused: ${event.code} ${event.reason}`);
+    requeue();
+    const why = event.reason ? `${event.code} ${event.reason}` : `${event.code}`;
+    if (refused(event.code)) {
+      // The server said no (a bad token, a forbidden route, a limit): say why, and wait for the person.
+      setStatus("closed", `refused: ${why}`);
       return;
     }
     if (!state.wanted) {
-      setStatus("closed", "disconnected");
+      setStatus("closed", `disconnected (${why})`);
       return;
     }
+    if (state.openedAt && Date.now() - state.openedAt > 10000) state.attempt = 0;
+    state.openedAt = 0;
     const delay = Math.min(8000, 250 * 2 ** state.attempt) * (0.5 + Math.random() / 2);
     state.attempt += 1;
-    setStatus("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)}s…`);
+    setStatus("reconnecting", `connection lost (${why}); reconnecting in ${(delay / 1000).toFixed(1)}s…`);
     setTimeout(connect, delay);
   };
+}
+
+// Runs sent on a socket that closed before they started (no start event, so no key to resume them with):
+// the server never took them (a refusal closes the socket before reading it), so they go out again.
+function requeue() {
+  const unstarted = [];
+  for (const [id, view] of state.runs) {
+    if (view.key === undefined) {
+      state.runs.delete(id);
+      unstarted.push(view);
+    }
+  }
+  for (const view of unstarted) waiting(view);
+  state.queue = [...unstarted, ...state.queue];
 }
 
 function reconnect() {
@@ -69,6 +101,7 @@ function reconnect() {
     const old = state.ws;
     state.ws = null;
     old.close(1000);
+    requeue();
   }
   state.attempt = 0;
   connect();
@@ -172,14 +205,21 @@ function finish(view, id, text, isError) {
   view.main.meta.classList.toggle("error", isError);
   view.turn.dataset.outcome = text.split(/[ :]/)[0];
   state.runs.delete(id);
-  $("stop").disabled = state.runs.size === 0;
+  $("stop").disabled = state.runs.size === 0 && state.queue.length === 0;
 }
 
+function waiting(view) {
+  view.main.meta.textContent = "waiting for the connection: sent once connected";
+}
+
+function start(view) {
+  view.main.meta.textContent = "";
+  state.runs.set(view.request.id, view);
+  state.ws.send(JSON.stringify(view.request));
+}
+
+// A prompt is never dropped: without a connection it waits in the log, and goes out once connected.
 function send(prompt) {
-  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
-    setStatus("closed", "not connected");
-    return;
-  }
   state.counter += 1;
   const id = `web-${Date.now().toString(36)}-${state.counter}`;
   const turn = el("div", "turn");
@@ -188,12 +228,17 @@ function send(prompt) {
   const box = el("div", "assistant");
   turn.append(box);
   $("log").append(turn);
-  state.runs.set(id, { turn, main: panel(box), agents: new Map(), seq: 0, usage: "" });
   const request = { type: "run", id, prompt };
   const mode = $("mode").value;
   if (mode.startsWith("agent:")) request.agent = mode.slice(6);
   if (mode.startsWith("workflow:")) request.workflow = mode.slice(9);
-  state.ws.send(JSON.stringify(request));
+  const view = { turn, main: panel(box), agents: new Map(), seq: 0, usage: "", request };
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+    start(view);
+  } else {
+    waiting(view);
+    state.queue.push(view);
+  }
   $("stop").disabled = false;
 }
 
@@ -203,6 +248,9 @@ function stop() {
       state.ws.send(JSON.stringify({ type: "cancel", id, key: view.key }));
     }
   }
+  const queued = state.queue;
+  state.queue = [];
+  for (const view of queued) finish(view, view.request.id, "cancelled: not sent", false);
 }
 
 async function loadWorkflows() {

@@ -47,6 +47,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -88,15 +89,16 @@ class Plan:
     cluster_cancels: int  #: cancels from the other node
     cluster_levels: tuple[int, ...]
     worker_levels: tuple[int, ...]
+    restart_streams: int  #: streams at 20 tok/s while three nodes are restarted in turn
 
 
 FULL = Plan(rounds=3, tokens=500, throughput_tokens=10000, cancels=50, miss_after=3.0, slow_warmup=3, slow_seconds=60,
             idle_counts=(1000, 10000), levels=(100, 250, 500, 750, 1000, 1250, 1500, 2000), level_seconds=6,
             cluster_cancels=100, cluster_levels=(250, 500, 750, 1000, 1250, 1500),
-            worker_levels=(100, 250, 500, 750, 1000, 1500, 2000))
+            worker_levels=(100, 250, 500, 750, 1000, 1500, 2000), restart_streams=150)
 QUICK = Plan(rounds=1, tokens=50, throughput_tokens=300, cancels=5, miss_after=1.0, slow_warmup=1, slow_seconds=2,
              idle_counts=(1000,), levels=(200,), level_seconds=2, cluster_cancels=5, cluster_levels=(100,),
-             worker_levels=(200,))
+             worker_levels=(200,), restart_streams=30)
 
 
 def free_port() -> int:
@@ -708,6 +710,86 @@ async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream
                 await asyncio.wait_for(process.wait(), 10)
 
 
+async def moving_stream(nodes: list[Server], n: int, stop: asyncio.Event, stopped_at: dict[str, float],
+                        tally: dict[str, list[float]]) -> None:
+    """Runs at 20 tok/s, one after another until ``stop``; on a 1012 (its node restarts) the run is resumed
+    on a live node. Tallies the runs, those that did not end ``done`` or whose seqs were not contiguous,
+    and for each move the extra delay its client saw: the gap around the move beyond one token's interval."""
+    count = 0
+    while not stop.is_set():
+        count += 1
+        run_id = f"m{n}-{count}"
+        live = [s for s in nodes if not s.name.endswith("-stopping")]
+        node = live[n % len(live)]
+        ws = await connect(node.url, ping_interval=None)
+        await ws.send(json.dumps({"type": "run", "id": run_id, "prompt": f"{n} restart sim:rate=20 sim:tokens=60"}))
+        seqs: list[int] = []
+        key, last, moved = "", 0.0, False
+        while True:
+            try:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            except ConnectionClosed as closed:
+                if closed.rcvd is None or closed.rcvd.code != 1012:
+                    raise
+                tally["told"].append(time.monotonic() - stopped_at[node.name])
+                node = random.choice([s for s in nodes if not s.name.endswith("-stopping")])
+                ws = await connect(node.url, ping_interval=None)
+                await ws.send(json.dumps({"type": "resume", "id": run_id, "key": key, "after": seqs[-1]}))
+                moved = True
+                continue
+            seqs.append(event["seq"])
+            now = time.monotonic()
+            if event["type"] == "start":
+                key = event["key"]
+            elif event["type"] == "token":
+                if moved and last:
+                    tally["extra"].append(max(0.0, now - last - 1 / 20))
+                moved, last = False, now
+            elif event["type"] in ("done", "error", "cancelled"):
+                tally["runs"].append(1.0)
+                if event["type"] != "done" or seqs != list(range(1, len(seqs) + 1)):
+                    tally["lost"].append(1.0)
+                break
+        await ws.close()
+
+
+async def restart_rows(results: dict[str, dict[str, dict[str, float]]], upstream: str, plan: Plan) -> None:
+    """A rolling restart: three nodes and Redis, streams at 20 tok/s, each node restarted in turn (SIGTERM,
+    its runs end, start again) while clients move (1012) and resume on the others."""
+    redis_port = free_port()
+    await start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], redis_port)
+
+    async def node(name: str) -> Server:
+        port = free_port()
+        command = [part.replace("UPSTREAM", upstream).replace("PORT", str(port)) for part in WSAGENT]
+        return await start(name, [*command, "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--node-id", name,
+                                  "--drain-timeout", "30"], port)
+
+    nodes = [await node(name) for name in ("a", "b", "c")]
+    stop = asyncio.Event()
+    stopped_at: dict[str, float] = {}
+    tally: dict[str, list[float]] = {"runs": [], "lost": [], "told": [], "extra": []}
+    streams = [asyncio.ensure_future(moving_stream(nodes, n, stop, stopped_at, tally))
+               for n in range(plan.restart_streams)]
+    began = time.monotonic()
+    for n, name in enumerate(("a", "b", "c")):
+        await asyncio.sleep(2)  # streams running on every node (a pace, not a wait for something)
+        old = nodes[n]
+        stopped_at[name] = time.monotonic()
+        nodes[n] = Server(f"{name}-stopping", old.process, old.port)  # no new run or move goes to it
+        old.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(old.process.wait(), 60)
+        nodes[n] = await node(name)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*streams), 120)
+    results["wsagent-restart"] = {"restart": {
+        "runs": len(tally["runs"]), "runs_lost": len(tally["lost"]), "moves": len(tally["told"]),
+        "told_p99_ms": pct(tally["told"], 0.99) * 1000, "extra_p50_ms": pct(tally["extra"], 0.5) * 1000,
+        "extra_p99_ms": pct(tally["extra"], 0.99) * 1000, "seconds": time.monotonic() - began}}
+    print(f"  restart {results['wsagent-restart']['restart']}", flush=True)
+
+
 # -- driver ------------------------------------------------------------------
 
 
@@ -813,6 +895,8 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
             os.sched_setaffinity(pid, everything)
         if shutil.which("redis-server") and not args.no_cluster:
             await cluster_rows(results, upstream, sim_port, plan)
+            print("== rolling restart", flush=True)
+            await restart_rows(results, upstream, plan)
         if not args.no_workers:
             await workers_row(results, upstream, plan)
     finally:
@@ -899,6 +983,16 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
         ("latency", "p50_ms", "added latency per token, p50 (ms), 50 x 50 tok/s", "lower"),
         ("latency", "p99_ms", "added latency per token, p99 (ms)", "lower"),
         ("latency", "cpu_us_per_token", "CPU per token, the node and Redis (us)", "lower")))
+    restart = results.get("wsagent-restart", {}).get("restart")
+    if restart:
+        lines += ["", "| rolling restart: three nodes restarted in turn, streams at 20 tok/s moving | |",
+                  "| --- | ---: |",
+                  f"| runs, and runs lost (not `done`, or a seq missing or doubled) | {restart['runs']:.0f}, "
+                  f"{restart['runs_lost']:.0f} |",
+                  f"| moves (a client told 1012, resumed on another node) | {restart['moves']:.0f} |",
+                  f"| SIGTERM to the client told to move, p99 (ms) | {_number(restart['told_p99_ms'])} |",
+                  f"| extra delay a moved client saw, p50 / p99 (ms) | {_number(restart['extra_p50_ms'])} / "
+                  f"{_number(restart['extra_p99_ms'])} |"]
     lines += _versus(results, "wsagent-1w", "wsagent-2w", (
         "not pinned (the load shares both cores)", "one worker", "--workers 2", "two / one"), (
         ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),

@@ -3,7 +3,7 @@
 What needs another node (a run produced elsewhere, a client id held elsewhere, a
 broadcast to other nodes) gets ``cluster_unavailable`` (retryable); what this
 node can do by itself it does, with limits and id uniqueness counted on this
-node only until Redis is back. README's failure table says the same, row by row.
+node only until Redis is back. docs/scaling-out.md's failure table says the same, row by row.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A collection pauses every stream at once, for a time that grows with the
 objects it walks; at a thousand streams one pause of 50 ms breaks the scale
-target (see README's benchmarks). So a closed connection must be freed by
+target (see docs/benchmarks.md). So a closed connection must be freed by
 reference counting alone, and a run's replay log, which grows with every token,
 must hold nothing the collector tracks. Both are checked with the collector
 switched off: what it would have had to find is then still there.

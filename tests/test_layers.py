@@ -1,6 +1,6 @@
 """Imports point one way: each module may import only from its own layer or the layers below it.
 
-The layers, bottom up (README's architecture section draws them):
+The layers, bottom up (docs/architecture.md draws them):
 
 * core, no I/O: events, the SSE decoder, the chunk interpreter, errors, metric types, tools, settings,
   renderers, what a run knows of a workflow;

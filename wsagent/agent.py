@@ -434,7 +434,7 @@ WorkflowFactory = Callable[[], Workflow]
 
 
 def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, WorkflowFactory]:
-    """Workflow definitions from a JSON file (see README, "Workflows")."""
+    """Workflow definitions from a JSON file (see docs/agents.md, "Workflows")."""
     with open(path, encoding="utf-8") as handle:
         spec = json.load(handle)
     return build_workflows(spec, client, tools)

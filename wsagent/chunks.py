@@ -92,7 +92,7 @@ END = End()
 
 ModelEvent = TextDelta | ToolCall | Finish | Usage | End
 
-#: The chunk decoder: orjson's when it is installed (``pip install "wsagent[fast]"``), else the standard
+#: The chunk decoder: orjson's when it is installed (``pip install ".[fast]"``), else the standard
 #: library's; both raise a ``ValueError`` for what is not JSON.
 loads: Callable[[str], Any] = json.loads
 with suppress(ImportError):

@@ -1,6 +1,6 @@
 """Every open connection, and how frames get written to each of them.
 
-Policy for a slow client (documented in README): nothing a client has not
+Policy for a slow client (documented in docs/protocol.md): nothing a client has not
 read is buffered without bound. Messages queued for a client (broadcasts,
 personal sends from other connections) count against ``outbox_bytes``; a run's
 undelivered events count against the run's own buffer (see

@@ -4,8 +4,8 @@ Each adapter takes a function that builds the framework's own object for a
 request (pointed at ``request.base_url``, ``request.api_key`` and
 ``request.model``) and returns an :data:`~wsagent.producers.AgentFactory` to
 register with ``--agents``. The frameworks are optional extras
-(``pip install "wsagent[swarms]"``, ``"wsagent[langgraph]"``,
-``"wsagent[openai-agents]"``) and are imported only when an adapter runs.
+(from a clone: ``pip install ".[swarms]"``, ``".[langgraph]"``,
+``".[openai-agents]"``; see docs/agents.md) and are imported only when an adapter runs.
 
 What maps to what, and how far a cancel reaches:
 

@@ -460,7 +460,7 @@ async def _broker(settings: Settings) -> LocalBroker:
     try:
         from .cluster import Link, RedisBroker, default_node_id
     except ImportError as exc:
-        raise SystemExit(f"--redis-url needs redis-py: pip install \"wsagent[cluster]\" ({exc})") from None
+        raise SystemExit(f"--redis-url needs redis-py: pip install \".[cluster]\" in your clone ({exc})") from None
     node = settings.node_id or default_node_id()
     broker = RedisBroker(settings.redis_url, node, settings.replay_budget_bytes, settings.replay_budget_per_user)
 

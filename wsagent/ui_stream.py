@@ -8,7 +8,7 @@ I/O: :func:`chat_messages` turns the chat's UI messages into OpenAI chat
 messages, and :class:`UIChunks` renders a run's log (:mod:`wsagent.render`)
 as transport frames for one request.
 
-What maps to what (README has the table too):
+What maps to what (docs/ai-sdk.md has the table too):
 
 * ``start`` → ``start`` (a ``messageId`` stable for the run, the model in
   ``messageMetadata``) and ``start-step``;

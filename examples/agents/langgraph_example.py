@@ -1,4 +1,4 @@
-"""A LangGraph graph with a tool node, served by wsagent (``pip install "wsagent[langgraph]"``, see README):
+"""A LangGraph graph with a tool node, served by wsagent (``pip install ".[langgraph]"``, see docs/agents.md):
 
     python -m wsagent.serve --agents examples/agents/langgraph_example.py:AGENTS
 

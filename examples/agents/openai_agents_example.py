@@ -1,4 +1,4 @@
-"""An OpenAI Agents SDK agent served by wsagent (``pip install "wsagent[openai-agents]"``, see README):
+"""An OpenAI Agents SDK agent served by wsagent (``pip install ".[openai-agents]"``, see docs/agents.md):
 
     python -m wsagent.serve --agents examples/agents/openai_agents_example.py:AGENTS
 

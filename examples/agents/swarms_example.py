@@ -1,4 +1,4 @@
-"""swarms agents served by wsagent (``pip install "wsagent[swarms]"``, see README):
+"""swarms agents served by wsagent (``pip install ".[swarms]"``, see docs/agents.md):
 
     python -m wsagent.serve --agents examples/agents/swarms_example.py:AGENTS
 

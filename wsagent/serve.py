@@ -275,7 +275,7 @@ def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | N
             uvloop = importlib.import_module("uvloop")
         except ImportError:
             if choice == "uvloop":
-                raise SystemExit('--event-loop uvloop: uvloop is not installed (pip install ".[fast]" in your clone)') from None
+                raise SystemExit('--event-loop uvloop: uvloop is not installed (pip install ".[fast]")') from None
         else:
             return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
     return None, "asyncio"

@@ -94,7 +94,7 @@ class Settings:
     messages_per_second: float = _opt(20.0, "messages a connection may send per second, sustained", group="auth")
     message_burst: int = _opt(40, "messages a connection may send at once before the rate applies", group="auth")
     max_runs_per_user: int = _opt(16, "runs in flight for one user across connections", group="auth")
-    max_runs_per_ip: int = _opt(64, "runs in flight of anonymous clients from one IP address, across connections and routes, a response that outlives its socket included (behind a reverse proxy every client has the proxy's address: raise it, or 0 for no limit)", group="auth")
+    max_runs_per_ip: int = _opt(256, "runs in flight of anonymous clients from one IP address, across connections and routes, a response that outlives its socket included (behind a reverse proxy every client has the proxy's address: raise it, or 0 for no limit)", group="auth")
     run_max_seconds: float = _opt(600.0, "wall time budget of one run (0: none)", group="auth")
     run_max_tokens: int = _opt(32768, "streamed deltas budget of one run (0: none)", group="auth")
 

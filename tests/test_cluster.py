@@ -11,21 +11,25 @@ import contextlib
 import json
 import shutil
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hiredis
 import jwt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.cluster import RedisBroker
+from wsagent.cluster import RedisBroker, _name
+from wsagent.errors import ClusterUnavailable
 from wsagent.events import Start, Token
-from wsagent.resp import Wire
+from wsagent.resp import Address, Wire
 from wsagent.run import Run
 from wsagent.simulator import SimulatorServer
 
@@ -86,13 +90,17 @@ class Cluster:
         return list(await asyncio.gather(*(self.node(name, **options) for name in names)))
 
     async def node(self, name: str, **options: Any) -> Node:
+        """Node ``name`` (options as settings; one that is None is left to its default, as
+        ``resume_grace=None``: every other test's nodes have a grace)."""
         port = free_port()
-        settings = {"resume_grace": 10, "jwt_secret": SECRET, "log_level": "INFO", **options}
+        settings = {"resume_grace": 10, "jwt_secret": SECRET, "log_level": "INFO",
+                    "redis_url": f"redis://127.0.0.1:{self.redis_port}/0", **options}
         command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--node-id", name,
-                   "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--upstream-url", self.sim.base_url,
+                   "--upstream-url", self.sim.base_url,
                    "--event-loop", "asyncio" if name == "b" else "auto"]  # b on asyncio's loop, the others on uvloop
         for key, value in settings.items():
-            command += [f"--{key.replace('_', '-')}", str(value)]
+            if value is not None:
+                command += [f"--{key.replace('_', '-')}", str(value)]
         notes = Notifications()
         self.stack.callback(notes.close)
         process = await self.stack.enter_async_context(
@@ -715,3 +723,248 @@ async def test_the_hot_path_connection_logs_in_and_selects_its_database() -> Non
             assert stored == "OK" and " db=2 " in info
         finally:
             wire.close()
+
+
+async def test_a_command_that_cannot_be_encoded_fails_alone() -> None:
+    """A lone surrogate cannot be sent to Redis (it is not UTF-8): that command fails by itself, before
+    anything is written; the batch's other commands, and every later one, get their own replies."""
+    async with redis_server() as (port, _):
+        wire = await Wire.open(f"redis://127.0.0.1:{port}/0")
+        try:
+            replies = await wire.send([("SET", "a", "1"), ("SET", "wsagent:id:\ud800", "x"), ("GET", "a")])
+            assert replies[0] == "OK" and replies[2] == "1"
+            assert isinstance(replies[1], hiredis.ReplyError) and "encode" in str(replies[1])
+            assert wire.write([("SET", "b", "\udfff"), ("SET", "b", "2")]) >= 0  # replies dropped
+            assert wire.write([("SET", "\ud800",)]) >= 0  # nothing of it can be sent
+            assert await wire.send([("GET", "b"), ("PING",)]) == ["2", "PONG"]
+            (alone,) = await wire.send([("GET", "\ud800")])
+            assert isinstance(alone, hiredis.ReplyError)
+            assert await wire.send([("GET", "a")]) == ["1"]
+        finally:
+            wire.close()
+
+
+async def test_an_entry_redis_cannot_take_fails_alone_in_its_batch() -> None:
+    """A run whose id holds a lone surrogate (not UTF-8: no Redis command can carry it) shares a flush with
+    another user's run: only its entry that holds the id is not written; the batch's others are, and every
+    later request still gets its own reply (once, a run's registration read another's and was refused as
+    "already in use", and the whole batch was dropped)."""
+    async with redis_server() as (port, _):
+        broker = await RedisBroker(f"redis://127.0.0.1:{port}/0", "a").start()
+        try:
+            bad, good = Run("\ud800", scope="conn:1"), Run("g1", scope="user:u")
+            for run in (bad, good):
+                await broker.add_run(run, 5)
+                run.push(Start("m", run.key))
+                run.push(Token("x"))
+                run.wake()
+            broker._flush()  # (its timer's turn, now): both runs' entries in one write
+            await broker._send([("PING",)])  # everything before it is written
+            assert [fields["p"] for _, fields in await broker.redis.xrange(f"wsagent:log:{good.key}")][1:] == ["x"]
+            assert [entry for entry, _ in await broker.redis.xrange(f"wsagent:log:{bad.key}")] == ["2-0"]
+            later = [Run(f"r{n}", scope="user:u") for n in range(10)]
+            for run in later:
+                await broker.add_run(run, 5)  # its SET NX's own reply: not in use
+            assert await broker.redis.get(_name("id", "user:u", "r9")) == later[-1].key
+        finally:
+            await broker.close()
+
+
+async def test_a_user_whose_name_ends_anothers_cannot_reach_their_runs(cluster: Cluster) -> None:
+    """``acme`` naming run ``alice:r1`` must not find user ``acme:alice``'s run ``r1`` (in Redis both
+    once read ``wsagent:id:user:acme:alice:r1``): not to attach, resume or cancel it, nor to learn its
+    key; ``acme:alice`` herself reaches it by its id alone, on either node."""
+    a, b = await cluster.start("a", "b")
+    async with a.connect(user="acme:alice") as alice:
+        key = await start(alice, "r1", "mine sim:rate=50 sim:tokens=100")
+        await frames_until(alice, lambda e: e["type"] == "token")
+        for node in (b, a):
+            async with node.connect(user="acme") as acme:
+                for kind in ("attach", "resume", "cancel"):
+                    for named in ({"id": "alice:r1"}, {"id": "r1", "key": key}, {"id": "alice:r1", "key": key}):
+                        await acme.send(json.dumps({"type": kind, "after": 1, **named}))
+                        refusal = await asyncio.wait_for(acme.recv(), LIMIT)
+                        assert isinstance(refusal, str) and key not in refusal
+                        assert json.loads(refusal)["code"] == "unknown_run", refusal
+                await acme.send(json.dumps({"type": "ping"}))  # nothing else came: the pong is next
+                assert json.loads(await asyncio.wait_for(acme.recv(), LIMIT))["type"] == "pong"
+        for node in (b, a):
+            async with node.connect(user="acme:alice") as elsewhere:
+                await elsewhere.send(json.dumps({"type": "attach", "id": "r1", "after": 0}))
+                watched = await frames_until(elsewhere, lambda e: e["type"] == "token")
+                assert json.loads(watched[0])["key"] == key
+        async with b.connect(user="acme:alice") as elsewhere:
+            await elsewhere.send(json.dumps({"type": "cancel", "id": "r1"}))
+            last = json.loads((await frames_until(alice, terminal))[-1])
+        assert (last["type"], last["reason"]) == ("cancelled", "cancelled by client")
+
+
+def _unescaped(name: str) -> list[str]:
+    """The components of one of the cluster's key or channel names, as they were before escaping."""
+    parts = name.split(":")
+    assert parts[0] == "wsagent"
+    decoded = []
+    for part in parts[1:]:
+        pieces = part.split("%")
+        text = pieces[0]
+        for piece in pieces[1:]:
+            if piece[:1] == "u":
+                text += chr(int(piece[1:5], 16)) + piece[5:]
+            else:
+                text += chr(int(piece[:2], 16)) + piece[2:]
+        decoded.append(text)
+    return decoded
+
+
+_component = st.text(st.sampled_from("a:%u3A5\ud800\udfff-é"), max_size=6) | st.text(max_size=8)
+
+
+@given(st.lists(_component, min_size=1, max_size=4), st.lists(_component, min_size=1, max_size=4))
+def test_distinct_components_never_name_the_same_key(one: list[str], other: list[str]) -> None:
+    """Every component of a key is escaped: two distinct (scope, id) pairs (or any lists of components)
+    never meet, each name reads back as its components, and every name can be sent to Redis."""
+    assert _unescaped(_name(*one)) == one
+    if one != other:
+        assert _name(*one) != _name(*other)
+    _name(*one).encode()  # UTF-8, whatever its components hold
+    assert _name("id", "user:acme", "alice:r1") != _name("id", "user:acme:alice", "r1")
+
+
+async def test_a_redis_url_that_names_its_database_in_the_query_is_followed(cluster: Cluster) -> None:
+    """``redis://host/0?db=3`` is database 3 for redis-py: both of a node's connections use database 3."""
+    url = f"redis://127.0.0.1:{cluster.redis_port}/0?db=3"
+    a, b = await cluster.start("a", "b", redis_url=url)
+    async with a.connect() as ws:
+        key = await start(ws, "r1", "counted sim:tokens=5")
+        own = await frames_until(ws, terminal)
+    attached = await whole_log(b, "r1", key)
+    assert attached[1:] == own
+    db3 = Redis.from_url(url, decode_responses=True)
+    db0 = Redis.from_url(f"redis://127.0.0.1:{cluster.redis_port}/0", decode_responses=True)
+    try:
+        assert len(await db3.xrange(f"wsagent:log:{key}")) == len(own) + 1  # written on the hand-spoken one
+        assert set(await db3.zrange("wsagent:nodes", 0, -1)) == {"a", "b"}  # ... and on redis-py's
+        assert await db0.dbsize() == 0
+    finally:
+        await db3.aclose()
+        await db0.aclose()
+
+
+async def test_nodes_reach_redis_through_a_unix_socket(sim: SimulatorServer, tmp_path: Any) -> None:
+    socket_path = tmp_path / "redis.sock"
+    async with contextlib.AsyncExitStack() as stack:
+        process = await stack.enter_async_context(started(
+            [REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700", "--save", "",
+             "--appendonly", "no"], b"ready to accept connections at", limit=20))
+        cluster = Cluster(stack, sim, 0, process)
+        a, b = await cluster.start("a", "b", redis_url=f"unix://{socket_path}")
+        async with a.connect() as ws:
+            key = await start(ws, "r1", "through a socket sim:rate=200 sim:tokens=60")
+            head = await frames_until(ws, lambda e: e.get("seq", 0) >= 5)
+        async with b.connect() as ws:
+            await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+            tail = await frames_until(ws, terminal)
+        assert json.loads(tail[-1])["type"] == "done"
+        assert head + tail == (await whole_log(a, "r1", key))[1:]
+
+
+def test_both_connections_read_a_redis_url_alike() -> None:
+    """The hand-spoken connection reads a URL with redis-py's own parser; what it could not do as
+    redis-py does is refused, in one line that never shows the password."""
+    assert Address.parse("redis://h/0?db=3") == Address(host="h", db=3)
+    assert Address.parse("redis://u:p%40ss@h:7000/2") == Address(host="h", port=7000, db=2, username="u",
+                                                                 password="p@ss")
+    assert Address.parse("unix:///run/redis.sock?db=1") == Address(path="/run/redis.sock", db=1)
+    tls = Address.parse("rediss://h?ssl_cert_reqs=none").tls
+    assert tls is not None and tls.verify_mode == ssl.CERT_NONE and not tls.check_hostname
+    tls = Address.parse("rediss://h").tls
+    assert tls is not None and tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
+    for url, says in [("redis://:s3cret@h/0?protocol=3", "protocol cannot be honoured"),
+                      ("redis://:s3cret@h?ssl_cert_reqs=none", "rediss:// URLs only"),
+                      ("http://:s3cret@h", "schemes"), ("unix://", "socket's path")]:
+        with pytest.raises(ValueError, match=says) as refused:
+            Address.parse(url)
+        assert "s3cret" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def test_a_node_refuses_a_redis_url_it_cannot_follow_in_one_line() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsagent.serve", "--port", "0", "--redis-url", "redis://:s3cret@127.0.0.1:1/0?protocol=3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(process.communicate(), LIMIT)
+    said = out.decode()
+    assert process.returncode == 1, said
+    assert said.splitlines()[-1] == ("--redis-url redis://:***@127.0.0.1:1/0?protocol=3: protocol cannot be "
+                                     "honoured by wsagent's own connection to Redis (a Redis URL may give the "
+                                     "database, as /0 or ?db=0, and with rediss:// ssl_cert_reqs, ssl_ca_certs, "
+                                     "ssl_certfile, ssl_keyfile, ssl_check_hostname)"), said
+    assert "Traceback" not in said and "s3cret" not in said
+
+
+async def test_both_connections_speak_tls_to_a_rediss_url(tmp_path: Any) -> None:
+    """``rediss://`` with the server's certificate as ``ssl_ca_certs``: a node's two connections (redis-py's
+    and the hand-spoken one) both go through TLS, to the database the URL names."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+        "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await made.wait() == 0
+    port = free_port()
+    async with started([REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no",
+                        "--save", "", "--appendonly", "no"], b"eady to accept connections", limit=20):
+        url = f"rediss://127.0.0.1:{port}/4?ssl_ca_certs={cert}"
+        with pytest.raises(OSError):  # (a server whose certificate is not trusted is refused)
+            await Wire.open(f"rediss://127.0.0.1:{port}/4")
+        broker = await RedisBroker(url, "t").start()
+        try:
+            assert broker.link.value == "up"
+            run = Run("r1", scope="user:u")
+            await broker.add_run(run, 5)
+            run.push(Start("m", run.key))
+            run.wake()
+            await broker._send([("PING",)])  # everything before it is written
+            (info,) = await broker._send([("CLIENT", "INFO")])
+            assert " db=4 " in info
+            assert len(await broker.redis.xrange(f"wsagent:log:{run.key}")) == 1
+            assert await broker.redis.zrange("wsagent:nodes", 0, -1) == ["t"]
+        finally:
+            await broker.close()
+
+
+async def test_use_chat_turns_go_back_and_forth_between_nodes(cluster: Cluster) -> None:
+    """A chat's turns land on a, b, then a again, and a reload lands on b: each node forgets the turn
+    another node replaced (the producer of the old one is told), so none refuses the chat's id."""
+    a, b = await cluster.start("a", "b")
+    chat = "chat-back-and-forth-01"
+    *turns, reload = await drive_at(
+        f"{a.url}/ws/ai-sdk",
+        {"kind": "send", "chatId": chat, "text": "one sim:tokens=5"},
+        {"kind": "send", "chatId": chat, "text": "two sim:tokens=5", "url": f"{b.url}/ws/ai-sdk"},
+        {"kind": "send", "chatId": chat, "text": "three sim:tokens=5"},
+        {"kind": "resume", "chatId": chat, "text": "four sim:rate=100 sim:tokens=50", "after": 2,
+         "resumeUrl": f"{b.url}/ws/ai-sdk"})
+    for turn in turns:
+        assert turn["error"] is None and turn["types"][-1] == "finish", turn
+    assert len({turn["message"]["id"] for turn in turns}) == 3
+    after = reload["after"]
+    assert after is not None and after["error"] is None and after["types"][-1] == "finish", reload
+    assert after["message"]["id"] == reload["before"]["message"]["id"]
+
+
+async def test_a_run_id_redis_refuses_to_register_is_not_taken_for_registered() -> None:
+    """Redis answers the id's registration with an error (here: out of memory): the run does not start
+    as if other nodes could find it; the client is told to try again."""
+    async with redis_server() as (port, _):
+        broker = await RedisBroker(f"redis://127.0.0.1:{port}/0", "a").start()
+        try:
+            assert broker.link.value == "up"
+            await broker.redis.config_set("maxmemory", 1)  # (noeviction: writes are refused)
+            with pytest.raises(ClusterUnavailable, match="OOM"):
+                await broker.add_run(Run("r1", scope="user:u"), 5)
+            assert not list(broker)
+        finally:
+            await broker.close()

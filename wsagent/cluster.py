@@ -3,7 +3,7 @@
 :class:`RedisBroker` is a :class:`~wsagent.broker.LocalBroker` (every run a
 node produces lives in its memory, as alone) that also tells the cluster about
 it, so that any node can resume, attach to, cancel or address it. What goes
-where (README's "Scaling out" has the table):
+where (docs/scaling-out.md has the table):
 
 * ``wsagent:run:{key}`` (hash: ``meta``, ``origins``) says which node produces
   the run, whose it is and what its log's codes mean; ``wsagent:id:{scope}:{id}``
@@ -25,16 +25,24 @@ where (README's "Scaling out" has the table):
   are alive; ``wsagent:user:{user}`` holds each node's count of the user's
   connections and runs; ``wsagent:client:{id}`` names the holder of a client id.
 
+Every part of a name (a scope, a run id, a user, a node, a client id) is
+escaped (:func:`_escaped`), so two lists of parts never name one key: user
+``acme``'s run ``alice:r1`` is not user ``acme:alice``'s ``r1``. A run found by
+id must be the asking scope's own.
+
 Every key expires: a running run's keys after 30 s unless its node refreshes
-them (every 10 s), a finished run's after its resume grace, a client id's after
-10 s unless refreshed.
+them (every 10 s), a finished run's after its resume grace and at least
+ENDED_TTL (a node that has just found it still reads its end; its id is deleted
+as soon as its node forgets it, so the id is free again everywhere), a client
+id's after 10 s unless refreshed.
 
 Cost on the hot path: a run's new entries are sealed once per upstream read, and
 every dirty run's new entries go to Redis in one write, one ``XADD`` per entry
 and one ``PUBLISH`` per run, on a connection spoken by hand
 (:class:`~wsagent.resp.Wire`): at most once a millisecond while another node
-follows one of them, every 10 ms while none does. No round trip, task or future
-per batch, nothing per token.
+follows one of them, every 10 ms while none does, and at the next turn of the
+event loop once one has ended (its client may ask another node about it at
+once). No round trip, task or future per batch, nothing per token.
 
 A node that follows a run elsewhere keeps a :class:`Mirror`: a
 :class:`~wsagent.run.Run` whose log is filled from the stream and the channel
@@ -52,6 +60,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -64,10 +73,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .broker import LocalBroker, Mailbox, mint_key
-from .errors import ClusterUnavailable
+from .errors import ClusterUnavailable, ProtocolViolation
 from .events import encode_message
 from .render import Renderer
-from .resp import Command, Wire
+from .resp import Address, Command, Wire, redacted
 from .run import Entries, Run, Subscription, Watcher
 
 __all__ = ["RedisBroker", "Mirror", "Link", "default_node_id"]
@@ -81,6 +90,9 @@ NODE_TTL = 3.0
 RUN_TTL = 30
 REFRESH_EVERY = 10.0
 CLIENT_TTL = 10
+#: A finished run's hash and stream outlive its node's keeping of it (its resume grace, 0 by default) by at
+#: least this long, so that a node that found the run a moment before still reads its end from them.
+ENDED_TTL = 5
 #: Seconds one Redis command may take before the cluster is taken for out of reach.
 COMMAND_TIMEOUT = 2.0
 #: Seconds between two writes of run entries to Redis while another node follows one of them (at most one
@@ -93,6 +105,8 @@ MAX_UNSENT = 16 * 1024 * 1024
 _NODES = "wsagent:nodes"
 _BROADCAST = "wsagent:broadcast"
 _RUNS = "wsagent:run:"  # a run's channel: this, then its key
+#: What a run's key is made of (:func:`~wsagent.broker.mint_key`): any other string names no run.
+_KEY = re.compile("[A-Za-z0-9_-]{1,64}")
 _OUT_OF_REACH = "the cluster is out of reach (its Redis does not answer)"
 _DOWN = (RedisError, OSError, TimeoutError)
 _T = TypeVar("_T")
@@ -112,8 +126,29 @@ def _text(value: object) -> str | None:
 def _name(*parts: str) -> str:
     """A key or channel of ours: ``wsagent:run:{key}`` (a run's meta hash, and its channel), ``wsagent:log:{key}``
     (its stream), ``wsagent:id:{scope}:{id}``, ``wsagent:node:{node}`` (a channel), ``wsagent:user:{user}``,
-    ``wsagent:client:{id}``."""
-    return ":".join(("wsagent", *parts))
+    ``wsagent:client:{id}``; each component :func:`_escaped`, so that two lists of components never give one
+    name (a user ``acme`` naming run ``alice:r1`` is not user ``acme:alice`` naming ``r1``)."""
+    return ":".join(("wsagent", *map(_escaped, parts)))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(part: str) -> str:
+    """One component of a name, unambiguous once joined with ``:``: ``%`` as ``%25``, ``:`` as ``%3A``, and
+    a lone surrogate (a JWT's ``sub`` can hold one; it is not UTF-8, so no Redis command can carry it) as
+    ``%uD800``. A run's key (URL-safe, as minted) is its own escape."""
+    if "%" in part or ":" in part:
+        part = part.replace("%", "%25").replace(":", "%3A")
+    if not part.isascii():
+        part = _LONE_SURROGATE.sub(lambda found: f"%u{ord(found.group()):04X}", part)
+    return part
+
+
+def _ttl(run: Run) -> int:
+    """Seconds a run's hash and stream live unless refreshed: a running run's RUN_TTL (its node refreshes
+    them), a finished run's its grace, and at least ENDED_TTL."""
+    return RUN_TTL if not run.finished else max(ENDED_TTL, round(run.grace))
 
 
 def _shared(scope: str) -> bool:
@@ -231,8 +266,15 @@ class RedisBroker(LocalBroker):
 
     def __init__(self, url: str, node: str, budget: int = 64 * 1024 * 1024,
                  budget_per_user: int = 8 * 1024 * 1024) -> None:
+        """Raises ``SystemExit`` (one line) for a URL that cannot be followed: both connections, redis-py's
+        and the one spoken by hand, read it with redis-py's parser, so each reaches the same server and
+        database, or the node does not start."""
         super().__init__(budget, budget_per_user)
-        self.url = url
+        try:
+            self.address = Address.parse(url)
+        except ValueError as exc:
+            raise SystemExit(f"--redis-url {exc}") from None
+        self.url = redacted(url)  # (for logs)
         self.node = node
         self.link = Link.DOWN
         #: Told each change of :attr:`link` (the server passes it on to systemd as the unit's status).
@@ -390,7 +432,7 @@ class RedisBroker(LocalBroker):
         """Redis answers again (perhaps restarted empty): write back this node's runs with the logs they
         keep, its client ids and counts, then follow again."""
         try:
-            self._wire = await Wire.open(self.url)
+            self._wire = await Wire.open(self.address)
             await self._subscribe()
             await self._write_back()
         except BaseException:
@@ -406,7 +448,7 @@ class RedisBroker(LocalBroker):
         fence), each user's counts here, and each client id, unless another node took it meanwhile."""
         commands: list[Command] = []
         for run in list(self._by_key.values()):
-            self._register_run(commands, run, RUN_TTL if not run.finished else max(1, round(run.grace)))
+            self._register_run(commands, run, _ttl(run))
             self._append(commands, run, *run.unpublished(everything=True), publish=False)
         for user in {*self._user_conns, *self._user_runs}:
             self._count_user(commands, user)
@@ -439,7 +481,10 @@ class RedisBroker(LocalBroker):
 
     def dirty(self, run: Run) -> None:
         self._dirty[run] = None
-        self._soon(FLUSH_EVERY if run.key in self._followers else LAZY_EVERY)
+        if run.finished:  # its end at once (next turn): its client may ask another node about it right away
+            self._soon(0.0)
+        else:
+            self._soon(FLUSH_EVERY if run.key in self._followers else LAZY_EVERY)
 
     def _soon(self, every: float) -> None:
         """Flush once ``every`` seconds have passed since the last flush (at the end of this turn of the
@@ -475,10 +520,10 @@ class RedisBroker(LocalBroker):
             if codes:
                 self._append(commands, run, first, codes, payloads, origins, publish=True)
             if run.finished:
-                ttl = max(1, round(run.grace))
+                ttl = _ttl(run)
                 commands += [("EXPIRE", _name("run", run.key), ttl), ("EXPIRE", _name("log", run.key), ttl)]
                 if _shared(run.scope):
-                    commands.append(("EXPIRE", _name("id", run.scope, run.id), ttl))
+                    commands.append(("EXPIRE", _name("id", run.scope, run.id), max(1, round(run.grace))))
         for user in users:
             self._count_user(commands, user)
         if not commands:
@@ -509,7 +554,7 @@ class RedisBroker(LocalBroker):
             else:
                 commands.append(("XADD", stream, f"{first + i}-0", "c", code, "p", payload))
         if first == 1 or not publish:
-            commands.append(("EXPIRE", stream, RUN_TTL if not run.finished else max(1, round(run.grace))))
+            commands.append(("EXPIRE", stream, _ttl(run)))
         if publish:
             commands.append(("PUBLISH", _name("run", run.key), json.dumps([first, codes, payloads, origins])))
 
@@ -530,7 +575,7 @@ class RedisBroker(LocalBroker):
         """A subscriber connection on this node's channels and the followed runs', once Redis confirmed
         them all (so a cancel or an eviction sent from now on arrives); then the followed runs read from
         history what passed while they were not subscribed."""
-        subscriber = await Wire.open(self.url, self._receive)
+        subscriber = await Wire.open(self.address, self._receive)
         loop = asyncio.get_running_loop()
         channels = [_name("node", self.node), _BROADCAST, *(_name("run", key) for key in self._mirrors)]
         confirmations = [self._confirmations.setdefault(channel, loop.create_future()) for channel in channels]
@@ -602,6 +647,8 @@ class RedisBroker(LocalBroker):
         if op == "cancel" and "ask" not in message:  # a follower passing its watcher's cancel on
             if run is not None:
                 self.cancel_here(run.key, str(message.get("reason", "cancelled")))
+        elif op == "forget" and run is not None and run.finished:  # a newer run took its id on another node
+            self._drop(run)
         elif op == "follow" and run is not None:
             self._followers.setdefault(run.key, set()).add(str(message["node"]))
         elif op == "unfollow":
@@ -637,8 +684,10 @@ class RedisBroker(LocalBroker):
             if waiting is not None and not waiting.done():
                 waiting.set_result(message.get("answer"))
 
-    async def _refill(self, mirror: Mirror) -> None:
-        """Read the run's entries from its history in Redis, then apply what arrived meanwhile."""
+    async def _refill(self, mirror: Mirror) -> bool:
+        """Read the run's entries from its history in Redis, then apply what arrived meanwhile. False if
+        the run is no longer in Redis (it ended, and its hash and stream expired) and nothing came: a
+        follower that missed entries can never get them (it is failed: a ``replay_gap``)."""
         log_ = mirror._log
         start = f"{log_.end}-0" if log_.codes or log_.first > 1 else "-"
         try:
@@ -649,9 +698,13 @@ class RedisBroker(LocalBroker):
             entries = cast(list[tuple[str, dict[str, str]]], found)
         except _DOWN as exc:
             self._lost(exc)
-            return
+            return True
         if mirror.finished or mirror._failure is not None:
-            return
+            return True
+        if not entries and origins is None and not mirror.early:
+            mirror.fail("replay_gap", f"run {mirror.id} has ended, and the events this node missed are no "
+                                      "longer kept")
+            return False
         run: list[tuple[int, int, str]] = [(int(entry_id.partition("-")[0]), int(fields["c"]), fields["p"])
                                            for entry_id, fields in entries]
         if run:
@@ -663,6 +716,7 @@ class RedisBroker(LocalBroker):
             self._apply(mirror, first, codes, payloads, origins)
         if not run and not early:
             mirror.wake()
+        return True
 
     # -- runs ------------------------------------------------------------
 
@@ -685,6 +739,9 @@ class RedisBroker(LocalBroker):
             if _shared(run.scope) and replies and not replies[-1]:
                 self._erase(run)
                 raise ValueError(f"run id {run.id!r} is already in use")
+            if _shared(run.scope) and replies and isinstance(replies[-1], Exception):  # (an error is a value)
+                self._erase(run)
+                raise ClusterUnavailable(f"Redis did not register run id {run.id!r} ({replies[-1]}); try again shortly")
         self.register(run, keep_after_finish)
         run.outlet = self
         if run.user is not None:
@@ -699,7 +756,7 @@ class RedisBroker(LocalBroker):
 
     async def run_by_key(self, key: str) -> Run | None:
         run: Run | None = self._by_key.get(key) or self._mirrors.get(key)
-        if run is not None:
+        if run is not None or not _KEY.fullmatch(key):
             return run
         fields = await self._ask(self.redis.hgetall(_name("run", key)))
         if not fields or "meta" not in fields:
@@ -714,7 +771,10 @@ class RedisBroker(LocalBroker):
         if run is not None or not _shared(scope):
             return run
         key = await self._ask(self.redis.get(_name("id", scope, run_id)))
-        return None if not isinstance(key, str) else await self.run_by_key(key)
+        run = None if not isinstance(key, str) else await self.run_by_key(key)
+        if run is None or run.scope != scope or run.id != run_id:  # found by id: the asking scope's own, exactly
+            return None
+        return run
 
     async def follow(self, run: Run, after: int = 0) -> Run:
         if not isinstance(run, Mirror):
@@ -735,12 +795,14 @@ class RedisBroker(LocalBroker):
             subscriber.push(("SUBSCRIBE", channel))
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 await confirmation
-            await self._refill(run)
+            found = await self._refill(run)
         except (*_DOWN, asyncio.CancelledError) as exc:
             self._mirrors.pop(run.key, None)
             if not isinstance(exc, asyncio.CancelledError):
                 self._lost(exc)
             raise ClusterUnavailable(f"{_OUT_OF_REACH}; try again shortly") from None
+        if not found:  # it expired since it was found (it ended seconds ago): as if it had not been
+            raise ProtocolViolation(f"no run {run.id!r}: it has ended and is no longer kept", code="unknown_run")
         if not await self._alive(run.node):
             run.lost_producer()
         await run.reach(after, COMMAND_TIMEOUT)
@@ -795,10 +857,23 @@ class RedisBroker(LocalBroker):
                 self._subscriber.push(("UNSUBSCRIBE", _name("run", mirror.key)))
         mirror.release()
 
+    def _drop(self, run: Run) -> None:
+        """This node stops keeping ``run`` (its grace is over, 0 by default; or it was evicted): its last
+        entries leave first (the log is released here, and a run's end is often still unwritten: with
+        the default grace it ends and is dropped in one turn), and its id is free again, as on this node.
+        Its hash and stream stay a few seconds (ENDED_TTL) for the nodes reading its end."""
+        if self._by_key.get(run.key) is run:
+            if run in self._dirty:
+                self._flush()
+            if _shared(run.scope) and self._wire is not None and self.link is Link.UP:
+                self._wire.write([("EVAL", _DELETE_IF, 1, _name("id", run.scope, run.id), run.key)])
+        super()._drop(run)
+
     def forget(self, run: Run) -> None:
         super().forget(run)
-        if isinstance(run, Mirror):
+        if isinstance(run, Mirror):  # its node forgets it too: it would still find it by id, and refuse the id
             self.unfollow(run)
+            self.tell(run.node, {"op": "forget", "key": run.key})
         self._erase(run)
 
     def _erase(self, run: Run) -> None:

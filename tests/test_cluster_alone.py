@@ -8,9 +8,14 @@ node only until Redis is back. docs/scaling-out.md's failure table says the same
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 
-from .test_cluster import Cluster, cluster, frames_until, redis_went, terminal  # noqa: F401 (a fixture)
+from wsagent.simulator import SimulatorServer
+
+from .processes import free_port
+from .test_cluster import Cluster, cluster, frames_until, redis_server, redis_went, terminal  # noqa: F401 (a fixture)
 
 
 def ai_sdk_send(request: str, chat: str) -> str:
@@ -69,3 +74,25 @@ async def test_every_route_starts_runs_while_redis_is_down(cluster: Cluster) -> 
         got = [json.loads(await ws.recv()) for _ in range(2)]  # this node's clients (carol too), and the error
         assert {"type": "broadcast", "from": "carol", "content": "to all"} in got
         assert any(g.get("code") == "cluster_unavailable" for g in got), got
+
+
+async def test_a_nodes_log_never_shows_the_redis_password(sim: SimulatorServer) -> None:
+    """The startup line named the Redis URL as given, password and all."""
+    async with redis_server(0, "--requirepass", "hunter2-secret") as (port, _):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wsagent.serve", "--port", str(free_port()), "--upstream-url", sim.base_url,
+            "--redis-url", f"redis://:hunter2-secret@127.0.0.1:{port}/0", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        assert process.stdout is not None
+        said = []
+        try:
+            async with asyncio.timeout(30):
+                while not said or b"wsagent listening on" not in said[-1]:
+                    said.append(await process.stdout.readline())
+        finally:
+            process.terminate()
+            said.append(await process.stdout.read())
+            await process.wait()
+    text = b"".join(said).decode()
+    assert "cluster: node" in text and "Redis at redis://" in text
+    assert "hunter2-secret" not in text

@@ -469,7 +469,7 @@ async def _broker(settings: Settings) -> LocalBroker:
 
     broker.on_link = said
     await broker.start()
-    log.info("cluster: node %s, Redis at %s (%s)", node, settings.redis_url, broker.link.value)
+    log.info("cluster: node %s, Redis at %s (%s)", node, broker.url, broker.link.value)
     return broker
 
 

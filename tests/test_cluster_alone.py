@@ -96,3 +96,20 @@ async def test_a_nodes_log_never_shows_the_redis_password(sim: SimulatorServer) 
     text = b"".join(said).decode()
     assert "cluster: node" in text and "Redis at redis://" in text
     assert "hunter2-secret" not in text
+
+
+async def test_one_users_two_sockets_starting_the_same_id_at_once(cluster: Cluster) -> None:  # noqa: F811
+    """Both sockets passed the id check, each awaited Redis for the user's run count, and the second to
+    register its run got ``ValueError`` out of the handler: its socket closed with 1011."""
+    a = await cluster.node("a", resume_grace=None)
+    async with a.connect(user="alice") as one, a.connect(user="alice") as two:
+        for n in range(10):
+            request = json.dumps({"type": "run", "id": f"r{n}", "prompt": "hi"})
+            await asyncio.gather(one.send(request), two.send(request))
+            firsts = [json.loads(await ws.recv()) for ws in (one, two)]
+            assert sorted(f["type"] for f in firsts) == ["error", "start"], firsts
+            (refused,) = [f for f in firsts if f["type"] == "error"]
+            assert refused["code"] == "bad_request" and "already in use" in refused["message"]
+            for ws, first in zip((one, two), firsts, strict=True):
+                if first["type"] == "start":
+                    await frames_until(ws, terminal)

@@ -131,17 +131,21 @@ class App:
         ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once),
         and how long it is kept for a resume once it has ended.
         ``scope``: where ``run_id`` is unique (default: the client's, see :func:`~wsagent.broker.scope_of`).
-        Raises ``ValueError`` if ``run_id`` is in use in that scope.
+        Raises :class:`ProtocolViolation` if ``run_id`` is in use in that scope (another socket of the
+        same user may have taken it while this request waited for the cluster).
         """
         s = self.settings
         key = mint_key()
-        transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user) if s.transcripts_dir else None
         owner = scope_of(conn.user, conn.id)
         run = Run(run_id, key=key, user=conn.user, scope=scope or owner, owner=owner,
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
-                  latency=self.metrics.relay_latency, transcript=transcript, controller=controller, state=state,
-                  grace=grace)
-        await self.broker.add_run(run, grace)
+                  latency=self.metrics.relay_latency, controller=controller, state=state, grace=grace)
+        try:
+            await self.broker.add_run(run, grace)
+        except ValueError as exc:
+            raise ProtocolViolation(str(exc)) from None
+        if s.transcripts_dir:  # opened once the run is registered: a refused run leaves no file open
+            run.transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         return run
 

@@ -57,7 +57,10 @@ class ChatSession:
                     rid = request.get("id")
                     self.reply_error(rid if isinstance(rid, str) else None, exc.code, exc.message, exc.retryable)
             else:
-                await self.text_prompt(message)
+                try:
+                    await self.text_prompt(message)
+                except (ProtocolViolation, ClusterUnavailable) as exc:
+                    self.reply(f"[ERROR] {exc.message}")
 
     # -- replies ---------------------------------------------------------
 

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import jwt
 
 from wsagent.server import WsAgentServer
@@ -35,6 +36,11 @@ window.t = {
   connected() { return this.until(() => document.getElementById('status').dataset.state === 'open'); },
 };
 """
+
+
+async def http_get(server: WsAgentServer, path: str) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{server.port}{path}") as response:
+        return response.status, dict(response.headers), await response.read()
 
 
 async def open_page(browser: Browser, server: WsAgentServer) -> None:
@@ -176,3 +182,72 @@ async def test_page_stops_at_a_refusal_after_the_handshake(browser: Browser, mak
         }})()""")
         assert (status, server.manager.total_by_route["/ws/secure"]) == (
             "refused: 4029 Too many connections for this user", 2)  # the test's own, and the page's one attempt
+
+
+PLAIN_AGENTS = "examples/agents/plain.py:AGENTS"
+
+
+async def test_agents_are_listed_for_the_menu(make_server: ServerFactory) -> None:
+    """GET /agents: what a run's ``agent`` may name, the built-in assistant and those of --agents."""
+    server = await make_server(agents=PLAIN_AGENTS)
+    status, headers, body = await http_get(server, "/agents")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body) == ["assistant", "blocking", "countdown"]
+    alone = await make_server()
+    assert json.loads((await http_get(alone, "/agents"))[2]) == ["assistant"]
+
+
+async def test_page_menu_lists_the_loaded_agents(browser: Browser, make_server: ServerFactory) -> None:
+    """The page's Run menu had the built-in assistant only: an agent loaded with --agents could not be
+    picked. It lists them all, before the workflows, and a run with one is that agent's."""
+    server = await make_server(agents=PLAIN_AGENTS)
+    await open_page(browser, server)
+    result = await browser.evaluate("""(async () => {
+        const mode = document.getElementById('mode');
+        await t.until(() => mode.querySelector('option[value="agent:countdown"]')
+                            && mode.querySelector('option[value^="workflow:"]'));
+        const options = [...mode.options].map(o => [o.value, o.textContent]);
+        mode.value = 'agent:countdown';
+        const run = t.send('go');
+        const outcome = await t.finished(run);
+        return { options, outcome, text: t.turn(run).querySelector('.answer').textContent };
+    })()""")
+    agents = [option for option in result["options"] if option[0].startswith("agent:")]
+    assert agents == [["agent:assistant", "assistant agent"], ["agent:blocking", "blocking agent"],
+                      ["agent:countdown", "countdown agent"]]
+    values = [value for value, _ in result["options"]]
+    assert values[0] == "" and values[1:4] == [value for value, _ in agents]
+    assert all(value.startswith("workflow:") for value in values[4:]) and len(values) > 4
+    assert result["outcome"] == "done" and result["text"] == "5… 4… 3… 2… 1… liftoff."
+
+
+async def test_favicon_is_served(server: WsAgentServer) -> None:
+    """/favicon.ico was a 404 (logged as a refusal at every page load): the icon, an SVG, is served there
+    and at /static/favicon.svg, which the page links."""
+    status, headers, icon = await http_get(server, "/static/favicon.svg")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml" and icon.lstrip().startswith(b"<svg")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, body = await http_get(server, "/favicon.ico")
+    assert (status, headers["Content-Type"], body) == (200, "image/svg+xml", icon)
+    status, _, page = await http_get(server, "/")
+    assert status == 200 and b'<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in page
+
+
+async def test_page_icon_loads_under_its_policy(browser: Browser, server: WsAgentServer) -> None:
+    """The linked icon and /favicon.ico load as images in the page, with no Content-Security-Policy
+    violation (img-src 'self')."""
+    await browser.goto(f"http://127.0.0.1:{server.port}/")
+    result = await browser.evaluate("""(async () => {
+        const violations = [];
+        document.addEventListener('securitypolicyviolation', e => violations.push(e.violatedDirective));
+        const load = src => new Promise(resolve => {
+            const img = new Image();
+            img.onload = () => resolve(img.naturalWidth);
+            img.onerror = () => resolve('error');
+            img.src = src;
+        });
+        const link = document.querySelector('link[rel="icon"]');
+        return { linked: link && await load(link.href), ico: await load('/favicon.ico'), violations };
+    })()""")
+    assert result["linked"] not in (None, "error") and result["linked"] > 0
+    assert result["ico"] == result["linked"] and result["violations"] == []

@@ -325,6 +325,37 @@ async def test_client_retries_drops_under_one_budget() -> None:
     assert err.count("reconnecting in") == 3 and "1011 try later" in err
 
 
+async def test_client_sends_a_run_again_that_was_never_taken() -> None:
+    """Closed (1012: the node is restarting) before the run's start event, so with no key to resume it by:
+    the client resumed with ``key: null`` and ended at the server's unknown_run. It asks for the run by id
+    (a signed-in user's run is found so) and sends the run again when the server does not know it."""
+    seen: list[dict[str, Any]] = []
+
+    async def node(ws: ServerConnection) -> None:
+        request = json.loads(await ws.recv())
+        seen.append(request)
+        if len(seen) == 1:  # the request went out as this node stopped: it never took it
+            await ws.close(1012, "service restart: reconnect and resume")
+            return
+        if request["type"] == "resume":
+            await ws.send(json.dumps({"type": "error", "id": request["id"], "code": "unknown_run",
+                                      "message": "no run of yours"}))
+            request = json.loads(await ws.recv())
+            seen.append(request)
+        events = [{"type": "start", "key": "k1"}, {"type": "token", "content": "hello"}, {"type": "done"}]
+        for seq, event in enumerate(events, 1):
+            await ws.send(json.dumps({**event, "id": request["id"], "seq": seq}))
+        await ws.wait_closed()
+
+    async with serve(node, "127.0.0.1", 0) as listener:
+        port = listener.sockets[0].getsockname()[1]
+        command = [sys.executable, "-m", "wsagent.client", "--url", f"ws://127.0.0.1:{port}/ws/chat", "hi"]
+        code, _, out, err = await bounded(command, 20)
+    assert code == 0 and out == "hello\n", err
+    assert [r["type"] for r in seen] == ["run", "resume", "run"] and "key" not in seen[1]
+    assert seen[0] == seen[2] and "the server is restarting (1012 service restart" in err
+
+
 async def test_client_budget_refills_when_the_run_moves(make_server: ServerFactory, sim: SimulatorServer) -> None:
     """A long run on a flaky network: each reconnect that brings new events of the run refills the budget, so
     three drops, each after progress, do not end a run with ``--retries 1``."""

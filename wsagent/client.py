@@ -18,15 +18,20 @@ that no retry can change (1002, 1003, 1007, 1009, 1010, 4000-4999 but 4008).
 Any other drop (1006, 1011, 1012, 1013, a slow-client 4008, HTTP 5xx, a
 network error) is retried with jittered exponential backoff (0.5 s doubling
 to 8 s, each wait a random half to all of that) and the run resumed from the
-last event received (the server needs ``--resume-grace``). --retries is one
+last event received (the server needs ``--resume-grace``; in a cluster the
+run resumes on whichever node the URL reaches: a node restarting closes its
+clients with 1012 and keeps producing their runs, no grace needed). A run
+dropped before its start event (no key yet) is asked for by id, and sent
+again if the server does not know it. --retries is one
 budget for the whole run, not per connection: each failed connect and each
 connection that drops before bringing a new event of the run uses one, and
 only new events of the run refill it (a run that keeps moving survives any
 number of drops; a server that takes the connection and drops it at once is
 tried --retries times more, then the client gives up with exit code 1).
 
-Rendering uses rich (``pip install "wsagent[client]"``); without it the
-client falls back to plain text.
+Rendering uses rich (``pip install ".[client]"``); without it the
+client falls back to plain text. The client's own notes (reconnecting…) go to
+stderr when stdout is not a terminal: piped, stdout is the answer alone.
 """
 
 from __future__ import annotations
@@ -101,8 +106,9 @@ class TextRenderer:
     once that line ends (a newline in its text, a line of its own such as a tool call, or its end).
     """
 
-    def __init__(self, out: TextIO, color: bool) -> None:
+    def __init__(self, out: TextIO, color: bool, notes: TextIO | None = None) -> None:
         self.out = out
+        self.notes = notes  # where the client's own notes go: in the answer's stream (a terminal) when None
         self.line: tuple[str, str | None] | None = None  # the open line: the kind it shows, and whose it is
         self.held: dict[str, list[dict[str, Any]]] = {}  # other agents' events, while one agent's line is open
         self.usage: dict[str, Any] | None = None
@@ -210,6 +216,10 @@ class TextRenderer:
             self.line = None
 
     def note(self, text: str) -> None:
+        if self.notes is not None:  # stdout is the answer alone (piped): a reconnect never splits it
+            self.notes.write(text + "\n")
+            self.notes.flush()
+            return
         self._newline()
         self._write(text + "\n", "yellow")
 
@@ -453,12 +463,18 @@ class StreamClient:
             ws = self.ws = await self._connect()
             catchup = Catchup(self.renderer.note, self.last_seq) if watching else None
             heard = False  # whether this connection brought any event of the run
+            # Dropped before the run's start event (no key yet): the run may never have been taken (a node
+            # closed with 1012 as the request went out), or it was and its start was lost. Resume it by id
+            # (a signed-in user's runs are found so); a run the server does not know is sent again.
+            unstarted = not first and not watching and self.key is None
             try:
                 if first:
                     await ws.send(json.dumps(request))
                     first = False
                 elif watching:
                     await ws.send(json.dumps(self._attach()))
+                elif unstarted:
+                    await ws.send(json.dumps({"type": "resume", "id": self.run_id, "after": self.last_seq}))
                 else:
                     await ws.send(json.dumps({"type": "resume", "id": self.run_id, "key": self.key,
                                               "after": self.last_seq}))
@@ -469,6 +485,10 @@ class StreamClient:
                     if event.get("id") != self.run_id:
                         continue
                     heard = True
+                    if unstarted and "seq" not in event and event.get("code") == "unknown_run":
+                        unstarted = False
+                        await ws.send(json.dumps(request))
+                        continue
                     if "seq" not in event and event.get("type") == "error":
                         if watching and event.get("code") in ("lagging", "replay_gap"):
                             # Dropped for falling behind, or what followed the last event shown is gone:
@@ -493,7 +513,9 @@ class StreamClient:
             if refused(code):
                 what = "closed the connection" if heard else "refused the connection"
                 raise RunFailed(f"the server {what}: {code} {reason}".rstrip())
-            await self._retry(f"connection lost ({f'{code} {reason}'.rstrip() if code else 'no close frame'})")
+            closing = f"{code} {reason}".rstrip() if code else "no close frame"
+            await self._retry(f"the server is restarting ({closing})" if code == 1012 else
+                              f"connection lost ({closing})")
 
     def _decode(self, message: str | bytes) -> dict[str, Any]:
         try:
@@ -579,7 +601,8 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _main(args: argparse.Namespace, prompt: str) -> int:
     def text() -> Renderer:
-        return TextRenderer(sys.stdout, color=sys.stdout.isatty())
+        tty = sys.stdout.isatty()
+        return TextRenderer(sys.stdout, color=tty, notes=None if tty else sys.stderr)
 
     def dashboard() -> Renderer:
         try:

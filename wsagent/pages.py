@@ -11,10 +11,10 @@ from websockets.http11 import Request, Response
 from .app import App
 from .responses import http_response
 
-__all__ = ["index", "static", "workflows"]
+__all__ = ["index", "static", "favicon", "workflows", "agents"]
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-          ".css": "text/css; charset=utf-8"}
+          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 # A strict policy: scripts and styles from this server only, WebSockets to this host only.
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -46,5 +46,17 @@ def static(app: App, request: Request) -> Response:
     return _serve(name)
 
 
+def favicon(app: App, request: Request) -> Response:
+    """``/favicon.ico``, asked for by browsers (and by tabs showing /healthz or /metrics): the page's icon."""
+    return _serve("favicon.svg")
+
+
 def workflows(app: App, request: Request) -> Response:
     return http_response(200, json.dumps(sorted(app.workflows)), "application/json")
+
+
+def agents(app: App, request: Request) -> Response:
+    """What a run's ``agent`` may name, for the page's menu: the built-in ``assistant``, then ``--agents``'
+    (read at each request: a SIGHUP reload changes them)."""
+    names = ["assistant", *sorted(name for name in app.agents if name != "assistant")]
+    return http_response(200, json.dumps(names), "application/json")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .ai_sdk import ai_sdk
 from .chat import chat
-from .pages import index, static, workflows
+from .pages import agents, favicon, index, static, workflows
 from .router import HttpHandler, Route
 from .status import healthz, metrics
 from .tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
@@ -30,7 +30,10 @@ HTTP_ROUTES: dict[str, HttpHandler] = {
     "/": index,
     "/static/app.js": static,
     "/static/style.css": static,
+    "/static/favicon.svg": static,
+    "/favicon.ico": favicon,
     "/workflows": workflows,
+    "/agents": agents,
     "/healthz": healthz,
     "/metrics": metrics,
 }

@@ -253,17 +253,33 @@ function stop() {
   for (const view of queued) finish(view, view.request.id, "cancelled: not sent", false);
 }
 
-async function loadWorkflows() {
+// The Run menu: the model, then the server's agents (the built-in assistant and those of --agents), then its
+// workflows. The assistant is in the page already: it stays if the server cannot be asked.
+async function names(path) {
   try {
-    const response = await fetch("/workflows");
-    const names = await response.json();
-    for (const name of names) {
-      const option = el("option", null, `workflow: ${name}`);
-      option.value = `workflow:${name}`;
-      $("mode").append(option);
-    }
+    const response = await fetch(path);
+    return await response.json();
   } catch (error) {
-    console.warn("no workflow list", error);
+    console.warn(`no list at ${path}`, error);
+    return [];
+  }
+}
+
+async function loadMenu() {
+  const [agents, workflows] = await Promise.all([names("/agents"), names("/workflows")]);
+  const mode = $("mode");
+  let last = mode.querySelector('option[value="agent:assistant"]');
+  for (const name of agents) {
+    if (mode.querySelector(`option[value="agent:${CSS.escape(name)}"]`)) continue;
+    const option = el("option", null, `${name} agent`);
+    option.value = `agent:${name}`;
+    if (last) last.after(option); else mode.append(option);
+    last = option;
+  }
+  for (const name of workflows) {
+    const option = el("option", null, `workflow: ${name}`);
+    option.value = `workflow:${name}`;
+    mode.append(option);
   }
 }
 
@@ -283,5 +299,5 @@ $("stop").addEventListener("click", stop);
 $("reconnect").addEventListener("click", reconnect);
 $("route").addEventListener("change", reconnect);
 
-loadWorkflows();
+loadMenu();
 connect();

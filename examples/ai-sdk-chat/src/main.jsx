@@ -4,7 +4,7 @@
 // ?agent=assistant or ?workflow=market-analysis picks what answers (default: the model).
 import { useChat } from '@ai-sdk/react';
 import { WebSocketChatTransport } from 'ai';
-import { useEffect, useMemo, useState } from 'react';
+import { useEffect, useMemo, useRef, useState } from 'react';
 import { createRoot } from 'react-dom/client';
 
 const query = new URLSearchParams(location.search);
@@ -22,6 +22,35 @@ function chatId() {
   return id;
 }
 
+// Close codes that mean "no": connecting again cannot change the answer (a slow client's 4008 can).
+const REFUSED = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4001, 4003, 4009, 4029]);
+
+// Whether a response failed because its socket went: wsagent restarting a node (close 1012, "service
+// restart: reconnect and resume"), a server going away, the network dropping. The transport fails the
+// response with a TypeError ("WebSocket chat network connection closed (code 1012: …)." or "… failed.")
+// and leaves resuming to the page; a close that means "no" (a bad token, a limit) is not a drop.
+function dropped(error) {
+  if (!(error instanceof TypeError) || !/network connection/.test(error.message)) return false;
+  const code = Number(/\(code (\d+)/.exec(error.message)?.[1]);
+  return !(REFUSED.has(code) || (code >= 4000 && code < 5000 && code !== 4008));
+}
+
+// A dropped answer is resumed by the chat's id on a new socket (which, behind a load balancer, reaches a
+// node still up: wsagent's cluster keeps producing the answer meanwhile), with jittered exponential backoff
+// (0.25 s doubling to 8 s, each wait a random half to all of that; whole again once the answer streams).
+// The server replays the answer from its first chunk, and useChat puts it in place of the part shown.
+function useResumeOnDrop({ status, error, resumeStream }) {
+  const attempt = useRef(0);
+  useEffect(() => {
+    if (status === 'streaming') attempt.current = 0;
+    if (status !== 'error' || !dropped(error)) return undefined;
+    const delay = Math.min(8000, 250 * 2 ** attempt.current) * (0.5 + Math.random() / 2);
+    attempt.current += 1;
+    const timer = setTimeout(() => resumeStream(), delay);
+    return () => clearTimeout(timer);
+  }, [status, error, resumeStream]);
+}
+
 function Part({ part }) {
   if (part.type === 'text') return <p className="text">{part.text}</p>;
   if (part.type === 'reasoning') return <p className="reasoning">{part.text}</p>;
@@ -37,12 +66,13 @@ function Part({ part }) {
 
 function App() {
   const transport = useMemo(() => new WebSocketChatTransport({ url, body }), []);
-  const { messages, sendMessage, status, stop, error } = useChat({
+  const { messages, sendMessage, status, stop, error, resumeStream } = useChat({
     id: chatId(),
     messages: JSON.parse(localStorage.getItem('wsagent-chat-messages') ?? '[]'),
     transport,
     resume: true,
   });
+  useResumeOnDrop({ status, error, resumeStream });
   useEffect(() => {
     localStorage.setItem('wsagent-chat-messages', JSON.stringify(messages));
     document.getElementById('status').scrollIntoView({ block: 'end' });  // follow the answer as it grows

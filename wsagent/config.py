@@ -33,7 +33,7 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "TCP port to listen on (0: any free port)")
     workers: int = _opt(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
-    redis_url: str | None = _opt(None, "join a cluster through this Redis (redis://host:6379/0): runs, client ids and limits are shared by every node (needs pip install \".[cluster]\"); unset: this process alone", group="cluster")
+    redis_url: str | None = _opt(None, "join a cluster through this Redis (redis://host:6379/0; needs the cluster extra); unset: this process alone", group="cluster")
     node_id: str | None = _opt(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits, unique per process)", group="cluster")
     event_loop: str = _opt("auto", "the event loop: auto (uvloop when installed: pip install \".[fast]\"), uvloop, or asyncio")
     env_file: str | None = _opt(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
@@ -65,7 +65,7 @@ class Settings:
     sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
     sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")
     allowed_models: str = _opt("", "models a client may ask for with 'model', comma-separated (the configured --model always); *: any", group="upstream")
-    sim_switches: bool = _opt(False, "the built-in simulator honours sim:key=value fault switches in prompts (for tests; anyone who can send a prompt can use them)", group="upstream")
+    sim_switches: bool = _opt(False, "the built-in simulator honours sim:key=value fault switches in prompts (tests only: any client could use them)", group="upstream")
 
     max_runs_per_connection: int = _opt(8, "runs in flight on one socket", group="relay")
     run_buffer_bytes: int = _opt(65536, "bytes (characters) of one run its own client has not taken before the upstream read is paused", group="relay")
@@ -94,7 +94,7 @@ class Settings:
     messages_per_second: float = _opt(20.0, "messages a connection may send per second, sustained", group="auth")
     message_burst: int = _opt(40, "messages a connection may send at once before the rate applies", group="auth")
     max_runs_per_user: int = _opt(16, "runs in flight for one user across connections", group="auth")
-    max_runs_per_ip: int = _opt(256, "runs in flight of anonymous clients from one IP address, across connections and routes, a response that outlives its socket included (behind a reverse proxy every client has the proxy's address: raise it, or 0 for no limit)", group="auth")
+    max_runs_per_ip: int = _opt(256, "runs in flight without a token from one IP address, on every route (behind a proxy all share its address: raise it; 0: no limit)", group="auth")
     run_max_seconds: float = _opt(600.0, "wall time budget of one run (0: none)", group="auth")
     run_max_tokens: int = _opt(32768, "streamed deltas budget of one run (0: none)", group="auth")
 
@@ -271,9 +271,13 @@ def validate(settings: Settings) -> None:
 
 
 def settings_table() -> str:
-    """README's settings table, generated from the same fields as ``--help``."""
-    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    """README's settings table, generated from the same fields as ``--help``. A variable is named only where
+    it is not ``WSAGENT_`` and the setting's name (README says that rule once)."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(Settings):
         default = "unset" if f.default is None else f.default
-        rows.append(f"| `--{f.name.replace('_', '-')}` | `{env_name(f.name)}` | `{default}` | {f.metadata['help']} |")
+        flag = f"`--{f.name.replace('_', '-')}`"
+        if env_name(f.name) != "WSAGENT_" + f.name.upper():
+            flag += f" (`{env_name(f.name)}`)"
+        rows.append(f"| {flag} | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -43,6 +43,11 @@ def pinned_venv(kind: str, requirements: Path, env_var: str, then: Sequence[Sequ
     return venv
 
 
+#: How long a process may take to exit after SIGTERM before it is killed and the test fails: a node's
+#: drain (the tests' at most 30 s) and its close.
+STOP_LIMIT = 45.0
+
+
 @contextlib.asynccontextmanager
 async def started(command: Sequence[str], ready: bytes, *, env: dict[str, str] | None = None,
                   cwd: Path | None = None, limit: float = 90) -> AsyncIterator[asyncio.subprocess.Process]:
@@ -72,12 +77,21 @@ async def started(command: Sequence[str], ready: bytes, *, env: dict[str, str] |
             raise RuntimeError(f"{Path(command[0]).name} did not start in {limit:g} s:\n" + "".join(said))
         yield process
     finally:
+        hung = False
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGCONT)  # a test may have stopped it
                 process.terminate()
-            await process.wait()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_LIMIT)
+            except TimeoutError:
+                hung = True
+                process.kill()
+                await process.wait()
         await reader
+        if hung:  # a process that does not stop when told is a defect, not a slow teardown
+            raise RuntimeError(f"{Path(command[0]).name} did not exit within {STOP_LIMIT:g} s of SIGTERM; it said:\n"
+                               + "".join(said))
 
 
 class Notifications:

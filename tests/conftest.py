@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from websockets.asyncio.client import ClientConnection, connect
 
+from wsagent import chunks
 from wsagent.config import Settings
 from wsagent.run import Run
 from wsagent.server import WsAgentServer
@@ -20,6 +23,11 @@ from wsagent.upstream import UpstreamClient, UpstreamConfig
 from .browser import Browser
 
 TERMINAL = {"done", "error", "cancelled"}
+
+#: ``pytest --hypothesis-profile=long``: the cluster model (tests/test_cluster_model.py) runs more and longer
+#: examples than its CI profile (tests with settings of their own keep them).
+hypothesis_settings.register_profile("long", max_examples=40, stateful_step_count=30, deadline=None,
+                                     suppress_health_check=list(HealthCheck))
 
 
 @contextlib.asynccontextmanager
@@ -127,3 +135,13 @@ def content(events: list[dict[str, Any]], kind: str = "token") -> str:
 def find_run(server: WsAgentServer, run_id: str) -> Run | None:
     """The newest run with ``run_id``, whoever started it (tests look runs up from outside any scope)."""
     return next((run for run in reversed(list(server.runs)) if run.id == run_id), None)
+
+
+@pytest.fixture(params=["orjson", "json"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Chunks decoded by orjson (when installed) and by the standard library: each test gets the same result."""
+    if request.param == "json":
+        monkeypatch.setattr(chunks, "loads", json.loads)
+    elif chunks.loads is json.loads:
+        pytest.skip("orjson is not installed")
+    return str(request.param)

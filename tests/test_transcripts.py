@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from wsagent import chunks
 from wsagent.chunks import Finish, TextDelta, ToolCall, Usage
 from wsagent.errors import UpstreamError
 from wsagent.simulator import SimulatorServer
@@ -105,19 +104,9 @@ async def replay(sim: SimulatorServer, name: str, chunk: int) -> tuple[list[Any]
     return events, None
 
 
-@pytest.fixture(params=["orjson", "json"])
-def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Chunks decoded by orjson (the ``fast`` extra, when installed) and by the standard library: the same events."""
-    if request.param == "json":
-        monkeypatch.setattr(chunks, "loads", json.loads)
-    elif chunks.loads is json.loads:
-        pytest.skip("orjson is not installed")
-    return str(request.param)
-
-
 @pytest.mark.parametrize("chunk", [0, 1, 7, 100])
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-async def test_transcript(sim: SimulatorServer, name: str, chunk: int, decoder: str) -> None:
+async def test_transcript(sim: SimulatorServer, name: str, chunk: int, codec: str) -> None:
     events, error = await replay(sim, name, chunk)
     assert error is None
     assert events == EXPECTED[name]

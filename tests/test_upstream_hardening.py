@@ -46,14 +46,15 @@ MiB = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@pytest.fixture(params=["orjson", "json"])
-def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Chunks decoded by orjson (when installed) and by the standard library: each test gets the same result."""
-    if request.param == "json":
-        monkeypatch.setattr(chunks, "loads", json.loads)
-    elif chunks.loads is json.loads:
-        pytest.skip("orjson is not installed")
-    return str(request.param)
+async def one_run(server: WsAgentServer, caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The events of one run ("hi" on /ws/chat), read within 10 s, seqs checked, the log captured."""
+    with caplog.at_level(logging.INFO, "wsagent"):
+        async with ws_connect(server, "/ws/chat") as ws:
+            await ws.send(run("a", "hi"))
+            async with asyncio.timeout(10):
+                events = await run_events(ws, "a")
+    check_sequence(events)
+    return events
 
 
 @pytest.fixture
@@ -330,12 +331,7 @@ async def test_a_lone_surrogate_from_the_responses_api_becomes_a_replacement_cha
         return response
 
     server = await wsagent(upstream_url=await model_server(handler), upstream_api="responses")
-    with caplog.at_level(logging.INFO, "wsagent"):
-        async with ws_connect(server, "/ws/chat") as ws:
-            await ws.send(run("a", "hi"))
-            async with asyncio.timeout(10):
-                events = await run_events(ws, "a")
-    check_sequence(events)
+    events = await one_run(server, caplog)
     assert [e["type"] for e in events] == ["start", "token", "usage", "done"]
     assert events[1]["content"] == "a\ufffdb"
     no_tracebacks(caplog)
@@ -354,12 +350,7 @@ async def test_an_emoji_split_into_surrogate_halves_across_chunks_arrives_whole(
         return response
 
     server = await wsagent(upstream_url=await model_server(handler))
-    with caplog.at_level(logging.INFO, "wsagent"):
-        async with ws_connect(server, "/ws/chat") as ws:
-            await ws.send(run("a", "hi"))
-            async with asyncio.timeout(10):
-                events = await run_events(ws, "a")
-    check_sequence(events)
+    events = await one_run(server, caplog)
     assert events[-1]["type"] == "done"
     assert "".join(e["content"] for e in events if e["type"] == "token") == "\U0001f600 lone:\ufffd end\ufffd"
     no_tracebacks(caplog)
@@ -425,12 +416,7 @@ async def test_a_lone_surrogate_in_an_error_answer_is_replaced_too(
 
     url = await model_server(handler)
     server = await wsagent(upstream_url=url)
-    with caplog.at_level(logging.INFO, "wsagent"):
-        async with ws_connect(server, "/ws/chat") as ws:
-            await ws.send(run("a", "hi"))
-            async with asyncio.timeout(10):
-                events = await run_events(ws, "a")
-    check_sequence(events)
+    events = await one_run(server, caplog)
     assert events[-1]["code"] == "upstream_bad_request" and "bad \ufffd request" in events[-1]["message"]
     client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
     try:
@@ -478,12 +464,7 @@ async def test_a_whole_answer_nested_200000_deep_is_a_clear_error(
         return web.Response(body=b"[" * 200_000 + b"]" * 200_000, content_type="application/json")
 
     server = await wsagent(upstream_url=await model_server(handler), upstream_api=api)
-    with caplog.at_level(logging.INFO, "wsagent"):
-        async with ws_connect(server, "/ws/chat") as ws:
-            await ws.send(run("a", "hi"))
-            async with asyncio.timeout(10):
-                events = await run_events(ws, "a")
-    check_sequence(events)
+    events = await one_run(server, caplog)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "upstream_protocol", events[-1]
     assert "nested" in events[-1]["message"]
     no_tracebacks(caplog)

@@ -5,8 +5,9 @@
     python scripts/soak.py --clients 100 --seconds 300 --hostile   # with early cancels, hostile names, churn
 
 It starts the simulated model (``python -m wsagent.simulator --switches``) and ``python -m
-wsagent.serve`` (with a 5 s resume grace: finished runs are kept that long) as processes of their
-own, then each client loops until the time is up, doing one of:
+wsagent.serve`` (with a 5 s resume grace and AI SDK grace: finished runs are kept that long, so what
+they hold is in place after the warm-up) as processes of their own, then each client loops until
+the time is up, doing one of:
 
 * **run**: a run to its end; every character is checked against the simulator's deterministic
   answer to that prompt (fetched once per prompt, straight from the simulator);
@@ -227,6 +228,7 @@ async def soak(args: argparse.Namespace) -> int:
                                     str(sim_port)], sim_port)
     server = await start("wsagent", [sys.executable, "-m", "wsagent.serve", "--port", str(ws_port),
                                      "--upstream-url", upstream, "--log-level", "WARNING", "--resume-grace", "5",
+                                     "--ai-sdk-grace", "5",
                                      "--max-connections-per-ip", "100000", "--max-runs-per-user", "100000",
                                      "--max-runs-per-ip", "0"], ws_port)
     tally = Tally()

@@ -14,6 +14,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
+from wsagent.broker import KEPT_RUN_COST
 from wsagent.server import WsAgentServer
 
 from .conftest import ServerFactory, recv_json, run_events, ws_connect
@@ -121,8 +122,8 @@ async def test_an_anonymous_address_keeps_no_more_runs_than_its_limit(make_serve
 async def test_an_anonymous_sockets_chats_share_one_replay_budget(make_server: ServerFactory) -> None:
     """Each anonymous chat was a budget of its own: one socket kept 24 chats, 3.8 MB against a 1 MB
     budget, and evicted another client's finished chat."""
-    server = await make_server(replay_budget_per_user=30000, replay_budget_bytes=45000, ai_sdk_grace=30,
-                               replay_bytes=100000)
+    server = await make_server(replay_budget_per_user=40000, replay_budget_bytes=60000, ai_sdk_grace=30,
+                               replay_bytes=100000)  # each chat: 10 KB of log and KEPT_RUN_COST
     async with ws_connect(server, "/ws/ai-sdk") as other:
         await other.send(json.dumps(chat_send("q", "theirs", "sim:tokens=200 sim:pad=50")))
         while not ((frame := await recv_json(other))["type"] == "chunk" and frame["chunk"]["type"] == "finish"):
@@ -133,7 +134,7 @@ async def test_an_anonymous_sockets_chats_share_one_replay_budget(make_server: S
             while not ((frame := await recv_json(ws))["type"] == "chunk" and frame["chunk"]["type"] == "finish"):
                 pass
     broker = server.app.broker
-    assert broker.kept_bytes <= 45000 and broker.evictions >= 3  # mine evicted each other, within my budget
+    assert broker.kept_bytes <= 60000 and broker.evictions >= 3  # mine evicted each other, within my budget
     async with ws_connect(server, "/ws/ai-sdk") as other:
         await other.send(json.dumps({"type": "resume", "requestId": "r", "id": "theirs"}))
         assert (await recv_json(other)) == {"type": "start", "requestId": "r"}
@@ -156,3 +157,17 @@ async def test_a_watcher_whose_write_fails_never_stops_the_run_or_its_owner(serv
         await asyncio.wait_for(watcher.wait_closed(), 5)
         assert watcher.close_code == 1011
     await quiet(server)
+
+
+async def test_the_replay_budget_counts_what_a_kept_run_costs_beyond_its_log(make_server: ServerFactory) -> None:
+    """A finished run kept for a resume costs kilobytes beyond its log's characters, which alone were
+    counted: 13,120 churned AI SDK chats of a few hundred characters each held 157 MiB against a 64 MiB
+    budget. Each kept run now counts :data:`~wsagent.broker.KEPT_RUN_COST` besides its log."""
+    server = await make_server(replay_budget_bytes=10 * KEPT_RUN_COST, ai_sdk_grace=30)
+    for n in range(30):
+        async with ws_connect(server, "/ws/ai-sdk") as ws:
+            await ws.send(json.dumps(chat_send("q", f"c{n}", "sim:tokens=3")))
+            while not ((frame := await recv_json(ws))["type"] == "chunk" and frame["chunk"]["type"] == "finish"):
+                pass
+    broker = server.app.broker
+    assert broker.kept_bytes <= broker.budget and broker.evictions >= 20

@@ -26,7 +26,12 @@ from typing import Any, Protocol
 from .events import Cancelled
 from .run import Run
 
-__all__ = ["Broker", "LocalBroker", "Mailbox", "mint_key", "scope_of"]
+__all__ = ["Broker", "LocalBroker", "Mailbox", "mint_key", "scope_of", "KEPT_RUN_COST"]
+
+#: What a finished run kept for a resume costs besides its log's characters (the run, its log's deques, its
+#: registrations), counted against the replay budgets with them: about 4.5 KiB by tracemalloc, 6.8 KiB of RSS per
+#: run over 13,120 kept chats (measured). Counted at 0, a budget of 64 MiB held 157 MiB of runs with tiny logs.
+KEPT_RUN_COST = 6144
 
 
 def mint_key() -> str:
@@ -193,16 +198,17 @@ class LocalBroker:
         run.on_finish.append(forget)
 
     def _keep(self, run: Run) -> None:
-        size = run.log_bytes
+        size = run.log_bytes + KEPT_RUN_COST
         owner = run.owner
         self._kept[run] = size
         self._kept_of.setdefault(owner, {})[run] = None
         self._kept_by_owner[owner] += size
         self.kept_bytes += size
-        while self.kept_bytes > self.budget and self._kept:
-            self._evict(next(iter(self._kept)))
+        # The owner's own first: a client over its budget never evicts another's run while its own can go.
         while self._kept_by_owner[owner] > self.budget_per_user and owner in self._kept_of:
             self._evict(next(iter(self._kept_of[owner])))
+        while self.kept_bytes > self.budget and self._kept:
+            self._evict(next(iter(self._kept)))
 
     def _evict(self, run: Run) -> None:
         self.evictions += 1

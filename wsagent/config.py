@@ -72,7 +72,7 @@ class Settings:
     replay_bytes: int = _opt(262144, "bytes (characters) of delivered events one run keeps for resume; each event is kept once", group="relay")
     ai_sdk_grace: float = _opt(30.0, "seconds a /ws/ai-sdk response goes on without its client, and is kept once it ended, for useChat's resume (a page reload)", group="relay")
     resume_grace: float = _opt(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay")
-    replay_budget_bytes: int = _opt(64 * 1024 * 1024, "bytes the logs of all finished runs kept for resume may hold together; the oldest run is forgotten first", group="relay")
+    replay_budget_bytes: int = _opt(64 * 1024 * 1024, "bytes all finished runs kept for resume may hold together (their logs, and 6 KiB each); the oldest is forgotten first", group="relay")
     replay_budget_per_user: int = _opt(8 * 1024 * 1024, "the same for one user's finished runs (an anonymous client's: its connection's)", group="relay")
     history_messages: int = _opt(20, "messages kept per connection in /ws/chat text mode", group="relay")
     history_chars: int = _opt(32000, "characters kept per connection in /ws/chat text mode", group="relay")

@@ -71,7 +71,8 @@ from .render import Renderer
 from .transcripts import Transcript
 from .workflow_state import Controller, WorkflowState
 
-__all__ = ["Run", "Subscription", "Watcher", "Outlet", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume"]
+__all__ = ["Run", "Subscription", "Watcher", "Outlet", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume",
+           "failure_frames"]
 
 _now = time.monotonic
 
@@ -82,6 +83,17 @@ _KIND_BITS = 5
 _KIND_MASK = (1 << _KIND_BITS) - 1
 _USAGE = KIND_NAMES.index("usage")
 _TERMINAL_KINDS = frozenset({Done.kind, ErrorEvent.kind, Cancelled.kind})
+
+
+def failure_frames(sub: Subscription, frame: str) -> list[str]:
+    """What ``sub``'s socket is told when it stops watching a run that goes on without it (it lagged; in a
+    cluster, the run can no longer be followed): ``frame``, an ``error`` of the JSON protocol, rendered for its
+    wire as a run's error is (on ``/ws/ai-sdk`` an ``error`` chunk of its request, then ``end``)."""
+    if sub.renderer is None:
+        return [frame]
+    frames: list[str] = []
+    sub.renderer.render(ErrorEvent.kind, frame, frames, (None, None))
+    return frames
 
 
 class ReplayGap(WsAgentError):
@@ -319,10 +331,11 @@ class Run:
         self._tail: list[str] = []
         self._tail_size = 0
         self._tail_born = 0.0
-        self._room = asyncio.Event()
-        self._room.set()
-        self.stalled = asyncio.Event()
-        self._done = asyncio.Event()
+        # Made when first needed: most runs never stall, and a finished run kept for a resume holds none
+        # (each asyncio.Event holds a deque: three were a third of what a kept run cost).
+        self._room: asyncio.Event | None = None  # what the producer waits on while the run is full
+        self._stalled: asyncio.Event | None = None
+        self._done: asyncio.Event | None = None
         self._interruption: Event | None = None
         self._orphan_timer: asyncio.TimerHandle | None = None
         self._released = False
@@ -412,12 +425,24 @@ class Run:
         the model server back. ``stalled`` is set meanwhile (metrics and tests).
         """
         while self.full:
-            self._room.clear()
+            room = self._room = asyncio.Event()
             self.stalled.set()
             try:
-                await self._room.wait()
+                await room.wait()
             finally:
                 self.stalled.clear()
+                self._room = None
+
+    @property
+    def stalled(self) -> asyncio.Event:
+        """Set while the producer waits for the run's own client (:meth:`room`)."""
+        if self._stalled is None:
+            self._stalled = asyncio.Event()
+        return self._stalled
+
+    def _make_room(self) -> None:
+        if self._room is not None:
+            self._room.set()
 
     @property
     def undelivered(self) -> int:
@@ -452,8 +477,9 @@ class Run:
         self.outcome = terminal.type
         if self.transcript is not None:
             self.transcript.close()
-        self._done.set()
-        self._room.set()
+        if self._done is not None:
+            self._done.set()
+        self._make_room()
         self._stop_orphan_timer()
         self.wake()
         callbacks, self.on_finish = self.on_finish, []  # run once; dropped, since they refer back to their owners
@@ -461,7 +487,10 @@ class Run:
             callback(self)
 
     async def wait(self) -> None:
-        await self._done.wait()
+        if not self.finished:
+            if self._done is None:
+                self._done = asyncio.Event()
+            await self._done.wait()
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.interrupt(Cancelled(reason, agent=self.agent, workflow=self.workflow))
@@ -476,6 +505,7 @@ class Run:
         self.task.add_done_callback(self._producer_over)
 
     def _producer_over(self, _task: asyncio.Task[None]) -> None:
+        self.task = None  # (its coroutine and producer: nothing a finished run kept for a resume needs)
         if not self.finished:
             self.end(self.interruption())
 
@@ -540,7 +570,7 @@ class Run:
         was_primary = sub is self.primary
         self._end(sub)
         sub.watcher.unwatch(sub)
-        self._room.set()  # the producer no longer waits for this watcher
+        self._make_room()  # the producer no longer waits for this watcher
         if was_primary and not self.finished:
             self._orphaned(grace)
 
@@ -595,7 +625,7 @@ class Run:
         self.primary = None  # a client of this node that was the run's own watches on, as after a resume
         self._holder = holder
         self._stop_orphan_timer()
-        self._room.set()
+        self._make_room()
 
     @property
     def holder(self) -> str | None:
@@ -661,7 +691,8 @@ class Run:
             if kind in _TERMINAL_KINDS:
                 self.phase = _step(_PHASES, self.phase, _In.END)
                 self.outcome = KIND_NAMES[kind]
-                self._done.set()
+                if self._done is not None:
+                    self._done.set()
                 break
         bound = self.replay_bytes + self.buffer_bytes
         while log_.size > bound and len(log_.codes) > 1:
@@ -710,9 +741,9 @@ class Run:
             return []
         if sub.cursor < log_.first - 1:  # not the primary (its events are kept): it fell out of the log
             self._end(sub)
-            return [encode_message("error", id=self.id, code="lagging", retryable=True, message=(
+            return failure_frames(sub, encode_message("error", id=self.id, code="lagging", retryable=True, message=(
                 f"this watcher fell {self._log.first - 1 - sub.cursor} events behind the run and was dropped; "
-                "attach again (from the oldest event kept)"))]
+                "attach again (from the oldest event kept)")))
         # The pending events are the log's last ``count``; index from the right, because the left
         # holds up to ``replay_bytes`` of delivered events (thousands of tokens).
         count = end - 1 - sub.cursor
@@ -742,7 +773,7 @@ class Run:
         sub.delivered = sub.mark
         if sub is self.primary:  # trimmed before an end below forgets who the primary was
             self._trim()
-            if not self._room.is_set() and not self.full:
+            if self._room is not None and not self.full:
                 self._room.set()
         if self.finished and sub.cursor >= self._log.end - 1:
             self._end(sub)

@@ -89,7 +89,8 @@ def snapshot(app: App) -> list[Family]:
     histogram("wsagent_relay_latency_seconds", "Time from a delta's arrival to its frame in the socket.",
               m.relay_latency)
     add("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", app.broker.cancellations, "reason")
-    add("wsagent_replay_kept_bytes", "gauge", "Bytes in the logs of finished runs kept for resume.",
+    add("wsagent_replay_kept_bytes", "gauge",
+        "What finished runs kept for resume count against --replay-budget-bytes: their logs and their own cost.",
         {"": app.broker.kept_bytes})
     add("wsagent_replay_evictions_total", "counter", "Finished runs forgotten early to stay in the replay budget.",
         {"": app.broker.evictions})

@@ -250,6 +250,12 @@ async def test_a_draining_server_answers_503_then_stops(make_server: ServerFacto
         async with ws_connect(server, "/ws/chat"):
             pass
     assert info.value.response.status_code == 503 and info.value.response.headers["Retry-After"] == "1"
+    # A load balancer's health check sees it too (it answered 200 "draining", and traffic kept coming).
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    head, _, body = (await reader.read()).decode().partition("\r\n\r\n")
+    writer.close()
+    assert head.startswith("HTTP/1.1 503 ") and json.loads(body)["status"] == "draining"
     await streaming.close()  # the last stream ends (its run is cancelled): the drain is over at once
     await asyncio.wait_for(stopping, 10)
     with pytest.raises(OSError):

@@ -41,7 +41,9 @@ def health(app: App) -> dict[str, Any]:
 
 
 def healthz(app: App, request: Request) -> Response:
-    return http_response(200, json.dumps(health(app)), "application/json")
+    """200 while the server takes new connections (``degraded`` included: a node without Redis serves on
+    alone), 503 while it drains: a load balancer's check takes it out of rotation then."""
+    return http_response(503 if app.draining else 200, json.dumps(health(app)), "application/json")
 
 
 async def metrics(app: App, request: Request) -> Response:

@@ -551,3 +551,14 @@ def test_a_bench_that_cannot_start_a_peer_says_what_to_run_and_leaves_nothing_ru
             if mark.encode() in environ.read_bytes():
                 left.append(environ.parent.name)
     assert left == []
+
+
+@pytest.mark.parametrize("spec", ["examples/agents/nosuch.py:AGENTS", "examples/agents/plain.py"])
+def test_an_agents_setting_that_cannot_be_served_is_one_line(spec: str) -> None:
+    """A missing file was reported as ``cannot serve on HOST:PORT: No such file``; a spec without its
+    attribute as a 20-line traceback."""
+    result = subprocess.run([sys.executable, "-m", "wsagent.serve", "--port", "0", "--agents", spec], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert f"--agents {spec!r}" in error and "cannot serve on" not in error

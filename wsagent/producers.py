@@ -40,7 +40,8 @@ from typing import Any
 from .errors import WsAgentError
 from .events import Event, Producer
 
-__all__ = ["AgentRequest", "AgentFactory", "AgentError", "ThreadBridge", "Stopped", "load_agents", "produce"]
+__all__ = ["AgentRequest", "AgentFactory", "AgentError", "AgentsSpecError", "ThreadBridge", "Stopped", "load_agents",
+           "produce"]
 
 log = logging.getLogger("wsagent.producers")
 
@@ -103,6 +104,10 @@ async def produce(factory: AgentFactory, request: AgentRequest) -> Producer:
             await close()
 
 
+class AgentsSpecError(ValueError):
+    """``--agents`` names something that cannot be served: said in one line at start, or on SIGHUP."""
+
+
 def load_agents(specs: str) -> dict[str, AgentFactory]:
     """The agents named by ``--agents``: comma-separated ``module:attribute`` or ``file.py:attribute``,
     each attribute a dict of name → factory. A later spec's name replaces an earlier one's.
@@ -127,11 +132,14 @@ def _load(specs: str) -> dict[str, AgentFactory]:
             continue
         where, _, attribute = spec.rpartition(":")
         if not where or not attribute:
-            raise ValueError(f"--agents {spec!r}: expected module:attribute or path/to/file.py:attribute")
-        module = _module(where)
+            raise AgentsSpecError(f"--agents {spec!r}: expected module:attribute or path/to/file.py:attribute")
+        try:
+            module = _module(where)
+        except (OSError, ImportError, SyntaxError) as exc:  # the user's file or module: their error, in one line
+            raise AgentsSpecError(f"--agents {spec!r}: cannot load {where}: {exc}") from None
         found = getattr(module, attribute, None)
         if not isinstance(found, dict) or not all(isinstance(k, str) and callable(v) for k, v in found.items()):
-            raise ValueError(f"--agents {spec!r}: {attribute} must be a dict of agent name to factory")
+            raise AgentsSpecError(f"--agents {spec!r}: {attribute} must be a dict of agent name to factory")
         agents.update(found)
     return agents
 
@@ -144,7 +152,7 @@ def _module(where: str) -> Any:
         name = f"wsagent_agents_{abs(hash(str(path)))}"
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
-            raise ValueError(f"--agents: cannot load {where}")
+            raise AgentsSpecError(f"--agents: cannot load {where}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

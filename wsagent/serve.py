@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from . import systemd
 from .config import Settings, gc_thresholds, load_settings
 from .logs import WORKER_NUMBER, configure_logging
-from .producers import load_agents
+from .producers import AgentsSpecError, load_agents
 from .server import WORKER_OF, WsAgentServer
 from .transcripts import prepare_directory
 from .tuning import tune_gc, tune_malloc
@@ -294,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(serve_until_signalled(settings, args))
+    except AgentsSpecError as exc:
+        log.error("%s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot serve on %s:%s: %s", settings.host, settings.port, exc)
         return 1

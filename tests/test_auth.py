@@ -278,6 +278,7 @@ MALFORMED_CLAIMS: list[tuple[str, dict[str, Any]]] = [
     # Two users whose names differ only in a lone surrogate would be one user once the surrogate is
     # replaced, and as it is the name cannot be written to a socket, a log or a Redis key: refused.
     ("a user with a lone surrogate", {"user_id": "alice\ud800"}),
+    ("exp as an integer no float holds", {"exp": 10**400}),
 ]
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 
+from wsagent.resp import redacted
 from wsagent.simulator import SimulatorServer
 
 from .processes import free_port
@@ -113,3 +114,10 @@ async def test_one_users_two_sockets_starting_the_same_id_at_once(cluster: Clust
             for ws, first in zip((one, two), firsts, strict=True):
                 if first["type"] == "start":
                     await frames_until(ws, terminal)
+
+
+def test_a_password_in_the_query_is_hidden_from_logs_too() -> None:
+    """redis-py takes ``?password=``; the startup line printed it in clear."""
+    assert redacted("redis://127.0.0.1:6379/2?password=s3cr3t-pw") == "redis://127.0.0.1:6379/2?password=***"
+    assert redacted("redis://u:pw@h:1/0?db=3") == "redis://u:***@h:1/0?db=3"
+    assert redacted("unix:///run/redis.sock?db=2") == "unix:///run/redis.sock?db=2"

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from wsagent.simulator import SimulatorServer
 
-from .conftest import upstream_for
+from .conftest import TERMINAL, upstream_for
 from .test_cluster import Cluster, Node, cluster  # noqa: F401 (a fixture)
 
 STREAMS = 150
@@ -108,3 +108,33 @@ async def test_a_rolling_restart_loses_nothing(cluster: Cluster, sim: SimulatorS
     assert [outcome for outcome, _, _ in results].count("done") == len(results)  # none cancelled, none failed
     assert all(seqs == list(range(1, len(seqs) + 1)) for _, seqs, _ in results)  # nothing lost or doubled
     assert fleet.moves and max(fleet.moves) < 1.0, sorted(fleet.moves)[-5:]
+
+
+async def test_a_moved_client_may_drop_again_while_its_node_hands_over(cluster: Cluster) -> None:  # noqa: F811
+    """A client moved by a 1012 that dropped again on the node it moved to lost its run at once: the handing
+    node orphaned it with the run's own grace (0 by default), not the drain's."""
+    a, b = await cluster.start("a", "b", **OPTIONS)
+    async with a.connect() as ws:
+        await ws.send(json.dumps({"type": "run", "id": "r", "prompt": "moving sim:rate=40 sim:tokens=120"}))
+        key = json.loads(await ws.recv())["key"]
+        seqs = [json.loads(await ws.recv())["seq"]]
+        a.process.send_signal(signal.SIGTERM)
+        try:
+            while True:
+                seqs.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["seq"])
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None and closed.rcvd.code == 1012
+    for _ in range(2):  # moved to b, dropped there, back on b
+        ws = await b.connect()
+        await ws.send(json.dumps({"type": "resume", "id": "r", "key": key, "after": seqs[-1]}))
+        event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        seqs.append(event["seq"])
+        ws.transport.abort()
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r", "key": key, "after": seqs[-1]}))
+        while (event := json.loads(await asyncio.wait_for(ws.recv(), 20)))["type"] not in TERMINAL:
+            seqs.append(event["seq"])
+        seqs.append(event["seq"])
+    assert event["type"] == "done", event
+    assert seqs == list(range(seqs[0], seqs[-1] + 1))
+    assert await asyncio.wait_for(a.process.wait(), 40) == 0

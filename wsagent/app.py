@@ -82,7 +82,7 @@ class App:
         self.auth = Authenticator(settings)
         self.started = time.monotonic()
         self.draining = False
-        self.handover_until: float | None = None  # the loop's time a rolling restart's hand-over ends
+        self.handing_over = False  # a rolling restart: its runs go on (their grace is the drain) for clients that move
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -240,14 +240,9 @@ class App:
     def release(self, conn: Connection) -> None:
         """The client is gone: what it watched loses a watcher; a run it owned goes on for its resume
         grace, or is cancelled (at once while draining). While the node hands over (a rolling restart),
-        it goes on until the hand-over ends, for its client to resume it on another node."""
-        if self.handover_until is not None:
-            left = max(0.0, self.handover_until - asyncio.get_running_loop().time())
-            for sub in conn.outbox.subscriptions:
-                sub.run.unsubscribe(sub, max(left, sub.run.grace))
-            return
+        its grace is the drain's, for its client to resume it on another node."""
         for sub in conn.outbox.subscriptions:
-            sub.run.unsubscribe(sub, 0.0 if self.draining else sub.run.grace)
+            sub.run.unsubscribe(sub, 0.0 if self.draining and not self.handing_over else sub.run.grace)
 
     def stream_started(self) -> None:
         self.inflight += 1

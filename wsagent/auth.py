@@ -80,9 +80,13 @@ def _number(claims: dict[str, Any], name: str) -> float | None:
     if name not in claims:
         return None
     value = claims[name]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    try:  # (an int of 400 digits overflows a float: no time either)
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
         raise AuthError(CLOSE_INVALID_TOKEN, "Invalid token", f"the {name} claim must be a number")
-    return float(value)
+    return number
 
 
 def token_from_request(request: Request) -> str | None:

@@ -35,8 +35,13 @@ _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": 
 def redacted(url: str) -> str:
     """``url`` without its password (for logs and errors)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    query = "&".join(f"{name}=***" if name.lower() == "password" else f"{name}={value}" if sep else name
+                     for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item))
+    if query == parts.query and parts.password is None:
         return url
+    parts = parts._replace(query=query)  # (redis-py takes ?password= too)
+    if parts.password is None:
+        return urlunsplit(parts)
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -231,7 +231,8 @@ class WsAgentServer:
         app = self._app
         if self._server is not None and app is not None:
             app.draining = True  # from here, a new connection is answered 503 with Retry-After
-            if drain > 0 and app.broker.cluster_status() is not None:
+            cluster = app.broker.cluster_status()
+            if drain > 0 and cluster is not None and cluster.get("redis") == "up":  # (else no node could go on)
                 self._hand_over(app, drain)
             if drain > 0 and not app.idle.is_set():
                 log.info("draining %d in-flight streams for up to %.1fs", app.inflight, drain)
@@ -267,7 +268,9 @@ class WsAgentServer:
         they leave kept going (as in a resume grace) for the rest of ``drain``."""
         assert self._server is not None
         self._server.server.close()
-        app.handover_until = asyncio.get_running_loop().time() + drain
+        app.handing_over = True
+        for run in app.broker.active_runs():  # wherever its client goes, and however often it moves again
+            run.grace = max(run.grace, drain)
         log.info("handing %d connections and %d runs over to the cluster for up to %.1fs", len(app.manager),
                  app.inflight, drain)
         for conn in app.manager:

@@ -503,3 +503,17 @@ async def test_escaped_lone_surrogates_in_tool_arguments_and_results_never_reach
     renderer.render(ToolCallEvent.kind, payload, frames, (None, None))
     assert frames and all(frame.encode() for frame in frames)
     assert any('"a\ufffd"' in frame for frame in frames)
+
+
+@pytest.mark.usefixtures("codec")
+def test_an_error_message_nested_a_thousand_deep_is_the_default_message() -> None:
+    """With orjson, a chunk ``{"error": {"message": [[...1000 deep...]]}}`` decoded, and ``str()`` of the message
+    raised ``RecursionError``: ``internal_error`` and a traceback."""
+    deep = '{"error": {"message": ' + "[" * 1015 + "]" * 1015 + "}}"
+    events: list[ModelEvent] = []
+    with pytest.raises(UpstreamError) as info:
+        interpreter = ChunkInterpreter()
+        for event in [SSEEvent(data=deep)]:
+            events += interpreter.feed(event)
+    assert info.value.code in ("upstream_stream_error", "upstream_protocol")
+    assert len(info.value.message) <= 600

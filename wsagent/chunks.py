@@ -376,10 +376,18 @@ def feed_tail(interpreter: StreamInterpreter, tail: list[SSEEvent] | None) -> li
     return out
 
 
+#: Characters of an upstream error's message that reach a client (the HTTP errors' bound too).
+ERROR_TEXT = 500
+
+
 def stream_error(obj: Any, default: str) -> UpstreamError:
     """Build a typed error from an upstream error object (a dict or a string)."""
     if isinstance(obj, dict):
-        message = well_formed(str(obj.get("message") or obj.get("error") or default))
+        text = obj.get("message") or obj.get("error") or default
+        try:  # (a message that is JSON nested a thousand deep is no message: str() of it recurses too far)
+            message = well_formed(text if isinstance(text, str) else str(text))[:ERROR_TEXT]
+        except RecursionError:
+            message = default
         code = obj.get("code")
         if code is None:
             code = obj.get("type")
@@ -389,7 +397,7 @@ def stream_error(obj: Any, default: str) -> UpstreamError:
             code = None
         return UpstreamError(message, code="upstream_stream_error", retryable=True, upstream_code=code)
     if isinstance(obj, str) and obj:
-        return UpstreamError(well_formed(obj), code="upstream_stream_error", retryable=True)
+        return UpstreamError(well_formed(obj[:ERROR_TEXT]), code="upstream_stream_error", retryable=True)
     return UpstreamError(default, code="upstream_stream_error", retryable=True)
 
 

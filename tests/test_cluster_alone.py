@@ -121,3 +121,20 @@ def test_a_password_in_the_query_is_hidden_from_logs_too() -> None:
     assert redacted("redis://127.0.0.1:6379/2?password=s3cr3t-pw") == "redis://127.0.0.1:6379/2?password=***"
     assert redacted("redis://u:pw@h:1/0?db=3") == "redis://u:***@h:1/0?db=3"
     assert redacted("unix:///run/redis.sock?db=2") == "unix:///run/redis.sock?db=2"
+
+
+async def test_a_tutorial_route_takes_the_next_id_when_a_users_run_holds_its_own(cluster: Cluster) -> None:  # noqa: F811
+    """The tutorial routes name a run ``<connection id>-<n>`` among the user's runs, and connection ids repeat
+    (on every node, and a JSON run may take any id): ``/ws/agent`` closed with 1011 and a traceback."""
+    a = await cluster.node("a", resume_grace=None)
+    async with a.connect(user="alice") as json_socket, a.connect("/ws/agent", user="alice") as words:
+        connection = "c2"  # the second socket of this node
+        await json_socket.send(json.dumps({"type": "run", "id": f"{connection}-1",
+                                           "prompt": "hold it sim:rate=20 sim:tokens=200"}))
+        assert json.loads(await json_socket.recv())["type"] == "start"
+        await words.send("hello")
+        reply = ""
+        while not reply.endswith("[DONE]"):
+            frame = await asyncio.wait_for(words.recv(), 10)
+            assert isinstance(frame, str)
+            reply += frame

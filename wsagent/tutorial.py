@@ -76,8 +76,13 @@ async def _prompts(
         if refusal is not None:
             conn.put(refuse(*refusal, message))
             continue
-        count += 1
-        run = await app.new_run(conn, f"{conn.id}-{count}")
+        while True:  # a user's ids are shared by their sockets, on every node: the next free one
+            count += 1
+            try:
+                run = await app.new_run(conn, f"{conn.id}-{count}")
+                break
+            except ProtocolViolation:
+                continue
         run.subscribe(conn.outbox, 0, renderer(), primary=True)
         app.start(conn, run, functools.partial(producer, message), model=model, after=previous)
         previous = run

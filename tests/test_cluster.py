@@ -92,19 +92,26 @@ class Cluster:
     async def node(self, name: str, **options: Any) -> Node:
         """Node ``name`` (options as settings; one that is None is left to its default, as
         ``resume_grace=None``: every other test's nodes have a grace)."""
-        port = free_port()
         settings = {"resume_grace": 10, "jwt_secret": SECRET, "log_level": "INFO",
                     "redis_url": f"redis://127.0.0.1:{self.redis_port}/0", **options}
-        command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--node-id", name,
-                   "--upstream-url", self.sim.base_url,
-                   "--event-loop", "asyncio" if name == "b" else "auto"]  # b on asyncio's loop, the others on uvloop
-        for key, value in settings.items():
-            if value is not None:
-                command += [f"--{key.replace('_', '-')}", str(value)]
-        notes = Notifications()
-        self.stack.callback(notes.close)
-        process = await self.stack.enter_async_context(
-            started(command, b"wsagent listening on", env={"NOTIFY_SOCKET": notes.path}, limit=30))
+        for attempt in range(3):  # a free port can be taken by another process before the node binds it
+            port = free_port()
+            command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--node-id", name,
+                       "--upstream-url", self.sim.base_url,
+                       "--event-loop", "asyncio" if name == "b" else "auto"]  # b on asyncio's loop, the others uvloop
+            for key, value in settings.items():
+                if value is not None:
+                    command += [f"--{key.replace('_', '-')}", str(value)]
+            notes = Notifications()
+            self.stack.callback(notes.close)
+            try:
+                process = await self.stack.enter_async_context(
+                    started(command, b"wsagent listening on", env={"NOTIFY_SOCKET": notes.path}, limit=30))
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            break
         node = self.nodes[name] = Node(name, port, process, notes)
         return node
 

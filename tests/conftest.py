@@ -26,7 +26,7 @@ TERMINAL = {"done", "error", "cancelled"}
 
 #: ``pytest --hypothesis-profile=long``: the cluster model (tests/test_cluster_model.py) runs more and longer
 #: examples than its CI profile (tests with settings of their own keep them).
-hypothesis_settings.register_profile("long", max_examples=40, stateful_step_count=30, deadline=None,
+hypothesis_settings.register_profile("long", max_examples=30, stateful_step_count=25, deadline=None,
                                      suppress_health_check=list(HealthCheck))
 
 

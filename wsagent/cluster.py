@@ -19,7 +19,10 @@ where (docs/scaling-out.md has the table):
 * ``wsagent:run:{key}`` (a channel) carries each batch of new entries to the
   nodes that follow the run; ``wsagent:node:{node}`` carries to one node a
   cancel, a follower's arrival and departure, a resumed client's, an eviction,
-  a personal message, a question (a workflow's snapshot) and its answer;
+  a personal message, a question (a workflow's snapshot) and its answer, a
+  node's ``hello`` (a process that starts under a node id: what its
+  predecessor produced or held is gone) and a producer's ``gone`` (a run it
+  does not produce was followed);
   ``wsagent:broadcast`` reaches every node;
 * ``wsagent:nodes`` (a sorted set of heartbeats, every second) says which nodes
   are alive; ``wsagent:user:{user}`` holds each node's count of the user's
@@ -77,7 +80,7 @@ from .errors import ClusterUnavailable, ProtocolViolation
 from .events import encode_message
 from .render import Renderer
 from .resp import Address, Command, Wire, redacted
-from .run import Entries, Run, Subscription, Watcher
+from .run import Entries, Run, Subscription, Watcher, failure_frames
 
 __all__ = ["RedisBroker", "Mirror", "Link", "default_node_id"]
 
@@ -86,6 +89,8 @@ log = logging.getLogger("wsagent.cluster")
 #: Seconds between heartbeats; a node whose last one is older than NODE_TTL is taken for dead.
 HEARTBEAT = 1.0
 NODE_TTL = 3.0
+#: Heartbeats older than this are removed, and the heartbeats' set itself expires this long after the last one.
+BEATS_KEPT = 60
 #: A running run's keys live this long unless its node refreshes them (every REFRESH_EVERY seconds).
 RUN_TTL = 30
 REFRESH_EVERY = 10.0
@@ -187,7 +192,11 @@ class Mirror(Run):
         self._origins = [(o[0], o[1]) for o in origins]
         self.filling = True
         self.early: list[Entries] = []  # batches that came while its history was being read
+        #: Its node says it does not produce this run (that node started again under the same id): once its
+        #: history is read, a run that has no end there is lost.
+        self.gone = False
         self._failure: str | None = None
+        self.failed: tuple[str, str] | None = None  # why it can no longer be followed: (code, message)
         self._held_as: tuple[Subscription, str] | None = None
         self._grew = asyncio.Event()
 
@@ -209,6 +218,7 @@ class Mirror(Run):
         one ``error`` (without a ``seq``: the producer never sent it), and leaves."""
         if self.finished or self._failure is not None:
             return
+        self.failed = code, message
         self._failure = encode_message("error", id=self.id, code=code, retryable=True, message=message)
         self.wake()
         if not self._subs:
@@ -221,7 +231,7 @@ class Mirror(Run):
         frames = super()._take(sub)
         if self._failure is not None and not sub.ended and sub.cursor >= self._log.end - 1:
             self._end(sub)
-            frames.append(self._failure)
+            frames += failure_frames(sub, self._failure)
         return frames
 
     def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
@@ -250,6 +260,16 @@ class Mirror(Run):
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.broker.tell(self.node, {"op": "cancel", "key": self.key, "reason": reason})
+
+
+def _followable(mirror: Mirror) -> Mirror:
+    """``mirror``, unless it can no longer be followed and has not ended: then the request that would follow it
+    is refused with why (``producer_lost``: the events after what the client saw may never have reached Redis,
+    and no more will come), rather than told ``bad_resume`` or ``replay_gap``."""
+    if mirror.failed is not None and not mirror.finished:
+        code, message = mirror.failed
+        raise ProtocolViolation(message, code=code, retryable=True)
+    return mirror
 
 
 class RedisBroker(LocalBroker):
@@ -302,6 +322,8 @@ class RedisBroker(LocalBroker):
         self._asked: dict[str, asyncio.Future[Any]] = {}  # questions to other nodes, by number
         self._loops: list[asyncio.Task[None]] = []
         self._refreshed = 0.0
+        self._adding: set[str] = set()  # keys of runs being registered (a follower may ask about one already)
+        self._greeted = False  # told the other nodes that this process is a node of its own
 
     # -- lifecycle -------------------------------------------------------
 
@@ -397,7 +419,8 @@ class RedisBroker(LocalBroker):
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(_NODES, {self.node: now_ms})
         pipe.zrangebyscore(_NODES, now_ms - int(NODE_TTL * 1000), "+inf")
-        pipe.zremrangebyscore(_NODES, "-inf", now_ms - 60_000)
+        pipe.zremrangebyscore(_NODES, "-inf", now_ms - BEATS_KEPT * 1000)
+        pipe.expire(_NODES, BEATS_KEPT)  # (once every node is gone, killed or not, nothing of them stays)
         if refresh and self.link is Link.UP:
             for run in self.active_runs():
                 for name in (_name("run", run.key), _name("log", run.key)):
@@ -427,6 +450,10 @@ class RedisBroker(LocalBroker):
         for mirror in list(self._mirrors.values()):
             if mirror.node not in self.live and not mirror.finished:
                 mirror.lost_producer()
+        if not self._greeted:  # (a node started again under its id is alive to the others: its runs are not)
+            self._greeted = True
+            for node in self.live - {self.node}:
+                self.tell(node, {"op": "hello", "node": self.node})
 
     async def _rejoin(self) -> None:
         """Redis answers again (perhaps restarted empty): write back this node's runs with the logs they
@@ -516,9 +543,10 @@ class RedisBroker(LocalBroker):
             return  # the retained logs are written again when Redis answers
         commands: list[Command] = []
         for run in dirty:
+            unwritten = run.published == 0  # (its stream does not exist yet)
             first, codes, payloads, origins = run.unpublished()
             if codes:
-                self._append(commands, run, first, codes, payloads, origins, publish=True)
+                self._append(commands, run, first, codes, payloads, origins, publish=True, new=unwritten)
             if run.finished:
                 ttl = _ttl(run)
                 commands += [("EXPIRE", _name("run", run.key), ttl), ("EXPIRE", _name("log", run.key), ttl)]
@@ -541,7 +569,10 @@ class RedisBroker(LocalBroker):
             commands.append(("SET", _name("id", run.scope, run.id), run.key, "NX", "EX", ttl))
 
     def _append(self, commands: list[Command], run: Run, first: int, codes: list[int], payloads: list[str],
-                origins: list[list[str | None]] | None, *, publish: bool) -> None:
+                origins: list[list[str | None]] | None, *, publish: bool, new: bool = False) -> None:
+        """Commands that write entries ``first``... of ``run`` to its stream (``publish``: and to its followers).
+        The stream's first write (``new``, or a write back) gives it its TTL: that write may begin past seq 1, when
+        the run forgot its first events (taken by its client, past ``--replay-bytes``) before they were written."""
         stream = _name("log", run.key)
         if origins is not None and len(origins) != run.published_origins:
             run.published_origins = len(origins)
@@ -553,7 +584,7 @@ class RedisBroker(LocalBroker):
                                  "c", code, "p", payload))
             else:
                 commands.append(("XADD", stream, f"{first + i}-0", "c", code, "p", payload))
-        if first == 1 or not publish:
+        if new or not publish:
             commands.append(("EXPIRE", stream, _ttl(run)))
         if publish:
             commands.append(("PUBLISH", _name("run", run.key), json.dumps([first, codes, payloads, origins])))
@@ -651,6 +682,20 @@ class RedisBroker(LocalBroker):
             self._drop(run)
         elif op == "follow" and run is not None:
             self._followers.setdefault(run.key, set()).add(str(message["node"]))
+        elif op == "follow" and isinstance(key, str) and key not in self._adding:  # none of this process's
+            self.tell(str(message["node"]), {"op": "gone", "key": key})
+        elif op == "gone":
+            mirror = self._mirrors.get(str(key))
+            if mirror is not None:
+                self._gone(mirror)
+        elif op == "hello":  # a process started under this node id: what its predecessor held is gone
+            node = str(message["node"])
+            for mirror in [m for m in self._mirrors.values() if m.node == node]:
+                self._gone(mirror)
+            for active in self.active_runs():
+                holder = active.holder
+                if holder is not None and holder.rpartition("/")[0] == node:
+                    active.leave_remote(holder)
         elif op == "unfollow":
             followers = self._followers.get(str(key))
             if followers is not None:
@@ -707,16 +752,31 @@ class RedisBroker(LocalBroker):
             return False
         run: list[tuple[int, int, str]] = [(int(entry_id.partition("-")[0]), int(fields["c"]), fields["p"])
                                            for entry_id, fields in entries]
-        if run:
-            mirror.replicate(run[0][0], [c for _, c, _ in run], [p for _, _, p in run],
-                             json.loads(origins) if isinstance(origins, str) else None)
+        # The stream may have holes (events its producer trimmed before a write, or kept no longer when it
+        # wrote back after an outage): each run of consecutive entries is replicated by itself, so the log
+        # starts again after a hole, as it does after a batch that went missing.
+        known = json.loads(origins) if isinstance(origins, str) else None
+        start_at = 0
+        for i in range(1, len(run) + 1):
+            if i == len(run) or run[i][0] != run[i - 1][0] + 1:
+                part = run[start_at:i]
+                mirror.replicate(part[0][0], [c for _, c, _ in part], [p for _, _, p in part], known)
+                start_at = i
         mirror.filling = False
         early, mirror.early = mirror.early, []
         for first, codes, payloads, origins in early:
             self._apply(mirror, first, codes, payloads, origins)
         if not run and not early:
             mirror.wake()
+        if mirror.gone and not mirror.filling:
+            mirror.lost_producer()
         return True
+
+    def _gone(self, mirror: Mirror) -> None:
+        """``mirror``'s node does not produce it: it is lost, unless its history (read first) holds its end."""
+        mirror.gone = True
+        if not mirror.filling:
+            mirror.lost_producer()
 
     # -- runs ------------------------------------------------------------
 
@@ -731,11 +791,14 @@ class RedisBroker(LocalBroker):
                 runs = self._user_runs.get(run.user, 0) + 1
                 commands.append(("HSET", _name("user", run.user), f"r:{self.node}", runs))
             self._register_run(commands, run, RUN_TTL)
+            self._adding.add(run.key)
             try:
                 replies = await self._send(commands)
             except _DOWN as exc:
                 self._lost(exc)
                 replies = []
+            finally:
+                self._adding.discard(run.key)
             if _shared(run.scope) and replies and not replies[-1]:
                 self._erase(run)
                 raise ValueError(f"run id {run.id!r} is already in use")
@@ -779,10 +842,11 @@ class RedisBroker(LocalBroker):
     async def follow(self, run: Run, after: int = 0) -> Run:
         if not isinstance(run, Mirror):
             return run
+        asked_ms = time.time() * 1000
         following = self._mirrors.get(run.key)
         if following is not None:
-            await following.reach(after, COMMAND_TIMEOUT)
-            return following
+            await self._catch_up(following, after, asked_ms)
+            return _followable(following)
         self._require_up()
         subscriber = self._subscriber
         if subscriber is None:
@@ -805,8 +869,24 @@ class RedisBroker(LocalBroker):
             raise ProtocolViolation(f"no run {run.id!r}: it has ended and is no longer kept", code="unknown_run")
         if not await self._alive(run.node):
             run.lost_producer()
-        await run.reach(after, COMMAND_TIMEOUT)
-        return run
+        await self._catch_up(run, after, asked_ms)
+        return _followable(run)
+
+    async def _catch_up(self, mirror: Mirror, after: int, asked_ms: float) -> None:
+        """Wait (up to COMMAND_TIMEOUT) until ``mirror`` has entry ``after``, the last one the client saw. If it
+        never comes and its node has not beaten since the client asked (it beats every second, and writes what
+        it produces within 10 ms), that node is gone, though not yet for NODE_TTL: its run is lost (the client
+        saw events that never reached Redis), rather than ``after`` called a seq the run never sent."""
+        await mirror.reach(after, COMMAND_TIMEOUT)
+        if mirror._log.end > after or mirror.finished or mirror.failed is not None:
+            return
+        try:
+            beat = await self.redis.zscore(_NODES, mirror.node)
+        except _DOWN as exc:
+            self._lost(exc)
+            return
+        if beat is None or beat < asked_ms:
+            mirror.lost_producer()
 
     async def snapshot(self, run: Run) -> tuple[dict[str, Any], ...] | None:
         if not isinstance(run, Mirror):

@@ -22,13 +22,12 @@ import asyncio
 import inspect
 import json
 import logging
-import math
 import os
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from .chunks import Finish, TextDelta, ToolCall, Usage
+from .completion import estimate_tokens, model_batches
 from .errors import UpstreamError
 from .events import (
     Action,
@@ -47,74 +46,12 @@ from .events import (
 from .tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
 from .upstream import UpstreamClient, UpstreamConfig
 
-__all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow", "assistant",
-           "estimate_tokens"]
+__all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow", "WorkflowFactory",
+           "assistant", "build_workflows", "load_workflows"]
 
 log = logging.getLogger("wsagent.agent")
 
 StreamingCallback = Callable[[Any], Any]
-
-
-def estimate_tokens(messages: Sequence[dict[str, Any]]) -> int:
-    """A rough prompt size (4 characters a token) for usage the upstream did not report."""
-    chars = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-    return chars // 4 + 4 * len(messages)
-
-
-async def model_batches(
-    upstream: UpstreamClient,
-    messages: Sequence[dict[str, Any]],
-    *,
-    model: str | None = None,
-    tools: Sequence[dict[str, Any]] | None = None,
-    params: dict[str, Any] | None = None,
-    agent: str | None = None,
-    workflow: str | None = None,
-    collect: list[str] | None = None,
-    collect_chars: float = math.inf,
-) -> AsyncGenerator[list[Event], None]:
-    """One completion as batches of events: what each read brought, the last read's ending with ``done``.
-
-    With ``collect``, the answer's text is appended to it too, until it holds
-    more than ``collect_chars`` characters: a caller that keeps answers (a chat
-    history) keeps no more than that, and an answer that runs for an hour must
-    not grow the server's memory with it.
-    """
-    collected = 0
-    finish_reason = "stop"
-    async with aclosing(upstream.batches(messages, model=model, tools=tools, params=params)) as reads:
-        async for read in reads:
-            batch: list[Event] = []
-            for event in read:
-                if isinstance(event, TextDelta):
-                    if event.choice:
-                        continue
-                    text = event.text
-                    batch.append(_DELTAS[event.kind](text, agent=agent, workflow=workflow))
-                    if collect is not None and event.kind == "content" and collected <= collect_chars:
-                        collect.append(text)
-                        collected += len(text)
-                elif isinstance(event, ToolCall):
-                    if not event.choice:
-                        batch.append(ToolCallEvent(event.id, event.name, event.arguments, agent=agent,
-                                                   workflow=workflow))
-                elif isinstance(event, Finish):
-                    if not event.choice:
-                        finish_reason = event.reason
-                elif isinstance(event, Usage):
-                    batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
-                                            agent=agent, workflow=workflow))
-                else:  # END: the stream is complete, and ``done`` leaves with the last read's events
-                    batch.append(Done(finish_reason, agent=agent, workflow=workflow))
-            yield batch
-
-
-_DELTAS: dict[str, type[Token] | type[Thinking] | type[Refusal]] = {
-    "content": Token, "reasoning": Thinking, "refusal": Refusal}
 
 
 async def _flatten(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator[Event, None]:
@@ -473,5 +410,3 @@ def build_workflows(spec: dict[str, Any], client: UpstreamClient,
         factories[wf_name] = factory
     return factories
 
-
-__all__ += ["load_workflows", "build_workflows", "WorkflowFactory"]

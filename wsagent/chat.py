@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .agent import estimate_tokens, model_batches
 from .app import App
 from .broker import scope_of
+from .completion import estimate_tokens, model_batches
 from .config import Settings
 from .connections import Connection
 from .errors import ClusterUnavailable, ProtocolViolation

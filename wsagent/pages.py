@@ -9,7 +9,7 @@ from importlib import resources
 from websockets.http11 import Request, Response
 
 from .app import App
-from .responses import http_response
+from .http_answers import http_response
 
 __all__ = ["index", "static", "favicon", "workflows", "agents"]
 

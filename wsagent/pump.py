@@ -8,29 +8,26 @@ with exactly one terminal event, whatever happens: the producer's own, ``done``
 when it just stops, the interruption (a cancel, a budget) when it was stopped,
 ``error`` when it fails.
 
-:func:`~wsagent.agent.model_batches` is the producer for a plain completion.
-This is the hot path: per upstream read, one list of events, no logging, no
-encoding, no task.
+:func:`~wsagent.completion.model_batches` is the producer for a plain
+completion. This is the hot path: per upstream read, one list of events, no
+logging, no encoding, no task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import aclosing
-from typing import Any
 
-from .agent import estimate_tokens, model_batches
 from .errors import WsAgentError
 from .events import Done, ErrorEvent, Producer
 from .run import Run
-from .upstream import UpstreamClient
 
-__all__ = ["Producer", "pump", "stream_model"]
+__all__ = ["Producer", "pump"]
 
 log = logging.getLogger("wsagent.pump")
+
 
 async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None) -> None:
     """Push the batches of ``make()`` into ``run`` and end it with exactly one terminal event.
@@ -63,13 +60,3 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
             run.end(ErrorEvent("internal_error", "internal error (see server log)", False,
                                agent=run.agent, workflow=run.workflow))
 
-
-async def stream_model(run: Run, upstream: UpstreamClient, messages: Sequence[dict[str, Any]], *,
-                       model: str | None = None, tools: Sequence[dict[str, Any]] | None = None,
-                       params: dict[str, Any] | None = None, collect: list[str] | None = None,
-                       collect_chars: float = math.inf) -> None:
-    """Relay one completion into ``run`` (see :func:`~wsagent.agent.model_batches`) and end it."""
-    run.prompt_estimate = estimate_tokens(messages)
-    await pump(run, lambda: model_batches(upstream, messages, model=model, tools=tools, params=params,
-                                          agent=run.agent, workflow=run.workflow, collect=collect,
-                                          collect_chars=collect_chars))

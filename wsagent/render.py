@@ -14,6 +14,8 @@ entries are rendered for its clients:
 * :class:`Thoughts` (``/ws/agent-thoughts``, ``/ws/robust``): the tutorial's
   ``{"type": "thinking"|"action"|"observation"|"answer", "content": ...}``
   messages, whole sentences of thinking, then ``{"type": "done"}``.
+* :class:`~wsagent.ui_stream.UIChunks` (``/ws/ai-sdk``): the AI SDK's UI
+  message stream chunks.
 
 A renderer may keep state between entries (a word or a sentence not yet
 complete): each watching socket has its own.

@@ -18,8 +18,9 @@ import functools
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from .agent import assistant, model_batches
+from .agent import assistant
 from .app import App
+from .completion import model_batches
 from .connections import Connection, utf8_size
 from .errors import ClusterUnavailable, ProtocolViolation
 from .events import Producer, encode_message, json_object

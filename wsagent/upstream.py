@@ -2,10 +2,10 @@
 ``POST {base}/responses`` (the Responses API, ``UpstreamConfig(api="responses")``).
 
 The decoding lives in :mod:`wsagent.sse`, :mod:`wsagent.chunks` and
-:mod:`wsagent.response_events`; this module
-only moves bytes, applies timeouts and retries, and makes sure that a consumer
-that stops listening closes the TCP connection to the model server at once, so
-it stops generating tokens for nobody.
+:mod:`wsagent.responses_api`; this module only moves bytes, applies timeouts
+and retries, and makes sure that a consumer that stops listening closes the
+TCP connection to the model server at once, so it stops generating tokens for
+nobody.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, comple
 from .errors import UpstreamError, error_for_status
 from .events import well_formed
 from .metrics import Metrics
-from .response_events import ResponsesInterpreter, response_to_events, responses_request
+from .responses_api import ResponsesInterpreter, response_to_events, responses_request
 from .sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 
 __all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after", "DIALECTS"]
@@ -174,7 +174,7 @@ def _interpret(decoder: SSEDecoder, interpreter: StreamInterpreter,
 
 
 class UpstreamClient:
-    """Stream chat completions from one OpenAI-compatible server.
+    """Stream completions (chat completions, or the Responses API) from one OpenAI-compatible server.
 
     One :class:`aiohttp.ClientSession` is shared by every run of the process;
     call :meth:`close` at shutdown.

@@ -1,0 +1,82 @@
+"""One completion from the model server as a run's producer: the plain model path (no agent, no tools run).
+
+:func:`model_batches` turns what each upstream read brought (:meth:`~wsagent.upstream.UpstreamClient.batches`)
+into one batch of run events (:mod:`wsagent.events`) for :func:`~wsagent.pump.pump`; agents
+(:mod:`wsagent.agent`) call the model through it too. This is the hot path: per read, one list of events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from .chunks import Finish, TextDelta, ToolCall, Usage
+from .events import Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
+from .upstream import UpstreamClient
+
+__all__ = ["estimate_tokens", "model_batches"]
+
+#: The run event for each kind of text delta.
+_DELTAS: dict[str, type[Token] | type[Thinking] | type[Refusal]] = {
+    "content": Token, "reasoning": Thinking, "refusal": Refusal}
+
+
+def estimate_tokens(messages: Sequence[dict[str, Any]]) -> int:
+    """A rough prompt size (4 characters a token) for usage the upstream did not report."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+    return chars // 4 + 4 * len(messages)
+
+
+async def model_batches(
+    upstream: UpstreamClient,
+    messages: Sequence[dict[str, Any]],
+    *,
+    model: str | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+    params: dict[str, Any] | None = None,
+    agent: str | None = None,
+    workflow: str | None = None,
+    collect: list[str] | None = None,
+    collect_chars: float = math.inf,
+) -> AsyncGenerator[list[Event], None]:
+    """One completion as batches of events: what each read brought, the last read's ending with ``done``.
+
+    With ``collect``, the answer's text is appended to it too, until it holds
+    more than ``collect_chars`` characters: a caller that keeps answers (a chat
+    history) keeps no more than that, and an answer that runs for an hour must
+    not grow the server's memory with it.
+    """
+    collected = 0
+    finish_reason = "stop"
+    async with aclosing(upstream.batches(messages, model=model, tools=tools, params=params)) as reads:
+        async for read in reads:
+            batch: list[Event] = []
+            for event in read:
+                if isinstance(event, TextDelta):
+                    if event.choice:
+                        continue
+                    text = event.text
+                    batch.append(_DELTAS[event.kind](text, agent=agent, workflow=workflow))
+                    if collect is not None and event.kind == "content" and collected <= collect_chars:
+                        collect.append(text)
+                        collected += len(text)
+                elif isinstance(event, ToolCall):
+                    if not event.choice:
+                        batch.append(ToolCallEvent(event.id, event.name, event.arguments, agent=agent,
+                                                   workflow=workflow))
+                elif isinstance(event, Finish):
+                    if not event.choice:
+                        finish_reason = event.reason
+                elif isinstance(event, Usage):
+                    batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
+                                            agent=agent, workflow=workflow))
+                else:  # END: the stream is complete, and ``done`` leaves with the last read's events
+                    batch.append(Done(finish_reason, agent=agent, workflow=workflow))
+            yield batch
+

@@ -1,7 +1,10 @@
-"""Every setting in one place: a flag, an environment variable, a default.
+"""Every setting in one place: a flag, an environment variable, a default, and what it takes.
 
-The table below is the single source: ``--help``, README's settings table and
-the environment fallbacks are all derived from it, so they cannot drift apart.
+Each field of :class:`Settings` is one setting, declared once with :func:`setting`: its parsed type is the
+field's annotation, its default the field's default, and the rest a :class:`Spec` (help text, group, variable,
+whether SIGHUP applies it, the values it takes, the upstream or simulator setting it feeds). ``--help``,
+README's settings table, the environment fallbacks, validation, :data:`RELOADABLE` and the upstream's and the
+simulator's own settings are all derived from those declarations, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import dataclasses
 import difflib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,139 +23,218 @@ from .tuning import DEFAULT_GC_THRESHOLDS
 
 log = logging.getLogger("wsagent.config")
 
-__all__ = ["Settings", "build_parser", "load_settings", "settings_table", "read_env_file", "RELOADABLE"]
+__all__ = ["Settings", "Spec", "setting", "build_parser", "load_settings", "settings_table", "read_env_file",
+           "RELOADABLE"]
 
 
-def _opt(default: Any, help: str, env: str | None = None, group: str = "server", repeat: bool = False) -> Any:
-    """A setting. ``repeat``: the flag may be given several times (its values joined with commas, as the
-    environment variable gives them)."""
-    return field(default=default, metadata={"help": help, "env": env, "group": group, "repeat": repeat})
+@dataclass(frozen=True)
+class Spec:
+    """What a setting declares besides its name, parsed type and default (those are its field's)."""
+
+    help: str
+    group: str = "server"
+    #: Its environment variable, where that is not ``WSAGENT_`` and the setting's name in capitals.
+    env: str | None = None
+    #: SIGHUP applies it to a running server; a change of any other setting needs a restart.
+    reload: bool = False
+    #: The only values it takes (its help text names them too).
+    choices: tuple[str, ...] = ()
+    #: The flag may be given several times, its values joined with commas as the environment variable gives them.
+    repeat: bool = False
+    #: The field of :class:`~wsagent.upstream.UpstreamConfig` it sets.
+    upstream: str | None = None
+    #: The field of :class:`~wsagent.simulator.SimulatorSettings` it sets (the built-in simulator's).
+    simulator: str | None = None
+
+
+def setting(default: Any, help: str, *, group: str = "server", env: str | None = None, reload: bool = False,
+            choices: tuple[str, ...] = (), repeat: bool = False, upstream: str | None = None,
+            simulator: str | None = None) -> Any:
+    """Declare a field of :class:`Settings` as a setting."""
+    spec = Spec(help, group, env, reload, choices, repeat, upstream, simulator)
+    return field(default=default, metadata={"spec": spec})
 
 
 @dataclass
 class Settings:
-    host: str = _opt("127.0.0.1", "address to listen on")
-    port: int = _opt(8000, "TCP port to listen on (0: any free port)")
-    workers: int = _opt(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
-    redis_url: str | None = _opt(None, "join a cluster through this Redis (redis://host:6379/0; needs the cluster extra); unset: this process alone", group="cluster")
-    node_id: str | None = _opt(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits, unique per process)", group="cluster")
-    event_loop: str = _opt("auto", "the event loop: auto (uvloop when installed: pip install \".[fast]\"), uvloop, or asyncio")
-    env_file: str | None = _opt(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
-    max_connections: int = _opt(10000, "open WebSocket connections before new ones get HTTP 503")
-    max_message_size: int = _opt(1048576, "largest incoming message in bytes; larger closes with 1009")
-    compression: str = _opt("deflate", "permessage-deflate when clients offer it (deflate), or off")
-    open_timeout: float = _opt(10.0, "seconds allowed for the opening handshake")
-    close_timeout: float = _opt(5.0, "seconds allowed for the closing handshake before the TCP connection is dropped")
-    ping_interval: float = _opt(20.0, "seconds between protocol pings (0: off)")
-    ping_timeout: float = _opt(20.0, "seconds to wait for a pong before dropping the peer")
-    idle_ping: float = _opt(60.0, "seconds of client silence before /ws/robust sends {\"type\": \"ping\"}")
-    drain_timeout: float = _opt(10.0, "seconds in-flight streams may finish after SIGTERM before they are cancelled")
-    client_id_policy: str = _opt("replace", "a second connection with a connected client id: replace (old gets 4009) or reject (new gets 4009)")
-    outbox_bytes: int = _opt(1048576, "bytes queued for one client (broadcasts) before it is closed with 4008")
-    max_broadcast_bytes: int = _opt(65536, "largest broadcast content in bytes (well below --outbox-bytes, so one broadcast never overflows a listener's outbox)")
-    slow_client_timeout: float = _opt(30.0, "seconds a client may accept no data before it is closed with 4008")
-    socket_send_buffer: int = _opt(262144, "kernel send buffer per client socket in bytes, so backpressure reaches the model sooner (0: kernel autotuning, up to 4 MiB)")
+    """The server's settings. A list (``allowed_models``, ``allowed_origins``, ``gc_thresholds``) may be given as
+    its comma-separated text, as its flag takes it: it is parsed into its tuple once, here."""
 
-    upstream_url: str | None = _opt(None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (unset: built-in simulator)", "WSAGENT_UPSTREAM_URL", "upstream")
-    api_key: str | None = _opt(None, "API key sent as a Bearer token to the upstream", "OPENAI_API_KEY", "upstream")
-    upstream_api: str = _opt("chat", "the upstream's dialect: chat (POST {url}/chat/completions) or responses (POST {url}/responses, the OpenAI Responses API)", "WSAGENT_UPSTREAM_API", "upstream")
-    model: str = _opt("wsagent-sim", "model name sent upstream when a run names none", "WSAGENT_MODEL", "upstream")
-    connect_timeout: float = _opt(10.0, "seconds to connect to the upstream", group="upstream")
-    first_byte_timeout: float = _opt(60.0, "seconds to wait for the upstream's first byte", group="upstream")
-    read_timeout: float = _opt(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream")
-    max_retries: int = _opt(2, "retries of 408/409/429/5xx and connection errors before the first byte", group="upstream")
-    retry_deadline: float = _opt(30.0, "seconds after which no retry starts, however many are left (behind a proxy that retries too)", group="upstream")
-    upstream_receive_buffer: int = _opt(262144, "kernel receive buffer per upstream connection in bytes, so a paused relay holds the model back sooner (0: kernel autotuning)", group="upstream")
-    sim_rate: float = _opt(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream")
-    sim_tokens: int = _opt(24, "answer length in tokens of the built-in simulator", group="upstream")
-    allowed_models: str = _opt("", "models a client may ask for with 'model', comma-separated (the configured --model always); *: any", group="upstream")
-    sim_switches: bool = _opt(False, "the built-in simulator honours sim:key=value fault switches in prompts (tests only: any client could use them)", group="upstream")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "TCP port to listen on (0: any free port)")
+    workers: int = setting(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
+    redis_url: str | None = setting(None, "join a cluster through this Redis (redis://host:6379/0; needs the cluster extra); unset: this process alone", group="cluster")
+    node_id: str | None = setting(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits, unique per process)", group="cluster")
+    event_loop: str = setting("auto", "the event loop: auto (uvloop when installed: pip install \".[fast]\"), uvloop, or asyncio", choices=("auto", "uvloop", "asyncio"))
+    env_file: str | None = setting(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
+    max_connections: int = setting(10000, "open WebSocket connections before new ones get HTTP 503", reload=True)
+    max_message_size: int = setting(1048576, "largest incoming message in bytes; larger closes with 1009")
+    compression: str = setting("deflate", "permessage-deflate when clients offer it (deflate), or off", choices=("deflate", "off"))
+    open_timeout: float = setting(10.0, "seconds allowed for the opening handshake")
+    close_timeout: float = setting(5.0, "seconds allowed for the closing handshake before the TCP connection is dropped")
+    ping_interval: float = setting(20.0, "seconds between protocol pings (0: off)")
+    ping_timeout: float = setting(20.0, "seconds to wait for a pong before dropping the peer")
+    idle_ping: float = setting(60.0, "seconds of client silence before /ws/robust sends {\"type\": \"ping\"}", reload=True)
+    drain_timeout: float = setting(10.0, "seconds in-flight streams may finish after SIGTERM before they are cancelled", reload=True)
+    client_id_policy: str = setting("replace", "a second connection with a connected client id: replace (old gets 4009) or reject (new gets 4009)", choices=("replace", "reject"), reload=True)
+    outbox_bytes: int = setting(1048576, "bytes queued for one client (broadcasts) before it is closed with 4008", reload=True)
+    max_broadcast_bytes: int = setting(65536, "largest broadcast content in bytes (well below --outbox-bytes, so one broadcast never overflows a listener's outbox)", reload=True)
+    slow_client_timeout: float = setting(30.0, "seconds a client may accept no data before it is closed with 4008", reload=True)
+    socket_send_buffer: int = setting(262144, "kernel send buffer per client socket in bytes, so backpressure reaches the model sooner (0: kernel autotuning, up to 4 MiB)")
 
-    max_runs_per_connection: int = _opt(8, "runs in flight on one socket", group="relay")
-    run_buffer_bytes: int = _opt(65536, "bytes (characters) of one run its own client has not taken before the upstream read is paused", group="relay")
-    replay_bytes: int = _opt(262144, "bytes (characters) of delivered events one run keeps for resume; each event is kept once", group="relay")
-    ai_sdk_grace: float = _opt(30.0, "seconds a /ws/ai-sdk response goes on without its client, and is kept once it ended, for useChat's resume (a page reload)", group="relay")
-    resume_grace: float = _opt(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay")
-    replay_budget_bytes: int = _opt(64 * 1024 * 1024, "bytes all finished runs kept for resume may hold together (their logs, and 6 KiB each); the oldest is forgotten first", group="relay")
-    replay_budget_per_user: int = _opt(8 * 1024 * 1024, "the same for one user's finished runs (an anonymous client's: its connection's)", group="relay")
-    history_messages: int = _opt(20, "messages kept per connection in /ws/chat text mode", group="relay")
-    history_chars: int = _opt(32000, "characters kept per connection in /ws/chat text mode", group="relay")
-    agents: str = _opt("", "your own agents, served by name: module:attribute or path/file.py:attribute, a dict of name to factory (repeatable; see docs/agents.md)", group="relay", repeat=True)
-    workflows: str | None = _opt(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay")
+    upstream_url: str | None = setting(None, "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (unset: built-in simulator)", group="upstream", env="WSAGENT_UPSTREAM_URL")
+    api_key: str | None = setting(None, "API key sent as a Bearer token to the upstream", group="upstream", env="OPENAI_API_KEY", upstream="api_key")
+    upstream_api: str = setting("chat", "the upstream's dialect: chat (POST {url}/chat/completions) or responses (POST {url}/responses, the OpenAI Responses API)", group="upstream", env="WSAGENT_UPSTREAM_API", choices=("chat", "responses"), upstream="api")
+    model: str = setting("wsagent-sim", "model name sent upstream when a run names none", group="upstream", env="WSAGENT_MODEL", upstream="model", simulator="model")
+    connect_timeout: float = setting(10.0, "seconds to connect to the upstream", group="upstream", upstream="connect_timeout")
+    first_byte_timeout: float = setting(60.0, "seconds to wait for the upstream's first byte", group="upstream", upstream="first_byte_timeout")
+    read_timeout: float = setting(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream", upstream="read_timeout")
+    max_retries: int = setting(2, "retries of 408/409/429/5xx and connection errors before the first byte", group="upstream", upstream="max_retries")
+    retry_deadline: float = setting(30.0, "seconds after which no retry starts, however many are left (behind a proxy that retries too)", group="upstream", upstream="retry_deadline")
+    upstream_receive_buffer: int = setting(262144, "kernel receive buffer per upstream connection in bytes, so a paused relay holds the model back sooner (0: kernel autotuning)", group="upstream", upstream="receive_buffer")
+    sim_rate: float = setting(50.0, "tokens per second of the built-in simulator (0: unthrottled)", group="upstream", simulator="rate")
+    sim_tokens: int = setting(24, "answer length in tokens of the built-in simulator", group="upstream", simulator="tokens")
+    allowed_models: tuple[str, ...] = setting((), "models a client may ask for with 'model', comma-separated (the configured --model always); *: any", group="upstream", reload=True)
+    sim_switches: bool = setting(False, "the built-in simulator honours sim:key=value fault switches in prompts (tests only: any client could use them)", group="upstream", simulator="switches")
 
-    jwt_secret: str | None = _opt(None, "HS256 secret for JWTs (prefer the environment or a file; never logged)", group="auth")
-    jwt_secret_file: str | None = _opt(None, "file holding the JWT secret (systemd credentials)", group="auth")
-    jwt_public_key_file: str | None = _opt(None, "PEM public key for RS256/ES256 tokens", group="auth")
-    jwt_algorithms: str = _opt("HS256", "comma-separated allowlist of JWT algorithms", group="auth")
-    jwt_audience: str | None = _opt(None, "required aud claim", group="auth")
-    jwt_issuer: str | None = _opt(None, "required iss claim", group="auth")
-    jwt_user_claim: str = _opt("sub", "claim holding the user id (with sub, user_id is accepted too)", group="auth")
-    jwt_leeway: float = _opt(30.0, "seconds of clock skew allowed on exp, nbf and iat", group="auth")
-    require_auth: bool = _opt(False, "every WebSocket route needs a valid token (not only /ws/secure)", group="auth")
-    allowed_origins: str = _opt("", "Origins allowed to connect, comma-separated; empty: same host only; *: any", group="auth")
-    max_connections_per_ip: int = _opt(256, "open connections from one IP address (over it: HTTP 429)", group="auth")
-    max_connections_per_user: int = _opt(32, "open connections of one user (over it: close 4029)", group="auth")
-    messages_per_second: float = _opt(20.0, "messages a connection may send per second, sustained", group="auth")
-    message_burst: int = _opt(40, "messages a connection may send at once before the rate applies", group="auth")
-    max_runs_per_user: int = _opt(16, "runs in flight for one user across connections", group="auth")
-    max_runs_per_ip: int = _opt(256, "runs in flight without a token from one IP address, on every route (behind a proxy all share its address: raise it; 0: no limit)", group="auth")
-    run_max_seconds: float = _opt(600.0, "wall time budget of one run (0: none)", group="auth")
-    run_max_tokens: int = _opt(32768, "streamed deltas budget of one run (0: none)", group="auth")
+    max_runs_per_connection: int = setting(8, "runs in flight on one socket", group="relay", reload=True)
+    run_buffer_bytes: int = setting(65536, "bytes (characters) of one run its own client has not taken before the upstream read is paused", group="relay", reload=True)
+    replay_bytes: int = setting(262144, "bytes (characters) of delivered events one run keeps for resume; each event is kept once", group="relay", reload=True)
+    ai_sdk_grace: float = setting(30.0, "seconds a /ws/ai-sdk response goes on without its client, and is kept once it ended, for useChat's resume (a page reload)", group="relay", reload=True)
+    resume_grace: float = setting(0.0, "seconds a run outlives a dropped client, waiting for a resume (0: cancel at once)", group="relay", reload=True)
+    replay_budget_bytes: int = setting(64 * 1024 * 1024, "bytes all finished runs kept for resume may hold together (their logs, and 6 KiB each); the oldest is forgotten first", group="relay", reload=True)
+    replay_budget_per_user: int = setting(8 * 1024 * 1024, "the same for one user's finished runs (an anonymous client's: its connection's)", group="relay", reload=True)
+    history_messages: int = setting(20, "messages kept per connection in /ws/chat text mode", group="relay", reload=True)
+    history_chars: int = setting(32000, "characters kept per connection in /ws/chat text mode", group="relay", reload=True)
+    agents: str = setting("", "your own agents, served by name: module:attribute or path/file.py:attribute, a dict of name to factory (repeatable; see docs/agents.md)", group="relay", repeat=True, reload=True)
+    workflows: str | None = setting(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay", reload=True)
 
-    gc_thresholds: str = _opt(",".join(map(str, DEFAULT_GC_THRESHOLDS)), "the cyclic garbage collector's thresholds after startup objects are frozen out of it (empty: CPython's 700,10,10)")
+    jwt_secret: str | None = setting(None, "HS256 secret for JWTs (prefer the environment or a file; never logged)", group="auth", reload=True)
+    jwt_secret_file: str | None = setting(None, "file holding the JWT secret (systemd credentials)", group="auth", reload=True)
+    jwt_public_key_file: str | None = setting(None, "PEM public key for RS256/ES256 tokens", group="auth", reload=True)
+    jwt_algorithms: str = setting("HS256", "comma-separated allowlist of JWT algorithms", group="auth", reload=True)
+    jwt_audience: str | None = setting(None, "required aud claim", group="auth", reload=True)
+    jwt_issuer: str | None = setting(None, "required iss claim", group="auth", reload=True)
+    jwt_user_claim: str = setting("sub", "claim holding the user id (with sub, user_id is accepted too)", group="auth", reload=True)
+    jwt_leeway: float = setting(30.0, "seconds of clock skew allowed on exp, nbf and iat", group="auth", reload=True)
+    require_auth: bool = setting(False, "every WebSocket route needs a valid token (not only /ws/secure)", group="auth", reload=True)
+    allowed_origins: tuple[str, ...] = setting((), "Origins allowed to connect, comma-separated; empty: same host only; *: any", group="auth", reload=True)
+    max_connections_per_ip: int = setting(256, "open connections from one IP address (over it: HTTP 429)", group="auth", reload=True)
+    max_connections_per_user: int = setting(32, "open connections of one user (over it: close 4029)", group="auth", reload=True)
+    messages_per_second: float = setting(20.0, "messages a connection may send per second, sustained", group="auth", reload=True)
+    message_burst: int = setting(40, "messages a connection may send at once before the rate applies", group="auth", reload=True)
+    max_runs_per_user: int = setting(16, "runs in flight for one user across connections", group="auth", reload=True)
+    max_runs_per_ip: int = setting(256, "runs in flight without a token from one IP address, on every route (behind a proxy all share its address: raise it; 0: no limit)", group="auth", reload=True)
+    run_max_seconds: float = setting(600.0, "wall time budget of one run (0: none)", group="auth", reload=True)
+    run_max_tokens: int = setting(32768, "streamed deltas budget of one run (0: none)", group="auth", reload=True)
 
-    log_level: str = _opt("INFO", "logging level", group="logging")
-    log_format: str = _opt("text", "text or json (one object per line)", group="logging")
-    transcripts_dir: str | None = _opt(None, "write each run's events as JSON lines with timestamps to this directory", group="logging")
+    gc_thresholds: tuple[int, int, int] | None = setting(DEFAULT_GC_THRESHOLDS, "the cyclic garbage collector's thresholds after startup objects are frozen out of it (empty: CPython's 700,10,10)")
+
+    log_level: str = setting("INFO", "logging level", group="logging", reload=True)
+    log_format: str = setting("text", "text or json (one object per line)", group="logging", choices=("text", "json"))
+    transcripts_dir: str | None = setting(None, "write each run's events as JSON lines with timestamps to this directory", group="logging", reload=True)
+
+    def __post_init__(self) -> None:
+        """Parse each list given as its text (a flag's, a variable's, an embedder's string) into its tuple."""
+        for entry in _ENTRIES:
+            value = getattr(self, entry.name)
+            if entry.from_text and isinstance(value, str):
+                try:
+                    setattr(self, entry.name, entry.parse(value))
+                except ValueError as exc:
+                    raise ValueError(f"{entry.flag} {exc}") from None
 
     def model_allowed(self, model: str) -> bool:
         """A client may ask for the configured model, and for those ``--allowed-models`` lists."""
-        allowed = {name.strip() for name in self.allowed_models.split(",") if name.strip()}
-        return model == self.model or model in allowed or "*" in allowed
+        return model == self.model or model in self.allowed_models or "*" in self.allowed_models
 
+    def for_upstream(self) -> dict[str, Any]:
+        """The settings declared with ``upstream=``, by the names of :class:`~wsagent.upstream.UpstreamConfig`'s
+        fields (``UpstreamConfig(base_url=..., **settings.for_upstream())``: the settings stay below the layers
+        that use them, and import none of them)."""
+        return {entry.spec.upstream: getattr(self, entry.name) for entry in _ENTRIES if entry.spec.upstream}
+
+    def for_simulator(self) -> dict[str, Any]:
+        """The settings declared with ``simulator=``, by the names of
+        :class:`~wsagent.simulator.SimulatorSettings`' fields."""
+        return {entry.spec.simulator: getattr(self, entry.name) for entry in _ENTRIES if entry.spec.simulator}
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list's items, stripped, empty ones left out."""
+    return tuple(name for name in (part.strip() for part in raw.split(",")) if name)
+
+
+def _three_whole_numbers(raw: str) -> tuple[int, int, int] | None:
+    """Three comma-separated whole numbers; empty: none."""
+    if not raw.strip():
+        return None
+    try:
+        first, second, third = (int(part) for part in raw.split(","))
+    except ValueError:
+        raise ValueError("takes three whole numbers, like 50000,20,100") from None
+    return first, second, third
+
+
+#: How the text of a flag or a variable becomes a setting's parsed type (its field's annotation). A scalar is
+#: converted where it is read, so that a bad one is blamed on the flag (by argparse) or on the variable.
+_SCALARS: dict[Any, Callable[[str], Any]] = {bool: _boolean, int: int, float: float, str: str, str | None: str}
+#: A list is parsed by :class:`Settings` itself, so that an embedder's text is parsed the same way.
+_LISTS: dict[Any, Callable[[str], Any]] = {tuple[str, ...]: _names, tuple[int, int, int] | None: _three_whole_numbers}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One setting as everything derived from the declarations sees it."""
+
+    name: str
+    spec: Spec
+    default: Any
+    parse: Callable[[str], Any]
+    from_text: bool  # a list, parsed by Settings rather than where it is read
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return self.spec.env or "WSAGENT_" + self.name.upper()
+
+    @property
+    def shown_default(self) -> str:
+        """The default as ``--help`` and README show it: a list as its flag would take it."""
+        if self.default is None:
+            return "unset"
+        if isinstance(self.default, tuple):
+            return ",".join(map(str, self.default))
+        return str(self.default)
+
+
+def _entries() -> tuple[_Entry, ...]:
+    types = typing.get_type_hints(Settings)
+    entries = []
+    for f in dataclasses.fields(Settings):
+        kind = types[f.name]
+        from_text = kind not in _SCALARS
+        parse = _LISTS[kind] if from_text else _SCALARS[kind]  # a KeyError here: a type nothing parses yet
+        entries.append(_Entry(f.name, f.metadata["spec"], f.default, parse, from_text))
+    return tuple(entries)
+
+
+_ENTRIES = _entries()
 
 #: Settings SIGHUP may change on a running server; the others need a restart.
-RELOADABLE = frozenset({
-    "max_connections", "idle_ping", "drain_timeout", "client_id_policy", "outbox_bytes", "max_broadcast_bytes",
-    "allowed_models",
-    "slow_client_timeout", "max_runs_per_connection", "run_buffer_bytes", "replay_bytes", "resume_grace", "ai_sdk_grace",
-    "replay_budget_bytes", "replay_budget_per_user",
-    "history_messages", "history_chars", "workflows", "agents", "jwt_secret", "jwt_secret_file", "jwt_public_key_file",
-    "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",
-    "allowed_origins", "max_connections_per_ip", "max_connections_per_user", "messages_per_second",
-    "message_burst", "max_runs_per_user", "max_runs_per_ip", "run_max_seconds", "run_max_tokens", "transcripts_dir", "log_level",
-})
-
-
-def env_name(name: str) -> str:
-    meta = _fields()[name].metadata
-    return meta.get("env") or "WSAGENT_" + name.upper()
-
-
-def _fields() -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(Settings)}
-
-
-def _kind(f: dataclasses.Field[Any]) -> type:
-    default = f.default
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    return str
-
-
-def _convert(kind: type, raw: str) -> Any:
-    if kind is bool:
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"not a boolean: {raw!r}")
-    return kind(raw)
+RELOADABLE = frozenset(entry.name for entry in _ENTRIES if entry.spec.reload)
 
 
 def build_parser(prog: str = "python -m wsagent.serve") -> argparse.ArgumentParser:
@@ -161,23 +244,21 @@ def build_parser(prog: str = "python -m wsagent.serve") -> argparse.ArgumentPars
         epilog="Every flag falls back to the environment variable named in brackets.",
     )
     groups: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        group_name = f.metadata["group"]
+    for entry in _ENTRIES:
+        group_name = entry.spec.group
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
-        flag = "--" + f.name.replace("_", "-")
-        kind = _kind(f)
-        default = "unset" if f.default is None else f.default
-        help_text = f"{f.metadata['help']} [{env_name(f.name)}] (default: {default})".replace("%", "%%")
-        if kind is bool:
-            groups[group_name].add_argument(flag, dest=f.name, default=None,
+        help_text = f"{entry.spec.help} [{entry.env}] (default: {entry.shown_default})".replace("%", "%%")
+        if entry.parse is _boolean:
+            groups[group_name].add_argument(entry.flag, dest=entry.name, default=None,
                                             action=argparse.BooleanOptionalAction, help=help_text)
-        elif f.metadata["repeat"]:
-            groups[group_name].add_argument(flag, dest=f.name, default=None, action="append",
-                                            metavar=f.name.upper(), help=help_text)
+        elif entry.spec.repeat:
+            groups[group_name].add_argument(entry.flag, dest=entry.name, default=None, action="append",
+                                            metavar=entry.name.upper(), help=help_text)
         else:
-            groups[group_name].add_argument(flag, dest=f.name, default=None, type=kind,
-                                            metavar=f.name.upper(), help=help_text)
+            groups[group_name].add_argument(entry.flag, dest=entry.name, default=None,
+                                            type=str if entry.from_text else entry.parse,
+                                            metavar=entry.name.upper(), help=help_text)
     return parser
 
 
@@ -189,43 +270,38 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     if env_file:
         environ = {**read_env_file(env_file), **environ}
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        flag_value = getattr(args, f.name)
+    for entry in _ENTRIES:
+        flag_value = getattr(args, entry.name)
         if flag_value is not None:
-            values[f.name] = ",".join(flag_value) if isinstance(flag_value, list) else flag_value
+            values[entry.name] = ",".join(flag_value) if entry.spec.repeat else flag_value
             continue
-        raw = environ.get(env_name(f.name))
-        if raw is not None and raw != "":
+        raw = environ.get(entry.env)
+        if raw:
             try:
-                values[f.name] = _convert(_kind(f), raw)
+                values[entry.name] = raw if entry.from_text else entry.parse(raw)
             except ValueError as exc:
-                raise SystemExit(f"{env_name(f.name)}: {exc}") from None
-    settings = Settings(**values)
+                raise SystemExit(f"{entry.env}: {exc}") from None
+    try:
+        settings = Settings(**values)
+    except ValueError as exc:  # a list that does not parse, named by its flag
+        raise SystemExit(str(exc)) from None
     validate(settings)
     _warn_unknown(environ)
     return settings
 
 
 #: ``WSAGENT_*`` names that are not settings of the server but are read elsewhere (the client, the
-#: installer, ``--workers``, CI).
-_OTHER_NAMES = frozenset({"WSAGENT_ENV_FILE", "WSAGENT_URL", "WSAGENT_TOKEN", "WSAGENT_PREFIX", "WSAGENT_WORKER_OF",
-                          "WSAGENT_READY_FD", "WSAGENT_CI_VENV", "WSAGENT_WORKER", "WSAGENT_WORKER_DIR"})
+#: installer, CI, and the worker number ``--workers`` sets for the log lines of each worker).
+_OTHER_NAMES = frozenset({"WSAGENT_URL", "WSAGENT_TOKEN", "WSAGENT_PREFIX", "WSAGENT_CI_VENV", "WSAGENT_WORKER"})
 
 
 def _warn_unknown(environ: Mapping[str, str]) -> None:
     """A misspelt setting (``WSAGENT_MAX_CONECTIONS``) would be ignored without a word: say so."""
-    known = {env_name(f.name) for f in dataclasses.fields(Settings)} | _OTHER_NAMES
+    known = {entry.env for entry in _ENTRIES} | _OTHER_NAMES
     for name in sorted(environ):
         if name.startswith("WSAGENT_") and name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             log.warning("unknown setting %s is ignored%s", name, f"; did you mean {close[0]}?" if close else "")
-
-
-def gc_thresholds(settings: Settings) -> tuple[int, int, int] | None:
-    if not settings.gc_thresholds.strip():
-        return None
-    first, second, third = (int(part) for part in settings.gc_thresholds.split(","))
-    return first, second, third
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -248,36 +324,30 @@ def read_env_file(path: str) -> dict[str, str]:
 
 
 def validate(settings: Settings) -> None:
-    if settings.client_id_policy not in ("replace", "reject"):
-        raise SystemExit("--client-id-policy must be 'replace' or 'reject'")
-    if settings.event_loop not in ("auto", "uvloop", "asyncio"):
-        raise SystemExit("--event-loop must be 'auto', 'uvloop' or 'asyncio'")
-    if settings.upstream_api not in ("chat", "responses"):
-        raise SystemExit("--upstream-api must be 'chat' or 'responses'")
-    if settings.compression not in ("deflate", "off"):
-        raise SystemExit("--compression must be 'deflate' or 'off'")
-    if settings.log_format not in ("text", "json"):
-        raise SystemExit("--log-format must be 'text' or 'json'")
+    for entry in _ENTRIES:
+        if entry.spec.choices and getattr(settings, entry.name) not in entry.spec.choices:
+            raise SystemExit(f"{entry.flag} must be {_one_of(entry.spec.choices)}")
     if not 0 <= settings.port <= 65535:
         raise SystemExit("--port must be between 0 and 65535")
-    try:
-        gc_thresholds(settings)
-    except ValueError:
-        raise SystemExit("--gc-thresholds takes three whole numbers, like 50000,20,100") from None
     if settings.workers < 1:
         raise SystemExit("--workers must be at least 1")
     if settings.workers > 1 and settings.port == 0:
         raise SystemExit("--workers > 1 needs a fixed --port: the workers share it")
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(choice) for choice in choices]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+
+
 def settings_table() -> str:
-    """README's settings table, generated from the same fields as ``--help``. A variable is named only where
-    it is not ``WSAGENT_`` and the setting's name (README says that rule once)."""
+    """README's settings table, generated from the same declarations as ``--help``. A variable is named only
+    where it is not ``WSAGENT_`` and the setting's name (README says that rule once)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(Settings):
-        default = "unset" if f.default is None else f.default
-        flag = f"`--{f.name.replace('_', '-')}`"
-        if env_name(f.name) != "WSAGENT_" + f.name.upper():
-            flag += f" (`{env_name(f.name)}`)"
-        rows.append(f"| {flag} | `{default}` | {f.metadata['help']} |")
+    for entry in _ENTRIES:
+        flag = f"`{entry.flag}`"
+        if entry.env != "WSAGENT_" + entry.name.upper():
+            flag += f" (`{entry.env}`)"
+        rows.append(f"| {flag} | `{entry.shown_default}` | {entry.spec.help} |")
     return "\n".join(rows)

@@ -26,12 +26,11 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from .broker import Broker
-from .logs import worker_tag
 from .run import Subscription
 
 __all__ = [
     "Connection", "ConnectionManager", "Outbox", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
-    "CLOSE_REPLACED", "utf8_size",
+    "CLOSE_REPLACED", "utf8_size", "connection_id",
 ]
 
 log = logging.getLogger("wsagent.connections")
@@ -43,7 +42,12 @@ CLOSE_SLOW_CLIENT = 4008
 CLOSE_REPLACED = 4009
 
 _ids = itertools.count(1)
-_ID_PREFIX = f"{worker_tag()}-c" if worker_tag() else "c"
+
+
+def connection_id(prefix: str = "") -> str:
+    """A new connection id, unique in this process: ``c17``; a ``--workers`` worker's server gives its tag as
+    ``prefix`` (``w2-c17``), so that ids stay unique across the workers of one server."""
+    return f"{prefix}c{next(_ids)}"
 
 
 def utf8_size(text: str) -> int:
@@ -302,7 +306,7 @@ class Connection:
     expiry_timer: asyncio.TimerHandle | None = None
     manager: ConnectionManager | None = None
     client_id: str | None = None
-    id: str = field(default_factory=lambda: f"{_ID_PREFIX}{next(_ids)}")
+    id: str = field(default_factory=connection_id)
     opened: float = field(default_factory=time.monotonic)
     outbox: Outbox = field(init=False)
     _closer: asyncio.Task[None] | None = None

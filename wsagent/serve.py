@@ -10,7 +10,11 @@
   passed by socket activation (``LISTEN_FDS``) is used instead of binding.
 * ``--workers N``: N processes share the port with SO_REUSEPORT; this process
   supervises them, forwards signals, reports ready when all are, and restarts
-  one that dies, with a backoff (:class:`Supervisor`).
+  one that dies, with a backoff (:class:`Supervisor`). Each worker is told who
+  it is on its command line (:class:`wsagent.workers.Worker`).
+* The process-wide tuning of :mod:`wsagent.tuning` is applied here, to a process
+  that is only the server; :class:`~wsagent.server.WsAgentServer` itself leaves
+  the process as it found it, for programs that embed it.
 """
 
 from __future__ import annotations
@@ -29,22 +33,22 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 from . import systemd
-from .config import Settings, gc_thresholds, load_settings
+from .config import Settings, load_settings
 from .logs import WORKER_NUMBER, configure_logging
 from .producers import AgentsSpecError, load_agents
-from .server import WORKER_OF, WsAgentServer
+from .server import WsAgentServer
 from .transcripts import prepare_directory
-from .tuning import tune_gc, tune_malloc
-from .workers import MESH_DIR, mesh_directory
+from .tuning import break_transport_cycles, tune_gc, tune_malloc
+from .workers import Worker, mesh_directory, socket_path
 
 __all__ = ["main", "serve_until_signalled", "supervise", "Supervisor", "restart_delay"]
 
 log = logging.getLogger("wsagent.serve")
 
-_READY_FD = "WSAGENT_READY_FD"
 
-
-async def serve_until_signalled(settings: Settings, argv: Sequence[str] | None = None) -> None:
+async def serve_until_signalled(settings: Settings, argv: Sequence[str] | None = None,
+                                worker: Worker | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, reloading on SIGHUP (``argv``: the flags to read again then)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reload = asyncio.Event()
@@ -52,10 +56,11 @@ async def serve_until_signalled(settings: Settings, argv: Sequence[str] | None =
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     sockets = systemd.listen_sockets()
-    server = await WsAgentServer(settings, sock=sockets[0] if sockets else None).start()
-    tune_gc(gc_thresholds(settings))
+    break_transport_cycles()
+    server = await WsAgentServer(settings, sock=sockets[0] if sockets else None, worker=worker).start()
+    tune_gc(settings.gc_thresholds)  # after the start: what startup made is frozen out of collection
     tune_malloc()
-    _announce_ready(server)
+    _announce_ready(server, worker)
     watchdog = systemd.watchdog_interval()
     try:
         while not stop.is_set():
@@ -80,11 +85,10 @@ async def serve_until_signalled(settings: Settings, argv: Sequence[str] | None =
         await server.stop()
 
 
-def _announce_ready(server: WsAgentServer) -> None:
+def _announce_ready(server: WsAgentServer, worker: Worker | None) -> None:
     systemd.notify(f"READY=1\nSTATUS=listening on {server.url}")
-    fd = os.environ.pop(_READY_FD, None)
-    if fd is not None:
-        with os.fdopen(int(fd), "w") as pipe:
+    if worker is not None:
+        with os.fdopen(worker.ready_fd, "w") as pipe:
             pipe.write(f"{server.url}\n")
 
 
@@ -208,7 +212,7 @@ class Supervisor:
                 return code
             lived = time.monotonic() - born
             with suppress(OSError):
-                os.unlink(os.path.join(self.directory, f"w{slot.number}.sock"))
+                socket_path(self.directory, slot.number).unlink()
             if not url and not slot.restarts:
                 log.error("worker w%d (pid %d) %s before it was ready: stopping", slot.number, process.pid,
                           exit_status(code))
@@ -232,12 +236,13 @@ class Supervisor:
     async def _spawn(self, slot: _Slot) -> tuple[asyncio.subprocess.Process, str]:
         """A new worker for ``slot``, and the URL it says it listens on once it does ("" if it died first)."""
         read, write = os.pipe()
-        env = {**os.environ, _READY_FD: str(write), WORKER_OF: str(os.getpid()), WORKER_NUMBER: str(slot.number),
-               MESH_DIR: self.directory}
+        worker = Worker(slot.number, self.directory, write)
+        env = {**os.environ, WORKER_NUMBER: str(slot.number)}  # read by wsagent.logs alone, for the log lines' tag
         env.pop("NOTIFY_SOCKET", None)
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "wsagent.serve", *self.argv, "--workers", "1", env=env, pass_fds=(write,))
+                sys.executable, "-m", "wsagent.serve", *worker.argv(), *self.argv, "--workers", "1", env=env,
+                pass_fds=(write,))
         except BaseException:
             os.close(read)
             raise
@@ -282,7 +287,7 @@ def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    worker, args = Worker.from_argv(sys.argv[1:] if argv is None else argv)
     settings = load_settings(args)
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
@@ -293,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("event loop: %s", name)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve_until_signalled(settings, args))
+            runner.run(serve_until_signalled(settings, args, worker))
     except AgentsSpecError as exc:
         log.error("%s", exc)
         return 1

@@ -34,40 +34,49 @@ from . import systemd
 from .agent import WorkflowFactory, build_workflows, load_workflows
 from .app import App
 from .auth import SUBPROTOCOL, Authenticator
-from .broker import LocalBroker
+from .broker import Broker, LocalBroker
 from .compression import lazy_deflate
 from .config import RELOADABLE, Settings
-from .connections import CLOSE_SERVICE_RESTART, Connection, ConnectionManager, StreamConnection, close_or_abort
-from .logs import WORKER_NUMBER, Redactor, printable
+from .connections import (
+    CLOSE_SERVICE_RESTART,
+    Connection,
+    ConnectionManager,
+    StreamConnection,
+    close_or_abort,
+    connection_id,
+)
+from .http_answers import http_response
+from .logs import Redactor, printable
 from .metrics import Metrics
 from .producers import AgentFactory, load_agents
-from .responses import http_response
 from .router import HttpHandler, Route, Router
 from .routes import HTTP_ROUTES, ROUTES
 from .simulator import SimulatorServer, SimulatorSettings
 from .tools import BUILTIN_TOOLS
 from .transcripts import prepare_directory
-from .tuning import break_transport_cycles
 from .upstream import DIALECTS, UpstreamClient, UpstreamConfig
-from .workers import MESH_DIR, WorkerMesh
+from .workers import Worker, WorkerMesh
 
-__all__ = ["WsAgentServer", "WORKER_OF"]
+__all__ = ["WsAgentServer"]
 
 log = logging.getLogger("wsagent.server")
 
-#: Set in the environment of each worker that ``--workers`` starts (the supervisor's pid).
-WORKER_OF = "WSAGENT_WORKER_OF"
 
 class WsAgentServer:
-    """wsagent's server. Use as ``async with WsAgentServer(settings) as server: ...``."""
+    """wsagent's server. Use as ``async with WsAgentServer(settings) as server: ...``.
+
+    Starting it patches nothing process-wide: the tuning that suits a process that is only this server (the
+    collector's thresholds, malloc, the fix of Python 3.11's transport cycle) is :mod:`wsagent.serve`'s to apply,
+    not a surprise for a program that embeds it. ``worker``: this server is one of a supervisor's ``--workers``.
+    """
 
     def __init__(self, settings: Settings | None = None, upstream: UpstreamClient | None = None,
                  sock: socket.socket | None = None, routes: Sequence[Route] = ROUTES,
-                 http_routes: dict[str, HttpHandler] | None = None) -> None:
+                 http_routes: dict[str, HttpHandler] | None = None, worker: Worker | None = None) -> None:
         self.settings = settings or Settings()
         self.router = Router(routes)
         self.http_routes = dict(HTTP_ROUTES if http_routes is None else http_routes)
-        self.origins = _origins(self.settings)
+        self.origins = frozenset(self.settings.allowed_origins)
         self.metrics = Metrics()
         self._upstream = upstream
         self.simulator: SimulatorServer | None = None
@@ -79,6 +88,8 @@ class WsAgentServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
         self.sock = sock
+        self.worker = worker
+        self._id_prefix = f"{worker.tag}-" if worker is not None else ""
         self.worker_header = str(os.getpid())
 
     @property
@@ -96,7 +107,8 @@ class WsAgentServer:
         return self.app.manager
 
     @property
-    def runs(self) -> LocalBroker:
+    def broker(self) -> Broker:
+        """Where the runs, client ids and per-user counts are (in cluster mode, shared through Redis)."""
         return self.app.broker
 
     @property
@@ -107,30 +119,17 @@ class WsAgentServer:
 
     async def start(self) -> WsAgentServer:
         s = self.settings
-        break_transport_cycles()
         if s.transcripts_dir:
             prepare_directory(s.transcripts_dir)  # before anything starts: SystemExit if it cannot be used
         upstream = self._upstream
         if upstream is None:
             base_url = s.upstream_url
             if not base_url:
-                self.simulator = await SimulatorServer(
-                    SimulatorSettings(rate=s.sim_rate, tokens=s.sim_tokens, model=s.model,
-                                      switches=s.sim_switches)).start()
+                self.simulator = await SimulatorServer(SimulatorSettings(**s.for_simulator())).start()
                 base_url = self.simulator.base_url
                 log.info("no upstream configured: streaming from the built-in simulator at %s", base_url)
-            upstream = UpstreamClient(metrics=self.metrics, config=UpstreamConfig(
-                base_url=base_url,
-                api_key=s.api_key,
-                api=s.upstream_api,
-                model=s.model,
-                connect_timeout=s.connect_timeout,
-                first_byte_timeout=s.first_byte_timeout,
-                read_timeout=s.read_timeout,
-                max_retries=s.max_retries,
-                retry_deadline=s.retry_deadline,
-                receive_buffer=s.upstream_receive_buffer,
-            ))
+            config = UpstreamConfig(base_url=base_url, **s.for_upstream())
+            upstream = UpstreamClient(metrics=self.metrics, config=config)
         else:
             upstream.metrics = self.metrics
         log.info("model server: %s (%s), model %s unless a run names another", upstream.url,
@@ -139,12 +138,11 @@ class WsAgentServer:
                         await _broker(s))
         if self._app.agents:
             log.info("agents: %s", ", ".join(sorted(self._app.agents)))
-        directory, number = os.environ.get(MESH_DIR), os.environ.get(WORKER_NUMBER)
-        if directory and number:
-            self._mesh = await WorkerMesh(self._app, directory, number).start()
+        if self.worker is not None:
+            self._mesh = await WorkerMesh(self._app, self.worker).start()
             self._app.peers = self._mesh
         listen: dict[str, Any] = {"sock": self.sock} if self.sock is not None else {
-            "host": s.host, "port": s.port, "reuse_port": WORKER_OF in os.environ}
+            "host": s.host, "port": s.port, "reuse_port": self.worker is not None}
         self._server = await serve(
             self.handler,
             process_request=self.process_request,
@@ -198,7 +196,7 @@ class WsAgentServer:
             agents = load_agents(settings.agents)
         app.auth = Authenticator(settings)
         self.settings = app.settings = settings
-        self.origins = _origins(settings)
+        self.origins = frozenset(settings.allowed_origins)
         app.manager.max_connections = settings.max_connections
         app.manager.client_id_policy = settings.client_id_policy
         app.broker.budget, app.broker.budget_per_user = settings.replay_budget_bytes, settings.replay_budget_per_user
@@ -369,7 +367,7 @@ class WsAgentServer:
         remote = ws.remote_address
         remote_text = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
         conn = Connection(ws, path, params, remote_text, self.settings.outbox_bytes, self.settings.close_timeout,
-                          route=route.pattern, ip=_ip(remote))
+                          route=route.pattern, ip=_ip(remote), id=connection_id(self._id_prefix))
         if self.settings.socket_send_buffer:
             sock = ws.transport.get_extra_info("socket")
             if sock is not None:
@@ -432,10 +430,6 @@ def _own_names(configured: str, bound: list[str]) -> tuple[frozenset[str], bool]
     return frozenset(names), wildcard
 
 
-def _origins(settings: Settings) -> set[str]:
-    return {o.strip() for o in settings.allowed_origins.split(",") if o.strip()}
-
-
 def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, WorkflowFactory]:
     if settings.workflows:
         return load_workflows(settings.workflows, upstream, BUILTIN_TOOLS)
@@ -456,7 +450,7 @@ def _forget_handshake(ws: ServerConnection) -> None:
     ws.response.headers = Headers()
 
 
-async def _broker(settings: Settings) -> LocalBroker:
+async def _broker(settings: Settings) -> Broker:
     """Where runs, client ids and counts live: this process, or with ``--redis-url`` the cluster."""
     if not settings.redis_url:
         return LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
@@ -472,7 +466,7 @@ async def _broker(settings: Settings) -> LocalBroker:
 
     broker.on_link = said
     await broker.start()
-    log.info("cluster: node %s, Redis at %s (%s)", node, broker.url, broker.link.value)
+    log.info("cluster: node %s, Redis at %s (%s)", node, broker.url, broker.link.state.value)
     return broker
 
 

@@ -1,8 +1,10 @@
 """Process settings that keep a streaming server's per-token cost low.
 
-Both are applied once, after startup, by :mod:`wsagent.serve` and the
-simulator; the benchmark's load client applies them too, so that it does not
-spend on its own overhead the cores the servers it measures need.
+The collector's and malloc's are applied once, after startup, by
+:mod:`wsagent.serve` and the simulator; the benchmark's load client applies
+them too, so that it does not spend on its own overhead the cores the servers
+it measures need. Each changes the whole process, so none is applied by
+:class:`~wsagent.server.WsAgentServer`, which a program may embed.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def break_transport_cycles() -> bool:
     up between collections: a five-minute soak grew the server by 17 % after
     its first minute. Once the transport has told its protocol the connection
     is lost, nothing reads through it again, so the method is dropped there.
-    Returns False where nothing needs changing. Applied by the server at start.
+    Returns False where nothing needs changing. It patches a class of the
+    standard library for the whole process, so :mod:`wsagent.serve` applies it,
+    before its server starts; a program that embeds the server may call it too.
     """
     if sys.version_info >= (3, 12):
         return False

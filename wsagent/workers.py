@@ -9,9 +9,9 @@ everything up (:func:`wsagent.status.merge`).
 That directory is made afresh by the supervisor (:func:`mesh_directory`:
 ``mkdtemp``, mode 0700, a name no other user can guess and so make first),
 under ``$XDG_RUNTIME_DIR`` when that is set and usable, else in the temporary
-directory; it is handed to the workers in ``WSAGENT_WORKER_DIR`` and removed
-when the supervisor exits. A worker refuses a directory that is not its user's
-own with mode 0700. The supervisor removes a dead worker's socket.
+directory; it is handed to each worker on its command line (:class:`Worker`)
+and removed when the supervisor exits. A worker refuses a directory that is not
+its user's own with mode 0700. The supervisor removes a dead worker's socket.
 
 Why not prometheus-client's multiprocess mode: it needs the extra dependency,
 a directory of memory-mapped files that must be wiped between runs, and
@@ -30,16 +30,15 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .app import App
 from .status import snapshot
 
-__all__ = ["WorkerMesh", "MESH_DIR", "mesh_directory"]
-
-#: Set in the environment of each worker that ``--workers`` starts: the directory of the workers' sockets.
-MESH_DIR = "WSAGENT_WORKER_DIR"
+__all__ = ["Worker", "WorkerMesh", "mesh_directory", "socket_path"]
 
 log = logging.getLogger("wsagent.workers")
 
@@ -64,13 +63,59 @@ def mesh_directory() -> str:
     return tempfile.mkdtemp(prefix="wsagent-")
 
 
+def socket_path(directory: str, number: int) -> Path:
+    """Where worker ``number`` answers for its metrics."""
+    return Path(directory) / f"w{number}.sock"
+
+
+#: The first argument of a worker's command line; the second is ``NUMBER:READY_FD:DIRECTORY``. (No
+#: abbreviation of a setting's flag: ``--worker 4`` still means ``--workers 4``.)
+WORKER_FLAG = "--as-worker"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Who a worker process is among the ``--workers`` of one server, as its supervisor says on the worker's
+    command line (:meth:`argv`). None of it is read from the environment: a process that a worker started, or
+    a shell that kept a worker's variables, would inherit them and take itself for a worker too (sharing a
+    port with ``SO_REUSEPORT``, answering for metrics in another server's directory)."""
+
+    number: int
+    #: The directory of the workers' sockets (:func:`mesh_directory`).
+    directory: str
+    #: The pipe on which the worker writes its URL once it listens.
+    ready_fd: int
+
+    @property
+    def tag(self) -> str:
+        """``w1``, ``w2``, ...: what names this worker in its connection ids."""
+        return f"w{self.number}"
+
+    def argv(self) -> list[str]:
+        """The arguments that name this worker at the start of its command line."""
+        return [WORKER_FLAG, f"{self.number}:{self.ready_fd}:{self.directory}"]
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> tuple[Worker | None, list[str]]:
+        """The worker named at the start of ``argv`` (as :meth:`argv` wrote it), if any, and the arguments
+        after it."""
+        if not argv or argv[0] != WORKER_FLAG:
+            return None, list(argv)
+        value = argv[1] if len(argv) > 1 else ""
+        number, _, rest = value.partition(":")
+        ready_fd, _, directory = rest.partition(":")
+        if not (number.isdigit() and ready_fd.isdigit() and directory):
+            raise SystemExit(f"{WORKER_FLAG} {value!r}: expected NUMBER:READY_FD:DIRECTORY")
+        return cls(int(number), directory, int(ready_fd)), list(argv[2:])
+
+
 class WorkerMesh:
     """One worker's place among its siblings: serves its own metrics, gathers theirs."""
 
-    def __init__(self, app: App, directory: str, number: str) -> None:
+    def __init__(self, app: App, worker: Worker) -> None:
         self.app = app
-        self.directory = Path(directory)
-        self.path = self.directory / f"w{number}.sock"
+        self.directory = Path(worker.directory)
+        self.path = socket_path(worker.directory, worker.number)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> WorkerMesh:

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
-from .agent import WorkflowFactory, assistant, estimate_tokens, model_batches
+from .agent import WorkflowFactory, assistant
 from .auth import (
     CLOSE_FORBIDDEN,
     CLOSE_INVALID_TOKEN,
@@ -28,11 +28,12 @@ from .auth import (
     TokenBucket,
     token_from_request,
 )
-from .broker import LocalBroker, mint_key, scope_of
+from .broker import Broker, LocalBroker, mint_key, scope_of
+from .completion import estimate_tokens, model_batches
 from .config import Settings
 from .connections import Connection, ConnectionManager
 from .errors import ClusterUnavailable, ProtocolViolation
-from .events import ErrorEvent, Start, encode_message, json_object
+from .events import Cancelled, ErrorEvent, Start, encode_message, json_object
 from .logs import printable
 from .metrics import Metrics
 from .producers import AgentFactory, AgentRequest, produce
@@ -70,13 +71,13 @@ class App:
 
     def __init__(self, settings: Settings, upstream: UpstreamClient, metrics: Metrics,
                  workflows: dict[str, WorkflowFactory], agents: dict[str, AgentFactory] | None = None,
-                 broker: LocalBroker | None = None) -> None:
+                 broker: Broker | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
         self.metrics = metrics
         self.workflows = workflows
         self.agents: dict[str, AgentFactory] = agents or {}
-        self.broker = broker if broker is not None else LocalBroker(settings.replay_budget_bytes,
+        self.broker: Broker = broker if broker is not None else LocalBroker(settings.replay_budget_bytes,
                                                                     settings.replay_budget_per_user)
         self.manager = ConnectionManager(self.broker, settings.max_connections, settings.client_id_policy)
         self.auth = Authenticator(settings)
@@ -144,10 +145,16 @@ class App:
             await self.broker.add_run(run, grace)
         except ValueError as exc:
             raise ProtocolViolation(str(exc)) from None
+        run.on_finish.append(self._count)
         if s.transcripts_dir:  # opened once the run is registered: a refused run leaves no file open
             run.transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         return run
+
+    def _count(self, run: Run) -> None:
+        terminal = run.terminal
+        self.metrics.run_finished(run.outcome, run.streamed,
+                                  terminal.reason if isinstance(terminal, Cancelled) else None)
 
     async def open_run(self, conn: Connection, run_id: str, messages: list[dict[str, Any]], *, model: object = None,
                  agent: object = None, workflow: object = None, params: object = None, grace: float = 0.0,

@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from .events import Cancelled
 from .run import Run
 
 __all__ = ["Broker", "LocalBroker", "Mailbox", "mint_key", "scope_of", "KEPT_RUN_COST"]
@@ -62,7 +61,28 @@ class Broker(Protocol):
     The methods that may need the other nodes are coroutines; in-process they
     answer at once. Those that cannot be answered because the cluster is out of
     reach raise :class:`~wsagent.errors.ClusterUnavailable`.
+
+    Finished runs are kept for a resume within a replay budget (``budget`` bytes
+    in all, ``budget_per_user`` per owner; SIGHUP may change both): ``kept_bytes``
+    is what they hold, ``evictions`` how many were forgotten early to stay under it.
     """
+
+    budget: int
+    budget_per_user: int
+
+    @property
+    def kept_bytes(self) -> int: ...
+
+    @property
+    def evictions(self) -> int: ...
+
+    async def close(self) -> None:
+        """Leave the cluster (in-process: nothing to release)."""
+        ...
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The node's view of its cluster (None: this process is alone)."""
+        ...
 
     async def add_run(self, run: Run, keep_after_finish: float) -> None:
         """Register ``run`` (it gets its key); ``ValueError`` if its id is in use in its scope."""
@@ -147,9 +167,8 @@ class LocalBroker:
         self._user_runs: Counter[str] = Counter()
         self._user_conns: Counter[str] = Counter()
         self._clients: dict[str, Mailbox] = {}
-        self.total: Counter[str] = Counter()
-        self.cancellations: Counter[str] = Counter()
-        self.tokens = 0
+        #: Told each run this broker stops keeping (in a cluster: its id is freed in Redis).
+        self.on_drop: list[Callable[[Run], None]] = []
 
     async def close(self) -> None:
         """Nothing to release in-process (a cluster's broker leaves the cluster)."""
@@ -185,10 +204,6 @@ class LocalBroker:
                 self._user_runs[finished.user] -= 1
                 if not self._user_runs[finished.user]:
                     del self._user_runs[finished.user]
-            self.total[finished.outcome or "unknown"] += 1
-            self.tokens += finished.streamed
-            if isinstance(finished.terminal, Cancelled):
-                self.cancellations[finished.terminal.reason] += 1
             if keep_after_finish > 0:
                 self._keep(finished)
                 asyncio.get_running_loop().call_later(keep_after_finish, self._drop, finished)
@@ -225,6 +240,8 @@ class LocalBroker:
             if not runs:
                 del self._kept_of[owner], self._kept_by_owner[owner]
         if self._by_key.get(run.key) is run:
+            for dropped in self.on_drop:
+                dropped(run)
             del self._by_key[run.key]
         if self._by_id.get((run.scope, run.id)) is run:
             del self._by_id[run.scope, run.id]
@@ -232,6 +249,13 @@ class LocalBroker:
 
     async def run_by_key(self, key: str) -> Run | None:
         return self._by_key.get(key)
+
+    def run_here(self, key: str) -> Run | None:
+        """:meth:`run_by_key` among this process's runs."""
+        return self._by_key.get(key)
+
+    def has_id(self, scope: str, run_id: str) -> bool:
+        return (scope, run_id) in self._by_id
 
     async def run_by_id(self, scope: str, run_id: str) -> Run | None:
         return self._by_id.get((scope, run_id))
@@ -276,12 +300,20 @@ class LocalBroker:
         if not self._user_conns[user]:
             del self._user_conns[user]
 
+    def user_counts(self, user: str) -> tuple[int, int]:
+        """``user``'s connections and runs in flight in this process."""
+        return self._user_conns.get(user, 0), self._user_runs.get(user, 0)
+
+    def users(self) -> set[str]:
+        """Every user with a connection or a run in flight in this process."""
+        return {*self._user_conns, *self._user_runs}
+
     # -- client ids ------------------------------------------------------
 
     async def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
-        return self.claim_here(client_id, mailbox, policy)
+        return self.claim_client_here(client_id, mailbox, policy)
 
-    def claim_here(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+    def claim_client_here(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
         """:meth:`claim_client` among this process's clients."""
         old = self._clients.get(client_id)
         if old is not None and old is not mailbox:
@@ -292,8 +324,16 @@ class LocalBroker:
         return True
 
     def release_client(self, client_id: str, mailbox: Mailbox) -> None:
+        self.release_client_here(client_id, mailbox)
+
+    def release_client_here(self, client_id: str, mailbox: Mailbox) -> None:
+        """:meth:`release_client` among this process's clients."""
         if self._clients.get(client_id) is mailbox:
             del self._clients[client_id]
+
+    def mailbox(self, client_id: str) -> Mailbox | None:
+        """The client of this process that holds ``client_id``, if any."""
+        return self._clients.get(client_id)
 
     async def broadcast(self, frame: str) -> None:
         self.deliver_all(frame)

@@ -40,3 +40,12 @@ class Metrics:
         self.upstream_requests: Counter[str] = Counter()
         self.upstream_ttft = Histogram(TTFT_BUCKETS)
         self.relay_latency = Histogram(LATENCY_BUCKETS)
+        self.runs: Counter[str] = Counter()  # finished runs by outcome
+        self.cancellations: Counter[str] = Counter()  # cancelled runs by reason
+        self.tokens = 0  # text deltas streamed by finished runs
+
+    def run_finished(self, outcome: str | None, streamed: int, cancel_reason: str | None) -> None:
+        self.runs[outcome or "unknown"] += 1
+        self.tokens += streamed
+        if cancel_reason is not None:
+            self.cancellations[cancel_reason] += 1

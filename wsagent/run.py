@@ -72,7 +72,7 @@ from .transcripts import Transcript
 from .workflow_state import Controller, WorkflowState
 
 __all__ = ["Run", "Subscription", "Watcher", "Outlet", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume",
-           "failure_frames"]
+           "failure_frames", "terminal_outcome"]
 
 _now = time.monotonic
 
@@ -83,6 +83,12 @@ _KIND_BITS = 5
 _KIND_MASK = (1 << _KIND_BITS) - 1
 _USAGE = KIND_NAMES.index("usage")
 _TERMINAL_KINDS = frozenset({Done.kind, ErrorEvent.kind, Cancelled.kind})
+
+
+def terminal_outcome(code: int) -> str | None:
+    """The outcome (``done``, ``error``, ``cancelled``) if a log entry's ``code`` is a terminal event's."""
+    kind = code & _KIND_MASK
+    return KIND_NAMES[kind] if kind in _TERMINAL_KINDS else None
 
 
 def failure_frames(sub: Subscription, frame: str) -> list[str]:
@@ -173,15 +179,11 @@ class Watcher(Protocol):
         ...
 
 
-#: Entries of a run's log, as a cluster carries them: (seq of the first, codes, payloads, origins or None).
-Entries = tuple[int, list[int], list[str], list[list[str | None]] | None]
-
-
 class Outlet(Protocol):
     """Where a run's sealed events go besides its own watchers (in a cluster: Redis, for other nodes)."""
 
     def dirty(self, run: Run) -> None:
-        """``run`` has events the outlet has not had yet (:meth:`Run.unpublished`); called once per
+        """``run`` has events the outlet has not had yet (:meth:`Run.entries`); called once per
         upstream read, so the outlet batches them and never pays per token."""
         ...
 
@@ -340,8 +342,6 @@ class Run:
         self._orphan_timer: asyncio.TimerHandle | None = None
         self._released = False
         self.outlet: Outlet | None = None
-        self.published = 0  # the last seq the outlet has had
-        self.published_origins = 1  # how many origins the outlet has stored
         self._holder: str | None = None  # the client on another node that resumed this run, if any
 
     @property
@@ -645,59 +645,52 @@ class Run:
         self._floor_delivered = self._sealed_bytes
         self._orphaned(self.grace)
 
-    def unpublished(self, everything: bool = False) -> Entries:
-        """The sealed events the outlet has not had (``everything``: all the log keeps): the seq of the
-        first, their codes and payloads, and the origins their codes index (None while the run has
-        only its own: a follower that missed a batch still reads the next one right). Seals the tail:
-        in a cluster, the deltas of one upstream read are one entry for every node alike."""
+    def entries(self, after: int) -> tuple[int, list[int], list[str]]:
+        """The sealed events after seq ``after`` that the log still keeps: the seq of the first, their codes
+        and payloads (for an :class:`Outlet`). Seals the tail: in a cluster, the deltas of one upstream read
+        are one entry for every node alike."""
         if self._tail_code >= 0:
             self._seal_tail()
         log_ = self._log
         end = log_.end
-        first = log_.first if everything else max(self.published + 1, log_.first)
-        self.published = end - 1
-        codes, payloads = log_.codes, log_.payloads
+        first = max(after + 1, log_.first)
         count = end - first
-        origins = self.origins() if everything or len(self._origins) > 1 else None
-        entries = first, [codes[i] for i in range(-count, 0)], [payloads[i] for i in range(-count, 0)], origins
+        codes, payloads = log_.codes, log_.payloads
+        return first, [codes[i] for i in range(-count, 0)], [payloads[i] for i in range(-count, 0)]
+
+    def shared_up_to(self, seq: int) -> None:
+        """The outlet has every entry up to ``seq`` (in a cluster: in Redis). A run whose own client reads on
+        another node, from that copy, keeps of them only ``replay_bytes`` (nobody here will take them)."""
         if self._holder is not None:
-            self._trim_to(end - 1, self._sealed_bytes)
-        return entries
+            self._trim_to(seq, self._sealed_bytes)
 
     def origins(self) -> list[list[str | None]]:
         """The [agent, workflow] pairs the high bits of an entry's code index (JSON-ready)."""
         return [[agent, workflow] for agent, workflow in self._origins]
 
-    def replicate(self, first: int, codes: list[int], payloads: list[str],
-                  origins: list[list[str | None]] | None = None) -> None:
-        """Fill the log of a run produced elsewhere with entries ``first``, ``first + 1``, ... of the
-        producer's (:meth:`unpublished` there). Entries already here are skipped; past a gap, the log
-        starts again at ``first`` (a watcher behind it is told it lags). A terminal entry finishes
-        the run. The log keeps at most ``replay_bytes`` plus ``buffer_bytes``, whoever reads it."""
-        if origins is not None:
-            self._origins = [(agent, workflow) for agent, workflow in origins]
+    @property
+    def origin_count(self) -> int:
+        return len(self._origins)
+
+    # -- a copy of a run produced elsewhere (cluster mode's follower) -------
+
+    def _restart_log(self, first: int) -> None:
+        """The copy missed entries: its log starts again at ``first`` (a watcher behind it lags)."""
+        self._log.clear()
+        self._log.first = first
+
+    def _finished_elsewhere(self, outcome: str) -> None:
+        """The copy's terminal entry arrived: the run is finished (its producer ended it)."""
+        self.phase = _step(_PHASES, self.phase, _In.END)
+        self.outcome = outcome
+        if self._done is not None:
+            self._done.set()
+
+    def _bound_log(self, bound: int) -> None:
+        """Forget the copy's oldest entries past ``bound`` characters, whoever reads it (one at least stays)."""
         log_ = self._log
-        if self.finished or first + len(codes) <= log_.end:
-            return
-        if first > log_.end:
-            log_.clear()
-            log_.first = first
-        now = _now()
-        for i in range(log_.end - first, len(codes)):
-            code, payload = codes[i], payloads[i]
-            log_.append(code, payload, now)
-            self._sealed_bytes += len(payload)
-            kind = code & _KIND_MASK
-            if kind in _TERMINAL_KINDS:
-                self.phase = _step(_PHASES, self.phase, _In.END)
-                self.outcome = KIND_NAMES[kind]
-                if self._done is not None:
-                    self._done.set()
-                break
-        bound = self.replay_bytes + self.buffer_bytes
         while log_.size > bound and len(log_.codes) > 1:
             log_.popleft()
-        self.wake()
 
     # -- log -------------------------------------------------------------
 

@@ -11,8 +11,8 @@ from typing import Any
 from websockets.http11 import Request, Response
 
 from .app import App
+from .http_answers import http_response
 from .metrics import Histogram
-from .responses import http_response
 
 __all__ = ["healthz", "metrics", "health", "render"]
 
@@ -82,15 +82,15 @@ def snapshot(app: App) -> list[Family]:
     add("wsagent_connections_total", "counter", "WebSocket connections accepted by route.",
         app.manager.total_by_route, "route")
     add("wsagent_runs_active", "gauge", "Runs streaming now.", {"": len(active)})
-    add("wsagent_runs_total", "counter", "Finished runs by outcome.", app.broker.total, "outcome")
+    add("wsagent_runs_total", "counter", "Finished runs by outcome.", app.metrics.runs, "outcome")
     add("wsagent_tokens_relayed_total", "counter", "Text deltas relayed from the model.",
-        {"": app.broker.tokens + sum(run.streamed for run in active)})
+        {"": app.metrics.tokens + sum(run.streamed for run in active)})
     add("wsagent_upstream_requests_total", "counter", "Requests to the model server by HTTP status.",
         m.upstream_requests, "status")
     histogram("wsagent_upstream_ttft_seconds", "Time from request to the model's first event.", m.upstream_ttft)
     histogram("wsagent_relay_latency_seconds", "Time from a delta's arrival to its frame in the socket.",
               m.relay_latency)
-    add("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", app.broker.cancellations, "reason")
+    add("wsagent_cancellations_total", "counter", "Cancelled runs by reason.", app.metrics.cancellations, "reason")
     add("wsagent_replay_kept_bytes", "gauge",
         "What finished runs kept for resume count against --replay-budget-bytes: their logs and their own cost.",
         {"": app.broker.kept_bytes})

@@ -1,0 +1,387 @@
+"""Cluster mode's broker: a node's :class:`~wsagent.broker.LocalBroker`, shared through Redis by parts.
+
+:class:`RedisBroker` implements the :class:`~wsagent.broker.Broker` protocol
+by holding a ``LocalBroker`` (every run this node produces lives in its memory,
+as alone) and the parts that share what other nodes need, each with the state
+and rules of one job:
+
+* :class:`~wsagent.cluster.link.RedisLink`: the connections, and whether Redis answers;
+* :class:`~wsagent.cluster.liveness.Liveness`: the heartbeat, which nodes are alive;
+* :class:`~wsagent.cluster.replication.Replicator`: this node's runs and their logs in Redis;
+* :class:`~wsagent.cluster.follower.Following`: the runs it follows from other nodes (:class:`Mirror`);
+* :class:`~wsagent.cluster.clients.Clients`: client ids and per-user counts;
+* :mod:`~wsagent.cluster.messages`: the typed control messages, dispatched here by one table
+  (:meth:`RedisBroker._handlers`).
+
+While Redis is out of reach the node goes on alone: its own runs stream to its
+own clients untouched, new runs start, limits count this node only; whatever
+needs another node raises :class:`~wsagent.errors.ClusterUnavailable`, and the
+runs it follows end for their watchers with a retryable ``cluster_unavailable``.
+Once Redis answers again, the node writes back what it holds (runs, their
+retained logs, client ids, counts) and follows again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio.client import Pipeline
+
+from ..broker import LocalBroker, Mailbox, mint_key
+from ..run import Run
+from . import messages
+from .clients import Clients
+from .follower import Following, Mirror
+from .link import COMMAND_TIMEOUT, DOWN_ERRORS, Link, RedisLink
+from .liveness import Liveness
+from .names import BROADCAST, KEY, RUN_CHANNELS, name, shared
+from .replication import FLUSH_EVERY, Replicator
+from .wire import Command
+
+__all__ = ["RedisBroker", "default_node_id"]
+
+log = logging.getLogger("wsagent.cluster")
+
+_questions = itertools.count(1)
+
+
+def default_node_id() -> str:
+    """Host name, pid and 16 random bits: unique per process, readable in logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class RedisBroker:
+    """A node of a cluster: a :class:`~wsagent.broker.LocalBroker` whose runs, client ids and counts the
+    other nodes see through Redis at ``url``."""
+
+    def __init__(self, url: str, node: str, budget: int = 64 * 1024 * 1024,
+                 budget_per_user: int = 8 * 1024 * 1024) -> None:
+        """Raises ``SystemExit`` (one line) for a URL that cannot be followed."""
+        self.node = node
+        self.local = LocalBroker(budget, budget_per_user)
+        self.link = RedisLink(url, node, self)
+        self.liveness = Liveness(self.link, node, self)
+        self.following = Following(self.link, self.liveness, node)
+        self.replication = Replicator(self.link, node, self._more)
+        self.clients = Clients(self.link, self.liveness, self.local, lambda: self.replication.soon(FLUSH_EVERY))
+        self.local.on_drop.append(self.replication.dropped)
+        self._asked: dict[str, asyncio.Future[Any]] = {}  # questions to other nodes, by number
+        self._adding: set[str] = set()  # keys of runs being registered (a follower may ask about one already)
+        self._beating: asyncio.Task[None] | None = None
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            messages.Cancel: self._on_cancel, messages.Forget: self._on_forget,
+            messages.Follow: self._on_follow, messages.Unfollow: self._on_unfollow,
+            messages.Gone: self._on_gone, messages.Hello: self._on_hello,
+            messages.Adopt: self._on_adopt, messages.Leave: self._on_leave,
+            messages.Evict: self._on_evict, messages.Send: self._on_send,
+            messages.AskCancel: self._on_question, messages.AskSnapshot: self._on_question,
+            messages.AskCancelAgent: self._on_question, messages.Answer: self._on_answer,
+        }
+
+    # -- lifecycle -------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The Redis URL, without its password."""
+        return self.link.url
+
+    @property
+    def on_link(self) -> Callable[[Link], None]:
+        return self.link.on_change
+
+    @on_link.setter
+    def on_link(self, told: Callable[[Link], None]) -> None:
+        self.link.on_change = told
+
+    async def start(self) -> RedisBroker:
+        """Join the cluster (or start alone, and join once Redis answers)."""
+        await self.liveness.beat()
+        if not self.link.up:
+            log.warning("cluster: Redis at %s is out of reach; node %s runs alone until it answers",
+                        self.url, self.node)
+        self._beating = asyncio.get_running_loop().create_task(self.liveness.run())
+        return self
+
+    async def close(self) -> None:
+        """Leave the cluster: the other nodes see this node gone at once (its runs have ended)."""
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.gather(self._beating, return_exceptions=True)
+        if self.link.up:
+            try:
+                self.replication.flush()
+                await self.link.send([("PING",)])  # after everything written before it
+            except DOWN_ERRORS:
+                pass
+            else:
+                await self.liveness.leave()
+        await self.link.close()
+
+    def cluster_status(self) -> dict[str, Any]:
+        return {"node": self.node, **self.link.status(), "nodes": len(self.liveness.live),
+                "followed_runs": len(self.following.mirrors), "batches": self.replication.batches}
+
+    # -- what the parts ask of the node ----------------------------------
+
+    def received(self, channel: str, data: str) -> None:
+        if channel == BROADCAST:
+            self.local.deliver_all(data)
+        elif channel.startswith(RUN_CHANNELS):
+            self.following.received(channel, data)
+        else:
+            message = messages.decode(data)
+            if message is not None:
+                self._handlers[type(message)](message)
+
+    def channels(self) -> list[str]:
+        return self.following.channels()
+
+    def subscribed(self) -> None:
+        self.following.subscribed()
+
+    def down(self) -> None:
+        self.following.down()
+
+    def refresh(self, pipe: Pipeline) -> None:
+        self.replication.refresh(pipe, self.local.active_runs())
+        self.clients.refresh(pipe)
+
+    async def write_back(self) -> None:
+        """Every run this node keeps, with its log, each user's counts here, and each client id."""
+        commands: list[Command] = []
+        self.replication.write_back(commands, self.local)
+        claims = self.clients.write_back(commands, self.local.users())
+        replies = await self.link.send(commands)
+        self.clients.taken(replies[len(replies) - claims:] if claims else [])
+
+    def beaten(self, live: frozenset[str]) -> None:
+        self.replication.beaten(live)
+        for run in self.local.active_runs():  # a client whose node died left its run: the grace starts
+            holder = run.holder
+            if holder is not None and holder.rpartition("/")[0] not in live:
+                run.leave_remote(holder)
+        self.following.beaten(live)
+
+    def _more(self, commands: list[Command]) -> None:
+        self.clients.due(commands)
+
+    # -- control messages (one handler per type) ---------------------------
+
+    def _on_cancel(self, message: messages.Cancel) -> None:  # a follower passing its watcher's cancel on
+        self.local.cancel_here(message.key, message.reason)
+
+    def _on_forget(self, message: messages.Forget) -> None:  # a newer run took its id on another node
+        run = self.local.run_here(message.key)
+        if run is not None and run.finished:
+            self.local.forget(run)
+
+    def _on_follow(self, message: messages.Follow) -> None:
+        if self.local.run_here(message.key) is not None:
+            self.replication.followed(message.key, message.node, True)
+        elif message.key not in self._adding:  # none of this process's: its follower need not wait for it
+            self.following.tell(message.node, messages.Gone(message.key))
+
+    def _on_unfollow(self, message: messages.Unfollow) -> None:
+        self.replication.unfollowed(message.key, message.node)
+
+    def _on_gone(self, message: messages.Gone) -> None:
+        self.following.gone(message.key)
+
+    def _on_hello(self, message: messages.Hello) -> None:  # a process started as that node: its past is gone
+        self.following.restarted(message.node)
+        for run in self.local.active_runs():
+            holder = run.holder
+            if holder is not None and holder.rpartition("/")[0] == message.node:
+                run.leave_remote(holder)
+
+    def _on_adopt(self, message: messages.Adopt) -> None:
+        run = self.local.run_here(message.key)
+        if run is not None:
+            run.adopt_remote(message.holder)
+
+    def _on_leave(self, message: messages.Leave) -> None:
+        run = self.local.run_here(message.key)
+        if run is not None:
+            run.leave_remote(message.holder)
+
+    def _on_evict(self, message: messages.Evict) -> None:
+        self.clients.evicted(message.client, message.holder)
+
+    def _on_send(self, message: messages.Send) -> None:
+        self.local.deliver(message.client, message.frame)
+
+    def _on_question(self, question: messages.AskCancel | messages.AskSnapshot | messages.AskCancelAgent) -> None:
+        """Answer on the asker's channel (None: no such run here)."""
+        run = self.local.run_here(question.key)
+        answer: Any = None
+        if run is not None:
+            if isinstance(question, messages.AskCancel):
+                answer = self.local.cancel_here(run.key, question.reason)
+            elif isinstance(question, messages.AskSnapshot) and run.state is not None:
+                answer = run.state.snapshot()
+            elif isinstance(question, messages.AskCancelAgent) and run.controller is not None:
+                answer = run.controller.cancel(question.agent)
+        self.following.tell(question.asker, messages.Answer(question.ask, answer))
+
+    def _on_answer(self, message: messages.Answer) -> None:
+        waiting = self._asked.pop(message.ask, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(message.answer)
+
+    async def _question(self, run: Mirror, ask: Callable[[str, str], messages.Message]) -> Any:
+        """Ask the node that produces ``run`` (``ask`` makes the question of its number and this node);
+        its answer, or None if it gives none within COMMAND_TIMEOUT."""
+        number = str(next(_questions))
+        waiting = self._asked[number] = asyncio.get_running_loop().create_future()
+        try:
+            self.following.tell(run.node, ask(number, self.node))
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                return await waiting
+        except TimeoutError:
+            return None
+        finally:
+            self._asked.pop(number, None)
+
+    # -- runs ------------------------------------------------------------
+
+    async def add_run(self, run: Run, keep_after_finish: float) -> None:
+        if self.local.has_id(run.scope, run.id):
+            raise ValueError(f"run id {run.id!r} is already in use")
+        if not run.key:
+            run.key = mint_key()
+        first: list[Command] = []
+        if run.user is not None:  # counted everywhere before it starts
+            _, runs = self.local.user_counts(run.user)
+            first.append(("HSET", name("user", run.user), f"r:{self.node}", runs + 1))
+        self._adding.add(run.key)
+        try:
+            await self.replication.add(run, first)
+        finally:
+            self._adding.discard(run.key)
+        self.local.register(run, keep_after_finish)
+        run.outlet = self.replication
+        if run.user is not None:
+            self.clients.changed(run.user)
+            run.on_finish.append(lambda ended: self.clients.changed(str(ended.user)))
+        self.replication.dirty(run)
+
+    async def run_by_key(self, key: str) -> Run | None:
+        run: Run | None = self.local.run_here(key) or self.following.mirrors.get(key)
+        if run is not None or not KEY.fullmatch(key):
+            return run
+        fields = await self.link.ask(self.link.redis.hgetall(name("run", key)))
+        if not fields or "meta" not in fields:
+            return None
+        meta = json.loads(fields["meta"])
+        if meta["node"] == self.node:  # a run this node no longer keeps
+            return None
+        return self.following.mirror(key, meta, json.loads(fields.get("origins") or "[[null, null]]"))
+
+    async def run_by_id(self, scope: str, run_id: str) -> Run | None:
+        run = await self.local.run_by_id(scope, run_id)
+        if run is not None or not shared(scope):
+            return run
+        key = await self.link.ask(self.link.redis.get(name("id", scope, run_id)))
+        run = None if not isinstance(key, str) else await self.run_by_key(key)
+        if run is None or run.scope != scope or run.id != run_id:  # found by id: the asking scope's own, exactly
+            return None
+        return run
+
+    async def follow(self, run: Run, after: int = 0) -> Run:
+        if not isinstance(run, Mirror):
+            return run
+        return await self.following.follow(run, after)
+
+    def active_runs(self) -> list[Run]:
+        return self.local.active_runs()
+
+    async def snapshot(self, run: Run) -> tuple[dict[str, Any], ...] | None:
+        if not isinstance(run, Mirror):
+            return await self.local.snapshot(run)
+        if run.workflow is None:
+            return None
+        answer = await self._question(run, lambda ask, asker: messages.AskSnapshot(ask, asker, run.key))
+        return tuple(answer) if isinstance(answer, list) else None
+
+    async def cancel_agent(self, run: Run, agent: str) -> bool:
+        if not isinstance(run, Mirror):
+            return await self.local.cancel_agent(run, agent)
+        return run.workflow is not None and await self._question(
+            run, lambda ask, asker: messages.AskCancelAgent(ask, asker, run.key, agent)) is True
+
+    def forget(self, run: Run) -> None:
+        self.local.forget(run)
+        if isinstance(run, Mirror):  # its node forgets it too: it would still find it by id, and refuse the id
+            self.following.unfollow(run)
+            self.following.tell(run.node, messages.Forget(run.key))
+        self.replication.erase(run)
+
+    async def runs_of(self, user: str) -> int:
+        return await self.clients.total(user, "r", self.local.user_counts(user)[1])
+
+    async def cancel(self, key: str, reason: str) -> bool:
+        if self.local.cancel_here(key, reason):
+            return True
+        if self.local.run_here(key) is not None:
+            return False
+        run = await self.run_by_key(key)
+        if not isinstance(run, Mirror):
+            return False
+        self.link.require_up()
+        return await self._question(run, lambda ask, asker: messages.AskCancel(ask, asker, key, reason)) is True
+
+    # -- users and client ids ----------------------------------------------
+
+    async def user_connected(self, user: str) -> int:
+        return await self.clients.connected(user, await self.local.user_connected(user))
+
+    def user_disconnected(self, user: str) -> None:
+        self.local.user_disconnected(user)
+        self.clients.changed(user)
+
+    async def claim_client(self, client_id: str, mailbox: Mailbox, policy: str) -> bool:
+        return await self.clients.claim(client_id, mailbox, policy)
+
+    def release_client(self, client_id: str, mailbox: Mailbox) -> None:
+        self.clients.release(client_id, mailbox)
+
+    async def broadcast(self, frame: str) -> None:
+        await self.clients.broadcast(frame)
+
+    async def send_to(self, client_id: str, frame: str) -> bool:
+        return await self.clients.send_to(client_id, frame)
+
+    # -- the replay budget (the local broker's) ------------------------------
+
+    @property
+    def budget(self) -> int:
+        return self.local.budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self.local.budget = value
+
+    @property
+    def budget_per_user(self) -> int:
+        return self.local.budget_per_user
+
+    @budget_per_user.setter
+    def budget_per_user(self, value: int) -> None:
+        self.local.budget_per_user = value
+
+    @property
+    def kept_bytes(self) -> int:
+        return self.local.kept_bytes
+
+    @property
+    def evictions(self) -> int:
+        return self.local.evictions
+

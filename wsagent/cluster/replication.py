@@ -1,0 +1,238 @@
+"""Writing the runs a node produces to Redis: their registration, their logs, and who follows them.
+
+A run's log goes to ``wsagent:log:{key}`` (a stream) as the producer keeps it:
+one entry per sealed event (the deltas of one upstream read are one entry), its
+stream id ``{seq}-0``. Redis refuses an id that is not above the last one, so a
+node that comes back after an outage can rewrite its history without ever
+writing stale entries over newer ones (the fence). The stream is trimmed to the
+producer's own log (``MINID``), so it never holds more than ``--replay-bytes``
+plus ``--run-buffer-bytes`` of the run. Each batch also goes to the nodes that
+follow the run, on its channel.
+
+Cost on the hot path: a run's new entries are sealed once per upstream read, and
+every dirty run's new entries go to Redis in one write, one ``XADD`` per entry
+and one ``PUBLISH`` per run, on the writer spoken by hand: at most once a
+millisecond while another node follows one of them, every 10 ms while none
+does, and at the next turn of the event loop once one has ended (its client may
+ask another node about it at once). No round trip, task or future per batch,
+nothing per token. What the run itself knows of this: that it has an
+:class:`~wsagent.run.Outlet` to tell when it has new entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+
+from redis.asyncio.client import Pipeline
+
+from ..errors import ClusterUnavailable
+from ..run import Run
+from .link import DOWN_ERRORS, RedisLink
+from .names import DELETE_IF, RUN_TTL, name, shared, ttl
+from .wire import Command
+
+__all__ = ["Replicator", "FLUSH_EVERY", "LAZY_EVERY"]
+
+#: Seconds between two writes of run entries to Redis while another node follows one of them (at most one
+#: write per turn of the event loop), and while none does (the entries only go to the history).
+FLUSH_EVERY = 0.001
+LAZY_EVERY = 0.01
+
+
+class _Written:
+    """How much of one run Redis has: its last seq, and how many of its origins."""
+
+    __slots__ = ("seq", "origins")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.origins = 1
+
+
+class Replicator:
+    """This node's runs in Redis. ``more`` adds to each write what else is due (the users' counts)."""
+
+    def __init__(self, link: RedisLink, node: str, more: Callable[[list[Command]], None]) -> None:
+        self.link = link
+        self.node = node
+        self.batches = 0
+        #: Runs produced here -> the nodes that follow them (their entries are written at once).
+        self.followers: dict[str, set[str]] = {}
+        self._more = more
+        self._written: dict[Run, _Written] = {}
+        self._dirty: dict[Run, None] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_at = 0.0
+        self._flushed = 0.0
+
+    # -- registration ------------------------------------------------------
+
+    async def add(self, run: Run, first: list[Command]) -> None:
+        """Make ``run`` known to the cluster (after ``first``, in the same write), before its client learns
+        its key; ``ValueError`` if its id is taken on another node."""
+        self._written[run] = _Written()
+        if not self.link.up:
+            return
+        commands = [*first]
+        self._register(commands, run, RUN_TTL)
+        try:
+            replies = await self.link.send(commands)
+        except DOWN_ERRORS as exc:
+            self.link.lost(exc)
+            return
+        if shared(run.scope) and not replies[-1]:
+            self.erase(run)
+            raise ValueError(f"run id {run.id!r} is already in use")
+        if shared(run.scope) and isinstance(replies[-1], Exception):  # (an error is a value)
+            self.erase(run)
+            raise ClusterUnavailable(f"Redis did not register run id {run.id!r} ({replies[-1]}); try again shortly")
+
+    def _register(self, commands: list[Command], run: Run, seconds: int) -> None:
+        meta = {"id": run.id, "user": run.user, "scope": run.scope, "node": self.node, "agent": run.agent,
+                "workflow": run.workflow, "grace": run.grace, "buffer": run.buffer_bytes, "replay": run.replay_bytes}
+        commands += [("HSET", name("run", run.key), "meta", json.dumps(meta), "origins", json.dumps(run.origins())),
+                     ("EXPIRE", name("run", run.key), seconds)]
+        if shared(run.scope):
+            commands.append(("SET", name("id", run.scope, run.id), run.key, "NX", "EX", seconds))
+
+    def write_back(self, commands: list[Command], runs: Iterable[Run]) -> None:
+        """Commands that write ``runs`` again, each with the log it keeps (a stream refuses entries not above
+        its last: the fence)."""
+        for run in runs:
+            written = self._written.setdefault(run, _Written())
+            self._register(commands, run, ttl(run))
+            written.seq = run.oldest_kept - 1  # (everything it keeps, and its origins)
+            written.origins = 0
+            self._append(commands, run, written, publish=False)
+
+    def refresh(self, pipe: Pipeline, running: Iterable[Run]) -> None:
+        """The TTLs of the running runs' keys, renewed (the heartbeat's, every REFRESH_EVERY)."""
+        for run in running:
+            for key in (name("run", run.key), name("log", run.key)):
+                pipe.expire(key, RUN_TTL)
+            if shared(run.scope):
+                pipe.expire(name("id", run.scope, run.id), RUN_TTL)
+
+    # -- writing: once per upstream read, pipelined across runs -------------
+
+    def dirty(self, run: Run) -> None:
+        """``run`` has new entries (its :class:`~wsagent.run.Outlet`)."""
+        self._dirty[run] = None
+        if run.finished:  # its end at once (next turn): its client may ask another node about it right away
+            self.soon(0.0)
+        else:
+            self.soon(FLUSH_EVERY if run.key in self.followers else LAZY_EVERY)
+
+    def soon(self, every: float) -> None:
+        """Flush once ``every`` seconds have passed since the last flush (at the end of this turn of the
+        event loop if they have): FLUSH_EVERY while another node follows a dirty run, LAZY_EVERY while
+        none does. Each write costs a ``send`` (a fifth of a busy node's time when every turn wrote):
+        under load one carries a millisecond's reads, and a run nobody follows yet, whose entries only
+        need to be in the history in case its client moves, shares one with ten milliseconds' worth."""
+        loop = asyncio.get_running_loop()
+        at = max(self._flushed + every, loop.time())
+        if self._flush_timer is not None:
+            if self._flush_at <= at:
+                return
+            self._flush_timer.cancel()  # a followed run came in: sooner than planned
+        self._flush_at = at
+        self._flush_timer = loop.call_at(at, self.flush)
+
+    def flush(self) -> None:
+        """Every dirty run's new entries, one XADD each and one PUBLISH per run, in one write (when
+        :meth:`soon` says). Nothing waits for the replies (no task, no future); a Redis that stops
+        reading is noticed by the heartbeat, and its unsent backlog bounded by the link."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()  # called directly (closing): the timer's turn is taken
+            self._flush_timer = None
+        self._flushed = asyncio.get_running_loop().time()
+        dirty, self._dirty = self._dirty, {}
+        if not self.link.up:
+            return  # the retained logs are written again when Redis answers
+        commands: list[Command] = []
+        for run in dirty:
+            written = self._written.get(run)
+            if written is None:  # (dropped meanwhile)
+                continue
+            self._append(commands, run, written, publish=True)
+            if run.finished:
+                seconds = ttl(run)
+                commands += [("EXPIRE", name("run", run.key), seconds), ("EXPIRE", name("log", run.key), seconds)]
+                if shared(run.scope):
+                    commands.append(("EXPIRE", name("id", run.scope, run.id), max(1, round(run.grace))))
+        self._more(commands)
+        if commands:
+            self.batches += 1
+            self.link.write(commands)
+
+    def _append(self, commands: list[Command], run: Run, written: _Written, *, publish: bool) -> None:
+        """Commands that write ``run``'s entries after ``written`` to its stream (``publish``: and to its
+        followers). The stream's first write gives it its TTL: that write may begin past seq 1, when the run
+        forgot its first events (taken by its client, past ``--replay-bytes``) before they were written."""
+        new = written.seq == 0 or not publish
+        first, codes, payloads = run.entries(written.seq)
+        if not codes:
+            return
+        stream = name("log", run.key)
+        written.seq = first + len(codes) - 1
+        origins = run.origins() if not publish or run.origin_count > 1 else None
+        if origins is not None and len(origins) != written.origins:
+            written.origins = len(origins)
+            commands.append(("HSET", name("run", run.key), "origins", json.dumps(origins)))
+        last = len(codes) - 1
+        for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
+            if i == last:  # trimmed to what the producer keeps, once per batch
+                commands.append(("XADD", stream, "MINID", "~", f"{run.oldest_kept}-0", f"{first + i}-0",
+                                 "c", code, "p", payload))
+            else:
+                commands.append(("XADD", stream, f"{first + i}-0", "c", code, "p", payload))
+        if new:
+            commands.append(("EXPIRE", stream, ttl(run)))
+        if publish:
+            commands.append(("PUBLISH", name("run", run.key), json.dumps([first, codes, payloads, origins])))
+        run.shared_up_to(written.seq)
+
+    # -- forgetting ----------------------------------------------------------
+
+    def dropped(self, run: Run) -> None:
+        """This node stops keeping ``run`` (its grace is over, 0 by default; or it was evicted): its last
+        entries leave first (a run's end is often still unwritten: with the default grace it ends and is
+        dropped in one turn), and its id is free again, as on this node. Its hash and stream stay a few
+        seconds (ENDED_TTL) for the nodes reading its end."""
+        if run in self._dirty:
+            self.flush()
+        self._written.pop(run, None)
+        self.followers.pop(run.key, None)
+        if shared(run.scope):
+            self.link.write([("EVAL", DELETE_IF, 1, name("id", run.scope, run.id), run.key)])
+
+    def erase(self, run: Run) -> None:
+        """Delete ``run`` from Redis, on the writer: a run registered after this (a new turn taking the id)
+        is written after it."""
+        self._written.pop(run, None)
+        commands: list[Command] = [("DEL", name("run", run.key), name("log", run.key))]
+        if shared(run.scope):
+            commands.append(("EVAL", DELETE_IF, 1, name("id", run.scope, run.id), run.key))
+        self.link.write(commands)
+
+    # -- followers -----------------------------------------------------------
+
+    def followed(self, key: str, node: str, here: bool) -> None:
+        if here:
+            self.followers.setdefault(key, set()).add(node)
+
+    def unfollowed(self, key: str, node: str) -> None:
+        followers = self.followers.get(key)
+        if followers is not None:
+            followers.discard(node)
+            if not followers:
+                del self.followers[key]
+
+    def beaten(self, live: frozenset[str]) -> None:
+        """Followers on nodes no longer alive follow no more."""
+        for key, followers in list(self.followers.items()):
+            followers &= live
+            if not followers:
+                del self.followers[key]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from wsagent.events import Answer, Event
 from wsagent.producers import AgentRequest, Stopped, ThreadBridge
@@ -23,7 +23,7 @@ async def hangs(request: AgentRequest) -> AsyncIterator[Event]:
     await asyncio.Event().wait()
 
 
-async def flood(request: AgentRequest) -> AsyncIterator[Event | list[Event]]:
+async def flood(request: AgentRequest) -> AsyncIterator[Event | Sequence[Event]]:
     """A framework thread that writes far faster than any client reads, until the run stops it."""
     bridge = ThreadBridge(limit=32)
 

@@ -1,43 +1,33 @@
 """Real parts for every test: the simulated model over HTTP on loopback, the
-wsagent server on port 0, and real ``websockets`` clients."""
+wsagent server on port 0, and real ``websockets`` clients.
+
+Fixtures only: what tests call themselves is in tests/helpers.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from websockets.asyncio.client import ClientConnection, connect
 
 from wsagent import chunks
 from wsagent.config import Settings
-from wsagent.run import Run
 from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
-from wsagent.upstream import UpstreamClient, UpstreamConfig
+from wsagent.simulator import SimulatorServer
 
 from .browser import Browser
-
-TERMINAL = {"done", "error", "cancelled"}
+from .helpers import AI_SDK_EXAMPLE, ROOT, Cluster, ServerFactory, redis_server, simulator, upstream_for
 
 #: ``pytest --hypothesis-profile=long``: the cluster model (tests/test_cluster_model.py) runs more and longer
 #: examples than its CI profile (tests with settings of their own keep them).
 hypothesis_settings.register_profile("long", max_examples=30, stateful_step_count=25, deadline=None,
                                      suppress_health_check=list(HealthCheck))
-
-
-@contextlib.asynccontextmanager
-async def simulator() -> AsyncIterator[SimulatorServer]:
-    """The simulated model on a loopback port: unthrottled, 24 tokens, fault switches on."""
-    server = await SimulatorServer(SimulatorSettings(rate=0, tokens=24, switches=True)).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
@@ -54,16 +44,6 @@ async def browser() -> AsyncIterator[Browser]:
         yield started
     finally:
         await started.close()
-
-
-def upstream_for(sim: SimulatorServer, **overrides: Any) -> UpstreamClient:
-    config: dict[str, Any] = {"base_url": sim.base_url, "backoff_base": 0.01, "first_byte_timeout": 10,
-                              "read_timeout": 10}
-    config.update(overrides)
-    return UpstreamClient(UpstreamConfig(**config))
-
-
-ServerFactory = Callable[..., Awaitable[WsAgentServer]]
 
 
 @pytest.fixture
@@ -89,54 +69,6 @@ async def server(make_server: ServerFactory) -> WsAgentServer:
     return await make_server()
 
 
-def ws_connect(server: WsAgentServer, path: str, **kwargs: Any) -> Any:
-    kwargs.setdefault("open_timeout", 5)
-    kwargs.setdefault("close_timeout", 2)
-    return connect(f"{server.url}{path}", **kwargs)
-
-
-async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    message = await ws.recv()
-    assert isinstance(message, str)
-    data = json.loads(message)
-    assert isinstance(data, dict)
-    return data
-
-
-async def run_events(ws: ClientConnection, run_id: str, others: dict[str, list[dict[str, Any]]] | None = None,
-                     ) -> list[dict[str, Any]]:
-    """Read events until ``run_id`` ends; events of other runs go to ``others``."""
-    events: list[dict[str, Any]] = []
-    while True:
-        event = await recv_json(ws)
-        if event.get("id") == run_id:
-            events.append(event)
-            if event["type"] in TERMINAL:
-                return events
-        elif others is not None:
-            others.setdefault(str(event.get("id")), []).append(event)
-
-
-async def text_reply(ws: ClientConnection) -> str:
-    """Read text-mode frames until ``[DONE]`` or ``[ERROR]``."""
-    parts: list[str] = []
-    while True:
-        message = await ws.recv()
-        assert isinstance(message, str)
-        parts.append(message)
-        if message.endswith("\n[DONE]") or message.startswith("[ERROR]") or "[CANCELLED]" in message:
-            return "".join(parts)
-
-
-def content(events: list[dict[str, Any]], kind: str = "token") -> str:
-    return "".join(e["content"] for e in events if e["type"] == kind)
-
-
-def find_run(server: WsAgentServer, run_id: str) -> Run | None:
-    """The newest run with ``run_id``, whoever started it (tests look runs up from outside any scope)."""
-    return next((run for run in reversed(list(server.runs)) if run.id == run_id), None)
-
-
 @pytest.fixture(params=["orjson", "json"])
 def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Chunks decoded by orjson (when installed) and by the standard library: each test gets the same result."""
@@ -145,3 +77,28 @@ def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     elif chunks.loads is json.loads:
         pytest.skip("orjson is not installed")
     return str(request.param)
+
+
+@pytest.fixture
+async def cluster(sim: SimulatorServer) -> AsyncIterator[Cluster]:
+    """Cluster mode: a ``redis-server`` of its own; nodes started by the test (:meth:`Cluster.start`)."""
+    async with contextlib.AsyncExitStack() as stack:
+        port, process = await stack.enter_async_context(redis_server())
+        yield Cluster(stack, sim, port, process)
+
+
+@pytest.fixture
+async def page_url() -> AsyncIterator[str]:
+    """The AI SDK example, built now and served by a static server on loopback."""
+    build = await asyncio.create_subprocess_exec("npm", "run", "-s", "build:example", cwd=ROOT)
+    assert await build.wait() == 0
+    app = web.Application()
+    app.router.add_static("/", AI_SDK_EXAMPLE)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from wsagent.agent import Agent, ConcurrentWorkflow, SequentialWorkflow
-from wsagent.events import Event
+from wsagent.events import Action, AgentEnd, Answer, Done, Event, Observation
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 from wsagent.tools import BUILTIN_TOOLS, ToolBox, calculator, evaluate, search_notes, tool
 
-from .conftest import recv_json, run_events, upstream_for, ws_connect
+from .helpers import recv_json, run_events, upstream_for, ws_connect
 
 
 @tool
@@ -44,9 +44,10 @@ async def test_tool_run_streams_thinking_action_observation_answer_done(sim: Sim
     assert kinds(events) == ["thinking", "action", "observation", "thinking", "answer", "usage", "done"]
     action = next(e for e in events if e.type == "action")
     observation = next(e for e in events if e.type == "observation")
-    assert action.name == "calculator" and json.loads(action.arguments) == {"expression": "(2 + 3) * 7"}  # type: ignore[attr-defined]
-    assert observation.content == "(2 + 3) * 7 = 35" and not observation.is_error  # type: ignore[attr-defined]
-    assert "35" in "".join(e.content for e in events if e.type == "answer")  # type: ignore[attr-defined]
+    assert isinstance(action, Action) and isinstance(observation, Observation)
+    assert action.name == "calculator" and json.loads(action.arguments) == {"expression": "(2 + 3) * 7"}
+    assert observation.content == "(2 + 3) * 7 = 35" and not observation.is_error
+    assert "35" in "".join(e.content for e in events if isinstance(e, Answer))
     assert all(e.agent == "calc" for e in events)
 
 
@@ -54,7 +55,8 @@ async def test_failing_tool_becomes_an_observation(sim: SimulatorServer) -> None
     agent = Agent("x", tools=[explode], client=upstream_for(sim))
     events = await events_of(agent, "please explode now")
     observation = next(e for e in events if e.type == "observation")
-    assert observation.is_error and "kaboom" in observation.content  # type: ignore[attr-defined]
+    assert isinstance(observation, Observation)
+    assert observation.is_error and "kaboom" in observation.content
     assert events[-1].type == "done"
 
 
@@ -62,7 +64,8 @@ async def test_malformed_arguments_become_an_observation(sim: SimulatorServer) -
     agent = Agent("x", tools=BUILTIN_TOOLS, client=upstream_for(sim))
     events = await events_of(agent, "what is 1 + 1 sim:bad_args=1")
     observation = next(e for e in events if e.type == "observation")
-    assert observation.is_error and "not valid JSON" in observation.content  # type: ignore[attr-defined]
+    assert isinstance(observation, Observation)
+    assert observation.is_error and "not valid JSON" in observation.content
     assert events[-1].type == "done"
 
 
@@ -70,7 +73,8 @@ async def test_loop_limit(sim: SimulatorServer) -> None:
     agent = Agent("x", tools=BUILTIN_TOOLS, max_loops=2, client=upstream_for(sim))
     events = await events_of(agent, "what is 1 + 1 sim:tool_loop=1")
     assert sum(e.type == "action" for e in events) == 2
-    assert events[-1].type == "done" and events[-1].finish_reason == "max_loops"  # type: ignore[attr-defined]
+    last = events[-1]
+    assert isinstance(last, Done) and last.finish_reason == "max_loops"
 
 
 async def test_upstream_failure_is_one_error(sim: SimulatorServer) -> None:
@@ -86,10 +90,10 @@ async def test_concurrent_workflow_interleaves_and_each_finishes(sim: SimulatorS
     answers = [e.agent for e in events if e.type == "answer"]
     first_switch = next(i for i in range(1, len(answers)) if answers[i] != answers[i - 1])
     assert set(answers[first_switch:]) != {answers[first_switch]}  # interleaved, not one after another
-    ends = {e.agent: e.outcome for e in events if e.type == "agent_end"}  # type: ignore[attr-defined]
+    ends = {e.agent: e.outcome for e in events if isinstance(e, AgentEnd)}
     assert ends == {"researcher": "done", "analyst": "done", "critic": "done"}
     assert events[-1].type == "done" and all(e.workflow == "panel" for e in events)
-    texts = {a.name: "".join(e.content for e in events if e.type == "answer" and e.agent == a.name)  # type: ignore[attr-defined]
+    texts = {a.name: "".join(e.content for e in events if isinstance(e, Answer) and e.agent == a.name)
              for a in agents}
     assert texts["researcher"].startswith("As the researcher, here is")
 
@@ -104,8 +108,8 @@ async def test_cancelling_one_agent_leaves_the_others(sim: SimulatorServer) -> N
         if event.type == "answer" and event.agent == "slow" and "slow" not in ends:
             assert workflow.cancel("slow")
             ends["slow"] = "requested"
-        if event.type == "agent_end":
-            ends[event.agent or ""] = event.outcome  # type: ignore[attr-defined]
+        if isinstance(event, AgentEnd):
+            ends[event.agent or ""] = event.outcome
     assert ends == {"slow": "cancelled", "a": "done", "b": "done"}
     await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 5)
 
@@ -157,7 +161,7 @@ def test_tool_schema_from_signature_and_docstring() -> None:
     assert schema["parameters"]["required"] == ["expression"]
     assert "arithmetic" in schema["parameters"]["properties"]["expression"]["description"]
     with pytest.raises(TypeError):
-        tool(lambda: None)
+        tool(lambda: None)  # type: ignore[arg-type, return-value]  # (not a coroutine function: refused)
 
 
 @pytest.mark.parametrize(("expression", "value"), [("2 + 3 * 4", 14), ("2 ^ 10", 1024), ("sqrt(16)", 4.0),

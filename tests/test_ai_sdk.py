@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.chunks import TextDelta
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
-from .conftest import ServerFactory, recv_json, upstream_for, ws_connect
-from .test_auth import SECRET, token
-
-ROOT = Path(__file__).parent.parent
-DRIVER = Path(__file__).parent / "ai_sdk" / "drive.mjs"
+from .helpers import SECRET, ServerFactory, drive_at, local_broker, recv_json, token, upstream_for, ws_connect
 
 
 async def drive(server: WsAgentServer, *steps: dict[str, Any], **transport: Any) -> list[dict[str, Any]]:
@@ -27,29 +23,13 @@ async def drive(server: WsAgentServer, *steps: dict[str, Any], **transport: Any)
     return await drive_at(f"{server.url}/ws/ai-sdk", *steps, **transport)
 
 
-async def drive_at(url: str, *steps: dict[str, Any], **transport: Any) -> list[dict[str, Any]]:
-    """:func:`drive` against the ``/ws/ai-sdk`` route at ``url``."""
-    if not (ROOT / "node_modules" / "ai").is_dir():
-        pytest.fail("the AI SDK is not installed: run `npm ci` in the repository (README's test command does)")
-    plan = {"url": url, "transport": transport, "steps": list(steps)}
-    process = await asyncio.create_subprocess_exec(
-        "node", str(DRIVER), json.dumps(plan), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    result = json.loads(out)
-    assert isinstance(result, list)
-    return result
-
-
 async def expected(sim: SimulatorServer, prompt: str) -> tuple[str, str]:
     """The simulator's deterministic (reasoning, answer) for ``prompt``."""
     client = upstream_for(sim)
     parts: dict[str, list[str]] = {"reasoning": [], "content": []}
     async for event in client.stream([{"role": "user", "content": prompt}]):
-        kind = getattr(event, "kind", None)
-        if kind in parts:
-            parts[kind].append(event.text)
+        if isinstance(event, TextDelta) and event.kind in parts:
+            parts[event.kind].append(event.text)
     await client.close()
     return "".join(parts["reasoning"]), "".join(parts["content"])
 
@@ -113,7 +93,7 @@ async def test_stop_aborts_the_run_and_the_model_request(server: WsAgentServer, 
     assert seen["probe"] == "no-active" and seen["error"] is None
     await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1 and s.active == 0, 5)
     assert sim.simulator.stats.completed == 0
-    (run,) = [r for r in server.runs if r.id == "ai-sdk:chat-stop-0123456789"]
+    (run,) = [r for r in local_broker(server) if r.id == "ai-sdk:chat-stop-0123456789"]
     await asyncio.wait_for(run.wait(), 5)
     assert run.outcome == "cancelled"
 
@@ -149,7 +129,7 @@ async def test_a_token_in_a_bearer_subprotocol(make_server: ServerFactory) -> No
     (seen,) = await drive(server, {"kind": "send", "chatId": "chat-auth-0123456789", "text": "hello"},
                           protocols=["wsagent", f"bearer.{token()}"])
     assert seen["error"] is None and parts_of(seen["message"], "text")
-    (run,) = [r for r in server.runs if r.id == "ai-sdk:chat-auth-0123456789"]
+    (run,) = [r for r in local_broker(server) if r.id == "ai-sdk:chat-auth-0123456789"]
     assert run.user == "alice"
 
 
@@ -174,8 +154,8 @@ async def test_bad_requests_get_an_error_for_their_request_only(server: WsAgentS
             "params": send_frame("q", "c6", user("x"), body={"params": {"api_key": "x"}}),
             "model": send_frame("o", "c7", user("x"), body={"model": "gpt-5"}),
         }
-        for frame in refused.values():
-            await ws.send(frame)
+        for request in refused.values():
+            await ws.send(request)
         errors: dict[str, str] = {}
         chunks = 0
         while True:
@@ -220,7 +200,7 @@ async def test_another_users_chat_cannot_be_resumed(make_server: ServerFactory) 
                 await ws.send(json.dumps({"type": "resume", "requestId": "x", "id": chat, "headers": {}, "body": {}}))
                 assert await recv_json(ws) == {"type": "no-active", "requestId": "x"}
                 await ws.send(json.dumps({"type": "abort", "requestId": "a"}))
-        frames = []
+        frames: list[dict[str, Any]] = []
         while not frames or frames[-1]["type"] != "end":
             frames.append(await recv_json(alice))
     assert frames[-2]["chunk"]["type"] == "finish"  # their aborts touched nothing

@@ -3,57 +3,13 @@ in headless Chromium against wsagent: type, watch it stream, press Stop, reload 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
-from aiohttp import web
 
 from wsagent.simulator import SimulatorServer
 
-from .browser import UNTIL, Browser
-from .conftest import ServerFactory
-from .test_ai_sdk import ROOT
-
-EXAMPLE = ROOT / "examples" / "ai-sdk-chat"
-
-HELPERS = """
-window.t = {
-""" + UNTIL + """  status() { return document.getElementById('status')?.dataset.status; },
-  answers() { return [...document.querySelectorAll('#messages li.assistant')]; },
-  answer() {
-    const last = this.answers().at(-1);
-    return last ? [...last.querySelectorAll('.text')].map(p => p.textContent).join('') : '';
-  },
-};
-"""
-
-
-@pytest.fixture
-async def page_url() -> AsyncIterator[str]:
-    """The example, built now and served by a static server on loopback."""
-    build = await asyncio.create_subprocess_exec("npm", "run", "-s", "build:example", cwd=ROOT)
-    assert await build.wait() == 0
-    app = web.Application()
-    app.router.add_static("/", EXAMPLE)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
-async def type_and_send(browser: Browser, text: str) -> None:
-    """As a person would: focus the field, type, press Send."""
-    await browser.evaluate("document.getElementById('prompt').focus()")
-    await browser.call("Input.insertText", {"text": text})
-    await browser.evaluate("t.until(() => document.getElementById('prompt').value.length > 0)")
-    await browser.evaluate("document.getElementById('send').click()")
+from .browser import Browser
+from .helpers import AI_SDK_HELPERS, ServerFactory, type_and_send
 
 
 async def test_type_stream_stop_reload_resume(browser: Browser, make_server: ServerFactory, sim: SimulatorServer,
@@ -62,7 +18,7 @@ async def test_type_stream_stop_reload_resume(browser: Browser, make_server: Ser
     await browser.call("Emulation.setDeviceMetricsOverride", {"width": 900, "height": 1400, "deviceScaleFactor": 1,
                                                              "mobile": False})
     await browser.goto(f"{page_url}/index.html?ws={server.url}/ws/ai-sdk")
-    await browser.evaluate(HELPERS)
+    await browser.evaluate(AI_SDK_HELPERS)
     await browser.evaluate("t.until(() => t.status() === 'ready')")
 
     await type_and_send(browser, "go on forever sim:rate=50 sim:tokens=100000")
@@ -76,7 +32,7 @@ async def test_type_stream_stop_reload_resume(browser: Browser, make_server: Ser
     partial = await browser.evaluate("t.until(() => t.answer().length > 40 && t.answer())")
     await browser.call("Page.reload")  # mid-answer: the socket goes, the run goes on for --ai-sdk-grace
     await browser.evaluate("new Promise(r => document.readyState === 'complete' ? r() : addEventListener('load', r))")
-    await browser.evaluate(HELPERS)
+    await browser.evaluate(AI_SDK_HELPERS)
     answer = await browser.evaluate("t.until(() => t.status() === 'ready' && t.answer().split(' ').length >= 120 "
                                     "&& t.answer())")
     # the simulator answers 120 words (its answer depends on the whole chat, so it is counted, not recomputed):

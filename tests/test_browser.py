@@ -12,30 +12,8 @@ import jwt
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
-from .browser import UNTIL, Browser
-from .conftest import ServerFactory, ws_connect
-from .test_chat import expected_text
-
-# Helpers installed in the page: send like a person would (type, press Send), then wait on the DOM.
-HELPERS = """
-window.t = {
-  send(prompt) {
-    document.getElementById('prompt').value = prompt;
-    document.getElementById('send').click();
-    return document.querySelector('#log .turn:last-child').dataset.run;
-  },
-  turn(run) { return document.querySelector(`.turn[data-run="${run}"]`); },
-  watch(run) {
-    const answer = this.turn(run).querySelector('.answer');
-    const seen = { changes: 0 };
-    new MutationObserver(() => { seen.changes += 1; })
-      .observe(answer, { childList: true, characterData: true, subtree: true });
-    return seen;
-  },
-""" + UNTIL + """  finished(run) { return this.until(() => this.turn(run).dataset.outcome); },
-  connected() { return this.until(() => document.getElementById('status').dataset.state === 'open'); },
-};
-"""
+from .browser import Browser
+from .helpers import PAGE_HELPERS, ServerFactory, expected_text, ws_connect
 
 
 async def http_get(server: WsAgentServer, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -45,7 +23,7 @@ async def http_get(server: WsAgentServer, path: str) -> tuple[int, dict[str, str
 
 async def open_page(browser: Browser, server: WsAgentServer) -> None:
     await browser.goto(f"http://127.0.0.1:{server.port}/")
-    await browser.evaluate(HELPERS)
+    await browser.evaluate(PAGE_HELPERS)
     await browser.evaluate("t.connected()")
 
 
@@ -77,7 +55,7 @@ async def test_stop_cancels(browser: Browser, server: WsAgentServer, sim: Simula
     })()""")
     assert outcome == "cancelled"
     await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 10)
-    assert server.runs.cancellations["cancelled by client"] == 1
+    assert server.metrics.cancellations["cancelled by client"] == 1
 
 
 async def test_connection_killed_mid_stream_resumes(browser: Browser, make_server: ServerFactory,
@@ -131,7 +109,7 @@ async def test_token_field_for_secured_routes(browser: Browser, make_server: Ser
         return t.finished(t.send('secured hello sim:tokens=5'));
     }})()""")
     assert outcome == "done"
-    assert any(c.user == "web" for c in server.manager) or server.runs.total["done"] == 1
+    assert any(c.user == "web" for c in server.manager) or server.metrics.runs["done"] == 1
 
 
 async def test_refused_page_shows_why_and_keeps_the_prompt(browser: Browser, make_server: ServerFactory,
@@ -141,7 +119,7 @@ async def test_refused_page_shows_why_and_keeps_the_prompt(browser: Browser, mak
     secret = "page-secret-long-enough-for-hs256-use"
     server = await make_server(jwt_secret=secret, require_auth=True)
     await browser.goto(f"http://127.0.0.1:{server.port}/")
-    await browser.evaluate(HELPERS)
+    await browser.evaluate(PAGE_HELPERS)
     prompt = "kept for later sim:tokens=5"
     result = await browser.evaluate(f"""(async () => {{
         const status = document.getElementById('status');

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,37 +14,42 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.pump import stream_model
+from wsagent.completion import estimate_tokens, model_batches
+from wsagent.pump import pump
 from wsagent.run import Run
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
+from wsagent.upstream import UpstreamClient
 
-from .conftest import ServerFactory, content, find_run, recv_json, run_events, text_reply, upstream_for, ws_connect
+from .helpers import (
+    ServerFactory,
+    check_sequence,
+    content,
+    expected_text,
+    find_run,
+    recv_json,
+    run_events,
+    run_request,
+    text_reply,
+    upstream_for,
+    ws_connect,
+)
 
 
-async def expected_text(sim: SimulatorServer, prompt: str) -> str:
-    client = upstream_for(sim)
-    parts = [e.text async for e in client.stream([{"role": "user", "content": prompt}])
-             if getattr(e, "kind", None) == "content"]
-    await client.close()
-    return "".join(parts)
-
-
-def run(run_id: str, prompt: str, **extra: Any) -> str:
-    return json.dumps({"type": "run", "id": run_id, "prompt": prompt, **extra})
-
-
-def check_sequence(events: list[dict[str, Any]]) -> None:
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
-    assert events[-1]["type"] in ("done", "error", "cancelled")
+async def stream_model(run: Run, upstream: UpstreamClient, messages: list[dict[str, Any]], *,
+                       params: dict[str, Any] | None = None, collect: list[str] | None = None,
+                       collect_chars: float = math.inf) -> None:
+    """Relay one completion into ``run`` and end it, as the server relays a plain prompt."""
+    run.prompt_estimate = estimate_tokens(messages)
+    await pump(run, lambda: model_batches(upstream, messages, params=params, agent=run.agent, workflow=run.workflow,
+                                          collect=collect, collect_chars=collect_chars))
 
 
 @contextlib.asynccontextmanager
 async def stalled_run(server: WsAgentServer, run_id: str, prompt: str) -> AsyncIterator[tuple[ClientConnection, Run]]:
     """A run whose client stopped reading, once the relay has stopped reading the upstream for it."""
     async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
-        await ws.send(run(run_id, prompt))
+        await ws.send(run_request(run_id, prompt))
         assert (await recv_json(ws))["type"] == "start"
         ws.transport.pause_reading()
         live = find_run(server, run_id)
@@ -87,7 +93,7 @@ async def test_text_mode_error_keeps_socket(server: WsAgentServer) -> None:
 async def test_json_runs_interleave_on_one_socket(server: WsAgentServer, sim: SimulatorServer) -> None:
     async with ws_connect(server, "/ws/chat") as ws:
         for name in ("a", "b", "c"):
-            await ws.send(run(name, f"topic {name} sim:rate=200 sim:tokens=30"))
+            await ws.send(run_request(name, f"topic {name} sim:rate=200 sim:tokens=30"))
         order: list[str] = []
         events: dict[str, list[dict[str, Any]]] = {"a": [], "b": [], "c": []}
         while any(not ev or ev[-1]["type"] not in ("done", "error") for ev in events.values()):
@@ -104,8 +110,8 @@ async def test_json_runs_interleave_on_one_socket(server: WsAgentServer, sim: Si
 
 async def test_cancel_one_of_two(server: WsAgentServer, sim: SimulatorServer) -> None:
     async with ws_connect(server, "/ws/chat") as ws:
-        await ws.send(run("keep", "keep going sim:rate=100 sim:tokens=40"))
-        await ws.send(run("stop", "stop me sim:rate=100 sim:tokens=100000"))
+        await ws.send(run_request("keep", "keep going sim:rate=100 sim:tokens=40"))
+        await ws.send(run_request("stop", "stop me sim:rate=100 sim:tokens=100000"))
         others: dict[str, list[dict[str, Any]]] = {}
         while True:
             event = await recv_json(ws)
@@ -127,7 +133,7 @@ async def test_cancel_one_of_two(server: WsAgentServer, sim: SimulatorServer) ->
 @pytest.mark.parametrize("abrupt", [True, False])
 async def test_client_leaving_closes_upstream(server: WsAgentServer, sim: SimulatorServer, abrupt: bool) -> None:
     ws = await ws_connect(server, "/ws/chat")
-    await ws.send(run("r", "long sim:rate=100 sim:tokens=100000"))
+    await ws.send(run_request("r", "long sim:rate=100 sim:tokens=100000"))
     while (await recv_json(ws))["type"] != "token":
         pass
     if abrupt:
@@ -175,11 +181,12 @@ async def test_slow_reader_gets_merged_text_in_order(make_server: ServerFactory,
 async def test_client_that_never_reads_is_closed_4008(make_server: ServerFactory, sim: SimulatorServer) -> None:
     server = await make_server(slow_client_timeout=0.5, close_timeout=0.5, run_buffer_bytes=8192)
     async with ws_connect(server, "/ws/chat", compression=None, max_queue=1) as ws:
-        await ws.send(run("stuck", "flood sim:rate=0 sim:tokens=100000 sim:pad=1000"))
+        await ws.send(run_request("stuck", "flood sim:rate=0 sim:tokens=100000 sim:pad=1000"))
         ws.transport.pause_reading()
         conn = next(iter(server.manager))
         await asyncio.wait_for(conn.ws.wait_closed(), 10)
-        assert conn.ws.protocol.close_sent.code == 4008
+        close_sent = conn.ws.protocol.close_sent
+        assert close_sent is not None and close_sent.code == 4008
         await sim.simulator.stats.wait_for(lambda s: s.disconnected == 1, 5)
         ws.transport.abort()
 
@@ -215,11 +222,11 @@ async def test_the_read_that_ends_a_stream_leaves_with_the_end_in_one_write(serv
         writes: list[bytes] = []
         write = transport.write
 
-        def observed(data: bytes) -> None:
-            writes.append(data)
+        def observed(data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
             write(data)
 
-        transport.write = observed
+        transport.write = observed  # type: ignore[method-assign]
         live = Run("ending")
         live.subscribe(conn.outbox)
         assert server.upstream is not None
@@ -263,7 +270,7 @@ async def test_finished_run_keeps_its_events_until_its_last_watcher_has_them(
     prompt = "big sim:rate=0 sim:tokens=10000 sim:pad=200 sim:reasoning=0"
     async with ws_connect(server, "/ws/chat", compression=None, max_queue=1, max_size=None) as ws:
         ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        await ws.send(run("big", prompt))
+        await ws.send(run_request("big", prompt))
         start = await recv_json(ws)
         assert start["type"] == "start"
         ws.transport.pause_reading()
@@ -282,7 +289,7 @@ async def test_resume_after_drop_loses_and_repeats_nothing(make_server: ServerFa
     server = await make_server(resume_grace=10)
     prompt = "resumable sim:rate=200 sim:tokens=60"
     first = await ws_connect(server, "/ws/chat")
-    await first.send(run("r1", prompt))
+    await first.send(run_request("r1", prompt))
     seen: list[dict[str, Any]] = []
     while len(seen) < 10:
         seen.append(await recv_json(first))
@@ -300,7 +307,7 @@ async def test_resume_after_drop_loses_and_repeats_nothing(make_server: ServerFa
 async def test_resume_of_forgotten_events_is_an_error(make_server: ServerFactory) -> None:
     server = await make_server(resume_grace=10, replay_bytes=0, run_buffer_bytes=1024)
     first = await ws_connect(server, "/ws/chat")
-    await first.send(run("r2", "x sim:rate=0 sim:tokens=400"))
+    await first.send(run_request("r2", "x sim:rate=0 sim:tokens=400"))
     key = (await recv_json(first))["key"]
     while (await recv_json(first))["type"] != "token":
         pass
@@ -316,7 +323,7 @@ async def test_resume_of_forgotten_events_is_an_error(make_server: ServerFactory
 
 async def test_without_grace_a_drop_cancels(server: WsAgentServer, sim: SimulatorServer) -> None:
     first = await ws_connect(server, "/ws/chat")
-    await first.send(run("r3", "x sim:rate=100 sim:tokens=100000"))
+    await first.send(run_request("r3", "x sim:rate=100 sim:tokens=100000"))
     key = (await recv_json(first))["key"]
     while (await recv_json(first))["type"] != "token":
         pass
@@ -332,7 +339,7 @@ async def test_without_grace_a_drop_cancels(server: WsAgentServer, sim: Simulato
 
 async def test_attach_watches_the_same_stream(server: WsAgentServer) -> None:
     async with ws_connect(server, "/ws/chat") as owner, ws_connect(server, "/ws/chat") as watcher:
-        await owner.send(run("shared", "watch this sim:rate=100 sim:tokens=40"))
+        await owner.send(run_request("shared", "watch this sim:rate=100 sim:tokens=40"))
         start = await recv_json(owner)
         assert start["type"] == "start"
         await watcher.send(json.dumps({"type": "attach", "id": "shared", "key": start["key"]}))
@@ -351,14 +358,14 @@ async def test_attach_watches_the_same_stream(server: WsAgentServer) -> None:
 async def test_upstream_failures_become_error_events(server: WsAgentServer, prompt: str, code: str,
                                                      retryable: bool) -> None:
     async with ws_connect(server, "/ws/chat") as ws:
-        await ws.send(run("e", prompt))
+        await ws.send(run_request("e", prompt))
         events = await run_events(ws, "e")
         check_sequence(events)
         error = events[-1]
         assert error["type"] == "error" and error["code"] == code and error["retryable"] is retryable
         assert error["message"]
         assert [e["type"] for e in events].count("usage") == 1
-        await ws.send(run("after", "still works sim:tokens=3"))
+        await ws.send(run_request("after", "still works sim:tokens=3"))
         assert (await run_events(ws, "after"))[-1]["type"] == "done"
 
 
@@ -368,7 +375,7 @@ async def test_hundred_concurrent_clients_lose_nothing(server: WsAgentServer, si
 
     async def one(n: int) -> str:
         async with ws_connect(server, "/ws/chat") as ws:
-            await ws.send(run(f"c{n}", prompt))
+            await ws.send(run_request(f"c{n}", prompt))
             events = await run_events(ws, f"c{n}")
             check_sequence(events)
             return content(events)
@@ -392,15 +399,15 @@ async def test_protocol_refusals_keep_the_socket(make_server: ServerFactory) -> 
         assert (await recv_json(ws))["code"] == "bad_request"
         await ws.send(b"\x01\x02")
         assert "binary" in (await recv_json(ws))["message"]
-        await ws.send(run("one", "slow sim:rate=50 sim:tokens=100000"))
-        await ws.send(run("two", "refused"))
+        await ws.send(run_request("one", "slow sim:rate=50 sim:tokens=100000"))
+        await ws.send(run_request("two", "refused"))
         refusal: dict[str, Any] = {}
         while not refusal:
             event = await recv_json(ws)
             if event.get("id") == "two":
                 refusal = event
         assert refusal["type"] == "error" and refusal["code"] == "too_many_runs" and refusal["retryable"]
-        await ws.send(run("one", "duplicate"))
+        await ws.send(run_request("one", "duplicate"))
         while (event := await recv_json(ws)).get("code") != "bad_request":
             pass
         assert "already in use" in event["message"]
@@ -420,12 +427,12 @@ async def test_malformed_json_is_a_text_prompt(server: WsAgentServer) -> None:
 
 async def test_socket_closed_mid_send_is_quiet(server: WsAgentServer) -> None:
     ws = await ws_connect(server, "/ws/chat")
-    await ws.send(run("gone", "x sim:rate=0 sim:tokens=5000"))
+    await ws.send(run_request("gone", "x sim:rate=0 sim:tokens=5000"))
     await ws.close()
     with pytest.raises(ConnectionClosed):
         await ws.recv()
     async with ws_connect(server, "/ws/chat") as again:
-        await again.send(run("fine", "x sim:tokens=3"))
+        await again.send(run_request("fine", "x sim:tokens=3"))
         assert (await run_events(again, "fine"))[-1]["type"] == "done"
 
 

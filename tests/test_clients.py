@@ -24,19 +24,18 @@ import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from wsagent.client import Catchup, TextRenderer
+from wsagent.client.display import TextDisplay
+from wsagent.client.stream import Catchup
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
-from .conftest import ServerFactory, find_run, recv_json, run_events, ws_connect
-from .test_chat import expected_text
+from .helpers import ROOT, ServerFactory, expected_text, find_run, recv_json, run_events, ws_connect
 
-ROOT = Path(__file__).parent.parent
 WEBSOCAT = shutil.which("websocat") or "websocat"
 
 
-async def run(command: list[str], stdin: bytes | None = None, limit: float = 60,
-              env: dict[str, str] | None = None) -> tuple[int, str, str]:
+async def run_command(command: list[str], stdin: bytes | None = None, limit: float = 60,
+                      env: dict[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
         env={**os.environ, **(env or {})})
@@ -78,19 +77,19 @@ async def connections_total(server: WsAgentServer, route: str) -> int:
 
 
 async def test_client_json_events_and_exit_codes(server: WsAgentServer, sim: SimulatorServer) -> None:
-    code, out, _ = await run(client(server, "--json", "What is a socket?"))
+    code, out, _ = await run_command(client(server, "--json", "What is a socket?"))
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and events[0]["type"] == "start" and events[-1]["type"] == "done"
     assert "".join(e["content"] for e in events if e["type"] == "token") == \
         await expected_text(sim, "What is a socket?")
-    code, out, _ = await run(client(server, "--json"), stdin=b"from stdin sim:status=401\n")
+    code, out, _ = await run_command(client(server, "--json"), stdin=b"from stdin sim:status=401\n")
     assert code == 1 and json.loads(out.splitlines()[-1])["code"] == "upstream_auth"
-    code, _, err = await run(client(server), stdin=b"")
+    code, _, err = await run_command(client(server), stdin=b"")
     assert code == 2 and "give a prompt" in err
 
 
 async def test_client_renders_thoughts_with_marks(server: WsAgentServer) -> None:
-    code, out, _ = await run(client(server, "--agent", "assistant", "What is 6 * 7?"))
+    code, out, _ = await run_command(client(server, "--agent", "assistant", "What is 6 * 7?"))
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("💭 ") and any(line.startswith("🔧 calculator(") for line in lines)
@@ -179,17 +178,18 @@ async def test_dashboard_in_a_terminal(server: WsAgentServer) -> None:
 
 
 async def test_websocat_one_shot_echo(server: WsAgentServer) -> None:
-    code, out, _ = await run([WEBSOCAT, "-n", "-1", f"{server.url}/ws"], stdin=b"hello\n")
+    code, out, _ = await run_command([WEBSOCAT, "-n", "-1", f"{server.url}/ws"], stdin=b"hello\n")
     assert code == 0 and out == "HELLO\n"
 
 
 async def test_websocat_chat_helper_streams_text(server: WsAgentServer, sim: SimulatorServer) -> None:
-    code, out, _ = await run(["scripts/websocat-chat.sh", "What is a websocket?", f"{server.url}/ws/chat"])
+    code, out, _ = await run_command(["scripts/websocat-chat.sh", "What is a websocket?", f"{server.url}/ws/chat"])
     assert code == 0 and out == await expected_text(sim, "What is a websocket?") + "\n[DONE]\n"
 
 
 async def test_websocat_json_protocol_and_workflow(server: WsAgentServer) -> None:
-    code, out, _ = await run(["scripts/websocat-run.sh", "Analyze TSLA", "market-analysis", f"{server.url}/ws/chat"])
+    code, out, _ = await run_command(["scripts/websocat-run.sh", "Analyze TSLA", "market-analysis",
+                                      f"{server.url}/ws/chat"])
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and events[-1]["type"] == "done" and events[-1]["workflow"] == "market-analysis"
 
@@ -210,22 +210,20 @@ async def test_websocat_agent_thoughts_and_secure(make_server: ServerFactory) ->
     assert {"thinking", "action", "observation", "answer"} <= set(kinds)
     token = jwt.encode({"user_id": "w", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
     request = json.dumps({"type": "ping"}).encode() + b"\n"
-    code, out, _ = await run([WEBSOCAT, "-n", "-1", f"-H=Authorization: Bearer {token}",
+    code, out, _ = await run_command([WEBSOCAT, "-n", "-1", f"-H=Authorization: Bearer {token}",
                               f"{server.url}/ws/secure"], stdin=request)
     assert code == 0 and json.loads(out) == {"type": "pong"}
-
-
 
 
 async def test_websocat_run_helper_fails_on_error_with_a_unique_id(server: WsAgentServer) -> None:
     """The helper always used the id ``cli`` and exited 0 whatever the run's end."""
     ids = set()
     for prompt in ("first", "second"):
-        code, out, _ = await run(["scripts/websocat-run.sh", prompt, "", f"{server.url}/ws/chat"])
+        code, out, _ = await run_command(["scripts/websocat-run.sh", prompt, "", f"{server.url}/ws/chat"])
         ids.add(json.loads(out.splitlines()[0])["id"])
         assert code == 0
     assert len(ids) == 2 and "cli" not in ids
-    code, out, _ = await run(["scripts/websocat-run.sh", "x sim:status=500", "", f"{server.url}/ws/chat"])
+    code, out, _ = await run_command(["scripts/websocat-run.sh", "x sim:status=500", "", f"{server.url}/ws/chat"])
     assert code == 1 and json.loads(out.splitlines()[-1])["type"] == "error"
 
 
@@ -234,15 +232,16 @@ async def test_client_attaches_to_a_run_started_elsewhere(server: WsAgentServer,
     async with ws_connect(server, "/ws/chat") as owner:
         await owner.send(json.dumps({"type": "run", "id": "shared", "prompt": prompt}))
         start = await recv_json(owner)
-        watcher = asyncio.ensure_future(run(client(server, "--json", "--attach", "shared", f"--key={start['key']}")))
+        watcher = asyncio.ensure_future(
+            run_command(client(server, "--json", "--attach", "shared", f"--key={start['key']}")))
         mine = await run_events(owner, "shared")
         code, out, _ = await watcher
     events = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and events[-1] == mine[-1]
     assert "".join(e["content"] for e in events if e["type"] == "token") == await expected_text(sim, prompt)
-    code, _, err = await run(client(server, "--attach", "shared"))
+    code, _, err = await run_command(client(server, "--attach", "shared"))
     assert code == 2 and "--attach needs --key" in err
-    code, _, err = await run(client(server, "--attach", "shared", "--key=-Z9x"))  # keys may begin with "-"
+    code, _, err = await run_command(client(server, "--attach", "shared", "--key=-Z9x"))  # keys may begin with "-"
     assert code == 1 and "unknown_run" in err
 
 
@@ -379,7 +378,7 @@ async def test_client_budget_refills_when_the_run_moves(make_server: ServerFacto
 
 async def test_unknown_run_with_a_key_is_not_told_to_send_it(server: WsAgentServer) -> None:
     """``unknown_run ... (send its key)`` was printed to a client that had sent the key."""
-    code, _, err = await run(client(server, "--attach", "gone", "--key=-Z9x"))
+    code, _, err = await run_command(client(server, "--attach", "gone", "--key=-Z9x"))
     assert code == 1 and "unknown_run" in err and "send its key" not in err
     assert "no run 'gone' with that key" in err
 
@@ -445,7 +444,7 @@ async def test_attached_terminal_shows_what_the_owner_saw(server: WsAgentServer,
 def rendered(events: list[dict[str, object]]) -> str:
     """What the terminal client prints for ``events`` when it prints text (no terminal: no colours)."""
     out = io.StringIO()
-    renderer = TextRenderer(out, color=False)
+    renderer = TextDisplay(out, color=False)
     for event in events:
         renderer.event(event)
     renderer.close()
@@ -461,7 +460,7 @@ async def test_attached_client_prints_what_the_owner_got(server: WsAgentServer, 
     assert owner.stdout is not None
     start = json.loads(await owner.stdout.readline())
     attach = ["--attach", start["id"], f"--key={start['key']}"]
-    watchers = asyncio.gather(run(client(server, "--json", *attach)), run(client(server, *attach)))
+    watchers = asyncio.gather(run_command(client(server, "--json", *attach)), run_command(client(server, *attach)))
     await watched_mid_stream(server, start["id"], 3)
     out, _ = await owner.communicate()
     events = [start, *(json.loads(line) for line in out.decode().splitlines())]
@@ -489,7 +488,8 @@ async def test_attaching_after_the_log_was_trimmed(make_server: ServerFactory) -
     start = json.loads(await owner.stdout.readline())
     owned = asyncio.ensure_future(owner.communicate())  # read on: a full pipe would stall the owner, and the run
     await polled(lambda: (r := find_run(server, start["id"])) is not None and r.oldest_kept > 1)
-    watcher = asyncio.ensure_future(run(client(server, "--json", "--attach", start["id"], f"--key={start['key']}")))
+    watcher = asyncio.ensure_future(
+        run_command(client(server, "--json", "--attach", start["id"], f"--key={start['key']}")))
     await watched_mid_stream(server, start["id"], 2)
     out, _ = await owned
     events = [start, *(json.loads(line) for line in out.decode().splitlines())]

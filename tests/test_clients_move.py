@@ -23,13 +23,8 @@ import pytest
 from wsagent.simulator import SimulatorServer
 
 from .browser import Browser
+from .helpers import AI_SDK_HELPERS, PAGE_HELPERS, ROOT, Cluster, Node, expected_text, type_and_send
 from .processes import free_port
-from .test_ai_sdk_browser import HELPERS as AI_SDK_HELPERS
-from .test_ai_sdk_browser import page_url, type_and_send  # noqa: F401 (a fixture)
-from .test_browser import HELPERS as PAGE_HELPERS
-from .test_chat import expected_text
-from .test_clients import ROOT
-from .test_cluster import Cluster, Node, cluster  # noqa: F401 (a fixture)
 
 #: A rolling restart's settings: no resume grace (the handover keeps the runs), a drain longer than an answer.
 RESTART = {"resume_grace": None, "drain_timeout": 30}
@@ -101,7 +96,7 @@ async def forwarder() -> AsyncIterator[Forwarder]:
         await started.close()
 
 
-async def behind(forwarder: Forwarder, cluster: Cluster, **options: Any) -> tuple[Node, Node]:  # noqa: F811
+async def behind(forwarder: Forwarder, cluster: Cluster, **options: Any) -> tuple[Node, Node]:
     """Nodes a and b, a first: the forwarder sends every new connection to a while it listens."""
     a, b = await cluster.start("a", "b", **options)
     forwarder.targets = [a.port, b.port]
@@ -129,7 +124,7 @@ async def run_cli(command: list[str], limit: float = 60) -> tuple[int | None, st
 
 
 @pytest.mark.parametrize("how", ["sigterm", "drop"])
-async def test_terminal_client_moves_to_another_node(cluster: Cluster, forwarder: Forwarder,  # noqa: F811
+async def test_terminal_client_moves_to_another_node(cluster: Cluster, forwarder: Forwarder,
                                                      sim: SimulatorServer, how: str) -> None:
     """The text the client prints (its stdout: the answer, thoughts marked) is what it prints when nothing
     moves; --json shows every event once, seq contiguous across the move; exit 0; node a exits 0."""
@@ -169,7 +164,7 @@ async def test_terminal_client_moves_to_another_node(cluster: Cluster, forwarder
 
 
 @pytest.mark.parametrize("how", ["sigterm", "drop"])
-async def test_page_moves_to_another_node(cluster: Cluster, forwarder: Forwarder, sim: SimulatorServer,  # noqa: F811
+async def test_page_moves_to_another_node(cluster: Cluster, forwarder: Forwarder, sim: SimulatorServer,
                                           browser: Browser, how: str) -> None:
     """The page (served through the forwarder, as behind a load balancer) has two runs streaming when its
     node goes: it reconnects and resumes each from its last seq; both answers whole, once."""
@@ -202,8 +197,8 @@ async def test_page_moves_to_another_node(cluster: Cluster, forwarder: Forwarder
 
 @pytest.mark.parametrize("how", ["sigterm", "drop"])
 async def test_ai_sdk_example_moves_to_another_node(
-        cluster: Cluster, forwarder: Forwarder, sim: SimulatorServer, browser: Browser,  # noqa: F811
-        page_url: str, how: str) -> None:  # noqa: F811
+        cluster: Cluster, forwarder: Forwarder, sim: SimulatorServer, browser: Browser,
+        page_url: str, how: str) -> None:
     """The useChat example, its WebSocketChatTransport pointed at the forwarder: when its node goes mid-answer
     the transport fails the response ("network connection closed"), and the example resumes the chat by id
     on the node the forwarder reaches; the answer replays from its start in place: whole, once."""

@@ -18,133 +18,38 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import hiredis
-import jwt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.cluster import RedisBroker, _name
+from wsagent.cluster import RedisBroker
+from wsagent.cluster.names import name as _name
+from wsagent.cluster.wire import Address, Wire
 from wsagent.errors import ClusterUnavailable
 from wsagent.events import Start, Token
-from wsagent.resp import Address, Wire
 from wsagent.run import Run
 from wsagent.simulator import SimulatorServer
 
-from .conftest import TERMINAL
-from .processes import Notifications, free_port, started
-from .test_ai_sdk import drive_at
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-SECRET = "cluster-test-secret-of-32-bytes!"
-#: How long a test waits for what must happen well within it (a bound, never a pause).
-LIMIT = 15.0
-
-
-@contextlib.asynccontextmanager
-async def redis_server(port: int = 0, *options: str) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
-    """A ``redis-server`` of our own on a loopback port, with nothing saved to disk."""
-    port = port or free_port()
-    async with started([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                        *options], b"Ready to accept connections", limit=20) as process:
-        yield port, process
-
-
-class Node:
-    def __init__(self, name: str, port: int, process: asyncio.subprocess.Process,
-                 notes: Notifications | None = None) -> None:
-        self.name = name
-        self.port = port
-        self.process = process
-        self.notes = notes  # what it tells systemd (its status says whether Redis is up)
-        self.url = f"ws://127.0.0.1:{port}"
-
-    def connect(self, path: str = "/ws/chat", user: str | None = None, **kwargs: Any) -> Any:
-        if user is not None:
-            path += f"?token={token(user)}"
-        return connect(self.url + path, open_timeout=5, close_timeout=2, **kwargs)
-
-    async def http(self, path: str) -> tuple[int, str]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        head, _, body = data.decode().partition("\r\n\r\n")
-        return int(head.split()[1]), body
-
-
-class Cluster:
-    """Nodes joined through one Redis, streaming from one simulator."""
-
-    def __init__(self, stack: contextlib.AsyncExitStack, sim: SimulatorServer, redis_port: int,
-                 redis: asyncio.subprocess.Process) -> None:
-        self.stack = stack
-        self.sim = sim
-        self.redis_port = redis_port
-        self.redis = redis
-        self.nodes: dict[str, Node] = {}
-
-    async def start(self, *names: str, **options: Any) -> list[Node]:
-        return list(await asyncio.gather(*(self.node(name, **options) for name in names)))
-
-    async def node(self, name: str, **options: Any) -> Node:
-        """Node ``name`` (options as settings; one that is None is left to its default, as
-        ``resume_grace=None``: every other test's nodes have a grace)."""
-        settings = {"resume_grace": 10, "jwt_secret": SECRET, "log_level": "INFO",
-                    "redis_url": f"redis://127.0.0.1:{self.redis_port}/0", **options}
-        for attempt in range(3):  # a free port can be taken by another process before the node binds it
-            port = free_port()
-            command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--node-id", name,
-                       "--upstream-url", self.sim.base_url,
-                       "--event-loop", "asyncio" if name == "b" else "auto"]  # b on asyncio's loop, the others uvloop
-            for key, value in settings.items():
-                if value is not None:
-                    command += [f"--{key.replace('_', '-')}", str(value)]
-            notes = Notifications()
-            self.stack.callback(notes.close)
-            try:
-                process = await self.stack.enter_async_context(
-                    started(command, b"wsagent listening on", env={"NOTIFY_SOCKET": notes.path}, limit=30))
-            except RuntimeError as exc:
-                if "address already in use" not in str(exc) or attempt == 2:
-                    raise
-                continue
-            break
-        node = self.nodes[name] = Node(name, port, process, notes)
-        return node
-
-
-@pytest.fixture
-async def cluster(sim: SimulatorServer) -> AsyncIterator[Cluster]:
-    async with contextlib.AsyncExitStack() as stack:
-        port, process = await stack.enter_async_context(redis_server())
-        yield Cluster(stack, sim, port, process)
-
-
-def token(user: str) -> str:
-    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
-
-
-def run_request(run_id: str, prompt: str, **fields: Any) -> str:
-    return json.dumps({"type": "run", "id": run_id, "prompt": prompt, **fields})
-
-
-async def frames_until(ws: ClientConnection, stop: Any, limit: float = LIMIT) -> list[str]:
-    """Frames (as sent) until one satisfies ``stop`` (that one included)."""
-    got: list[str] = []
-    async with asyncio.timeout(limit):
-        while True:
-            frame = await ws.recv()
-            assert isinstance(frame, str)
-            got.append(frame)
-            if stop(json.loads(frame)):
-                return got
-
-
-def terminal(event: dict[str, Any]) -> bool:
-    return event["type"] in TERMINAL
+from .helpers import (
+    LIMIT,
+    REDIS_SERVER,
+    TERMINAL,
+    Cluster,
+    Node,
+    drive_at,
+    frames_until,
+    redis_server,
+    redis_went,
+    run_request,
+    seq,
+    start_run,
+    stream_entries,
+    terminal,
+)
+from .processes import free_port, started
 
 
 def at_most(count: int) -> Any:
@@ -153,23 +58,11 @@ def at_most(count: int) -> Any:
     return lambda event: terminal(event) or next(seen, count) == count
 
 
-def seq(frame: str) -> int:
-    return int(json.loads(frame)["seq"])
-
-
-async def start(ws: ClientConnection, run_id: str, prompt: str, **fields: Any) -> str:
-    """Start a run; its key."""
-    await ws.send(run_request(run_id, prompt, **fields))
-    first = json.loads(await ws.recv())
-    assert first["type"] == "start", first
-    return str(first["key"])
-
-
 async def begun(node: Node, run_id: str, prompt: str) -> tuple[str, int]:
     """Start ``run_id`` on ``node`` and read there up to its first token, then leave: its key, and the
     last seq read."""
     async with node.connect() as ws:
-        key = await start(ws, run_id, prompt)
+        key = await start_run(ws, run_id, prompt)
         head = await frames_until(ws, lambda e: e["type"] == "token")
     return key, seq(head[-1])
 
@@ -184,13 +77,13 @@ async def whole_log(node: Node, run_id: str, key: str, user: str | None = None) 
 async def test_resume_on_another_node_gives_the_same_frames(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b")
     async with a.connect() as ws:
-        key = await start(ws, "r1", "hello sim:rate=200 sim:tokens=120")
+        key = await start_run(ws, "r1", "hello sim:rate=200 sim:tokens=120")
         head = await frames_until(ws, lambda e: e.get("seq", 0) >= 20)
     async with b.connect() as ws:
         await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
         tail = await frames_until(ws, terminal)
     assert json.loads(tail[-1])["type"] == "done", tail[-1]
-    received = head + tail  # (the start frame was read by start())
+    received = head + tail  # (the start frame was read by start_run())
     assert [seq(f) for f in received] == list(range(2, seq(tail[-1]) + 1))  # no gap, no duplicate
     reference = await whole_log(a, "r1", key)
     assert received == reference[1:]  # byte for byte
@@ -199,7 +92,7 @@ async def test_resume_on_another_node_gives_the_same_frames(cluster: Cluster) ->
 async def test_attach_from_a_third_node_mid_stream(cluster: Cluster) -> None:
     a, _, c = await cluster.start("a", "b", "c")
     async with a.connect() as producer:
-        key = await start(producer, "r1", "hello sim:rate=100 sim:tokens=150")
+        key = await start_run(producer, "r1", "hello sim:rate=100 sim:tokens=150")
         await frames_until(producer, lambda e: e.get("seq", 0) >= 10)
         async with c.connect() as watcher:
             await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
@@ -215,7 +108,7 @@ async def test_cancel_from_another_node_closes_the_upstream_request(cluster: Clu
     a, b = await cluster.start("a", "b")
     sim = cluster.sim.simulator.stats
     async with a.connect() as producer:
-        key = await start(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
+        key = await start_run(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
         await frames_until(producer, lambda e: e["type"] == "token")
         async with b.connect() as other:
             sent = time.monotonic()
@@ -234,7 +127,7 @@ async def test_cancel_from_another_node_closes_the_upstream_request(cluster: Clu
 async def test_another_user_cannot_resume_attach_or_cancel(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b")
     async with a.connect(user="alice") as alice:
-        key = await start(alice, "mine", "secret sim:rate=50 sim:tokens=100")
+        key = await start_run(alice, "mine", "secret sim:rate=50 sim:tokens=100")
         async with b.connect(user="bob") as bob:
             for kind in ("resume", "attach", "cancel"):
                 await bob.send(json.dumps({"type": kind, "id": "mine", "key": key, "after": 0}))
@@ -251,7 +144,7 @@ async def test_another_user_cannot_resume_attach_or_cancel(cluster: Cluster) -> 
 async def test_a_killed_producer_ends_every_remote_watcher_with_producer_lost(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b")
     async with a.connect() as producer:
-        key = await start(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
+        key = await start_run(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
         async with b.connect() as watcher, b.connect() as second:
             for ws in (watcher, second):
                 await ws.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
@@ -275,7 +168,7 @@ async def test_a_client_that_moves_keeps_its_run_past_the_grace_and_leaving_star
     a, b = await cluster.start("a", "b", resume_grace=1)
     sim = cluster.sim.simulator.stats
     async with a.connect() as ws:
-        key = await start(ws, "r1", "slow sim:rate=25 sim:tokens=75")  # 3 s: longer than the grace
+        key = await start_run(ws, "r1", "slow sim:rate=25 sim:tokens=75")  # 3 s: longer than the grace
         head = await frames_until(ws, lambda e: e["type"] == "token")
     async with b.connect() as ws:
         await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
@@ -302,16 +195,6 @@ async def redis_fields(port: int, *command: str) -> str:
                                                    stdout=asyncio.subprocess.PIPE)
     out, _ = await process.communicate()
     return out.decode()
-
-
-async def redis_went(node: Node, *states: str) -> dict[str, Any]:
-    """Wait until ``node`` has told systemd its link to Redis went through ``states`` (``down``, ``up``), in
-    order; then its ``/healthz``."""
-    assert node.notes is not None
-    for state in states:
-        await node.notes.expect(f"STATUS=cluster node {node.name}: Redis {state}")
-    _, body = await node.http("/healthz")
-    return dict(json.loads(body))
 
 
 @contextlib.asynccontextmanager
@@ -342,7 +225,7 @@ async def key_events(port: int, key: str) -> AsyncIterator[asyncio.Queue[str]]:
 async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b", replay_bytes=100_000)
     async with a.connect() as local, b.connect() as remote:
-        key = await start(local, "r1", "long sim:rate=40 sim:tokens=200")  # 5 s
+        key = await start_run(local, "r1", "long sim:rate=40 sim:tokens=200")  # 5 s
         head = await frames_until(local, lambda e: e["type"] == "token")
         await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
         await frames_until(remote, lambda e: e["type"] == "token")
@@ -377,7 +260,7 @@ async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> No
 async def test_what_an_empty_redis_lost_is_a_replay_gap(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b", replay_bytes=500)
     async with a.connect() as local:
-        key = await start(local, "r1", "long sim:rate=0 sim:tokens=300 sim:reasoning=0")
+        key = await start_run(local, "r1", "long sim:rate=0 sim:tokens=300 sim:reasoning=0")
         own = await frames_until(local, terminal)
     assert json.loads(own[-1])["type"] == "done"
     cluster.redis.terminate()
@@ -407,7 +290,7 @@ async def test_a_stopped_watcher_node_never_holds_the_producer_back(small_buffer
     cluster = small_buffers
     a, b = await cluster.start("a", "b")
     async with a.connect(max_size=None) as local, b.connect(max_size=None) as remote:
-        key = await start(local, "big", "bulk sim:rate=0 sim:tokens=8000 sim:pad=1000 sim:reasoning=0")
+        key = await start_run(local, "big", "bulk sim:rate=0 sim:tokens=8000 sim:pad=1000 sim:reasoning=0")
         await remote.send(json.dumps({"type": "attach", "id": "big", "key": key}))
         await frames_until(remote, lambda e: e["type"] == "start")
         b.process.send_signal(signal.SIGSTOP)  # a's run waits for its own client, which reads from here on
@@ -499,14 +382,14 @@ async def test_per_user_limits_hold_across_nodes(cluster: Cluster) -> None:
             assert json.loads(await asyncio.wait_for(ws.recv(), LIMIT))["type"] == "pong"
         async with c.connect(user="frank") as third:
             await closed_with(third, 4029)
-        await start(first, "one", "long sim:rate=20 sim:tokens=200")
+        await start_run(first, "one", "long sim:rate=20 sim:tokens=200")
         await second.send(run_request("two", "another"))
         refused = json.loads(await asyncio.wait_for(second.recv(), LIMIT))
         assert (refused["type"], refused["code"]) == ("error", "too_many_runs"), refused
         await first.send(json.dumps({"type": "cancel", "id": "one"}))
         await frames_until(first, terminal)
     async with c.connect(user="frank") as again:  # both closed: the count went down everywhere
-        await start(again, "three", "short sim:tokens=3")
+        await start_run(again, "three", "short sim:tokens=3")
         assert json.loads((await frames_until(again, terminal))[-1])["type"] == "done"
 
 
@@ -528,7 +411,7 @@ async def test_random_reconnects_across_nodes_receive_the_producers_log(
     run_id = f"hop{next(_examples)}"
     producer = three_nodes[first]
     async with producer.connect() as ws:
-        key = await start(ws, run_id, "hop sim:rate=300 sim:tokens=120")
+        key = await start_run(ws, run_id, "hop sim:rate=300 sim:tokens=120")
         received = await frames_until(ws, lambda e: e["seq"] >= 3)
     for node_index, count, abrupt in hops:
         if terminal(json.loads(received[-1])):
@@ -575,7 +458,7 @@ async def test_each_worker_process_is_a_node(cluster: Cluster) -> None:
         assert len(nodes) == 2, nodes
         server = Node("workers", port, cluster.redis)
         async with server.connect() as ws:
-            key = await start(ws, "w1", "hop sim:rate=40 sim:tokens=400")
+            key = await start_run(ws, "w1", "hop sim:rate=40 sim:tokens=400")
             received = await frames_until(ws, lambda e: e["seq"] >= 3)
             workers = {ws.response.headers["X-Wsagent-Worker"]}
         for _ in range(40):  # each new connection lands on either worker: go on until both served a resume
@@ -623,15 +506,15 @@ async def test_a_node_back_from_a_cut_writes_no_stale_state_over_newer() -> None
             run.wake()
             holder = Holder()
             assert await broker.claim_client("gina", holder, "replace")
-            await broker._send([("PING",)])  # everything before it is written
+            await broker.link.send([("PING",)])  # everything before it is written
             newer = [("XADD", f"wsagent:log:{run.key}", "9-0", "c", 0, "p", "newer"),
                      ("SET", "wsagent:client:gina", "b/1")]  # what others wrote while "a" was cut off
-            await broker._send(newer)
+            await broker.link.send(newer)
             run.push(Token("stale"))  # seq 3, never written: the cut
-            await broker._write_back()
-            log = await broker.redis.xrange(f"wsagent:log:{run.key}")
+            await broker.write_back()
+            log = await stream_entries(broker.link.redis, f"wsagent:log:{run.key}")
             assert [(entry_id, fields["p"]) for entry_id, fields in log][-2:] == [("2-0", "old"), ("9-0", "newer")]
-            assert holder.evicted and await broker.redis.get("wsagent:client:gina") == "b/1"
+            assert holder.evicted and await broker.link.redis.get("wsagent:client:gina") == "b/1"
         finally:
             await broker.close()
 
@@ -677,7 +560,7 @@ async def test_a_redis_that_stops_answering_is_noticed_and_nothing_hangs(cluster
     """Redis stopped (SIGSTOP: connections stay open, nothing answers), then running again."""
     a, b = await cluster.start("a", "b")
     async with a.connect() as local, b.connect() as remote:
-        key = await start(local, "r1", "long sim:rate=40 sim:tokens=240")  # 6 s
+        key = await start_run(local, "r1", "long sim:rate=40 sim:tokens=240")  # 6 s
         await frames_until(local, lambda e: e["type"] == "token")
         await remote.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
         await frames_until(remote, lambda e: e["type"] == "token")
@@ -765,14 +648,15 @@ async def test_an_entry_redis_cannot_take_fails_alone_in_its_batch() -> None:
                 run.push(Start("m", run.key))
                 run.push(Token("x"))
                 run.wake()
-            broker._flush()  # (its timer's turn, now): both runs' entries in one write
-            await broker._send([("PING",)])  # everything before it is written
-            assert [fields["p"] for _, fields in await broker.redis.xrange(f"wsagent:log:{good.key}")][1:] == ["x"]
-            assert [entry for entry, _ in await broker.redis.xrange(f"wsagent:log:{bad.key}")] == ["2-0"]
+            broker.replication.flush()  # (its timer's turn, now): both runs' entries in one write
+            await broker.link.send([("PING",)])  # everything before it is written
+            good_log = await stream_entries(broker.link.redis, f"wsagent:log:{good.key}")
+            assert [fields["p"] for _, fields in good_log][1:] == ["x"]
+            assert [entry for entry, _ in await stream_entries(broker.link.redis, f"wsagent:log:{bad.key}")] == ["2-0"]
             later = [Run(f"r{n}", scope="user:u") for n in range(10)]
             for run in later:
                 await broker.add_run(run, 5)  # its SET NX's own reply: not in use
-            assert await broker.redis.get(_name("id", "user:u", "r9")) == later[-1].key
+            assert await broker.link.redis.get(_name("id", "user:u", "r9")) == later[-1].key
         finally:
             await broker.close()
 
@@ -783,7 +667,7 @@ async def test_a_user_whose_name_ends_anothers_cannot_reach_their_runs(cluster: 
     key; ``acme:alice`` herself reaches it by its id alone, on either node."""
     a, b = await cluster.start("a", "b")
     async with a.connect(user="acme:alice") as alice:
-        key = await start(alice, "r1", "mine sim:rate=50 sim:tokens=100")
+        key = await start_run(alice, "r1", "mine sim:rate=50 sim:tokens=100")
         await frames_until(alice, lambda e: e["type"] == "token")
         for node in (b, a):
             async with node.connect(user="acme") as acme:
@@ -842,14 +726,14 @@ async def test_a_redis_url_that_names_its_database_in_the_query_is_followed(clus
     url = f"redis://127.0.0.1:{cluster.redis_port}/0?db=3"
     a, b = await cluster.start("a", "b", redis_url=url)
     async with a.connect() as ws:
-        key = await start(ws, "r1", "counted sim:tokens=5")
+        key = await start_run(ws, "r1", "counted sim:tokens=5")
         own = await frames_until(ws, terminal)
     attached = await whole_log(b, "r1", key)
     assert attached[1:] == own
     db3 = Redis.from_url(url, decode_responses=True)
     db0 = Redis.from_url(f"redis://127.0.0.1:{cluster.redis_port}/0", decode_responses=True)
     try:
-        assert len(await db3.xrange(f"wsagent:log:{key}")) == len(own) + 1  # written on the hand-spoken one
+        assert len(await stream_entries(db3, f"wsagent:log:{key}")) == len(own) + 1  # written on the hand-spoken one
         assert set(await db3.zrange("wsagent:nodes", 0, -1)) == {"a", "b"}  # ... and on redis-py's
         assert await db0.dbsize() == 0
     finally:
@@ -866,7 +750,7 @@ async def test_nodes_reach_redis_through_a_unix_socket(sim: SimulatorServer, tmp
         cluster = Cluster(stack, sim, 0, process)
         a, b = await cluster.start("a", "b", redis_url=f"unix://{socket_path}")
         async with a.connect() as ws:
-            key = await start(ws, "r1", "through a socket sim:rate=200 sim:tokens=60")
+            key = await start_run(ws, "r1", "through a socket sim:rate=200 sim:tokens=60")
             head = await frames_until(ws, lambda e: e.get("seq", 0) >= 5)
         async with b.connect() as ws:
             await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
@@ -928,16 +812,16 @@ async def test_both_connections_speak_tls_to_a_rediss_url(tmp_path: Any) -> None
             await Wire.open(f"rediss://127.0.0.1:{port}/4")
         broker = await RedisBroker(url, "t").start()
         try:
-            assert broker.link.value == "up"
+            assert broker.link.state.value == "up"
             run = Run("r1", scope="user:u")
             await broker.add_run(run, 5)
             run.push(Start("m", run.key))
             run.wake()
-            await broker._send([("PING",)])  # everything before it is written
-            (info,) = await broker._send([("CLIENT", "INFO")])
+            await broker.link.send([("PING",)])  # everything before it is written
+            (info,) = await broker.link.send([("CLIENT", "INFO")])
             assert " db=4 " in info
-            assert len(await broker.redis.xrange(f"wsagent:log:{run.key}")) == 1
-            assert await broker.redis.zrange("wsagent:nodes", 0, -1) == ["t"]
+            assert len(await stream_entries(broker.link.redis, f"wsagent:log:{run.key}")) == 1
+            assert await broker.link.redis.zrange("wsagent:nodes", 0, -1) == ["t"]
         finally:
             await broker.close()
 
@@ -968,10 +852,10 @@ async def test_a_run_id_redis_refuses_to_register_is_not_taken_for_registered() 
     async with redis_server() as (port, _):
         broker = await RedisBroker(f"redis://127.0.0.1:{port}/0", "a").start()
         try:
-            assert broker.link.value == "up"
-            await broker.redis.config_set("maxmemory", 1)  # (noeviction: writes are refused)
+            assert broker.link.state.value == "up"
+            await broker.link.redis.config_set("maxmemory", 1)  # (noeviction: writes are refused)
             with pytest.raises(ClusterUnavailable, match="OOM"):
                 await broker.add_run(Run("r1", scope="user:u"), 5)
-            assert not list(broker)
+            assert not list(broker.local)
         finally:
             await broker.close()

@@ -12,11 +12,11 @@ import asyncio
 import json
 import sys
 
-from wsagent.resp import redacted
+from wsagent.cluster.wire import redacted
 from wsagent.simulator import SimulatorServer
 
+from .helpers import Cluster, frames_until, redis_server, redis_went, terminal
 from .processes import free_port
-from .test_cluster import Cluster, cluster, frames_until, redis_server, redis_went, terminal  # noqa: F401 (a fixture)
 
 
 def ai_sdk_send(request: str, chat: str) -> str:
@@ -29,7 +29,7 @@ def finished(frame: dict[str, object]) -> bool:
     return frame.get("type") == "error" or isinstance(chunk, dict) and chunk.get("type") == "finish"
 
 
-async def test_every_route_starts_runs_while_redis_is_down(cluster: Cluster) -> None:  # noqa: F811
+async def test_every_route_starts_runs_while_redis_is_down(cluster: Cluster) -> None:
     a = await cluster.node("a", resume_grace=None)  # default settings
     cluster.redis.terminate()
     await cluster.redis.wait()
@@ -85,7 +85,7 @@ async def test_a_nodes_log_never_shows_the_redis_password(sim: SimulatorServer) 
             "--redis-url", f"redis://:hunter2-secret@127.0.0.1:{port}/0", stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         assert process.stdout is not None
-        said = []
+        said: list[bytes] = []
         try:
             async with asyncio.timeout(30):
                 while not said or b"wsagent listening on" not in said[-1]:
@@ -99,7 +99,7 @@ async def test_a_nodes_log_never_shows_the_redis_password(sim: SimulatorServer) 
     assert "hunter2-secret" not in text
 
 
-async def test_one_users_two_sockets_starting_the_same_id_at_once(cluster: Cluster) -> None:  # noqa: F811
+async def test_one_users_two_sockets_starting_the_same_id_at_once(cluster: Cluster) -> None:
     """Both sockets passed the id check, each awaited Redis for the user's run count, and the second to
     register its run got ``ValueError`` out of the handler: its socket closed with 1011."""
     a = await cluster.node("a", resume_grace=None)
@@ -123,7 +123,7 @@ def test_a_password_in_the_query_is_hidden_from_logs_too() -> None:
     assert redacted("unix:///run/redis.sock?db=2") == "unix:///run/redis.sock?db=2"
 
 
-async def test_a_tutorial_route_takes_the_next_id_when_a_users_run_holds_its_own(cluster: Cluster) -> None:  # noqa: F811
+async def test_a_tutorial_route_takes_the_next_id_when_a_users_run_holds_its_own(cluster: Cluster) -> None:
     """The tutorial routes name a run ``<connection id>-<n>`` among the user's runs, and connection ids repeat
     (on every node, and a JSON run may take any id): ``/ws/agent`` closed with 1011 and a traceback."""
     a = await cluster.node("a", resume_grace=None)

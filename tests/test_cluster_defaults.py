@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -19,12 +20,19 @@ from wsagent.errors import ProtocolViolation
 from wsagent.events import Start, Token
 from wsagent.run import Run
 
-from .conftest import TERMINAL
-from .test_ai_sdk import drive_at
-from .test_cluster import Cluster, cluster, frames_until, redis_server, run_request, seq, start, terminal
-from .test_run import Sink
-
-__all__ = ["cluster"]  # the fixture
+from .helpers import (
+    TERMINAL,
+    Cluster,
+    Sink,
+    drive_at,
+    frames_until,
+    redis_server,
+    run_request,
+    seq,
+    start_run,
+    stream_entries,
+    terminal,
+)
 
 DEFAULTS = {"resume_grace": None}  # left out of the command line: the docs' two nodes
 
@@ -59,7 +67,7 @@ async def test_resume_on_another_node_after_the_run_ended(cluster: Cluster) -> N
     for n in range(3):
         run_id = f"r{n}"
         async with a.connect() as producer:
-            key = await start(producer, run_id, "hello sim:rate=1000 sim:tokens=80")
+            key = await start_run(producer, run_id, "hello sim:rate=1000 sim:tokens=80")
             own = await frames_until(producer, terminal)
         assert len(own) >= 4
         head = own[:len(own) // 2]
@@ -106,7 +114,7 @@ async def test_an_ended_runs_id_is_free_again_on_every_node(cluster: Cluster) ->
     a, b = await cluster.start("a", "b", **DEFAULTS)
     for node in (a, a, b, a):
         async with node.connect(user="ivy") as ws:
-            await start(ws, "again", "short sim:tokens=3")
+            await start_run(ws, "again", "short sim:tokens=3")
             assert json.loads((await frames_until(ws, terminal))[-1])["type"] == "done"
 
 
@@ -120,16 +128,16 @@ async def test_a_run_that_expired_since_it_was_found_is_unknown() -> None:
             key = "k" * 22
             meta = {"id": "r1", "user": None, "scope": "user:u", "node": "b2", "agent": None, "workflow": None,
                     "grace": 0, "buffer": 65536, "replay": 262144}
-            await broker.redis.hset(f"wsagent:run:{key}", mapping={"meta": json.dumps(meta),
+            await broker.link.redis.hset(f"wsagent:run:{key}", mapping={"meta": json.dumps(meta),
                                                                    "origins": "[[null, null]]"})
-            await broker.redis.zadd("wsagent:nodes", {"b2": time.time() * 1000})  # its producer is alive
+            await broker.link.redis.zadd("wsagent:nodes", {"b2": time.time() * 1000})  # its producer is alive
             found = await broker.run_by_key(key)
             assert isinstance(found, Mirror)
-            await broker.redis.delete(f"wsagent:run:{key}")  # expired
+            await broker.link.redis.delete(f"wsagent:run:{key}")  # expired
             with pytest.raises(ProtocolViolation) as refused:
                 await broker.follow(found, 0)
             assert refused.value.code == "unknown_run"
-            assert not broker._mirrors
+            assert not broker.following.mirrors
         finally:
             await broker.close()
 
@@ -156,7 +164,7 @@ async def test_a_producer_restarted_under_its_node_id_is_not_taken_for_the_dead_
     new a itself answers ``unknown_run``: it never had the run."""
     a, b = await cluster.start("a", "b", **DEFAULTS)
     async with a.connect() as producer, b.connect() as watcher:
-        key = await start(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
+        key = await start_run(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
         await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
         seen = await frames_until(watcher, lambda e: e.get("seq", 0) >= 3)
         a.process.send_signal(signal.SIGKILL)
@@ -180,11 +188,11 @@ async def test_a_follower_reads_a_stream_with_holes_as_it_is(cluster: Cluster) -
     their own seqs, or a ``replay_gap``."""
     a, b = await cluster.start("a", "b", resume_grace=5, replay_bytes=300)
     async with a.connect() as producer:
-        key = await start(producer, "r1", "Analyze sim:rate=0 sim:tokens=20", workflow="market-analysis")
+        key = await start_run(producer, "r1", "Analyze sim:rate=0 sim:tokens=20", workflow="market-analysis")
         own = await frames_until(producer, terminal)
     redis = Redis(port=cluster.redis_port, decode_responses=True)
     try:
-        ids = [int(entry_id.split("-")[0]) for entry_id, _ in await redis.xrange(f"wsagent:log:{key}")]
+        ids = [int(entry_id.split("-")[0]) for entry_id, _ in await stream_entries(redis, f"wsagent:log:{key}")]
     finally:
         await redis.aclose()
     assert ids != list(range(ids[0], ids[0] + len(ids))), f"no hole in the stream this time: {ids}"
@@ -206,12 +214,13 @@ async def test_a_resume_of_a_run_whose_producer_died_is_told_producer_lost(clust
     after the last one the client read stands in for one that never reached Redis), once what did is replayed."""
     a, b = await cluster.start("a", "b", **DEFAULTS)
     async with a.connect() as producer:
-        key = await start(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
+        key = await start_run(producer, "r1", "a long one sim:rate=50 sim:tokens=5000")
         seen = await frames_until(producer, lambda e: e.get("seq", 0) >= 5)
         a.process.send_signal(signal.SIGKILL)
         await a.process.wait()
-    for request in ({"type": "resume", "after": seq(seen[-1]) + 1}, {"type": "resume", "after": 0},
-                    {"type": "attach"}):
+    requests: list[dict[str, Any]] = [{"type": "resume", "after": seq(seen[-1]) + 1}, {"type": "resume", "after": 0},
+                                      {"type": "attach"}]
+    for request in requests:
         async with b.connect() as ws:  # what reached Redis (nothing, past it), then producer_lost
             await ws.send(json.dumps({**request, "id": "r1", "key": key}))
             frames = [json.loads(f) for f in await frames_until(ws, lambda e: "seq" not in e or terminal(e))]
@@ -254,7 +263,7 @@ async def test_a_runs_stream_expires_from_its_first_write() -> None:
         try:
             run = Run("r1", scope="user:u", replay_bytes=10)
             await broker.add_run(run, 0)
-            broker._flush()  # (its registration's turn: nothing in its log yet)
+            broker.replication.flush()  # (its registration's turn: nothing in its log yet)
             run.subscribe(Sink(), 0, primary=True)  # its own client, taking each event at once
             run.push(Start("m", run.key))
             run.push(Token("x" * 50))
@@ -262,10 +271,10 @@ async def test_a_runs_stream_expires_from_its_first_write() -> None:
             assert run.oldest_kept > 1  # taken, and forgotten past --replay-bytes
             run.push(Token("y"))
             run.wake()
-            broker._flush()
-            await broker._send([("PING",)])  # everything before it is written
-            entries = await broker.redis.xrange(f"wsagent:log:{run.key}")
+            broker.replication.flush()
+            await broker.link.send([("PING",)])  # everything before it is written
+            entries = await broker.link.redis.xrange(f"wsagent:log:{run.key}")
             assert entries and entries[0][0] != "1-0"
-            assert await broker.redis.ttl(f"wsagent:log:{run.key}") > 0
+            assert await broker.link.redis.ttl(f"wsagent:log:{run.key}") > 0
         finally:
             await broker.close()

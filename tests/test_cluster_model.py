@@ -70,9 +70,8 @@ from websockets.exceptions import ConnectionClosed
 
 from wsagent.simulator import SimulatorServer, SimulatorSettings
 
-from .conftest import TERMINAL
+from .helpers import CLUSTER_SECRET, REDIS_SERVER, TERMINAL, cluster_token
 from .processes import Notifications, free_port
-from .test_cluster import REDIS_SERVER, SECRET, token
 
 LONG = settings.get_current_profile_name() == "long"
 pytestmark = pytest.mark.timeout(7200 if LONG else 400)
@@ -384,7 +383,7 @@ class ClusterModel(RuleBasedStateMachine):
     async def start_node(self, name: str, workers: bool = False) -> Slot:
         port = free_port()
         command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--upstream-url", self.sim.base_url,
-                   "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--jwt-secret", SECRET,
+                   "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--jwt-secret", CLUSTER_SECRET,
                    "--log-level", "INFO"]
         if workers:
             command += ["--workers", "2"]
@@ -438,7 +437,7 @@ class ClusterModel(RuleBasedStateMachine):
     async def open_view(self, slot: Slot, run: RunRecord, kind: str, user: str | None = None,
                         after: int | None = None) -> View:
         route = "/ws/ai-sdk" if run.ai_sdk else "/ws/chat"
-        query = f"?token={token(user)}" if user is not None else ""
+        query = f"?token={cluster_token(user)}" if user is not None else ""
         ws = await connect(f"ws://127.0.0.1:{slot.port}{route}{query}", open_timeout=LIMIT, close_timeout=2,
                            max_size=None)
         now = self.now()
@@ -810,7 +809,7 @@ class ClusterModel(RuleBasedStateMachine):
         slot = self.pick(self.live(), node)
 
         async def go() -> None:
-            query = f"?token={token(run.user)}" if run.user is not None else ""
+            query = f"?token={cluster_token(run.user)}" if run.user is not None else ""
             async with connect(f"ws://127.0.0.1:{slot.port}/ws/chat{query}", open_timeout=LIMIT) as ws:
                 await ws.send(json.dumps({"type": "cancel", "id": run.id, "key": run.key}))
                 await ws.send('{"type": "ping"}')

@@ -14,18 +14,22 @@ import asyncio
 import gc
 import json
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import pytest
 
 from wsagent.server import WsAgentServer
+from wsagent.tuning import break_transport_cycles
 
-from .conftest import ServerFactory, find_run, recv_json, run_events, text_reply, ws_connect
+from .helpers import ServerFactory, find_run, recv_json, run_events, text_reply, ws_connect
 
 
 @pytest.fixture
 def no_collector() -> Iterator[None]:
+    """The collector off, in a process patched as ``serve`` patches its own (:func:`break_transport_cycles`):
+    what these tests find left in ``gc.garbage`` is what a served process would leave."""
+    break_transport_cycles()
     gc.collect()
     gc.disable()
     try:
@@ -52,7 +56,8 @@ async def test_a_closed_connection_is_freed_without_the_collector(make_server: S
         (conn,) = list(server.manager)
         run = find_run(server, "r1")
         assert run is not None and not run.finished
-        held = {"connection": weakref.ref(conn), "websocket": weakref.ref(conn.ws), "run": weakref.ref(run)}
+        held: dict[str, Callable[[], object]] = {"connection": weakref.ref(conn), "websocket": weakref.ref(conn.ws),
+                                                 "run": weakref.ref(run)}
         handler = handler_task(server)
         del conn, run
     await handler  # the client left mid-stream: the run is cancelled, the handler ends
@@ -91,7 +96,8 @@ async def test_every_kind_of_close_frees_the_protocol(make_server: ServerFactory
         await ws.send("hello sim:tokens=3")
         assert (await text_reply(ws)).endswith("[DONE]")
     (conn,) = list(server.manager)
-    held = {"protocol": weakref.ref(conn.ws.protocol), "connection": weakref.ref(conn.ws)}
+    held: dict[str, Callable[[], object]] = {"protocol": weakref.ref(conn.ws.protocol),
+                                             "connection": weakref.ref(conn.ws)}
     handler = handler_task(server)
     del conn
     if close.endswith("reset"):

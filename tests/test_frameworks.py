@@ -21,12 +21,11 @@ from websockets.asyncio.client import connect
 
 from wsagent.simulator import SimulatorServer
 
-from .conftest import simulator
+from .helpers import ROOT, simulator
 from .processes import free_port, pinned_venv, started
 
 pytestmark = [pytest.mark.frameworks, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).parent.parent
 REQUIREMENTS = Path(__file__).parent / "frameworks" / "requirements.txt"
 AGENTS = ",".join(f"examples/agents/{name}_example.py:AGENTS" for name in ("openai_agents", "langgraph", "swarms"))
 
@@ -54,7 +53,7 @@ async def url(venv: Path, sim: SimulatorServer, tmp_path_factory: pytest.TempPat
         yield f"ws://127.0.0.1:{port}/ws/chat"
 
 
-async def run(url: str, agent: str, prompt: str, cancel_after: int | None = None) -> list[dict[str, Any]]:
+async def agent_events(url: str, agent: str, prompt: str, cancel_after: int | None = None) -> list[dict[str, Any]]:
     """One run's events; with ``cancel_after``, cancelled once that many answer deltas arrived."""
     events: list[dict[str, Any]] = []
     async with connect(url, open_timeout=10) as ws:
@@ -73,7 +72,7 @@ async def run(url: str, agent: str, prompt: str, cancel_after: int | None = None
 
 @pytest.mark.parametrize("agent", ["openai-agents", "langgraph", "swarms", "swarms-detailed"])
 async def test_a_tool_loop_end_to_end(url: str, agent: str) -> None:
-    events = await run(url, agent, "What is 6 * 7?")
+    events = await agent_events(url, agent, "What is 6 * 7?")
     kinds = [e["type"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done", json.dumps(events[-1])
     assert kinds.index("action") < kinds.index("observation") < kinds.index("answer")
@@ -92,7 +91,7 @@ async def test_a_tool_loop_end_to_end(url: str, agent: str) -> None:
 
 
 async def test_a_swarms_workflow_streams_each_agent(url: str) -> None:
-    events = await run(url, "swarms-panel", "What is 6 * 7?")
+    events = await agent_events(url, "swarms-panel", "What is 6 * 7?")
     assert events[-1]["type"] == "done"
     ends = {e["agent"]: e["outcome"] for e in events if e["type"] == "agent_end"}
     assert ends == {"market-researcher": "done", "risk-analyst": "done"}
@@ -106,10 +105,11 @@ async def test_a_swarms_workflow_streams_each_agent(url: str) -> None:
 async def test_cancel_stops_the_framework(url: str, sim: SimulatorServer, agent: str) -> None:
     """The simulator sees the model request close, and no further model request is made for the run."""
     tag = f"cancel-{agent}"
-    events = await run(url, agent, f"Tell me a long story sim:rate=50 sim:tokens=100000 sim:tag={tag}", cancel_after=3)
+    events = await agent_events(url, agent, f"Tell me a long story sim:rate=50 sim:tokens=100000 sim:tag={tag}",
+                                cancel_after=3)
     assert events[-1]["type"] == "cancelled"
     stats = sim.simulator.stats
     await stats.wait_for(lambda s: "disconnected" in s.tags.get(tag, {}), 10)
-    barrier = await run(url, agent, "What is 6 * 7?")  # a whole run after it: time for a stray request to show
+    barrier = await agent_events(url, agent, "What is 6 * 7?")  # a whole run after it: time for a stray request to show
     assert barrier[-1]["type"] == "done"
     assert stats.tags[tag]["streams"] == 1 and stats.tags[tag]["tokens"] < 1000

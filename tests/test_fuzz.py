@@ -20,7 +20,7 @@ from wsagent.config import Settings
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer, SimulatorSettings
 
-from .conftest import upstream_for
+from .helpers import upstream_for
 
 SECRET = "fuzz-secret-that-is-long-enough-for-hs256"
 ROUTES = ["/ws", "/ws/agent", "/ws/agent-thoughts", "/ws/robust", "/ws/chat", "/ws/secure", "/ws/ai-sdk", "/ws/someone"]

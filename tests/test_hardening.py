@@ -17,13 +17,22 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsagent.config import Settings, load_settings
 from wsagent.errors import UpstreamError
 from wsagent.server import WsAgentServer
-from wsagent.simulator import MAX_CHARS, MAX_TOKENS, _capped
+from wsagent.simulator import MAX_CHARS, MAX_TOKENS
+from wsagent.simulator.plan import cap
 from wsagent.tools import MAX_BITS, ToolBox, calculator, tool
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
-from .conftest import ServerFactory, recv_json, run_events, text_reply, ws_connect
-from .test_auth import SECRET, token
-from .test_chat import run
+from .helpers import (
+    SECRET,
+    ServerFactory,
+    local_broker,
+    recv_json,
+    run_events,
+    run_request,
+    text_reply,
+    token,
+    ws_connect,
+)
 
 
 @pytest.mark.parametrize("expression", ["((9**99)**999)**99", "((9**99)**999)**999", "(10**999)**5", "9**999*9**999"])
@@ -69,7 +78,7 @@ async def test_the_built_in_simulator_ignores_fault_switches_unless_asked() -> N
 
 
 def test_switches_are_capped_even_when_honoured() -> None:
-    capped = _capped({"tokens": "20000000", "pad": "20000", "long": str(10**9)})
+    capped = cap({"tokens": "20000000", "pad": "20000", "long": str(10**9)})
     assert int(capped["tokens"]) == MAX_TOKENS
     assert int(capped["tokens"]) * int(capped["pad"]) <= MAX_CHARS and int(capped["long"]) == MAX_CHARS
 
@@ -224,14 +233,14 @@ async def test_clients_choose_only_allowed_models(make_server: ServerFactory) ->
     """A client-chosen ``model`` was forwarded verbatim: anyone could pick the most expensive one."""
     server = await make_server(model="wsagent-sim")
     async with ws_connect(server, "/ws/chat") as ws:
-        await ws.send(run("a", "hi", model="gpt-most-expensive"))
+        await ws.send(run_request("a", "hi", model="gpt-most-expensive"))
         refusal = await recv_json(ws)
         assert refusal["code"] == "bad_request" and "may not be chosen" in refusal["message"]
-        await ws.send(run("b", "hi sim:tokens=2", model="wsagent-sim"))
+        await ws.send(run_request("b", "hi sim:tokens=2", model="wsagent-sim"))
         assert (await run_events(ws, "b"))[-1]["type"] == "done"
     open_server = await make_server(allowed_models="gpt-most-expensive, other")
     async with ws_connect(open_server, "/ws/chat") as ws:
-        await ws.send(run("c", "hi sim:tokens=2", model="gpt-most-expensive"))
+        await ws.send(run_request("c", "hi sim:tokens=2", model="gpt-most-expensive"))
         events = await run_events(ws, "c")
         assert events[0]["model"] == "gpt-most-expensive" and events[-1]["type"] == "done"
 
@@ -269,11 +278,11 @@ async def test_finished_runs_kept_for_resume_stay_in_the_replay_budget(make_serv
     async with ws_connect(server, "/ws/chat") as first, ws_connect(server, "/ws/chat") as second:
         for n in range(6):
             ws = first if n < 4 else second
-            await ws.send(run(f"r{n}", f"bulk {n} sim:tokens=100 sim:pad=150"))
+            await ws.send(run_request(f"r{n}", f"bulk {n} sim:tokens=100 sim:pad=150"))
             events = await run_events(ws, f"r{n}")
             keys.append(events[0]["key"])
-        assert server.runs.kept_bytes <= 60_000
-        assert all(size <= 40_000 for size in server.runs._kept_by_owner.values())
+        assert server.broker.kept_bytes <= 60_000
+        assert all(size <= 40_000 for size in local_broker(server)._kept_by_owner.values())
         await first.send(json.dumps({"type": "resume", "id": "r0", "key": keys[0], "after": 0}))
         assert (await recv_json(first))["code"] == "unknown_run"  # the oldest went first
         await second.send(json.dumps({"type": "resume", "id": "r5", "key": keys[5], "after": 0}))
@@ -302,7 +311,8 @@ async def test_a_reload_that_fails_changes_nothing(server: WsAgentServer, tmp_pa
     before = server.settings
     broken = tmp_path / "workflows.json"
     broken.write_text("{not json")
-    new = dataclasses.replace(before, max_connections=3, allowed_origins="https://x.example", workflows=str(broken))
+    new = dataclasses.replace(before, max_connections=3, allowed_origins="https://x.example",  # type: ignore[arg-type]
+                              workflows=str(broken))
     with pytest.raises(ValueError):
         server.reload(new)
     assert server.settings is before and server.app.settings is before

@@ -31,7 +31,7 @@ from wsagent.config import Settings
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer, SimulatorSettings
 
-from .conftest import TERMINAL, upstream_for
+from .helpers import TERMINAL, upstream_for
 
 #: How long a step may take to be answered (a bound, never a pause).
 LIMIT = 10.0

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from wsagent.chunks import ModelEvent
+from wsagent.chunks import ModelEvent, TextDelta
 from wsagent.config import Settings
 from wsagent.errors import UpstreamError
 from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
-from .conftest import recv_json, run_events, simulator, text_reply, ws_connect
+from .helpers import recv_json, run_events, simulator, text_reply, ws_connect
 from .processes import free_port, pinned_venv, started
 
 pytestmark = [pytest.mark.litellm, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
@@ -74,7 +74,7 @@ async def litellm(proxy_venv: Path, sim: SimulatorServer, tmp_path_factory: pyte
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(litellm: str) -> AsyncIterator[WsAgentServer]:
     settings = Settings(host="127.0.0.1", port=0, upstream_url=litellm, api_key=KEY, model="sim",
-                        allowed_models="*", retry_deadline=2)
+                        allowed_models="*", retry_deadline=2)  # type: ignore[arg-type]  # (parsed as the CLI's)
     started = await WsAgentServer(settings).start()
     try:
         yield started
@@ -97,7 +97,7 @@ async def events_of(base_url: str, prompt: str, **params: Any) -> tuple[list[Mod
 
 async def test_text_mode_and_json_runs(server: WsAgentServer, sim: SimulatorServer, litellm: str) -> None:
     direct, _ = await events_of(sim.base_url, "tell me about websockets")
-    expected = "".join(e.text for e in direct if getattr(e, "kind", None) == "content")
+    expected = "".join(e.text for e in direct if isinstance(e, TextDelta) and e.kind == "content")
     async with ws_connect(server, "/ws/chat") as ws:
         await ws.send("tell me about websockets")
         assert await text_reply(ws) == expected + "\n[DONE]"
@@ -187,7 +187,7 @@ async def test_responses_dialect_through_litellm(litellm: str, sim: SimulatorSer
     assert "42" in "".join(e["content"] for e in events if e["type"] == "answer") and events[-1]["type"] == "done"
     direct, _ = await events_of(sim.base_url, "tell me about websockets")
     assert "".join(e["content"] for e in text if e["type"] == "token") == "".join(
-        e.text for e in direct if getattr(e, "kind", None) == "content")
+        e.text for e in direct if isinstance(e, TextDelta) and e.kind == "content")
     assert [e["type"] for e in text].count("thinking") >= 1 and text[-1]["type"] == "done"
     # LiteLLM bridges its /v1/responses to the simulator's chat completions: the Responses events wsagent
     # read were written by LiteLLM, not by our simulator

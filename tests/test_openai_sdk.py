@@ -9,11 +9,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 from openai import APIError, AsyncOpenAI, RateLimitError
+from openai.types.chat import (
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
+from openai.types.responses import FunctionToolParam
 from pydantic import BaseModel
 
 from wsagent.simulator import SimulatorServer
 
-TOOLS = [{"type": "function", "function": {
+TOOLS: list[ChatCompletionFunctionToolParam] = [{"type": "function", "function": {
     "name": "calculator", "description": "Evaluate arithmetic.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
 
@@ -29,17 +35,18 @@ async def client(sim: SimulatorServer) -> AsyncIterator[AsyncOpenAI]:
 
 async def test_tool_choice_is_honoured(client: AsyncOpenAI) -> None:
     """``none`` still called a tool; ``required`` and a named function called nothing."""
-    ask = [{"role": "user", "content": "What is 17 * 23?"}]
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is 17 * 23?"}]
     auto = await client.chat.completions.create(model="sim", messages=ask, tools=TOOLS)
     assert auto.choices[0].message.tool_calls
     none = await client.chat.completions.create(model="sim", messages=ask, tools=TOOLS, tool_choice="none")
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
-    chat = [{"role": "user", "content": "Tell me a story"}]
+    chat: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story"}]
     required = await client.chat.completions.create(model="sim", messages=chat, tools=TOOLS, tool_choice="required")
     assert required.choices[0].message.tool_calls and required.choices[0].finish_reason == "tool_calls"
     named = await client.chat.completions.create(
         model="sim", messages=chat, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "calculator"}})
     (call,) = named.choices[0].message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
     assert call.function.name == "calculator" and "expression" in json.loads(call.function.arguments)
 
 
@@ -94,9 +101,10 @@ async def test_streams_helpers_usage_and_errors(client: AsyncOpenAI) -> None:
             pass
 
 
-RESPONSES_TOOLS = [{"type": "function", "name": "calculator", "description": "Evaluate arithmetic.", "strict": True,
-                    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                                   "required": ["expression"], "additionalProperties": False}}]
+RESPONSES_TOOLS: list[FunctionToolParam] = [
+    {"type": "function", "name": "calculator", "description": "Evaluate arithmetic.", "strict": True,
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                    "required": ["expression"], "additionalProperties": False}}]
 
 
 async def test_responses_api_streamed_with_reasoning_and_function_call(client: AsyncOpenAI) -> None:

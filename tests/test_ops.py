@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,14 @@ from wsagent.serve import restart_delay
 from wsagent.server import WsAgentServer
 from wsagent.tuning import tune_malloc
 
-from .conftest import ServerFactory, run_events, ws_connect
+from .helpers import ROOT, ServerFactory, run_events, ws_connect
 from .processes import Notifications, free_port
-
-ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
-def notifications() -> AsyncIterator[Notifications]:
+def notifications() -> Iterator[Notifications]:
     n = Notifications()
-    yield n  # type: ignore[misc]
+    yield n
     n.close()
 
 
@@ -183,6 +181,7 @@ async def test_workers_share_the_port_and_each_drains(notifications: Notificatio
         if len(sockets) == 2:
             break
         ws = await connect(f"ws://127.0.0.1:{port}/ws/chat")
+        assert ws.response is not None
         worker = ws.response.headers["X-Wsagent-Worker"]
         if worker in sockets:
             await ws.close()
@@ -299,6 +298,7 @@ async def test_one_scrape_reports_every_worker(notifications: Notifications) -> 
         if len(done_on) == 2:
             break
         async with connect(f"ws://127.0.0.1:{port}/ws/chat") as ws:
+            assert ws.response is not None
             worker = ws.response.headers["X-Wsagent-Worker"]
             if worker in done_on:
                 continue

@@ -17,7 +17,7 @@ from wsagent.server import WsAgentServer
 from wsagent.simulator import SimulatorServer
 
 from . import agents_fixture
-from .conftest import ServerFactory, recv_json, run_events, ws_connect
+from .helpers import ServerFactory, recv_json, run_events, ws_connect
 
 AGENTS = "examples/agents/plain.py:AGENTS,tests.agents_fixture:AGENTS"
 

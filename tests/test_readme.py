@@ -17,7 +17,8 @@ from pathlib import Path
 from wsagent.config import build_parser, settings_table
 from wsagent.simulator import SimulatorServer
 
-ROOT = Path(__file__).parent.parent
+from .helpers import ROOT
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 

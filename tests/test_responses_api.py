@@ -13,21 +13,23 @@ from hypothesis import strategies as st
 from wsagent.chunks import Finish, ModelEvent, TextDelta, ToolCall, Usage
 from wsagent.config import Settings
 from wsagent.errors import UpstreamError
-from wsagent.response_events import ResponsesInterpreter, response_to_events, responses_request
+from wsagent.responses_api import ResponsesInterpreter, response_to_events, responses_request
 from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings, _Plan, _ResponsesFormat
+from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.simulator.plan import Plan
+from wsagent.simulator.responses_format import ResponsesFormat
 from wsagent.sse import SSEDecoder, SSEEvent
 
-from .conftest import ServerFactory, recv_json, run_events, text_reply, ws_connect
+from .helpers import ServerFactory, recv_json, run_events, text_reply, ws_connect
 
-PLAN = _Plan(reasoning=["Think", " twice"], content=["Hello", " world"],
-             tool_calls=[("call_a", "calculator", '{"expression": "1 + 2"}'), ("call_b", "clock", "{}")],
-             finish_reason="tool_calls", prompt_tokens=7)
+PLAN = Plan(reasoning=["Think", " twice"], content=["Hello", " world"],
+            tool_calls=[("call_a", "calculator", '{"expression": "1 + 2"}'), ("call_b", "clock", "{}")],
+            finish_reason="tool_calls", prompt_tokens=7)
 
 
-def written(the_plan: _Plan = PLAN) -> bytes:
+def written(the_plan: Plan = PLAN) -> bytes:
     """A whole stream exactly as the simulator writes it."""
-    fmt = _ResponsesFormat({"input": "x"}, "sim", the_plan, "\n")
+    fmt = ResponsesFormat({"input": "x"}, "sim", the_plan, "\n")
     parts = [fmt.begin()]
     parts += [fmt.token("reasoning_content", t) for t in the_plan.reasoning]
     parts += [fmt.token("content", t) for t in the_plan.content]
@@ -93,7 +95,7 @@ def test_errors_and_endings() -> None:
 
 
 def test_whole_response_object() -> None:
-    whole = _ResponsesFormat({"input": "x"}, "sim", PLAN, "\n").whole()
+    whole = ResponsesFormat({"input": "x"}, "sim", PLAN, "\n").whole()
     assert response_to_events(whole) == [
         TextDelta("reasoning", "Think twice"), TextDelta("content", "Hello world"), *EXPECTED[4:]]
     with pytest.raises(UpstreamError):
@@ -124,7 +126,7 @@ def test_request_asks_what_the_chat_body_asks() -> None:
         "text": {"format": {"type": "json_schema", "name": "n", "schema": {}, "strict": True}}}
 
 
-REQUESTS = [
+REQUESTS: list[dict[str, Any]] = [  # JSON frames, as sent
     {"type": "run", "id": "m", "prompt": "tell me about streams"},
     {"type": "run", "id": "a", "prompt": "What is 6 * 7?", "agent": "assistant"},
     {"type": "run", "id": "w", "prompt": "Analyze TSLA", "workflow": "market-analysis"},
@@ -152,7 +154,7 @@ def merged(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def frames(server: WsAgentServer) -> list[list[dict[str, Any]]]:
-    out = []
+    out: list[list[dict[str, Any]]] = []
     async with ws_connect(server, "/ws/chat") as ws:
         for request in REQUESTS:
             await ws.send(json.dumps(request))

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.chunks import TextDelta
 from wsagent.simulator import SimulatorServer
 
-from .conftest import TERMINAL, upstream_for
-from .test_cluster import Cluster, Node, cluster  # noqa: F401 (a fixture)
+from .helpers import TERMINAL, Cluster, Node, upstream_for
 
 STREAMS = 150
 PROMPTS = [f"restart topic {n} sim:rate=40 sim:tokens=100" for n in range(4)]  # 2.5 s each
@@ -33,7 +33,7 @@ async def answers(sim: SimulatorServer) -> dict[str, str]:
     client = upstream_for(sim)
     try:
         return {prompt: "".join([e.text async for e in client.stream([{"role": "user", "content": prompt}])
-                                 if getattr(e, "kind", None) == "content"]) for prompt in PROMPTS}
+                                 if isinstance(e, TextDelta) and e.kind == "content"]) for prompt in PROMPTS}
     finally:
         await client.close()
 
@@ -52,7 +52,7 @@ class Fleet:
 async def stream(fleet: Fleet, number: int, expected: dict[str, str]) -> list[tuple[str, list[int], str]]:
     """Runs one after another until the restarts are over: (outcome, seqs, text) of each."""
     loop = asyncio.get_running_loop()
-    results = []
+    results: list[tuple[str, list[int], str]] = []
     count = 0
     while fleet.restarting or not results:
         count += 1
@@ -89,7 +89,7 @@ async def stream(fleet: Fleet, number: int, expected: dict[str, str]) -> list[tu
     return results
 
 
-async def test_a_rolling_restart_loses_nothing(cluster: Cluster, sim: SimulatorServer) -> None:  # noqa: F811
+async def test_a_rolling_restart_loses_nothing(cluster: Cluster, sim: SimulatorServer) -> None:
     expected = await answers(sim)
     fleet = Fleet(await cluster.start("a", "b", "c", **OPTIONS))
     loop = asyncio.get_running_loop()
@@ -110,7 +110,7 @@ async def test_a_rolling_restart_loses_nothing(cluster: Cluster, sim: SimulatorS
     assert fleet.moves and max(fleet.moves) < 1.0, sorted(fleet.moves)[-5:]
 
 
-async def test_a_moved_client_may_drop_again_while_its_node_hands_over(cluster: Cluster) -> None:  # noqa: F811
+async def test_a_moved_client_may_drop_again_while_its_node_hands_over(cluster: Cluster) -> None:
     """A client moved by a 1012 that dropped again on the node it moved to lost its run at once: the handing
     node orphaned it with the run's own grace (0 by default), not the drain's."""
     a, b = await cluster.start("a", "b", **OPTIONS)

@@ -3,49 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsagent.events import Answer, Done, Event, Producer, Start, Thinking, Token, ToolCallEvent
 from wsagent.pump import pump
 from wsagent.render import Thoughts, Words
-from wsagent.run import Run, RunStateError, Subscription
+from wsagent.run import Run, RunStateError
 
-
-class Sink:
-    """A watcher that writes into a list: what a socket would receive, and when it would take it."""
-
-    def __init__(self, eager: bool = True) -> None:
-        self.subs: list[Subscription] = []
-        self.frames: list[str] = []
-        self.eager = eager
-
-    def watch(self, sub: Subscription) -> None:
-        self.subs.append(sub)
-        self.wake()
-
-    def unwatch(self, sub: Subscription) -> None:
-        if sub in self.subs:
-            self.subs.remove(sub)
-
-    def wake(self) -> None:
-        if self.eager:
-            self.drain()
-
-    def drain(self) -> None:
-        for sub in list(self.subs):
-            self.frames.extend(sub.take())
-            sub.sent()
-            if sub.ended:
-                self.unwatch(sub)
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(frame) for frame in self.frames]
+from .helpers import Sink
 
 
 async def batches(items: Sequence[Sequence[Event]]) -> Producer:
@@ -219,64 +189,3 @@ def test_renderers_hold_back_a_bounded_amount() -> None:
         thoughts.render(Thinking.kind, "y" * 100, out, (None, None))
     assert len(words.pending) <= 4096 and len(thoughts.thought) <= 4096
     assert sum(len(frame) for frame in out if frame.startswith("x")) >= 10_000 - 4096
-
-
-class Outlet:
-    """What a cluster's broker does with a run's new entries, without Redis: hands them to a follower,
-    in batches, lost ones included (the follower must notice the gap)."""
-
-    def __init__(self, follower: Run, lose: set[int]) -> None:
-        self.follower = follower
-        self.lose = lose
-        self.calls = 0
-
-    def dirty(self, run: Run) -> None:
-        self.calls += 1
-        entries = run.unpublished()
-        if self.calls not in self.lose:
-            self.follower.replicate(*entries)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    script=st.lists(st.tuples(st.sampled_from(["token", "thinking", "answer", "tool"]),
-                              st.text(min_size=1, max_size=6), st.sampled_from([None, "planner", "writer"])),
-                    min_size=1, max_size=40),
-    lose=st.sets(st.integers(2, 40), max_size=2),
-)
-@example(script=[("token", "a", None), ("token", "b", "planner"), ("token", "c", "planner")], lose={3})
-async def test_a_follower_fed_the_producers_entries_gives_the_producers_frames(
-        script: list[tuple[str, str, str | None]], lose: set[int]) -> None:
-    """Another node's copy of a run (a follower fed :meth:`Run.unpublished` batches, one per upstream
-    read) renders the producer's frames byte for byte; past a lost batch it starts again where the next
-    one begins, and a watcher behind that point is told it lags, never given a wrong frame."""
-    producer = Run("r", key="k", buffer_bytes=10**9)
-    follower = Run("r", key="k", buffer_bytes=10**9)
-    follower.phase = producer.phase
-    outlet = Outlet(follower, lose)
-    producer.outlet = outlet
-    own, copy = Sink(), Sink()
-    producer.subscribe(own, primary=True)
-    follower.subscribe(copy)
-    classes = {"token": Token, "thinking": Thinking, "answer": Answer}
-    producer.push(Start("m", "k"))
-    producer.wake()
-    for kind, text, agent in script:
-        if kind == "tool":
-            producer.push(ToolCallEvent("c1", "lookup", text, agent=agent))
-        else:
-            producer.push(classes[kind](text, agent=agent))
-        producer.wake()
-    producer.end(Done("stop"))
-    if outlet.calls in lose:  # nothing comes after the lost last batch: the follower reads the history
-        follower.replicate(*producer.unpublished(everything=True))
-    assert follower.finished and follower.outcome == "done"
-    if not outlet.lose & set(range(1, outlet.calls + 1)):
-        assert copy.frames == own.frames
-    else:
-        last = json.loads(copy.frames[-1])
-        assert last["type"] == "done" or last["code"] == "lagging"
-        assert all(frame in own.frames for frame in copy.frames if '"lagging"' not in frame)
-    late = Sink()  # attaches to the follower at the oldest entry it has: the producer's last frames
-    follower.subscribe(late, follower.oldest_kept - 1)
-    assert late.frames == own.frames[len(own.frames) - len(late.frames):]

@@ -12,13 +12,14 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wsagent.config import Settings, load_settings
+from wsagent.connections import Connection
 from wsagent.router import Route, Router
 from wsagent.server import WsAgentServer
 
-from .conftest import ServerFactory, recv_json, run_events, ws_connect
+from .helpers import ServerFactory, local_broker, recv_json, run_events, ws_connect
 
 
-async def server_side(server: WsAgentServer, path: str):  # type: ignore[no-untyped-def]
+async def server_side(server: WsAgentServer, path: str) -> Connection:
     """The server's Connection for the only client on ``path``."""
     for conn in server.manager:
         if conn.path == path:
@@ -161,7 +162,8 @@ async def test_dead_peer_is_dropped(make_server: ServerFactory) -> None:
         conn = await server_side(server, "/ws")
         ws.transport.pause_reading()  # the peer stops answering pings
         await asyncio.wait_for(conn.ws.wait_closed(), 10)
-        assert conn.ws.protocol.close_sent.code == 1011  # keepalive ping timeout
+        close_sent = conn.ws.protocol.close_sent
+        assert close_sent is not None and close_sent.code == 1011  # keepalive ping timeout
         ws.transport.abort()
 
 
@@ -183,7 +185,7 @@ async def test_broadcast_with_a_client_that_never_reads(make_server: ServerFacto
         consumers = [asyncio.ensure_future(read_all(r)) for r in readers]
         peak = 0
         for n in range(count):
-            assert server.runs.deliver_all(json.dumps({"n": n, "p": payload})) >= 3
+            assert local_broker(server).deliver_all(json.dumps({"n": n, "p": payload})) >= 3
             peak = max(peak, stuck_conn.outbox.queued_bytes)
             if n % 16 == 0:
                 await asyncio.sleep(0)  # let the writers run between bursts, as a live server would
@@ -193,7 +195,8 @@ async def test_broadcast_with_a_client_that_never_reads(make_server: ServerFacto
             await reader.close()
         assert peak <= limit
         await asyncio.wait_for(stuck_conn.ws.wait_closed(), 10)
-        assert stuck_conn.ws.protocol.close_sent.code == 4008
+        close_sent = stuck_conn.ws.protocol.close_sent
+        assert close_sent is not None and close_sent.code == 4008
         stuck.transport.abort()
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+from .helpers import ROOT
 
 
 def test_a_short_soak_loses_nothing_and_holds_memory_flat() -> None:

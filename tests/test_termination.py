@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from wsagent.broker import KEPT_RUN_COST
 from wsagent.server import WsAgentServer
 
-from .conftest import ServerFactory, recv_json, run_events, ws_connect
+from .helpers import ServerFactory, recv_json, run_events, ws_connect
 
 
 def write_together(ws: ClientConnection, *messages: dict[str, Any]) -> None:

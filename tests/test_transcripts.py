@@ -19,7 +19,7 @@ from wsagent.chunks import Finish, TextDelta, ToolCall, Usage
 from wsagent.errors import UpstreamError
 from wsagent.simulator import SimulatorServer
 
-from .conftest import ServerFactory, recv_json, run_events, upstream_for, ws_connect
+from .helpers import ROOT, ServerFactory, recv_json, run_events, upstream_for, ws_connect
 from .processes import free_port
 
 HERE = Path(__file__).parent / "transcripts"
@@ -122,8 +122,6 @@ async def test_error_transcript(sim: SimulatorServer, name: str) -> None:
 
 
 # -- run transcripts (--transcripts-dir) ------------------------------------------------------------------
-
-ROOT = Path(__file__).parent.parent
 
 
 def _mode(path: Path) -> int:

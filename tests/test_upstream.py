@@ -16,7 +16,7 @@ from wsagent.errors import UpstreamError
 from wsagent.simulator import SimulatorServer
 from wsagent.upstream import UpstreamClient, UpstreamConfig, parse_retry_after
 
-from .conftest import ServerFactory, run_events, upstream_for, ws_connect
+from .helpers import ServerFactory, run_events, upstream_for, ws_connect
 
 
 async def collect(client: UpstreamClient, prompt: str, **kwargs: Any) -> list[Any]:

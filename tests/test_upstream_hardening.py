@@ -31,15 +31,14 @@ from wsagent.chunks import (
 from wsagent.config import Settings
 from wsagent.errors import UpstreamError
 from wsagent.events import ToolCallEvent, encode
-from wsagent.response_events import ResponsesInterpreter
+from wsagent.responses_api import ResponsesInterpreter
 from wsagent.server import WsAgentServer
 from wsagent.sse import SSEEvent
 from wsagent.tools import ToolBox, tool
 from wsagent.ui_stream import UIChunks
 from wsagent.upstream import UpstreamClient, UpstreamConfig
 
-from .conftest import run_events, ws_connect
-from .test_chat import check_sequence, run
+from .helpers import check_sequence, run_events, run_request, ws_connect
 
 MiB = 1024 * 1024
 
@@ -50,7 +49,7 @@ async def one_run(server: WsAgentServer, caplog: pytest.LogCaptureFixture) -> li
     """The events of one run ("hi" on /ws/chat), read within 10 s, seqs checked, the log captured."""
     with caplog.at_level(logging.INFO, "wsagent"):
         async with ws_connect(server, "/ws/chat") as ws:
-            await ws.send(run("a", "hi"))
+            await ws.send(run_request("a", "hi"))
             async with asyncio.timeout(10):
                 events = await run_events(ws, "a")
     check_sequence(events)
@@ -178,10 +177,10 @@ async def test_endless_tool_call_arguments_end_the_run_with_one_clear_error(
     with caplog.at_level(logging.INFO, "wsagent"):
         async with ws_connect(server, "/ws/chat") as ws:
             async with asyncio.timeout(30):
-                await ws.send(run("a", "call it"))
+                await ws.send(run_request("a", "call it"))
                 events = await run_events(ws, "a")
                 await ended.wait()
-                await ws.send(run("b", "plain"))
+                await ws.send(run_request("b", "plain"))
                 after = await run_events(ws, "b", others)
     check_sequence(events)
     error = events[-1]
@@ -243,7 +242,7 @@ def test_more_calls_than_any_model_makes_is_a_clear_error() -> None:
 def test_one_answer_s_arguments_are_bounded_together() -> None:
     """Each call may hold MAX_TOOL_ARGUMENTS, and the answer's calls MAX_ANSWER_ARGUMENTS together."""
     calls = MAX_ANSWER_ARGUMENTS // MAX_TOOL_ARGUMENTS
-    body = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"tool_calls": [
+    body: dict[str, Any] = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"tool_calls": [
         {"id": f"c{n}", "function": {"name": "f", "arguments": "x" * MAX_TOOL_ARGUMENTS}} for n in range(calls)]}}]}
     assert [len(e.arguments) for e in completion_to_events(body) if isinstance(e, ToolCall)] == [
         MAX_TOOL_ARGUMENTS] * calls

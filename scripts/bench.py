@@ -58,9 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
@@ -710,6 +710,20 @@ async def cluster_rows(results: dict[str, dict[str, dict[str, float]]], upstream
                 await asyncio.wait_for(process.wait(), 10)
 
 
+async def connect_live(nodes: list[Server], n: int) -> tuple[Server, ClientConnection]:
+    """A connection to a node that is not being restarted, as a client that moves makes one: a node that
+    began to drain while this handshake was under way answers 503, and the client tries another."""
+    for attempt in range(10):
+        live = [s for s in nodes if not s.name.endswith("-stopping")]
+        node = live[(n + attempt) % len(live)]
+        try:
+            return node, await connect(node.url, ping_interval=None)
+        except InvalidStatus as refused:
+            if refused.response.status_code != 503:
+                raise
+    raise RuntimeError("no node took a connection in ten tries")
+
+
 async def moving_stream(nodes: list[Server], n: int, stop: asyncio.Event, stopped_at: dict[str, float],
                         tally: dict[str, list[float]]) -> None:
     """Runs at 20 tok/s, one after another until ``stop``; on a 1012 (its node restarts) the run is resumed
@@ -719,9 +733,7 @@ async def moving_stream(nodes: list[Server], n: int, stop: asyncio.Event, stoppe
     while not stop.is_set():
         count += 1
         run_id = f"m{n}-{count}"
-        live = [s for s in nodes if not s.name.endswith("-stopping")]
-        node = live[n % len(live)]
-        ws = await connect(node.url, ping_interval=None)
+        node, ws = await connect_live(nodes, n)
         await ws.send(json.dumps({"type": "run", "id": run_id, "prompt": f"{n} restart sim:rate=20 sim:tokens=60"}))
         seqs: list[int] = []
         key, last, moved = "", 0.0, False
@@ -732,8 +744,7 @@ async def moving_stream(nodes: list[Server], n: int, stop: asyncio.Event, stoppe
                 if closed.rcvd is None or closed.rcvd.code != 1012:
                     raise
                 tally["told"].append(time.monotonic() - stopped_at[node.name])
-                node = random.choice([s for s in nodes if not s.name.endswith("-stopping")])
-                ws = await connect(node.url, ping_interval=None)
+                node, ws = await connect_live(nodes, random.randrange(len(nodes)))
                 await ws.send(json.dumps({"type": "resume", "id": run_id, "key": key, "after": seqs[-1]}))
                 moved = True
                 continue

@@ -65,7 +65,7 @@ from websockets.extensions.permessage_deflate import enable_client_permessage_de
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from wsagent.tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
+from wsagent.core.tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -1,10 +1,10 @@
-"""Rewrite README's settings table from wsagent/config.py (tests/test_readme.py checks it is current)."""
+"""Rewrite README's settings table from wsagent/core/config.py (tests/test_readme.py checks it is current)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from wsagent.config import settings_table
+from wsagent.core.config import settings_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- settings -->\n", "<!-- /settings -->"

@@ -51,7 +51,7 @@ from websockets.asyncio.client import ClientConnection, connect
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import free_port, rss_bytes, start, stop_started
 
-from wsagent.upstream import UpstreamClient, UpstreamConfig
+from wsagent.upstream.model import UpstreamClient, UpstreamConfig
 
 TERMINAL = ("done", "error", "cancelled")
 PROMPTS = [f"soak topic {n} sim:tokens={20 + 13 * n} sim:rate=200" for n in range(12)]

@@ -6,8 +6,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from wsagent.events import Answer, Event
-from wsagent.producers import AgentRequest, Stopped, ThreadBridge
+from wsagent.core.events import Answer, Event
+from wsagent.upstream.producers import AgentRequest, Stopped, ThreadBridge
 
 #: What the threaded agent saw: set when its emit raised Stopped (the run was cancelled).
 STOPPED = threading.Event()

@@ -16,10 +16,10 @@ from aiohttp import web
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from wsagent import chunks
-from wsagent.config import Settings
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
+from wsagent.core import chunks
+from wsagent.core.config import Settings
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .browser import Browser
 from .helpers import AI_SDK_EXAMPLE, ROOT, Cluster, ServerFactory, redis_server, simulator, upstream_for

@@ -19,12 +19,12 @@ import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from wsagent.broker import LocalBroker
-from wsagent.chunks import TextDelta
-from wsagent.run import Run, Subscription
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
-from wsagent.upstream import UpstreamClient, UpstreamConfig
+from wsagent.core.chunks import TextDelta
+from wsagent.engine.broker import LocalBroker
+from wsagent.engine.run import Run, Subscription
+from wsagent.upstream.model import UpstreamClient, UpstreamConfig
+from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
+from wsagent.wiring.server import WsAgentServer
 
 from .browser import UNTIL, Browser
 from .processes import Notifications, free_port, started

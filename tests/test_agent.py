@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from wsagent.agent import Agent, ConcurrentWorkflow, SequentialWorkflow
-from wsagent.events import Action, AgentEnd, Answer, Done, Event, Observation
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
-from wsagent.tools import BUILTIN_TOOLS, ToolBox, calculator, evaluate, search_notes, tool
+from wsagent.core.events import Action, AgentEnd, Answer, Done, Event, Observation
+from wsagent.core.tools import BUILTIN_TOOLS, ToolBox, calculator, evaluate, search_notes, tool
+from wsagent.upstream.agent import Agent, ConcurrentWorkflow, SequentialWorkflow
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import recv_json, run_events, upstream_for, ws_connect
 

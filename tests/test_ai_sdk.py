@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.chunks import TextDelta
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
+from wsagent.core.chunks import TextDelta
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import SECRET, ServerFactory, drive_at, local_broker, recv_json, token, upstream_for, ws_connect
 

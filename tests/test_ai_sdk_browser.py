@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
 
 from .browser import Browser
 from .helpers import AI_SDK_HELPERS, ServerFactory, type_and_send

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from wsagent.server import WsAgentServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import SECRET, ServerFactory, recv_json, run_events, token, ws_connect
 

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import jwt
 
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .browser import Browser
 from .helpers import PAGE_HELPERS, ServerFactory, expected_text, ws_connect

@@ -14,12 +14,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.completion import estimate_tokens, model_batches
-from wsagent.pump import pump
-from wsagent.run import Run
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
-from wsagent.upstream import UpstreamClient
+from wsagent.engine.pump import pump
+from wsagent.engine.run import Run
+from wsagent.upstream.completion import estimate_tokens, model_batches
+from wsagent.upstream.model import UpstreamClient
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import (
     ServerFactory,

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from wsagent.chunks import ChunkInterpreter, Finish, TextDelta, ToolCall, Usage, completion_to_events
-from wsagent.errors import UpstreamError
-from wsagent.sse import SSEEvent
+from wsagent.core.chunks import ChunkInterpreter, Finish, TextDelta, ToolCall, Usage, completion_to_events
+from wsagent.core.errors import UpstreamError
+from wsagent.core.sse import SSEEvent
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> SSEEvent:

@@ -26,8 +26,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from wsagent.client.display import TextDisplay
 from wsagent.client.stream import Catchup
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ROOT, ServerFactory, expected_text, find_run, recv_json, run_events, ws_connect
 

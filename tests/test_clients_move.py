@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
 
 from .browser import Browser
 from .helpers import AI_SDK_HELPERS, PAGE_HELPERS, ROOT, Cluster, Node, expected_text, type_and_send

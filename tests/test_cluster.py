@@ -25,13 +25,13 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.cluster import RedisBroker
-from wsagent.cluster.names import name as _name
-from wsagent.cluster.wire import Address, Wire
-from wsagent.errors import ClusterUnavailable
-from wsagent.events import Start, Token
-from wsagent.run import Run
-from wsagent.simulator import SimulatorServer
+from wsagent.core.errors import ClusterUnavailable
+from wsagent.core.events import Start, Token
+from wsagent.engine.cluster import RedisBroker
+from wsagent.engine.cluster.names import name as _name
+from wsagent.engine.cluster.wire import Address, Wire
+from wsagent.engine.run import Run
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import (
     LIMIT,

@@ -12,8 +12,8 @@ import asyncio
 import json
 import sys
 
-from wsagent.cluster.wire import redacted
-from wsagent.simulator import SimulatorServer
+from wsagent.engine.cluster.wire import redacted
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import Cluster, frames_until, redis_server, redis_went, terminal
 from .processes import free_port

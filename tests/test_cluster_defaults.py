@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from wsagent.cluster import Mirror, RedisBroker
-from wsagent.errors import ProtocolViolation
-from wsagent.events import Start, Token
-from wsagent.run import Run
+from wsagent.core.errors import ProtocolViolation
+from wsagent.core.events import Start, Token
+from wsagent.engine.cluster import Mirror, RedisBroker
+from wsagent.engine.run import Run
 
 from .helpers import (
     TERMINAL,

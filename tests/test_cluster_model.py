@@ -68,7 +68,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
 
 from .helpers import CLUSTER_SECRET, REDIS_SERVER, TERMINAL, cluster_token
 from .processes import Notifications, free_port

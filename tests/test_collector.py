@@ -19,8 +19,8 @@ from types import FrameType
 
 import pytest
 
-from wsagent.server import WsAgentServer
-from wsagent.tuning import break_transport_cycles
+from wsagent.core.tuning import break_transport_cycles
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ServerFactory, find_run, recv_json, run_events, text_reply, ws_connect
 

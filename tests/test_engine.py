@@ -7,8 +7,8 @@ import asyncio
 import json
 from typing import Any
 
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ServerFactory, check_sequence, recv_json, run_events, run_request, text_reply, ws_connect
 

@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsagent.events import (
+from wsagent.core.events import (
     Answer,
     Refusal,
     TextEvent,
@@ -16,7 +16,7 @@ from wsagent.events import (
     encode,
     encode_text,
 )
-from wsagent.render import TextMode
+from wsagent.core.render import TextMode
 
 TEXT_EVENTS = [Token, Thinking, Refusal, Answer]
 names = st.none() | st.text(max_size=12)

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from wsagent.cluster import messages
-from wsagent.cluster.follower import Follow, Mirror
-from wsagent.events import Answer, Done, Start, Thinking, Token, ToolCallEvent
-from wsagent.run import Run, RunStateError
+from wsagent.core.events import Answer, Done, Start, Thinking, Token, ToolCallEvent
+from wsagent.engine.cluster import messages
+from wsagent.engine.cluster.follower import Follow, Mirror
+from wsagent.engine.run import Run, RunStateError
 
 from .helpers import Sink
 

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import connect
 
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import ROOT, simulator
 from .processes import free_port, pinned_venv, started

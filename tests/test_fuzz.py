@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from wsagent.config import Settings
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.core.config import Settings
+from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import upstream_for
 

@@ -14,13 +14,13 @@ import pytest
 from aiohttp import web
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from wsagent.config import Settings, load_settings
-from wsagent.errors import UpstreamError
-from wsagent.server import WsAgentServer
-from wsagent.simulator import MAX_CHARS, MAX_TOKENS
-from wsagent.simulator.plan import cap
-from wsagent.tools import MAX_BITS, ToolBox, calculator, tool
-from wsagent.upstream import UpstreamClient, UpstreamConfig
+from wsagent.core.config import Settings, load_settings
+from wsagent.core.errors import UpstreamError
+from wsagent.core.tools import MAX_BITS, ToolBox, calculator, tool
+from wsagent.upstream.model import UpstreamClient, UpstreamConfig
+from wsagent.upstream.simulator import MAX_CHARS, MAX_TOKENS
+from wsagent.upstream.simulator.plan import cap
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import (
     SECRET,

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.config import Settings
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
+from wsagent.core.config import Settings
+from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import TERMINAL, upstream_for
 

@@ -1,16 +1,20 @@
 """Imports point one way: each module may import only from its own layer or the layers below it.
 
-A module is named by its dotted path under ``wsagent`` (``simulator.plan``; a package by its name).
+A module's layer is the folder it lives in (docs/architecture.md draws them), bottom up:
 
-The layers, bottom up (docs/architecture.md draws them):
-
-* core, no I/O: events, the SSE decoder, the chunk interpreter, errors, metric types, tools, settings,
+* ``core``, no I/O: events, the SSE decoder, the chunk interpreters, errors, metric types, tools, settings,
   renderers, what a run knows of a workflow;
-* upstream: the model client, a plain completion, agents and workflows, the simulator;
-* engine: runs and their logs, subscriptions, the pump from producers to runs, the broker;
-* transport: connections, outboxes, compression, plain HTTP answers;
-* handlers: the application context and one handler module per wire protocol;
-* wiring: the route table, the server, ``serve`` and the clients.
+* ``upstream``: the model client, a plain completion, agents and workflows, producers, the simulator;
+* ``engine``: runs and their logs, subscriptions, the pump from producers to runs, the broker and the cluster;
+* ``transport``: connections, outboxes, compression, plain HTTP answers;
+* ``handlers``: the application context and one handler module per wire protocol;
+* ``wiring``: the route table, the server, systemd, the workers.
+
+Above them, the modules at the top of the package are its public face: the Python API (``__init__``), the
+programs (``serve``, the terminal ``client``) and the import paths README documents (``events``, ``producers``,
+``frameworks``, ``tools``, ``simulator``). They may import anything; nothing imports them.
+
+A module is named by its dotted path under ``wsagent`` (``engine.cluster.follower``; a package by its name).
 """
 
 from __future__ import annotations
@@ -22,21 +26,9 @@ from pathlib import Path
 
 import wsagent
 
-LAYERS = {
-    "core": {"errors", "events", "sse", "chunks", "responses_api", "tools", "metrics", "config", "tuning", "logs",
-             "auth", "render", "ui_stream", "workflow_state"},
-    "upstream": {"upstream", "completion", "agent", "producers", "frameworks",
-                 "simulator", "simulator.settings", "simulator.plan", "simulator.schema", "simulator.chat_format",
-                 "simulator.responses_format", "simulator.app", "simulator.cli", "simulator.__main__"},
-    "engine": {"run", "pump", "broker", "transcripts",
-               "cluster", "cluster.names", "cluster.messages", "cluster.wire", "cluster.link", "cluster.liveness",
-               "cluster.replication", "cluster.follower", "cluster.clients", "cluster.broker"},
-    "transport": {"connections", "compression", "http_answers"},
-    "handlers": {"app", "chat", "ai_sdk", "tutorial", "pages", "status"},
-    "wiring": {"router", "routes", "server", "serve", "systemd", "workers", "__init__",
-               "client", "client.display", "client.stream", "client.cli", "client.__main__"},
-}
-ORDER = list(LAYERS)
+ORDER = ["core", "upstream", "engine", "transport", "handlers", "wiring"]
+#: The public face: what README documents, at the top of the package, and nothing else.
+TOP = {"__init__", "serve", "client", "events", "producers", "frameworks", "tools", "simulator"}
 PACKAGE = Path(wsagent.__file__).parent
 
 
@@ -51,7 +43,13 @@ MODULES = {name_of(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def layer_of(module: str) -> int:
-    return next(ORDER.index(name) for name, modules in LAYERS.items() if module in modules)
+    """Its folder's place in ORDER; the public face is above every layer."""
+    folder = module.split(".")[0]
+    return ORDER.index(folder) if folder in ORDER else len(ORDER)
+
+
+def layer_name(module: str) -> str:
+    return (ORDER + ["top"])[layer_of(module)]
 
 
 def resolved(dotted: str) -> str:
@@ -81,12 +79,20 @@ def imports(path: Path) -> set[str]:
     return found
 
 
-def test_every_module_has_a_layer() -> None:
-    assert set(MODULES) == set().union(*LAYERS.values())
+def test_every_module_lives_in_a_layer_or_is_the_public_face() -> None:
+    """``ls wsagent`` shows the layers as folders, and at the top only what README documents."""
+    assert {name.split(".")[0] for name in MODULES} - set(ORDER) == TOP
+
+
+def test_nothing_imports_the_public_face() -> None:
+    """The face re-exports the layers; a module of a layer imports the layer's module, never the face."""
+    facing = [f"{name} imports {m}" for name, path in MODULES.items() if layer_of(name) < len(ORDER)
+              for m in sorted(imports(path)) if layer_of(m) == len(ORDER)]
+    assert facing == []
 
 
 def test_imports_point_down() -> None:
-    upward = [f"{name} ({ORDER[layer_of(name)]}) imports {m} ({ORDER[layer_of(m)]})"
+    upward = [f"{name} ({layer_name(name)}) imports {m} ({layer_name(m)})"
               for name, path in MODULES.items() if name != "__init__"
               for m in sorted(imports(path)) if layer_of(m) > layer_of(name)]
     assert upward == []
@@ -110,10 +116,10 @@ def test_the_import_graph_has_no_circle() -> None:
 
 
 def test_the_sse_decoder_loads_nothing_of_the_server() -> None:
-    code = ("import sys, wsagent.sse; print(sorted(m for m in sys.modules "
+    code = ("import sys, wsagent.core.sse; print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('jwt', 'aiohttp', 'websockets') or m.startswith('wsagent.')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "['wsagent.sse']"
+    assert loaded.strip() == "['wsagent.core', 'wsagent.core.sse']"
 
 
 TESTS = Path(__file__).parent

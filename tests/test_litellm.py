@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from wsagent.chunks import ModelEvent, TextDelta
-from wsagent.config import Settings
-from wsagent.errors import UpstreamError
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
-from wsagent.upstream import UpstreamClient, UpstreamConfig
+from wsagent.core.chunks import ModelEvent, TextDelta
+from wsagent.core.config import Settings
+from wsagent.core.errors import UpstreamError
+from wsagent.upstream.model import UpstreamClient, UpstreamConfig
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import recv_json, run_events, simulator, text_reply, ws_connect
 from .processes import free_port, pinned_venv, started

@@ -17,7 +17,7 @@ from openai.types.chat import (
 from openai.types.responses import FunctionToolParam
 from pydantic import BaseModel
 
-from wsagent.simulator import SimulatorServer
+from wsagent.upstream.simulator import SimulatorServer
 
 TOOLS: list[ChatCompletionFunctionToolParam] = [{"type": "function", "function": {
     "name": "calculator", "description": "Evaluate arithmetic.",

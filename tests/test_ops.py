@@ -25,9 +25,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.core.tuning import tune_malloc
 from wsagent.serve import restart_delay
-from wsagent.server import WsAgentServer
-from wsagent.tuning import tune_malloc
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ROOT, ServerFactory, run_events, ws_connect
 from .processes import Notifications, free_port

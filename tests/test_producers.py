@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from wsagent.events import Answer
-from wsagent.producers import Stopped, ThreadBridge, load_agents
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer
+from wsagent.core.events import Answer
+from wsagent.upstream.producers import Stopped, ThreadBridge, load_agents
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
 
 from . import agents_fixture
 from .helpers import ServerFactory, recv_json, run_events, ws_connect

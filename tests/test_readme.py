@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from wsagent.config import build_parser, settings_table
-from wsagent.simulator import SimulatorServer
+from wsagent.core.config import build_parser, settings_table
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import ROOT
 

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsagent.chunks import Finish, ModelEvent, TextDelta, ToolCall, Usage
-from wsagent.config import Settings
-from wsagent.errors import UpstreamError
-from wsagent.responses_api import ResponsesInterpreter, response_to_events, responses_request
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
-from wsagent.simulator.plan import Plan
-from wsagent.simulator.responses_format import ResponsesFormat
-from wsagent.sse import SSEDecoder, SSEEvent
+from wsagent.core.chunks import Finish, ModelEvent, TextDelta, ToolCall, Usage
+from wsagent.core.config import Settings
+from wsagent.core.errors import UpstreamError
+from wsagent.core.responses_api import ResponsesInterpreter, response_to_events, responses_request
+from wsagent.core.sse import SSEDecoder, SSEEvent
+from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
+from wsagent.upstream.simulator.plan import Plan
+from wsagent.upstream.simulator.responses_format import ResponsesFormat
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ServerFactory, recv_json, run_events, text_reply, ws_connect
 

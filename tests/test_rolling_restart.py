@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsagent.chunks import TextDelta
-from wsagent.simulator import SimulatorServer
+from wsagent.core.chunks import TextDelta
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import TERMINAL, Cluster, Node, upstream_for
 

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsagent.events import Answer, Done, Event, Producer, Start, Thinking, Token, ToolCallEvent
-from wsagent.pump import pump
-from wsagent.render import Thoughts, Words
-from wsagent.run import Run, RunStateError
+from wsagent.core.events import Answer, Done, Event, Producer, Start, Thinking, Token, ToolCallEvent
+from wsagent.core.render import Thoughts, Words
+from wsagent.engine.pump import pump
+from wsagent.engine.run import Run, RunStateError
 
 from .helpers import Sink
 

@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from wsagent.config import Settings, load_settings
-from wsagent.connections import Connection
-from wsagent.router import Route, Router
-from wsagent.server import WsAgentServer
+from wsagent.core.config import Settings, load_settings
+from wsagent.transport.connections import Connection
+from wsagent.wiring.router import Route, Router
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ServerFactory, local_broker, recv_json, run_events, ws_connect
 

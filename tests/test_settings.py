@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from wsagent.config import RELOADABLE, Settings, Spec, build_parser, load_settings
-from wsagent.connections import connection_id
-from wsagent.server import WsAgentServer
-from wsagent.simulator import SimulatorServer, SimulatorSettings
-from wsagent.upstream import UpstreamConfig
-from wsagent.workers import Worker, socket_path
+from wsagent.core.config import RELOADABLE, Settings, Spec, build_parser, load_settings
+from wsagent.transport.connections import connection_id
+from wsagent.upstream.model import UpstreamConfig
+from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
+from wsagent.wiring.server import WsAgentServer
+from wsagent.wiring.workers import Worker, socket_path
 
 from .helpers import ServerFactory, recv_json, upstream_for, ws_connect
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsagent.sse import SSEDecoder, SSEError, SSEEvent
+from wsagent.core.sse import SSEDecoder, SSEError, SSEEvent
 
 
 def decode(*chunks: bytes, max_event_size: int = 1 << 20) -> list[SSEEvent]:

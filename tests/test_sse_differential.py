@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder as SDKDecoder
 
-from wsagent.sse import SSEDecoder
+from wsagent.core.sse import SSEDecoder
 
 TRANSCRIPTS = sorted((Path(__file__).parent / "transcripts").glob("*.sse"))
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-from wsagent.broker import KEPT_RUN_COST
-from wsagent.server import WsAgentServer
+from wsagent.engine.broker import KEPT_RUN_COST
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import ServerFactory, recv_json, run_events, ws_connect
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from wsagent.chunks import Finish, TextDelta, ToolCall, Usage
-from wsagent.errors import UpstreamError
-from wsagent.simulator import SimulatorServer
+from wsagent.core.chunks import Finish, TextDelta, ToolCall, Usage
+from wsagent.core.errors import UpstreamError
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import ROOT, ServerFactory, recv_json, run_events, upstream_for, ws_connect
 from .processes import free_port

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from wsagent.chunks import Finish, TextDelta, ToolCall, Usage
-from wsagent.errors import UpstreamError
-from wsagent.simulator import SimulatorServer
-from wsagent.upstream import UpstreamClient, UpstreamConfig, parse_retry_after
+from wsagent.core.chunks import Finish, TextDelta, ToolCall, Usage
+from wsagent.core.errors import UpstreamError
+from wsagent.upstream.model import UpstreamClient, UpstreamConfig, parse_retry_after
+from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import ServerFactory, run_events, upstream_for, ws_connect
 

@@ -15,8 +15,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsagent import chunks
-from wsagent.chunks import (
+from wsagent.core import chunks
+from wsagent.core.chunks import (
     MAX_ANSWER_ARGUMENTS,
     MAX_TOOL_ARGUMENTS,
     MAX_TOOL_CALLS,
@@ -28,15 +28,15 @@ from wsagent.chunks import (
     ToolCall,
     completion_to_events,
 )
-from wsagent.config import Settings
-from wsagent.errors import UpstreamError
-from wsagent.events import ToolCallEvent, encode
-from wsagent.responses_api import ResponsesInterpreter
-from wsagent.server import WsAgentServer
-from wsagent.sse import SSEEvent
-from wsagent.tools import ToolBox, tool
-from wsagent.ui_stream import UIChunks
-from wsagent.upstream import UpstreamClient, UpstreamConfig
+from wsagent.core.config import Settings
+from wsagent.core.errors import UpstreamError
+from wsagent.core.events import ToolCallEvent, encode
+from wsagent.core.responses_api import ResponsesInterpreter
+from wsagent.core.sse import SSEEvent
+from wsagent.core.tools import ToolBox, tool
+from wsagent.core.ui_stream import UIChunks
+from wsagent.upstream.model import UpstreamClient, UpstreamConfig
+from wsagent.wiring.server import WsAgentServer
 
 from .helpers import check_sequence, run_events, run_request, ws_connect
 

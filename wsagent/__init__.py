@@ -4,8 +4,14 @@ The Python API for embedding: :class:`Agent`, :class:`ConcurrentWorkflow`,
 :class:`SequentialWorkflow` over an :class:`UpstreamClient`; the server is
 :class:`WsAgentServer` (``python -m wsagent.serve`` runs it).
 
-Names are loaded on first use, so ``import wsagent.sse`` loads the SSE decoder
+Names are loaded on first use, so ``import wsagent.core.sse`` loads the SSE decoder
 and nothing of the server, aiohttp or pyjwt.
+
+The folders are the layers, bottom up: ``core`` (no I/O), ``upstream``, ``engine``,
+``transport``, ``handlers``, ``wiring``; imports point down only. The modules at
+the top are the public face: this API, ``serve`` and ``client`` (programs), and
+the documented import paths ``events``, ``producers``, ``frameworks``, ``tools``
+and ``simulator``.
 """
 
 from __future__ import annotations
@@ -14,24 +20,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agent import Agent, ConcurrentWorkflow, SequentialWorkflow
-    from .config import Settings
-    from .errors import UpstreamError, WsAgentError
-    from .server import WsAgentServer
-    from .tools import tool
-    from .upstream import UpstreamClient, UpstreamConfig
+    from .core.config import Settings
+    from .core.errors import UpstreamError, WsAgentError
+    from .core.tools import tool
+    from .upstream.agent import Agent, ConcurrentWorkflow, SequentialWorkflow
+    from .upstream.model import UpstreamClient, UpstreamConfig
+    from .wiring.server import WsAgentServer
 
 _WHERE = {
-    "Agent": "agent",
-    "ConcurrentWorkflow": "agent",
-    "SequentialWorkflow": "agent",
-    "Settings": "config",
-    "UpstreamClient": "upstream",
-    "UpstreamConfig": "upstream",
-    "UpstreamError": "errors",
-    "WsAgentError": "errors",
-    "WsAgentServer": "server",
-    "tool": "tools",
+    "Agent": "upstream.agent",
+    "ConcurrentWorkflow": "upstream.agent",
+    "SequentialWorkflow": "upstream.agent",
+    "Settings": "core.config",
+    "UpstreamClient": "upstream.model",
+    "UpstreamConfig": "upstream.model",
+    "UpstreamError": "core.errors",
+    "WsAgentError": "core.errors",
+    "WsAgentServer": "wiring.server",
+    "tool": "core.tools",
 }
 
 __all__ = [

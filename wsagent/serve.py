@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 
-from . import systemd
-from .config import Settings, load_settings
-from .logs import WORKER_NUMBER, configure_logging
-from .producers import AgentsSpecError, load_agents
-from .server import WsAgentServer
-from .transcripts import prepare_directory
-from .tuning import break_transport_cycles, tune_gc, tune_malloc
-from .workers import Worker, mesh_directory, socket_path
+from .core.config import Settings, load_settings
+from .core.logs import WORKER_NUMBER, configure_logging
+from .core.tuning import break_transport_cycles, tune_gc, tune_malloc
+from .engine.transcripts import prepare_directory
+from .upstream.producers import AgentsSpecError, load_agents
+from .wiring import systemd
+from .wiring.server import WsAgentServer
+from .wiring.workers import Worker, mesh_directory, socket_path
 
 __all__ = ["main", "serve_until_signalled", "supervise", "Supervisor", "restart_delay"]
 

@@ -20,8 +20,8 @@ import logging
 from collections.abc import Callable
 from contextlib import aclosing
 
-from .errors import WsAgentError
-from .events import Done, ErrorEvent, Producer
+from ..core.errors import WsAgentError
+from ..core.events import Done, ErrorEvent, Producer
 from .run import Run
 
 __all__ = ["Producer", "pump"]

@@ -51,8 +51,8 @@ from collections.abc import Callable, Coroutine
 from itertools import islice
 from typing import Any, Protocol, TypeVar
 
-from .errors import WsAgentError
-from .events import (
+from ..core.errors import WsAgentError
+from ..core.events import (
     KIND_NAMES,
     TEXT_CLASSES,
     TEXT_KINDS,
@@ -66,10 +66,10 @@ from .events import (
     encode_message,
     encode_text,
 )
-from .metrics import Histogram
-from .render import Renderer
+from ..core.metrics import Histogram
+from ..core.render import Renderer
+from ..core.workflow_state import Controller, WorkflowState
 from .transcripts import Transcript
-from .workflow_state import Controller, WorkflowState
 
 __all__ = ["Run", "Subscription", "Watcher", "Outlet", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume",
            "failure_frames", "terminal_outcome"]

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.errors import ClusterUnavailable, ProtocolViolation
+from ..core.events import encode_message, json_object
+from ..core.ui_stream import UIChunks, chat_messages, message_id
+from ..engine.broker import scope_of
+from ..engine.run import ReplayGap, Run, Subscription
+from ..transport.connections import Connection
 from .app import App
-from .broker import scope_of
-from .connections import Connection
-from .errors import ClusterUnavailable, ProtocolViolation
-from .events import encode_message, json_object
-from .run import ReplayGap, Run, Subscription
-from .ui_stream import UIChunks, chat_messages, message_id
 
 __all__ = ["ai_sdk", "CLOSE_INVALID_FRAME", "CLOSE_BINARY_FRAME"]
 

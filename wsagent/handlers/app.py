@@ -18,8 +18,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
-from .agent import WorkflowFactory, assistant
-from .auth import (
+from ..core.auth import (
     CLOSE_FORBIDDEN,
     CLOSE_INVALID_TOKEN,
     CLOSE_RATE_LIMIT,
@@ -28,20 +27,21 @@ from .auth import (
     TokenBucket,
     token_from_request,
 )
-from .broker import Broker, LocalBroker, mint_key, scope_of
-from .completion import estimate_tokens, model_batches
-from .config import Settings
-from .connections import Connection, ConnectionManager
-from .errors import ClusterUnavailable, ProtocolViolation
-from .events import Cancelled, ErrorEvent, Start, encode_message, json_object
-from .logs import printable
-from .metrics import Metrics
-from .producers import AgentFactory, AgentRequest, produce
-from .pump import Producer, pump
-from .run import Run
-from .transcripts import Transcript
-from .upstream import UpstreamClient
-from .workflow_state import Controller, WorkflowState
+from ..core.config import Settings
+from ..core.errors import ClusterUnavailable, ProtocolViolation
+from ..core.events import Cancelled, ErrorEvent, Start, encode_message, json_object
+from ..core.logs import printable
+from ..core.metrics import Metrics
+from ..core.workflow_state import Controller, WorkflowState
+from ..engine.broker import Broker, LocalBroker, mint_key, scope_of
+from ..engine.pump import Producer, pump
+from ..engine.run import Run
+from ..engine.transcripts import Transcript
+from ..transport.connections import Connection, ConnectionManager
+from ..upstream.agent import WorkflowFactory, assistant
+from ..upstream.completion import estimate_tokens, model_batches
+from ..upstream.model import UpstreamClient
+from ..upstream.producers import AgentFactory, AgentRequest, produce
 
 __all__ = ["App", "Refusal", "PARAMS"]
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..core.config import Settings
+from ..core.errors import ClusterUnavailable, ProtocolViolation
+from ..core.events import Producer, Snapshot, encode, encode_message, json_object
+from ..core.render import TextMode
+from ..engine.broker import scope_of
+from ..engine.run import BadResume, ReplayGap, Run
+from ..transport.connections import Connection
+from ..upstream.completion import estimate_tokens, model_batches
 from .app import App
-from .broker import scope_of
-from .completion import estimate_tokens, model_batches
-from .config import Settings
-from .connections import Connection
-from .errors import ClusterUnavailable, ProtocolViolation
-from .events import Producer, Snapshot, encode, encode_message, json_object
-from .render import TextMode
-from .run import BadResume, ReplayGap, Run
 
 __all__ = ["chat", "ChatSession"]
 

@@ -8,8 +8,8 @@ from importlib import resources
 
 from websockets.http11 import Request, Response
 
+from ..transport.http_answers import http_response
 from .app import App
-from .http_answers import http_response
 
 __all__ = ["index", "static", "favicon", "workflows", "agents"]
 

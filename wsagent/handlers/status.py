@@ -10,9 +10,9 @@ from typing import Any
 
 from websockets.http11 import Request, Response
 
+from ..core.metrics import Histogram
+from ..transport.http_answers import http_response
 from .app import App
-from .http_answers import http_response
-from .metrics import Histogram
 
 __all__ = ["healthz", "metrics", "health", "render"]
 

@@ -18,14 +18,14 @@ import functools
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from .agent import assistant
+from ..core.errors import ClusterUnavailable, ProtocolViolation
+from ..core.events import Producer, encode_message, json_object
+from ..core.render import Renderer, Thoughts, Words
+from ..engine.run import Run
+from ..transport.connections import Connection, utf8_size
+from ..upstream.agent import assistant
+from ..upstream.completion import model_batches
 from .app import App
-from .completion import model_batches
-from .connections import Connection, utf8_size
-from .errors import ClusterUnavailable, ProtocolViolation
-from .events import Producer, encode_message, json_object
-from .render import Renderer, Thoughts, Words
-from .run import Run
 
 __all__ = ["echo_upper", "agent_words", "agent_thoughts", "robust", "client_addressed"]
 

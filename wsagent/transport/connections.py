@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
-from .broker import Broker
-from .run import Subscription
+from ..engine.broker import Broker
+from ..engine.run import Subscription
 
 __all__ = [
     "Connection", "ConnectionManager", "Outbox", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",

@@ -27,9 +27,8 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from .completion import estimate_tokens, model_batches
-from .errors import UpstreamError
-from .events import (
+from ..core.errors import UpstreamError
+from ..core.events import (
     Action,
     AgentEnd,
     Answer,
@@ -43,8 +42,9 @@ from .events import (
     ToolCallEvent,
     UsageEvent,
 )
-from .tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
-from .upstream import UpstreamClient, UpstreamConfig
+from ..core.tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
+from .completion import estimate_tokens, model_batches
+from .model import UpstreamClient, UpstreamConfig
 
 __all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow", "WorkflowFactory",
            "assistant", "build_workflows", "load_workflows"]

@@ -12,9 +12,9 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from .chunks import Finish, TextDelta, ToolCall, Usage
-from .events import Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
-from .upstream import UpstreamClient
+from ..core.chunks import Finish, TextDelta, ToolCall, Usage
+from ..core.events import Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
+from .model import UpstreamClient
 
 __all__ = ["estimate_tokens", "model_batches"]
 

@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from .events import Action, AgentEnd, Answer, Event, Observation, Thinking, UsageEvent
+from ..core.events import Action, AgentEnd, Answer, Event, Observation, Thinking, UsageEvent
 from .producers import AgentFactory, AgentRequest, ThreadBridge
 
 __all__ = ["openai_agents", "langgraph", "swarms_agent", "swarms_workflow", "SwarmsRun", "Observe"]

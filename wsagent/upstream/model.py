@@ -27,12 +27,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from .chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
-from .errors import UpstreamError, error_for_status
-from .events import well_formed
-from .metrics import Metrics
-from .responses_api import ResponsesInterpreter, response_to_events, responses_request
-from .sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
+from ..core.chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
+from ..core.errors import UpstreamError, error_for_status
+from ..core.events import well_formed
+from ..core.metrics import Metrics
+from ..core.responses_api import ResponsesInterpreter, response_to_events, responses_request
+from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 
 __all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after", "DIALECTS"]
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from websockets.http11 import Request, Response
 
-from .app import App
-from .connections import Connection
+from ..handlers.app import App
+from ..transport.connections import Connection
 
 __all__ = ["Route", "Router", "Handler", "HttpHandler"]
 

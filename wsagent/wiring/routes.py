@@ -6,12 +6,12 @@ plain HTTP answers served on the same port before any upgrade.
 
 from __future__ import annotations
 
-from .ai_sdk import ai_sdk
-from .chat import chat
-from .pages import agents, favicon, index, static, workflows
+from ..handlers.ai_sdk import ai_sdk
+from ..handlers.chat import chat
+from ..handlers.pages import agents, favicon, index, static, workflows
+from ..handlers.status import healthz, metrics
+from ..handlers.tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
 from .router import HttpHandler, Route
-from .status import healthz, metrics
-from .tutorial import agent_thoughts, agent_words, client_addressed, echo_upper, robust
 
 __all__ = ["ROUTES", "HTTP_ROUTES"]
 

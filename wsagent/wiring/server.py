@@ -30,14 +30,16 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from . import systemd
-from .agent import WorkflowFactory, build_workflows, load_workflows
-from .app import App
-from .auth import SUBPROTOCOL, Authenticator
-from .broker import Broker, LocalBroker
-from .compression import lazy_deflate
-from .config import RELOADABLE, Settings
-from .connections import (
+from ..core.auth import SUBPROTOCOL, Authenticator
+from ..core.config import RELOADABLE, Settings
+from ..core.logs import Redactor, printable
+from ..core.metrics import Metrics
+from ..core.tools import BUILTIN_TOOLS
+from ..engine.broker import Broker, LocalBroker
+from ..engine.transcripts import prepare_directory
+from ..handlers.app import App
+from ..transport.compression import lazy_deflate
+from ..transport.connections import (
     CLOSE_SERVICE_RESTART,
     Connection,
     ConnectionManager,
@@ -45,16 +47,14 @@ from .connections import (
     close_or_abort,
     connection_id,
 )
-from .http_answers import http_response
-from .logs import Redactor, printable
-from .metrics import Metrics
-from .producers import AgentFactory, load_agents
+from ..transport.http_answers import http_response
+from ..upstream.agent import WorkflowFactory, build_workflows, load_workflows
+from ..upstream.model import DIALECTS, UpstreamClient, UpstreamConfig
+from ..upstream.producers import AgentFactory, load_agents
+from ..upstream.simulator import SimulatorServer, SimulatorSettings
+from . import systemd
 from .router import HttpHandler, Route, Router
 from .routes import HTTP_ROUTES, ROUTES
-from .simulator import SimulatorServer, SimulatorSettings
-from .tools import BUILTIN_TOOLS
-from .transcripts import prepare_directory
-from .upstream import DIALECTS, UpstreamClient, UpstreamConfig
 from .workers import Worker, WorkerMesh
 
 __all__ = ["WsAgentServer"]
@@ -455,7 +455,7 @@ async def _broker(settings: Settings) -> Broker:
     if not settings.redis_url:
         return LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
     try:
-        from .cluster import Link, RedisBroker, default_node_id
+        from ..engine.cluster import Link, RedisBroker, default_node_id
     except ImportError as exc:
         raise SystemExit(f"--redis-url needs redis-py: pip install \".[cluster]\" in your clone ({exc})") from None
     node = settings.node_id or default_node_id()

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .app import App
-from .status import snapshot
+from ..handlers.app import App
+from ..handlers.status import snapshot
 
 __all__ = ["Worker", "WorkerMesh", "mesh_directory", "socket_path"]
 

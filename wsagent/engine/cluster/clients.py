@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from redis.asyncio.client import Pipeline
 
+from ...core.errors import ClusterUnavailable
 from ..broker import LocalBroker, Mailbox
-from ..errors import ClusterUnavailable
 from . import messages
 from .link import DOWN_ERRORS, RedisLink
 from .liveness import Liveness

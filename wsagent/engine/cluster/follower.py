@@ -33,9 +33,9 @@ import json
 import time
 from typing import Any, Protocol, cast
 
-from ..errors import ClusterUnavailable, ProtocolViolation
-from ..events import encode_message
-from ..render import Renderer
+from ...core.errors import ClusterUnavailable, ProtocolViolation
+from ...core.events import encode_message
+from ...core.render import Renderer
 from ..run import Run, RunStateError, Subscription, Watcher, failure_frames, terminal_outcome
 from . import messages
 from .link import COMMAND_TIMEOUT, DOWN_ERRORS, OUT_OF_REACH, RedisLink

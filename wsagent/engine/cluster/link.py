@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..errors import ClusterUnavailable
+from ...core.errors import ClusterUnavailable
 from .names import BROADCAST, name
 from .wire import Address, Command, Wire, redacted
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 from redis.asyncio.client import Pipeline
 
-from ..errors import ClusterUnavailable
+from ...core.errors import ClusterUnavailable
 from ..run import Run
 from .link import DOWN_ERRORS, RedisLink
 from .names import DELETE_IF, RUN_TTL, name, shared, ttl

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
+from ...core.tuning import DEFAULT_GC_THRESHOLDS, tune_gc, tune_malloc
 from .app import SimulatorServer
 from .settings import SimulatorSettings
 

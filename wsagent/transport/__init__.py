@@ -1,0 +1,3 @@
+"""The transport: a connection and its outbox (one writer per socket, backpressure), the connection manager,
+compression settings, plain HTTP answers.
+"""

@@ -194,7 +194,7 @@ def test_serve_applies_the_transport_fix_to_its_own_process() -> None:
     check = (
         "import asyncio, signal\n"
         "from asyncio import selector_events\n"
-        "from wsagent.config import load_settings\n"
+        "from wsagent.core.config import load_settings\n"
         "from wsagent.serve import serve_until_signalled\n"
         "async def main():\n"
         "    served = asyncio.ensure_future(serve_until_signalled(load_settings(['--port', '0'], {}), []))\n"

@@ -1,6 +1,6 @@
 """Interpret OpenAI-compatible ``chat.completion.chunk`` events.
 
-Sans-I/O like :mod:`wsagent.sse`: SSE events in, typed model events out. It
+Sans-I/O like :mod:`wsagent.core.sse`: SSE events in, typed model events out. It
 absorbs the differences between real servers (OpenAI, Azure, vLLM, llama.cpp,
 Ollama, LiteLLM, OpenRouter, DeepSeek), so nothing after it needs to know which
 server it is talking to. ``tests/transcripts/`` holds one recorded shape for
@@ -82,7 +82,7 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """The stream is complete: :meth:`~wsagent.upstream.UpstreamClient.batches` ends the batch of
+    """The stream is complete: :meth:`~wsagent.upstream.model.UpstreamClient.batches` ends the batch of
     its last read with it, so that whoever relays the answer can send its own end together with
     that read's last deltas (one write to the client, not two)."""
 
@@ -102,7 +102,7 @@ with suppress(ImportError):
 def _decode(data: str) -> Any:
     """``data`` as JSON, or an ``upstream_protocol`` error. What orjson refuses is tried again with the standard
     library, which reads ``"\\ud83d"`` (half of an emoji, as relays that write UTF-16 cut it): both decoders give
-    the same events, and :func:`~wsagent.events.well_formed` deals with the halves. Only a failure pays for the
+    the same events, and :func:`~wsagent.core.events.well_formed` deals with the halves. Only a failure pays for the
     second try."""
     try:
         return loads(data)
@@ -165,7 +165,7 @@ MAX_TOOL_CALLS = 128
 #: (128k output tokens), so no legitimate call reaches it.
 MAX_TOOL_ARGUMENTS = 1024 * 1024
 #: Characters of all the tool-call arguments of one answer together: what a whole (not streamed) answer may hold,
-#: the largest event (:data:`~wsagent.sse.DEFAULT_MAX_EVENT_SIZE`). Without it, 128 calls could hold 128 MiB.
+#: the largest event (:data:`~wsagent.core.sse.DEFAULT_MAX_EVENT_SIZE`). Without it, 128 calls could hold 128 MiB.
 MAX_ANSWER_ARGUMENTS = 4 * 1024 * 1024
 
 

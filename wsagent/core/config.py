@@ -41,9 +41,9 @@ class Spec:
     choices: tuple[str, ...] = ()
     #: The flag may be given several times, its values joined with commas as the environment variable gives them.
     repeat: bool = False
-    #: The field of :class:`~wsagent.upstream.UpstreamConfig` it sets.
+    #: The field of :class:`~wsagent.upstream.model.UpstreamConfig` it sets.
     upstream: str | None = None
-    #: The field of :class:`~wsagent.simulator.SimulatorSettings` it sets (the built-in simulator's).
+    #: The field of :class:`~wsagent.upstream.simulator.SimulatorSettings` it sets (the built-in simulator's).
     simulator: str | None = None
 
 
@@ -149,14 +149,14 @@ class Settings:
         return model == self.model or model in self.allowed_models or "*" in self.allowed_models
 
     def for_upstream(self) -> dict[str, Any]:
-        """The settings declared with ``upstream=``, by the names of :class:`~wsagent.upstream.UpstreamConfig`'s
+        """The settings declared with ``upstream=``, by the names of :class:`~wsagent.upstream.model.UpstreamConfig`'s
         fields (``UpstreamConfig(base_url=..., **settings.for_upstream())``: the settings stay below the layers
         that use them, and import none of them)."""
         return {entry.spec.upstream: getattr(self, entry.name) for entry in _ENTRIES if entry.spec.upstream}
 
     def for_simulator(self) -> dict[str, Any]:
         """The settings declared with ``simulator=``, by the names of
-        :class:`~wsagent.simulator.SimulatorSettings`' fields."""
+        :class:`~wsagent.upstream.simulator.SimulatorSettings`' fields."""
         return {entry.spec.simulator: getattr(self, entry.name) for entry in _ENTRIES if entry.spec.simulator}
 
 

@@ -254,7 +254,7 @@ def well_formed(text: str) -> str:
     one), which no UTF-8 writer accepts: a frame, a log line or a Redis command
     holding it fails where it is written, far from where it came in. Text is
     made well formed where it enters (client messages here, upstream chunks in
-    :mod:`wsagent.chunks`); ASCII costs an ``isascii`` (14 ns), other valid text
+    :mod:`wsagent.core.chunks`); ASCII costs an ``isascii`` (14 ns), other valid text
     an ``encode`` attempt (about 40 ns for a token).
     """
     if text.isascii():

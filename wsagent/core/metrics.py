@@ -1,4 +1,6 @@
-"""What the server counts: plain counters and histograms, no I/O (``/metrics`` renders them: :mod:`wsagent.status`).
+"""What the server counts: plain counters and histograms, no I/O.
+
+``/metrics`` renders them (:mod:`wsagent.handlers.status`).
 
 Counters are plain integers bumped where things happen; gauges are read from
 the server's state when ``/metrics`` is scraped, so the relay's hot path pays

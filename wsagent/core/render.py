@@ -1,11 +1,11 @@
 """How a run's sealed events become frames on each wire: one renderer per protocol, no I/O.
 
-A run's log (:mod:`wsagent.run`) keeps each event once, in a form no wire owns:
+A run's log (:mod:`wsagent.engine.run`) keeps each event once, in a form no wire owns:
 a text delta as its bare text, any other event as its JSON frame (the JSON
 protocol's own bytes, numbered when sealed). A route only chooses how those
 entries are rendered for its clients:
 
-* JSON (``/ws/chat``): a text delta is written with :func:`~wsagent.events.encode_text`
+* JSON (``/ws/chat``): a text delta is written with :func:`~wsagent.core.events.encode_text`
   as it is taken, any other entry is sent as it was sealed;
 * :class:`TextMode` (``/ws/chat`` text prompts): the answer's text, then
   ``\\n[DONE]``, ``[ERROR] ...`` or ``\\n[CANCELLED] ...``;
@@ -14,7 +14,7 @@ entries are rendered for its clients:
 * :class:`Thoughts` (``/ws/agent-thoughts``, ``/ws/robust``): the tutorial's
   ``{"type": "thinking"|"action"|"observation"|"answer", "content": ...}``
   messages, whole sentences of thinking, then ``{"type": "done"}``.
-* :class:`~wsagent.ui_stream.UIChunks` (``/ws/ai-sdk``): the AI SDK's UI
+* :class:`~wsagent.core.ui_stream.UIChunks` (``/ws/ai-sdk``): the AI SDK's UI
   message stream chunks.
 
 A renderer may keep state between entries (a word or a sentence not yet

@@ -2,8 +2,8 @@
 
 :func:`responses_request` turns the chat-completions body every caller builds
 into a ``POST {base}/responses`` body; :class:`ResponsesInterpreter` turns the
-SSE events of the streamed answer into the same :data:`~wsagent.chunks.ModelEvent`
-s as :class:`~wsagent.chunks.ChunkInterpreter`, so the relay, agents and
+SSE events of the streamed answer into the same :data:`~wsagent.core.chunks.ModelEvent`
+s as :class:`~wsagent.core.chunks.ChunkInterpreter`, so the relay, agents and
 workflows cannot tell the dialects apart. The SSE decoder is shared.
 
 What maps to what:
@@ -165,15 +165,15 @@ _FINISH = {"max_output_tokens": "length", "content_filter": "content_filter"}
 class ResponsesInterpreter:
     """Turn the SSE events of one streamed ``/responses`` answer into :data:`ModelEvent` s.
 
-    The same interface as :class:`~wsagent.chunks.ChunkInterpreter`: ``feed``,
+    The same interface as :class:`~wsagent.core.chunks.ChunkInterpreter`: ``feed``,
     ``end``, ``done``, ``finish_reason``. A stream is complete only after its
     terminal event (``response.completed`` or ``response.incomplete``): the
     Responses API has no ``[DONE]``, and an answer cut before its terminal event
     has lost its usage and maybe a tool call.
 
-    Text is made valid as :class:`~wsagent.chunks.ChunkInterpreter` makes it (see
-    :func:`~wsagent.chunks.mend`), and tool calls have the same bounds
-    (:class:`~wsagent.chunks.ToolCallBounds`).
+    Text is made valid as :class:`~wsagent.core.chunks.ChunkInterpreter` makes it (see
+    :func:`~wsagent.core.chunks.mend`), and tool calls have the same bounds
+    (:class:`~wsagent.core.chunks.ToolCallBounds`).
     """
 
     __slots__ = ("_calls", "_emitted", "_bounds", "_held", "done", "finish_reason")

@@ -4,7 +4,7 @@ The collector's and malloc's are applied once, after startup, by
 :mod:`wsagent.serve` and the simulator; the benchmark's load client applies
 them too, so that it does not spend on its own overhead the cores the servers
 it measures need. Each changes the whole process, so none is applied by
-:class:`~wsagent.server.WsAgentServer`, which a program may embed.
+:class:`~wsagent.wiring.server.WsAgentServer`, which a program may embed.
 """
 
 from __future__ import annotations

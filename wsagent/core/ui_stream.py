@@ -3,9 +3,9 @@
 ``WebSocketChatTransport`` (npm ``ai`` 7) sends ``send``, ``resume`` and
 ``abort`` frames and expects ``start``, ``chunk`` (a ``sequence`` from 0 and
 one ``UIMessageChunk``), ``end``, ``error`` and ``no-active`` back. This module
-holds the two conversions the route (:mod:`wsagent.ai_sdk`) needs, with no
+holds the two conversions the route (:mod:`wsagent.handlers.ai_sdk`) needs, with no
 I/O: :func:`chat_messages` turns the chat's UI messages into OpenAI chat
-messages, and :class:`UIChunks` renders a run's log (:mod:`wsagent.render`)
+messages, and :class:`UIChunks` renders a run's log (:mod:`wsagent.core.render`)
 as transport frames for one request.
 
 What maps to what (docs/ai-sdk.md has the table too):
@@ -62,7 +62,7 @@ def message_id(run_key: str) -> str:
 class UIChunks:
     """One transport request's view of a run: each log entry as ``chunk`` frames, then ``end``.
 
-    A :class:`~wsagent.render.Renderer`; the sequence numbers start at 0 for each
+    A :class:`~wsagent.core.render.Renderer`; the sequence numbers start at 0 for each
     request, so a resume (a new request) replays the run from its first chunk.
     """
 

@@ -60,7 +60,7 @@ class Broker(Protocol):
 
     The methods that may need the other nodes are coroutines; in-process they
     answer at once. Those that cannot be answered because the cluster is out of
-    reach raise :class:`~wsagent.errors.ClusterUnavailable`.
+    reach raise :class:`~wsagent.core.errors.ClusterUnavailable`.
 
     Finished runs are kept for a resume within a replay budget (``budget`` bytes
     in all, ``budget_per_user`` per owner; SIGHUP may change both): ``kept_bytes``

@@ -8,7 +8,7 @@ with exactly one terminal event, whatever happens: the producer's own, ``done``
 when it just stops, the interruption (a cancel, a budget) when it was stopped,
 ``error`` when it fails.
 
-:func:`~wsagent.completion.model_batches` is the producer for a plain
+:func:`~wsagent.upstream.completion.model_batches` is the producer for a plain
 completion. This is the hot path: per upstream read, one list of events, no
 logging, no encoding, no task.
 """

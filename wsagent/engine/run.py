@@ -1,9 +1,9 @@
 """A run: one stream of events (a model's answer, an agent's thoughts, a workflow), its log, and who watches it.
 
-No sockets here. A producer pushes events in (:func:`wsagent.pump.pump`);
+No sockets here. A producer pushes events in (:func:`wsagent.engine.pump.pump`);
 each watcher (a :class:`Watcher`: in the server, a connection's outbox) is
 woken and takes its frames with :meth:`Subscription.take`, rendered for its
-wire (:mod:`wsagent.render`). Tests feed events in and take frames out at any
+wire (:mod:`wsagent.core.render`). Tests feed events in and take frames out at any
 interleaving, as the SSE decoder is tested at any split.
 
 A run's life is two small state machines, each a transition table in the
@@ -496,7 +496,7 @@ class Run:
         self.interrupt(Cancelled(reason, agent=self.agent, workflow=self.workflow))
 
     def start(self, producer: Coroutine[Any, Any, None]) -> None:
-        """Run ``producer`` (which ends the run, see :func:`wsagent.pump.pump`) as this run's task.
+        """Run ``producer`` (which ends the run, see :func:`wsagent.engine.pump.pump`) as this run's task.
 
         A cancel can stop the task before its first step, so the producer never
         runs, its ``finally`` never either: the task's end finishes the run then.

@@ -2,7 +2,7 @@
 
 Each ``send`` is a run like every other (merging, backpressure, budgets, limits,
 metrics, the ``run`` log line), rendered as UI message chunks by
-:class:`~wsagent.ui_stream.UIChunks`. Several chats stream at once on one
+:class:`~wsagent.core.ui_stream.UIChunks`. Several chats stream at once on one
 socket, each request routed by its ``requestId``.
 
 A chat's current response is registered under the chat's id: an authenticated

@@ -4,7 +4,7 @@ Every route's handler is ``async def handler(app: App, conn: Connection)``.
 It reads messages with :meth:`App.incoming`, starts every stream it makes as a
 run with :meth:`App.new_run` and :meth:`App.start` (so every route gets the
 same budgets, limits, transcripts, metrics and ``run`` log lines), and writes
-only through its connection's outbox. The server (:mod:`wsagent.server`) owns
+only through its connection's outbox. The server (:mod:`wsagent.wiring.server`) owns
 the App and the sockets; handlers never see the server.
 """
 
@@ -62,7 +62,8 @@ class Peers(Protocol):
     """The other worker processes of this server (``--workers``), for a scrape of the whole server."""
 
     async def snapshots(self) -> list[list[dict[str, Any]]]:
-        """Each other worker's metrics (:func:`wsagent.status.snapshot`); those that do not answer are left out."""
+        """Each other worker's metrics (:func:`wsagent.handlers.status.snapshot`); those that do not answer are
+        left out."""
         ...
 
 
@@ -131,7 +132,7 @@ class App:
 
         ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once),
         and how long it is kept for a resume once it has ended.
-        ``scope``: where ``run_id`` is unique (default: the client's, see :func:`~wsagent.broker.scope_of`).
+        ``scope``: where ``run_id`` is unique (default: the client's, see :func:`~wsagent.engine.broker.scope_of`).
         Raises :class:`ProtocolViolation` if ``run_id`` is in use in that scope (another socket of the
         same user may have taken it while this request waited for the cluster).
         """

@@ -2,7 +2,7 @@
 
 A text frame that parses as a JSON object with a string ``type`` is a protocol
 message; anything else is a text-mode prompt. docs/protocol.md has the table of
-message types. Each run is a :class:`~wsagent.run.Run` driven by its own task; this
+message types. Each run is a :class:`~wsagent.engine.run.Run` driven by its own task; this
 module only validates requests and wires runs to the connection's outbox.
 """
 

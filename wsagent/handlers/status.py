@@ -47,7 +47,7 @@ def healthz(app: App, request: Request) -> Response:
 
 
 async def metrics(app: App, request: Request) -> Response:
-    """The whole server's metrics: with ``--workers``, every worker's added up (see :mod:`wsagent.workers`)."""
+    """The whole server's metrics: with ``--workers``, every worker's added up (see :mod:`wsagent.wiring.workers`)."""
     families = snapshot(app)
     if app.peers is not None:
         families = merge([families, *await app.peers.snapshots()])

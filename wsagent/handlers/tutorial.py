@@ -7,7 +7,7 @@ messages) and ``/ws/{client_id}`` (a client-addressed stream plus broadcast).
 
 Every prompt is a run like any other (budgets, limits, metrics, transcripts,
 the ``run`` log line); the route only picks its renderer
-(:mod:`wsagent.render`). Prompts are answered in order; the handler keeps
+(:mod:`wsagent.core.render`). Prompts are answered in order; the handler keeps
 reading meanwhile, so a client that leaves is noticed at once and its run is
 cancelled, which closes the upstream request.
 """

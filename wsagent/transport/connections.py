@@ -4,7 +4,7 @@ Policy for a slow client (documented in docs/protocol.md): nothing a client has 
 read is buffered without bound. Messages queued for a client (broadcasts,
 personal sends from other connections) count against ``outbox_bytes``; a run's
 undelivered events count against the run's own buffer (see
-:mod:`wsagent.run`). A client whose queue overflows, or that accepts no data
+:mod:`wsagent.engine.run`). A client whose queue overflows, or that accepts no data
 at all for ``slow_client_timeout`` seconds, is closed with 4008. One slow
 client therefore never blocks or bloats delivery to the others: broadcast only
 appends to queues and never awaits a socket.
@@ -123,7 +123,7 @@ class StreamConnection(ServerConnection):
 
         ``serve(select_subprotocol=...)`` binds a closure over this connection to
         its protocol (and Python 3.11's socket transport keeps a bound method of
-        itself: :func:`wsagent.tuning.break_transport_cycles`). Each cycle kept the whole
+        itself: :func:`wsagent.core.tuning.break_transport_cycles`). Each cycle kept the whole
         connection (about 90 objects) alive until a collection, and at a thousand
         streams those collections paused every stream for hundreds of
         milliseconds. The library breaks its other cycles here too, but not the
@@ -154,7 +154,7 @@ class Outbox:
     once, synchronously, while the socket takes data: no task and no event
     loop iteration per token. Only when the client falls behind does a task
     start; it waits for the socket to drain and carries on, while the run
-    merges what piles up meanwhile (see :mod:`wsagent.run`). An idle or
+    merges what piles up meanwhile (see :mod:`wsagent.engine.run`). An idle or
     keeping-up connection therefore costs no task at all.
     """
 
@@ -236,7 +236,7 @@ class Outbox:
         """Write what is pending while the socket takes it. False if the client must catch up first.
 
         Flow control is checked between batches: the frames of one
-        :meth:`~wsagent.run.Subscription.take` go out together.
+        :meth:`~wsagent.engine.run.Subscription.take` go out together.
         """
         ws = self.ws
         queue = self._queue

@@ -1,8 +1,8 @@
 """One completion from the model server as a run's producer: the plain model path (no agent, no tools run).
 
-:func:`model_batches` turns what each upstream read brought (:meth:`~wsagent.upstream.UpstreamClient.batches`)
-into one batch of run events (:mod:`wsagent.events`) for :func:`~wsagent.pump.pump`; agents
-(:mod:`wsagent.agent`) call the model through it too. This is the hot path: per read, one list of events.
+:func:`model_batches` turns what each upstream read brought (:meth:`~wsagent.upstream.model.UpstreamClient.batches`)
+into one batch of run events (:mod:`wsagent.core.events`) for :func:`~wsagent.engine.pump.pump`; agents
+(:mod:`wsagent.upstream.agent`) call the model through it too. This is the hot path: per read, one list of events.
 """
 
 from __future__ import annotations

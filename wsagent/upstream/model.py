@@ -1,8 +1,8 @@
 """The aiohttp transport for OpenAI-compatible ``POST {base}/chat/completions``, or
 ``POST {base}/responses`` (the Responses API, ``UpstreamConfig(api="responses")``).
 
-The decoding lives in :mod:`wsagent.sse`, :mod:`wsagent.chunks` and
-:mod:`wsagent.responses_api`; this module only moves bytes, applies timeouts
+The decoding lives in :mod:`wsagent.core.sse`, :mod:`wsagent.core.chunks` and
+:mod:`wsagent.core.responses_api`; this module only moves bytes, applies timeouts
 and retries, and makes sure that a consumer that stops listening closes the
 TCP connection to the model server at once, so it stops generating tokens for
 nobody.
@@ -270,7 +270,7 @@ class UpstreamClient:
     ) -> AsyncGenerator[list[ModelEvent], None]:
         """Like :meth:`stream`, a list of events per network read: the relay's hot path, where one
         generator step per read instead of one per event (through two generators) is measurable.
-        The batch of the read that completed the stream ends with :data:`~wsagent.chunks.END`."""
+        The batch of the read that completed the stream ends with :data:`~wsagent.core.chunks.END`."""
         body = self.build_body(messages, model, tools, params)
         started = time.monotonic()
         try:

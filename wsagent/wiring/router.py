@@ -1,4 +1,4 @@
-"""Path matching for the route table in :mod:`wsagent.routes`.
+"""Path matching for the route table in :mod:`wsagent.wiring.routes`.
 
 Static paths win over patterns; patterns use ``{name}`` for one non-empty path
 segment and are tried in the order the table lists them.

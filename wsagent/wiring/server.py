@@ -3,7 +3,7 @@
 Everything before the upgrade happens in :meth:`WsAgentServer.process_request`
 (plain HTTP answers, 404, 405, 503); everything after it in
 :meth:`WsAgentServer.handler`, which looks the path up in the route table
-(:mod:`wsagent.routes`) and hands the connection to that route's handler.
+(:mod:`wsagent.wiring.routes`) and hands the connection to that route's handler.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A scrape of ``/metrics`` lands on whichever worker the kernel picks for that
 connection (``SO_REUSEPORT``). So each worker also listens on a Unix socket of
 its own, in a directory only its user may enter, and answers there with its
 metrics as plain data; the worker that took the scrape asks the others and adds
-everything up (:func:`wsagent.status.merge`).
+everything up (:func:`wsagent.handlers.status.merge`).
 
 That directory is made afresh by the supervisor (:func:`mesh_directory`:
 ``mkdtemp``, mode 0700, a name no other user can guess and so make first),

@@ -10,7 +10,8 @@ One part per job, each with its state and its rules (docs/architecture.md draws 
 * :mod:`.replication`: the runs a node produces, written to Redis;
 * :mod:`.follower`: the runs a node follows from others (a :class:`Mirror` each, with its transition table);
 * :mod:`.clients`: client ids and per-user counts;
-* :mod:`.broker`: :class:`RedisBroker`, the :class:`~wsagent.broker.Broker` that holds a local broker and the parts.
+* :mod:`.broker`: :class:`RedisBroker`, the :class:`~wsagent.engine.broker.Broker` that holds a local broker
+  and the parts.
 """
 
 from .broker import RedisBroker, default_node_id

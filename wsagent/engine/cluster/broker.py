@@ -1,21 +1,21 @@
-"""Cluster mode's broker: a node's :class:`~wsagent.broker.LocalBroker`, shared through Redis by parts.
+"""Cluster mode's broker: a node's :class:`~wsagent.engine.broker.LocalBroker`, shared through Redis by parts.
 
-:class:`RedisBroker` implements the :class:`~wsagent.broker.Broker` protocol
+:class:`RedisBroker` implements the :class:`~wsagent.engine.broker.Broker` protocol
 by holding a ``LocalBroker`` (every run this node produces lives in its memory,
 as alone) and the parts that share what other nodes need, each with the state
 and rules of one job:
 
-* :class:`~wsagent.cluster.link.RedisLink`: the connections, and whether Redis answers;
-* :class:`~wsagent.cluster.liveness.Liveness`: the heartbeat, which nodes are alive;
-* :class:`~wsagent.cluster.replication.Replicator`: this node's runs and their logs in Redis;
-* :class:`~wsagent.cluster.follower.Following`: the runs it follows from other nodes (:class:`Mirror`);
-* :class:`~wsagent.cluster.clients.Clients`: client ids and per-user counts;
-* :mod:`~wsagent.cluster.messages`: the typed control messages, dispatched here by one table
+* :class:`~wsagent.engine.cluster.link.RedisLink`: the connections, and whether Redis answers;
+* :class:`~wsagent.engine.cluster.liveness.Liveness`: the heartbeat, which nodes are alive;
+* :class:`~wsagent.engine.cluster.replication.Replicator`: this node's runs and their logs in Redis;
+* :class:`~wsagent.engine.cluster.follower.Following`: the runs it follows from other nodes (:class:`Mirror`);
+* :class:`~wsagent.engine.cluster.clients.Clients`: client ids and per-user counts;
+* :mod:`~wsagent.engine.cluster.messages`: the typed control messages, dispatched here by one table
   (:meth:`RedisBroker._handlers`).
 
 While Redis is out of reach the node goes on alone: its own runs stream to its
 own clients untouched, new runs start, limits count this node only; whatever
-needs another node raises :class:`~wsagent.errors.ClusterUnavailable`, and the
+needs another node raises :class:`~wsagent.core.errors.ClusterUnavailable`, and the
 runs it follows end for their watchers with a retryable ``cluster_unavailable``.
 Once Redis answers again, the node writes back what it holds (runs, their
 retained logs, client ids, counts) and follows again.
@@ -59,7 +59,7 @@ def default_node_id() -> str:
 
 
 class RedisBroker:
-    """A node of a cluster: a :class:`~wsagent.broker.LocalBroker` whose runs, client ids and counts the
+    """A node of a cluster: a :class:`~wsagent.engine.broker.LocalBroker` whose runs, client ids and counts the
     other nodes see through Redis at ``url``."""
 
     def __init__(self, url: str, node: str, budget: int = 64 * 1024 * 1024,

@@ -1,7 +1,7 @@
 """Following a run produced on another node: :class:`Mirror` (one run, its state in a transition table) and
 :class:`Following` (the node's mirrors, fed from Redis).
 
-A mirror is a :class:`~wsagent.run.Run` whose log is filled from the run's
+A mirror is a :class:`~wsagent.engine.run.Run` whose log is filled from the run's
 stream (its history) and its channel (each new batch) instead of a producer,
 so its watchers get the producer's frames byte for byte, with the same ``seq``,
 through the same code (renderers, lagging, resume checks). What a local run

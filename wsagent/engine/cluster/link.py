@@ -1,7 +1,7 @@
 """The node's link to the cluster's Redis: its connections, and whether Redis answers.
 
 Three connections per node: redis-py's (questions that await an answer: a
-lookup, a claim, a count), and two spoken by hand (:mod:`~wsagent.cluster.wire`)
+lookup, a claim, a count), and two spoken by hand (:mod:`~wsagent.engine.cluster.wire`)
 for what must cost nothing per batch: the *writer* (a run's entries, control
 messages, deletes; nothing waits for their replies) and the *subscriber* (this
 node's channel, the broadcast channel, and the channels of the runs it follows).

@@ -8,15 +8,15 @@ names it here, so a newcomer finds every key and its lifetime in one file.
   maps a run id to its key for scopes other nodes can name (a user's, an AI SDK
   chat's);
 * ``wsagent:log:{key}`` (a stream) holds the run's log as the producer keeps it
-  (:mod:`~wsagent.cluster.replication`);
+  (:mod:`~wsagent.engine.cluster.replication`);
 * ``wsagent:run:{key}`` (a channel) carries each batch of new entries to the
   nodes that follow the run; ``wsagent:node:{node}`` carries control messages
-  to one node (:mod:`~wsagent.cluster.messages`); ``wsagent:broadcast`` reaches
+  to one node (:mod:`~wsagent.engine.cluster.messages`); ``wsagent:broadcast`` reaches
   every node;
 * ``wsagent:nodes`` (a sorted set of heartbeats) says which nodes are alive
-  (:mod:`~wsagent.cluster.liveness`); ``wsagent:user:{user}`` holds each node's
+  (:mod:`~wsagent.engine.cluster.liveness`); ``wsagent:user:{user}`` holds each node's
   count of the user's connections and runs, ``wsagent:client:{id}`` the holder
-  of a client id (:mod:`~wsagent.cluster.clients`).
+  of a client id (:mod:`~wsagent.engine.cluster.clients`).
 
 Every part of a name (a scope, a run id, a user, a node, a client id) is
 escaped (:func:`escaped`), so two lists of parts never name one key: user
@@ -51,7 +51,7 @@ BEATS_KEPT = 60
 NODES = "wsagent:nodes"
 BROADCAST = "wsagent:broadcast"
 RUN_CHANNELS = "wsagent:run:"  # a run's channel: this, then its key
-#: What a run's key is made of (:func:`~wsagent.broker.mint_key`): any other string names no run.
+#: What a run's key is made of (:func:`~wsagent.engine.broker.mint_key`): any other string names no run.
 KEY = re.compile("[A-Za-z0-9_-]{1,64}")
 #: Delete a key only while it still holds the value we wrote (a client id, a run id).
 DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

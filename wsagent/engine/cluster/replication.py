@@ -16,7 +16,7 @@ millisecond while another node follows one of them, every 10 ms while none
 does, and at the next turn of the event loop once one has ended (its client may
 ask another node about it at once). No round trip, task or future per batch,
 nothing per token. What the run itself knows of this: that it has an
-:class:`~wsagent.run.Outlet` to tell when it has new entries.
+:class:`~wsagent.engine.run.Outlet` to tell when it has new entries.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Replicator:
     # -- writing: once per upstream read, pipelined across runs -------------
 
     def dirty(self, run: Run) -> None:
-        """``run`` has new entries (its :class:`~wsagent.run.Outlet`)."""
+        """``run`` has new entries (its :class:`~wsagent.engine.run.Outlet`)."""
         self._dirty[run] = None
         if run.finished:  # its end at once (next turn): its client may ask another node about it right away
             self.soon(0.0)

@@ -1,6 +1,6 @@
 """Redis spoken by hand, for cluster mode's hot path: RESP commands packed and replies parsed by hiredis (C).
 
-redis-py serves everything else in :mod:`wsagent.cluster`; this is the one
+redis-py serves everything else in :mod:`wsagent.engine.cluster`; this is the one
 connection per node that carries a run's entries (and the one that subscribes),
 where redis-py's per-command objects, awaited round trips and tasks cost more
 than the rest of a token's path (see :class:`Wire`).

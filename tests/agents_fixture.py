@@ -7,7 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 
 from wsagent.core.events import Answer, Event
-from wsagent.upstream.producers import AgentRequest, Stopped, ThreadBridge
+from wsagent.upstream.agents.producers import AgentRequest, Stopped, ThreadBridge
 
 #: What the threaded agent saw: set when its emit raised Stopped (the run was cancelled).
 STOPPED = threading.Event()

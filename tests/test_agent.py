@@ -9,7 +9,7 @@ import pytest
 
 from wsagent.core.events import Action, AgentEnd, Answer, Done, Event, Observation
 from wsagent.core.tools import BUILTIN_TOOLS, ToolBox, calculator, evaluate, search_notes, tool
-from wsagent.upstream.agent import Agent, ConcurrentWorkflow, SequentialWorkflow
+from wsagent.upstream.agents.builtin import Agent, ConcurrentWorkflow, SequentialWorkflow
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from wsagent.core.events import Answer
-from wsagent.upstream.producers import Stopped, ThreadBridge, load_agents
+from wsagent.upstream.agents.producers import Stopped, ThreadBridge, load_agents
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 

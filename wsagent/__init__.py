@@ -23,14 +23,14 @@ if TYPE_CHECKING:
     from .core.config import Settings
     from .core.errors import UpstreamError, WsAgentError
     from .core.tools import tool
-    from .upstream.agent import Agent, ConcurrentWorkflow, SequentialWorkflow
+    from .upstream.agents.builtin import Agent, ConcurrentWorkflow, SequentialWorkflow
     from .upstream.model import UpstreamClient, UpstreamConfig
     from .wiring.server import WsAgentServer
 
 _WHERE = {
-    "Agent": "upstream.agent",
-    "ConcurrentWorkflow": "upstream.agent",
-    "SequentialWorkflow": "upstream.agent",
+    "Agent": "upstream.agents.builtin",
+    "ConcurrentWorkflow": "upstream.agents.builtin",
+    "SequentialWorkflow": "upstream.agents.builtin",
     "Settings": "core.config",
     "UpstreamClient": "upstream.model",
     "UpstreamConfig": "upstream.model",

@@ -36,7 +36,7 @@ from .core.config import Settings, load_settings
 from .core.logs import WORKER_NUMBER, configure_logging
 from .core.tuning import break_transport_cycles, tune_gc, tune_malloc
 from .engine.transcripts import prepare_directory
-from .upstream.producers import AgentsSpecError, load_agents
+from .upstream.agents.producers import AgentsSpecError, load_agents
 from .wiring import systemd
 from .wiring.server import WsAgentServer
 from .wiring.workers import Worker, mesh_directory, socket_path

@@ -38,10 +38,10 @@ from ..engine.pump import Producer, pump
 from ..engine.run import Run
 from ..engine.transcripts import Transcript
 from ..transport.connections import Connection, ConnectionManager
-from ..upstream.agent import WorkflowFactory, assistant
+from ..upstream.agents.builtin import WorkflowFactory, assistant
+from ..upstream.agents.producers import AgentFactory, AgentRequest, produce
 from ..upstream.completion import estimate_tokens, model_batches
 from ..upstream.model import UpstreamClient
-from ..upstream.producers import AgentFactory, AgentRequest, produce
 
 __all__ = ["App", "Refusal", "PARAMS"]
 

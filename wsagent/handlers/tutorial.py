@@ -23,7 +23,7 @@ from ..core.events import Producer, encode_message, json_object
 from ..core.render import Renderer, Thoughts, Words
 from ..engine.run import Run
 from ..transport.connections import Connection, utf8_size
-from ..upstream.agent import assistant
+from ..upstream.agents.builtin import assistant
 from ..upstream.completion import model_batches
 from .app import App
 

@@ -2,7 +2,8 @@
 
 :func:`model_batches` turns what each upstream read brought (:meth:`~wsagent.upstream.model.UpstreamClient.batches`)
 into one batch of run events (:mod:`wsagent.core.events`) for :func:`~wsagent.engine.pump.pump`; agents
-(:mod:`wsagent.upstream.agent`) call the model through it too. This is the hot path: per read, one list of events.
+(:mod:`wsagent.upstream.agents.builtin`) call the model through it too. This is the hot path: per read, one
+list of events.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ from ..transport.connections import (
     connection_id,
 )
 from ..transport.http_answers import http_response
-from ..upstream.agent import WorkflowFactory, build_workflows, load_workflows
+from ..upstream.agents.builtin import WorkflowFactory, build_workflows, load_workflows
+from ..upstream.agents.producers import AgentFactory, load_agents
 from ..upstream.model import DIALECTS, UpstreamClient, UpstreamConfig
-from ..upstream.producers import AgentFactory, load_agents
 from ..upstream.simulator import SimulatorServer, SimulatorSettings
 from . import systemd
 from .router import HttpHandler, Route, Router

@@ -27,8 +27,8 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from ..core.errors import UpstreamError
-from ..core.events import (
+from ...core.errors import UpstreamError
+from ...core.events import (
     Action,
     AgentEnd,
     Answer,
@@ -42,9 +42,9 @@ from ..core.events import (
     ToolCallEvent,
     UsageEvent,
 )
-from ..core.tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
-from .completion import estimate_tokens, model_batches
-from .model import UpstreamClient, UpstreamConfig
+from ...core.tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
+from ..completion import estimate_tokens, model_batches
+from ..model import UpstreamClient, UpstreamConfig
 
 __all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow", "WorkflowFactory",
            "assistant", "build_workflows", "load_workflows"]

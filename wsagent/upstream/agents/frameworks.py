@@ -1,8 +1,8 @@
-"""Adapters from agent frameworks to wsagent's agent factories (:mod:`wsagent.upstream.producers`).
+"""Adapters from agent frameworks to wsagent's agent factories (:mod:`wsagent.upstream.agents.producers`).
 
 Each adapter takes a function that builds the framework's own object for a
 request (pointed at ``request.base_url``, ``request.api_key`` and
-``request.model``) and returns an :data:`~wsagent.upstream.producers.AgentFactory` to
+``request.model``) and returns an :data:`~wsagent.upstream.agents.producers.AgentFactory` to
 register with ``--agents``. The frameworks are optional extras
 (from a clone: ``pip install ".[swarms]"``, ``".[langgraph]"``,
 ``".[openai-agents]"``; see docs/agents.md) and are imported only when an adapter runs.
@@ -23,14 +23,14 @@ What maps to what, and how far a cancel reaches:
   finishes but its result goes nowhere.
 * **swarms** (:func:`swarms_agent`, :func:`swarms_workflow`): swarms calls its
   ``streaming_callback`` synchronously from its own thread, so the adapter runs
-  it through a bounded :class:`~wsagent.upstream.producers.ThreadBridge`: ``[thinking]``
+  it through a bounded :class:`~wsagent.upstream.agents.producers.ThreadBridge`: ``[thinking]``
   sections → ``thinking``, content → ``answer``; tools wrapped with the
   builder's ``run.observed`` report ``action`` and ``observation``; with
   ``detailed=True`` (swarms' ``stream``: a dict per token) the token kinds
   come from swarms itself and the usage of each model call is summed into
   ``usage``. A workflow's agents stream side by side, each
   event attributed to its agent, each agent's end an ``agent_end``. A cancel
-  raises :class:`~wsagent.upstream.producers.Stopped` (a ``BaseException``, so swarms'
+  raises :class:`~wsagent.upstream.agents.producers.Stopped` (a ``BaseException``, so swarms'
   own ``except Exception`` handlers do not retry) from the next callback in
   swarms' thread, and closes the run's own HTTP client (``run.llm_args``): the
   model stream in flight is closed, and no further model call is made.
@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from ..core.events import Action, AgentEnd, Answer, Event, Observation, Thinking, UsageEvent
+from ...core.events import Action, AgentEnd, Answer, Event, Observation, Thinking, UsageEvent
 from .producers import AgentFactory, AgentRequest, ThreadBridge
 
 __all__ = ["openai_agents", "langgraph", "swarms_agent", "swarms_workflow", "SwarmsRun", "Observe"]

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import WsAgentError
-from ..core.events import Event, Producer
+from ...core.errors import WsAgentError
+from ...core.events import Event, Producer
 
 __all__ = ["AgentRequest", "AgentFactory", "AgentError", "AgentsSpecError", "ThreadBridge", "Stopped", "load_agents",
            "produce"]

@@ -39,7 +39,7 @@ RELOADED = {
 
 CHOICES = {"event_loop": "'auto', 'uvloop' or 'asyncio'", "compression": "'deflate' or 'off'",
            "client_id_policy": "'replace' or 'reject'", "upstream_api": "'chat' or 'responses'",
-           "log_format": "'text' or 'json'"}
+           "log_format": "'text' or 'json'", "log_level": "'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"}
 
 
 def spec(name: str) -> Spec:
@@ -206,3 +206,11 @@ def test_serve_applies_the_transport_fix_to_its_own_process() -> None:
         "asyncio.run(main())\n")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "patched", result.stderr
+
+
+def test_a_log_level_logging_does_not_know_is_refused_in_one_line() -> None:
+    """Found by a newcomer: ``--log-level nonsense`` ended in a traceback from the logging module."""
+    for argv, env in ((["--log-level", "nonsense"], {}), ([], {"WSAGENT_LOG_LEVEL": "debugg"})):
+        with pytest.raises(SystemExit, match="--log-level must be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"):
+            load_settings(argv, env)
+    assert load_settings(["--log-level", "debug"], {}).log_level == "DEBUG"  # (any case, as before)

@@ -33,7 +33,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 from .core.config import Settings, load_settings
-from .core.logs import WORKER_NUMBER, configure_logging
+from .core.logs import configure_logging
 from .core.tuning import break_transport_cycles, tune_gc, tune_malloc
 from .engine.transcripts import prepare_directory
 from .upstream.agents.producers import AgentsSpecError, load_agents
@@ -237,8 +237,7 @@ class Supervisor:
         """A new worker for ``slot``, and the URL it says it listens on once it does ("" if it died first)."""
         read, write = os.pipe()
         worker = Worker(slot.number, self.directory, write)
-        env = {**os.environ, WORKER_NUMBER: str(slot.number)}  # read by wsagent.logs alone, for the log lines' tag
-        env.pop("NOTIFY_SOCKET", None)
+        env = {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}  # (systemd hears us)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "wsagent.serve", *worker.argv(), *self.argv, "--workers", "1", env=env,
@@ -289,7 +288,7 @@ def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | N
 def main(argv: Sequence[str] | None = None) -> int:
     worker, args = Worker.from_argv(sys.argv[1:] if argv is None else argv)
     settings = load_settings(args)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, worker.tag if worker is not None else "")
     if settings.workers > 1:
         if settings.transcripts_dir:
             prepare_directory(settings.transcripts_dir)  # one line here, not one per worker

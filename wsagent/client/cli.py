@@ -72,7 +72,7 @@ def _announcer(url: str, token: str | None) -> Callable[[str, str | None], None]
 
 
 def _parser() -> argparse.ArgumentParser:
-    paragraphs = __doc__.split("\n\n")
+    paragraphs = __doc__.replace("``", "").split("\n\n")  # (the docstring's literals, as plain text)
     parser = argparse.ArgumentParser(prog="python -m wsagent.client", description=paragraphs[0],
                                      epilog="\n\n".join(p for p in paragraphs if p.startswith(("A refusal", "Tokens"))),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

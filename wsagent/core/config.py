@@ -130,7 +130,7 @@ class Settings:
 
     gc_thresholds: tuple[int, int, int] | None = setting(DEFAULT_GC_THRESHOLDS, "the cyclic garbage collector's thresholds after startup objects are frozen out of it (empty: CPython's 700,10,10)")
 
-    log_level: str = setting("INFO", "logging level", group="logging", reload=True)
+    log_level: str = setting("INFO", "logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)", group="logging", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), reload=True)
     log_format: str = setting("text", "text or json (one object per line)", group="logging", choices=("text", "json"))
     transcripts_dir: str | None = setting(None, "write each run's events as JSON lines with timestamps to this directory", group="logging", reload=True)
 
@@ -143,6 +143,7 @@ class Settings:
                     setattr(self, entry.name, entry.parse(value))
                 except ValueError as exc:
                     raise ValueError(f"{entry.flag} {exc}") from None
+        self.log_level = self.log_level.upper()  # (logging's names, in any case)
 
     def model_allowed(self, model: str) -> bool:
         """A client may ask for the configured model, and for those ``--allowed-models`` lists."""
@@ -292,7 +293,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 
 #: ``WSAGENT_*`` names that are not settings of the server but are read elsewhere (the client, the
 #: installer, CI, and the worker number ``--workers`` sets for the log lines of each worker).
-_OTHER_NAMES = frozenset({"WSAGENT_URL", "WSAGENT_TOKEN", "WSAGENT_PREFIX", "WSAGENT_CI_VENV", "WSAGENT_WORKER"})
+_OTHER_NAMES = frozenset({"WSAGENT_URL", "WSAGENT_TOKEN", "WSAGENT_PREFIX", "WSAGENT_CI_VENV"})
 
 
 def _warn_unknown(environ: Mapping[str, str]) -> None:

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 
-__all__ = ["configure_logging", "JsonFormatter", "Redactor", "printable", "WORKER_NUMBER", "worker_tag"]
-
-#: The environment variable ``--workers`` sets to each worker's number.
-WORKER_NUMBER = "WSAGENT_WORKER"
-
-
-def worker_tag() -> str:
-    """``w1``, ``w2``, ... in a worker that ``--workers`` started; empty otherwise."""
-    number = os.environ.get(WORKER_NUMBER, "")
-    return f"w{number}" if number.isdigit() else ""
+__all__ = ["configure_logging", "JsonFormatter", "Redactor", "printable"]
 
 _SECRETS = re.compile(r"([?&]token=)[^&\s]+|(bearer[. ])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
@@ -46,9 +36,11 @@ class Redactor(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, for log shippers."""
+    """One JSON object per record, for log shippers; ``worker`` (``w1``, ``w2``...) tags each line of a worker."""
 
-    worker = worker_tag()
+    def __init__(self, worker: str = "") -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -68,12 +60,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+def configure_logging(level: str = "INFO", fmt: str = "text", worker: str = "") -> None:
+    """Log lines to stderr as ``fmt`` says, each tagged ``worker`` (``w1``...: a worker of ``--workers``)."""
     handler = logging.StreamHandler()
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        worker = worker_tag()
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {worker + ' ' if worker else ''}"
                                                "%(name)s: %(message)s"))
     root = logging.getLogger()

@@ -20,8 +20,8 @@ log = logging.getLogger("wsagent.simulator")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m wsagent.simulator",
                                      description="Serve the simulated OpenAI-compatible model.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=50.0, help="tokens per second (0: unthrottled)")
     parser.add_argument("--tokens", type=int, default=24, help="answer length in tokens")
     parser.add_argument("--no-reasoning", action="store_true", help="do not stream reasoning deltas")

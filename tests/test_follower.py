@@ -37,7 +37,7 @@ class Node:
 def mirror_of(producer: Run, node: Node) -> Mirror:
     meta = {"id": producer.id, "user": producer.user, "scope": producer.scope, "node": "a", "agent": None,
             "workflow": None, "grace": 0, "buffer": producer.buffer_bytes, "replay": producer.replay_bytes}
-    return Mirror(node, producer.key, meta, producer.origins())
+    return Mirror(node, producer.key, meta, producer.authors())
 
 
 class Outlet:
@@ -55,7 +55,7 @@ class Outlet:
         first, codes, payloads = run.entries(self.seq)
         self.seq = first + len(codes) - 1
         if self.calls not in self.lose:
-            self.follower.replicate(first, codes, payloads, run.origins() if run.origin_count > 1 else None)
+            self.follower.replicate(first, codes, payloads, run.authors() if run.author_count > 1 else None)
 
 
 @settings(max_examples=200, deadline=None)
@@ -90,7 +90,7 @@ async def test_a_follower_fed_the_producers_entries_gives_the_producers_frames(
         producer.wake()
     producer.end(Done("stop"))
     if outlet.calls in lose:  # nothing comes after the lost last batch: the follower reads the history
-        follower.replicate(*producer.entries(producer.oldest_kept - 1), producer.origins())
+        follower.replicate(*producer.entries(producer.oldest_kept - 1), producer.authors())
     assert follower.finished and follower.outcome == "done" and follower.follow_state is Follow.ENDED
     if not outlet.lose & set(range(1, outlet.calls + 1)):
         assert copy.frames == own.frames
@@ -117,7 +117,7 @@ def started(with_end: bool) -> tuple[Run, Mirror, Sink]:
 
 
 def history(producer: Run, mirror: Mirror) -> None:
-    mirror.replicate(*producer.entries(0), producer.origins())
+    mirror.replicate(*producer.entries(0), producer.authors())
     mirror.history_read()
 
 

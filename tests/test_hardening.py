@@ -316,4 +316,4 @@ async def test_a_reload_that_fails_changes_nothing(server: WsAgentServer, tmp_pa
     with pytest.raises(ValueError):
         server.reload(new)
     assert server.settings is before and server.app.settings is before
-    assert server.manager.max_connections == before.max_connections and server.origins == set()
+    assert server.manager.max_connections == before.max_connections and server.origin_policy.allowed == set()

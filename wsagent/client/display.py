@@ -83,11 +83,11 @@ class TextDisplay:
         kind = event.get("type")
         if kind == "snapshot":  # each agent's text so far, as if it had just been said
             for agent in event.get("agents", []):
-                origin = {"agent": agent.get("agent"), "workflow": event.get("workflow")}
+                author = {"agent": agent.get("agent"), "workflow": event.get("workflow")}
                 if agent.get("content"):
-                    self.event({"type": "answer", "content": agent["content"], **origin})
+                    self.event({"type": "answer", "content": agent["content"], **author})
                 if agent.get("status") not in (None, "running"):
-                    self.event({"type": "agent_end", "outcome": agent["status"], **origin})
+                    self.event({"type": "agent_end", "outcome": agent["status"], **author})
             return
         agent = _speaker(event)
         if agent is not None and self.line is not None and self.line[1] not in (None, agent):

@@ -232,12 +232,12 @@ def encode_text(cls: type[TextEvent], content: str, run_id: str, seq: int, agent
     The relay seals a text delta for every frame it sends: building the event and a dict for the
     encoder cost 2 µs a frame, this 0.1 µs. A property test holds the two to the same bytes.
     """
-    origin = ""
+    author = ""
     if agent is not None:
-        origin = f'"agent":{_quote(agent)},'
+        author = f'"agent":{_quote(agent)},'
     if workflow is not None:
-        origin += f'"workflow":{_quote(workflow)},'
-    return f'{{"type":"{cls.type}","id":{_quote(run_id)},"seq":{seq},{origin}"content":{_quote(content)}}}'
+        author += f'"workflow":{_quote(workflow)},'
+    return f'{{"type":"{cls.type}","id":{_quote(run_id)},"seq":{seq},{author}"content":{_quote(content)}}}'
 
 
 def encode_message(type_: str, **fields: Any) -> str:

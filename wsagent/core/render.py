@@ -28,10 +28,10 @@ from typing import Any, Protocol
 
 from .events import KIND_NAMES, TEXT_KINDS, encode_message
 
-__all__ = ["Renderer", "Origin", "TextMode", "Words", "Thoughts"]
+__all__ = ["Renderer", "Author", "TextMode", "Words", "Thoughts"]
 
 #: Where a text entry came from: (agent, workflow); (None, None) for the run itself.
-Origin = tuple[str | None, str | None]
+Author = tuple[str | None, str | None]
 
 _SENTENCE_END = (".", "!", "?", "\n")
 #: What a renderer holds back at most (a sentence or a word that does not end): past it, it goes out as is.
@@ -42,10 +42,10 @@ _THINKING = KIND_NAMES.index("thinking")
 
 
 class Renderer(Protocol):
-    """Turns one sealed log entry into frames for one socket (appended to ``out``). ``origin`` names
+    """Turns one sealed log entry into frames for one socket (appended to ``out``). ``author`` names
     the agent and workflow of a text entry (another entry's JSON carries them itself)."""
 
-    def render(self, kind: int, payload: str, out: list[str], origin: Origin) -> None: ...
+    def render(self, kind: int, payload: str, out: list[str], author: Author) -> None: ...
 
 
 def _fields(payload: str) -> dict[str, Any]:
@@ -60,7 +60,7 @@ class TextMode:
 
     __slots__ = ()
 
-    def render(self, kind: int, payload: str, out: list[str], origin: Origin) -> None:
+    def render(self, kind: int, payload: str, out: list[str], author: Author) -> None:
         if kind == _TOKEN:
             out.append(payload)
         elif kind >= TEXT_KINDS:
@@ -82,7 +82,7 @@ class Words:
     def __init__(self) -> None:
         self.pending = ""
 
-    def render(self, kind: int, payload: str, out: list[str], origin: Origin) -> None:
+    def render(self, kind: int, payload: str, out: list[str], author: Author) -> None:
         if kind == _TOKEN or kind == _ANSWER:
             *words, self.pending = (self.pending + payload).split(" ")
             out.extend(word + " " for word in words if word)
@@ -113,7 +113,7 @@ class Thoughts:
     def __init__(self) -> None:
         self.thought = ""
 
-    def render(self, kind: int, payload: str, out: list[str], origin: Origin) -> None:
+    def render(self, kind: int, payload: str, out: list[str], author: Author) -> None:
         if kind == _THINKING:
             self.thought += payload
             if self.thought.rstrip().endswith(_SENTENCE_END) or len(self.thought) > _HELD:

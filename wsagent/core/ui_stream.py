@@ -37,7 +37,7 @@ from typing import Any
 
 from .errors import ProtocolViolation
 from .events import KIND_NAMES, well_formed_json
-from .render import Origin
+from .render import Author
 
 __all__ = ["UIChunks", "chat_messages", "message_id", "MAX_MESSAGES", "MAX_PARTS"]
 
@@ -74,8 +74,8 @@ class UIChunks:
         self._end = '{"type":"end","requestId":' + _quote(request_id) + "}"
         self._message_id = message
         self.sequence = 0
-        self._text: dict[Origin, str] = {}
-        self._reasoning: dict[Origin, str] = {}
+        self._text: dict[Author, str] = {}
+        self._reasoning: dict[Author, str] = {}
         self._parts = 0
         self._steps = True  # observations start new steps (not in a workflow: its agents interleave)
         self._usage: dict[str, Any] | None = None
@@ -89,50 +89,50 @@ class UIChunks:
     def _emit(self, out: list[str], chunk: dict[str, Any]) -> None:
         self._chunk(out, _dumps(chunk))
 
-    def render(self, kind: int, payload: str, out: list[str], origin: Origin) -> None:
+    def render(self, kind: int, payload: str, out: list[str], author: Author) -> None:
         if kind == _TOKEN or kind == _ANSWER or kind == _REFUSAL:
-            part = self._text.get(origin)
+            part = self._text.get(author)
             if part is None:
-                part = self._open(out, "text", origin)
+                part = self._open(out, "text", author)
             self._chunk(out, f'{{"type":"text-delta","id":"{part}","delta":{_quote(payload)}}}')
         elif kind == _THINKING:
-            part = self._reasoning.get(origin)
+            part = self._reasoning.get(author)
             if part is None:
-                part = self._open(out, "reasoning", origin)
+                part = self._open(out, "reasoning", author)
             self._chunk(out, f'{{"type":"reasoning-delta","id":"{part}","delta":{_quote(payload)}}}')
         else:
             self._event(_NAMES[kind], json.loads(payload), out)
 
-    def _open(self, out: list[str], kind: str, origin: Origin) -> str:
-        """Start a text or reasoning part for ``origin`` (closing its part of the other kind)."""
+    def _open(self, out: list[str], kind: str, author: Author) -> str:
+        """Start a text or reasoning part for ``author`` (closing its part of the other kind)."""
         other = self._reasoning if kind == "text" else self._text
-        if origin in other:
-            self._emit(out, {"type": f"{'reasoning' if kind == 'text' else 'text'}-end", "id": other.pop(origin)})
-        self._agent_seen(out, origin)
+        if author in other:
+            self._emit(out, {"type": f"{'reasoning' if kind == 'text' else 'text'}-end", "id": other.pop(author)})
+        self._agent_seen(out, author)
         self._parts += 1
         part = f"{kind[0]}{self._parts}"
-        (self._text if kind == "text" else self._reasoning)[origin] = part
+        (self._text if kind == "text" else self._reasoning)[author] = part
         chunk: dict[str, Any] = {"type": f"{kind}-start", "id": part}
-        if origin[0] is not None:
-            chunk["providerMetadata"] = {"wsagent": {"agent": origin[0]}}
+        if author[0] is not None:
+            chunk["providerMetadata"] = {"wsagent": {"agent": author[0]}}
         self._emit(out, chunk)
         return part
 
-    def _agent_seen(self, out: list[str], origin: Origin) -> None:
-        agent, workflow = origin
+    def _agent_seen(self, out: list[str], author: Author) -> None:
+        agent, workflow = author
         if agent is not None and workflow is not None and agent not in self._agents:
             self._agents.add(agent)
             self._emit(out, {"type": "data-agent", "id": f"agent-{agent}",
                              "data": {"agent": agent, "workflow": workflow, "status": "running"}})
 
-    def _close(self, out: list[str], origin: Origin | None = None) -> None:
-        """End the open text and reasoning parts (of ``origin``, or all)."""
+    def _close(self, out: list[str], author: Author | None = None) -> None:
+        """End the open text and reasoning parts (of ``author``, or all)."""
         for kind, parts in (("text", self._text), ("reasoning", self._reasoning)):
-            for key in [k for k in parts if origin is None or k == origin]:
+            for key in [k for k in parts if author is None or k == author]:
                 self._emit(out, {"type": f"{kind}-end", "id": parts.pop(key)})
 
     def _event(self, name: str, fields: dict[str, Any], out: list[str]) -> None:
-        origin: Origin = (fields.get("agent"), fields.get("workflow"))
+        author: Author = (fields.get("agent"), fields.get("workflow"))
         if name == "start":
             self._model = fields.get("model")
             self._steps = fields.get("workflow") is None
@@ -140,8 +140,8 @@ class UIChunks:
             self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": metadata})
             self._chunk(out, '{"type":"start-step"}')
         elif name in ("tool_call", "action"):
-            self._close(out, origin)
-            self._agent_seen(out, origin)
+            self._close(out, author)
+            self._agent_seen(out, author)
             call_id, tool, arguments = fields.get("call_id", ""), fields.get("name", ""), fields.get("arguments", "")
             dynamic = {"dynamic": True} if name == "action" else {}
             self._emit(out, {"type": "tool-input-start", "toolCallId": call_id, "toolName": tool, **dynamic})
@@ -170,7 +170,7 @@ class UIChunks:
                 usage["estimated"] = True
             self._usage = usage
         elif name == "agent_end":
-            self._close(out, origin)
+            self._close(out, author)
             agent = fields.get("agent")
             if agent is not None:
                 self._agents.add(agent)

@@ -7,8 +7,9 @@ wire (:mod:`wsagent.core.render`). Tests feed events in and take frames out at a
 interleaving, as the SSE decoder is tested at any split.
 
 A run's life is two small state machines, each a transition table in the
-manner of h11 and ``websockets.protocol``: an input a state does not list is
-a bug and raises :class:`RunStateError` rather than being checked ad hoc.
+manner of h11's: an input a state does not list is a bug and raises
+:class:`RunStateError` rather than being checked ad hoc. An entry's *author*
+is the (agent, workflow) pair that produced it (the run's own is (None, None)).
 
 * :class:`Phase`: ``RUNNING`` → ``INTERRUPTED`` (a cancel or a budget; the
   producer is being stopped) → ``FINISHED`` (exactly one terminal event is
@@ -192,7 +193,7 @@ class _Log:
     """A run's sealed events, oldest first, as parallel deques of ints, strings and floats.
 
     Each entry is a code (the event's kind, and the index of its agent and
-    workflow in the run's origins), a payload (a text delta's text, any other
+    workflow in the run's authors), a payload (a text delta's text, any other
     event's JSON frame) and the time it was born. Its seq is ``first`` plus its
     index; ``size`` counts payload characters.
 
@@ -327,8 +328,8 @@ class Run:
         self._subs: list[Subscription] = []
         self._floor_cursor = 0
         self._floor_delivered = 0
-        self._origins: list[tuple[str | None, str | None]] = [(None, None)]
-        self._origin_codes: dict[tuple[str | None, str | None], int] = {(None, None): 0}
+        self._authors: list[tuple[str | None, str | None]] = [(None, None)]
+        self._author_codes: dict[tuple[str | None, str | None], int] = {(None, None): 0}
         self._tail_code = -1
         self._tail: list[str] = []
         self._tail_size = 0
@@ -373,7 +374,7 @@ class Run:
             return
         code = event.kind
         if event.agent is not None or event.workflow is not None:
-            code |= self._origin(event.agent, event.workflow) << _KIND_BITS
+            code |= self._author(event.agent, event.workflow) << _KIND_BITS
         if self._tail_code != code or self._tail_size > _MAX_MERGED:
             if self._tail_code >= 0:
                 self._seal_tail()
@@ -384,7 +385,7 @@ class Run:
         self._tail_size += len(text)
 
     def _count_usage(self, event: Event) -> None:
-        """A usage event of the run's own origin is its total; one of a part (an agent of a workflow)
+        """A usage event of the run's own author is its total; one of a part (an agent of a workflow)
         counts toward the total the run reports at its end, if none came."""
         assert isinstance(event, UsageEvent)
         if event.agent == self.agent:
@@ -397,12 +398,12 @@ class Run:
         parts[1] += event.completion_tokens
         parts[2] |= event.estimated
 
-    def _origin(self, agent: str | None, workflow: str | None) -> int:
-        origin = (agent, workflow)
-        number = self._origin_codes.get(origin)
+    def _author(self, agent: str | None, workflow: str | None) -> int:
+        author = (agent, workflow)
+        number = self._author_codes.get(author)
         if number is None:
-            number = self._origin_codes[origin] = len(self._origins)
-            self._origins.append(origin)
+            number = self._author_codes[author] = len(self._authors)
+            self._authors.append(author)
         return number
 
     def wake(self) -> None:
@@ -664,13 +665,13 @@ class Run:
         if self._holder is not None:
             self._trim_to(seq, self._sealed_bytes)
 
-    def origins(self) -> list[list[str | None]]:
+    def authors(self) -> list[list[str | None]]:
         """The [agent, workflow] pairs the high bits of an entry's code index (JSON-ready)."""
-        return [[agent, workflow] for agent, workflow in self._origins]
+        return [[agent, workflow] for agent, workflow in self._authors]
 
     @property
-    def origin_count(self) -> int:
-        return len(self._origins)
+    def author_count(self) -> int:
+        return len(self._authors)
 
     # -- a copy of a run produced elsewhere (cluster mode's follower) -------
 
@@ -705,7 +706,7 @@ class Run:
     def _seal(self, event: Event) -> None:
         code = event.kind
         if event.agent is not None or event.workflow is not None:
-            code |= self._origin(event.agent, event.workflow) << _KIND_BITS
+            code |= self._author(event.agent, event.workflow) << _KIND_BITS
         self._append(code, encode(event, self.id, self._log.end), _now())
 
     def _append(self, code: int, payload: str, born: float) -> None:
@@ -715,12 +716,12 @@ class Run:
         self._sealed_bytes += len(payload)
 
     def _json(self, code: int, payload: str, seq: int) -> str:
-        if code < TEXT_KINDS:  # a text delta of the run's own origin: the common case
+        if code < TEXT_KINDS:  # a text delta of the run's own author: the common case
             return encode_text(TEXT_CLASSES[code], payload, self.id, seq)
         kind = code & _KIND_MASK
         if kind >= TEXT_KINDS:
             return payload
-        agent, workflow = self._origins[code >> _KIND_BITS]
+        agent, workflow = self._authors[code >> _KIND_BITS]
         return encode_text(TEXT_CLASSES[kind], payload, self.id, seq, agent, workflow)
 
     def _take(self, sub: Subscription) -> list[str]:
@@ -751,10 +752,10 @@ class Run:
                 for i in range(-count, 0):
                     frames.append(self._json(codes[i], payloads[i], end + i))
         else:
-            origins = self._origins
+            authors = self._authors
             for i in range(-count, 0):
                 code = codes[i]
-                renderer.render(code & _KIND_MASK, payloads[i], frames, origins[code >> _KIND_BITS])
+                renderer.render(code & _KIND_MASK, payloads[i], frames, authors[code >> _KIND_BITS])
         sub.cursor = end - 1
         sub.mark = self._sealed_bytes
         return frames

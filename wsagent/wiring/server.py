@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import ipaddress
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ from contextlib import suppress
 from functools import partial
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -48,6 +46,7 @@ from ..transport.connections import (
     connection_id,
 )
 from ..transport.http_answers import http_response
+from ..transport.origin_policy import OriginPolicy
 from ..upstream.agents.builtin import WorkflowFactory, build_workflows, load_workflows
 from ..upstream.agents.producers import AgentFactory, load_agents
 from ..upstream.model import DIALECTS, UpstreamClient, UpstreamConfig
@@ -76,14 +75,12 @@ class WsAgentServer:
         self.settings = settings or Settings()
         self.router = Router(routes)
         self.http_routes = dict(HTTP_ROUTES if http_routes is None else http_routes)
-        self.origins = frozenset(self.settings.allowed_origins)
+        self.origin_policy = OriginPolicy(self.settings.allowed_origins)
         self.metrics = Metrics()
         self._upstream = upstream
         self.simulator: SimulatorServer | None = None
         self._app: App | None = None
-        self._own_names: frozenset[str] = frozenset()
         self._mesh: WorkerMesh | None = None
-        self._wildcard = False
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = False
@@ -161,10 +158,11 @@ class WsAgentServer:
             logger=_library_logger(),
             **listen,
         )
-        self._own_names, self._wildcard = _own_names(s.host, [sock.getsockname()[0] for sock in self._server.sockets])
+        bound = [sock.getsockname()[0] for sock in self._server.sockets]
+        self.origin_policy = OriginPolicy(s.allowed_origins, s.host, bound, self.port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        log.info("wsagent listening on %s (the page: http://%s:%d/)", self.url,
-                 "localhost" if self._wildcard else _url_host(self._server.sockets[0].getsockname()[0]), self.port)
+        page_host = "localhost" if self.origin_policy.wildcard else _url_host(bound[0])
+        log.info("wsagent listening on %s (the page: http://%s:%d/)", self.url, page_host, self.port)
         return self
 
     @property
@@ -196,7 +194,7 @@ class WsAgentServer:
             agents = load_agents(settings.agents)
         app.auth = Authenticator(settings)
         self.settings = app.settings = settings
-        self.origins = frozenset(settings.allowed_origins)
+        self.origin_policy.allowed = frozenset(settings.allowed_origins)
         app.manager.max_connections = settings.max_connections
         app.manager.client_id_policy = settings.client_id_policy
         app.broker.budget, app.broker.budget_per_user = settings.replay_budget_bytes, settings.replay_budget_per_user
@@ -312,7 +310,7 @@ class WsAgentServer:
             return http_response(426, f"{path} is a WebSocket endpoint: connect with a WebSocket client.\n",
                                  extra={"Upgrade": "websocket"})
         origin = request.headers.get("Origin")
-        if origin is not None and not self.origin_allowed(origin):
+        if origin is not None and not self.origin_policy.allows(origin):
             return http_response(403, f"The page at origin {origin} may not connect; see --allowed-origins.\n")
         app = self.app
         if app.draining:
@@ -326,32 +324,6 @@ class WsAgentServer:
     def process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
         """Name the worker process that took the connection (``--workers``: which one drains it)."""
         response.headers["X-Wsagent-Worker"] = self.worker_header
-
-    def origin_allowed(self, origin: str) -> bool:
-        """Browsers send Origin; a page on another site may not use a browser's network position.
-
-        Pages served by this server itself may always connect: its own names (``localhost``, the
-        loopback addresses, this machine's host name, ``--host``) and the address it is bound to,
-        with its port; bound to every interface, any IP address with its port (a page served from
-        that address and port was served by this server). Others only if ``--allowed-origins``
-        lists them (``null``, a page opened from a file, included). The Host header is never
-        trusted: a DNS-rebinding page sends its own name as Host and as Origin.
-        """
-        if "*" in self.origins or origin in self.origins:
-            return True
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or parts.hostname is None:
-            return False
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return False
-        if port != self.port:
-            return False
-        host = parts.hostname.lower()
-        if host in self._own_names:
-            return True
-        return self._wildcard and _is_ip(host)
 
     # -- WebSocket, after the upgrade ------------------------------------
 
@@ -406,28 +378,8 @@ class WsAgentServer:
 _SINGLE_HEADERS = ("Host", "Upgrade", "Origin", "Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
-
-
-def _own_names(configured: str, bound: list[str]) -> tuple[frozenset[str], bool]:
-    """The host names a page served by this server can have, and whether it is bound to every interface."""
-    names = {"localhost", "127.0.0.1", "::1", socket.gethostname().lower(), socket.getfqdn().lower()}
-    wildcard = False
-    for address in [configured, *bound]:
-        if address in ("", "0.0.0.0", "::"):
-            wildcard = True
-        else:
-            names.add(address.lower())
-    return frozenset(names), wildcard
 
 
 def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, WorkflowFactory]:

@@ -44,7 +44,7 @@ from .names import RUN_CHANNELS, name
 
 __all__ = ["Mirror", "Following", "Follower", "Follow"]
 
-#: A batch of a run's entries, as its channel carries it: (seq of the first, codes, payloads, origins or None).
+#: A batch of a run's entries, as its channel carries it: (seq of the first, codes, payloads, authors or None).
 Entries = tuple[int, list[int], list[str], list[list[str | None]] | None]
 #: Numbers that make each subscription's name unique on its node (a holder: ``{node}/{n}``).
 holders = itertools.count(1)
@@ -105,13 +105,13 @@ class Mirror(Run):
     """
 
     def __init__(self, following: Follower, key: str, meta: dict[str, Any],
-                 origins: list[list[str | None]]) -> None:
+                 authors: list[list[str | None]]) -> None:
         super().__init__(str(meta["id"]), key=key, user=meta.get("user"), scope=str(meta["scope"]),
                          buffer_bytes=int(meta["buffer"]), replay_bytes=int(meta["replay"]),
                          agent=meta.get("agent"), workflow=meta.get("workflow"), grace=float(meta["grace"]))
         self.node = str(meta["node"])
         self.following = following
-        self._origins = [(o[0], o[1]) for o in origins]
+        self._authors = [(o[0], o[1]) for o in authors]
         self.follow_state = Follow.FILLING
         self.early: list[Entries] = []  # batches that came while its history was being read
         self.failed: tuple[str, str] | None = None  # why it can no longer be followed: (code, message)
@@ -167,26 +167,26 @@ class Mirror(Run):
             self.following.unfollow(self)
 
     def replicate(self, first: int, codes: list[int], payloads: list[str],
-                  origins: list[list[str | None]] | None = None) -> None:
+                  authors: list[list[str | None]] | None = None) -> None:
         """Entries ``first``, ``first + 1``, ... of the producer's log (as its node wrote them). Entries
         already here are skipped; past a gap, the log starts again at ``first`` (a watcher behind it is told
         it lags). A terminal entry finishes the run. The log keeps at most ``replay_bytes`` plus
         ``buffer_bytes``, whoever reads it."""
-        if origins is not None:
-            self._origins = [(agent, workflow) for agent, workflow in origins]
+        if authors is not None:
+            self._authors = [(agent, workflow) for agent, workflow in authors]
         end = self._log.end
         if self.finished or first + len(codes) <= end:
             return
         if first > end:
             self._restart_log(first)
         born = time.monotonic()
+        append = self._append
         for i in range(self._log.end - first, len(codes)):
-            self._append(codes[i], payloads[i], born)
-            outcome = terminal_outcome(codes[i])
-            if outcome is not None:
-                self._move(_In.END)
-                self._finished_elsewhere(outcome)
-                break
+            append(codes[i], payloads[i], born)
+        outcome = terminal_outcome(codes[-1])  # (a terminal entry is its run's last)
+        if outcome is not None:
+            self._move(_In.END)
+            self._finished_elsewhere(outcome)
         self._bound_log(self.replay_bytes + self.buffer_bytes)
         self.wake()
 
@@ -265,9 +265,9 @@ class Following:
         """Send ``message`` to ``node`` without waiting, after everything this node wrote before it."""
         self.link.publish(name("node", node), messages.encode(message))
 
-    def mirror(self, key: str, meta: dict[str, Any], origins: list[list[str | None]]) -> Mirror:
+    def mirror(self, key: str, meta: dict[str, Any], authors: list[list[str | None]]) -> Mirror:
         """A new mirror of run ``key`` (not followed until :meth:`follow`)."""
-        return Mirror(self, key, meta, origins)
+        return Mirror(self, key, meta, authors)
 
     def channels(self) -> list[str]:
         return [name("run", key) for key in self.mirrors]
@@ -329,20 +329,20 @@ class Following:
         mirror = self.mirrors.get(channel[len(RUN_CHANNELS):])
         if mirror is None:
             return
-        first, codes, payloads, origins = json.loads(data)
+        first, codes, payloads, authors = json.loads(data)
         if mirror.filling:
-            mirror.early.append((first, codes, payloads, origins))
+            mirror.early.append((first, codes, payloads, authors))
         else:
-            self._apply(mirror, first, codes, payloads, origins)
+            self._apply(mirror, first, codes, payloads, authors)
 
     def _apply(self, mirror: Mirror, first: int, codes: list[int], payloads: list[str],
-               origins: list[list[str | None]] | None) -> None:
+               authors: list[list[str | None]] | None) -> None:
         if mirror.has_gap_before(first) and not mirror.finished:  # a batch went missing: read it from history
             mirror.missed()
-            mirror.early.append((first, codes, payloads, origins))
+            mirror.early.append((first, codes, payloads, authors))
             self.link.spawn(self._refill(mirror))
         else:
-            mirror.replicate(first, codes, payloads, origins)
+            mirror.replicate(first, codes, payloads, authors)
 
     def subscribed(self) -> None:
         """The subscriber is (again) on every followed run's channel: each reads what passed meanwhile."""
@@ -358,14 +358,14 @@ class Following:
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.xrange(name("log", mirror.key), min=mirror.history_start(), max="+")
             pipe.hget(name("run", mirror.key), "origins")
-            found, origins = await pipe.execute()
+            found, authors = await pipe.execute()
             entries = cast(list[tuple[str, dict[str, str]]], found)
         except DOWN_ERRORS as exc:
             self.link.lost(exc)
             return True
         if mirror.finished or mirror.failed is not None:
             return True
-        if not entries and origins is None and not mirror.early:
+        if not entries and authors is None and not mirror.early:
             mirror.fail("replay_gap", f"run {mirror.id} has ended, and the events this node missed are no "
                                       "longer kept")
             return False
@@ -374,7 +374,7 @@ class Following:
         # The stream may have holes (events its producer trimmed before a write, or kept no longer when it
         # wrote back after an outage): each stretch of consecutive entries is replicated by itself, so the log
         # starts again after a hole, as it does after a batch that went missing.
-        known = json.loads(origins) if isinstance(origins, str) else None
+        known = json.loads(authors) if isinstance(authors, str) else None
         start_at = 0
         for i in range(1, len(history) + 1):
             if i == len(history) or history[i][0] != history[i - 1][0] + 1:
@@ -383,8 +383,8 @@ class Following:
                 start_at = i
         mirror.history_read()
         early, mirror.early = mirror.early, []
-        for first, codes, payloads, batch_origins in early:
-            self._apply(mirror, first, codes, payloads, batch_origins)
+        for first, codes, payloads, batch_authors in early:
+            self._apply(mirror, first, codes, payloads, batch_authors)
         if not history and not early:
             mirror.wake()
         return True

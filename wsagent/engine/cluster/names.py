@@ -3,7 +3,7 @@
 No I/O. docs/scaling-out.md has the table of keys; each part that writes a key
 names it here, so a newcomer finds every key and its lifetime in one file.
 
-* ``wsagent:run:{key}`` (hash: ``meta``, ``origins``) says which node produces
+* ``wsagent:run:{key}`` (hash: ``meta``, ``origins``: the run's authors) says which node produces
   the run, whose it is and what its log's codes mean; ``wsagent:id:{scope}:{id}``
   maps a run id to its key for scopes other nodes can name (a user's, an AI SDK
   chat's);

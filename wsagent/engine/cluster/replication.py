@@ -42,13 +42,13 @@ LAZY_EVERY = 0.01
 
 
 class _Written:
-    """How much of one run Redis has: its last seq, and how many of its origins."""
+    """How much of one run Redis has: its last seq, and how many of its authors."""
 
-    __slots__ = ("seq", "origins")
+    __slots__ = ("seq", "authors")
 
     def __init__(self) -> None:
         self.seq = 0
-        self.origins = 1
+        self.authors = 1
 
 
 class Replicator:
@@ -92,7 +92,7 @@ class Replicator:
     def _register(self, commands: list[Command], run: Run, seconds: int) -> None:
         meta = {"id": run.id, "user": run.user, "scope": run.scope, "node": self.node, "agent": run.agent,
                 "workflow": run.workflow, "grace": run.grace, "buffer": run.buffer_bytes, "replay": run.replay_bytes}
-        commands += [("HSET", name("run", run.key), "meta", json.dumps(meta), "origins", json.dumps(run.origins())),
+        commands += [("HSET", name("run", run.key), "meta", json.dumps(meta), "origins", json.dumps(run.authors())),
                      ("EXPIRE", name("run", run.key), seconds)]
         if shared(run.scope):
             commands.append(("SET", name("id", run.scope, run.id), run.key, "NX", "EX", seconds))
@@ -103,8 +103,8 @@ class Replicator:
         for run in runs:
             written = self._written.setdefault(run, _Written())
             self._register(commands, run, ttl(run))
-            written.seq = run.oldest_kept - 1  # (everything it keeps, and its origins)
-            written.origins = 0
+            written.seq = run.oldest_kept - 1  # (everything it keeps, and its authors)
+            written.authors = 0
             self._append(commands, run, written, publish=False)
 
     def refresh(self, pipe: Pipeline, running: Iterable[Run]) -> None:
@@ -177,10 +177,10 @@ class Replicator:
             return
         stream = name("log", run.key)
         written.seq = first + len(codes) - 1
-        origins = run.origins() if not publish or run.origin_count > 1 else None
-        if origins is not None and len(origins) != written.origins:
-            written.origins = len(origins)
-            commands.append(("HSET", name("run", run.key), "origins", json.dumps(origins)))
+        authors = run.authors() if not publish or run.author_count > 1 else None
+        if authors is not None and len(authors) != written.authors:
+            written.authors = len(authors)
+            commands.append(("HSET", name("run", run.key), "origins", json.dumps(authors)))
         last = len(codes) - 1
         for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
             if i == last:  # trimmed to what the producer keeps, once per batch
@@ -191,7 +191,7 @@ class Replicator:
         if new:
             commands.append(("EXPIRE", stream, ttl(run)))
         if publish:
-            commands.append(("PUBLISH", name("run", run.key), json.dumps([first, codes, payloads, origins])))
+            commands.append(("PUBLISH", name("run", run.key), json.dumps([first, codes, payloads, authors])))
         run.shared_up_to(written.seq)
 
     # -- forgetting ----------------------------------------------------------

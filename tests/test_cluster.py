@@ -448,6 +448,18 @@ async def test_use_chat_resumes_its_answer_on_another_node(cluster: Cluster) -> 
     assert after["types"][:2] == ["start", "start-step"] and after["types"][-1] == "finish"
 
 
+async def test_workers_given_one_node_id_are_nodes_of_their_own(cluster: Cluster) -> None:
+    """``--workers 2 --node-id edge`` gave both workers the node id ``edge``: to the cluster one node, whose two
+    processes each said ``hello`` as that node at start (ending each other's followed runs) and wrote their
+    per-user counts over each other's. Each worker is a node of its own: ``edge-w1``, ``edge-w2``."""
+    port = free_port()
+    command = [sys.executable, "-m", "wsagent.serve", "--workers", "2", "--port", str(port), "--node-id", "edge",
+               "--redis-url", f"redis://127.0.0.1:{cluster.redis_port}/0", "--upstream-url", cluster.sim.base_url]
+    async with started(command, b"2 workers listening on", limit=30):
+        nodes = (await redis_fields(cluster.redis_port, "zrange", "wsagent:nodes", "0", "-1")).split()
+        assert sorted(nodes) == ["edge-w1", "edge-w2"], nodes
+
+
 async def test_each_worker_process_is_a_node(cluster: Cluster) -> None:
     """``--workers 2`` with Redis: both processes join, so a resume works on whichever one the kernel picks."""
     port = free_port()

@@ -132,7 +132,7 @@ class WsAgentServer:
         log.info("model server: %s (%s), model %s unless a run names another", upstream.url,
                  DIALECTS[upstream.config.api], upstream.config.model)
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents),
-                        await _broker(s))
+                        await _broker(s, self.worker))
         if self._app.agents:
             log.info("agents: %s", ", ".join(sorted(self._app.agents)))
         if self.worker is not None:
@@ -402,7 +402,7 @@ def _forget_handshake(ws: ServerConnection) -> None:
     ws.response.headers = Headers()
 
 
-async def _broker(settings: Settings) -> Broker:
+async def _broker(settings: Settings, worker: Worker | None) -> Broker:
     """Where runs, client ids and counts live: this process, or with ``--redis-url`` the cluster."""
     if not settings.redis_url:
         return LocalBroker(settings.replay_budget_bytes, settings.replay_budget_per_user)
@@ -411,6 +411,8 @@ async def _broker(settings: Settings) -> Broker:
     except ImportError as exc:
         raise SystemExit(f"--redis-url needs redis-py: pip install \".[cluster]\" in your clone ({exc})") from None
     node = settings.node_id or default_node_id()
+    if settings.node_id and worker is not None:  # each worker of --workers is a node of its own
+        node = f"{settings.node_id}-{worker.tag}"
     broker = RedisBroker(settings.redis_url, node, settings.replay_budget_bytes, settings.replay_budget_per_user)
 
     def said(link: Link) -> None:  # what `systemctl status` shows

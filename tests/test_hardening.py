@@ -317,3 +317,14 @@ async def test_a_reload_that_fails_changes_nothing(server: WsAgentServer, tmp_pa
         server.reload(new)
     assert server.settings is before and server.app.settings is before
     assert server.manager.max_connections == before.max_connections and server.origin_policy.allowed == set()
+
+
+async def test_every_plain_http_answer_says_nosniff(server: WsAgentServer) -> None:
+    """Found by the outside attack: ``/agents`` and ``/workflows`` (JSON with names a deployer chose) came without
+    ``X-Content-Type-Options: nosniff``, which only the page had. Every plain HTTP answer carries it, once."""
+    for path in ("/", "/agents", "/workflows", "/healthz", "/metrics", "/favicon.ico", "/nowhere"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        head = (await reader.read()).decode(errors="replace").partition("\r\n\r\n")[0].lower()
+        writer.close()
+        assert head.count("x-content-type-options: nosniff") == 1, (path, head)

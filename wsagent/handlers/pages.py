@@ -32,7 +32,7 @@ def _serve(name: str) -> Response:
         return http_response(404, "Not found.\n")
     content_type = _TYPES.get(name[name.rfind("."):], "application/octet-stream")
     return http_response(200, body, content_type, extra={
-        "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _CSP})
+        "Cache-Control": "no-cache", "Content-Security-Policy": _CSP})
 
 
 def index(app: App, request: Request) -> Response:

@@ -21,6 +21,7 @@ def http_response(status: int, body: str | bytes, content_type: str = "text/plai
         ("Connection", "close"),
         ("Content-Length", str(len(data))),
         ("Content-Type", content_type),
+        ("X-Content-Type-Options", "nosniff"),  # (every answer is what its type says: no browser guesses another)
     ])
     for key, value in (extra or {}).items():
         headers[key] = value

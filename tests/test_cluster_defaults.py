@@ -7,6 +7,7 @@ another node gets is the producer's frames, byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -276,5 +277,23 @@ async def test_a_runs_stream_expires_from_its_first_write() -> None:
             entries = await broker.link.redis.xrange(f"wsagent:log:{run.key}")
             assert entries and entries[0][0] != "1-0"
             assert await broker.link.redis.ttl(f"wsagent:log:{run.key}") > 0
+        finally:
+            await broker.close()
+
+
+async def test_a_run_refused_its_id_on_this_node_leaves_nothing_in_redis() -> None:
+    """Two runs of one anonymous socket under one id, registered at once: the scope is the socket's, so Redis does
+    not check the id, and the second is refused by the node only after its registration was written. Its hash and
+    stream are deleted at once, and the node keeps nothing of it (it kept the run for ever)."""
+    async with redis_server() as (port, _):
+        broker = await RedisBroker(f"redis://127.0.0.1:{port}/0", "a").start()
+        try:
+            first, second = Run("r1", scope="conn:1"), Run("r1", scope="conn:1")
+            results = await asyncio.gather(broker.add_run(first, 0), broker.add_run(second, 0),
+                                           return_exceptions=True)
+            assert results[0] is None and isinstance(results[1], ValueError)
+            await broker.link.send([("PING",)])  # everything before it is written
+            assert await broker.link.redis.exists(f"wsagent:run:{first.key}") == 1
+            assert await broker.link.redis.exists(f"wsagent:run:{second.key}", f"wsagent:log:{second.key}") == 0
         finally:
             await broker.close()

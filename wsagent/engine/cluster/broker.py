@@ -266,7 +266,11 @@ class RedisBroker:
             await self.replication.add(run, first)
         finally:
             self._adding.discard(run.key)
-        self.local.register(run, keep_after_finish)
+        try:
+            self.local.register(run, keep_after_finish)
+        except ValueError:  # another run of its scope took the id while this one was written
+            self.replication.erase(run)
+            raise
         run.outlet = self.replication
         if run.user is not None:
             self.clients.changed(run.user)

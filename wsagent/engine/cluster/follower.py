@@ -175,7 +175,7 @@ class Mirror(Run):
         if authors is not None:
             self._authors = [(agent, workflow) for agent, workflow in authors]
         end = self._log.end
-        if self.finished or first + len(codes) <= end:
+        if self.finished or not codes or first + len(codes) <= end:
             return
         if first > end:
             self._restart_log(first)

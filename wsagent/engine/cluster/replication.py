@@ -103,8 +103,8 @@ class Replicator:
         for run in runs:
             written = self._written.setdefault(run, _Written())
             self._register(commands, run, ttl(run))
-            written.seq = run.oldest_kept - 1  # (everything it keeps, and its authors)
-            written.authors = 0
+            written.seq = run.oldest_kept - 1  # (everything it keeps; its authors are in its registration)
+            written.authors = run.author_count
             self._append(commands, run, written, publish=False)
 
     def refresh(self, pipe: Pipeline, running: Iterable[Run]) -> None:

@@ -76,7 +76,7 @@ class RedisBroker:
         self._asked: dict[str, asyncio.Future[Any]] = {}  # questions to other nodes, by number
         self._adding: set[str] = set()  # keys of runs being registered (a follower may ask about one already)
         self._beating: asyncio.Task[None] | None = None
-        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+        self._handlers: dict[type[messages.Message], Callable[[Any], None]] = {
             messages.Cancel: self._on_cancel, messages.Forget: self._on_forget,
             messages.Follow: self._on_follow, messages.Unfollow: self._on_unfollow,
             messages.Gone: self._on_gone, messages.Hello: self._on_hello,

@@ -151,16 +151,16 @@ class Answer:
 Message = Notice | AskCancel | AskSnapshot | AskCancelAgent | Answer
 
 #: Each message type's ``op`` on the wire, and its fields there (a question's ``asker`` is ``from``).
-_OPS: dict[type[Any], str] = {
+_OPS: dict[type[Message], str] = {
     Cancel: "cancel", Forget: "forget", Follow: "follow", Unfollow: "unfollow", Gone: "gone", Hello: "hello",
     Adopt: "adopt", Leave: "leave", Evict: "evict", Send: "send",
     AskCancel: "cancel", AskSnapshot: "snapshot", AskCancelAgent: "cancel_agent", Answer: "answer",
 }
 _WIRE_NAME = {"asker": "from"}
 #: (op, whether it carries ``ask``) -> type: a ``cancel`` with ``ask`` is a question, without one a notice.
-_TYPES: dict[tuple[str, bool], type[Any]] = {
+_TYPES: dict[tuple[str, bool], type[Message]] = {
     (op, issubclass(kind, Question) or kind is Answer): kind for kind, op in _OPS.items()}
-_FIELDS: dict[type[Any], tuple[tuple[str, str], ...]] = {
+_FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
     kind: tuple((field.name, _WIRE_NAME.get(field.name, field.name)) for field in dataclasses.fields(kind))
     for kind in _OPS}
 
@@ -188,5 +188,4 @@ def decode(data: str) -> Message | None:
         if not isinstance(value, str) and not (kind is Answer and field == "answer"):
             return None
         values[field] = value
-    message: Message = kind(**values)
-    return message
+    return kind(**values)

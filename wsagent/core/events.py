@@ -41,6 +41,9 @@ __all__ = [
     "Cancelled",
     "Snapshot",
     "AgentEnd",
+    "ApprovalRequest",
+    "Approval",
+    "Steered",
     "encode",
     "encode_message",
     "encode_text",
@@ -160,6 +163,40 @@ class AgentEnd(Event):
 
 
 @dataclass(slots=True)
+class ApprovalRequest(Event):
+    """An agent asks a person before it calls a tool: answer with an ``approve`` message naming ``call_id``.
+
+    A producer yields it, then waits for the answer (:func:`wsagent.core.person.approval`); meanwhile
+    the run is in its ``WAITING`` phase (:class:`wsagent.engine.run.Phase`)."""
+
+    type: ClassVar[str] = "approval_request"
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class Approval(Event):
+    """How an approval request was answered: approved (the tool runs) or denied (the model is told)."""
+
+    type: ClassVar[str] = "approval"
+    call_id: str = ""
+    approved: bool = False
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class Steered(Event):
+    """A person's message sent to a running agent (``steer``): delivered at the agent's next step, or not,
+    and why (``finished``, ``cancelled``, ``error``: the run ended first)."""
+
+    type: ClassVar[str] = "steer"
+    content: str = ""
+    delivered: bool = True
+    reason: str | None = None
+
+
+@dataclass(slots=True)
 class Done(Event):
     type: ClassVar[str] = "done"
     terminal: ClassVar[bool] = True
@@ -190,10 +227,11 @@ Producer = AsyncGenerator[Sequence[Event], None]
 KIND_NAMES: tuple[str, ...] = (
     "token", "thinking", "refusal", "answer",
     "start", "tool_call", "action", "observation", "usage", "snapshot", "agent_end", "done", "error", "cancelled",
+    "approval_request", "approval", "steer",
 )
 TEXT_KINDS = 4
 for _cls in (Token, Thinking, Refusal, Answer, Start, ToolCallEvent, Action, Observation, UsageEvent, Snapshot,
-             AgentEnd, Done, ErrorEvent, Cancelled):
+             AgentEnd, Done, ErrorEvent, Cancelled, ApprovalRequest, Approval, Steered):
     _cls.kind = KIND_NAMES.index(_cls.type)
 
 #: The text delta classes by their number.

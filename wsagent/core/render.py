@@ -47,6 +47,20 @@ class Renderer(Protocol):
 
     def render(self, kind: int, payload: str, out: list[str], author: Author) -> None: ...
 
+    def pause(self, out: list[str]) -> None:
+        """The socket's view of the run stops at an approval request waiting for its answer (a subscription
+        made with ``pauses``): close what the client expects closed."""
+        ...
+
+
+class _Unpaused:
+    """The renderers of routes whose subscriptions never pause (their clients answer in band)."""
+
+    __slots__ = ()
+
+    def pause(self, out: list[str]) -> None:
+        """Never called: only an AI SDK response ends at an approval request."""
+
 
 def _fields(payload: str) -> dict[str, Any]:
     """A non-text entry's fields (its JSON frame); only rare events (tool calls, ends) take this path."""
@@ -55,7 +69,7 @@ def _fields(payload: str) -> dict[str, Any]:
     return value
 
 
-class TextMode:
+class TextMode(_Unpaused):
     """The tutorial's text mode: the answer's tokens as they come, then how the run ended."""
 
     __slots__ = ()
@@ -73,7 +87,7 @@ class TextMode:
                 out.append(f"\n[CANCELLED] {_fields(payload)['reason']}")
 
 
-class Words:
+class Words(_Unpaused):
     """``/ws/agent``: the answer (a model's tokens or an agent's answer) one whole word a frame,
     each with its trailing space; then ``[DONE]``, ``[ERROR] ...`` or ``[CANCELLED] ...``."""
 
@@ -104,7 +118,7 @@ class Words:
             out.append(f"[CANCELLED] {_fields(payload)['reason']}")
 
 
-class Thoughts:
+class Thoughts(_Unpaused):
     """``/ws/agent-thoughts``: thinking in whole sentences, every action and observation, the
     answer as it streams; a failure as ``{"type": "error", "message": ...}``; then ``done``."""
 

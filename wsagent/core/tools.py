@@ -43,6 +43,7 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     function: ToolFunction
+    needs_approval: bool = False  # a person approves each call first (docs/person-in-the-loop.md)
 
     def schema(self) -> dict[str, Any]:
         return {"type": "function",
@@ -67,8 +68,9 @@ def _param_docs(doc: str) -> dict[str, str]:
     return found
 
 
-def tool(function: ToolFunction | None = None, *, name: str | None = None) -> Any:
-    """Make a :class:`Tool` from an async function; usable as ``@tool`` or ``tool(fn)``."""
+def tool(function: ToolFunction | None = None, *, name: str | None = None, needs_approval: bool = False) -> Any:
+    """Make a :class:`Tool` from an async function; usable as ``@tool``, ``@tool(needs_approval=True)`` or
+    ``tool(fn)``. A tool that ``needs_approval`` runs only once a person has approved the call."""
 
     def build(fn: ToolFunction) -> Tool:
         if not inspect.iscoroutinefunction(fn):
@@ -88,7 +90,7 @@ def tool(function: ToolFunction | None = None, *, name: str | None = None) -> An
                 required.append(pname)
         summary = doc.split("\n\n")[0].strip() or fn.__name__
         parameters = {"type": "object", "properties": properties, "required": required}
-        return Tool(name or fn.__name__, summary, parameters, fn)
+        return Tool(name or fn.__name__, summary, parameters, fn, needs_approval)
 
     return build(function) if function is not None else build
 
@@ -96,18 +98,26 @@ def tool(function: ToolFunction | None = None, *, name: str | None = None) -> An
 class ToolBox:
     """The tools one agent may use, looked up by name; each call may take ``timeout`` seconds."""
 
-    def __init__(self, tools: Iterable[Tool | ToolFunction] = (), timeout: float = 10.0) -> None:
+    def __init__(self, tools: Iterable[Tool | ToolFunction] = (), timeout: float = 10.0,
+                 needs_approval: Iterable[str] = ()) -> None:
         self.timeout = timeout
         self._tools: dict[str, Tool] = {}
         for item in tools:
             t = item if isinstance(item, Tool) else tool(item)
             self._tools[t.name] = t
+        asked = set(needs_approval)
+        self._asking = frozenset(name for name, t in self._tools.items()
+                                 if t.needs_approval or name in asked or "*" in asked)
 
     def __bool__(self) -> bool:
         return bool(self._tools)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tools
+
+    def needs_approval(self, name: str) -> bool:
+        """Whether a call to ``name`` waits for a person's approval (the tool says so, or its agent does)."""
+        return name in self._asking
 
     def schemas(self) -> list[dict[str, Any]]:
         return [t.schema() for t in self._tools.values()]

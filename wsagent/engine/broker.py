@@ -114,6 +114,16 @@ class Broker(Protocol):
         """Stop keeping the finished ``run`` for a resume (a newer run takes its id)."""
         ...
 
+    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None) -> None:
+        """A person's answer to ``run``'s approval request ``call_id``, wherever the run is produced.
+        Raises :class:`~wsagent.engine.run.NotAnswerable` if the run cannot take it."""
+        ...
+
+    async def steer(self, run: Run, content: str) -> None:
+        """A person's message for agent ``run``'s next step, wherever it is produced (or
+        :class:`~wsagent.engine.run.NotAnswerable`)."""
+        ...
+
     async def runs_of(self, user: str) -> int:
         """Runs of ``user`` in flight."""
         ...
@@ -274,6 +284,12 @@ class LocalBroker:
 
     def forget(self, run: Run) -> None:
         self._drop(run)
+
+    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None) -> None:
+        run.answer(call_id, approved, reason)
+
+    async def steer(self, run: Run, content: str) -> None:
+        run.steer(content)
 
     async def runs_of(self, user: str) -> int:
         return self._user_runs.get(user, 0)

@@ -13,7 +13,11 @@ is the (agent, workflow) pair that produced it (the run's own is (None, None)).
 
 * :class:`Phase`: ``RUNNING`` → ``INTERRUPTED`` (a cancel or a budget; the
   producer is being stopped) → ``FINISHED`` (exactly one terminal event is
-  sealed). A run that was interrupted ends with its interruption, whatever the
+  sealed). ``RUNNING`` ⇄ ``WAITING`` while an agent waits for a person to
+  answer an approval request (:mod:`wsagent.core.person`): nothing is open
+  upstream, the run's time budget is paused, its resume grace does not run
+  (``approval_timeout`` bounds each wait instead), and a cancel works as
+  everywhere. A run that was interrupted ends with its interruption, whatever the
   producer says afterwards. The producer runs as the run's own task
   (:meth:`Run.start`), and that task's end is an input too: a task that is
   over, however it got there (cancelled before its first step, when a cancel
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import math
 import time
 from collections import deque
@@ -57,10 +62,13 @@ from ..core.events import (
     KIND_NAMES,
     TEXT_CLASSES,
     TEXT_KINDS,
+    Approval,
+    ApprovalRequest,
     Cancelled,
     Done,
     ErrorEvent,
     Event,
+    Steered,
     TextEvent,
     UsageEvent,
     encode,
@@ -68,11 +76,13 @@ from ..core.events import (
     encode_text,
 )
 from ..core.metrics import Histogram
+from ..core.person import Decision, attend
 from ..core.render import Renderer
 from ..core.workflow_state import Controller, WorkflowState
 from .transcripts import Transcript
 
 __all__ = ["Run", "Subscription", "Watcher", "Outlet", "Phase", "Watch", "RunStateError", "ReplayGap", "BadResume",
+           "NotAnswerable", "MAX_STEERS",
            "failure_frames", "terminal_outcome"]
 
 _now = time.monotonic
@@ -84,6 +94,12 @@ _KIND_BITS = 5
 _KIND_MASK = (1 << _KIND_BITS) - 1
 _USAGE = KIND_NAMES.index("usage")
 _TERMINAL_KINDS = frozenset({Done.kind, ErrorEvent.kind, Cancelled.kind})
+_ASK = ApprovalRequest.kind
+_ANSWER = Approval.kind
+#: The answer on a route that cannot carry one (the tutorial's): a call that needs approval never runs there.
+_UNASKABLE = Decision(False, "nobody can answer an approval request on this route (use /ws/chat or /ws/ai-sdk)")
+#: How a steering message that was never delivered is explained, by the run's outcome (as AI SDK 7 says it).
+_UNDELIVERED = {"done": "finished", "error": "error", "cancelled": "cancelled"}
 
 
 def terminal_outcome(code: int) -> str | None:
@@ -111,12 +127,21 @@ class BadResume(WsAgentError):
     code = "bad_resume"
 
 
+class NotAnswerable(WsAgentError):
+    """An ``approve`` or ``steer`` the run cannot take; ``code`` says why, and nothing changed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class RunStateError(RuntimeError):
     """An input the run's state does not allow: a bug in a producer or a handler, never a client's doing."""
 
 
 class Phase(enum.Enum):
     RUNNING = "running"
+    WAITING = "waiting"  # for a person's answer to an approval request
     INTERRUPTED = "interrupted"
     FINISHED = "finished"
 
@@ -135,12 +160,20 @@ class _In(enum.Enum):
     END = "end"
     ADOPT = "adopt"  # a socket becomes the run's own client (the run starts, or a resume)
     LEAVE = "leave"  # the run's own client went away
+    ASK = "ask"  # an approval request was sealed
+    SETTLE = "settle"  # the last pending approval request was answered
 
 
 _PHASES: dict[tuple[Phase, _In], Phase] = {
     (Phase.RUNNING, _In.PUSH): Phase.RUNNING,
     (Phase.RUNNING, _In.INTERRUPT): Phase.INTERRUPTED,
     (Phase.RUNNING, _In.END): Phase.FINISHED,
+    (Phase.RUNNING, _In.ASK): Phase.WAITING,
+    (Phase.WAITING, _In.ASK): Phase.WAITING,  # another agent of a workflow asks too
+    (Phase.WAITING, _In.PUSH): Phase.WAITING,  # ... or streams on while one waits
+    (Phase.WAITING, _In.SETTLE): Phase.RUNNING,
+    (Phase.WAITING, _In.INTERRUPT): Phase.INTERRUPTED,  # a cancel, an approval timeout
+    (Phase.WAITING, _In.END): Phase.FINISHED,  # a producer that ends without waiting for its answers
     (Phase.INTERRUPTED, _In.PUSH): Phase.INTERRUPTED,  # dropped: the producer is being stopped
     (Phase.INTERRUPTED, _In.INTERRUPT): Phase.INTERRUPTED,  # the first interruption stands
     (Phase.INTERRUPTED, _In.END): Phase.FINISHED,  # ... and is the terminal event
@@ -244,11 +277,13 @@ class _Log:
 
 class Subscription:
     """One socket watching one run, with its own position in the run's log and its own renderer
-    (``None``: the JSON protocol)."""
+    (``None``: the JSON protocol). With ``pauses``, it ends at an approval request still waiting for
+    its answer, and its renderer's ``pause`` closes the response (an AI SDK request is one response)."""
 
-    __slots__ = ("run", "watcher", "cursor", "delivered", "mark", "renderer", "ended", "born")
+    __slots__ = ("run", "watcher", "cursor", "delivered", "mark", "renderer", "ended", "born", "pauses")
 
-    def __init__(self, run: Run, watcher: Watcher, cursor: int, delivered: int, renderer: Renderer | None) -> None:
+    def __init__(self, run: Run, watcher: Watcher, cursor: int, delivered: int, renderer: Renderer | None,
+                 pauses: bool = False) -> None:
         self.run = run
         self.watcher = watcher
         self.cursor = cursor
@@ -257,6 +292,7 @@ class Subscription:
         self.renderer = renderer
         self.ended = False
         self.born = 0.0
+        self.pauses = pauses
 
     def take(self) -> list[str]:
         """Frames for everything pending; call :meth:`sent` once they are written."""
@@ -265,6 +301,24 @@ class Subscription:
     def sent(self) -> None:
         """The frames of the last :meth:`take` are in the socket: they no longer count as buffered."""
         self.run._sent(self)
+
+
+class _Ask:
+    """One approval a producer waits for: asked (its request is in the log) and/or awaited (the producer
+    called :meth:`Run.decide`, which a workflow's agent may do before its request reaches the log)."""
+
+    __slots__ = ("future", "timer", "name", "author", "requested")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Decision] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.name = ""
+        self.author: tuple[str | None, str | None] = (None, None)
+        self.requested = False
+
+
+#: Steering messages one run holds that its agent has not taken yet.
+MAX_STEERS = 16
 
 
 class Run:
@@ -344,6 +398,17 @@ class Run:
         self._released = False
         self.outlet: Outlet | None = None
         self._holder: str | None = None  # the client on another node that resumed this run, if any
+        self.approval_timeout = 300.0  # how long one approval request waits for its answer
+        self.steerable = False  # an agent that takes steering messages at its step boundaries
+        self.askable = True  # False: its route cannot carry an answer, so every approval request is denied
+        self._asks: dict[str, _Ask] | None = None
+        self._answered: dict[str, Decision] | None = None
+        self._steers: list[str] | None = None  # sent, not yet taken by the agent
+        self._heard: list[str] | None = None  # taken by the agent, not yet in the log as delivered
+        self._budget_timer: asyncio.TimerHandle | None = None
+        self._budget_left = 0.0
+        self._budget_deadline = 0.0
+        self._budget_error: ErrorEvent | None = None
 
     @property
     def finished(self) -> bool:
@@ -359,13 +424,17 @@ class Run:
         """
         if self.phase is not _RUNNING:
             self.phase = _step(_PHASES, self.phase, _In.PUSH)
-            return
+            if self.phase is not Phase.WAITING:
+                return
         if not isinstance(event, TextEvent):
             if self._tail_code >= 0:
                 self._seal_tail()
-            if event.kind == _USAGE:
+            kind = event.kind
+            if kind == _USAGE:
                 self._count_usage(event)
             self._seal(event)
+            if kind >= _ASK:  # approval_request, approval, steer: the person's kinds, numbered last
+                self._person_event(event)
             return
         self.streamed += 1
         if self.streamed > self.max_streamed:
@@ -464,6 +533,18 @@ class Run:
         assert terminal is not None and terminal.terminal
         if self._tail_code >= 0:
             self._seal_tail()
+        self._stop_budget()
+        if self._asks is not None:
+            for ask in self._asks.values():
+                if ask.timer is not None:
+                    ask.timer.cancel()
+            self._asks = None
+        undelivered = (self._heard or []) + (self._steers or [])
+        if undelivered:
+            self._heard = self._steers = None
+            reason = _UNDELIVERED[terminal.type]
+            for content in undelivered:
+                self._seal(Steered(content, False, reason, agent=self.agent, workflow=self.workflow))
         if not self.usage_sent:
             self.usage_sent = True
             parts = self._parts_usage
@@ -502,7 +583,7 @@ class Run:
         A cancel can stop the task before its first step, so the producer never
         runs, its ``finally`` never either: the task's end finishes the run then.
         """
-        self.task = asyncio.get_running_loop().create_task(producer)
+        self.task = asyncio.get_running_loop().create_task(producer, context=attend(self))
         self.task.add_done_callback(self._producer_over)
 
     def _producer_over(self, _task: asyncio.Task[None]) -> None:
@@ -514,7 +595,7 @@ class Run:
         """Stop the producer; the run ends with ``terminal`` (a cancellation or a budget error)."""
         was = self.phase
         self.phase = _step(_PHASES, was, _In.INTERRUPT)
-        if was is not _RUNNING:
+        if was is not _RUNNING and was is not Phase.WAITING:
             return
         self._interruption = terminal
         if self.task is not None and not self.task.done():
@@ -527,25 +608,159 @@ class Run:
         return self._interruption or Cancelled("cancelled", agent=self.agent, workflow=self.workflow)
 
     def budget(self, seconds: float, tokens: int) -> None:
-        """End the run with ``budget_exceeded`` after ``seconds`` or ``tokens`` streamed deltas (0: no limit)."""
+        """End the run with ``budget_exceeded`` after ``seconds`` or ``tokens`` streamed deltas (0: no limit).
+        The seconds do not run while the run waits for a person (``WAITING``)."""
         if tokens:
             self.max_streamed = tokens
         if seconds:
-            timer = asyncio.get_running_loop().call_later(
-                seconds, self.interrupt,
-                ErrorEvent("budget_exceeded", f"run exceeded its {seconds:g}s budget", False,
-                           agent=self.agent, workflow=self.workflow))
-            self.on_finish.append(lambda _run: timer.cancel())
+            self._budget_left = seconds
+            self._budget_error = ErrorEvent("budget_exceeded", f"run exceeded its {seconds:g}s budget", False,
+                                            agent=self.agent, workflow=self.workflow)
+            self._start_budget()
+
+    def _start_budget(self) -> None:
+        if self._budget_error is not None and self._budget_timer is None:
+            loop = asyncio.get_running_loop()
+            self._budget_deadline = loop.time() + self._budget_left
+            self._budget_timer = loop.call_later(self._budget_left, self.interrupt, self._budget_error)
+
+    def _stop_budget(self) -> None:
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
+            self._budget_timer = None
+            self._budget_left = max(0.0, self._budget_deadline - asyncio.get_running_loop().time())
+
+    # -- a person in the loop ----------------------------------------------
+
+    async def decide(self, call_id: str) -> Decision:
+        """The answer to approval request ``call_id`` (the :class:`~wsagent.core.person.Person` its producer asks)."""
+        if self._answered is not None and call_id in self._answered:
+            return self._answered[call_id]
+        if not self.askable:
+            return _UNASKABLE
+        asks = self._asks
+        if asks is None:
+            asks = self._asks = {}
+        ask = asks.get(call_id)
+        if ask is None:
+            ask = asks[call_id] = _Ask()
+        if ask.future is None:
+            ask.future = asyncio.get_running_loop().create_future()
+        return await ask.future
+
+    def heard(self) -> list[str]:
+        """The steering messages sent since the agent last asked; they count as delivered once it
+        yields a :class:`~wsagent.core.events.Steered` for each."""
+        taken = self._steers
+        if not taken:
+            return []
+        self._steers = None
+        self._heard = (self._heard or []) + taken
+        return taken
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """The call ids of the approval requests waiting for an answer, oldest first."""
+        return [call_id for call_id, ask in (self._asks or {}).items() if ask.requested]
+
+    def answer(self, call_id: str, approved: bool, reason: str | None = None) -> None:
+        """A person's answer to approval request ``call_id``. Raises :class:`NotAnswerable` (nothing changes)
+        for a run that has ended, a call it never asked about, or one already answered."""
+        if self.phase is Phase.FINISHED or self.phase is Phase.INTERRUPTED:
+            raise NotAnswerable("run_ended", f"run {self.id} has ended; its approval requests are void")
+        if self._answered is not None and call_id in self._answered:
+            raise NotAnswerable("already_answered", f"the call {call_id!r} of run {self.id} was answered already")
+        ask = self._asks.get(call_id) if self._asks is not None else None
+        if ask is None or not ask.requested:
+            raise NotAnswerable("unknown_call", f"run {self.id} asks no approval for a call {call_id!r}")
+        self._settle(call_id, ask, Decision(approved, reason))
+        self.wake()
+
+    def steer(self, content: str) -> None:
+        """A person's message for the agent's next step. Raises :class:`NotAnswerable` for a run that
+        cannot take it (it has ended, it is not an agent's, it holds :data:`MAX_STEERS` already)."""
+        if self.phase is Phase.FINISHED or self.phase is Phase.INTERRUPTED:
+            raise NotAnswerable("run_ended", f"run {self.id} has ended; nothing can join it")
+        if not self.steerable:
+            raise NotAnswerable("not_steerable", f"run {self.id} is a model's answer, with no step for a message "
+                                                 "to join; only an agent run can be steered")
+        steers = self._steers
+        if steers is None:
+            steers = self._steers = []
+        if len(steers) >= MAX_STEERS:
+            raise NotAnswerable("too_many_steers", f"run {self.id} holds {MAX_STEERS} messages its agent has not "
+                                                   "taken yet")
+        steers.append(content)
+
+    def _person_event(self, event: Event) -> None:
+        if isinstance(event, ApprovalRequest):
+            self._ask(event)
+        elif isinstance(event, Steered) and event.delivered and self._heard and event.content in self._heard:
+            self._heard.remove(event.content)
+
+    def _ask(self, event: ApprovalRequest) -> None:
+        call_id = event.call_id
+        if not self.askable:
+            if self._answered is None:
+                self._answered = {}
+            self._answered[call_id] = _UNASKABLE
+        if call_id in (self._answered or ()):  # asked again (or on a route nobody answers on): the same answer
+            decision = (self._answered or {})[call_id]
+            self._seal(Approval(call_id, decision.approved, decision.reason, agent=event.agent,
+                                workflow=event.workflow))
+            return
+        asks = self._asks
+        if asks is None:
+            asks = self._asks = {}
+        ask = asks.get(call_id)
+        if ask is None:
+            ask = asks[call_id] = _Ask()
+        elif ask.requested:  # the same call asked twice while waiting: one answer will do for both
+            return
+        if self.phase is _RUNNING:
+            self._stop_budget()
+            self._stop_orphan_timer()
+        self.phase = _step(_PHASES, self.phase, _In.ASK)
+        ask.requested = True
+        ask.name = event.name
+        ask.author = (event.agent, event.workflow)
+        ask.timer = asyncio.get_running_loop().call_later(self.approval_timeout, self._unanswered, call_id)
+
+    def _settle(self, call_id: str, ask: _Ask, decision: Decision) -> None:
+        assert self._asks is not None
+        del self._asks[call_id]
+        if self._answered is None:
+            self._answered = {}
+        self._answered[call_id] = decision
+        if ask.timer is not None:
+            ask.timer.cancel()
+        agent, workflow = ask.author
+        self.push(Approval(call_id, decision.approved, decision.reason, agent=agent, workflow=workflow))
+        if ask.future is not None and not ask.future.done():
+            ask.future.set_result(decision)
+        if not self.waiting_for:
+            self.phase = _step(_PHASES, self.phase, _In.SETTLE)
+            self._start_budget()
+            if self.watch is Watch.ORPHANED and self._holder is None:
+                self._orphaned(self.grace)
+
+    def _unanswered(self, call_id: str) -> None:
+        ask = (self._asks or {}).get(call_id)
+        name = f"{ask.name} " if ask is not None and ask.name else ""
+        self.interrupt(ErrorEvent("approval_timeout", f"nobody answered the approval request for {name}(call "
+                                  f"{call_id}) within {self.approval_timeout:g}s", False,
+                                  agent=self.agent, workflow=self.workflow))
 
     # -- watching --------------------------------------------------------
 
     def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
-                  primary: bool = False) -> Subscription:
+                  primary: bool = False, pauses: bool = False) -> Subscription:
         """Watch from the event after ``after``.
 
         Raises :class:`ReplayGap` if those events are no longer kept, and :class:`BadResume` if
         ``after`` names an event the run never sent. With ``primary``, the watcher becomes the run's
         own client (the run's pace, and whoever leaving orphans it); the previous one, if any, watches on.
+        With ``pauses`` (and a renderer), the subscription ends at an approval request still unanswered.
         """
         if self._tail_code >= 0:
             self._seal_tail()
@@ -555,7 +770,7 @@ class Run:
         if after < log_.first - 1:
             raise ReplayGap(f"run {self.id}: events after seq {after} are no longer kept (oldest kept: {log_.first})")
         pending = sum(map(len, islice(log_.payloads, after + 1 - log_.first, None)))
-        sub = Subscription(self, watcher, after, self._sealed_bytes - pending, renderer)
+        sub = Subscription(self, watcher, after, self._sealed_bytes - pending, renderer, pauses)
         self._subs.append(sub)
         if primary:
             self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
@@ -576,6 +791,8 @@ class Run:
             self._orphaned(grace)
 
     def _orphaned(self, grace: float) -> None:
+        if self.phase is Phase.WAITING:  # an approval's own timeout bounds the wait; the grace starts after
+            return
         if grace > 0:
             self._orphan_timer = asyncio.get_running_loop().call_later(grace, self.cancel, "client did not return")
         else:
@@ -755,7 +972,14 @@ class Run:
             authors = self._authors
             for i in range(-count, 0):
                 code = codes[i]
-                renderer.render(code & _KIND_MASK, payloads[i], frames, authors[code >> _KIND_BITS])
+                kind = code & _KIND_MASK
+                renderer.render(kind, payloads[i], frames, authors[code >> _KIND_BITS])
+                if kind == _ASK and sub.pauses and _pauses_at(i, codes, payloads):
+                    renderer.pause(frames)
+                    sub.cursor = end + i
+                    sub.mark = self._sealed_bytes - sum(len(payloads[j]) for j in range(i + 1, 0))
+                    self._end(sub)
+                    return frames
         sub.cursor = end - 1
         sub.mark = self._sealed_bytes
         return frames
@@ -798,3 +1022,16 @@ class Run:
         kept_delivered = log_.size - (self._sealed_bytes - min_delivered)
         while log_.codes and log_.first <= min_cursor and kept_delivered > self.replay_bytes:
             kept_delivered -= log_.popleft()
+
+
+def _pauses_at(i: int, codes: deque[int], payloads: deque[str]) -> bool:
+    """Whether a response stops after the approval request at index ``i`` (from the right) of the log: it is
+    the last of the requests made together, and one of those has no answer in the entries after it."""
+    if i < -1 and codes[i + 1] & _KIND_MASK == _ASK:
+        return False
+    start = i
+    while start > -len(codes) and codes[start - 1] & _KIND_MASK == _ASK:
+        start -= 1
+    asked = {json.loads(payloads[j])["call_id"] for j in range(start, i + 1)}
+    answered = {json.loads(payloads[j])["call_id"] for j in range(i + 1, 0) if codes[j] & _KIND_MASK == _ANSWER}
+    return not asked <= answered

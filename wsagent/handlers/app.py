@@ -150,6 +150,7 @@ class App:
         if s.transcripts_dir:  # opened once the run is registered: a refused run leaves no file open
             run.transcript = Transcript(s.transcripts_dir, run_id, conn.id, conn.user)
         run.budget(s.run_max_seconds, s.run_max_tokens)
+        run.approval_timeout = s.approval_timeout
         return run
 
     def _count(self, run: Run) -> None:
@@ -185,10 +186,12 @@ class App:
             run = await self.new_run(conn, run_id, grace=grace, workflow=flow.name, controller=flow, state=state,
                                scope=scope)
             producer = state.observe(flow.batches(_last_user_text(messages), params))
+            run.steerable = True
         elif agent is not None:
             name = self.check_agent(agent)
             producer = self.agent_producer(name, messages, params, model)
             run = await self.new_run(conn, run_id, grace=grace, agent=name, scope=scope)
+            run.steerable = True
         else:
             run = await self.new_run(conn, run_id, grace=grace, scope=scope)
             producer = model_batches(self.upstream, messages, model=model, params=params)
@@ -208,7 +211,7 @@ class App:
         """The producer of the agent called ``name`` (see :meth:`check_agent`)."""
         name = self.check_agent(name)
         if name == "assistant":
-            return assistant(self.upstream, model).batches(messages, params=params)
+            return assistant(self.upstream, model, self.settings.approval_tools).batches(messages, params=params)
         factory = self.agents[name]
         config = self.upstream.config
         return produce(factory, AgentRequest(name, messages, params, model or config.model, config.base_url,

@@ -16,7 +16,7 @@ from ..core.errors import ClusterUnavailable, ProtocolViolation
 from ..core.events import Producer, Snapshot, encode, encode_message, json_object
 from ..core.render import TextMode
 from ..engine.broker import scope_of
-from ..engine.run import BadResume, ReplayGap, Run
+from ..engine.run import BadResume, NotAnswerable, ReplayGap, Run
 from ..transport.connections import Connection
 from ..upstream.completion import estimate_tokens, model_batches
 from .app import App
@@ -27,6 +27,7 @@ log = logging.getLogger("wsagent.chat")
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _MAX_ID = 128
+_MAX_REASON = 1000
 
 
 class ChatSession:
@@ -130,6 +131,10 @@ class ChatSession:
             await self.resume(request)
         elif kind == "attach":
             await self.attach(request)
+        elif kind == "approve":
+            await self.approve(request)
+        elif kind == "steer":
+            await self.steer(request)
         else:
             raise ProtocolViolation(f"unknown message type {kind!r}")
 
@@ -174,6 +179,46 @@ class ChatSession:
             return
         if not await self.app.broker.cancel(run.key, "cancelled by client"):  # it ended meanwhile, or elsewhere
             self.reply_error(run_id, "unknown_run", f"no run {run_id!r} in flight that you may cancel")
+
+    async def approve(self, request: dict[str, Any]) -> None:
+        """``{"type": "approve", "id", "key"?, "call_id", "approved", "reason"?}``: a person's answer to an
+        approval request. Whoever may cancel the run may answer (its own user or socket, or the key's holder);
+        the answer reaches every watcher as an ``approval`` event, and a refusal only this socket."""
+        call_id, approved, reason = request.get("call_id"), request.get("approved"), request.get("reason")
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= _MAX_ID:
+            raise ProtocolViolation(f"'call_id' must be a string of 1 to {_MAX_ID} characters (the approval "
+                                    "request's)")
+        if not isinstance(approved, bool):
+            raise ProtocolViolation("'approved' must be true or false")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
+            raise ProtocolViolation(f"'reason' must be a string of at most {_MAX_REASON} characters")
+        run_id, run = await self.find(request)
+        if run is None:
+            self.reply_error(run_id, "unknown_run", _unknown(run_id, "answer for", request))
+            return
+        try:
+            await self.app.broker.approve(run, call_id, approved, reason or None)
+        except NotAnswerable as exc:
+            self.reply_error(run_id, exc.code, exc.message)
+
+    async def steer(self, request: dict[str, Any]) -> None:
+        """``{"type": "steer", "id", "key"?, "content"}``: a message for an agent run's next step. It reaches
+        every watcher as a ``steer`` event: ``delivered`` true once the agent took it, false (with a
+        ``reason``) if the run ended first; a run that cannot take it refuses at once."""
+        content = request.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ProtocolViolation("'content' must be a non-empty string")
+        if len(content) > self.settings.history_chars:
+            raise ProtocolViolation(f"'content' may hold at most {self.settings.history_chars} characters "
+                                    "(--history-chars)")
+        run_id, run = await self.find(request)
+        if run is None:
+            self.reply_error(run_id, "unknown_run", _unknown(run_id, "steer", request))
+            return
+        try:
+            await self.app.broker.steer(run, content)
+        except NotAnswerable as exc:
+            self.reply_error(run_id, exc.code, exc.message)
 
     async def resume(self, request: dict[str, Any]) -> None:
         after = request.get("after", 0)

@@ -84,6 +84,7 @@ async def _prompts(
                 break
             except ProtocolViolation:
                 continue
+        run.askable = False  # these clients cannot answer: a call that needs approval is denied
         run.subscribe(conn.outbox, 0, renderer(), primary=True)
         app.start(conn, run, functools.partial(producer, message), model=model, after=previous)
         previous = run
@@ -98,7 +99,7 @@ def _agent(app: App, conn: Connection) -> Callable[[str], Producer]:
     assert conn.ws.request is not None
     names = parse_qs(urlsplit(conn.ws.request.path).query).get("agent")
     if not names or names[0] == "assistant":
-        return lambda prompt: assistant(app.upstream).batches(prompt)
+        return lambda prompt: assistant(app.upstream, None, app.settings.approval_tools).batches(prompt)
     app.check_agent(names[0])  # refused before any prompt
     return lambda prompt: app.agent_producer(names[0], [{"role": "user", "content": prompt}], {})
 

@@ -384,9 +384,9 @@ def _url_host(address: str) -> str:
 
 def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, WorkflowFactory]:
     if settings.workflows:
-        return load_workflows(settings.workflows, upstream, BUILTIN_TOOLS)
+        return load_workflows(settings.workflows, upstream, BUILTIN_TOOLS, settings.approval_tools)
     spec = json.loads(resources.files("wsagent").joinpath("data/workflows.json").read_text(encoding="utf-8"))
-    return build_workflows(spec, upstream, BUILTIN_TOOLS)
+    return build_workflows(spec, upstream, BUILTIN_TOOLS, settings.approval_tools)
 
 
 def _forget_handshake(ws: ServerConnection) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 
 from ..broker import LocalBroker, Mailbox, mint_key
-from ..run import Run
+from ..run import NotAnswerable, Run
 from . import messages
 from .clients import Clients
 from .follower import Following, Mirror
@@ -83,7 +83,8 @@ class RedisBroker:
             messages.Adopt: self._on_adopt, messages.Leave: self._on_leave,
             messages.Evict: self._on_evict, messages.Send: self._on_send,
             messages.AskCancel: self._on_question, messages.AskSnapshot: self._on_question,
-            messages.AskCancelAgent: self._on_question, messages.Answer: self._on_answer,
+            messages.AskCancelAgent: self._on_question, messages.AskApprove: self._on_person,
+            messages.AskSteer: self._on_person, messages.Answer: self._on_answer,
         }
 
     # -- lifecycle -------------------------------------------------------
@@ -231,6 +232,21 @@ class RedisBroker:
                 answer = run.controller.cancel(question.agent)
         self.following.tell(question.asker, messages.Answer(question.ask, answer))
 
+    def _on_person(self, question: messages.AskApprove | messages.AskSteer) -> None:
+        """A person's answer or message for a run produced here: "ok" once taken, else [code, message]."""
+        run = self.local.run_here(question.key)
+        answer: str | list[str] = "ok"
+        try:
+            if run is None:
+                raise NotAnswerable("run_ended", "the run has ended")
+            if isinstance(question, messages.AskApprove):
+                run.answer(question.call_id, question.approved == "1", question.reason or None)
+            else:
+                run.steer(question.content)
+        except NotAnswerable as exc:
+            answer = [exc.code, exc.message]
+        self.following.tell(question.asker, messages.Answer(question.ask, answer))
+
     def _on_answer(self, message: messages.Answer) -> None:
         waiting = self._asked.pop(message.ask, None)
         if waiting is not None and not waiting.done():
@@ -320,6 +336,26 @@ class RedisBroker:
             return await self.local.cancel_agent(run, agent)
         return run.workflow is not None and await self._question(
             run, lambda ask, asker: messages.AskCancelAgent(ask, asker, run.key, agent)) is True
+
+    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None) -> None:
+        if not isinstance(run, Mirror):
+            return await self.local.approve(run, call_id, approved, reason)
+        await self._person(run, lambda ask, asker: messages.AskApprove(ask, asker, run.key, call_id,
+                                                                        "1" if approved else "0", reason or ""))
+
+    async def steer(self, run: Run, content: str) -> None:
+        if not isinstance(run, Mirror):
+            return await self.local.steer(run, content)
+        await self._person(run, lambda ask, asker: messages.AskSteer(ask, asker, run.key, content))
+
+    async def _person(self, run: Mirror, ask: Callable[[str, str], messages.Message]) -> None:
+        self.link.require_up()
+        answer = await self._question(run, ask)
+        if answer == "ok":
+            return
+        if isinstance(answer, list) and len(answer) == 2:
+            raise NotAnswerable(str(answer[0]), str(answer[1]))
+        raise NotAnswerable("run_ended", f"the node producing run {run.id} did not answer (it may have stopped)")
 
     def forget(self, run: Run) -> None:
         self.local.forget(run)

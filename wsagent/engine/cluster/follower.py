@@ -225,8 +225,8 @@ class Mirror(Run):
         return frames
 
     def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
-                  primary: bool = False) -> Subscription:
-        sub = super().subscribe(watcher, after, renderer, primary=primary)
+                  primary: bool = False, pauses: bool = False) -> Subscription:
+        sub = super().subscribe(watcher, after, renderer, primary=primary, pauses=pauses)
         if primary and not self.finished:
             holder = f"{self.following.node}/{next(holders)}"
             self._held_as = (sub, holder)

@@ -141,6 +141,25 @@ class AskCancelAgent(Question):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AskApprove(Question):
+    """A person's answer to approval request ``call_id`` of run ``key`` (``approved``: "1" or "0"; ``reason``:
+    "" for none): answered "ok" once taken, or [code, message] if the run cannot take it."""
+
+    key: str
+    call_id: str
+    approved: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AskSteer(Question):
+    """A person's message for agent run ``key``'s next step: answered as :class:`AskApprove` is."""
+
+    key: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Answer:
     """The answer to question ``ask`` (any JSON value)."""
 
@@ -148,13 +167,14 @@ class Answer:
     answer: Any
 
 
-Message = Notice | AskCancel | AskSnapshot | AskCancelAgent | Answer
+Message = Notice | AskCancel | AskSnapshot | AskCancelAgent | AskApprove | AskSteer | Answer
 
 #: Each message type's ``op`` on the wire, and its fields there (a question's ``asker`` is ``from``).
 _OPS: dict[type[Message], str] = {
     Cancel: "cancel", Forget: "forget", Follow: "follow", Unfollow: "unfollow", Gone: "gone", Hello: "hello",
     Adopt: "adopt", Leave: "leave", Evict: "evict", Send: "send",
-    AskCancel: "cancel", AskSnapshot: "snapshot", AskCancelAgent: "cancel_agent", Answer: "answer",
+    AskCancel: "cancel", AskSnapshot: "snapshot", AskCancelAgent: "cancel_agent", AskApprove: "approve",
+    AskSteer: "steer", Answer: "answer",
 }
 _WIRE_NAME = {"asker": "from"}
 #: (op, whether it carries ``ask``) -> type: a ``cancel`` with ``ask`` is a question, without one a notice.

@@ -32,16 +32,19 @@ from ...core.events import (
     Action,
     AgentEnd,
     Answer,
+    ApprovalRequest,
     Done,
     ErrorEvent,
     Event,
     Observation,
     Refusal,
+    Steered,
     Thinking,
     Token,
     ToolCallEvent,
     UsageEvent,
 )
+from ...core.person import Decision, approval, steering
 from ...core.tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
 from ..completion import estimate_tokens, model_batches
 from ..model import UpstreamClient, UpstreamConfig
@@ -98,7 +101,12 @@ async def _deliver(callback: StreamingCallback, detailed: bool, event: Event, fa
 
 
 class Agent:
-    """A tool-using agent over an OpenAI-compatible streaming model."""
+    """A tool-using agent over an OpenAI-compatible streaming model.
+
+    ``needs_approval`` names tools (``"*"``: all) whose calls wait for a person's approval, besides tools
+    made with ``needs_approval=True``. A person in the loop (:mod:`wsagent.core.person`) approves or
+    denies each call, and may steer the agent: messages sent meanwhile join it before its next model call.
+    """
 
     def __init__(
         self,
@@ -110,13 +118,14 @@ class Agent:
         *,
         client: UpstreamClient | None = None,
         params: dict[str, Any] | None = None,
+        needs_approval: Iterable[str] = (),
     ) -> None:
         if max_loops < 1:
             raise ValueError("max_loops must be at least 1")
         self.name = name
         self.system_prompt = system_prompt
         self.model = model
-        self.toolbox = ToolBox(tools)
+        self.toolbox = ToolBox(tools, needs_approval=needs_approval)
         self.max_loops = max_loops
         self.params = dict(params or {})
         self._client = client
@@ -188,23 +197,51 @@ class Agent:
                        ErrorEvent(exc.code, exc.message, exc.retryable, agent=name, workflow=workflow)]
                 return
             if not calls:
-                yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
-                       Done(finish_reason, agent=name, workflow=workflow)]
-                return
-            messages.append({
-                "role": "assistant",
-                "content": "".join(content) or None,
-                "tool_calls": [{"id": c.call_id, "type": "function",
-                                "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
-            })
-            for call in calls:
-                yield [Action(f"{call.name}({call.arguments})", call.call_id, call.name, call.arguments,
-                              agent=name, workflow=workflow)]
-                result, is_error = await self.toolbox.call(call.name, call.arguments)
-                yield [Observation(result, call.call_id, call.name, is_error, agent=name, workflow=workflow)]
-                messages.append({"role": "tool", "tool_call_id": call.call_id, "content": result})
+                heard = steering()  # a message sent while the answer streamed: one more step, as AI SDK 7 does
+                if not heard:
+                    yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+                           Done(finish_reason, agent=name, workflow=workflow)]
+                    return
+                messages.append({"role": "assistant", "content": "".join(content)})
+            else:
+                messages.append({
+                    "role": "assistant",
+                    "content": "".join(content) or None,
+                    "tool_calls": [{"id": c.call_id, "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
+                })
+                async for batch in self._call_tools(calls, messages, workflow):
+                    yield batch
+                heard = steering()
+            if heard:
+                yield [Steered(text, agent=name, workflow=workflow) for text in heard]
+                messages.extend({"role": "user", "content": text} for text in heard)
         yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
                Done("max_loops", agent=name, workflow=workflow)]
+
+    async def _call_tools(self, calls: list[ToolCallEvent], messages: list[dict[str, Any]],
+                          workflow: str | None) -> AsyncGenerator[list[Event], None]:
+        """Run one model turn's calls in order; those that need approval are all asked first, together,
+        and each waits for its answer (nothing is open upstream meanwhile). A denied call is not run:
+        the model is told it was denied."""
+        name = self.name
+        asking = [c for c in calls if self.toolbox.needs_approval(c.name)]
+        decisions: dict[str, Decision] = {}
+        if asking:
+            yield [ApprovalRequest(c.call_id, c.name, c.arguments, agent=name, workflow=workflow) for c in asking]
+            for c in asking:
+                decisions[c.call_id] = await approval(c.call_id)
+        for call in calls:
+            decision = decisions.get(call.call_id)
+            if decision is not None and not decision.approved:
+                messages.append({"role": "tool", "tool_call_id": call.call_id,
+                                 "content": decision.observation(call.name)})
+                continue
+            yield [Action(f"{call.name}({call.arguments})", call.call_id, call.name, call.arguments,
+                          agent=name, workflow=workflow)]
+            result, is_error = await self.toolbox.call(call.name, call.arguments)
+            yield [Observation(result, call.call_id, call.name, is_error, agent=name, workflow=workflow)]
+            messages.append({"role": "tool", "tool_call_id": call.call_id, "content": result})
 
     def _usage(self, usage: list[int], reported: bool, prompt_estimate: int, streamed: int,
                workflow: str | None) -> UsageEvent:
@@ -225,10 +262,11 @@ class Agent:
         return (await _collect(self.stream(task), streaming_callback, detailed)).get(self.name, "")
 
 
-def assistant(client: UpstreamClient, model: str | None = None) -> Agent:
-    """The built-in tool-using agent (``"agent": "assistant"``, ``/ws/agent-thoughts``)."""
+def assistant(client: UpstreamClient, model: str | None = None, needs_approval: Iterable[str] = ()) -> Agent:
+    """The built-in tool-using agent (``"agent": "assistant"``, ``/ws/agent-thoughts``); ``needs_approval``:
+    the tools it asks a person about first (``--approval-tools``)."""
     return Agent("assistant", "You are a helpful assistant. Use a tool when it helps.", model, BUILTIN_TOOLS,
-                 max_loops=4, client=client)
+                 max_loops=4, client=client, needs_approval=needs_approval)
 
 
 async def _collect(events: AsyncGenerator[Event, None], callback: StreamingCallback | None,
@@ -370,16 +408,20 @@ Workflow = ConcurrentWorkflow | SequentialWorkflow
 WorkflowFactory = Callable[[], Workflow]
 
 
-def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool]) -> dict[str, WorkflowFactory]:
+def load_workflows(path: str, client: UpstreamClient, tools: Sequence[Tool],
+                   needs_approval: Sequence[str] = ()) -> dict[str, WorkflowFactory]:
     """Workflow definitions from a JSON file (see docs/agents.md, "Workflows")."""
     with open(path, encoding="utf-8") as handle:
         spec = json.load(handle)
-    return build_workflows(spec, client, tools)
+    return build_workflows(spec, client, tools, needs_approval)
 
 
-def build_workflows(spec: dict[str, Any], client: UpstreamClient,
-                    tools: Sequence[Tool]) -> dict[str, WorkflowFactory]:
+def build_workflows(spec: dict[str, Any], client: UpstreamClient, tools: Sequence[Tool],
+                    needs_approval: Sequence[str] = ()) -> dict[str, WorkflowFactory]:
     """``{"name": {"mode": "concurrent"|"sequential", "agents": [{"name", "system_prompt", ...}]}}``.
+
+    An agent's ``"needs_approval"`` (a list of its tools, or ``true`` for all) adds to ``needs_approval``
+    (``--approval-tools``), which applies to every agent.
 
     Returns factories: each run gets fresh workflow objects, so one run's
     cancellations never touch another's.
@@ -397,11 +439,20 @@ def build_workflows(spec: dict[str, Any], client: UpstreamClient,
             unknown = [t for t in a.get("tools", []) if t not in by_name]
             if unknown:
                 raise ValueError(f"workflow {wf_name}: unknown tools {unknown}")
+            asked = a.get("needs_approval", [])
+            if asked is True:
+                a["needs_approval"] = asked = ["*"]
+            if not isinstance(asked, list) or not all(isinstance(t, str) for t in asked):
+                raise ValueError(f"workflow {wf_name}: an agent's needs_approval is a list of its tools, or true")
+            unknown = [t for t in asked if t != "*" and t not in a.get("tools", [])]
+            if unknown:
+                raise ValueError(f"workflow {wf_name}: needs_approval names tools the agent lacks: {unknown}")
 
         def factory(wf_name: str = wf_name, mode: str = mode,
                     agent_specs: list[dict[str, Any]] = agent_specs) -> Workflow:
             agents = [Agent(a["name"], a.get("system_prompt", ""), a.get("model"),
-                            [by_name[t] for t in a.get("tools", [])], int(a.get("max_loops", 3)), client=client)
+                            [by_name[t] for t in a.get("tools", [])], int(a.get("max_loops", 3)), client=client,
+                            needs_approval=[*needs_approval, *a.get("needs_approval", [])])
                       for a in agent_specs]
             if mode == "concurrent":
                 return ConcurrentWorkflow(wf_name, agents)

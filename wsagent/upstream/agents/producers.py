@@ -17,6 +17,14 @@ same backpressure as every run) and raises :class:`Stopped` in the framework's
 thread once the run is cancelled or has ended, so the thread is never blocked
 for ever and memory never grows past the bridge's limit.
 
+A person in the loop: before a consequential call, yield an
+:class:`ApprovalRequest` (``call_id``, ``name``, ``arguments``), then ``decision
+= await approval(call_id)`` (a :class:`Decision`: ``approved``, ``reason``);
+the run waits meanwhile, and the person answers with ``approve``. At each step
+boundary, ``steering()`` returns the messages a person sent meanwhile: send them
+to the model, and yield a :class:`Steered` for each (those never taken are
+reported as not delivered when the run ends). See docs/person-in-the-loop.md.
+
 A factory that raises ends the run with an ``error`` (code ``agent_error``)
 whose message names the agent and the exception's type and first line; the
 traceback goes to the server log only. One that hangs is ended by the run's
@@ -38,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from ...core.errors import WsAgentError
-from ...core.events import Event, Producer
+from ...core.events import ApprovalRequest, Event, Producer, Steered
+from ...core.person import Decision, approval, steering
 
 __all__ = ["AgentRequest", "AgentFactory", "AgentError", "AgentsSpecError", "ThreadBridge", "Stopped", "load_agents",
-           "produce"]
+           "produce", "ApprovalRequest", "Steered", "Decision", "approval", "steering"]
 
 log = logging.getLogger("wsagent.producers")
 

@@ -1,0 +1,229 @@
+"""A person in the loop on ``/ws/chat``: approvals before a tool runs, and steering messages, through the real
+server, the real ``websockets`` client and the simulated model over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+
+from wsagent.engine.run import Phase
+from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import WsAgentServer
+
+from .conftest import ServerFactory
+from .helpers import LIMIT, find_run, recv_json, run_events, run_request, start_run, ws_connect
+
+CALC = "What is (2 + 3) * 7?"
+
+
+async def until(ws: ClientConnection, kind: str, run_id: str | None = None) -> tuple[dict[str, Any],
+                                                                                        list[dict[str, Any]]]:
+    """Events until the first of type ``kind`` (of ``run_id``, if given); that one, and all read."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(LIMIT):
+        while True:
+            event = await recv_json(ws)
+            seen.append(event)
+            if event["type"] == kind and (run_id is None or event.get("id") == run_id):
+                return event, seen
+
+
+async def sequenced(ws: ClientConnection, run_id: str) -> list[dict[str, Any]]:
+    """Frames of ``run_id`` until its terminal event (refusals of requests, which carry no seq, included)."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(LIMIT):
+        while True:
+            event = await recv_json(ws)
+            events.append(event)
+            if event.get("id") == run_id and "seq" in event and event["type"] in ("done", "error", "cancelled"):
+                return events
+
+
+def contiguous(events: list[dict[str, Any]]) -> None:
+    """Every event after ``start`` (seq 1, read by ``start_run``), numbered without a gap, one terminal last."""
+    assert [e["seq"] for e in events] == list(range(2, len(events) + 2))
+    assert [e["type"] in ("done", "error", "cancelled") for e in events].count(True) == 1
+
+
+def approve(run_id: str, call_id: str, approved: bool, **fields: Any) -> str:
+    return json.dumps({"type": "approve", "id": run_id, "call_id": call_id, "approved": approved, **fields})
+
+
+async def test_approved_call_runs_and_the_answer_uses_it(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "a", CALC, agent="assistant")
+        request, before = await until(ws, "approval_request")
+        assert request["name"] == "calculator" and json.loads(request["arguments"]) == {"expression": "(2 + 3) * 7"}
+        assert not [e for e in before if e["type"] in ("action", "observation")]  # nothing ran yet
+        run = find_run(server, "a")
+        assert run is not None and run.phase is Phase.WAITING and run.waiting_for == [request["call_id"]]
+        await ws.send(approve("a", request["call_id"], True))
+        events = await run_events(ws, "a")
+    kinds = [e["type"] for e in events]
+    assert kinds.index("approval") < kinds.index("action") < kinds.index("observation")
+    answer = next(e for e in events if e["type"] == "approval")
+    assert answer == {"type": "approval", "id": "a", "seq": answer["seq"], "agent": "assistant",
+                      "call_id": request["call_id"], "approved": True}
+    observation = next(e for e in events if e["type"] == "observation")
+    assert observation["content"] == "(2 + 3) * 7 = 35"
+    assert events[-1]["type"] == "done"
+    contiguous(before + events)
+
+
+async def test_denied_call_never_runs_and_the_model_is_told(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("*",))
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "d", CALC, agent="assistant")
+        request, before = await until(ws, "approval_request")
+        await ws.send(approve("d", request["call_id"], False, reason="not now"))
+        events = await run_events(ws, "d")
+    kinds = [e["type"] for e in events]
+    assert "action" not in kinds and "observation" not in kinds
+    answer = next(e for e in events if e["type"] == "approval")
+    assert answer["approved"] is False and answer["reason"] == "not now"
+    text = "".join(e["content"] for e in events if e["type"] == "answer")
+    assert "denied the call to calculator: not now" in text  # the simulator quotes the tool message it got
+    assert events[-1]["type"] == "done"
+    contiguous(before + events)
+
+
+async def test_bad_answers_get_a_clear_error_and_change_nothing(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",), resume_grace=30)  # the ended run is kept
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "b", CALC, agent="assistant")
+        request, _ = await until(ws, "approval_request")
+        call_id = request["call_id"]
+        await ws.send(approve("b", "call_nope", True))
+        assert (await recv_json(ws))["code"] == "unknown_call"
+        await ws.send(json.dumps({"type": "approve", "id": "b", "call_id": call_id, "approved": "yes"}))
+        refusal = await recv_json(ws)
+        assert refusal["code"] == "bad_request" and "'approved'" in refusal["message"]
+        await ws.send(approve("nope", call_id, True))
+        assert (await recv_json(ws))["code"] == "unknown_run"
+        run = find_run(server, "b")
+        assert run is not None and run.phase is Phase.WAITING  # none of that answered it
+        await ws.send(approve("b", call_id, True))
+        await ws.send(approve("b", call_id, False))  # a second answer, in the same read as the first
+        events = await sequenced(ws, "b")
+        refusals = [e for e in events if "seq" not in e]
+        assert [e["code"] for e in refusals] == ["already_answered"]
+        assert [e["approved"] for e in events if e["type"] == "approval"] == [True]
+        assert events[-1]["type"] == "done"
+        await ws.send(approve("b", call_id, True))  # after the run ended
+        assert (await recv_json(ws))["code"] == "run_ended"
+
+
+async def test_only_the_owner_or_the_keys_holder_may_answer(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as owner, ws_connect(server, "/ws/chat") as other:
+        key = await start_run(owner, "o", CALC, agent="assistant")
+        request, _ = await until(owner, "approval_request")
+        await other.send(approve("o", request["call_id"], True))  # another anonymous socket, without the key
+        assert (await recv_json(other))["code"] == "unknown_run"
+        await other.send(json.dumps({"type": "attach", "id": "o", "key": key}))
+        replayed, _ = await until(other, "approval_request")  # a pending request is part of the log
+        assert replayed == request
+        await other.send(approve("o", request["call_id"], True, key=key))  # holding the key, it may
+        events = await run_events(owner, "o")
+        assert [e["approved"] for e in events if e["type"] == "approval"] == [True]
+        assert events[-1]["type"] == "done"
+
+
+async def test_waiting_survives_a_disconnect_and_a_resume_sees_the_request(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))  # the default --resume-grace 0
+    async with ws_connect(server, "/ws/chat") as ws:
+        key = await start_run(ws, "r", CALC, agent="assistant")
+        request, before = await until(ws, "approval_request")
+    run = find_run(server, "r")
+    assert run is not None
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r", "key": key, "after": 0}))
+        replayed, _ = await until(ws, "approval_request")
+        assert replayed == request and not run.finished
+        await ws.send(approve("r", request["call_id"], True, key=key))
+        events = await run_events(ws, "r")
+    assert events[-1]["type"] == "done" and any(e["type"] == "observation" for e in events)
+
+
+async def test_an_unanswered_request_ends_the_run_when_its_timeout_fires(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",), approval_timeout=0.5)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "t", CALC, agent="assistant")
+        _, _ = await until(ws, "approval_request")
+        asked = time.monotonic()
+        events = await run_events(ws, "t")
+    waited = time.monotonic() - asked
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "approval_timeout"
+    assert "calculator" in events[-1]["message"]
+    assert 0.4 < waited < 0.5 + LIMIT / 4
+    assert sum(e["type"] in ("done", "error", "cancelled") for e in events) == 1
+
+
+async def test_waiting_does_not_count_against_the_run_budget(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",), run_max_seconds=1.0, sim_rate=0)
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "w", CALC, agent="assistant")
+        request, _ = await until(ws, "approval_request")
+        run = find_run(server, "w")
+        assert run is not None
+        await asyncio.sleep(1.5)  # longer than the whole budget, spent waiting: the run is still there
+        assert not run.finished and run.phase is Phase.WAITING
+        await ws.send(approve("w", request["call_id"], True))
+        events = await run_events(ws, "w")
+    assert events[-1]["type"] == "done"
+
+
+async def test_cancel_while_waiting(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",), resume_grace=30)  # the ended run is kept
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "c", CALC, agent="assistant")
+        request, _ = await until(ws, "approval_request")
+        await ws.send(json.dumps({"type": "cancel", "id": "c"}))
+        events = await run_events(ws, "c")
+        assert events[-1]["type"] == "cancelled"
+        await ws.send(approve("c", request["call_id"], True))
+        assert (await recv_json(ws))["code"] == "run_ended"
+
+
+async def test_tutorial_route_denies_what_needs_approval(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/agent-thoughts") as ws:
+        await ws.send(CALC)
+        frames = []
+        async with asyncio.timeout(LIMIT):
+            while (frame := await recv_json(ws))["type"] != "done":
+                frames.append(frame)
+    assert not [f for f in frames if f["type"] in ("action", "observation")]
+    assert "denied" in "".join(f.get("content", "") for f in frames if f["type"] == "answer")
+
+
+async def test_steer_joins_the_agent_at_its_next_step(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "s", CALC, agent="assistant")
+        request, _ = await until(ws, "approval_request")
+        await ws.send(json.dumps({"type": "steer", "id": "s", "content": "and say it in French"}))
+        await ws.send(approve("s", request["call_id"], True))
+        events = await run_events(ws, "s")
+    steer = next(e for e in events if e["type"] == "steer")
+    assert steer["content"] == "and say it in French" and steer["delivered"] is True
+    kinds = [e["type"] for e in events]
+    assert kinds.index("observation") < kinds.index("steer") < kinds.index("done")
+
+
+async def test_steer_a_model_run_is_refused_and_one_not_taken_is_reported(server: WsAgentServer,
+                                                                          sim: SimulatorServer) -> None:
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(run_request("m", "hello there sim:rate=20"))
+        assert (await recv_json(ws))["type"] == "start"
+        await ws.send(json.dumps({"type": "steer", "id": "m", "content": "shorter"}))
+        refusal, _ = await until(ws, "error")
+        assert refusal["code"] == "not_steerable" and "seq" not in refusal
+        await ws.send(json.dumps({"type": "cancel", "id": "m"}))
+        events = await run_events(ws, "m")
+    assert events[-1]["type"] == "cancelled" and not any(e["type"] == "steer" for e in events)

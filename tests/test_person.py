@@ -14,8 +14,7 @@ from wsagent.engine.run import Phase
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
-from .conftest import ServerFactory
-from .helpers import LIMIT, find_run, recv_json, run_events, run_request, start_run, ws_connect
+from .helpers import LIMIT, ServerFactory, find_run, recv_json, run_events, run_request, start_run, ws_connect
 
 CALC = "What is (2 + 3) * 7?"
 

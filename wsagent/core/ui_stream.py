@@ -24,6 +24,14 @@ What maps to what (docs/ai-sdk.md has the table too):
   with ``providerMetadata.wsagent.agent`` naming the agent, and a
   ``data-agent`` part (``{agent, workflow, status}``) per agent, updated from
   ``running`` to how it ended;
+* an ``approval_request`` → the tool's input chunks and ``tool-approval-request``
+  (``approvalId`` is the ``call_id``), and the response ends there
+  (``finish``, then ``end``: :meth:`UIChunks.pause`) while the run waits;
+  ``addToolApprovalResponse`` and the next ``send`` answer it, and that
+  request continues the same assistant message (``UIChunks(...,
+  continues=...)``): ``approval`` → ``tool-approval-response`` (and, denied,
+  ``tool-output-denied``), then the tool's output and the rest;
+* ``steer`` → a ``data-steer`` part (``{content, delivered, reason}``);
 * ``usage`` → ``finish``'s ``messageMetadata.usage``; ``done`` → ``finish``
   with its finish reason; ``error`` → ``error`` with the plain message;
   ``cancelled`` → ``abort``; each then ``end``.
@@ -39,7 +47,8 @@ from .errors import ProtocolViolation
 from .events import KIND_NAMES, well_formed_json
 from .render import Author
 
-__all__ = ["UIChunks", "chat_messages", "message_id", "MAX_MESSAGES", "MAX_PARTS"]
+__all__ = ["UIChunks", "chat_messages", "approval_responses", "last_user_text", "message_id", "MAX_MESSAGES",
+           "MAX_PARTS"]
 
 #: What one ``send`` may carry (the chat's whole history).
 MAX_MESSAGES = 1000
@@ -49,6 +58,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _quote = json.encoder.encode_basestring
 _NAMES = KIND_NAMES
 _TOKEN, _THINKING, _REFUSAL, _ANSWER = (KIND_NAMES.index(n) for n in ("token", "thinking", "refusal", "answer"))
+_APPROVAL_REQUEST = KIND_NAMES.index("approval_request")
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter",
            "function_call": "tool-calls"}
 
@@ -67,9 +77,11 @@ class UIChunks:
     """
 
     __slots__ = ("_prefix", "_end", "_message_id", "sequence", "_text", "_reasoning", "_parts", "_steps",
-                 "_usage", "_model", "_agents")
+                 "_usage", "_model", "_agents", "_announced", "_quiet", "_steers")
 
-    def __init__(self, request_id: str, message: str) -> None:
+    def __init__(self, request_id: str, message: str, continues: frozenset[str] = frozenset()) -> None:
+        """``continues``: the call ids of the approval requests this request answered. It renders nothing
+        until the last of them (the previous request showed all that), then continues that message."""
         self._prefix = '{"type":"chunk","requestId":' + _quote(request_id) + ',"sequence":'
         self._end = '{"type":"end","requestId":' + _quote(request_id) + "}"
         self._message_id = message
@@ -81,6 +93,9 @@ class UIChunks:
         self._usage: dict[str, Any] | None = None
         self._model: str | None = None
         self._agents: set[str] = set()
+        self._announced: set[str] = set()  # calls whose input the client has (with their approval request)
+        self._quiet = set(continues)
+        self._steers = 0
 
     def _chunk(self, out: list[str], chunk: str) -> None:
         out.append(f'{self._prefix}{self.sequence},"chunk":{chunk}}}')
@@ -90,7 +105,9 @@ class UIChunks:
         self._chunk(out, _dumps(chunk))
 
     def render(self, kind: int, payload: str, out: list[str], author: Author) -> None:
-        if kind == _TOKEN or kind == _ANSWER or kind == _REFUSAL:
+        if self._quiet:
+            self._catch_up(kind, payload, out, author)
+        elif kind == _TOKEN or kind == _ANSWER or kind == _REFUSAL:
             part = self._text.get(author)
             if part is None:
                 part = self._open(out, "text", author)
@@ -102,6 +119,42 @@ class UIChunks:
             self._chunk(out, f'{{"type":"reasoning-delta","id":"{part}","delta":{_quote(payload)}}}')
         else:
             self._event(_NAMES[kind], json.loads(payload), out)
+
+    def _catch_up(self, kind: int, payload: str, out: list[str], author: Author) -> None:
+        """Render for nobody (keeping the renderer's state) up to the last approval request this
+        request answers; then start the continued message."""
+        quiet, self._quiet = self._quiet, set()
+        self.render(kind, payload, [], author)
+        self._quiet = quiet
+        if kind == _APPROVAL_REQUEST:
+            quiet.discard(json.loads(payload)["call_id"])
+            if not quiet:
+                self.sequence = 0
+                self._close([])
+                self._start(out)
+
+    def pause(self, out: list[str]) -> None:
+        """The run waits for approvals: this response ends (``finish`` with reason ``tool-calls``), so that
+        ``useChat`` is ready for ``addToolApprovalResponse``, whose next ``send`` continues the message."""
+        self._close(out)
+        self._chunk(out, '{"type":"finish-step"}')
+        final: dict[str, Any] = {"model": self._model} if self._model else {}
+        self._emit(out, {"type": "finish", "finishReason": "tool-calls", "messageMetadata": final})
+        out.append(self._end)
+
+    def steered(self, out: list[str], content: str) -> None:
+        """This request's message went to the chat's running agent (``on_busy`` steer): a transient
+        ``data-steer`` chunk says so, and the request ends; the delivery shows in the agent's response."""
+        self._emit(out, {"type": "data-steer", "data": {"content": content, "status": "sent"}, "transient": True})
+        self._chunk(out, '{"type":"finish"}')
+        out.append(self._end)
+
+    def _start(self, out: list[str], fields: dict[str, Any] | None = None) -> None:
+        metadata = {k: fields[k] for k in ("model", "agent", "workflow") if fields and fields.get(k) is not None}
+        if not metadata and self._model:
+            metadata["model"] = self._model
+        self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": metadata})
+        self._chunk(out, '{"type":"start-step"}')
 
     def _open(self, out: list[str], kind: str, author: Author) -> str:
         """Start a text or reasoning part for ``author`` (closing its part of the other kind)."""
@@ -136,19 +189,35 @@ class UIChunks:
         if name == "start":
             self._model = fields.get("model")
             self._steps = fields.get("workflow") is None
-            metadata = {k: fields[k] for k in ("model", "agent", "workflow") if fields.get(k) is not None}
-            self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": metadata})
-            self._chunk(out, '{"type":"start-step"}')
-        elif name in ("tool_call", "action"):
+            self._start(out, fields)
+        elif name == "action" and fields.get("call_id", "") in self._announced:
+            pass  # its input went out with its approval request
+        elif name in ("tool_call", "action", "approval_request"):
             self._close(out, author)
             self._agent_seen(out, author)
             call_id, tool, arguments = fields.get("call_id", ""), fields.get("name", ""), fields.get("arguments", "")
-            dynamic = {"dynamic": True} if name == "action" else {}
+            dynamic = {"dynamic": True} if name != "tool_call" else {}
             self._emit(out, {"type": "tool-input-start", "toolCallId": call_id, "toolName": tool, **dynamic})
             if arguments:
                 self._emit(out, {"type": "tool-input-delta", "toolCallId": call_id, "inputTextDelta": arguments})
             self._emit(out, {"type": "tool-input-available", "toolCallId": call_id, "toolName": tool,
                              "input": _parsed(arguments), **dynamic})
+            if name == "approval_request":
+                self._announced.add(call_id)
+                self._emit(out, {"type": "tool-approval-request", "approvalId": call_id, "toolCallId": call_id})
+        elif name == "approval":
+            call_id = fields.get("call_id", "")
+            response: dict[str, Any] = {"type": "tool-approval-response", "approvalId": call_id,
+                                        "approved": bool(fields.get("approved"))}
+            if fields.get("reason"):
+                response["reason"] = fields["reason"]
+            self._emit(out, response)
+            if not fields.get("approved"):
+                self._emit(out, {"type": "tool-output-denied", "toolCallId": call_id})
+        elif name == "steer":
+            self._steers += 1
+            data = {k: fields.get(k) for k in ("content", "delivered", "reason") if fields.get(k) is not None}
+            self._emit(out, {"type": "data-steer", "id": f"steer-{self._steers}", "data": data})
         elif name == "observation":
             call_id = fields.get("call_id", "")
             if fields.get("is_error"):
@@ -243,6 +312,36 @@ def chat_messages(ui_messages: Any) -> list[dict[str, Any]]:
     if not out:
         raise ProtocolViolation("the messages hold no text to answer")
     return out
+
+
+def approval_responses(ui_messages: Any) -> list[tuple[str, bool, str | None]]:
+    """The approvals a ``send`` answers: (approval id, approved, reason) of each tool part of the last
+    message, if it is the assistant's, in state ``approval-responded`` (``addToolApprovalResponse``).
+    Call after :func:`chat_messages` has checked the messages' shape."""
+    last = ui_messages[-1] if isinstance(ui_messages, list) and ui_messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return []
+    found: list[tuple[str, bool, str | None]] = []
+    for part in last.get("parts") or []:
+        approval = part.get("approval") if isinstance(part, dict) else None
+        if part.get("state") != "approval-responded" or not isinstance(approval, dict):
+            continue
+        approval_id, approved, reason = approval.get("id"), approval.get("approved"), approval.get("reason")
+        if not isinstance(approval_id, str) or not isinstance(approved, bool):
+            raise ProtocolViolation("an approval response needs an 'id' (a string) and 'approved' (a boolean)")
+        found.append((approval_id, approved, reason if isinstance(reason, str) else None))
+    return found
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message of chat messages (:func:`chat_messages`), or ''."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
 
 def _user_content(parts: list[dict[str, Any]], role: str) -> str | list[dict[str, Any]]:

@@ -12,6 +12,17 @@ characters). A response goes on for ``--ai-sdk-grace`` seconds after its socket
 goes (a page reload) and is kept as long once it ended, so ``resume`` replays it
 from its first chunk and follows it live.
 
+A person in the loop (docs/person-in-the-loop.md): a response stops at an
+approval request; the next ``send``, whose last message holds the answers
+(``addToolApprovalResponse``), answers them and continues the same message. A
+``send`` for a chat whose response still streams follows the busy policy
+(``body.on_busy``, else ``--on-busy``): ``enqueue`` (it starts once the other
+has ended), ``reject``, ``interrupt`` (the other is cancelled first) or
+``steer`` (its last user text joins the running agent at its next step; a
+model's answer cannot be steered, so it is enqueued). A new message while the
+response waits for an approval abandons the approval, as ``useChat`` does:
+the waiting run is cancelled.
+
 Bad input: a frame that cannot be attributed to a request (not JSON, not an
 object, no string ``requestId``) closes the socket with 1008, a binary frame
 with 1003, as the transport's own server outline does; anything else wrong gets
@@ -20,13 +31,15 @@ an ``error`` frame for its ``requestId`` and touches no other chat.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from ..core.errors import ClusterUnavailable, ProtocolViolation
 from ..core.events import encode_message, json_object
-from ..core.ui_stream import UIChunks, chat_messages, message_id
+from ..core.ui_stream import UIChunks, approval_responses, chat_messages, last_user_text, message_id
 from ..engine.broker import scope_of
-from ..engine.run import ReplayGap, Run, Subscription
+from ..engine.run import NotAnswerable, Phase, ReplayGap, Run, Subscription
 from ..transport.connections import Connection
 from .app import App
 
@@ -37,6 +50,9 @@ CLOSE_INVALID_FRAME = 1008
 #: A binary frame: the transport sends text only.
 CLOSE_BINARY_FRAME = 1003
 _MAX_ID = 128
+_POLICIES = ("enqueue", "reject", "interrupt", "steer")
+#: How long an interrupted response may take to end before the new one starts anyway.
+_INTERRUPT_LIMIT = 10.0
 
 
 class AISDKSession:
@@ -44,6 +60,7 @@ class AISDKSession:
         self.app = app
         self.conn = conn
         self.requests: dict[str, Subscription] = {}  # requests streaming to this socket, for ``abort``
+        self.queued: dict[str, asyncio.Task[None]] = {}  # requests waiting for their chat's response to end
 
     async def serve(self) -> None:
         async for message in self.app.incoming(self.conn, self._refusal):
@@ -84,7 +101,7 @@ class AISDKSession:
         chat_id = frame.get("id")
         if not isinstance(chat_id, str) or not 0 < len(chat_id) <= _MAX_ID:
             raise ProtocolViolation(f"'id' (the chat's id) must be a string of 1 to {_MAX_ID} characters")
-        if request_id in self.requests and not self.requests[request_id].ended:
+        if (request_id in self.requests and not self.requests[request_id].ended) or request_id in self.queued:
             raise ProtocolViolation(f"request {request_id!r} is already streaming")
         scope, run_id = self._where(chat_id)
         if kind == "resume":
@@ -97,8 +114,9 @@ class AISDKSession:
         user = self.conn.user
         return (scope_of(user, self.conn.id) if user is not None else f"ai-sdk:{chat_id}"), f"ai-sdk:{chat_id}"
 
-    def _watch(self, request_id: str, run: Run, primary: bool) -> None:
-        sub = run.subscribe(self.conn.outbox, 0, UIChunks(request_id, message_id(run.key)), primary=primary)
+    def _watch(self, request_id: str, run: Run, primary: bool, continues: frozenset[str] = frozenset()) -> None:
+        sub = run.subscribe(self.conn.outbox, 0, UIChunks(request_id, message_id(run.key), continues),
+                            primary=primary, pauses=True)
         self.requests = {rid: s for rid, s in self.requests.items() if not s.ended}
         self.requests[request_id] = sub
 
@@ -110,13 +128,96 @@ class AISDKSession:
             body = {}
         if not isinstance(body, dict):
             raise ProtocolViolation("'body' must be an object")
+        policy = body.get("on_busy", self.app.settings.on_busy)
+        if policy not in _POLICIES:
+            raise ProtocolViolation(f"'on_busy' must be one of {', '.join(_POLICIES)}")
         messages = chat_messages(frame.get("messages"))
+        answers = approval_responses(frame.get("messages"))
         app = self.app
         previous = await app.existing_run(scope, run_id)
         if previous is not None:  # (produced on another node: its copy says whether it has ended)
             previous = await app.broker.follow(previous)
+        if answers:
+            await self.answer(request_id, previous, answers)
+            return
         if previous is not None and not previous.finished:
-            raise ProtocolViolation("a response is already streaming for this chat; abort it first")
+            if previous.phase is Phase.WAITING:  # a new message abandons the approval, as useChat does
+                policy = "interrupt"
+            if policy == "reject":
+                raise ProtocolViolation("a response is already streaming for this chat (on_busy=reject); "
+                                        "abort it first")
+            if policy == "steer" and await self._steer(request_id, previous, messages):
+                return
+            if policy == "interrupt":
+                await app.broker.cancel(previous.key, "interrupted by a new message")
+            task = asyncio.get_running_loop().create_task(
+                self._after(previous, request_id, scope, run_id, messages, body))
+            self.queued[request_id] = task
+            task.add_done_callback(lambda _task: self.queued.pop(request_id, None))
+            return
+        await self._start(request_id, scope, run_id, messages, body, previous)
+
+    async def _after(self, previous: Run, request_id: str, scope: str, run_id: str,
+                     messages: list[dict[str, Any]], body: dict[str, Any]) -> None:
+        """Start the request once the chat's response has ended, and any queued before it (an interrupted
+        one ends at once; one that does not within a bound is left to its budget, and this request refused)."""
+        try:
+            current: Run | None = previous
+            while current is not None and not current.finished:
+                if current.phase is Phase.INTERRUPTED:
+                    async with asyncio.timeout(_INTERRUPT_LIMIT):
+                        await current.wait()
+                else:
+                    await current.wait()
+                previous = current
+                current = await self.app.existing_run(scope, run_id)
+                if current is not None:
+                    current = await self.app.broker.follow(current)
+            await self._start(request_id, scope, run_id, messages, body, current or previous)
+        except (ProtocolViolation, ClusterUnavailable) as exc:
+            self.error(request_id, exc.message)
+        except TimeoutError:
+            self.error(request_id, "the response this message interrupts did not end; try again")
+
+    async def _steer(self, request_id: str, previous: Run, messages: list[dict[str, Any]]) -> bool:
+        """Send the request's last user text to the running agent; True if it took it (a ``data-steer``
+        chunk says so, then the request ends; the agent's run reports the delivery)."""
+        text = last_user_text(messages)
+        if not text:
+            return False
+        try:
+            await self.app.broker.steer(previous, text)
+        except NotAnswerable as exc:
+            if exc.code == "not_steerable":
+                return False
+            raise ProtocolViolation(exc.message) from None
+        chunks = UIChunks(request_id, message_id(previous.key))
+        frames: list[str] = []
+        chunks.steered(frames, text)
+        for frame in frames:
+            self.conn.put(frame)
+        return True
+
+    async def answer(self, request_id: str, previous: Run | None, answers: list[tuple[str, bool, str | None]]
+                     ) -> None:
+        """Answer the chat's approval requests and continue its waiting response on this request."""
+        if previous is None or previous.finished:
+            raise ProtocolViolation("no response of this chat is waiting for these approvals (it ended: "
+                                    "see --approval-timeout); send your message again")
+        for call_id, approved, reason in answers:
+            try:
+                await self.app.broker.approve(previous, call_id, approved, reason)
+            except NotAnswerable as exc:
+                if exc.code != "already_answered":  # (a page that sent its answers twice: the first stands)
+                    raise ProtocolViolation(exc.message) from None
+        try:
+            self._watch(request_id, previous, primary=True, continues=frozenset(c for c, _, _ in answers))
+        except ReplayGap:
+            self.error(request_id, "this response is too long to continue from its start (see --replay-bytes)")
+
+    async def _start(self, request_id: str, scope: str, run_id: str,
+                     messages: list[dict[str, Any]], body: dict[str, Any], previous: Run | None) -> None:
+        app = self.app
         refusal = await app.admit(self.conn, app.settings.max_runs_per_connection)
         if refusal is not None:
             raise ProtocolViolation(refusal[1])
@@ -143,6 +244,13 @@ class AISDKSession:
     async def abort(self, request_id: str) -> None:
         """Cancel the run this request streams (whoever started it): the model server sees its
         connection close. An abort for a request that is not streaming here does nothing."""
+        waiting = self.queued.pop(request_id, None)
+        if waiting is not None:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            self.conn.put(encode_message("end", requestId=request_id))
+            return
         sub = self.requests.pop(request_id, None)
         if sub is not None and not sub.run.finished:
             await self.app.broker.cancel(sub.run.key, "aborted by client")

@@ -741,8 +741,13 @@ class Run:
         if not self.waiting_for:
             self.phase = _step(_PHASES, self.phase, _In.SETTLE)
             self._start_budget()
-            if self.watch is Watch.ORPHANED and self._holder is None:
-                self._orphaned(self.grace)
+            # Whoever answered may be about to watch (an AI SDK request continues the response): the
+            # grace of a run nobody watches starts once the answer's handler has run.
+            asyncio.get_running_loop().call_soon(self._unwatched)
+
+    def _unwatched(self) -> None:
+        if self.phase is _RUNNING and self.watch is Watch.ORPHANED and self._holder is None:
+            self._orphaned(self.grace)
 
     def _unanswered(self, call_id: str) -> None:
         ask = (self._asks or {}).get(call_id)

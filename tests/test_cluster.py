@@ -871,3 +871,34 @@ async def test_a_run_id_redis_refuses_to_register_is_not_taken_for_registered() 
             assert not list(broker.local)
         finally:
             await broker.close()
+
+
+async def test_an_approval_asked_on_one_node_is_answered_on_another(cluster: Cluster) -> None:
+    """The client leaves node a while the agent waits for its approval, resumes on node b (the pending request
+    is replayed), answers there, and the run goes on on a; a second answer, from a third socket on b with the
+    key, is refused as already answered; a steering message from b reaches the agent on a."""
+    a, b = await cluster.start("a", "b", approval_tools="calculator")
+    async with a.connect() as ws:
+        key = await start_run(ws, "p1", "What is (2 + 3) * 7?", agent="assistant")
+        head = await frames_until(ws, lambda e: e["type"] == "approval_request")
+    request = json.loads(head[-1])
+    async with b.connect() as ws, b.connect() as other:
+        await ws.send(json.dumps({"type": "resume", "id": "p1", "key": key, "after": 1}))
+        replayed = await frames_until(ws, lambda e: e["type"] == "approval_request")
+        assert replayed == head  # byte for byte, through the cluster's copy
+        await ws.send(json.dumps({"type": "steer", "id": "p1", "key": key, "content": "and in words"}))
+        await ws.send(json.dumps({"type": "approve", "id": "p1", "key": key, "call_id": request["call_id"],
+                                  "approved": True}))
+        tail = await frames_until(ws, terminal)
+        await other.send(json.dumps({"type": "approve", "id": "p1", "key": key, "call_id": request["call_id"],
+                                     "approved": False}))
+        again = json.loads(await asyncio.wait_for(other.recv(), LIMIT))
+    events = [json.loads(f) for f in tail]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("approval") < kinds.index("observation") < kinds.index("done") == len(kinds) - 1
+    assert next(e for e in events if e["type"] == "observation")["content"] == "(2 + 3) * 7 = 35"
+    assert next(e for e in events if e["type"] == "steer") | {"seq": 0} == {
+        "type": "steer", "id": "p1", "seq": 0, "agent": "assistant", "content": "and in words", "delivered": True}
+    assert again["type"] == "error" and again["code"] in ("already_answered", "run_ended"), again
+    reference = await whole_log(a, "p1", key)
+    assert head + tail == reference[1:]  # the producer's log, verbatim, across both nodes

@@ -107,9 +107,9 @@ class Settings:
     history_messages: int = setting(20, "messages kept per connection in /ws/chat text mode", group="relay", reload=True)
     history_chars: int = setting(32000, "characters kept per connection in /ws/chat text mode", group="relay", reload=True)
     agents: str = setting("", "your own agents, served by name: module:attribute or path/file.py:attribute, a dict of name to factory (repeatable; see docs/agents.md)", group="relay", repeat=True, reload=True)
-    approval_tools: tuple[str, ...] = setting((), "tools the built-in agent and every workflow agent ask a person about before each call, comma-separated (*: every tool; see docs/person-in-the-loop.md)", group="relay", reload=True)
-    approval_timeout: float = setting(300.0, "seconds an approval request waits for its answer, connected or not; then the run ends with error approval_timeout (waiting does not count against --run-max-seconds)", group="relay", reload=True)
-    on_busy: str = setting("enqueue", "a new message while an answer streams (text mode: per connection; AI SDK: per chat): enqueue, reject, interrupt, or steer (joins an agent run at its next step)", group="relay", choices=("enqueue", "reject", "interrupt", "steer"), reload=True)
+    approval_tools: tuple[str, ...] = setting((), "tools the built-in and workflow agents ask a person about before each call, comma-separated (*: all)", group="relay", reload=True)
+    approval_timeout: float = setting(300.0, "seconds an approval request waits for its answer; then the run ends with error approval_timeout", group="relay", reload=True)
+    on_busy: str = setting("enqueue", "a message while an answer streams (text mode, AI SDK chats): enqueue, reject, interrupt or steer", group="relay", choices=("enqueue", "reject", "interrupt", "steer"), reload=True)
     workflows: str | None = setting(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay", reload=True)
 
     jwt_secret: str | None = setting(None, "HS256 secret for JWTs (prefer the environment or a file; never logged)", group="auth", reload=True)

@@ -8,13 +8,26 @@ import json
 import time
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 
+from wsagent.core.tools import BUILTIN_TOOLS
 from wsagent.engine.run import Phase
+from wsagent.upstream.agents.builtin import build_workflows
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
-from .helpers import LIMIT, ServerFactory, find_run, recv_json, run_events, run_request, start_run, ws_connect
+from .helpers import (
+    LIMIT,
+    ServerFactory,
+    find_run,
+    recv_json,
+    run_events,
+    run_request,
+    start_run,
+    upstream_for,
+    ws_connect,
+)
 
 CALC = "What is (2 + 3) * 7?"
 
@@ -226,3 +239,34 @@ async def test_steer_a_model_run_is_refused_and_one_not_taken_is_reported(server
         await ws.send(json.dumps({"type": "cancel", "id": "m"}))
         events = await run_events(ws, "m")
     assert events[-1]["type"] == "cancelled" and not any(e["type"] == "steer" for e in events)
+
+
+async def test_a_workflow_agent_waits_while_the_others_stream_on(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "f", "Assess 12 * 7 for the market", workflow="market-analysis")
+        request, _ = await until(ws, "approval_request")
+        assert (request["agent"], request["workflow"], request["name"]) == (
+            "financial-analyst", "market-analysis", "calculator")
+        others, _ = await until(ws, "agent_end")  # another agent finishes while this one waits
+        assert others["agent"] != "financial-analyst"
+        await ws.send(approve("f", request["call_id"], True))
+        events = await run_events(ws, "f")
+    observation = next(e for e in events if e["type"] == "observation")
+    assert observation["agent"] == "financial-analyst" and observation["content"] == "12 * 7 = 84"
+    assert events[-1]["type"] == "done"
+
+
+def test_the_workflows_file_names_tools_that_need_approval(sim: SimulatorServer) -> None:
+    spec = {"w": {"agents": [{"name": "a", "tools": ["calculator"], "needs_approval": ["calculator"]},
+                             {"name": "b", "tools": ["search_notes"], "needs_approval": True},
+                             {"name": "c", "tools": ["current_time"]}]}}
+    flow = build_workflows(spec, upstream_for(sim), BUILTIN_TOOLS)["w"]()
+    asks = {agent.name: [t for t in ("calculator", "search_notes", "current_time") if agent.toolbox.needs_approval(t)]
+            for agent in flow.agents}
+    assert asks == {"a": ["calculator"], "b": ["search_notes"], "c": []}
+    everywhere = build_workflows(spec, upstream_for(sim), BUILTIN_TOOLS, ["current_time"])["w"]()
+    assert [a.toolbox.needs_approval("current_time") for a in everywhere.agents] == [False, False, True]
+    with pytest.raises(ValueError, match="needs_approval names tools the agent lacks"):
+        build_workflows({"w": {"agents": [{"name": "a", "needs_approval": ["calculator"]}]}}, upstream_for(sim),
+                        BUILTIN_TOOLS)

@@ -53,8 +53,10 @@ async def url(venv: Path, sim: SimulatorServer, tmp_path_factory: pytest.TempPat
         yield f"ws://127.0.0.1:{port}/ws/chat"
 
 
-async def agent_events(url: str, agent: str, prompt: str, cancel_after: int | None = None) -> list[dict[str, Any]]:
-    """One run's events; with ``cancel_after``, cancelled once that many answer deltas arrived."""
+async def agent_events(url: str, agent: str, prompt: str, cancel_after: int | None = None,
+                       approve: bool | None = None) -> list[dict[str, Any]]:
+    """One run's events; with ``cancel_after``, cancelled once that many answer deltas arrived; with
+    ``approve``, each approval request answered so (denials with the reason "not now")."""
     events: list[dict[str, Any]] = []
     async with connect(url, open_timeout=10) as ws:
         await ws.send(json.dumps({"type": "run", "id": "r", "prompt": prompt, "agent": agent}))
@@ -66,6 +68,9 @@ async def agent_events(url: str, agent: str, prompt: str, cancel_after: int | No
                 answers += 1
                 if answers == cancel_after:
                     await ws.send(json.dumps({"type": "cancel", "id": "r"}))
+            if event["type"] == "approval_request" and approve is not None:
+                await ws.send(json.dumps({"type": "approve", "id": "r", "call_id": event["call_id"],
+                                          "approved": approve, **({} if approve else {"reason": "not now"})}))
             if event["type"] in ("done", "error", "cancelled"):
                 return events
 
@@ -113,3 +118,47 @@ async def test_cancel_stops_the_framework(url: str, sim: SimulatorServer, agent:
     barrier = await agent_events(url, agent, "What is 6 * 7?")  # a whole run after it: time for a stray request to show
     assert barrier[-1]["type"] == "done"
     assert stats.tags[tag]["streams"] == 1 and stats.tags[tag]["tokens"] < 1000
+
+
+def asked(events: list[dict[str, Any]], approved: bool) -> dict[str, Any]:
+    """The run's one approval request, checked: it names the calculator with its arguments, its answer
+    follows, and the run ends with ``done``, its only terminal event, every event numbered without a gap."""
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] in ("done", "error", "cancelled") for e in events].count(True) == 1
+    assert events[-1]["type"] == "done", json.dumps(events[-1])
+    (request,) = [e for e in events if e["type"] == "approval_request"]
+    assert request["name"] == "calculator" and json.loads(request["arguments"]) == {"expression": "6 * 7"}
+    (answer,) = [e for e in events if e["type"] == "approval"]
+    assert answer["call_id"] == request["call_id"] and answer["approved"] is approved
+    assert events.index(request) < events.index(answer)
+    return request
+
+
+@pytest.mark.parametrize("agent", ["openai-agents-approval", "langgraph-approval"])
+async def test_an_approved_call_runs(url: str, agent: str) -> None:
+    events = await agent_events(url, agent, "What is 6 * 7?", approve=True)
+    request = asked(events, True)
+    (action,) = [e for e in events if e["type"] == "action"]
+    (observation,) = [e for e in events if e["type"] == "observation"]
+    assert action["call_id"] == observation["call_id"] == request["call_id"] and observation["content"] == "42"
+    answer = next(e for e in events if e["type"] == "approval")
+    # the SDK knows which tools ask before it runs one; a LangGraph tool interrupts once it runs, after the
+    # model's call was shown
+    order = [request, answer, action] if agent == "openai-agents-approval" else [action, request, answer]
+    assert [events.index(e) for e in [*order, observation]] == sorted(events.index(e) for e in [*order, observation])
+    assert "".join(e["content"] for e in events if e["type"] == "answer").endswith("42.")
+    (usage,) = [e for e in events if e["type"] == "usage"]
+    assert usage["completion_tokens"] > 0 and not usage["estimated"]
+
+
+@pytest.mark.parametrize("agent", ["openai-agents-approval", "langgraph-approval"])
+async def test_a_denied_call_never_runs(url: str, agent: str) -> None:
+    events = await agent_events(url, agent, "What is 6 * 7?", approve=False)
+    request = asked(events, False)
+    told = "The user denied the call to calculator: not now."
+    if agent == "openai-agents-approval":  # rejected before it ran: nothing to show
+        assert not [e for e in events if e["type"] in ("action", "observation")]
+    else:  # the model's call was shown; the tool, resumed, returned the denial instead of computing
+        (observation,) = [e for e in events if e["type"] == "observation"]
+        assert observation["call_id"] == request["call_id"] and observation["content"].startswith(told)
+    assert told in "".join(e["content"] for e in events if e["type"] == "answer")

@@ -1,7 +1,7 @@
 """Every run ends with exactly one terminal event, over interleavings of messages, sockets and settings.
 
-Hypothesis draws a script: which socket sends what (run, cancel, resume, attach,
-AI SDK send and abort, text-mode prompts), which messages leave in one TCP
+Hypothesis draws a script: which socket sends what (run, an agent run, cancel,
+resume, attach, approve, steer, AI SDK send and abort, text-mode prompts), which messages leave in one TCP
 write (so the server handles them in one read), which sockets close cleanly or
 vanish, and the server's settings (the defaults a user gets included). Checked
 after every script:
@@ -10,11 +10,15 @@ after every script:
   one terminal event, or a refusal;
 * the server comes back to nothing in flight (no run, no per-connection,
   per-address or per-user count left) within a bound, and logged no error.
+  A run that waits for a person's approval waits by design (for
+  ``--approval-timeout``, 300 s by default): it must be the only kind left,
+  and once its requests are denied it ends too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -52,7 +56,8 @@ class Step:
 steps = st.builds(
     Step,
     socket=st.integers(0, 2),
-    action=st.sampled_from(["run", "cancel", "resume", "attach", "send", "abort", "text", "close", "vanish"]),
+    action=st.sampled_from(["run", "agent", "agent", "cancel", "resume", "attach", "approve", "approve", "steer",
+                            "send", "abort", "text", "close", "vanish"]),  # (twice: drawn twice as often)
     run_id=st.sampled_from(IDS),
     prompt=st.sampled_from(PROMPTS),
     with_key=st.booleans(),
@@ -63,6 +68,9 @@ server_settings = st.fixed_dictionaries({
     "ai_sdk_grace": st.sampled_from([30.0, 0.0]),  # 30: the default
     "replay_bytes": st.sampled_from([262144, 200]),  # the default, and a log that forgets at once
     "compression": st.sampled_from(["deflate", "off"]),
+    "approval_tools": st.sampled_from([(), ("calculator",)]),  # (): the default
+    "approval_timeout": st.sampled_from([300.0, 0.3]),  # 300: the default
+    "on_busy": st.sampled_from(["enqueue", "reject", "interrupt", "steer"]),  # enqueue: the default
 })
 
 ROUTE = {0: "/ws/chat", 1: "/ws/chat", 2: "/ws/ai-sdk"}  # two JSON sockets (one watches the other), useChat's
@@ -76,7 +84,7 @@ class Client:
     route: str
     changed: asyncio.Event  # set whenever a frame arrives on any socket
     asked: Counter[str] = field(default_factory=Counter)  # requests that must each get one final answer, by id
-    cancels: Counter[str] = field(default_factory=Counter)  # a cancel is answered only when refused
+    cancels: Counter[str] = field(default_factory=Counter)  # a cancel, approve or steer: answered only if refused
     frames: list[dict[str, Any]] = field(default_factory=list)
     open: bool = True
 
@@ -85,7 +93,14 @@ class Client:
         return sum(1 for f in self.frames if f.get("id") == run_id and f["type"] in TERMINAL)
 
     def pending(self) -> list[str]:
-        return [run_id for run_id, count in self.asked.items() if self.finals(run_id) < count]
+        """Requests still without their final answer, but for runs waiting for a person's approval."""
+        return [run_id for run_id, count in self.asked.items()
+                if self.finals(run_id) < count and not self.waiting(run_id)]
+
+    def waiting(self, run_id: str) -> bool:
+        asked = {f["call_id"] for f in self.frames if f.get("id") == run_id and f["type"] == "approval_request"}
+        answered = {f["call_id"] for f in self.frames if f.get("id") == run_id and f["type"] == "approval"}
+        return bool(asked - answered)
 
     async def read(self) -> None:
         try:
@@ -97,14 +112,21 @@ class Client:
             pass
 
 
-def frames_of(step: Step, keys: dict[str, str]) -> list[str]:
+def frames_of(step: Step, keys: dict[str, str], asked: dict[str, str]) -> list[str]:
     request: dict[str, Any]
     if step.action == "run":
         request = {"type": "run", "id": step.run_id, "prompt": step.prompt}
-    elif step.action in ("cancel", "resume", "attach"):
+    elif step.action == "agent":  # a prompt for a tool: the calculator, which may need approval
+        request = {"type": "run", "id": step.run_id, "prompt": f"What is (2 + 3) * 7? {step.prompt}",
+                   "agent": "assistant"}
+    elif step.action in ("cancel", "resume", "attach", "approve", "steer"):
         request = {"type": step.action, "id": step.run_id}
         if step.with_key and step.run_id in keys:
             request["key"] = keys[step.run_id]
+        if step.action == "approve":
+            request.update(call_id=asked.get(step.run_id, "call_none"), approved=step.with_key)
+        elif step.action == "steer":
+            request["content"] = step.prompt
     elif step.action == "send":
         request = {"type": "send", "requestId": step.run_id, "id": f"chat-{step.run_id}",
                    "trigger": "submit-message",
@@ -136,11 +158,12 @@ async def play(server: WsAgentServer, script: list[Step]) -> list[Client]:
         if (client.route == "/ws/ai-sdk") != (step.action in ("send", "abort")):
             continue  # each route gets its own protocol's messages
         run_id = step.run_id.replace("\ud800", "\ufffd")
-        if step.action == "cancel":
+        if step.action in ("cancel", "approve", "steer"):
             client.cancels[run_id] += 1
-        elif step.action in ("run", "resume", "attach"):
+        elif step.action in ("run", "agent", "resume", "attach"):
             client.asked[run_id] += 1
-        for frame in frames_of(step, keys):
+        asked = {f["id"]: f["call_id"] for f in client.frames if f["type"] == "approval_request"}
+        for frame in frames_of(step, keys, asked):
             client.ws.protocol.send_text(frame.encode())
         if not step.together:
             client.ws.send_data()
@@ -160,9 +183,16 @@ async def play(server: WsAgentServer, script: list[Step]) -> list[Client]:
 
 
 async def drained(server: WsAgentServer) -> None:
-    """Nothing left in flight: no run, and no per-connection or per-address count."""
+    """Nothing left in flight: no run, and no per-connection or per-address count. A run still waiting for a
+    person (nobody answered; its socket may be gone) is the only one left; denied, it ends."""
     app = server.app
-    await asyncio.wait_for(app.idle.wait(), LIMIT)
+    async with asyncio.timeout(LIMIT):
+        while not app.idle.is_set():
+            for run in app.broker.active_runs():
+                while run.waiting_for:
+                    run.answer(run.waiting_for[0], False, "the script ended")
+            with contextlib.suppress(TimeoutError):  # (a run may reach its approval request meanwhile)
+                await asyncio.wait_for(app.idle.wait(), 0.05)
     assert app.inflight == 0 and app.broker.active_runs() == []
     assert not app._conn_runs and not app._ip_runs
 
@@ -185,7 +215,8 @@ def test_every_interleaving_ends_every_run_once(caplog: Any) -> None:
                             continue
                         for run_id, count in client.asked.items():
                             finals = client.finals(run_id)
-                            if client.open:  # to the end: one final answer per request (a cancel's only if refused)
+                            if client.open and not client.waiting(run_id):  # to the end: one final answer
+                                # per request (a cancel's, approve's or steer's only if refused)
                                 assert count <= finals <= count + client.cancels[run_id], (run_id, client.frames)
                     await drained(server)
                 finally:

@@ -231,6 +231,8 @@ window.t = {
     const last = this.answers().at(-1);
     return last ? [...last.querySelectorAll('.text')].map(p => p.textContent).join('') : '';
   },
+  tools() { return [...document.querySelectorAll('#messages li.assistant .tool')]; },
+  button(name) { return document.querySelector(`#messages .tool.approval button.${name}`); },
 };
 """
 

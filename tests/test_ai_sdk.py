@@ -133,6 +133,111 @@ async def test_a_token_in_a_bearer_subprotocol(make_server: ServerFactory) -> No
     assert run.user == "alice"
 
 
+# A person in the loop: the real ``Chat`` (useChat's class) with ``sendAutomaticallyWhen:
+# lastAssistantMessageIsCompleteWithApprovalResponses``, answering with ``addToolApprovalResponse``.
+
+QUESTION = "What is (2 + 3) * 7?"
+ASSISTANT = {"agent": "assistant"}
+
+
+async def approval(server: WsAgentServer, chat_id: str, approved: bool, reason: str | None = None,
+                   **step: Any) -> dict[str, Any]:
+    """Ask ``QUESTION`` of the assistant in a Chat; answer its approval request; what the chat held."""
+    decision: dict[str, Any] = {"approved": approved} | ({"reason": reason} if reason is not None else {})
+    (seen,) = await drive(server, {"kind": "approval", "chatId": chat_id, "text": QUESTION, "body": ASSISTANT,
+                                   "decisions": [decision], **step})
+    return seen
+
+
+def requested_call(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tool part of the chat's last message (the assistant's), waiting for its approval."""
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    (tool,) = parts_of(messages[-1], "dynamic-tool")
+    assert tool["state"] == "approval-requested" and tool["toolName"] == "calculator"
+    assert tool["input"] == {"expression": "(2 + 3) * 7"} and tool["approval"] == {"id": tool["toolCallId"]}
+    return tool
+
+
+def answered(seen: dict[str, Any], message_id: str) -> tuple[dict[str, Any], str]:
+    """The answered tool part and the text after it, checking the answer continued the same one message."""
+    assert seen["error"] is None and seen["status"] == "ready" and seen["answered"] == 1
+    messages = seen["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # one assistant message, continued
+    message = messages[-1]
+    assert message["id"] == message_id
+    (tool,) = parts_of(message, "dynamic-tool")
+    texts = [i for i, p in enumerate(message["parts"]) if p["type"] == "text"]
+    assert len(texts) == 1 and texts[0] > message["parts"].index(tool)  # the text follows the tool part
+    # addToolApprovalResponse's automatic send: the assistant message, its part approval-responded
+    send = seen["sent"][-1]
+    assert send["type"] == "send" and send["trigger"] == "submit-message" and send["messageId"] == message_id
+    assert [p["state"] for p in send["last"]] == ["approval-responded"]
+    request, continued = seen["responses"]  # the response that stopped at the request (or its replay), and the rest
+    assert request[-3:] == ["tool-approval-request", "finish-step", "finish"]
+    assert continued[:2] == ["start", "tool-approval-response"] and continued[-1] == "finish"
+    # the approved tool's output belongs to the step that called it (as streamText puts it): no empty step
+    assert len(parts_of(message, "step-start")) == 2
+    return tool, message["parts"][texts[0]]["text"]
+
+
+async def test_approve_a_tool_call_and_the_message_goes_on(make_server: ServerFactory, sim: SimulatorServer,
+                                                           ) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    seen = await approval(server, "chat-approve-0123456789", approved=True)
+    assert seen["firstError"] is None and seen["resumed"] is None
+    call = requested_call(seen["requested"])
+    tool, text = answered(seen, seen["requested"][-1]["id"])
+    assert tool["toolCallId"] == call["toolCallId"] and tool["state"] == "output-available"
+    assert tool["output"] == "(2 + 3) * 7 = 35" and tool["approval"] == {"id": call["toolCallId"], "approved": True}
+    assert text == "Based on the tool results: (2 + 3) * 7 = 35."
+    assert "tool-output-available" in seen["responses"][1] and "tool-output-denied" not in seen["responses"][1]
+    assert seen["statuses"] == ["ready", "submitted", "streaming", "ready", "submitted", "streaming", "ready"]
+    (run,) = [r for r in local_broker(server) if r.id == "ai-sdk:chat-approve-0123456789"]
+    assert run.outcome == "done"
+    assert sim.simulator.stats.streams == 2  # the call, then the answer: one run, continued
+
+
+async def test_deny_a_tool_call_with_a_reason(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    seen = await approval(server, "chat-deny-0123456789", approved=False, reason="not now")
+    call = requested_call(seen["requested"])
+    tool, text = answered(seen, seen["requested"][-1]["id"])
+    assert tool["state"] == "output-denied" and "output" not in tool
+    assert tool["approval"] == {"id": call["toolCallId"], "approved": False, "reason": "not now"}
+    assert "denied the call to calculator: not now" in text  # the model was told
+    assert "tool-output-denied" in seen["responses"][1] and "tool-output-available" not in seen["responses"][1]
+
+
+@pytest.mark.parametrize("keep", ["all", "user"])
+async def test_approve_after_a_page_reload(make_server: ServerFactory, sim: SimulatorServer, keep: str) -> None:
+    """The page goes while the approval waits; a new Chat with the chat's id resumes it (``resume: true``), gets
+    the request back and answers it there. ``keep``: the messages the new page starts from (a page that stores
+    them all, or only the user's)."""
+    server = await make_server(approval_tools=("calculator",))
+    chat = f"chat-reload-{keep}-0123456789"
+    seen = await approval(server, chat, approved=True, reload=True, keep=keep)
+    call = requested_call(seen["requested"])
+    resumed = seen["resumed"]
+    assert resumed["error"] is None and resumed["status"] == "ready"
+    assert requested_call(resumed["messages"]) == call  # replayed up to the pending request, stopping there
+    assert resumed["messages"][-1]["id"] == seen["requested"][-1]["id"]
+    assert seen["sent"][0] == {"type": "resume"}
+    tool, text = answered(seen, seen["requested"][-1]["id"])
+    assert tool["state"] == "output-available" and tool["output"] == "(2 + 3) * 7 = 35"
+    assert text == "Based on the tool results: (2 + 3) * 7 = 35."
+    assert sim.simulator.stats.streams == 2  # resumed from wsagent, not asked again
+
+
+async def test_approve_after_a_reload_of_a_page_that_kept_no_messages(make_server: ServerFactory) -> None:
+    """A page that does not store its messages: after the reload its chat holds only the replayed message."""
+    server = await make_server(approval_tools=("calculator",))
+    seen = await approval(server, "chat-reload-none-0123456789", approved=True, reload=True, keep="none")
+    assert [m["role"] for m in seen["resumed"]["messages"]] == ["assistant"]
+    assert seen["error"] is None
+    (tool,) = parts_of(seen["messages"][-1], "dynamic-tool")
+    assert tool["state"] == "output-available"
+
+
 def send_frame(request_id: str, chat_id: str, messages: Any, **extra: Any) -> str:
     return json.dumps({"type": "send", "requestId": request_id, "id": chat_id, "trigger": "submit-message",
                        "messages": messages, "headers": {}, "body": {}, **extra})

@@ -6,7 +6,11 @@
 // The plan names the server's URL and a list of steps; the script prints one JSON line: what each
 // step saw (the assembled UI message, the chunk types in order, an error's text). Node 20 has no
 // global WebSocket, so the `ws` package's is passed to the transport, as the issue found works.
-import { WebSocketChatTransport, readUIMessageStream } from 'ai';
+// The approval steps use the real `Chat` of '@ai-sdk/react' (useChat's state, no rendering needed).
+import { Chat } from '@ai-sdk/react';
+import {
+  WebSocketChatTransport, isToolUIPart, lastAssistantMessageIsCompleteWithApprovalResponses, readUIMessageStream,
+} from 'ai';
 import WebSocket from 'ws';
 
 const plan = JSON.parse(process.argv[2]);
@@ -42,6 +46,100 @@ async function assemble(stream, { stopWhen, onChunk } = {}) {
     error = String(e?.message ?? e);
   }
   return { message, types, error };
+}
+
+// A transport that records what it sent (the frames, parsed) and the chunk types of each response.
+function recordingTransport(extra = {}) {
+  const sent = [];
+  const responses = [];
+  class RecordingSocket extends WebSocket {
+    send(data, ...rest) {
+      sent.push(JSON.parse(data));
+      return super.send(data, ...rest);
+    }
+  }
+  const record = stream => {
+    if (stream == null) return stream;
+    const types = [];
+    responses.push(types);
+    return stream.pipeThrough(new TransformStream({
+      transform(chunk, controller) { types.push(chunk.type); controller.enqueue(chunk); },
+    }));
+  };
+  class Recording extends WebSocketChatTransport {
+    async sendMessages(options) { return record(await super.sendMessages(options)); }
+    async reconnectToStream(options) { return record(await super.reconnectToStream(options)); }
+  }
+  const t = new Recording({ url: plan.url, webSocket: RecordingSocket, ...plan.transport, ...extra });
+  return { transport: t, sent, responses };
+}
+
+// What a chat's messages are, for the report: each part's type and state, tool parts' name, input,
+// output, approval.
+function report(messages) {
+  return messages.map(m => ({
+    id: m.id,
+    role: m.role,
+    parts: m.parts.map(p => {
+      const part = { type: p.type };
+      for (const key of ['state', 'toolName', 'toolCallId', 'input', 'output', 'errorText', 'approval', 'text']) {
+        if (p[key] !== undefined) part[key] = p[key];
+      }
+      return part;
+    }),
+  }));
+}
+
+// Resolves with `check()`'s first truthy value, re-checked on every change of the chat's status or
+// messages (event driven); fails after `limit` ms with what the chat held then.
+function until(chat, check, what, limit = 20000) {
+  return new Promise((resolve, reject) => {
+    const offs = [];
+    const done = () => { offs.forEach(off => off()); clearTimeout(timer); };
+    const test = () => {
+      const value = check();
+      if (value) { done(); resolve(value); }
+    };
+    const timer = setTimeout(() => {
+      done();
+      reject(new Error(`timed out waiting for ${what}: status ${chat.status}, ` +
+                       `messages ${JSON.stringify(report(chat.messages))}`));
+    }, limit);
+    offs.push(chat['~registerStatusCallback'](test), chat['~registerMessagesCallback'](test));
+    test();
+  });
+}
+
+// The chat's tool parts waiting for an answer (in its last message, the assistant's).
+function pendingApprovals(chat) {
+  const last = chat.lastMessage;
+  if (last?.role !== 'assistant') return [];
+  return last.parts.filter(p => isToolUIPart(p) && p.state === 'approval-requested');
+}
+
+// A Chat as useChat makes it, on a recording transport; its statuses in order.
+function chatWith(chatId, messages = [], body = undefined) {
+  const recorded = recordingTransport(body ? { body } : {});
+  const chat = new Chat({
+    id: chatId, messages, transport: recorded.transport,
+    sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithApprovalResponses,
+  });
+  const statuses = [chat.status];
+  chat['~registerStatusCallback'](() => statuses.push(chat.status));
+  return { chat, statuses, ...recorded };
+}
+
+// Answer each pending approval (`decisions` in order) and wait for the automatic send's response to end.
+async function answer(chat, statuses, decisions) {
+  const pending = pendingApprovals(chat);
+  const mark = statuses.length;
+  for (const [i, part] of pending.entries()) {
+    const { approved, reason } = decisions[Math.min(i, decisions.length - 1)];
+    await chat.addToolApprovalResponse({ id: part.approval.id, approved, reason });
+  }
+  await until(chat, () => statuses.slice(mark).includes('submitted') && (chat.status === 'ready' || chat.status === 'error'),
+              'the automatic send after the approval to end');
+  return pending.length;
 }
 
 const steps = {
@@ -108,6 +206,48 @@ const steps = {
     t.close();
     return { resumed: resumed === null ? null : 'stream' };
   },
+};
+
+// Human in the loop with the real Chat (useChat's class): send `text`; once the response stops at its
+// approval request (status ready, a tool part in approval-requested), answer it with `decisions`
+// (addToolApprovalResponse); sendAutomaticallyWhen sends the answers and the message continues.
+// `reload`: before answering, the page goes (its socket closes) and a new Chat with the same id,
+// starting from `keep` of the first one's messages ('all' as a page that stores them, 'user', 'none'),
+// resumes the chat on a new transport (resumeStream, what useChat's `resume: true` calls) and answers there.
+steps.approval = async function approval(step) {
+  const first = chatWith(step.chatId, [], step.body);
+  await first.chat.sendMessage({ text: step.text });
+  const requested = report(first.chat.messages);
+  const firstError = first.chat.error?.message ?? null;
+  await until(first.chat, () => first.chat.status === 'ready' && pendingApprovals(first.chat).length > 0,
+              'an approval request');
+  let answering = first;
+  let resumed = null;
+  if (step.reload) {
+    first.transport.close();  // the page goes away
+    const kept = { all: first.chat.messages, user: first.chat.messages.filter(m => m.role === 'user'), none: [] };
+    const second = chatWith(step.chatId, structuredClone(kept[step.keep ?? 'all']), step.body);
+    await second.chat.resumeStream();
+    resumed = { messages: report(second.chat.messages), status: second.chat.status,
+                error: second.chat.error?.message ?? null };
+    await until(second.chat, () => second.chat.status === 'ready' && pendingApprovals(second.chat).length > 0,
+                'the approval request, resumed');
+    answering = second;
+  }
+  const answered = await answer(answering.chat, answering.statuses, step.decisions);
+  const result = {
+    requested, firstError, resumed, answered,
+    messages: report(answering.chat.messages),
+    status: answering.chat.status,
+    error: answering.chat.error?.message ?? null,
+    statuses: answering.statuses,
+    responses: answering.responses,
+    sent: answering.sent.map(f => ({ type: f.type, trigger: f.trigger, messageId: f.messageId,
+                                     roles: f.messages?.map(m => m.role),
+                                     last: f.messages?.at(-1)?.parts.filter(isToolUIPart) })),
+  };
+  await answering.chat.dispose();
+  return result;
 };
 
 const out = [];

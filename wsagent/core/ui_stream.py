@@ -77,7 +77,7 @@ class UIChunks:
     """
 
     __slots__ = ("_prefix", "_end", "_message_id", "sequence", "_text", "_reasoning", "_parts", "_steps",
-                 "_usage", "_model", "_agents", "_announced", "_quiet", "_steers")
+                 "_usage", "_model", "_agents", "_announced", "_quiet", "_steers", "_step_due")
 
     def __init__(self, request_id: str, message: str, continues: frozenset[str] = frozenset()) -> None:
         """``continues``: the call ids of the approval requests this request answered. It renders nothing
@@ -96,6 +96,7 @@ class UIChunks:
         self._announced: set[str] = set()  # calls whose input the client has (with their approval request)
         self._quiet = set(continues)
         self._steers = 0
+        self._step_due = False  # a continued message: its next model output starts a step (its tool outputs do not)
 
     def _chunk(self, out: list[str], chunk: str) -> None:
         out.append(f'{self._prefix}{self.sequence},"chunk":{chunk}}}')
@@ -131,7 +132,8 @@ class UIChunks:
             if not quiet:
                 self.sequence = 0
                 self._close([])
-                self._start(out)
+                self._start(out, step=False)
+                self._step_due = True
 
     def pause(self, out: list[str]) -> None:
         """The run waits for approvals: this response ends (``finish`` with reason ``tool-calls``), so that
@@ -149,15 +151,24 @@ class UIChunks:
         self._chunk(out, '{"type":"finish"}')
         out.append(self._end)
 
-    def _start(self, out: list[str], fields: dict[str, Any] | None = None) -> None:
+    def _start(self, out: list[str], fields: dict[str, Any] | None = None, step: bool = True) -> None:
         metadata = {k: fields[k] for k in ("model", "agent", "workflow") if fields and fields.get(k) is not None}
         if not metadata and self._model:
             metadata["model"] = self._model
         self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": metadata})
-        self._chunk(out, '{"type":"start-step"}')
+        if step:
+            self._chunk(out, '{"type":"start-step"}')
+
+    def _step(self, out: list[str]) -> None:
+        """The step a continued message's model output opens (as ``streamText`` puts the approved tools'
+        outputs before its first step)."""
+        if self._step_due:
+            self._step_due = False
+            self._chunk(out, '{"type":"start-step"}')
 
     def _open(self, out: list[str], kind: str, author: Author) -> str:
         """Start a text or reasoning part for ``author`` (closing its part of the other kind)."""
+        self._step(out)
         other = self._reasoning if kind == "text" else self._text
         if author in other:
             self._emit(out, {"type": f"{'reasoning' if kind == 'text' else 'text'}-end", "id": other.pop(author)})
@@ -193,6 +204,7 @@ class UIChunks:
         elif name == "action" and fields.get("call_id", "") in self._announced:
             pass  # its input went out with its approval request
         elif name in ("tool_call", "action", "approval_request"):
+            self._step(out)
             self._close(out, author)
             self._agent_seen(out, author)
             call_id, tool, arguments = fields.get("call_id", ""), fields.get("name", ""), fields.get("arguments", "")
@@ -227,6 +239,7 @@ class UIChunks:
                 self._emit(out, {"type": "tool-output-available", "toolCallId": call_id,
                                  "output": fields.get("content", ""), "dynamic": True})
             if self._steps:
+                self._step_due = False
                 self._close(out)
                 self._chunk(out, '{"type":"finish-step"}')
                 self._chunk(out, '{"type":"start-step"}')
@@ -316,15 +329,18 @@ def chat_messages(ui_messages: Any) -> list[dict[str, Any]]:
 
 def approval_responses(ui_messages: Any) -> list[tuple[str, bool, str | None]]:
     """The approvals a ``send`` answers: (approval id, approved, reason) of each tool part of the last
-    message, if it is the assistant's, in state ``approval-responded`` (``addToolApprovalResponse``).
-    Call after :func:`chat_messages` has checked the messages' shape."""
+    message, if it is the assistant's, in state ``approval-responded`` (``addToolApprovalResponse``): all a
+    page reloaded without its messages may send."""
     last = ui_messages[-1] if isinstance(ui_messages, list) and ui_messages else None
     if not isinstance(last, dict) or last.get("role") != "assistant":
         return []
     found: list[tuple[str, bool, str | None]] = []
-    for part in last.get("parts") or []:
-        approval = part.get("approval") if isinstance(part, dict) else None
-        if part.get("state") != "approval-responded" or not isinstance(approval, dict):
+    parts = last.get("parts")
+    for part in parts[:MAX_PARTS] if isinstance(parts, list) else ():
+        if not isinstance(part, dict) or part.get("state") != "approval-responded":
+            continue
+        approval = part.get("approval")
+        if not isinstance(approval, dict):
             continue
         approval_id, approved, reason = approval.get("id"), approval.get("approved"), approval.get("reason")
         if not isinstance(approval_id, str) or not isinstance(approved, bool):

@@ -131,8 +131,8 @@ class AISDKSession:
         policy = body.get("on_busy", self.app.settings.on_busy)
         if policy not in _POLICIES:
             raise ProtocolViolation(f"'on_busy' must be one of {', '.join(_POLICIES)}")
-        messages = chat_messages(frame.get("messages"))
         answers = approval_responses(frame.get("messages"))
+        messages = [] if answers else chat_messages(frame.get("messages"))
         app = self.app
         previous = await app.existing_run(scope, run_id)
         if previous is not None:  # (produced on another node: its copy says whether it has ended)

@@ -2,8 +2,11 @@
 // Built with `npm run build:example` (esbuild) into dist/app.js; open index.html from any static server.
 // ?ws=ws://host:port/ws/ai-sdk picks the server (default: port 8000 on this page's host),
 // ?agent=assistant or ?workflow=market-analysis picks what answers (default: the model).
+// A tool call that needs a person's approval (wsagent's --approval-tools) shows Approve and Deny:
+// addToolApprovalResponse records the answer and sendAutomaticallyWhen sends it, and the answer goes on
+// in the same message.
 import { useChat } from '@ai-sdk/react';
-import { WebSocketChatTransport } from 'ai';
+import { WebSocketChatTransport, lastAssistantMessageIsCompleteWithApprovalResponses } from 'ai';
 import { useEffect, useMemo, useRef, useState } from 'react';
 import { createRoot } from 'react-dom/client';
 
@@ -51,26 +54,44 @@ function useResumeOnDrop({ status, error, resumeStream }) {
   }, [status, error, resumeStream]);
 }
 
-function Part({ part }) {
+function ToolPart({ part, answer }) {
+  const name = part.toolName ?? part.type.slice(5);
+  const call = `🔧 ${name}(${JSON.stringify(part.input ?? {})})`;
+  if (part.state === 'approval-requested') {
+    const id = part.approval.id;
+    return (
+      <div className="tool approval" data-state={part.state} data-tool={name}>
+        <span>{call} needs your approval</span>
+        <button className="approve" type="button" onClick={() => answer({ id, approved: true })}>Approve</button>
+        <button className="deny" type="button"
+                onClick={() => answer({ id, approved: false, reason: 'denied in the example app' })}>Deny</button>
+      </div>
+    );
+  }
+  const result = part.state === 'output-available' ? ` → ${JSON.stringify(part.output)}`
+    : part.state === 'output-error' ? ` → error: ${part.errorText}`
+    : part.state === 'output-denied' ? ` → denied${part.approval?.reason ? ` (${part.approval.reason})` : ''}`
+    : part.state === 'approval-responded' ? (part.approval.approved ? ' → approved …' : ' → denied …') : ' …';
+  return <div className="tool" data-state={part.state} data-tool={name}>{call}{result}</div>;
+}
+
+function Part({ part, answer }) {
   if (part.type === 'text') return <p className="text">{part.text}</p>;
   if (part.type === 'reasoning') return <p className="reasoning">{part.text}</p>;
-  if (part.type === 'dynamic-tool' || part.type.startsWith('tool-')) {
-    const name = part.toolName ?? part.type.slice(5);
-    const result = part.state === 'output-available' ? ` → ${JSON.stringify(part.output)}`
-      : part.state === 'output-error' ? ` → error: ${part.errorText}` : ' …';
-    return <div className="tool">🔧 {name}({JSON.stringify(part.input ?? {})}){result}</div>;
-  }
+  if (part.type === 'dynamic-tool' || part.type.startsWith('tool-')) return <ToolPart part={part} answer={answer} />;
   if (part.type === 'data-agent') return <div className="agent">{part.data.agent}: {part.data.status}</div>;
   return null;
 }
 
 function App() {
   const transport = useMemo(() => new WebSocketChatTransport({ url, body }), []);
-  const { messages, sendMessage, status, stop, error, resumeStream } = useChat({
+  const { messages, sendMessage, status, stop, error, resumeStream, addToolApprovalResponse } = useChat({
     id: chatId(),
     messages: JSON.parse(localStorage.getItem('wsagent-chat-messages') ?? '[]'),
     transport,
     resume: true,
+    // the answers to a message's approval requests go to the server once all are given
+    sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithApprovalResponses,
   });
   useResumeOnDrop({ status, error, resumeStream });
   useEffect(() => {
@@ -86,7 +107,7 @@ function App() {
         {messages.map(m => (
           <li key={m.id} className={m.role} data-id={m.id}>
             <div className="role">{m.role}</div>
-            {m.parts.map((part, i) => <Part key={i} part={part} />)}
+            {m.parts.map((part, i) => <Part key={i} part={part} answer={addToolApprovalResponse} />)}
           </li>
         ))}
       </ol>

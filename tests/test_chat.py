@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import socket
@@ -14,6 +15,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from wsagent.core.chunks import TextDelta
 from wsagent.engine.pump import pump
 from wsagent.engine.run import Run
 from wsagent.upstream.completion import estimate_tokens, model_batches
@@ -22,6 +24,7 @@ from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
 from .helpers import (
+    LIMIT,
     ServerFactory,
     check_sequence,
     content,
@@ -460,3 +463,151 @@ async def test_an_unknown_run_is_explained_with_or_without_its_key(server: WsAge
             assert with_key["code"] == without["code"] == "unknown_run"
             assert "with that key" in with_key["message"] and "send" not in with_key["message"]
             assert "of yours" in without["message"] and "needs its key" in without["message"]
+
+
+# Text mode while an answer streams: the busy policy (--on-busy, or /ws/chat?on_busy=...).
+
+BUSY = "[ERROR] busy: an answer is still streaming (on_busy=reject); send again once it ends"
+NOT_STEERED = "[NOTE] not steered: a model's answer has no step to join; queued as the next prompt"
+DONE = "\n[DONE]"
+INTERRUPTED = "\n[CANCELLED] interrupted by a new message"
+#: Streams for about 0.3 s: still streaming when the next prompt, sent on its first frame, arrives.
+FIRST = "first sim:rate=200 sim:tokens=60 sim:reasoning=0"
+ENDLESS = "first sim:rate=200 sim:tokens=100000 sim:reasoning=0"
+SECOND = "second sim:tokens=8 sim:reasoning=0"
+
+
+async def expected_reply(sim: SimulatorServer, messages: list[dict[str, Any]]) -> str:
+    """The simulator's deterministic answer to ``messages`` (a prompt after a history)."""
+    client = upstream_for(sim)
+    parts = [e.text async for e in client.stream(messages) if isinstance(e, TextDelta) and e.kind == "content"]
+    await client.close()
+    return "".join(parts)
+
+
+async def frames_until_ended(ws: ClientConnection, answers: int) -> list[str]:
+    """Text-mode frames, as sent, until ``answers`` answers have ended (``[DONE]`` or ``[CANCELLED]``)."""
+    frames: list[str] = []
+    ended = 0
+    async with asyncio.timeout(LIMIT):
+        while ended < answers:
+            frame = await ws.recv()
+            assert isinstance(frame, str)
+            frames.append(frame)
+            ended += frame == DONE or frame.startswith("\n[CANCELLED]")
+    return frames
+
+
+async def send_busy(ws: ClientConnection, first: str, second: str, same_read: bool) -> list[str]:
+    """Send ``second`` while ``first`` is being answered: both in one write (the server reads them together),
+    or once ``first``'s answer streams (its first frame is returned)."""
+    if same_read:
+        ws.protocol.send_text(first.encode())
+        ws.protocol.send_text(second.encode())
+        ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        return []
+    await ws.send(first)
+    async with asyncio.timeout(LIMIT):
+        streaming = await ws.recv()
+    assert isinstance(streaming, str) and streaming not in (DONE, BUSY, NOT_STEERED)
+    await ws.send(second)
+    return [streaming]
+
+
+async def busy_server(make_server: ServerFactory, policy: str, via: str) -> tuple[WsAgentServer, str]:
+    """A server and the path to connect to, for ``policy`` as the server's default or as the connection's
+    own, overriding another default."""
+    if via == "server":
+        return await make_server(on_busy=policy), "/ws/chat"
+    return await make_server(on_busy="reject" if policy == "interrupt" else "interrupt"), f"/ws/chat?on_busy={policy}"
+
+
+BUSY_CASES = [pytest.param(policy, via, same_read, id=f"{policy}-{via}-{'same_read' if same_read else 'streaming'}")
+              for policy in ("enqueue", "steer") for via in ("server", "connection") for same_read in (True, False)]
+
+
+@pytest.mark.parametrize(("policy", "via", "same_read"), BUSY_CASES)
+async def test_text_mode_busy_queues_the_prompt(make_server: ServerFactory, sim: SimulatorServer, policy: str,
+                                                via: str, same_read: bool) -> None:
+    """enqueue, and steer (a model's answer has no step to join: queued, and the client told so): the prompt
+    is answered once the running answer has ended, with that answer in its history."""
+    server, path = await busy_server(make_server, policy, via)
+    async with ws_connect(server, path) as ws:
+        frames = await send_busy(ws, FIRST, SECOND, same_read)
+        frames += await frames_until_ended(ws, 2)
+    if policy == "steer":
+        assert frames.count(NOT_STEERED) == 1
+        assert frames.index(NOT_STEERED) < frames.index(DONE)  # told before the running answer ended
+        frames.remove(NOT_STEERED)
+    first = await expected_text(sim, FIRST)
+    second = await expected_reply(sim, [{"role": "user", "content": FIRST}, {"role": "assistant", "content": first},
+                                        {"role": "user", "content": SECOND}])
+    assert "".join(frames) == first + DONE + second + DONE
+    assert frames.count(DONE) == 2
+
+
+@pytest.mark.parametrize(("via", "same_read"), [(via, same_read) for via in ("server", "connection")
+                                                for same_read in (True, False)])
+async def test_text_mode_busy_reject_leaves_the_answer_untouched(make_server: ServerFactory, sim: SimulatorServer,
+                                                                 via: str, same_read: bool) -> None:
+    server, path = await busy_server(make_server, "reject", via)
+    async with ws_connect(server, path) as ws:
+        frames = await send_busy(ws, FIRST, SECOND, same_read)
+        frames += await frames_until_ended(ws, 1)
+        assert frames.count(BUSY) == 1 and frames.index(BUSY) < frames.index(DONE)
+        frames.remove(BUSY)
+        assert sim.simulator.stats.requests == 1  # the refused prompt was never asked
+        assert "".join(frames) == await expected_text(sim, FIRST) + DONE  # byte for byte, whole
+        await ws.send(SECOND)  # once it has ended, a prompt is answered, after the history of the first alone
+        assert (await frames_until_ended(ws, 1))[-1] == DONE
+    sent = sim.simulator.stats.last_body
+    assert sent is not None
+    assert [m["content"] for m in sent["messages"] if m["role"] == "user"] == [FIRST, SECOND]
+
+
+@pytest.mark.parametrize(("via", "same_read"), [(via, same_read) for via in ("server", "connection")
+                                                for same_read in (True, False)])
+async def test_text_mode_busy_interrupt_cancels_and_answers(make_server: ServerFactory, sim: SimulatorServer,
+                                                            via: str, same_read: bool) -> None:
+    server, path = await busy_server(make_server, "interrupt", via)
+    async with ws_connect(server, path) as ws:
+        frames = await send_busy(ws, ENDLESS, SECOND, same_read)
+        frames += await frames_until_ended(ws, 2)
+    cut = frames.index(INTERRUPTED)
+    assert frames.count(INTERRUPTED) == 1 and frames[-1] == DONE and frames.count(DONE) == 1
+    assert bool(frames[:cut]) is not same_read  # (read together, the first was cancelled before it streamed)
+    stats = sim.simulator.stats
+    assert stats.requests == (1 if same_read else 2)
+    sent = stats.last_body
+    assert sent is not None and sent["messages"] == [{"role": "user", "content": SECOND}]  # the first forgotten
+    assert "".join(frames[cut + 1:]) == await expected_text(sim, SECOND) + DONE
+    assert server.metrics.runs["cancelled"] == 1 and server.metrics.runs["done"] == 1
+    assert server.metrics.cancellations["interrupted by a new message"] == 1
+
+
+async def test_text_mode_interrupt_cancels_what_was_queued_too(make_server: ServerFactory,
+                                                                sim: SimulatorServer) -> None:
+    """Prompts queued under enqueue, then --on-busy interrupt by a reload: the next prompt cancels the running
+    answer and the queued one (each ends with one [CANCELLED]), and is answered even at the limit of runs."""
+    server = await make_server(max_runs_per_connection=2)
+    async with ws_connect(server, "/ws/chat") as ws:
+        frames = await send_busy(ws, ENDLESS, "queued sim:tokens=5", same_read=False)
+        server.reload(dataclasses.replace(server.settings, on_busy="interrupt"))
+        await ws.send(SECOND)
+        frames += await frames_until_ended(ws, 3)
+    first_ended = frames.index(INTERRUPTED)
+    assert frames[first_ended:first_ended + 2] == [INTERRUPTED, INTERRUPTED]
+    assert frames[-1] == DONE and frames.count(DONE) == 1
+    assert sim.simulator.stats.requests == 2  # the queued prompt was never asked
+    assert "".join(frames[first_ended + 2:]) == await expected_text(sim, SECOND) + DONE
+    assert server.metrics.cancellations["interrupted by a new message"] == 2
+
+
+@pytest.mark.parametrize("query", ["on_busy=later", "on_busy=", "on_busy=reject&on_busy=interrupt"])
+async def test_text_mode_bad_on_busy_closes_1008(server: WsAgentServer, query: str) -> None:
+    async with ws_connect(server, f"/ws/chat?{query}") as ws:
+        async with asyncio.timeout(LIMIT):
+            assert await ws.recv() == "[ERROR] on_busy must be one of enqueue, reject, interrupt, steer"
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+    assert ws.close_code == 1008

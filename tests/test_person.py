@@ -4,6 +4,7 @@ server, the real ``websockets`` client and the simulated model over real HTTP.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -270,3 +271,20 @@ def test_the_workflows_file_names_tools_that_need_approval(sim: SimulatorServer)
     with pytest.raises(ValueError, match="needs_approval names tools the agent lacks"):
         build_workflows({"w": {"agents": [{"name": "a", "needs_approval": ["calculator"]}]}}, upstream_for(sim),
                         BUILTIN_TOOLS)
+
+
+async def test_a_reload_turns_approvals_on_for_the_next_run(server: WsAgentServer) -> None:
+    """``--approval-tools`` is read when a run starts (the workflows are built again): a SIGHUP reload applies
+    to the next run of an open socket, the built-in agent's and a workflow's alike."""
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "before", CALC, agent="assistant")
+        events = await run_events(ws, "before")
+        assert "approval_request" not in [e["type"] for e in events] and events[-1]["type"] == "done"
+        server.reload(dataclasses.replace(server.settings, approval_tools=("calculator",), approval_timeout=0.3))
+        await start_run(ws, "after", CALC, agent="assistant")
+        await until(ws, "approval_request", "after")
+        events = await run_events(ws, "after")
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "approval_timeout"
+        await start_run(ws, "flow", "Assess 12 * 7 for the market", workflow="market-analysis")
+        request, _ = await until(ws, "approval_request", "flow")
+        assert request["agent"] == "financial-analyst"

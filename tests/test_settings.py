@@ -34,12 +34,13 @@ RELOADED = {
     "jwt_algorithms", "jwt_audience", "jwt_issuer", "jwt_user_claim", "jwt_leeway", "require_auth",
     "allowed_origins", "max_connections_per_ip", "max_connections_per_user", "messages_per_second",
     "message_burst", "max_runs_per_user", "max_runs_per_ip", "run_max_seconds", "run_max_tokens", "transcripts_dir",
-    "log_level",
+    "log_level", "approval_tools", "approval_timeout", "on_busy",
 }
 
 CHOICES = {"event_loop": "'auto', 'uvloop' or 'asyncio'", "compression": "'deflate' or 'off'",
            "client_id_policy": "'replace' or 'reject'", "upstream_api": "'chat' or 'responses'",
-           "log_format": "'text' or 'json'", "log_level": "'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"}
+           "log_format": "'text' or 'json'", "log_level": "'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
+           "on_busy": "'enqueue', 'reject', 'interrupt' or 'steer'"}
 
 
 def spec(name: str) -> Spec:

@@ -23,8 +23,8 @@ from .tuning import DEFAULT_GC_THRESHOLDS
 
 log = logging.getLogger("wsagent.config")
 
-__all__ = ["Settings", "Spec", "setting", "build_parser", "load_settings", "settings_table", "read_env_file",
-           "RELOADABLE"]
+__all__ = ["Settings", "Spec", "BUSY_POLICIES", "setting", "build_parser", "load_settings", "settings_table",
+           "read_env_file", "RELOADABLE"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Spec:
     upstream: str | None = None
     #: The field of :class:`~wsagent.upstream.simulator.SimulatorSettings` it sets (the built-in simulator's).
     simulator: str | None = None
+
+#: What a message sent while an answer streams may do (``--on-busy``, ``?on_busy=``, ``body.on_busy``).
+BUSY_POLICIES = ("enqueue", "reject", "interrupt", "steer")
 
 
 def setting(default: Any, help: str, *, group: str = "server", env: str | None = None, reload: bool = False,
@@ -109,7 +112,7 @@ class Settings:
     agents: str = setting("", "your own agents, served by name: module:attribute or path/file.py:attribute, a dict of name to factory (repeatable; see docs/agents.md)", group="relay", repeat=True, reload=True)
     approval_tools: tuple[str, ...] = setting((), "tools the built-in and workflow agents ask a person about before each call, comma-separated (*: all)", group="relay", reload=True)
     approval_timeout: float = setting(300.0, "seconds an approval request waits for its answer; then the run ends with error approval_timeout", group="relay", reload=True)
-    on_busy: str = setting("enqueue", "a message while an answer streams (text mode, AI SDK chats): enqueue, reject, interrupt or steer", group="relay", choices=("enqueue", "reject", "interrupt", "steer"), reload=True)
+    on_busy: str = setting("enqueue", "a message while an answer streams (text mode, AI SDK chats): enqueue, reject, interrupt or steer", group="relay", choices=BUSY_POLICIES, reload=True)
     workflows: str | None = setting(None, "JSON file of named workflows (unset: the examples shipped in the package)", group="relay", reload=True)
 
     jwt_secret: str | None = setting(None, "HS256 secret for JWTs (prefer the environment or a file; never logged)", group="auth", reload=True)

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from ..core.config import BUSY_POLICIES
 from ..core.errors import ClusterUnavailable, ProtocolViolation
 from ..core.events import encode_message, json_object
 from ..core.ui_stream import UIChunks, approval_responses, chat_messages, last_user_text, message_id
@@ -50,7 +51,6 @@ CLOSE_INVALID_FRAME = 1008
 #: A binary frame: the transport sends text only.
 CLOSE_BINARY_FRAME = 1003
 _MAX_ID = 128
-_POLICIES = ("enqueue", "reject", "interrupt", "steer")
 #: How long an interrupted response may take to end before the new one starts anyway.
 _INTERRUPT_LIMIT = 10.0
 
@@ -129,8 +129,8 @@ class AISDKSession:
         if not isinstance(body, dict):
             raise ProtocolViolation("'body' must be an object")
         policy = body.get("on_busy", self.app.settings.on_busy)
-        if policy not in _POLICIES:
-            raise ProtocolViolation(f"'on_busy' must be one of {', '.join(_POLICIES)}")
+        if policy not in BUSY_POLICIES:
+            raise ProtocolViolation(f"'on_busy' must be one of {', '.join(BUSY_POLICIES)}")
         answers = approval_responses(frame.get("messages"))
         messages = [] if answers else chat_messages(frame.get("messages"))
         app = self.app

@@ -4,14 +4,18 @@ A text frame that parses as a JSON object with a string ``type`` is a protocol
 message; anything else is a text-mode prompt. docs/protocol.md has the table of
 message types. Each run is a :class:`~wsagent.engine.run.Run` driven by its own task; this
 module only validates requests and wires runs to the connection's outbox.
+
+A text prompt sent while an answer streams follows the connection's busy policy
+(``/ws/chat?on_busy=...``, else ``--on-busy``, read at each prompt): see :meth:`ChatSession.text_prompt`.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from ..core.config import Settings
+from ..core.config import BUSY_POLICIES, Settings
 from ..core.errors import ClusterUnavailable, ProtocolViolation
 from ..core.events import Producer, Snapshot, encode, encode_message, json_object
 from ..core.render import TextMode
@@ -21,13 +25,18 @@ from ..transport.connections import Connection
 from ..upstream.completion import estimate_tokens, model_batches
 from .app import App
 
-__all__ = ["chat", "ChatSession"]
+__all__ = ["chat", "ChatSession", "CLOSE_BAD_POLICY"]
 
 log = logging.getLogger("wsagent.chat")
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _MAX_ID = 128
 _MAX_REASON = 1000
+#: ``/ws/chat?on_busy=<policy>`` names no policy.
+CLOSE_BAD_POLICY = 1008
+_INTERRUPTED = "interrupted by a new message"
+_BUSY = "[ERROR] busy: an answer is still streaming (on_busy=reject); send again once it ends"
+_NOT_STEERED = "[NOTE] not steered: a model's answer has no step to join; queued as the next prompt"
 
 
 class ChatSession:
@@ -36,7 +45,8 @@ class ChatSession:
         self.conn = conn
         self.history: list[dict[str, str]] = []  # a list: an empty deque costs 760 bytes per connection
         self.text_runs = 0
-        self._last_text_run: Run | None = None
+        self.on_busy: str | None = None  # the connection's own policy; None: the server's, read at each prompt
+        self._answering: list[Run] = []  # the text prompts not yet answered, oldest first
 
     @property
     def settings(self) -> Settings:
@@ -44,6 +54,13 @@ class ChatSession:
         return self.app.settings
 
     async def serve(self) -> None:
+        try:
+            self.on_busy = _on_busy(self.conn)
+        except ProtocolViolation as exc:  # refused before any prompt: a line the client can show, then the close
+            self.reply(f"[ERROR] {exc.message}")
+            self.conn.close_soon(CLOSE_BAD_POLICY, "Invalid on_busy", flush=True)
+            await self.conn.ws.wait_closed()
+            return
         async for message in self.app.incoming(self.conn, self._refusal):
             if message is None:
                 continue
@@ -79,6 +96,16 @@ class ChatSession:
     # -- text mode -------------------------------------------------------
 
     async def text_prompt(self, prompt: str) -> None:
+        """Answer ``prompt`` with the history. While an earlier prompt is still being answered, the policy
+        decides: ``enqueue`` answers it next; ``reject`` refuses it (the answer goes on untouched);
+        ``interrupt`` cancels every earlier answer first; ``steer`` enqueues it with a note, since a model's
+        answer has no step for it to join."""
+        policy = self.on_busy or self.settings.on_busy
+        if self._answering and policy == "reject":
+            self.reply(_BUSY)
+            return
+        if self._answering and policy == "interrupt":
+            await self._interrupt()
         refusal = await self.app.admit(self.conn, self.settings.max_runs_per_connection)
         if refusal is not None:
             self.reply(f"[ERROR] {refusal[1]}")
@@ -90,7 +117,11 @@ class ChatSession:
             if await self.app.existing_run(scope, run_id) is None:
                 break
         run = await self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
-        previous, self._last_text_run = self._last_text_run, run
+        answering = self._answering
+        previous = answering[-1] if answering else None
+        if previous is not None and policy == "steer":
+            self.reply(_NOT_STEERED)
+        answering.append(run)
         run.subscribe(self.conn.outbox, 0, TextMode(), primary=True)
         run.prompt_estimate = estimate_tokens([*self.history, {"role": "user", "content": prompt}])
         reply: list[str] = []
@@ -100,12 +131,23 @@ class ChatSession:
             return model_batches(self.app.upstream, [*self.history, {"role": "user", "content": prompt}],
                                  collect=reply, collect_chars=self.settings.history_chars)
 
-        def remember(done: Run) -> None:
-            if done.outcome == "done":
+        def answered(done: Run) -> None:
+            answering.remove(done)
+            if done.outcome == "done":  # an answer cancelled or failed is not remembered
                 self._remember(prompt, "".join(reply))
 
-        run.on_finish.append(remember)
+        run.on_finish.append(answered)
         self.app.start(self.conn, run, ask, model=self.app.upstream.config.model, after=previous)
+
+    async def _interrupt(self) -> None:
+        """Cancel every answer not yet given and wait until each has ended: they end at once (a model's
+        answer stops at its next read), so the new prompt's answer comes after their ``[CANCELLED]`` frames
+        and is admitted without them (``--max-runs-per-connection``)."""
+        runs = list(self._answering)
+        for run in runs:
+            run.cancel(_INTERRUPTED)
+        for run in runs:
+            await run.wait()
 
     def _remember(self, prompt: str, reply: str) -> None:
         """Keep the exchange, trimming the oldest turns to the history's bounds. A reply longer than
@@ -250,6 +292,17 @@ class ChatSession:
             run.subscribe(self.conn.outbox, run.oldest_kept - 1 if after is None else after)
         except (ReplayGap, BadResume) as exc:
             self.reply_error(run_id, exc.code, exc.message)
+
+
+def _on_busy(conn: Connection) -> str | None:
+    """The busy policy ``/ws/chat?on_busy=<policy>`` chose; None without the parameter (the server's)."""
+    assert conn.ws.request is not None
+    values = parse_qs(urlsplit(conn.ws.request.path).query, keep_blank_values=True).get("on_busy")
+    if values is None:
+        return None
+    if len(values) != 1 or values[0] not in BUSY_POLICIES:
+        raise ProtocolViolation(f"on_busy must be one of {', '.join(BUSY_POLICIES)}")
+    return values[0]
 
 
 def _unknown(run_id: str, verb: str, request: dict[str, Any]) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +15,7 @@ from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
 from .browser import Browser
-from .helpers import PAGE_HELPERS, ServerFactory, expected_text, ws_connect
+from .helpers import PAGE_HELPERS, ServerFactory, expected_text, find_run, recv_json, run_events, ws_connect
 
 
 async def http_get(server: WsAgentServer, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -229,3 +231,163 @@ async def test_page_icon_loads_under_its_policy(browser: Browser, server: WsAgen
     })()""")
     assert result["linked"] not in (None, "error") and result["linked"] > 0
     assert result["ico"] == result["linked"] and result["violations"] == []
+
+
+CALC = "What is (2 + 3) * 7?"
+
+
+async def ask_the_assistant(browser: Browser, server: WsAgentServer, prompt: str) -> str:
+    """Pick the assistant agent in the Run menu, send ``prompt``; the run's id, once its approval card shows."""
+    await open_page(browser, server)
+    run: str = await browser.evaluate(f"""(async () => {{
+        document.getElementById('mode').value = 'agent:assistant';
+        const run = t.send({json.dumps(prompt)});
+        await t.until(() => t.turn(run).querySelector('.approval button.approve'));
+        return run;
+    }})()""")
+    return run
+
+
+async def click_on_screen(browser: Browser, run: str, selector: str, screenshot: Path) -> dict[str, Any]:
+    """Click the run's ``selector`` with the mouse, as a person would, where it is on screen; first check that it
+    is inside the viewport and not covered, and keep a screenshot of what the person sees."""
+    where: dict[str, Any] = await browser.evaluate(f"""(() => {{
+        const button = t.turn({json.dumps(run)}).querySelector({json.dumps(selector)});
+        const r = button.getBoundingClientRect();
+        const x = r.left + r.width / 2, y = r.top + r.height / 2;
+        return {{ x, y, width: r.width, height: r.height, top: r.top, left: r.left, bottom: r.bottom,
+                  right: r.right, innerWidth, innerHeight, text: button.textContent,
+                  hit: document.elementFromPoint(x, y) === button }};
+    }})()""")
+    shot = await browser.call("Page.captureScreenshot", {"format": "png"})
+    screenshot.write_bytes(base64.b64decode(shot["data"]))
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
+    assert where["width"] > 0 and where["height"] > 0
+    assert 0 <= where["left"] and where["right"] <= where["innerWidth"], where
+    assert 0 <= where["top"] and where["bottom"] <= where["innerHeight"], where
+    assert where["hit"], f"the button is covered: {where}"
+    for kind in ("mousePressed", "mouseReleased"):
+        await browser.call("Input.dispatchMouseEvent", {"type": kind, "x": where["x"], "y": where["y"],
+                                                        "button": "left", "clickCount": 1})
+    return where
+
+
+async def test_approve_a_tool_call_from_the_page(browser: Browser, make_server: ServerFactory,
+                                                 tmp_path: Path) -> None:
+    """An agent's call waits for a person: the page shows a card with the tool and its arguments; Approve
+    runs the call, and the card says it was approved."""
+    server = await make_server(approval_tools=("calculator",))
+    run = await ask_the_assistant(browser, server, CALC)
+    card = await browser.evaluate(f"""(() => {{
+        const card = t.turn({json.dumps(run)}).querySelector('.approval');
+        return {{ title: card.querySelector('.approval-title').textContent,
+                  args: card.querySelector('.approval-args').textContent,
+                  buttons: [...card.querySelectorAll('button')].map(b => b.textContent),
+                  answer: t.turn({json.dumps(run)}).querySelector('.answer').textContent }};
+    }})()""")
+    assert card["title"] == "⏸ calculator asks for approval"
+    assert card["args"] == json.dumps({"expression": "(2 + 3) * 7"}, indent=2)
+    assert card["buttons"] == ["Approve", "Deny"] and card["answer"] == ""
+    where = await click_on_screen(browser, run, ".approval button.approve", tmp_path / "approval.png")
+    assert where["text"] == "Approve"
+    result = await browser.evaluate(f"""(async () => {{
+        const turn = t.turn({json.dumps(run)});
+        const observation = await t.until(() => [...turn.querySelectorAll('.step.observation')]
+                                                 .map(s => s.textContent).join('\\n'));
+        const outcome = await t.finished({json.dumps(run)});
+        const card = turn.querySelector('.approval');
+        return {{ observation, outcome, state: card.dataset.state, buttons: card.querySelectorAll('button').length,
+                  outcomeText: card.querySelector('.approval-outcome').textContent,
+                  cards: turn.querySelectorAll('.approval').length,
+                  answer: turn.querySelector('.answer').textContent }};
+    }})()""")
+    assert result["observation"] == "👁 (2 + 3) * 7 = 35" and result["outcome"] == "done"
+    assert (result["state"], result["outcomeText"], result["buttons"], result["cards"]) == ("approved", "approved",
+                                                                                           0, 1)
+    assert "35" in result["answer"]
+
+
+async def test_deny_a_tool_call_from_the_page(browser: Browser, make_server: ServerFactory, tmp_path: Path) -> None:
+    """Deny, with a reason typed in the card: the tool never runs and the model is told why."""
+    server = await make_server(approval_tools=("calculator",))
+    run = await ask_the_assistant(browser, server, CALC)
+    await browser.evaluate(f"t.turn({json.dumps(run)}).querySelector('.approval-reason').focus()")
+    await browser.call("Input.insertText", {"text": "not now"})
+    await click_on_screen(browser, run, ".approval button.deny", tmp_path / "deny.png")
+    result = await browser.evaluate(f"""(async () => {{
+        const outcome = await t.finished({json.dumps(run)});
+        const turn = t.turn({json.dumps(run)});
+        const card = turn.querySelector('.approval');
+        return {{ outcome, observations: turn.querySelectorAll('.step.observation').length,
+                  actions: turn.querySelectorAll('.step.action').length, state: card.dataset.state,
+                  outcomeText: card.querySelector('.approval-outcome').textContent,
+                  buttons: card.querySelectorAll('button').length, answer: turn.querySelector('.answer').textContent }};
+    }})()""")
+    assert result["outcome"] == "done" and result["observations"] == result["actions"] == 0
+    assert (result["state"], result["outcomeText"], result["buttons"]) == ("denied", "denied: not now", 0)
+    assert "denied the call to calculator: not now" in result["answer"]
+
+
+async def test_approval_card_survives_a_reconnect_and_shows_another_clients_answer(
+        browser: Browser, make_server: ServerFactory) -> None:
+    """The connection drops while a request waits: after the page resumes the run, its card is there once and
+    still answerable; a refused answer is said in the run's view (the run goes on); and an answer from another
+    client holding the key settles the card (its buttons go)."""
+    server = await make_server(approval_tools=("calculator",), resume_grace=30)
+    run = await ask_the_assistant(browser, server, CALC)
+    await browser.evaluate("window.dropped = state.ws")
+    conn = next(c for c in server.manager if c.path == "/ws/chat")
+    conn.ws.transport.abort()  # the network drops: no close frame
+    result = await browser.evaluate(f"""(async () => {{
+        const id = {json.dumps(run)}, turn = t.turn(id);
+        await t.until(() => state.ws && state.ws !== window.dropped && state.ws.readyState === WebSocket.OPEN);
+        // an answer the server refuses (a call the run never asked about), sent on the page's socket
+        state.ws.send(JSON.stringify({{ type: 'approve', id, key: state.runs.get(id).key, call_id: 'call_nope',
+                                        approved: true }}));
+        const notice = await t.until(() => turn.querySelector('.notice.error')?.textContent);
+        return {{ notice, cards: turn.querySelectorAll('.approval').length,
+                  enabled: [...turn.querySelectorAll('.approval button')].filter(b => !b.disabled).length,
+                  outcome: turn.dataset.outcome ?? null }};
+    }})()""")
+    assert result["notice"].startswith("refused: unknown_call: ") and result["outcome"] is None
+    assert result["cards"] == 1 and result["enabled"] == 2
+    assert server.manager.total_by_route["/ws/chat"] == 2
+    started = find_run(server, run)
+    assert started is not None
+    async with ws_connect(server, "/ws/chat") as other:
+        await other.send(json.dumps({"type": "attach", "id": run, "key": started.key}))
+        request = await recv_json(other)
+        while request["type"] != "approval_request":
+            request = await recv_json(other)
+        await other.send(json.dumps({"type": "approve", "id": run, "key": started.key,
+                                     "call_id": request["call_id"], "approved": True}))
+        events = await run_events(other, run)
+    assert events[-1]["type"] == "done"
+    settled = await browser.evaluate(f"""(async () => {{
+        const outcome = await t.finished({json.dumps(run)});
+        const turn = t.turn({json.dumps(run)});
+        const card = turn.querySelector('.approval');
+        return {{ outcome, cards: turn.querySelectorAll('.approval').length, state: card.dataset.state,
+                  buttons: card.querySelectorAll('button').length,
+                  observation: turn.querySelector('.step.observation').textContent }};
+    }})()""")
+    assert settled == {"outcome": "done", "cards": 1, "state": "approved", "buttons": 0,
+                       "observation": "👁 (2 + 3) * 7 = 35"}
+
+
+async def test_steer_events_are_shown_in_the_run(browser: Browser, make_server: ServerFactory) -> None:
+    """A person's steering message (from any client that may) shows in the run's view, delivered or not."""
+    server = await make_server(approval_tools=("calculator",))
+    run = await ask_the_assistant(browser, server, CALC)
+    started = find_run(server, run)
+    assert started is not None
+    async with ws_connect(server, "/ws/chat") as other:
+        await other.send(json.dumps({"type": "steer", "id": run, "key": started.key, "content": "say it in French"}))
+        await other.send(json.dumps({"type": "ping"}))
+        assert (await recv_json(other))["type"] == "pong"  # the steer before it was taken
+        await browser.evaluate(f"t.turn({json.dumps(run)}).querySelector('.approval button.approve').click()")
+        shown = await browser.evaluate(f"""(async () => {{
+            await t.finished({json.dumps(run)});
+            return [...t.turn({json.dumps(run)}).querySelectorAll('.steer')].map(s => s.textContent);
+        }})()""")
+    assert shown == ["✉ steer: “say it in French” (delivered)"]

@@ -29,7 +29,17 @@ from wsagent.client.stream import Catchup
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
-from .helpers import ROOT, ServerFactory, expected_text, find_run, recv_json, run_events, ws_connect
+from .helpers import (
+    ROOT,
+    ServerFactory,
+    expected_text,
+    find_run,
+    local_broker,
+    recv_json,
+    run_events,
+    start_run,
+    ws_connect,
+)
 
 WEBSOCAT = shutil.which("websocat") or "websocat"
 
@@ -548,3 +558,166 @@ def test_text_renderer_keeps_each_agent_on_its_own_lines() -> None:
                                        {"type": "done", "id": "r", "workflow": "w", "finish_reason": "stop"}]
     assert rendered(events) == ("💭 [a] The user\n✅ [a] Line one\n✅ [a] line two\n"
                                 "💭 [b] The\n✅ [b]  late more!\n■ b: done\n■ a: done\n")
+
+
+# A person in the loop: the assistant's calculator call waits for an approval.
+CALC = "What is (2 + 3) * 7?"
+CALL = 'calculator({"expression": "(2 + 3) * 7"})'
+QUESTION = f"approve {CALL}? [y/N] "
+
+
+def agent_client(server: WsAgentServer, *args: str) -> list[str]:
+    return client(server, "--agent", "assistant", *args, CALC)
+
+
+async def test_client_approve_flag_answers_yes(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    code, out, err = await run_command(agent_client(server, "--json", "--approve"))
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0, err
+    request = next(e for e in events if e["type"] == "approval_request")
+    assert request["name"] == "calculator" and json.loads(request["arguments"]) == {"expression": "(2 + 3) * 7"}
+    assert [(e["call_id"], e["approved"]) for e in events if e["type"] == "approval"] == [(request["call_id"], True)]
+    assert [e["content"] for e in events if e["type"] == "observation"] == ["(2 + 3) * 7 = 35"]
+    assert events[-1]["type"] == "done" and "approval" not in err
+
+
+async def test_client_deny_flag_answers_no(make_server: ServerFactory) -> None:
+    server = await make_server(approval_tools=("calculator",))
+    code, out, err = await run_command(agent_client(server, "--json", "--deny"))
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0, err
+    kinds = [e["type"] for e in events]
+    assert "observation" not in kinds and "action" not in kinds and kinds[-1] == "done"
+    assert [(e["approved"], e["reason"]) for e in events if e["type"] == "approval"] == [
+        (False, "denied by the client's --deny")]
+    assert "denied the call to calculator" in "".join(e["content"] for e in events if e["type"] == "answer")
+
+
+async def test_client_without_a_terminal_denies_and_says_so(make_server: ServerFactory) -> None:
+    """No terminal to ask on and no flag: the request is denied at once (the client never waits for an answer
+    no one can give), stderr says why, and the text shows the request and its answer."""
+    server = await make_server(approval_tools=("calculator",))
+    code, elapsed, out, err = await bounded(agent_client(server), 30)
+    assert code == 0, f"after {elapsed:.0f} s: {err}"
+    assert f"{CALL} needs a person's approval and there is no terminal to ask on: denied" in err
+    lines = out.splitlines()
+    assert lines[1:3] == [f"⏸ {CALL} waits for approval", "✖ calculator denied: no one at a terminal to ask"]
+    assert not any(line.startswith("👁") for line in lines)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
+@pytest.mark.parametrize(("typed", "approved"), [("y", True), ("", False)], ids=["y", "enter"])
+async def test_client_asks_a_person_at_the_terminal(make_server: ServerFactory, typed: str, approved: bool) -> None:
+    """In a terminal the client shows the call and asks; y approves (the tool runs), just Enter denies."""
+    server = await make_server(approval_tools=("calculator",))
+    terminal = Terminal(agent_client(server))
+    await polled(lambda: QUESTION.rstrip() in terminal.screen())
+    (run,) = list(local_broker(server))
+    assert run.waiting_for  # the run waits for the person
+    terminal.keys(*([typed] if typed else []), "Enter")
+    status, screen = await terminal.finish()
+    assert status == "exit=0"
+    lines = [line.rstrip() for line in hint_of(screen)[1].splitlines() if line.strip()]
+    asked = lines.index(f"⏸ {CALL} waits for approval")
+    if approved:
+        assert lines[asked + 1:asked + 5] == [QUESTION + "y", "✔ calculator approved", f"🔧 {CALL}",
+                                              "👁 (2 + 3) * 7 = 35"]
+    else:
+        assert lines[asked + 1:asked + 3] == [QUESTION.rstrip(), "✖ calculator denied"]
+        assert not any(line.startswith("👁") for line in lines)
+    assert lines[-1].startswith("✅ Based on the tool results:")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
+async def test_terminal_question_is_withdrawn_when_answered_elsewhere(make_server: ServerFactory) -> None:
+    """The owner is being asked when a watcher with the key (``--attach ... --approve``) answers first: the
+    question is withdrawn, and both show the one answer."""
+    server = await make_server(approval_tools=("calculator",))
+    owner = Terminal(agent_client(server))
+    await polled(lambda: QUESTION.rstrip() in owner.screen())
+    command, _ = hint_of(owner.screen())
+    attach = command[command.index("--attach"):]
+    code, out, err = await run_command(client(server, "--json", "--approve", *attach))
+    status, screen = await owner.finish()
+    assert code == 0 and status == "exit=0", err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["approved"] for e in events if e["type"] == "approval"] == [True]
+    lines = [line.rstrip() for line in screen.splitlines()]
+    assert f"{QUESTION}(answered elsewhere)" in lines and "✔ calculator approved" in lines
+    assert "👁 (2 + 3) * 7 = 35" in lines
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
+async def test_terminal_answer_reaches_a_run_resumed_after_a_drop(make_server: ServerFactory) -> None:
+    """The connection drops while the person is asked: the client resumes the run, the question stays, and the
+    answer goes out on the new connection."""
+    server = await make_server(approval_tools=("calculator",), resume_grace=30)
+    terminal = Terminal(agent_client(server))
+    await polled(lambda: QUESTION.rstrip() in terminal.screen())
+    next(c for c in server.manager if c.path == "/ws/chat").ws.transport.abort()  # no close frame
+    await polled(lambda: server.manager.total_by_route["/ws/chat"] == 2)  # the client is back
+    terminal.keys("y", "Enter")
+    status, screen = await terminal.finish()
+    assert status == "exit=0"
+    assert "connection lost (no close frame); reconnecting in" in screen
+    assert "✔ calculator approved" in screen and "👁 (2 + 3) * 7 = 35" in screen
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (installed by .ci/run)")
+async def test_dashboard_makes_room_for_the_question(make_server: ServerFactory) -> None:
+    """A workflow's agent asks (the financial analyst's calculator): the live dashboard stops redrawing while the
+    person is asked, so the question and the answer typed stay readable, then goes on below them."""
+    server = await make_server(approval_tools=("calculator",))
+    terminal = Terminal(client(server, "--workflow", "market-analysis", CALC))
+    await polled(lambda: QUESTION.rstrip() in terminal.screen())
+    terminal.keys("y", "Enter")
+    status, screen = await terminal.finish()
+    assert status == "exit=0"
+    lines = [line.rstrip() for line in screen.splitlines()]
+    asked = lines.index(QUESTION + "y")
+    after = "\n".join(lines[asked + 1:])
+    assert lines[asked - 1].startswith("╰") and after.count("╭") == after.count("✅") == 3  # a whole frame below
+    assert "🔄" not in after and "(2 + 3) * 7 = 35" in after
+
+
+async def test_watchers_print_approvals_and_steers_and_leave_answers_to_the_owner(
+        make_server: ServerFactory) -> None:
+    """Watchers without a terminal (``--attach``, as ``--json`` and as text) answer nothing: the owner does.
+    They print the approval and the steering message as they come."""
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as owner:
+        key = await start_run(owner, "p", CALC, agent="assistant")
+        request = await recv_json(owner)
+        while request["type"] != "approval_request":
+            request = await recv_json(owner)
+        attach = ["--attach", "p", f"--key={key}"]
+        watchers = asyncio.gather(run_command(client(server, "--json", *attach)), run_command(client(server, *attach)))
+        await watched_mid_stream(server, "p", 3)
+        await owner.send(json.dumps({"type": "steer", "id": "p", "content": "say it in French"}))
+        await owner.send(json.dumps({"type": "approve", "id": "p", "call_id": request["call_id"], "approved": True}))
+        events = [request, *await run_events(owner, "p")]
+    (code, json_out, json_err), (text_code, text_out, text_err) = await watchers
+    assert code == text_code == 0, json_err + text_err
+    watched = [json.loads(line) for line in json_out.splitlines()]
+    person = [e for e in events if e["type"] in ("approval_request", "approval", "steer")]
+    assert [e for e in watched if e["type"] in ("approval_request", "approval", "steer")] == person
+    assert [e["type"] for e in person] == ["approval_request", "approval", "steer"]
+    assert "terminal" not in json_err + text_err  # nobody denied for want of one
+    lines = text_out.splitlines()
+    assert f"⏸ {CALL} waits for approval" in lines and "✔ calculator approved" in lines
+    assert "✉ steer “say it in French”: delivered" in lines
+
+
+def test_text_renderer_shows_what_a_person_is_asked_and_says() -> None:
+    def ev(kind: str, **fields: object) -> dict[str, object]:
+        return {"type": kind, "id": "r", "agent": "assistant", **fields}
+
+    events = [ev("answer", content="Let me check"),
+              ev("approval_request", call_id="c1", name="calculator", arguments='{"expression": "1 + 1"}'),
+              ev("approval", call_id="c1", approved=True), ev("approval", call_id="c2", approved=False, reason="no"),
+              ev("steer", content="shorter", delivered=True),
+              ev("steer", content="later", delivered=False, reason="finished")]
+    assert rendered(events) == ('✅ Let me check\n⏸ calculator({"expression": "1 + 1"}) waits for approval\n'
+                                "✔ calculator approved\n✖ call c2 denied: no\n✉ steer “shorter”: delivered\n"
+                                "✉ steer “later”: not delivered (finished)\n")

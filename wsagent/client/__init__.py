@@ -2,6 +2,7 @@
 
 * :mod:`.display`: how a run is shown (text, a live dashboard, raw JSON);
 * :mod:`.stream`: :class:`StreamClient`, one run with reconnect, resume and cancel;
+* :mod:`.person`: a person's answers to the run's approval requests (asked on the terminal, or by a flag);
 * :mod:`.cli`: the command line.
 """
 

@@ -29,6 +29,16 @@ only new events of the run refill it (a run that keeps moving survives any
 number of drops; a server that takes the connection and drops it at once is
 tried --retries times more, then the client gives up with exit code 1).
 
+Approvals: an agent's tool call that the server holds for a person
+(--approval-tools) is shown (⏸ NAME(ARGUMENTS) waits for approval) and, in
+a terminal, asked: "approve NAME(ARGUMENTS)? [y/N]"; y sends the approval,
+anything else a denial. --approve or --deny answer every request without
+asking (for scripts); without a terminal and without either, a request is
+denied and stderr says so (never a wait for an answer no one can give). A
+watcher (--attach) in a terminal is asked too (the first answer counts),
+and without one leaves the answers to the run's owner. The answer (✔/✖) and
+steering messages (✉) are shown as they come; --json prints them as events.
+
 Rendering uses rich (``pip install ".[client]"``); without it the
 client falls back to plain text. The client's own notes (reconnecting…) go to
 stderr when stdout is not a terminal: piped, stdout is the answer alone.
@@ -48,6 +58,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .display import DashboardDisplay, Display, JsonDisplay, TextDisplay, WatchDisplay
+from .person import Approver, Policy
 from .stream import RunFailed, StreamClient
 
 __all__ = ["main"]
@@ -74,7 +85,8 @@ def _announcer(url: str, token: str | None) -> Callable[[str, str | None], None]
 def _parser() -> argparse.ArgumentParser:
     paragraphs = __doc__.replace("``", "").split("\n\n")  # (the docstring's literals, as plain text)
     parser = argparse.ArgumentParser(prog="python -m wsagent.client", description=paragraphs[0],
-                                     epilog="\n\n".join(p for p in paragraphs if p.startswith(("A refusal", "Tokens"))),
+                                     epilog="\n\n".join(p for p in paragraphs
+                                                          if p.startswith(("A refusal", "Tokens", "Approvals"))),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the prompt (read from stdin when piped)")
     parser.add_argument("--url", default=os.environ.get("WSAGENT_URL", "ws://localhost:8000/ws/chat"),
@@ -95,7 +107,24 @@ def _parser() -> argparse.ArgumentParser:
                                                        "as its owner sees it (a workflow's dashboard too)")
     parser.add_argument("--key", help="the key of the run to --attach to, as --key=KEY (a key may begin with -; "
                                       "its start event has it)")
+    answers = parser.add_mutually_exclusive_group()
+    answers.add_argument("--approve", action="store_true",
+                         help="approve every tool call the run asks a person about, without asking")
+    answers.add_argument("--deny", action="store_true",
+                         help="deny every tool call the run asks a person about, without asking")
     return parser
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    """How approval requests are answered: by a flag, by the person at the terminal, or (no one to ask)
+    denied; a watcher with no one to ask leaves them to the run's owner."""
+    if args.approve:
+        return Policy.APPROVE
+    if args.deny:
+        return Policy.DENY
+    if sys.stdin.isatty():
+        return Policy.ASK
+    return Policy.WATCH if args.attach else Policy.UNASKED
 
 
 async def _main(args: argparse.Namespace, prompt: str) -> int:
@@ -133,6 +162,8 @@ async def _main(args: argparse.Namespace, prompt: str) -> int:
     client = StreamClient(args.url, args.token, display, retries=args.retries)
     if sys.stderr.isatty():
         client.on_start = _announcer(args.url, args.token)
+    approver = Approver(client.answer, display, _policy(args))
+    client.on_event = approver.event
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -156,6 +187,7 @@ async def _main(args: argparse.Namespace, prompt: str) -> int:
         return EXIT_CANCELLED
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+        await approver.close()
     display.close()
     if terminal["type"] == "done":
         return EXIT_OK

@@ -1,4 +1,5 @@
-"""How the terminal client shows a run: each event of the JSON protocol, a note of its own, and the end.
+"""How the terminal client shows a run: each event of the JSON protocol, a note of its own, room for a question
+to a person (:mod:`.person`), and the end.
 
 :class:`TextDisplay` writes tokens inline and thoughts with a mark each, :class:`DashboardDisplay` a live
 panel per agent of a workflow (rich), :class:`JsonDisplay` raw events for scripts, and :class:`WatchDisplay`
@@ -29,6 +30,12 @@ class Display(Protocol):
 
     def note(self, text: str) -> None: ...
 
+    def pause(self) -> None:
+        """A question for a person is about to be written on the terminal: make room for it."""
+
+    def resume(self) -> None:
+        """The question was answered (or withdrawn): show the run again as before."""
+
     def close(self) -> None: ...
 
 
@@ -44,6 +51,12 @@ class JsonDisplay:
 
     def note(self, text: str) -> None:
         sys.stderr.write(text + "\n")
+
+    def pause(self) -> None:
+        return None
+
+    def resume(self) -> None:
+        return None
 
     def close(self) -> None:
         return None
@@ -63,6 +76,7 @@ class TextDisplay:
         self.line: tuple[str, str | None] | None = None  # the open line: the kind it shows, and whose it is
         self.held: dict[str, list[dict[str, Any]]] = {}  # other agents' events, while one agent's line is open
         self.usage: dict[str, Any] | None = None
+        self.tools: dict[str, str] = {}  # the tool of each call an approval was asked for, by call id
         self.console: Any = None
         if color:
             try:
@@ -150,6 +164,9 @@ class TextDisplay:
         elif kind == "agent_end":
             self._newline()
             self._write(f"■ {event.get('agent')}: {event.get('outcome')}\n", "bold")
+        elif kind in ("approval_request", "approval", "steer"):
+            self._newline()
+            self._write(f"{label}{self._person(event)}\n", "yellow")
         elif kind == "usage":
             self.usage = event
         elif kind == "error":
@@ -161,10 +178,32 @@ class TextDisplay:
         elif kind == "done":
             self._newline()
 
+    def _person(self, event: dict[str, Any]) -> str:
+        """A line for what a person is asked or said: an approval request, its answer, a steering message."""
+        kind, call_id = event.get("type"), str(event.get("call_id"))
+        if kind == "approval_request":
+            self.tools[call_id] = str(event.get("name"))
+            return f"⏸ {event.get('name')}({event.get('arguments')}) waits for approval"
+        if kind == "approval":
+            tool = self.tools.get(call_id, f"call {call_id}")
+            if event.get("approved"):
+                return f"✔ {tool} approved"
+            return f"✖ {tool} denied" + (f": {event['reason']}" if event.get("reason") else "")
+        said = f"✉ steer “{event.get('content')}”"
+        if event.get("delivered"):
+            return f"{said}: delivered"
+        return f"{said}: not delivered" + (f" ({event['reason']})" if event.get("reason") else "")
+
     def _newline(self) -> None:
         if self.line is not None:
             self._write("\n")
             self.line = None
+
+    def pause(self) -> None:
+        self._newline()  # the question starts a line of its own; the person's Enter ends it
+
+    def resume(self) -> None:
+        return None
 
     def note(self, text: str) -> None:
         if self.notes is not None:  # stdout is the answer alone (piped): a reconnect never splits it
@@ -193,13 +232,19 @@ class DashboardDisplay:
 
     def __init__(self, out: TextIO, max_tokens: int | None) -> None:
         from rich.console import Console
-        from rich.live import Live
 
         self.console = Console(file=out)
         self.max_tokens = max_tokens
         self.agents: dict[str, dict[str, Any]] = {}
-        self.live = Live(self._render(), console=self.console, refresh_per_second=10, transient=False)
-        self.live.start()
+        self.live = self._live()
+
+    def _live(self) -> Any:
+        """The live panels, drawn from where the cursor is."""
+        from rich.live import Live
+
+        live = Live(self._render(), console=self.console, refresh_per_second=10, transient=False)
+        live.start()
+        return live
 
     def _agent(self, name: str) -> dict[str, Any]:
         return self.agents.setdefault(name, {"status": "running", "text": "", "tokens": 0, "thinking": ""})
@@ -219,6 +264,11 @@ class DashboardDisplay:
                 state["thinking"] = (state["thinking"] + event.get("content", ""))[-200:]
             elif kind == "action":
                 state["thinking"] = f"🔧 {event.get('content')}"
+            elif kind == "approval_request":
+                state["thinking"] = f"⏸ waits for approval: {event.get('name')}({event.get('arguments')})"
+            elif kind == "approval":
+                reason = f": {event['reason']}" if event.get("reason") else ""
+                state["thinking"] = "✔ approved" if event.get("approved") else f"✖ denied{reason}"
             elif kind == "usage" and not event.get("estimated"):
                 state["tokens"] = max(state["tokens"], int(event.get("completion_tokens", 0)))
             elif kind == "agent_end":
@@ -260,6 +310,12 @@ class DashboardDisplay:
     def note(self, text: str) -> None:
         self.console.print(text, style="yellow")
 
+    def pause(self) -> None:
+        self.live.stop()  # the last frame stays; the question goes below it, with no redraw over the answer
+
+    def resume(self) -> None:
+        self.live = self._live()  # below the question and its answer (the one stopped would draw over them)
+
     def close(self) -> None:
         """The last frame, then the terminal back: no agent is left shown as running (a second Ctrl-C
         quits without waiting for the run's end)."""
@@ -286,6 +342,14 @@ class WatchDisplay:
             self.chosen.note(text)
         else:
             sys.stderr.write(text + "\n")
+
+    def pause(self) -> None:
+        if self.chosen is not None:
+            self.chosen.pause()
+
+    def resume(self) -> None:
+        if self.chosen is not None:
+            self.chosen.resume()
 
     def close(self) -> None:
         if self.chosen is not None:

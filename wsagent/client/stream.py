@@ -1,5 +1,6 @@
 """One run over the JSON protocol (``/ws/chat``, ``/ws/secure``): its events shown as they come, reconnect
-and resume after a drop, cancel on request; and what a watcher that attaches is shown of a run."""
+and resume after a drop, cancel on request, a person's answers to its approval requests; and what a watcher
+that attaches is shown of a run."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from .display import TERMINAL, Display
 
-__all__ = ["Catchup", "REFUSED", "RunFailed", "StreamClient", "refused"]
+__all__ = ["ANSWER_REFUSALS", "Catchup", "REFUSED", "RunFailed", "StreamClient", "refused"]
 
+#: Refusals of a person's answer (an error without seq in reply to ``approve``): noted, and the run goes on.
+ANSWER_REFUSALS = frozenset({"unknown_call", "already_answered", "run_ended"})
 #: Close codes that mean "no": connecting again cannot change the answer (a slow client's 4008 can).
 REFUSED = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4003, 4009, 4029})
 
@@ -92,6 +95,10 @@ class StreamClient:
         self.last_seq = 0
         self.cancel_requested = False
         self.on_start: Callable[[str, str | None], None] = _quiet
+        #: Given every event of the run before it is shown (a :class:`~wsagent.client.person.Approver`'s).
+        self.on_event: Callable[[dict[str, Any]], None] = _unheard
+        self.unsent: list[dict[str, Any]] = []  # answers given while not connected: sent once resumed
+        self.sending: set[asyncio.Task[None]] = set()
 
     async def _retry(self, why: str) -> None:
         """Wait before connecting again, or give up: the budget is spent."""
@@ -127,6 +134,26 @@ class StreamClient:
         ws, run_id = self.ws, getattr(self, "run_id", None)
         if ws is not None and run_id is not None:
             asyncio.ensure_future(self._send_quietly(ws, {"type": "cancel", "id": run_id, "key": self.key}))
+
+    def answer(self, call_id: str, approved: bool, reason: str | None = None) -> None:
+        """A person's answer to the run's approval request ``call_id``: sent now, or once connected again."""
+        message: dict[str, Any] = {"type": "approve", "id": self.run_id, "key": self.key, "call_id": call_id,
+                                   "approved": approved}
+        if reason:
+            message["reason"] = reason
+        ws = self.ws
+        if ws is None:
+            self.unsent.append(message)
+            return
+        task = asyncio.ensure_future(self._send_answer(ws, message))
+        self.sending.add(task)
+        task.add_done_callback(self.sending.discard)
+
+    async def _send_answer(self, ws: ClientConnection, message: dict[str, Any]) -> None:
+        try:
+            await ws.send(json.dumps(message))
+        except ConnectionClosed:  # it never left: it goes on the next connection
+            self.unsent.append(message)
 
     @staticmethod
     async def _send_quietly(ws: ClientConnection, message: dict[str, Any]) -> None:
@@ -168,6 +195,9 @@ class StreamClient:
                                               "after": self.last_seq}))
                 if self.cancel_requested:
                     await ws.send(json.dumps({"type": "cancel", "id": self.run_id, "key": self.key}))
+                while self.unsent:
+                    await ws.send(json.dumps(self.unsent[0]))
+                    del self.unsent[0]
                 async for message in ws:
                     event = self._decode(message)
                     if event.get("id") != self.run_id:
@@ -185,6 +215,9 @@ class StreamClient:
                                 self.display.note("fell behind the run; watching it again")
                             catchup = Catchup(self.display.note, self.last_seq)
                             await ws.send(json.dumps({"type": "attach", "id": self.run_id, "key": self.key}))
+                            continue
+                        if event.get("code") in ANSWER_REFUSALS:
+                            self.display.note(f"the answer was not taken: {event.get('code')}: {event.get('message')}")
                             continue
                         raise RunFailed(self._refusal(event))
                     for shown in catchup.feed(event) if catchup is not None else (event,):
@@ -228,6 +261,7 @@ class StreamClient:
         if event.get("type") == "start" and not watching:
             self.key = event.get("key")
             self.on_start(self.run_id, self.key)
+        self.on_event(event)
         self.display.event(event)
         return event.get("type") in TERMINAL
 
@@ -242,3 +276,7 @@ class StreamClient:
 
 def _quiet(run_id: str, key: str | None) -> None:
     """Started: nothing to say."""
+
+
+def _unheard(event: dict[str, Any]) -> None:
+    """An event: nothing to do but show it."""

@@ -4,6 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const MARKS = { thinking: "💭", action: "🔧", observation: "👁" };
+// Refusals of a person's answer to an approval request: errors without seq that leave the run going.
+const ANSWER_REFUSALS = new Set(["unknown_call", "already_answered", "run_ended"]);
 // Close codes that mean "no": connecting again cannot change the answer (a slow client's 4008 can).
 const REFUSED = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4001, 4003, 4009, 4029]);
 const refused = (code) => REFUSED.has(code) || (code >= 4000 && code < 5000 && code !== 4008);
@@ -50,6 +52,10 @@ function connect() {
     setStatus("open", "connected");
     for (const [id, view] of state.runs) {
       ws.send(JSON.stringify({ type: "resume", id, key: view.key, after: view.seq }));
+      // An answer sent on the old socket may have been lost: the replay shows it if it was taken, and the
+      // card can be answered again if not.
+      view.inflight = [];
+      for (const card of view.cards.values()) if (!card.settled) ready(card, "");
     }
     const queued = state.queue;
     state.queue = [];
@@ -148,7 +154,11 @@ function handle(event) {
     if (event.seq <= view.seq) return;   // already shown before a reconnect
     view.seq = event.seq;
   } else if (event.type === "error") {
-    finish(view, event.id, `error: ${event.message}`, true);
+    if (ANSWER_REFUSALS.has(event.code) || view.inflight.length > 0) {
+      refusedAnswer(view, event);
+    } else {
+      finish(view, event.id, `error: ${event.message}`, true);
+    }
     return;
   }
   if (event.type === "start") {
@@ -181,6 +191,15 @@ function handle(event) {
     case "agent_end":
       part.meta.textContent = event.outcome;
       break;
+    case "approval_request":
+      askApproval(view, part, event);
+      break;
+    case "approval":
+      settle(view, part, event);
+      break;
+    case "steer":
+      part.box.insertBefore(el("div", "steer", steerText(event)), part.answer);
+      break;
     case "usage":
       // A workflow's agents each report their own usage: the footer shows the sum.
       view.tokens = (view.tokens || 0) + event.total_tokens;
@@ -200,7 +219,99 @@ function handle(event) {
   $("log").scrollTop = $("log").scrollHeight;
 }
 
+// An approval request: a card with the call and two buttons, one per call (a request replayed after a
+// reconnect finds its card there already).
+function askApproval(view, part, event) {
+  if (view.cards.has(event.call_id)) return;
+  const card = approvalCard(view, part, event.call_id, event.name);
+  card.box.append(el("pre", "approval-args", prettyArguments(event.arguments)));
+  const approve = el("button", "approve", "Approve");
+  const deny = el("button", "deny", "Deny");
+  approve.type = deny.type = "button";
+  const reason = el("input", "approval-reason");
+  reason.placeholder = "reason (optional, sent with Deny)";
+  reason.maxLength = 1000;
+  approve.addEventListener("click", () => answer(view, card, true, ""));
+  deny.addEventListener("click", () => answer(view, card, false, reason.value.trim()));
+  card.actions = el("div", "approval-actions");
+  card.actions.append(approve, deny, reason);
+  card.box.append(card.actions, card.outcome);
+  card.box.scrollIntoView({ block: "nearest" });
+}
+
+function approvalCard(view, part, callId, name) {
+  const box = el("div", "approval");
+  box.dataset.call = callId;
+  box.dataset.state = "pending";
+  const title = el("div", "approval-title", "⏸ ");
+  title.append(el("code", null, name || `call ${callId}`), " asks for approval");
+  box.append(title);
+  part.box.insertBefore(box, part.answer);
+  const card = { box, callId, actions: null, outcome: el("div", "approval-outcome"), settled: false };
+  view.cards.set(callId, card);
+  return card;
+}
+
+// Arguments come as a JSON string: shown indented when they parse, as they came when not.
+function prettyArguments(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return String(text);
+  }
+}
+
+function answer(view, card, approved, reason) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+    card.outcome.textContent = "not connected: answer again once connected";
+    return;
+  }
+  const message = { type: "approve", id: view.request.id, key: view.key, call_id: card.callId, approved };
+  if (!approved && reason) message.reason = reason;
+  state.ws.send(JSON.stringify(message));
+  view.inflight.push(card.callId);
+  for (const button of card.actions.querySelectorAll("button")) button.disabled = true;
+  card.outcome.textContent = approved ? "approving…" : "denying…";
+}
+
+function ready(card, text) {
+  if (card.actions) for (const button of card.actions.querySelectorAll("button")) button.disabled = false;
+  card.outcome.textContent = text;
+}
+
+// How a request was answered, by this page or by anyone else who may: the card says so, its buttons go.
+function settle(view, part, event) {
+  view.inflight = view.inflight.filter((callId) => callId !== event.call_id);
+  const card = view.cards.get(event.call_id) || approvalCard(view, part, event.call_id, null);
+  card.settled = true;
+  if (card.actions) card.actions.remove();
+  card.box.dataset.state = event.approved ? "approved" : "denied";
+  card.outcome.textContent = event.approved ? "approved" : `denied${event.reason ? `: ${event.reason}` : ""}`;
+  if (!card.outcome.isConnected) card.box.append(card.outcome);
+}
+
+// A refused answer: said in the run's view; the card it was for (the oldest answer still unsettled) can be
+// answered again.
+function refusedAnswer(view, event) {
+  view.main.box.insertBefore(el("div", "notice error", `refused: ${event.code}: ${event.message}`), view.main.answer);
+  const callId = view.inflight.shift();
+  const card = callId === undefined ? undefined : view.cards.get(callId);
+  if (card && !card.settled) ready(card, `refused: ${event.code}`);
+}
+
+function steerText(event) {
+  const said = `✉ steer: “${event.content}”`;
+  if (event.delivered) return `${said} (delivered)`;
+  return `${said} (not delivered${event.reason ? `: ${event.reason}` : ""})`;
+}
+
 function finish(view, id, text, isError) {
+  for (const card of view.cards.values()) {
+    if (card.settled) continue;
+    if (card.actions) card.actions.remove();
+    card.box.dataset.state = "void";
+    card.outcome.textContent = "not answered: the run ended";
+  }
   view.main.meta.textContent = text;
   view.main.meta.classList.toggle("error", isError);
   view.turn.dataset.outcome = text.split(/[ :]/)[0];
@@ -232,7 +343,7 @@ function send(prompt) {
   const mode = $("mode").value;
   if (mode.startsWith("agent:")) request.agent = mode.slice(6);
   if (mode.startsWith("workflow:")) request.workflow = mode.slice(9);
-  const view = { turn, main: panel(box), agents: new Map(), seq: 0, usage: "", request };
+  const view = { turn, main: panel(box), agents: new Map(), seq: 0, usage: "", request, cards: new Map(), inflight: [] };
   if (state.ws && state.ws.readyState === WebSocket.OPEN) {
     start(view);
   } else {

@@ -721,3 +721,28 @@ def test_text_renderer_shows_what_a_person_is_asked_and_says() -> None:
     assert rendered(events) == ('✅ Let me check\n⏸ calculator({"expression": "1 + 1"}) waits for approval\n'
                                 "✔ calculator approved\n✖ call c2 denied: no\n✉ steer “shorter”: delivered\n"
                                 "✉ steer “later”: not delivered (finished)\n")
+
+
+async def test_websocat_approves_as_the_documentation_shows(make_server: ServerFactory) -> None:
+    """docs/person-in-the-loop.md's websocat exchange: a run, its approval_request, an approve typed back."""
+    server = await make_server(approval_tools=("calculator",))
+    process = await asyncio.create_subprocess_exec(
+        WEBSOCAT, f"{server.url}/ws/chat", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b'{"type":"run","id":"r1","agent":"assistant","prompt":"What is (2 + 3) * 7?"}\n')
+    await process.stdin.drain()
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(30):
+        while not events or events[-1]["type"] != "approval_request":
+            events.append(json.loads(await process.stdout.readline()))
+        call_id = events[-1]["call_id"]
+        process.stdin.write(json.dumps({"type": "approve", "id": "r1", "call_id": call_id,
+                                        "approved": True}).encode() + b"\n")
+        await process.stdin.drain()
+        while events[-1]["type"] != "done":
+            events.append(json.loads(await process.stdout.readline()))
+    process.kill()
+    await process.wait()
+    kinds = [e["type"] for e in events]
+    assert kinds.index("approval_request") < kinds.index("approval") < kinds.index("observation")
+    assert next(e for e in events if e["type"] == "observation")["content"] == "(2 + 3) * 7 = 35"

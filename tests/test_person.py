@@ -56,6 +56,14 @@ async def sequenced(ws: ClientConnection, run_id: str) -> list[dict[str, Any]]:
                 return events
 
 
+async def metrics(server: WsAgentServer) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    return text
+
+
 def contiguous(events: list[dict[str, Any]]) -> None:
     """Every event after ``start`` (seq 1, read by ``start_run``), numbered without a gap, one terminal last."""
     assert [e["seq"] for e in events] == list(range(2, len(events) + 2))
@@ -75,6 +83,7 @@ async def test_approved_call_runs_and_the_answer_uses_it(make_server: ServerFact
         assert not [e for e in before if e["type"] in ("action", "observation")]  # nothing ran yet
         run = find_run(server, "a")
         assert run is not None and run.phase is Phase.WAITING and run.waiting_for == [request["call_id"]]
+        assert "\nwsagent_runs_waiting 1\n" in await metrics(server)
         await ws.send(approve("a", request["call_id"], True))
         events = await run_events(ws, "a")
     kinds = [e["type"] for e in events]
@@ -86,6 +95,7 @@ async def test_approved_call_runs_and_the_answer_uses_it(make_server: ServerFact
     assert observation["content"] == "(2 + 3) * 7 = 35"
     assert events[-1]["type"] == "done"
     contiguous(before + events)
+    assert "\nwsagent_runs_waiting 0\n" in await metrics(server)
 
 
 async def test_denied_call_never_runs_and_the_model_is_told(make_server: ServerFactory) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from websockets.http11 import Request, Response
 
 from ..core.metrics import Histogram
+from ..engine.run import Phase
 from ..transport.http_answers import http_response
 from .app import App
 
@@ -82,6 +83,8 @@ def snapshot(app: App) -> list[Family]:
     add("wsagent_connections_total", "counter", "WebSocket connections accepted by route.",
         app.manager.total_by_route, "route")
     add("wsagent_runs_active", "gauge", "Runs streaming now.", {"": len(active)})
+    add("wsagent_runs_waiting", "gauge", "Runs waiting for a person to answer an approval request.",
+        {"": sum(1 for run in active if run.phase is Phase.WAITING)})
     add("wsagent_runs_total", "counter", "Finished runs by outcome.", app.metrics.runs, "outcome")
     add("wsagent_tokens_relayed_total", "counter", "Text deltas relayed from the model.",
         {"": app.metrics.tokens + sum(run.streamed for run in active)})

@@ -257,4 +257,9 @@ class AISDKSession:
 
 
 async def ai_sdk(app: App, conn: Connection) -> None:
-    await AISDKSession(app, conn).serve()
+    session = AISDKSession(app, conn)
+    try:
+        await session.serve()
+    finally:  # a queued request has nothing to resume: it goes with its socket (a running one has its grace)
+        for task in list(session.queued.values()):
+            task.cancel()

@@ -287,3 +287,17 @@ def test_every_interleaving_ends_with_exactly_one_terminal_event(steps: list[str
         assert events[-1]["type"] in ("done", "error", "cancelled")
 
     asyncio.run(scenario())
+
+
+async def test_a_replay_of_a_run_whose_request_was_never_answered_shows_how_it_ended() -> None:
+    """An AI SDK reload of a chat whose approval timed out stopped at the request, as if it still waited: the
+    page offered Approve for a run that had ended, and never saw its error."""
+    run = Run("r", key="k")
+    run.approval_timeout = 0.05
+    run.subscribe(Sink(), primary=True)
+    run.start(pump(run, lambda: asking(["c1"], [])))
+    await run.wait()
+    replay = Sink()
+    run.subscribe(replay, 0, UIChunks("q", "m"), pauses=True)
+    types = [f["chunk"]["type"] for f in _ui(replay) if f["type"] == "chunk"]
+    assert types[-2:] == ["tool-approval-request", "error"] and _ui(replay)[-1]["type"] == "end"

@@ -979,7 +979,7 @@ class Run:
                 code = codes[i]
                 kind = code & _KIND_MASK
                 renderer.render(kind, payloads[i], frames, authors[code >> _KIND_BITS])
-                if kind == _ASK and sub.pauses and _pauses_at(i, codes, payloads):
+                if kind == _ASK and sub.pauses and not self.finished and _pauses_at(i, codes, payloads):
                     renderer.pause(frames)
                     sub.cursor = end + i
                     sub.mark = self._sealed_bytes - sum(len(payloads[j]) for j in range(i + 1, 0))

@@ -902,3 +902,38 @@ async def test_an_approval_asked_on_one_node_is_answered_on_another(cluster: Clu
     assert again["type"] == "error" and again["code"] in ("already_answered", "run_ended"), again
     reference = await whole_log(a, "p1", key)
     assert head + tail == reference[1:]  # the producer's log, verbatim, across both nodes
+
+
+async def test_an_ai_sdk_approval_is_answered_on_another_node(cluster: Cluster) -> None:
+    """A chat's response stops at its approval request on node a; the page, reloaded onto node b, gets the request
+    again, and its answer (the next send) continues the same message there, from the run node a produces."""
+    a, b = await cluster.start("a", "b", approval_tools="calculator")
+    question = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "What is (2 + 3) * 7?"}]}
+    chat = "chat-approval-0123456789"
+
+    async def request(node: Node, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        async with node.connect("/ws/ai-sdk") as ws:
+            await ws.send(json.dumps(frame))
+            chunks: list[dict[str, Any]] = []
+            async with asyncio.timeout(LIMIT):
+                while (got := json.loads(await ws.recv()))["type"] != "end":
+                    if got["type"] == "chunk":
+                        chunks.append(got["chunk"])
+            return chunks
+
+    asked = await request(a, {"type": "send", "requestId": "q1", "id": chat, "trigger": "submit-message",
+                              "messages": [question], "body": {"agent": "assistant"}})
+    assert [c["type"] for c in asked][-3:] == ["tool-approval-request", "finish-step", "finish"]
+    replayed = await request(b, {"type": "resume", "requestId": "q2", "id": chat})
+    assert replayed == asked  # the reload, on the other node, stops at the same request
+    call = next(c for c in asked if c["type"] == "tool-approval-request")
+    answer = {"id": asked[0]["messageId"], "role": "assistant", "parts": [
+        {"type": "dynamic-tool", "toolName": "calculator", "toolCallId": call["toolCallId"],
+         "state": "approval-responded", "input": {"expression": "(2 + 3) * 7"},
+         "approval": {"id": call["approvalId"], "approved": True}}]}
+    continued = await request(b, {"type": "send", "requestId": "q3", "id": chat, "trigger": "submit-message",
+                                  "messageId": asked[0]["messageId"], "messages": [question, answer],
+                                  "body": {"agent": "assistant"}})
+    assert continued[0] == asked[0] and continued[1]["type"] == "tool-approval-response"
+    output = next(c for c in continued if c["type"] == "tool-output-available")
+    assert output["output"] == "(2 + 3) * 7 = 35" and continued[-1]["type"] == "finish"

@@ -7,6 +7,10 @@ behind one port), a real ``redis-server`` and the simulator. Each example draws 
 
 * **start** a run on any node: a model, the ``assistant`` agent, the ``research-then-write`` or
   ``market-analysis`` workflow (``/ws/chat``, anonymous or a user's), or an AI SDK chat (``/ws/ai-sdk``);
+  in examples with ``--approval-tools calculator`` (drawn, beside the default: none), a user's agent run
+  asks a person before its calculator runs, and waits (``--approval-timeout`` 3 s, then it ends with
+  ``approval_timeout``);
+* **approve** or deny a waiting call from any node, with the run's key (once, or again: refused);
 * **resume** or **attach** to it on any node (by key, or a user's by id alone; another user gets
   ``unknown_run``), before, during and after its end; an AI SDK chat **reloads** (``resume``);
 * **drop** a client, abruptly (TCP reset) or with a close frame;
@@ -212,6 +216,7 @@ class RunRecord:
     by_seq: dict[int, str] = field(default_factory=dict)  # the frame of each seq, as the first socket saw it
     chunks: dict[int, str] = field(default_factory=dict)  # an AI SDK chat's chunk of each sequence number
     lost: bool = False  # its node was killed
+    answered: set[str] = field(default_factory=set)  # the approval requests an approve was accepted for
     cancelled: bool = False  # a cancel (an abort) was accepted
     seen_end: str | None = None  # its terminal event, as some socket saw it
 
@@ -653,13 +658,16 @@ class ClusterModel(RuleBasedStateMachine):
     @initialize(nodes=st.sampled_from([2, 3]), workers=st.booleans(),
                 resume_grace=st.sampled_from([None, 1.5]), ai_sdk_grace=st.sampled_from([None, 2.0, 0.0]),
                 replay_bytes=st.sampled_from([None, 300]), compression=st.sampled_from([None, "off"]),
+                approvals=st.sampled_from([None, "calculator"]),
                 first=st.lists(st.tuples(st.integers(0, 5), kinds, lengths, st.booleans()), min_size=1, max_size=3))
     def boot(self, nodes: int, workers: bool, resume_grace: float | None, ai_sdk_grace: float | None,
-             replay_bytes: int | None, compression: str | None, first: list[tuple[int, str, str, bool]]) -> None:
+             replay_bytes: int | None, compression: str | None, approvals: str | None,
+             first: list[tuple[int, str, str, bool]]) -> None:
         """The cluster of this example (a None setting is left to its default), and its first runs (Hypothesis
         enables a few of the rules in each example: ``start`` may be left out)."""
         self.options = {"resume_grace": resume_grace, "ai_sdk_grace": ai_sdk_grace, "replay_bytes": replay_bytes,
-                        "compression": compression}
+                        "compression": compression, "approval_tools": approvals,
+                        "approval_timeout": 3.0 if approvals else None}
         self.redis_port = free_port()
 
         async def boot() -> None:
@@ -690,8 +698,11 @@ class ClusterModel(RuleBasedStateMachine):
         run = RunRecord(number, kind, f"chat-{number}-0123456789abcdef" if ai_sdk else f"r{number}", slot, owner,
                         self.now())
         self.runs.append(run)
-        prompt = f"What is {number} * 7? {LENGTHS[length]}" if kind in ("agent", "ai-sdk") and user \
-            else f"topic {number} {LENGTHS[length]}"
+        asks = self.options.get("approval_tools") is not None
+        # (an AI SDK chat's response that stops at an approval request is continued by another request,
+        # whose chunks no other socket shares: tests/test_cluster.py has that case, not this model)
+        prompt = f"What is {number} * 7? {LENGTHS[length]}" if (kind == "agent" or kind == "ai-sdk" and not asks) \
+            and user else f"topic {number} {LENGTHS[length]}"
 
         async def go() -> None:
             view = await self.open_view(slot, run, "send" if ai_sdk else "run", owner)
@@ -825,6 +836,44 @@ class ClusterModel(RuleBasedStateMachine):
             type(self).stats[f"cancel:{answers[0]['code']}"] += 1
             if answers[0]["code"] == "unknown_run":
                 await self.witness_ended(run, f"a cancel of run {run.number} on {slot.name} was told unknown_run")
+        self.run(go())
+
+    def waiting_calls(self) -> list[tuple[RunRecord, str]]:
+        """(run, call id) of each approval request some socket saw and no ``approval`` followed."""
+        found = []
+        for run in self.runs:
+            frames = [json.loads(frame) for _, frame in sorted(run.by_seq.items())]
+            asked = [f["call_id"] for f in frames if f["type"] == "approval_request"]
+            answered = {f["call_id"] for f in frames if f["type"] == "approval"}
+            found += [(run, call_id) for call_id in asked if call_id not in answered]
+        return found
+
+    @precondition(lambda self: bool(self.waiting_calls()))
+    @rule(which=st.integers(0, 100), node=st.integers(0, 5), approved=st.booleans())
+    def approve(self, which: int, node: int, approved: bool) -> None:
+        """Answer a waiting call from any node, with the run's key: taken (the run goes on, on its own node),
+        or refused because it was answered already, or the run has ended (its wait timed out, its node died)."""
+        run, call_id = self.pick(self.waiting_calls(), which)
+        slot = self.pick(self.live(), node)
+
+        async def go() -> None:
+            query = f"?token={cluster_token(run.user)}" if run.user is not None else ""
+            async with connect(f"ws://127.0.0.1:{slot.port}/ws/chat{query}", open_timeout=LIMIT) as ws:
+                await ws.send(json.dumps({"type": "approve", "id": run.id, "key": run.key, "call_id": call_id,
+                                          "approved": approved}))
+                await ws.send('{"type": "ping"}')
+                answers = []
+                async with asyncio.timeout(LIMIT):
+                    while (answer := json.loads(await ws.recv()))["type"] != "pong":
+                        answers.append(answer)
+            if not answers:
+                assert call_id not in run.answered, f"run {run.number}'s call {call_id} was answered twice"
+                run.answered.add(call_id)
+                type(self).stats["approve:taken"] += 1
+                return
+            assert len(answers) == 1 and answers[0]["code"] in (
+                "already_answered", "run_ended", "unknown_run", "cluster_unavailable"), answers
+            type(self).stats[f"approve:{answers[0]['code']}"] += 1
         self.run(go())
 
     def abort(self, run: RunRecord) -> None:

@@ -77,7 +77,7 @@ class UIChunks:
     """
 
     __slots__ = ("_prefix", "_end", "_message_id", "sequence", "_text", "_reasoning", "_parts", "_steps",
-                 "_usage", "_model", "_agents", "_announced", "_quiet", "_steers", "_step_due")
+                 "_usage", "_model", "_metadata", "_agents", "_announced", "_quiet", "_steers", "_step_due")
 
     def __init__(self, request_id: str, message: str, continues: frozenset[str] = frozenset()) -> None:
         """``continues``: the call ids of the approval requests this request answered. It renders nothing
@@ -92,6 +92,7 @@ class UIChunks:
         self._steps = True  # observations start new steps (not in a workflow: its agents interleave)
         self._usage: dict[str, Any] | None = None
         self._model: str | None = None
+        self._metadata: dict[str, Any] = {}  # the start's (a continued message starts with it again)
         self._agents: set[str] = set()
         self._announced: set[str] = set()  # calls whose input the client has (with their approval request)
         self._quiet = set(continues)
@@ -151,11 +152,8 @@ class UIChunks:
         self._chunk(out, '{"type":"finish"}')
         out.append(self._end)
 
-    def _start(self, out: list[str], fields: dict[str, Any] | None = None, step: bool = True) -> None:
-        metadata = {k: fields[k] for k in ("model", "agent", "workflow") if fields and fields.get(k) is not None}
-        if not metadata and self._model:
-            metadata["model"] = self._model
-        self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": metadata})
+    def _start(self, out: list[str], step: bool = True) -> None:
+        self._emit(out, {"type": "start", "messageId": self._message_id, "messageMetadata": self._metadata})
         if step:
             self._chunk(out, '{"type":"start-step"}')
 
@@ -200,7 +198,8 @@ class UIChunks:
         if name == "start":
             self._model = fields.get("model")
             self._steps = fields.get("workflow") is None
-            self._start(out, fields)
+            self._metadata = {k: fields[k] for k in ("model", "agent", "workflow") if fields.get(k) is not None}
+            self._start(out)
         elif name == "action" and fields.get("call_id", "") in self._announced:
             pass  # its input went out with its approval request
         elif name in ("tool_call", "action", "approval_request"):

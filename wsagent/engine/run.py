@@ -278,12 +278,14 @@ class _Log:
 class Subscription:
     """One socket watching one run, with its own position in the run's log and its own renderer
     (``None``: the JSON protocol). With ``pauses``, it ends at an approval request still waiting for
-    its answer, and its renderer's ``pause`` closes the response (an AI SDK request is one response)."""
+    its answer (but those in ``answered``: its own client just answered them, and a copy of the run on
+    another node may not have the answers yet), and its renderer's ``pause`` closes the response (an AI SDK
+    request is one response)."""
 
-    __slots__ = ("run", "watcher", "cursor", "delivered", "mark", "renderer", "ended", "born", "pauses")
+    __slots__ = ("run", "watcher", "cursor", "delivered", "mark", "renderer", "ended", "born", "pauses", "answered")
 
     def __init__(self, run: Run, watcher: Watcher, cursor: int, delivered: int, renderer: Renderer | None,
-                 pauses: bool = False) -> None:
+                 pauses: bool = False, answered: frozenset[str] = frozenset()) -> None:
         self.run = run
         self.watcher = watcher
         self.cursor = cursor
@@ -293,6 +295,7 @@ class Subscription:
         self.ended = False
         self.born = 0.0
         self.pauses = pauses
+        self.answered = answered
 
     def take(self) -> list[str]:
         """Frames for everything pending; call :meth:`sent` once they are written."""
@@ -759,7 +762,8 @@ class Run:
     # -- watching --------------------------------------------------------
 
     def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
-                  primary: bool = False, pauses: bool = False) -> Subscription:
+                  primary: bool = False, pauses: bool = False, answered: frozenset[str] = frozenset(),
+                  ) -> Subscription:
         """Watch from the event after ``after``.
 
         Raises :class:`ReplayGap` if those events are no longer kept, and :class:`BadResume` if
@@ -775,7 +779,7 @@ class Run:
         if after < log_.first - 1:
             raise ReplayGap(f"run {self.id}: events after seq {after} are no longer kept (oldest kept: {log_.first})")
         pending = sum(map(len, islice(log_.payloads, after + 1 - log_.first, None)))
-        sub = Subscription(self, watcher, after, self._sealed_bytes - pending, renderer, pauses)
+        sub = Subscription(self, watcher, after, self._sealed_bytes - pending, renderer, pauses, answered)
         self._subs.append(sub)
         if primary:
             self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
@@ -979,7 +983,8 @@ class Run:
                 code = codes[i]
                 kind = code & _KIND_MASK
                 renderer.render(kind, payloads[i], frames, authors[code >> _KIND_BITS])
-                if kind == _ASK and sub.pauses and not self.finished and _pauses_at(i, codes, payloads):
+                if kind == _ASK and sub.pauses and not self.finished and _pauses_at(i, codes, payloads,
+                                                                                    sub.answered):
                     renderer.pause(frames)
                     sub.cursor = end + i
                     sub.mark = self._sealed_bytes - sum(len(payloads[j]) for j in range(i + 1, 0))
@@ -1029,14 +1034,15 @@ class Run:
             kept_delivered -= log_.popleft()
 
 
-def _pauses_at(i: int, codes: deque[int], payloads: deque[str]) -> bool:
+def _pauses_at(i: int, codes: deque[int], payloads: deque[str], answered: frozenset[str]) -> bool:
     """Whether a response stops after the approval request at index ``i`` (from the right) of the log: it is
-    the last of the requests made together, and one of those has no answer in the entries after it."""
+    the last of the requests made together, and one of those has no answer, in the entries after it or in
+    ``answered``."""
     if i < -1 and codes[i + 1] & _KIND_MASK == _ASK:
         return False
     start = i
     while start > -len(codes) and codes[start - 1] & _KIND_MASK == _ASK:
         start -= 1
     asked = {json.loads(payloads[j])["call_id"] for j in range(start, i + 1)}
-    answered = {json.loads(payloads[j])["call_id"] for j in range(i + 1, 0) if codes[j] & _KIND_MASK == _ANSWER}
-    return not asked <= answered
+    given = {json.loads(payloads[j])["call_id"] for j in range(i + 1, 0) if codes[j] & _KIND_MASK == _ANSWER}
+    return not asked <= answered | given

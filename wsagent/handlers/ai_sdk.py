@@ -116,7 +116,7 @@ class AISDKSession:
 
     def _watch(self, request_id: str, run: Run, primary: bool, continues: frozenset[str] = frozenset()) -> None:
         sub = run.subscribe(self.conn.outbox, 0, UIChunks(request_id, message_id(run.key), continues),
-                            primary=primary, pauses=True)
+                            primary=primary, pauses=True, answered=continues)
         self.requests = {rid: s for rid, s in self.requests.items() if not s.ended}
         self.requests[request_id] = sub
 

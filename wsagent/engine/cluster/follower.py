@@ -225,8 +225,9 @@ class Mirror(Run):
         return frames
 
     def subscribe(self, watcher: Watcher, after: int = 0, renderer: Renderer | None = None, *,
-                  primary: bool = False, pauses: bool = False) -> Subscription:
-        sub = super().subscribe(watcher, after, renderer, primary=primary, pauses=pauses)
+                  primary: bool = False, pauses: bool = False, answered: frozenset[str] = frozenset(),
+                  ) -> Subscription:
+        sub = super().subscribe(watcher, after, renderer, primary=primary, pauses=pauses, answered=answered)
         if primary and not self.finished:
             holder = f"{self.following.node}/{next(holders)}"
             self._held_as = (sub, holder)

@@ -298,3 +298,40 @@ async def test_a_reload_turns_approvals_on_for_the_next_run(server: WsAgentServe
         await start_run(ws, "flow", "Assess 12 * 7 for the market", workflow="market-analysis")
         request, _ = await until(ws, "approval_request", "flow")
         assert request["agent"] == "financial-analyst"
+
+
+async def test_an_attached_watcher_that_answers_takes_the_run_over(make_server: ServerFactory) -> None:
+    """Found by the newcomer: the owner left while the run waited (the default --resume-grace 0); a second socket
+    attached with the key and approved, and the run was cancelled right after its action ("client disconnected",
+    seconds after that happened), the approved tool's result never shown. The socket that answers, and watches
+    the run, becomes its own client, as a resume would make it."""
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as owner:
+        key = await start_run(owner, "t", CALC, agent="assistant")
+        request, _ = await until(owner, "approval_request")
+    async with ws_connect(server, "/ws/chat") as other:
+        await other.send(json.dumps({"type": "attach", "id": "t", "key": key}))
+        await until(other, "approval_request")
+        await other.send(approve("t", request["call_id"], True, key=key))
+        events = await sequenced(other, "t")
+    kinds = [e["type"] for e in events]
+    assert kinds.index("approval") < kinds.index("observation") and kinds[-1] == "done", kinds
+
+
+async def test_each_turn_of_the_agent_asks_again(make_server: ServerFactory) -> None:
+    """Found by the outside attack: a model that gives each turn's call the same id had its second call approved
+    with the first's answer. The built-in agent makes every call id of a run its own, so each call is asked."""
+    server = await make_server(approval_tools=("calculator",))
+    async with ws_connect(server, "/ws/chat") as ws:
+        await start_run(ws, "l", "what is 1 + 1 sim:tool_loop=1", agent="assistant")
+        first, _ = await until(ws, "approval_request")
+        await ws.send(approve("l", first["call_id"], True))
+        second, seen = await until(ws, "approval_request")
+        assert second["call_id"] != first["call_id"]
+        assert [e["approved"] for e in seen if e["type"] == "approval"] == [True]  # the second waits for its own
+        await ws.send(approve("l", second["call_id"], False))
+        denied, _ = await until(ws, "approval")
+        await ws.send(json.dumps({"type": "cancel", "id": "l"}))  # (the model would go on calling it)
+        events = await run_events(ws, "l")
+    assert (denied["call_id"], denied["approved"]) == (second["call_id"], False)
+    assert events[-1]["type"] == "cancelled"

@@ -301,3 +301,26 @@ async def test_a_replay_of_a_run_whose_request_was_never_answered_shows_how_it_e
     run.subscribe(replay, 0, UIChunks("q", "m"), pauses=True)
     types = [f["chunk"]["type"] for f in _ui(replay) if f["type"] == "chunk"]
     assert types[-2:] == ["tool-approval-request", "error"] and _ui(replay)[-1]["type"] == "end"
+
+
+async def test_a_call_id_asked_again_is_never_answered_by_the_earlier_answer() -> None:
+    """Found by the outside attack: an answer was remembered by call id for the whole run, so a later request
+    with the same id (a model that numbers its calls per turn: call_0_0 each time) was approved at once,
+    whatever its arguments, and nobody was asked. A request with an id the run already asked about is denied."""
+    run = Run("r")
+    sink = Sink()
+    run.subscribe(sink, primary=True)
+    decisions: list[Decision] = []
+
+    async def twice() -> Producer:
+        for expression in ("1 + 1", "6 * 7"):
+            yield [ApprovalRequest("call_0_0", "calculator", json.dumps({"expression": expression}))]
+            decisions.append(await approval("call_0_0"))
+
+    run.start(pump(run, twice))
+    await settled(run)
+    run.answer("call_0_0", True)
+    await run.wait()
+    assert decisions[0].approved and not decisions[1].approved and "already" in (decisions[1].reason or "")
+    answers = [e["approved"] for e in sink.events() if e["type"] == "approval"]
+    assert answers == [True, False]

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from .run import Run
+from .run import Run, Subscription, Watch
 
 __all__ = ["Broker", "LocalBroker", "Mailbox", "mint_key", "scope_of", "KEPT_RUN_COST"]
 
@@ -114,9 +114,12 @@ class Broker(Protocol):
         """Stop keeping the finished ``run`` for a resume (a newer run takes its id)."""
         ...
 
-    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None) -> None:
+    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None,
+                      watcher: Subscription | None = None) -> None:
         """A person's answer to ``run``'s approval request ``call_id``, wherever the run is produced.
-        Raises :class:`~wsagent.engine.run.NotAnswerable` if the run cannot take it."""
+        ``watcher``: the answering socket's subscription to the run, if it watches it; a run whose own client
+        has gone takes it for its own client (the person who answers is the one it waits for now). Raises
+        :class:`~wsagent.engine.run.NotAnswerable` if the run cannot take the answer."""
         ...
 
     async def steer(self, run: Run, content: str) -> None:
@@ -285,7 +288,10 @@ class LocalBroker:
     def forget(self, run: Run) -> None:
         self._drop(run)
 
-    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None) -> None:
+    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None,
+                      watcher: Subscription | None = None) -> None:
+        if watcher is not None and run.watch is Watch.ORPHANED and not run.finished:
+            run.promote(watcher)
         run.answer(call_id, approved, reason)
 
     async def steer(self, run: Run, content: str) -> None:

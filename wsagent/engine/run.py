@@ -98,6 +98,9 @@ _ASK = ApprovalRequest.kind
 _ANSWER = Approval.kind
 #: The answer on a route that cannot carry one (the tutorial's): a call that needs approval never runs there.
 _UNASKABLE = Decision(False, "nobody can answer an approval request on this route (use /ws/chat or /ws/ai-sdk)")
+#: The answer to a request whose call id the run asked about before: an answer names a call by its id alone.
+_REUSED = Decision(False, "this run already asked about a call with this id, so no answer could tell them apart: "
+                          "denied (call ids must be unique within a run)")
 #: How a steering message that was never delivered is explained, by the run's outcome (as AI SDK 7 says it).
 _UNDELIVERED = {"done": "finished", "error": "error", "cancelled": "cancelled"}
 
@@ -703,23 +706,27 @@ class Run:
 
     def _ask(self, event: ApprovalRequest) -> None:
         call_id = event.call_id
-        if not self.askable:
-            if self._answered is None:
-                self._answered = {}
-            self._answered[call_id] = _UNASKABLE
-        if call_id in (self._answered or ()):  # asked again (or on a route nobody answers on): the same answer
-            decision = (self._answered or {})[call_id]
-            self._seal(Approval(call_id, decision.approved, decision.reason, agent=event.agent,
-                                workflow=event.workflow))
-            return
         asks = self._asks
         if asks is None:
             asks = self._asks = {}
         ask = asks.get(call_id)
+        if ask is not None and ask.requested:  # asked twice while waiting: an answer could not tell them apart
+            self._settle(call_id, ask, _REUSED)
+            return
+        if not self.askable or (self._answered is not None and call_id in self._answered):
+            # A route nobody answers on; or an id asked about before, whose answer must not pass for this one's.
+            decision = _UNASKABLE if not self.askable else _REUSED
+            if self._answered is None:
+                self._answered = {}
+            self._answered[call_id] = decision
+            self._seal(Approval(call_id, decision.approved, decision.reason, agent=event.agent,
+                                workflow=event.workflow))
+            if ask is not None and ask.future is not None and not ask.future.done():
+                del asks[call_id]
+                ask.future.set_result(decision)
+            return
         if ask is None:
             ask = asks[call_id] = _Ask()
-        elif ask.requested:  # the same call asked twice while waiting: one answer will do for both
-            return
         if self.phase is _RUNNING:
             self._stop_budget()
             self._stop_orphan_timer()
@@ -788,6 +795,16 @@ class Run:
             self._stop_orphan_timer()
         watcher.watch(sub)
         return sub
+
+    def promote(self, sub: Subscription) -> None:
+        """``sub``, a watcher, becomes the run's own client, as if it had resumed the run (its socket answered
+        the run's approval request: a person who answers is the one it now waits for)."""
+        if self.finished or sub.ended or sub is self.primary:
+            return
+        self.watch = _step(_WATCHES, self.watch, _In.ADOPT)
+        self.primary = sub
+        self._holder = None
+        self._stop_orphan_timer()
 
     def unsubscribe(self, sub: Subscription, grace: float = 0.0) -> None:
         """``sub`` watches no more. If it was the run's own client and the run still produces, the run

@@ -238,8 +238,9 @@ class ChatSession:
         if run is None:
             self.reply_error(run_id, "unknown_run", _unknown(run_id, "answer for", request))
             return
+        watching = next((sub for sub in self.conn.outbox.subscriptions if sub.run is run), None)
         try:
-            await self.app.broker.approve(run, call_id, approved, reason or None)
+            await self.app.broker.approve(run, call_id, approved, reason or None, watching)
         except NotAnswerable as exc:
             self.reply_error(run_id, exc.code, exc.message)
 

@@ -36,7 +36,7 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 
 from ..broker import LocalBroker, Mailbox, mint_key
-from ..run import NotAnswerable, Run
+from ..run import NotAnswerable, Run, Subscription, Watch
 from . import messages
 from .clients import Clients
 from .follower import Following, Mirror
@@ -240,6 +240,8 @@ class RedisBroker:
             if run is None:
                 raise NotAnswerable("run_ended", "the run has ended")
             if isinstance(question, messages.AskApprove):
+                if question.holder and run.watch is Watch.ORPHANED and run.holder is None:
+                    run.adopt_remote(question.holder)
                 run.answer(question.call_id, question.approved == "1", question.reason or None)
             else:
                 run.steer(question.content)
@@ -337,11 +339,14 @@ class RedisBroker:
         return run.workflow is not None and await self._question(
             run, lambda ask, asker: messages.AskCancelAgent(ask, asker, run.key, agent)) is True
 
-    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None) -> None:
+    async def approve(self, run: Run, call_id: str, approved: bool, reason: str | None,
+                      watcher: Subscription | None = None) -> None:
         if not isinstance(run, Mirror):
-            return await self.local.approve(run, call_id, approved, reason)
+            return await self.local.approve(run, call_id, approved, reason, watcher)
+        holder = run.holder_for(watcher) if watcher is not None else ""
         await self._person(run, lambda ask, asker: messages.AskApprove(ask, asker, run.key, call_id,
-                                                                        "1" if approved else "0", reason or ""))
+                                                                        "1" if approved else "0", reason or "",
+                                                                        holder))
 
     async def steer(self, run: Run, content: str) -> None:
         if not isinstance(run, Mirror):

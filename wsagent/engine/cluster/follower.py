@@ -234,6 +234,17 @@ class Mirror(Run):
             self.following.tell(self.node, messages.Adopt(self.key, holder))
         return sub
 
+    def holder_for(self, sub: Subscription) -> str:
+        """The name under which ``sub``, a watcher here, may become the run's own client on its producer's node
+        (which decides: only if the run's own client has gone); its leaving is then told there."""
+        held = self._held_as
+        if held is not None and held[0] is sub:
+            return held[1]
+        holder = f"{self.following.node}/{next(holders)}"
+        if held is None:
+            self._held_as = (sub, holder)
+        return holder
+
     def unsubscribe(self, sub: Subscription, grace: float = 0.0) -> None:
         """The producer's grace applies (it was set when the run started), whatever ``grace`` says."""
         held = self._held_as

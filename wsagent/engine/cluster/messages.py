@@ -143,12 +143,15 @@ class AskCancelAgent(Question):
 @dataclasses.dataclass(frozen=True, slots=True)
 class AskApprove(Question):
     """A person's answer to approval request ``call_id`` of run ``key`` (``approved``: "1" or "0"; ``reason``:
-    "" for none): answered "ok" once taken, or [code, message] if the run cannot take it."""
+    "" for none; ``holder``: the answering socket's subscription on the asking node, "" if it does not watch
+    the run, which takes it for its own client if its own has gone): answered "ok" once taken, or [code,
+    message] if the run cannot take it."""
 
     key: str
     call_id: str
     approved: str
     reason: str
+    holder: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

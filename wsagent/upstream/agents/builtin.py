@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import secrets
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -62,6 +63,17 @@ async def _flatten(batches: AsyncGenerator[list[Event], None]) -> AsyncGenerator
         async for batch in stream:
             for event in batch:
                 yield event
+
+
+def _unique(call: ToolCallEvent, seen: set[str]) -> ToolCallEvent:
+    """``call`` with an id no other call of the run has: a person's answer names a call by its id, and a model
+    may number its calls per turn (``call_0_0`` each time; wsagent numbers them so when the model gives none)."""
+    if call.call_id and call.call_id not in seen:
+        seen.add(call.call_id)
+        return call
+    call_id = f"call_{secrets.token_hex(8)}"
+    seen.add(call_id)
+    return ToolCallEvent(call_id, call.name, call.arguments, agent=call.agent, workflow=call.workflow)
 
 
 def default_client() -> UpstreamClient:
@@ -166,6 +178,7 @@ class Agent:
         streamed = 0
         prompt_estimate = estimate_tokens(messages)
         finish_reason = "stop"
+        call_ids: set[str] = set()
         for _ in range(self.max_loops):
             calls: list[ToolCallEvent] = []
             content: list[str] = []
@@ -183,7 +196,7 @@ class Agent:
                                 content.append(event.content)
                                 batch.append(Answer(event.content, agent=name, workflow=workflow))
                             elif isinstance(event, ToolCallEvent):
-                                calls.append(event)
+                                calls.append(_unique(event, call_ids))
                             elif isinstance(event, Done):
                                 finish_reason = event.finish_reason
                             elif isinstance(event, UsageEvent):

@@ -937,3 +937,20 @@ async def test_an_ai_sdk_approval_is_answered_on_another_node(cluster: Cluster) 
     assert continued[0] == asked[0] and continued[1]["type"] == "tool-approval-response"
     output = next(c for c in continued if c["type"] == "tool-output-available")
     assert output["output"] == "(2 + 3) * 7 = 35" and continued[-1]["type"] == "finish"
+
+
+async def test_a_watcher_on_another_node_that_answers_takes_the_run_over(cluster: Cluster) -> None:
+    """The owner left node a while the run waited (--resume-grace 0, the default); a socket on node b attached
+    with the key and approved: it is the run's own client now, and the run goes on to its end."""
+    a, b = await cluster.start("a", "b", approval_tools="calculator", resume_grace=None)
+    async with a.connect() as ws:
+        key = await start_run(ws, "w1", "What is (2 + 3) * 7?", agent="assistant")
+        request = json.loads((await frames_until(ws, lambda e: e["type"] == "approval_request"))[-1])
+    async with b.connect() as ws:
+        await ws.send(json.dumps({"type": "attach", "id": "w1", "key": key}))
+        await frames_until(ws, lambda e: e["type"] == "approval_request")
+        await ws.send(json.dumps({"type": "approve", "id": "w1", "key": key, "call_id": request["call_id"],
+                                  "approved": True}))
+        tail = [json.loads(f) for f in await frames_until(ws, terminal)]
+    kinds = [e["type"] for e in tail]
+    assert kinds.index("approval") < kinds.index("observation") and kinds[-1] == "done", kinds

@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection
 
 from wsagent.core.chunks import TextDelta
 from wsagent.engine.run import Phase, Run
+from wsagent.handlers.ai_sdk import MAX_QUEUED
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
@@ -499,3 +500,29 @@ async def test_a_queued_request_dies_with_its_socket(make_server: ServerFactory,
         await frames.ended("again")
     assert [run.outcome for run in runs(server, chat)] == ["done"] and not server.app.broker.active_runs()
     assert sim.simulator.stats.streams == 1
+
+
+async def test_requests_queued_for_a_chat_are_bounded(make_server: ServerFactory, sim: SimulatorServer) -> None:
+    """Found by the outside attack: one socket queued 300 sends of 900 KB each behind one response (327 MB held,
+    nothing refused). Requests waiting count against --max-runs-per-connection on their socket, and a chat holds
+    at most MAX_QUEUED of them, from every socket."""
+    server = await make_server(max_runs_per_connection=3)  # on_busy=enqueue
+    chat = "chat-flood-0123456789"
+    async with ws_connect(server, "/ws/ai-sdk") as ws, ws_connect(server, "/ws/ai-sdk") as other:
+        frames, others = Frames(ws), Frames(other)
+        await ws.send(send("a", chat, history(ENDLESS)))
+        await frames.streaming("a")
+        for n in range(4):  # the running one and two waiting fill the socket's three
+            await ws.send(send(f"q{n}", chat, history(ENDLESS, f"more {n}")))
+        await frames.settle()
+        assert [bool(frames.of(f"q{n}")) for n in range(4)] == [False, False, True, True]  # (refusals)
+        assert "at most 3" in frames.refused("q2")
+        assert frames.refused("q3")
+        for n in range(MAX_QUEUED):  # another socket: the chat's own bound
+            await other.send(send(f"o{n}", chat, history(ENDLESS, f"other {n}")))
+        await others.settle()
+        waiting = [n for n in range(MAX_QUEUED) if not others.of(f"o{n}")]
+        assert len(waiting) == MAX_QUEUED - 2 and "waiting for this chat" in others.refused(f"o{MAX_QUEUED - 1}")
+        await ws.send(abort("a"))
+        await frames.ended("a")
+    assert sim.simulator.stats.streams >= 1

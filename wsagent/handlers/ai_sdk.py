@@ -44,13 +44,15 @@ from ..engine.run import NotAnswerable, Phase, ReplayGap, Run, Subscription
 from ..transport.connections import Connection
 from .app import App
 
-__all__ = ["ai_sdk", "CLOSE_INVALID_FRAME", "CLOSE_BINARY_FRAME"]
+__all__ = ["ai_sdk", "CLOSE_INVALID_FRAME", "CLOSE_BINARY_FRAME", "MAX_QUEUED"]
 
 #: A frame that names no request.
 CLOSE_INVALID_FRAME = 1008
 #: A binary frame: the transport sends text only.
 CLOSE_BINARY_FRAME = 1003
 _MAX_ID = 128
+#: Requests one chat may hold waiting for its response to end (``enqueue``), from all its sockets.
+MAX_QUEUED = 4
 #: How long an interrupted response may take to end before the new one starts anyway.
 _INTERRUPT_LIMIT = 10.0
 
@@ -148,14 +150,35 @@ class AISDKSession:
                                         "abort it first")
             if policy == "steer" and await self._steer(request_id, previous, messages):
                 return
-            if policy == "interrupt":
-                await app.broker.cancel(previous.key, "interrupted by a new message")
-            task = asyncio.get_running_loop().create_task(
-                self._after(previous, request_id, scope, run_id, messages, body))
-            self.queued[request_id] = task
-            task.add_done_callback(lambda _task: self.queued.pop(request_id, None))
+            await self._enqueue(previous, request_id, scope, run_id, messages, body, policy)
             return
         await self._start(request_id, scope, run_id, messages, body, previous)
+
+    async def _enqueue(self, previous: Run, request_id: str, scope: str, run_id: str, messages: list[dict[str, Any]],
+                       body: dict[str, Any], policy: str) -> None:
+        """Wait for the chat's response to end (cancelled first, to ``interrupt``), then start. A waiting request
+        counts against its socket's runs in flight, and a chat holds at most :data:`MAX_QUEUED` of them."""
+        app = self.app
+        limit = app.settings.max_runs_per_connection
+        refusal = await app.admit(self.conn, limit, len(self.queued))
+        if refusal is not None:
+            raise ProtocolViolation(refusal[1])
+        chat = f"{scope}\x00{run_id}"
+        if app.waiting[chat] >= MAX_QUEUED:
+            raise ProtocolViolation(f"at most {MAX_QUEUED} messages may be waiting for this chat's response")
+        if policy == "interrupt":
+            await app.broker.cancel(previous.key, "interrupted by a new message")
+        app.waiting[chat] += 1
+        task = asyncio.get_running_loop().create_task(self._after(previous, request_id, scope, run_id, messages, body))
+        self.queued[request_id] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self.queued.pop(request_id, None)
+            app.waiting[chat] -= 1
+            if not app.waiting[chat]:
+                del app.waiting[chat]
+
+        task.add_done_callback(done)
 
     async def _after(self, previous: Run, request_id: str, scope: str, run_id: str,
                      messages: list[dict[str, Any]], body: dict[str, Any]) -> None:

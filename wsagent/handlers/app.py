@@ -90,19 +90,22 @@ class App:
         self.idle.set()
         self._conn_runs: Counter[str] = Counter()
         self._ip_runs: Counter[str] = Counter()  # anonymous runs in flight by address
+        self.waiting: Counter[str] = Counter()  # requests waiting for a conversation's answer to end, by conversation
         self.peers: Peers | None = None
 
     # -- runs ------------------------------------------------------------
 
-    async def admit(self, conn: Connection, per_connection: int) -> Refusal | None:
+    async def admit(self, conn: Connection, per_connection: int, waiting: int = 0) -> Refusal | None:
         """Whether ``conn`` may start another run: the server is not draining, and the connection
         and its user (an anonymous client: its address, on this node) are under their limits. Every
         run counts, whatever its id, until it ends: one that outlives its socket (a resume grace,
-        an AI SDK response) counts against the user or address that started it."""
+        an AI SDK response) counts against the user or address that started it; ``waiting``, requests of the
+        connection queued for their turn, count too."""
         if self.draining:
             return "server_shutting_down", "server is shutting down; try again shortly"
-        if self._conn_runs[conn.id] >= per_connection:
-            return "too_many_runs", f"at most {per_connection} runs in flight per connection"
+        if self._conn_runs[conn.id] + waiting >= per_connection:
+            counted = " (requests waiting for their turn count)" if waiting else ""
+            return "too_many_runs", f"at most {per_connection} runs in flight per connection{counted}"
         if conn.user is None:
             per_ip = self.settings.max_runs_per_ip
             if per_ip and self._ip_runs[conn.ip] >= per_ip:

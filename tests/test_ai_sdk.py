@@ -12,6 +12,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from wsagent.core.chunks import TextDelta
+from wsagent.core.errors import ProtocolViolation
+from wsagent.core.ui_stream import approval_responses
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
@@ -309,3 +311,21 @@ async def test_another_users_chat_cannot_be_resumed(make_server: ServerFactory) 
         while not frames or frames[-1]["type"] != "end":
             frames.append(await recv_json(alice))
     assert frames[-2]["chunk"]["type"] == "finish"  # their aborts touched nothing
+
+
+def test_approval_answers_are_held_to_the_json_protocols_bounds() -> None:
+    """Found by the outside attack: an AI SDK answer's reason of 900 KB reached the log, Redis and the model's
+    prompt, and an approval id of 500 KB came back in full in an error. The bounds are /ws/chat's approve's."""
+    def answered(approval: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]},
+                {"id": "m", "role": "assistant", "parts": [
+                    {"type": "dynamic-tool", "toolName": "calculator", "toolCallId": "c1", "input": {},
+                     "state": "approval-responded", "approval": approval}]}]
+
+    assert approval_responses(answered({"id": "c1", "approved": False, "reason": "no"})) == [("c1", False, "no")]
+    for bad in ({"id": "c1", "approved": False, "reason": "R" * 1001}, {"id": "x" * 129, "approved": True},
+                {"id": "", "approved": True}, {"id": "c1", "approved": "yes"}, {"id": "c1", "approved": True,
+                                                                                 "reason": 7}):
+        with pytest.raises(ProtocolViolation) as refused:
+            approval_responses(answered(bad))
+        assert len(refused.value.message) < 200

@@ -23,7 +23,10 @@ import contextvars
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Decision", "Person", "approval", "steering", "attend", "NOBODY"]
+__all__ = ["Decision", "Person", "approval", "steering", "attend", "NOBODY", "MAX_REASON"]
+
+#: The longest reason a person may give with an answer (it reaches the model, the log and, in a cluster, Redis).
+MAX_REASON = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from typing import Any
 
 from .errors import ProtocolViolation
 from .events import KIND_NAMES, well_formed_json
+from .person import MAX_REASON
 from .render import Author
 
 __all__ = ["UIChunks", "chat_messages", "approval_responses", "last_user_text", "message_id", "MAX_MESSAGES",
@@ -53,6 +54,8 @@ __all__ = ["UIChunks", "chat_messages", "approval_responses", "last_user_text", 
 #: What one ``send`` may carry (the chat's whole history).
 MAX_MESSAGES = 1000
 MAX_PARTS = 4000
+#: An approval's id, as ``approve`` on ``/ws/chat`` bounds a call id.
+MAX_ID = 128
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _quote = json.encoder.encode_basestring
@@ -342,9 +345,12 @@ def approval_responses(ui_messages: Any) -> list[tuple[str, bool, str | None]]:
         if not isinstance(approval, dict):
             continue
         approval_id, approved, reason = approval.get("id"), approval.get("approved"), approval.get("reason")
-        if not isinstance(approval_id, str) or not isinstance(approved, bool):
-            raise ProtocolViolation("an approval response needs an 'id' (a string) and 'approved' (a boolean)")
-        found.append((approval_id, approved, reason if isinstance(reason, str) else None))
+        if not isinstance(approval_id, str) or not 0 < len(approval_id) <= MAX_ID or not isinstance(approved, bool):
+            raise ProtocolViolation(f"an approval response needs an 'id' of 1 to {MAX_ID} characters and "
+                                    "'approved' (a boolean)")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+            raise ProtocolViolation(f"an approval response's 'reason' is a string of at most {MAX_REASON} characters")
+        found.append((approval_id, approved, reason))
     return found
 
 

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 from ..core.config import BUSY_POLICIES, Settings
 from ..core.errors import ClusterUnavailable, ProtocolViolation
 from ..core.events import Producer, Snapshot, encode, encode_message, json_object
+from ..core.person import MAX_REASON
 from ..core.render import TextMode
 from ..engine.broker import scope_of
 from ..engine.run import BadResume, NotAnswerable, ReplayGap, Run
@@ -31,7 +32,6 @@ log = logging.getLogger("wsagent.chat")
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _MAX_ID = 128
-_MAX_REASON = 1000
 #: ``/ws/chat?on_busy=<policy>`` names no policy.
 CLOSE_BAD_POLICY = 1008
 _INTERRUPTED = "interrupted by a new message"
@@ -232,8 +232,8 @@ class ChatSession:
                                     "request's)")
         if not isinstance(approved, bool):
             raise ProtocolViolation("'approved' must be true or false")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
-            raise ProtocolViolation(f"'reason' must be a string of at most {_MAX_REASON} characters")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+            raise ProtocolViolation(f"'reason' must be a string of at most {MAX_REASON} characters")
         run_id, run = await self.find(request)
         if run is None:
             self.reply_error(run_id, "unknown_run", _unknown(run_id, "answer for", request))

@@ -172,7 +172,7 @@ async def test_agents_are_listed_for_the_menu(make_server: ServerFactory) -> Non
     server = await make_server(agents=PLAIN_AGENTS)
     status, headers, body = await http_get(server, "/agents")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
-    assert json.loads(body) == ["assistant", "blocking", "countdown"]
+    assert json.loads(body) == ["assistant", "blocking", "countdown", "mailer"]
     alone = await make_server()
     assert json.loads((await http_get(alone, "/agents"))[2]) == ["assistant"]
 
@@ -194,10 +194,10 @@ async def test_page_menu_lists_the_loaded_agents(browser: Browser, make_server: 
     })()""")
     agents = [option for option in result["options"] if option[0].startswith("agent:")]
     assert agents == [["agent:assistant", "assistant agent"], ["agent:blocking", "blocking agent"],
-                      ["agent:countdown", "countdown agent"]]
+                      ["agent:countdown", "countdown agent"], ["agent:mailer", "mailer agent"]]
     values = [value for value, _ in result["options"]]
-    assert values[0] == "" and values[1:4] == [value for value, _ in agents]
-    assert all(value.startswith("workflow:") for value in values[4:]) and len(values) > 4
+    assert values[0] == "" and values[1:5] == [value for value, _ in agents]
+    assert all(value.startswith("workflow:") for value in values[5:]) and len(values) > 5
     assert result["outcome"] == "done" and result["text"] == "5… 4… 3… 2… 1… liftoff."
 
 

@@ -55,7 +55,7 @@ async def test_a_bridge_never_holds_more_than_its_limit_and_releases_the_thread(
 
 def test_agents_load_from_a_file_or_a_module_and_bad_specs_are_clear() -> None:
     agents = load_agents(AGENTS)
-    assert set(agents) == {"countdown", "blocking", "fails", "hangs", "flood"}
+    assert set(agents) == {"countdown", "blocking", "mailer", "fails", "hangs", "flood"}
     assert set(load_agents("tests/agents_fixture.py:AGENTS")) == {"fails", "hangs", "flood"}
     with pytest.raises(ValueError, match="expected module:attribute"):
         load_agents("no-colon")
@@ -165,9 +165,33 @@ async def test_sighup_reloads_the_agents_and_a_bad_spec_changes_nothing(server: 
         server.reload(dataclasses.replace(before, agents="tests.agents_fixture:STOPPED", max_connections=3))
     assert server.settings is before and set(server.app.agents) >= {"countdown", "fails"}
     server.reload(dataclasses.replace(before, agents="examples/agents/plain.py:AGENTS"))
-    assert set(server.app.agents) == {"countdown", "blocking"}
+    assert set(server.app.agents) == {"countdown", "blocking", "mailer"}
     async with ws_connect(server, "/ws/chat") as ws:
         await ws.send(run("f", "fails"))
         assert "unknown agent 'fails'" in (await recv_json(ws))["message"]
         await ws.send(run("c", "countdown"))
         assert (await run_events(ws, "c"))[-1]["type"] == "done"
+
+
+async def test_the_documented_mailer_asks_first_and_hears_what_was_said(server: WsAgentServer) -> None:
+    """docs/agents.md's mailer (examples/agents/plain.py): an agent of one's own asks before it sends, takes the
+    steering message sent while it waited, and sends only once approved; denied, it does not."""
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(run("m1", "mailer", "quarterly figures"))
+        while (event := await recv_json(ws))["type"] != "approval_request":
+            pass
+        assert (event["name"], json.loads(event["arguments"])["to"]) == ("send_email", "team@example.com")
+        await ws.send(json.dumps({"type": "steer", "id": "m1", "content": "cc the board"}))
+        await ws.send(json.dumps({"type": "approve", "id": "m1", "call_id": "mail-1", "approved": True}))
+        sent = await run_events(ws, "m1")
+        await ws.send(run("m2", "mailer", "draft"))
+        while (event := await recv_json(ws))["type"] != "approval_request":
+            pass
+        await ws.send(json.dumps({"type": "approve", "id": "m2", "call_id": "mail-1", "approved": False,
+                                  "reason": "not yet"}))
+        denied = await run_events(ws, "m2")
+    assert [e["delivered"] for e in sent if e["type"] == "steer"] == [True]
+    action = next(e for e in sent if e["type"] == "action")
+    assert json.loads(action["arguments"])["note"] == "cc the board" and sent[-1]["type"] == "done"
+    assert not [e for e in denied if e["type"] == "action"]
+    assert "".join(e["content"] for e in denied if e["type"] == "answer") == "Not sent: not yet."

@@ -1,18 +1,20 @@
 """Your own agents without a framework: ``python -m wsagent.serve --agents examples/agents/plain.py:AGENTS``.
 
 ``countdown`` is an async generator; ``blocking`` is blocking code in a thread of its own (as a framework's
-callback would be), handed over through a :class:`~wsagent.producers.ThreadBridge`.
+callback would be), handed over through a :class:`~wsagent.producers.ThreadBridge`; ``mailer`` asks a person
+before it "sends" a mail, and takes what a person says meanwhile (docs/person-in-the-loop.md).
 Try: ``{"type": "run", "id": "r1", "prompt": "go", "agent": "countdown"}`` on ``/ws/chat``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
 from wsagent.events import Action, Answer, Event, Observation, Thinking
-from wsagent.producers import AgentRequest, ThreadBridge
+from wsagent.producers import AgentRequest, ApprovalRequest, Steered, ThreadBridge, approval, steering
 
 
 async def countdown(request: AgentRequest) -> AsyncIterator[Event]:
@@ -38,4 +40,19 @@ async def blocking(request: AgentRequest) -> AsyncIterator[Event | list[Event]]:
         yield batch
 
 
-AGENTS = {"countdown": countdown, "blocking": blocking}
+async def mailer(request: AgentRequest) -> AsyncIterator[Event]:
+    mail = {"to": "team@example.com", "subject": request.prompt[:60]}
+    yield ApprovalRequest("mail-1", "send_email", json.dumps(mail))  # then wait: the run waits with it
+    decision = await approval("mail-1")
+    for said in steering():  # messages a person sent meanwhile (a plain call: each is returned once)
+        yield Steered(said)
+        mail["note"] = said
+    if not decision.approved:
+        yield Answer(f"Not sent: {decision.reason or 'denied'}.")
+        return
+    yield Action(f"send_email({json.dumps(mail)})", call_id="mail-1", name="send_email", arguments=json.dumps(mail))
+    yield Observation("queued for delivery", call_id="mail-1", name="send_email")
+    yield Answer(f"Sent to {mail['to']}.")
+
+
+AGENTS = {"countdown": countdown, "blocking": blocking, "mailer": mailer}

@@ -135,6 +135,9 @@ class WsAgentServer:
                         await _broker(s, self.worker))
         if self._app.agents:
             log.info("agents: %s", ", ".join(sorted(self._app.agents)))
+        if s.approval_tools:
+            log.info("tools that ask a person first: %s (answers wait %gs)", ", ".join(s.approval_tools),
+                     s.approval_timeout)
         if self.worker is not None:
             self._mesh = await WorkerMesh(self._app, self.worker).start()
             self._app.peers = self._mesh

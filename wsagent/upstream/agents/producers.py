@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import json
 import logging
 import sys
 import threading
@@ -100,6 +101,8 @@ async def produce(factory: AgentFactory, request: AgentRequest) -> Producer:
             for event in batch:
                 if event.agent is None:
                     event.agent = name
+                if isinstance(event, ApprovalRequest) and not isinstance(event.arguments, str):
+                    event.arguments = json.dumps(event.arguments, default=str)  # the wire's form: a JSON string
             yield batch
     except WsAgentError:  # already a plain error (an upstream's, say)
         raise

@@ -251,8 +251,14 @@ async def ask_the_assistant(browser: Browser, server: WsAgentServer, prompt: str
 async def click_on_screen(browser: Browser, run: str, selector: str, screenshot: Path) -> dict[str, Any]:
     """Click the run's ``selector`` with the mouse, as a person would, where it is on screen; first check that it
     is inside the viewport and not covered, and keep a screenshot of what the person sees."""
+    return await click_element(browser, f"t.turn({json.dumps(run)}).querySelector({json.dumps(selector)})",
+                               screenshot)
+
+
+async def click_element(browser: Browser, element: str, screenshot: Path) -> dict[str, Any]:
+    """Click the element that the JavaScript expression ``element`` gives, as :func:`click_on_screen` does."""
     where: dict[str, Any] = await browser.evaluate(f"""(() => {{
-        const button = t.turn({json.dumps(run)}).querySelector({json.dumps(selector)});
+        const button = {element};
         const r = button.getBoundingClientRect();
         const x = r.left + r.width / 2, y = r.top + r.height / 2;
         return {{ x, y, width: r.width, height: r.height, top: r.top, left: r.left, bottom: r.bottom,
@@ -391,3 +397,131 @@ async def test_steer_events_are_shown_in_the_run(browser: Browser, make_server: 
             return [...t.turn({json.dumps(run)}).querySelectorAll('.steer')].map(s => s.textContent);
         }})()""")
     assert shown == ["✉ steer: “say it in French” (delivered)"]
+
+
+STEER_BUTTON = "document.getElementById('steer')"
+
+
+async def type_in_prompt(browser: Browser, text: str) -> None:
+    """Type ``text`` into the prompt box as a person would."""
+    await browser.evaluate("document.getElementById('prompt').focus()")
+    await browser.call("Input.insertText", {"text": text})
+    await browser.evaluate(f"t.until(() => document.getElementById('prompt').value === {json.dumps(text)})")
+
+
+async def steer_offered(browser: Browser) -> bool:
+    """Whether the Steer button is there to press: shown, laid out, enabled."""
+    offered: bool = await browser.evaluate(f"(() => {{ const b = {STEER_BUTTON}; "
+                                           "return !b.hidden && !b.disabled && b.getClientRects().length > 0; })()")
+    return offered
+
+
+async def test_steer_a_running_agent_from_the_page(browser: Browser, make_server: ServerFactory,
+                                                  tmp_path: Path) -> None:
+    """While an agent run streams (here: waiting for its approval), a Steer button next to Send sends the
+    prompt box's text to it: the box empties, the run's view shows the message sent, and, once the agent
+    takes it at its next step (after the approved call), delivered. The run ends with done, the button goes."""
+    server = await make_server(approval_tools=("calculator",))
+    run = await ask_the_assistant(browser, server, CALC)
+    assert await steer_offered(browser)
+    await type_in_prompt(browser, "answer in French, please")
+    where = await click_element(browser, STEER_BUTTON, tmp_path / "steer.png")
+    sent = await browser.evaluate(f"""(async () => {{
+        const turn = t.turn({json.dumps(run)});
+        const note = turn.querySelector('.steer');
+        const shown = {{ text: note.textContent, state: note.dataset.state }};
+        // the server took it: its pong came, and no refusal before it
+        await t.until(() => note.dataset.state === 'queued');
+        return {{ shown, prompt: document.getElementById('prompt').value,
+                  turns: document.querySelectorAll('#log .turn').length,
+                  notices: turn.querySelectorAll('.notice').length, outcome: turn.dataset.outcome ?? null }};
+    }})()""")
+    assert where["text"] == "Steer"
+    assert sent["shown"]["text"] == "✉ steer sent: “answer in French, please”"
+    assert sent["shown"]["state"] in ("sending", "queued")
+    assert (sent["prompt"], sent["turns"], sent["notices"], sent["outcome"]) == ("", 1, 0, None)
+    started = find_run(server, run)
+    assert started is not None and started.steerable
+    await click_on_screen(browser, run, ".approval button.approve", tmp_path / "approve.png")
+    result = await browser.evaluate(f"""(async () => {{
+        const outcome = await t.finished({json.dumps(run)});
+        const turn = t.turn({json.dumps(run)});
+        return {{ outcome, notes: [...turn.querySelectorAll('.steer')].map(s => [s.textContent, s.dataset.state]),
+                  observation: turn.querySelector('.step.observation').textContent,
+                  notices: turn.querySelectorAll('.notice').length }};
+    }})()""")
+    assert result == {"outcome": "done", "notes": [["✉ steer: “answer in French, please” (delivered)", "delivered"]],
+                      "observation": "👁 (2 + 3) * 7 = 35", "notices": 0}
+    assert not await steer_offered(browser)
+
+
+async def test_steer_is_offered_only_while_an_agent_run_streams(browser: Browser, make_server: ServerFactory,
+                                                                tmp_path: Path) -> None:
+    """No Steer button before any prompt, nor while only a model's answer streams; Enter still sends a new
+    prompt while an agent runs; a steer the server refuses (its 17th waiting message: too_many_steers) is said
+    in the run's view, which goes on; and the button goes once the agent run has ended."""
+    # Each steer is a message and a ping: this test sends 17 in one go, over the default burst of 40.
+    server = await make_server(approval_tools=("calculator",), message_burst=100)
+    await open_page(browser, server)
+    assert not await steer_offered(browser)
+    model = await browser.evaluate("""(async () => {
+        const run = t.send('go on forever sim:rate=50 sim:tokens=100000');
+        await t.until(() => t.turn(run).querySelector('.answer').textContent.length > 20);
+        return run;
+    })()""")
+    assert not await steer_offered(browser)  # a model's answer has no step to join
+    assert await browser.evaluate(f"document.getElementById('stop').click() || t.finished({json.dumps(model)})") \
+        == "cancelled"
+    agent: str = await browser.evaluate(f"""(async () => {{
+        document.getElementById('mode').value = 'agent:assistant';
+        const run = t.send({json.dumps(CALC)});
+        await t.until(() => t.turn(run).querySelector('.approval button.approve'));
+        return run;
+    }})()""")
+    assert await steer_offered(browser)
+    # Enter sends a new prompt, as ever (a model's answer, which ends); the agent is not steered
+    await browser.evaluate("document.getElementById('mode').value = ''")
+    await type_in_prompt(browser, "hello sim:tokens=5")
+    for kind in ("keyDown", "keyUp"):
+        await browser.call("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                      "windowsVirtualKeyCode": 13, "text": "\r"})
+    entered = await browser.evaluate("""(async () => {
+        const turn = await t.until(() => document.querySelectorAll('#log .turn')[2]);
+        return { user: turn.querySelector('.user').textContent, outcome: await t.finished(turn.dataset.run),
+                 prompt: document.getElementById('prompt').value };
+    })()""")
+    assert entered == {"user": "hello sim:tokens=5", "outcome": "done", "prompt": ""}
+    assert await steer_offered(browser)  # the agent run still streams: it is the one steered
+    # 16 messages wait for the agent's next step; the 17th is refused, in the view, and the run goes on
+    await browser.evaluate(f"""(() => {{
+        for (let i = 1; i <= 16; i++) {{
+            document.getElementById('prompt').value = `note ${{i}}`;
+            {STEER_BUTTON}.click();
+        }}
+    }})()""")
+    await type_in_prompt(browser, "one too many")
+    await click_element(browser, STEER_BUTTON, tmp_path / "steer.png")
+    refused = await browser.evaluate(f"""(async () => {{
+        const turn = t.turn({json.dumps(agent)});
+        const notice = await t.until(() => turn.querySelector('.notice.error')?.textContent);
+        const notes = [...turn.querySelectorAll('.steer')];
+        await t.until(() => notes.slice(0, 16).every(n => n.dataset.state === 'queued'));
+        return {{ notice, last: notes.at(-1).textContent, state: notes.at(-1).dataset.state, count: notes.length,
+                  outcome: turn.dataset.outcome ?? null, approvable: !turn.querySelector('.approve').disabled }};
+    }})()""")
+    assert refused["notice"].startswith("refused: too_many_steers: ")
+    assert (refused["last"], refused["state"]) == ("✉ steer not taken: “one too many” (refused: too_many_steers)",
+                                                   "refused")
+    assert (refused["count"], refused["outcome"], refused["approvable"]) == (17, None, True)
+    assert await steer_offered(browser)
+    await click_on_screen(browser, agent, ".approval button.approve", tmp_path / "approve.png")
+    result = await browser.evaluate(f"""(async () => {{
+        const outcome = await t.finished({json.dumps(agent)});
+        const turn = t.turn({json.dumps(agent)});
+        return {{ outcome, states: [...turn.querySelectorAll('.steer')].map(s => s.dataset.state),
+                  first: turn.querySelector('.steer').textContent, notices: turn.querySelectorAll('.notice').length,
+                  others: [...document.querySelectorAll('#log .turn:not([data-run="{agent}"]) .steer')].length }};
+    }})()""")
+    assert result == {"outcome": "done", "states": ["delivered"] * 16 + ["refused"],
+                      "first": "✉ steer: “note 1” (delivered)", "notices": 1, "others": 0}
+    assert not await steer_offered(browser)

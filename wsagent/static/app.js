@@ -6,6 +6,11 @@ const $ = (id) => document.getElementById(id);
 const MARKS = { thinking: "💭", action: "🔧", observation: "👁" };
 // Refusals of a person's answer to an approval request: errors without seq that leave the run going.
 const ANSWER_REFUSALS = new Set(["unknown_call", "already_answered", "run_ended"]);
+// Requests that name a run this page holds the key to: their refusals (errors without seq) say which run, not
+// which request. Each goes out followed by a ping; the server takes a socket's messages in order and
+// refuses at once, so a refusal that comes before that ping's pong is that request's, and a pong that
+// comes first means it was taken.
+const TRACKED = new Set(["approve", "steer", "cancel", "resume"]);
 // Close codes that mean "no": connecting again cannot change the answer (a slow client's 4008 can).
 const REFUSED = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4001, 4003, 4009, 4029]);
 const refused = (code) => REFUSED.has(code) || (code >= 4000 && code < 5000 && code !== 4008);
@@ -18,6 +23,8 @@ const state = {
   runs: new Map(),     // run id -> view (only runs still streaming)
   queue: [],           // views of prompts sent while not connected: they go out once connected
   counter: 0,
+  started: 0,          // start events seen: the order in which runs started
+  asked: [],           // tracked requests sent on this socket whose pong has not come yet, oldest first
 };
 
 function el(tag, className, text) {
@@ -44,17 +51,18 @@ function connect() {
   const protocols = token ? ["wsagent", `bearer.${token}`] : ["wsagent"];
   const ws = new WebSocket(url(), protocols);
   state.ws = ws;
+  state.asked = [];
   setStatus(state.attempt ? "reconnecting" : "connecting", state.attempt ? "reconnecting…" : "connecting…");
   ws.onopen = () => {
+    if (state.ws !== ws) return;  // given up on already (a reconnect while it was connecting)
     // The backoff is not reset here: a server that takes the connection and closes it at once would be
     // flooded. Data from the server resets it, and so does a connection that stayed open a while.
     state.openedAt = Date.now();
     setStatus("open", "connected");
     for (const [id, view] of state.runs) {
-      ws.send(JSON.stringify({ type: "resume", id, key: view.key, after: view.seq }));
+      post(view, { type: "resume", id, key: view.key, after: view.seq });
       // An answer sent on the old socket may have been lost: the replay shows it if it was taken, and the
-      // card can be answered again if not.
-      view.inflight = [];
+      // card can be answered again if not. (A steer that was taken shows when its steer event comes.)
       for (const card of view.cards.values()) if (!card.settled) ready(card, "");
     }
     const queued = state.queue;
@@ -63,11 +71,12 @@ function connect() {
   };
   ws.onmessage = (message) => {
     state.attempt = 0;
-    handle(JSON.parse(message.data));
+    handle(JSON.parse(message.data), state.ws === ws);
   };
   ws.onclose = (event) => {
     if (state.ws !== ws) return;
     state.ws = null;
+    state.asked = [];
     requeue();
     const why = event.reason ? `${event.code} ${event.reason}` : `${event.code}`;
     if (refused(event.code)) {
@@ -147,15 +156,35 @@ function addStep(part, kind, text, isError) {
   part.steps.append(part.step);
 }
 
-function handle(event) {
+// A message about one of this page's runs, on the current socket: a tracked one (see TRACKED) waits for its
+// pong, or its refusal.
+function post(view, message, entry = {}) {
+  state.ws.send(JSON.stringify(message));
+  if (!TRACKED.has(message.type)) return;
+  state.asked.push({ ...entry, kind: message.type, id: message.id, view, refused: false });
+  state.ws.send(JSON.stringify({ type: "ping" }));
+}
+
+// `current`: the event came on the page's current socket (the tracked requests are that socket's).
+function handle(event, current = true) {
+  if (event.type === "pong") {
+    if (current) taken(state.asked.shift());
+    return;
+  }
   const view = state.runs.get(event.id);
   if (!view) return;
   if (typeof event.seq === "number") {
     if (event.seq <= view.seq) return;   // already shown before a reconnect
     view.seq = event.seq;
   } else if (event.type === "error") {
-    if (ANSWER_REFUSALS.has(event.code) || view.inflight.length > 0) {
-      refusedAnswer(view, event);
+    const entry = current ? state.asked.find((asked) => !asked.refused) : undefined;
+    if (entry && entry.id === event.id) entry.refused = true;
+    if (entry?.refused && entry.kind === "approve") {
+      refusedAnswer(view, event, entry.card);
+    } else if (entry?.refused && entry.kind === "steer") {
+      refusedSteer(view, event, entry.steer);
+    } else if (ANSWER_REFUSALS.has(event.code)) {
+      refusedAnswer(view, event, undefined);
     } else {
       finish(view, event.id, `error: ${event.message}`, true);
     }
@@ -163,6 +192,9 @@ function handle(event) {
   }
   if (event.type === "start") {
     view.key = event.key;  // proves the run is ours when resuming it on a new connection
+    state.started += 1;
+    view.started = state.started;
+    offerSteer();
     // Shown so that a person can watch this run from another client: attach with its id and key.
     const ref = el("div", "run-ref", `run ${event.id} · key ${event.key}`);
     ref.title = JSON.stringify({ type: "attach", id: event.id, key: event.key });
@@ -198,7 +230,7 @@ function handle(event) {
       settle(view, part, event);
       break;
     case "steer":
-      part.box.insertBefore(el("div", "steer", steerText(event)), part.answer);
+      steered(view, part, event);
       break;
     case "usage":
       // A workflow's agents each report their own usage: the footer shows the sum.
@@ -268,8 +300,7 @@ function answer(view, card, approved, reason) {
   }
   const message = { type: "approve", id: view.request.id, key: view.key, call_id: card.callId, approved };
   if (!approved && reason) message.reason = reason;
-  state.ws.send(JSON.stringify(message));
-  view.inflight.push(card.callId);
+  post(view, message, { card });
   for (const button of card.actions.querySelectorAll("button")) button.disabled = true;
   card.outcome.textContent = approved ? "approving…" : "denying…";
 }
@@ -281,7 +312,6 @@ function ready(card, text) {
 
 // How a request was answered, by this page or by anyone else who may: the card says so, its buttons go.
 function settle(view, part, event) {
-  view.inflight = view.inflight.filter((callId) => callId !== event.call_id);
   const card = view.cards.get(event.call_id) || approvalCard(view, part, event.call_id, null);
   card.settled = true;
   if (card.actions) card.actions.remove();
@@ -290,14 +320,79 @@ function settle(view, part, event) {
   if (!card.outcome.isConnected) card.box.append(card.outcome);
 }
 
-// A refused answer: said in the run's view; the card it was for (the oldest answer still unsettled) can be
-// answered again.
-function refusedAnswer(view, event) {
-  view.main.box.insertBefore(el("div", "notice error", `refused: ${event.code}: ${event.message}`), view.main.answer);
-  const callId = view.inflight.shift();
-  const card = callId === undefined ? undefined : view.cards.get(callId);
+// A refused answer: said in the run's view; the card it was for (if this page sent it) can be answered again.
+function refusedAnswer(view, event, card) {
+  notice(view, event);
   if (card && !card.settled) ready(card, `refused: ${event.code}`);
 }
+
+function notice(view, event) {
+  view.main.box.insertBefore(el("div", "notice error", `refused: ${event.code}: ${event.message}`), view.main.answer);
+}
+
+// A tracked request's pong: taken, unless it was refused first.
+function taken(entry) {
+  if (!entry || entry.refused || entry.kind !== "steer") return;
+  if (entry.steer.state === "sending") entry.steer.state = entry.steer.note.dataset.state = "queued";
+}
+
+// The agent or workflow run that the Steer button speaks to: the most recently started of those this page
+// started that still stream.
+function steerTarget() {
+  let target = null;
+  for (const view of state.runs.values()) {
+    const agentRun = view.request.agent !== undefined || view.request.workflow !== undefined;
+    if (agentRun && view.key !== undefined && (!target || view.started > target.started)) target = view;
+  }
+  return target;
+}
+
+function offerSteer() {
+  const target = steerTarget();
+  const button = $("steer");
+  button.hidden = !target;
+  button.title = target ? `send the text to run ${target.request.id}, for its agent's next step` : "";
+}
+
+// Steer: the prompt box's text goes to the running agent; its view shows it pending until the server's steer
+// event says whether the agent took it.
+function steer() {
+  const view = steerTarget();
+  const content = $("prompt").value.trim();
+  if (!view || !content) return;
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+    view.main.box.insertBefore(el("div", "notice error", "not connected: steer again once connected"),
+                               view.main.answer);
+    return;
+  }
+  const note = el("div", "steer", `✉ steer sent: “${content}”`);
+  note.dataset.state = "sending";
+  view.main.box.insertBefore(note, view.main.answer);
+  const pending = { content, note, state: "sending" };
+  view.steers.push(pending);
+  post(view, { type: "steer", id: view.request.id, key: view.key, content }, { steer: pending });
+  $("prompt").value = "";
+  $("prompt").focus();
+}
+
+function refusedSteer(view, event, pending) {
+  notice(view, event);
+  pending.state = pending.note.dataset.state = "refused";
+  pending.note.textContent = `✉ steer not taken: “${pending.content}” (refused: ${event.code})`;
+}
+
+// The server's word on a steering message: it updates this page's note for it (the oldest one with that text
+// still waiting), or shows as a note of its own (another client's).
+function steered(view, part, event) {
+  const pending = view.steers.find((s) => waitingSteer(s) && s.content === event.content);
+  const note = pending ? pending.note : el("div", "steer");
+  note.textContent = steerText(event);
+  note.dataset.state = event.delivered ? "delivered" : "undelivered";
+  if (pending) pending.state = note.dataset.state;
+  else part.box.insertBefore(note, part.answer);
+}
+
+const waitingSteer = (pending) => pending.state === "sending" || pending.state === "queued";
 
 function steerText(event) {
   const said = `✉ steer: “${event.content}”`;
@@ -312,11 +407,18 @@ function finish(view, id, text, isError) {
     card.box.dataset.state = "void";
     card.outcome.textContent = "not answered: the run ended";
   }
+  // A steer the server took always has its steer event before the run's end: these never reached the run.
+  for (const pending of view.steers) {
+    if (!waitingSteer(pending)) continue;
+    pending.state = pending.note.dataset.state = "undelivered";
+    pending.note.textContent = `✉ steer: “${pending.content}” (not delivered: no word from the server)`;
+  }
   view.main.meta.textContent = text;
   view.main.meta.classList.toggle("error", isError);
   view.turn.dataset.outcome = text.split(/[ :]/)[0];
   state.runs.delete(id);
   $("stop").disabled = state.runs.size === 0 && state.queue.length === 0;
+  offerSteer();
 }
 
 function waiting(view) {
@@ -343,7 +445,8 @@ function send(prompt) {
   const mode = $("mode").value;
   if (mode.startsWith("agent:")) request.agent = mode.slice(6);
   if (mode.startsWith("workflow:")) request.workflow = mode.slice(9);
-  const view = { turn, main: panel(box), agents: new Map(), seq: 0, usage: "", request, cards: new Map(), inflight: [] };
+  const view = { turn, main: panel(box), agents: new Map(), seq: 0, usage: "", request, cards: new Map(),
+                 steers: [], started: 0 };
   if (state.ws && state.ws.readyState === WebSocket.OPEN) {
     start(view);
   } else {
@@ -356,7 +459,7 @@ function send(prompt) {
 function stop() {
   for (const [id, view] of state.runs) {
     if (state.ws && state.ws.readyState === WebSocket.OPEN) {
-      state.ws.send(JSON.stringify({ type: "cancel", id, key: view.key }));
+      post(view, { type: "cancel", id, key: view.key });
     }
   }
   const queued = state.queue;
@@ -407,6 +510,7 @@ $("prompt").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", stop);
+$("steer").addEventListener("click", steer);
 $("reconnect").addEventListener("click", reconnect);
 $("route").addEventListener("change", reconnect);
 

@@ -661,8 +661,8 @@ class ClusterModel(RuleBasedStateMachine):
                 approvals=st.sampled_from([None, "calculator"]),
                 first=st.lists(st.tuples(st.integers(0, 5), kinds, lengths, st.booleans()), min_size=1, max_size=3))
     def boot(self, nodes: int, workers: bool, resume_grace: float | None, ai_sdk_grace: float | None,
-             replay_bytes: int | None, compression: str | None, approvals: str | None,
-             first: list[tuple[int, str, str, bool]]) -> None:
+             replay_bytes: int | None, compression: str | None, first: list[tuple[int, str, str, bool]],
+             approvals: str | None = None) -> None:
         """The cluster of this example (a None setting is left to its default), and its first runs (Hypothesis
         enables a few of the rules in each example: ``start`` may be left out)."""
         self.options = {"resume_grace": resume_grace, "ai_sdk_grace": ai_sdk_grace, "replay_bytes": replay_bytes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -170,7 +171,8 @@ SECRET = "correct-horse-battery-staple-0123456789"
 def token(claims: dict[str, Any] | None = None, key: Any = SECRET, algorithm: str = "HS256",
           ttl: float = 3600, **headers: Any) -> str:
     """Made the way the tutorial makes them: PyJWT, HS256, a user_id claim."""
-    payload: dict[str, Any] = {"user_id": "alice", "exp": int(time.time() + ttl)}
+    payload: dict[str, Any] = {"user_id": "alice", "exp": math.ceil(time.time() + ttl)}  # (int() cut a 1 s
+    # token's life to as little as a millisecond: a flaky "Invalid token" at the handshake)
     payload.update(claims or {})
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers or None)
 

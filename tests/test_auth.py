@@ -139,7 +139,7 @@ async def test_forbidden_route_and_client_id_4003(make_server: ServerFactory) ->
 
 
 async def test_token_expiring_on_a_live_socket(secured: WsAgentServer) -> None:
-    assert await closed_with(secured, f"/ws/secure?token={token(ttl=1)}") == (4001, "Token expired")
+    assert await closed_with(secured, f"/ws/secure?token={token(ttl=2)}") == (4001, "Token expired")
 
 
 async def test_refresh_before_expiry_keeps_the_socket(secured: WsAgentServer) -> None:

@@ -20,6 +20,7 @@ Outside a run (an agent used as a library, a test), there is nobody to ask:
 from __future__ import annotations
 
 import contextvars
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,20 +59,27 @@ class Person(Protocol):
         ...
 
 
-_current: contextvars.ContextVar[Person | None] = contextvars.ContextVar("wsagent_person", default=None)
+#: A weak reference: every callback scheduled from the run's task (a timer of the HTTP client's, say) keeps a
+#: copy of its context, and one that outlived the run would keep the run, its log and its sockets' state.
+_current: contextvars.ContextVar[weakref.ref[Person] | None] = contextvars.ContextVar("wsagent_person", default=None)
 
 
 def attend(person: Person | None) -> contextvars.Context:
     """A copy of the current context in which ``person`` is the one to ask (a run's task runs in it)."""
     context = contextvars.copy_context()
-    context.run(_current.set, person)
+    context.run(_current.set, None if person is None else weakref.ref(person))
     return context
+
+
+def _person() -> Person | None:
+    ref = _current.get()
+    return None if ref is None else ref()
 
 
 async def approval(call_id: str) -> Decision:
     """The person's answer to the :class:`~wsagent.core.events.ApprovalRequest` with ``call_id`` that the
     caller has yielded (or is about to: the answer waits either way); :data:`NOBODY` outside a run."""
-    person = _current.get()
+    person = _person()
     if person is None:
         return NOBODY
     return await person.decide(call_id)
@@ -79,5 +87,5 @@ async def approval(call_id: str) -> Decision:
 
 def steering() -> list[str]:
     """Messages a person sent to steer the run since the last call (empty outside a run)."""
-    person = _current.get()
+    person = _person()
     return [] if person is None else person.heard()

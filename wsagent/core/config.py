@@ -89,6 +89,7 @@ class Settings:
     api_key: str | None = setting(None, "API key sent as a Bearer token to the upstream", group="upstream", env="OPENAI_API_KEY", upstream="api_key")
     upstream_api: str = setting("chat", "the upstream's dialect: chat (POST {url}/chat/completions) or responses (POST {url}/responses, the OpenAI Responses API)", group="upstream", env="WSAGENT_UPSTREAM_API", choices=("chat", "responses"), upstream="api")
     model: str = setting("wsagent-sim", "model name sent upstream when a run names none", group="upstream", env="WSAGENT_MODEL", upstream="model", simulator="model")
+    upstream_background: bool = setting(False, "Responses API: stored background responses, so a dropped stream is re-attached where it stopped (the server keeps them: docs/operations.md)", group="upstream", upstream="background")
     connect_timeout: float = setting(10.0, "seconds to connect to the upstream", group="upstream", upstream="connect_timeout")
     first_byte_timeout: float = setting(60.0, "seconds to wait for the upstream's first byte", group="upstream", upstream="first_byte_timeout")
     read_timeout: float = setting(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream", upstream="read_timeout")

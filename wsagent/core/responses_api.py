@@ -176,7 +176,7 @@ class ResponsesInterpreter:
     (:class:`~wsagent.core.chunks.ToolCallBounds`).
     """
 
-    __slots__ = ("_calls", "_emitted", "_bounds", "_held", "done", "finish_reason")
+    __slots__ = ("_calls", "_emitted", "_bounds", "_held", "done", "finish_reason", "response_id", "sequence")
 
     def __init__(self) -> None:
         self._calls: dict[str, _Call] = {}
@@ -185,6 +185,10 @@ class ResponsesInterpreter:
         self._held: dict[tuple[int, DeltaKind], str] = {}
         self.done = False
         self.finish_reason: str | None = None
+        #: The response's id (from ``response.created``) and the ``sequence_number`` of the last event
+        #: interpreted: where a stream of a background response is re-attached (``starting_after``).
+        self.response_id: str | None = None
+        self.sequence = -1
 
     def feed(self, sse: SSEEvent) -> list[ModelEvent]:
         """Interpret one SSE event. Raises :class:`UpstreamError` for an error in the stream."""
@@ -201,6 +205,11 @@ class ResponsesInterpreter:
         if not isinstance(event, dict):
             raise UpstreamError("upstream sent an event that is not a JSON object", code="upstream_protocol",
                                 retryable=True)
+        sequence = event.get("sequence_number")
+        if type(sequence) is int:
+            if sequence <= self.sequence:  # a re-attached stream that repeats what was read: taken once
+                return []
+            self.sequence = sequence
         kind = event.get("type") or sse.event
         if kind == "response.output_text.delta":
             return self._delta("content", event)
@@ -213,6 +222,12 @@ class ResponsesInterpreter:
             return self._delta("refusal", event)
         if kind == "response.output_item.added":
             self._item_added(event.get("item"))
+            return []
+        if kind == "response.created":
+            response = event.get("response")
+            response_id = response.get("id") if isinstance(response, dict) else None
+            if isinstance(response_id, str) and response_id:
+                self.response_id = response_id
             return []
         if kind == "response.function_call_arguments.delta":
             call = self._calls.get(str(event.get("item_id")))

@@ -14,6 +14,7 @@ import asyncio
 import email.utils
 import errno
 import json
+import logging
 import math
 import os
 import random
@@ -23,13 +24,14 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
 from ..core.chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
 from ..core.errors import UpstreamError, error_for_status
 from ..core.events import well_formed
+from ..core.logs import printable
 from ..core.metrics import Metrics
 from ..core.responses_api import ResponsesInterpreter, response_to_events, responses_request
 from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
@@ -37,6 +39,8 @@ from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 __all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after", "DIALECTS"]
 
 #: The upstream dialects (``UpstreamConfig.api``) and how the startup line names them.
+log = logging.getLogger("wsagent.upstream")
+
 DIALECTS = {"chat": "OpenAI chat completions", "responses": "OpenAI Responses API"}
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
@@ -58,6 +62,7 @@ class UpstreamConfig:
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE
     include_usage: bool = True
     receive_buffer: int = 262144
+    background: bool = False  # the Responses API's background responses: re-attached when a stream drops
 
 
 def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
@@ -196,6 +201,8 @@ class UpstreamClient:
         self.url = urlunsplit((parts.scheme, self._where if parts.port else parts.hostname or "", parts.path, "", ""))
         self.last_success: float | None = None
         self.last_failure: tuple[float, str] | None = None
+        self._background = self._responses and config.background
+        self._cancels: set[asyncio.Task[None]] = set()  # background responses being cancelled upstream
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -219,6 +226,8 @@ class UpstreamClient:
         return sock
 
     async def close(self) -> None:
+        if self._cancels:  # (each bounded by the connect timeout)
+            await asyncio.gather(*self._cancels, return_exceptions=True)
         if self._session is not None and self._own_session:
             await self._session.close()
         self._session = None
@@ -238,7 +247,13 @@ class UpstreamClient:
             body["stream_options"] = {"include_usage": True}
         if tools:
             body["tools"] = list(tools)
-        return responses_request(body) if self._responses else body
+        if not self._responses:
+            return body
+        request = responses_request(body)
+        if self._background:  # the response goes on upstream, stored, whatever becomes of this connection
+            request["background"] = True
+            request["store"] = True
+        return request
 
     async def stream(
         self,
@@ -274,12 +289,13 @@ class UpstreamClient:
         body = self.build_body(messages, model, tools, params)
         started = time.monotonic()
         try:
-            response = await self._open(body)
+            response = await self._open(json.dumps(body).encode())
         except UpstreamError as exc:
             self.last_failure = (time.monotonic(), exc.code)
             raise
         cfg = self.config
         finished = False
+        interpreter: StreamInterpreter | None = None
         try:
             content_type = response.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
@@ -288,31 +304,43 @@ class UpstreamClient:
                 yield [*events, END]
                 return
             decoder = SSEDecoder(cfg.max_event_size)
-            interpreter: StreamInterpreter = ResponsesInterpreter() if self._responses else ChunkInterpreter()
+            interpreter = ResponsesInterpreter() if self._responses else ChunkInterpreter()
             loop = asyncio.get_running_loop()
-            reader = response.content
-            watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
-            try:
-                while not interpreter.done:
-                    data = await reader.readany()
-                    if not data:
-                        break
-                    watchdog.deadline = math.inf
-                    batch, error = _interpret(decoder, interpreter, data)
-                    if interpreter.done and error is None:  # complete: whoever reads it may stop here
-                        finished = True
-                        batch.append(END)
-                    if batch:
-                        if started:
-                            if self.metrics is not None:
-                                self.metrics.upstream_ttft.observe(time.monotonic() - started)
-                            started = 0.0
-                        yield batch
-                    if error is not None:
-                        raise error
-                    watchdog.deadline = loop.time() + cfg.read_timeout
-            finally:
-                watchdog.stop()
+            reattached = 0
+            while True:
+                reader = response.content
+                watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
+                try:
+                    while not interpreter.done:
+                        data = await reader.readany()
+                        if not data:
+                            break
+                        watchdog.deadline = math.inf
+                        batch, error = _interpret(decoder, interpreter, data)
+                        if interpreter.done and error is None:  # complete: whoever reads it may stop here
+                            finished = True
+                            batch.append(END)
+                        if batch:
+                            if started:
+                                if self.metrics is not None:
+                                    self.metrics.upstream_ttft.observe(time.monotonic() - started)
+                                started = 0.0
+                            yield batch
+                        if error is not None:
+                            raise error
+                        watchdog.deadline = loop.time() + cfg.read_timeout
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                    where = self._reattach_at(interpreter, reattached)
+                    if where is None:
+                        raise
+                    response.close()  # the broken stream; its response goes on upstream
+                    reattached += 1
+                    response = await self._open(None, where)
+                    decoder = SSEDecoder(cfg.max_event_size)  # a new stream begins at an event's beginning
+                    continue
+                finally:
+                    watchdog.stop()
+                break
             if not interpreter.done:
                 tail = interpreter.end(decoder.close())
                 finished = True
@@ -337,14 +365,45 @@ class UpstreamClient:
                 response.release()
             else:
                 response.close()
+                if self._background and isinstance(interpreter, ResponsesInterpreter) and interpreter.response_id:
+                    self._cancel_upstream(interpreter.response_id)  # nobody reads it: it must not go on
 
-    async def _open(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST and return a 200 response, retrying what may be retried before any body byte."""
+    def _reattach_at(self, interpreter: StreamInterpreter, reattached: int) -> str | None:
+        """Where a background response's broken stream is read again (after the last event interpreted), or
+        None: not a background response, its id not known yet, or its re-attachments spent (``max_retries``)."""
+        if not self._background or not isinstance(interpreter, ResponsesInterpreter):
+            return None
+        if interpreter.response_id is None or reattached >= self.config.max_retries:
+            return None
+        return (f"{self._url}/{quote(interpreter.response_id, safe='')}?stream=true"
+                f"&starting_after={interpreter.sequence}")
+
+    def _cancel_upstream(self, response_id: str) -> None:
+        """``POST /responses/{id}/cancel``, off the cancel's path (a run's cancel never waits for it); bounded by
+        the connect and first-byte timeouts, and awaited by :meth:`close`."""
+        task = asyncio.get_running_loop().create_task(self._cancel(response_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, response_id: str) -> None:
+        cfg = self.config
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        try:
+            async with asyncio.timeout(cfg.connect_timeout + cfg.first_byte_timeout):
+                async with self.session.post(f"{self._url}/{quote(response_id, safe='')}/cancel",
+                                             headers=headers) as response:
+                    await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("could not cancel background response %s upstream: %s", printable(response_id),
+                        type(exc).__name__)
+
+    async def _open(self, payload: bytes | None, url: str | None = None) -> aiohttp.ClientResponse:
+        """POST ``payload`` (or, with None, GET ``url``: a background response's stream, again) and return a 200
+        response, retrying what may be retried before any body byte."""
         cfg = self.config
         headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
-        payload = json.dumps(body).encode()
         loop = asyncio.get_running_loop()
         began = loop.time()
         attempt = 0
@@ -352,7 +411,10 @@ class UpstreamClient:
             delay: float | None = None
             try:
                 async with asyncio.timeout(cfg.connect_timeout + cfg.first_byte_timeout):
-                    response = await self.session.post(self._url, data=payload, headers=headers)
+                    if payload is None:
+                        response = await self.session.get(url or self._url, headers=headers)
+                    else:
+                        response = await self.session.post(self._url, data=payload, headers=headers)
             except TimeoutError:
                 error = UpstreamError(
                     f"the model server did not answer within {cfg.connect_timeout + cfg.first_byte_timeout:g} s",

@@ -1,5 +1,7 @@
 """A simulated OpenAI-compatible model server, served over real HTTP: ``POST /v1/chat/completions`` and
-``POST /v1/responses`` (the Responses API, in OpenAI's exact event format), the same answers on both.
+``POST /v1/responses`` (the Responses API, in OpenAI's exact event format), the same answers on both; and the
+Responses API's background responses (``"background": true``; ``GET /v1/responses/{id}``, with ``stream=true``
+and ``starting_after``; ``POST /v1/responses/{id}/cancel``), generated once and kept in memory.
 
 wsagent streams from it when no upstream is configured, so every path (SSE
 parsing, relay, backpressure, cancellation, tool calls) runs for real on a
@@ -30,9 +32,9 @@ most about 16 MiB:
 ``error_after=N``            after N tokens, an ``{"error": ...}`` event in the stream
 ``error_done=1``             with ``error_after``: a ``[DONE]`` after the error
 ``stall_after=N``            after N tokens, send nothing more (the connection stays)
-``drop_after=N``             after N tokens, reset the TCP connection
+``drop_after=N``             after N tokens, reset the TCP connection (a background response goes on)
 ``newline=crlf``             line endings: ``lf`` (default), ``crlf`` or ``cr``
-``comment_every=N``          a ``: ping`` comment every N tokens
+``comment_every=N``          a ``: ping`` comment every N tokens (not in a background response)
 ``long=N``                   one content delta of N characters
 ``pad=N``                    pad every content token to N characters (bulk tests)
 ``json=1``                   answer a whole ``chat.completion`` even when asked to stream
@@ -51,17 +53,21 @@ One job a module:
 * :mod:`.plan`: what the model says to a request (reasoning, text, tool calls), and the switches read from it;
 * :mod:`.schema`: a JSON answer that conforms to the request's ``response_format``;
 * :mod:`.chat_format` and :mod:`.responses_format`: the two wire formats;
-* :mod:`.app`: the aiohttp app (the switches' faults, the pacing, ``GET /stats``) and :class:`SimulatorServer`;
+* :mod:`.play`: an answer played out, paced, with the switches' faults, into a connection or a kept response;
+* :mod:`.background`: background responses, kept, retrieved, resumed and cancelled;
+* :mod:`.stats`: :class:`SimStats`, what the simulator saw (``GET /stats``);
+* :mod:`.app`: the aiohttp app (its routes) and :class:`SimulatorServer`;
 * :mod:`.settings`: :class:`SimulatorSettings`;
 * :mod:`.cli`: ``python -m wsagent.simulator``.
 """
 
 from __future__ import annotations
 
-from .app import SimStats, Simulator, SimulatorServer, make_app
+from .app import Simulator, SimulatorServer, make_app
 from .cli import main
 from .plan import MAX_CHARS, MAX_TOKENS
 from .settings import SimulatorSettings
+from .stats import BackgroundStat, SimStats
 
-__all__ = ["MAX_CHARS", "MAX_TOKENS", "SimStats", "Simulator", "SimulatorServer", "SimulatorSettings", "main",
-           "make_app"]
+__all__ = ["MAX_CHARS", "MAX_TOKENS", "BackgroundStat", "SimStats", "Simulator", "SimulatorServer",
+           "SimulatorSettings", "main", "make_app"]

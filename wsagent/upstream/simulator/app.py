@@ -1,66 +1,23 @@
-"""The simulator's aiohttp app: its routes, the fault switches applied, the answer paced; and
-:class:`SimulatorServer`, which serves it on a loopback port inside the current event loop."""
+"""The simulator's aiohttp app: its routes (answers streamed by :func:`~.play.play` on their connection,
+background responses by :mod:`.background`, ``GET /stats``); and :class:`SimulatorServer`, which serves it
+on a loopback port inside the current event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 from aiohttp import web
 
+from .background import BackgroundResponses, error
 from .chat_format import ChatFormat
 from .plan import cap, directives, last_user_text, plan
+from .play import Format, play
 from .responses_format import ResponsesFormat, chat_body
 from .settings import SimulatorSettings
+from .stats import BackgroundStat, SimStats
 
-__all__ = ["SIMULATOR", "SimStats", "Simulator", "SimulatorServer", "make_app"]
-
-
-@dataclass
-class SimStats:
-    """What the simulated upstream saw; tests and benchmarks read it."""
-
-    requests: int = 0
-    streams: int = 0
-    active: int = 0
-    completed: int = 0
-    disconnected: int = 0
-    tokens_sent: int = 0
-    disconnect_times: list[float] = field(default_factory=list)
-    last_body: dict[str, Any] | None = None
-    tags: dict[str, dict[str, float]] = field(default_factory=dict)
-    changed: asyncio.Condition | None = None
-
-    def disconnect(self, tag: dict[str, float] | None) -> None:
-        now = time.monotonic()
-        self.disconnected += 1
-        self.disconnect_times.append(now)
-        if tag is not None:
-            tag["disconnected"] = now
-
-    def _notify(self) -> None:
-        cond = self.changed
-        if cond is not None:
-            asyncio.get_running_loop().create_task(_notify_all(cond))
-
-    async def wait_for(self, predicate: Any, limit: float = 10.0) -> None:
-        """Wait until ``predicate(stats)`` holds (event driven, not polled); at most ``limit`` seconds."""
-        if self.changed is None:
-            self.changed = asyncio.Condition()
-        async with asyncio.timeout(limit):
-            async with self.changed:
-                await self.changed.wait_for(lambda: predicate(self))
-
-
-async def _notify_all(cond: asyncio.Condition) -> None:
-    async with cond:
-        cond.notify_all()
-
-
-Format = ChatFormat | ResponsesFormat
+__all__ = ["SIMULATOR", "BackgroundStat", "SimStats", "Simulator", "SimulatorServer", "make_app"]
 
 
 class Simulator:
@@ -70,6 +27,7 @@ class Simulator:
         self.settings = settings
         self.stats = SimStats()
         self._failures: dict[str, int] = {}
+        self.background = BackgroundResponses(self.stats, settings.background_kept, settings.rate)
 
     async def stats_view(self, request: web.Request) -> web.Response:
         """What the simulator saw, for benchmarks running it in another process."""
@@ -80,6 +38,7 @@ class Simulator:
             "requests": stats.requests, "streams": stats.streams, "active": stats.active,
             "completed": stats.completed, "disconnected": stats.disconnected, "tokens_sent": stats.tokens_sent,
             "disconnect_times": stats.disconnect_times[-10000:],
+            "background": {key: asdict(stat) for key, stat in stats.background.items()},
         })
 
     async def models(self, request: web.Request) -> web.Response:
@@ -105,6 +64,10 @@ class Simulator:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
         if not isinstance(raw_body, dict) or not isinstance(raw_body.get(required), (list, str)):
             return _error(400, f"'{required}' is required", "invalid_request_error")
+        background = make is ResponsesFormat and raw_body.get("background") is True
+        if background and raw_body.get("store") is False:  # ``store`` left out is true, as OpenAI has it
+            return error(400, "Background mode requires store=true: a background response is kept to be retrieved.",
+                         "invalid_request_error", param="store")
         self.stats.last_body = raw_body
         body = raw_body if make is ChatFormat else chat_body(raw_body)
         switches, prompt = directives(body)
@@ -130,7 +93,10 @@ class Simulator:
         model = str(body.get("model") or self.settings.model)
         nl = {"crlf": "\r\n", "cr": "\r"}.get(switches.get("newline", "lf"), "\n")
         fmt = make(raw_body, model, plan(body, switches, prompt, self.settings), nl)
-        if not body.get("stream") or switches.get("json") == "1":
+        streamed = bool(body.get("stream")) and switches.get("json") != "1"
+        if background and isinstance(fmt, ResponsesFormat):
+            return await self.background.start(request, fmt, switches, streamed)
+        if not streamed:
             return web.json_response(fmt.whole())
         return await self._stream(request, fmt, switches)
 
@@ -149,57 +115,16 @@ class Simulator:
         stats.streams += 1
         stats.active += 1
         stats._notify()
-        the_plan = fmt.plan
-        rate = float(switches.get("rate", self.settings.rate))
-        interval = 1.0 / rate if rate > 0 else 0.0
-        error_after = int(switches.get("error_after", -1))
-        stall_after = int(switches.get("stall_after", -1))
-        drop_after = int(switches.get("drop_after", -1))
-        comment_every = int(switches.get("comment_every", 0))
-        stamp = switches.get("stamp") == "1"
         tag = stats.tags.setdefault(switches["tag"], {"tokens": 0, "streams": 0}) if "tag" in switches else None
         if tag is not None:
             tag["streams"] += 1
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        loop = asyncio.get_running_loop()
         finished = False
         try:
             await response.prepare(request)
-            await response.write(fmt.begin().encode())
-            sent = 0
-            start = loop.time()
-            pieces: list[tuple[str, str]] = [("reasoning_content", t) for t in the_plan.reasoning]
-            pad = int(switches.get("pad", 0))
-            pieces += [("content", _padded(t, pad, n) if pad else t) for n, t in enumerate(the_plan.content)]
-            if "long" in switches:
-                pieces.append(("content", "x" * int(switches["long"])))
-            for kind, text in pieces:
-                if sent == error_after:
-                    await response.write(fmt.error(switches.get("error_done") == "1").encode())
-                    finished = True
-                    return response
-                if sent == stall_after:
-                    await asyncio.Event().wait()
-                if sent == drop_after:
-                    assert request.transport is not None
-                    request.transport.abort()
-                    finished = True
-                    return response
-                if interval:
-                    delay = start + sent * interval - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                if comment_every and sent and sent % comment_every == 0:
-                    await response.write(f": ping{fmt.nl}".encode())
-                if stamp:
-                    text = f"{time.monotonic():.6f} "
-                await response.write(fmt.token(kind, text).encode())
-                sent += 1
-                stats.tokens_sent += 1
-                if tag is not None:
-                    tag["tokens"] = sent
-            await response.write(fmt.end(len(pieces) + len(the_plan.tool_calls)).encode())
-            await response.write_eof()
+            ending = await play(fmt, switches, self.settings.rate, _Connection(request, response, stats, tag))
+            if ending == "end":
+                await response.write_eof()
             finished = True
             return response
         except asyncio.CancelledError:
@@ -215,28 +140,35 @@ class Simulator:
             stats._notify()
 
 
-_PAD_SIZE = 1 << 20
-_pad_text: str | None = None
+class _Connection:
+    """The :class:`~.play.Sink` of an answer streamed on its request's connection."""
 
+    def __init__(self, request: web.Request, response: web.StreamResponse, stats: SimStats,
+                 tag: dict[str, float] | None) -> None:
+        self.request = request
+        self.response = response
+        self.stats = stats
+        self.tag = tag
 
-def _padded(token: str, width: int, n: int) -> str:
-    """``token`` filled out to ``width`` characters with random letters, which compress about as
-    poorly as real text (a repeated filler would let permessage-deflate hide any backpressure bug)."""
-    global _pad_text
-    if _pad_text is None:
-        rng = random.Random(0)
-        _pad_text = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=_PAD_SIZE))
-    fill = max(0, width - len(token) - 1)
-    start = (n * fill) % (_PAD_SIZE - fill)
-    return token + " " + _pad_text[start:start + fill]
+    async def write(self, text: str) -> None:
+        await self.response.write(text.encode())
+
+    async def comment(self, text: str) -> None:
+        await self.response.write(text.encode())
+
+    def drop(self) -> bool:
+        assert self.request.transport is not None
+        self.request.transport.abort()
+        return True
+
+    def token(self, sent: int) -> None:
+        self.stats.tokens_sent += 1
+        if self.tag is not None:
+            self.tag["tokens"] = sent
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "param": None, "code": str(status)}},
-        status=status,
-        headers=headers,
-    )
+    return error(status, message, kind, headers, code=str(status))
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
@@ -249,6 +181,9 @@ def make_app(settings: SimulatorSettings | None = None) -> web.Application:
     app[SIMULATOR] = sim
     app.router.add_post("/v1/chat/completions", sim.completions)
     app.router.add_post("/v1/responses", sim.responses)
+    app.router.add_get("/v1/responses/{response_id}", sim.background.retrieve)
+    app.router.add_post("/v1/responses/{response_id}/cancel", sim.background.cancel)
+    app.on_shutdown.append(sim.background.close)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/stats", sim.stats_view)
     return app

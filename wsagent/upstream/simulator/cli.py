@@ -27,10 +27,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-reasoning", action="store_true", help="do not stream reasoning deltas")
     parser.add_argument("--switches", action="store_true",
                         help="honour sim switches in requests (fault injection for tests and benchmarks)")
+    parser.add_argument("--background-kept", type=int, default=SimulatorSettings.background_kept,
+                        help="background responses kept in memory, at most (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = SimulatorSettings(rate=args.rate, tokens=args.tokens, reasoning=not args.no_reasoning,
-                                 switches=args.switches)
+                                 switches=args.switches, background_kept=args.background_kept)
 
     async def run() -> None:
         server = await SimulatorServer(settings, args.host, args.port).start()

@@ -22,6 +22,11 @@ class ResponsesFormat:
         self.plan = the_plan
         self.nl = nl
         self.seq = 0
+        #: each event written, in order (its index is its sequence number), when kept: see :meth:`keep`
+        self.log: list[str] | None = None
+        self.background = False
+        #: the terminal ``response`` object, once :meth:`end` or :meth:`error` wrote it
+        self.final: dict[str, Any] | None = None
         digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
         self.digest = digest
         self.output: list[dict[str, Any]] = []
@@ -39,10 +44,20 @@ class ResponsesFormat:
             "max_output_tokens": body.get("max_output_tokens"),
         }
 
+    def keep(self, response_id: str, log: list[str]) -> None:
+        """Write a background response (``background`` and ``store`` true, queued first) under ``response_id``,
+        and append each event to ``log`` as it is written."""
+        self.background = True
+        self.log = log
+        self.response.update({"id": response_id, "background": True, "store": True})
+
     def _event(self, kind: str, payload: dict[str, Any]) -> str:
         payload = {"type": kind, **payload, "sequence_number": self.seq}
         self.seq += 1
-        return f"event: {kind}{self.nl}data: {json.dumps(payload)}{self.nl}{self.nl}"
+        event = f"event: {kind}{self.nl}data: {json.dumps(payload)}{self.nl}{self.nl}"
+        if self.log is not None:
+            self.log.append(event)
+        return event
 
     def _item(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "output_index": len(self.output)}
@@ -53,6 +68,11 @@ class ResponsesFormat:
         return f"{prefix}_{self.digest}{len(self.output)}"
 
     def begin(self) -> str:
+        if self.background:  # as OpenAI writes a background response: queued first
+            queued = {**self.response, "status": "queued"}
+            return (self._event("response.created", {"response": queued})
+                    + self._event("response.queued", {"response": queued})
+                    + self._event("response.in_progress", {"response": self.response}))
         return (self._event("response.created", {"response": self.response})
                 + self._event("response.in_progress", {"response": self.response}))
 
@@ -108,6 +128,7 @@ class ResponsesFormat:
     def error(self, done: bool) -> str:
         failed = {**self.response, "status": "failed", "output": self.output,
                   "error": {"code": "server_error", "message": "simulated mid-stream failure"}}
+        self.final = failed
         return self._event("response.failed", {"response": failed})
 
     def end(self, completion_tokens: int) -> str:
@@ -126,8 +147,25 @@ class ResponsesFormat:
             out.append(self._event("response.output_item.done", {"output_index": index, "item": item}))
             self.output.append(item)
         final = self._final(completion_tokens)
+        self.final = final
         out.append(self._event(f"response.{final['status']}", {"response": final}))
         return "".join(out)
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        """The ``response`` object as it stands: the items finished so far, and the one being written with
+        its text so far (``in_progress``, or ``incomplete`` once the response is over)."""
+        output = list(self.output)
+        if self.open is not None:
+            text = "".join(self.text)
+            if self.open == "reasoning_content":
+                output.append({"id": self.item_id, "type": "reasoning",
+                               "summary": [{"type": "summary_text", "text": text}]})
+            else:
+                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                state = "in_progress" if status in ("queued", "in_progress") else "incomplete"
+                output.append({"id": self.item_id, "type": "message", "status": state, "role": "assistant",
+                               "content": [part]})
+        return {**self.response, "status": status, "output": output}
 
     def _final(self, completion_tokens: int) -> dict[str, Any]:
         incomplete = self.plan.finish_reason == "length"

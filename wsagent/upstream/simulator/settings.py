@@ -14,3 +14,4 @@ class SimulatorSettings:
     reasoning: bool = True
     model: str = "wsagent-sim"
     switches: bool = False  # honour ``sim`` switches (tests, benchmarks); off, a prompt is only a prompt
+    background_kept: int = 1000  # background responses kept in memory, at most; the oldest finished go first

@@ -8,7 +8,7 @@ behind one port), a real ``redis-server`` and the simulator. Each example draws 
 * **start** a run on any node: a model, the ``assistant`` agent, the ``research-then-write`` or
   ``market-analysis`` workflow (``/ws/chat``, anonymous or a user's), or an AI SDK chat (``/ws/ai-sdk``);
   in examples with ``--approval-tools calculator`` (drawn, beside the default: none), a user's agent run
-  asks a person before its calculator runs, and waits (``--approval-timeout`` 3 s, then it ends with
+  asks a person before its calculator runs, and waits (``--approval-timeout`` 8 s, then it ends with
   ``approval_timeout``);
 * **approve** or deny a waiting call from any node, with the run's key (once, or again: refused);
 * **resume** or **attach** to it on any node (by key, or a user's by id alone; another user gets
@@ -667,7 +667,7 @@ class ClusterModel(RuleBasedStateMachine):
         enables a few of the rules in each example: ``start`` may be left out)."""
         self.options = {"resume_grace": resume_grace, "ai_sdk_grace": ai_sdk_grace, "replay_bytes": replay_bytes,
                         "compression": compression, "approval_tools": approvals,
-                        "approval_timeout": 3.0 if approvals else None}
+                        "approval_timeout": 8.0 if approvals else None}
         self.redis_port = free_port()
 
         async def boot() -> None:

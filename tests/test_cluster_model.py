@@ -979,11 +979,16 @@ class ClusterModel(RuleBasedStateMachine):
         else:
             self.pause_redis(fault)
 
+    def maybe_remote(self) -> list[View]:
+        """Sockets of a ``--workers 2`` server watching a run of that server: the kernel gave the socket to either
+        worker, so it may follow the run from the other one's copy (and so meet Redis's faults)."""
+        return [view for view in self.views if view.pending and view.slot is view.run.slot and view.slot.workers]
+
     def restart_redis(self) -> None:
         """Redis stops (every node goes on alone: watchers of another node's runs get ``cluster_unavailable``),
         then starts again, empty; every node joins it again and writes back what it holds."""
         remote = [view for view in self.views if view.pending and view.slot is not view.run.slot]
-        for view in remote:
+        for view in remote + self.maybe_remote():
             view.allowed |= {"cluster_unavailable", "refused"}
 
         async def go() -> None:
@@ -1011,7 +1016,7 @@ class ClusterModel(RuleBasedStateMachine):
         another node's runs get ``cluster_unavailable``), and joins again once it answers."""
         if seconds >= MAY_BE_TAKEN_FOR_DEAD:
             for view in self.views:
-                if view.pending and view.slot is not view.run.slot:
+                if view.pending and (view.slot is not view.run.slot or view in self.maybe_remote()):
                     view.allowed |= {"cluster_unavailable", "refused", "producer_lost"}
 
         async def go() -> None:
@@ -1171,3 +1176,17 @@ def test_replay_streams_that_begin_past_their_first_event_expire() -> None:
     replay(("boot", {"nodes": 2, "workers": True, "resume_grace": None, "ai_sdk_grace": None, "replay_bytes": 300,
                      "compression": "off", "first": [(3, "agent", "long", False), (3, "ai-sdk", "instant", True),
                                                      (5, "market-analysis", "long", True)]}))
+
+
+def test_replay_a_chat_reloaded_onto_the_other_worker_while_redis_restarts() -> None:
+    """Not a defect, the model's own mistake: a chat answered by one worker of a ``--workers 2`` server, its page
+    reloaded onto the same port (the other worker took it, and followed the chat from Redis); Redis restarted
+    and that copy failed (``cluster_unavailable``), which the model allowed only across servers."""
+    replay(("boot", {"nodes": 2, "workers": True, "resume_grace": None, "ai_sdk_grace": None, "replay_bytes": None,
+                     "compression": None, "approvals": "calculator",
+                     "first": [(5, "model", "long", True), (3, "model", "long", True), (1, "ai-sdk", "long", True)]}),
+           ("reload", {"node": 3, "which": 79}),
+           ("reload", {"node": 3, "which": 11}),
+           ("reload", {"node": 0, "which": 38}),
+           ("reload", {"node": 2, "which": 39}),
+           ("redis_fails", {"fault": "restart"}))

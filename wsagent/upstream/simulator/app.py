@@ -112,32 +112,15 @@ class Simulator:
 
     async def _stream(self, request: web.Request, fmt: Format, switches: dict[str, str]) -> web.StreamResponse:
         stats = self.stats
-        stats.streams += 1
-        stats.active += 1
-        stats._notify()
         tag = stats.tags.setdefault(switches["tag"], {"tokens": 0, "streams": 0}) if "tag" in switches else None
-        if tag is not None:
-            tag["streams"] += 1
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        finished = False
-        try:
+        with stats.streaming(tag) as streamed:
             await response.prepare(request)
             ending = await play(fmt, switches, self.settings.rate, _Connection(request, response, stats, tag))
             if ending == "end":
                 await response.write_eof()
-            finished = True
-            return response
-        except asyncio.CancelledError:
-            stats.disconnect(tag)
-            raise
-        except ConnectionError:
-            stats.disconnect(tag)
-            return response
-        finally:
-            stats.active -= 1
-            if finished:
-                stats.completed += 1
-            stats._notify()
+            streamed.finished = True
+        return response
 
 
 class _Connection:

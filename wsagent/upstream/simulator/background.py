@@ -204,15 +204,8 @@ class BackgroundResponses:
     async def _follow(self, request: web.Request, kept: Kept, after: int, creator: bool) -> web.StreamResponse:
         """Stream ``kept``'s events after sequence number ``after``: those kept, then each as it comes, until
         the response is over. The creating request's connection is cut where ``drop_after`` says."""
-        stats = self.stats
-        stats.streams += 1
-        stats.active += 1
-        if kept.tag is not None:
-            kept.tag["streams"] += 1
-        stats._notify()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        finished = False
-        try:
+        with self.stats.streaming(kept.tag) as streamed:
             await response.prepare(request)
             seq = max(after + 1, 0)
             while True:
@@ -221,7 +214,7 @@ class BackgroundResponses:
                     if creator and kept.drop_seq == seq:
                         assert request.transport is not None
                         request.transport.abort()
-                        finished = True
+                        streamed.finished = True
                         return response
                     await response.write(kept.events[seq].encode())
                     seq += 1
@@ -229,19 +222,8 @@ class BackgroundResponses:
                     break
                 await changed.wait()
             await response.write_eof()
-            finished = True
-            return response
-        except asyncio.CancelledError:
-            stats.disconnect(kept.tag)
-            raise
-        except ConnectionError:
-            stats.disconnect(kept.tag)
-            return response
-        finally:
-            stats.active -= 1
-            if finished:
-                stats.completed += 1
-            stats._notify()
+            streamed.finished = True
+        return response
 
     async def close(self, app: web.Application | None = None) -> None:
         """Stop every generation (the simulator shuts down)."""

@@ -4,12 +4,13 @@ kept background response."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BackgroundStat", "SimStats"]
+__all__ = ["BackgroundStat", "SimStats", "Streamed"]
 
 
 @dataclass
@@ -31,6 +32,13 @@ class BackgroundStat:
 
 
 @dataclass
+class Streamed:
+    """What :meth:`SimStats.streaming`'s block says of its answer: ``finished`` once it was written whole."""
+
+    finished: bool = False
+
+
+@dataclass
 class SimStats:
     """What the simulated upstream saw; tests and benchmarks read it.
 
@@ -49,6 +57,30 @@ class SimStats:
     tags: dict[str, dict[str, float]] = field(default_factory=dict)
     background: dict[str, BackgroundStat] = field(default_factory=dict)
     changed: asyncio.Condition | None = None
+
+    @contextlib.contextmanager
+    def streaming(self, tag: dict[str, float] | None) -> Iterator[Streamed]:
+        """Count one streamed answer while the block writes it: ``streams`` and ``active`` (and the tag's
+        ``streams``) now; at its end ``completed`` if the block said ``finished``, a disconnect if the client
+        went (a ``ConnectionError`` ends the block quietly: the caller returns what it has)."""
+        self.streams += 1
+        self.active += 1
+        if tag is not None:
+            tag["streams"] += 1
+        self._notify()
+        streamed = Streamed()
+        try:
+            yield streamed
+        except asyncio.CancelledError:
+            self.disconnect(tag)
+            raise
+        except ConnectionError:
+            self.disconnect(tag)
+        finally:
+            self.active -= 1
+            if streamed.finished:
+                self.completed += 1
+            self._notify()
 
     def disconnect(self, tag: dict[str, float] | None) -> None:
         now = time.monotonic()

@@ -820,14 +820,7 @@ class ClusterModel(RuleBasedStateMachine):
         slot = self.pick(self.live(), node)
 
         async def go() -> None:
-            query = f"?token={cluster_token(run.user)}" if run.user is not None else ""
-            async with connect(f"ws://127.0.0.1:{slot.port}/ws/chat{query}", open_timeout=LIMIT) as ws:
-                await ws.send(json.dumps({"type": "cancel", "id": run.id, "key": run.key}))
-                await ws.send('{"type": "ping"}')
-                answers = []
-                async with asyncio.timeout(LIMIT):
-                    while (answer := json.loads(await ws.recv()))["type"] != "pong":
-                        answers.append(answer)
+            answers = await self.one_shot(slot, run, {"type": "cancel", "id": run.id, "key": run.key})
             if not answers:
                 run.cancelled = True
                 type(self).stats["cancel:accepted"] += 1
@@ -837,6 +830,19 @@ class ClusterModel(RuleBasedStateMachine):
             if answers[0]["code"] == "unknown_run":
                 await self.witness_ended(run, f"a cancel of run {run.number} on {slot.name} was told unknown_run")
         self.run(go())
+
+    async def one_shot(self, slot: Slot, run: RunRecord, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send ``request`` about ``run`` (as its user, if it has one) on a socket of its own on ``slot``, and
+        return what came back before the pong of a ping sent after it: nothing if it was taken."""
+        query = f"?token={cluster_token(run.user)}" if run.user is not None else ""
+        async with connect(f"ws://127.0.0.1:{slot.port}/ws/chat{query}", open_timeout=LIMIT) as ws:
+            await ws.send(json.dumps(request))
+            await ws.send('{"type": "ping"}')
+            answers = []
+            async with asyncio.timeout(LIMIT):
+                while (answer := json.loads(await ws.recv()))["type"] != "pong":
+                    answers.append(answer)
+        return answers
 
     def waiting_calls(self) -> list[tuple[RunRecord, str]]:
         """(run, call id) of each approval request some socket saw and no ``approval`` followed."""
@@ -857,15 +863,8 @@ class ClusterModel(RuleBasedStateMachine):
         slot = self.pick(self.live(), node)
 
         async def go() -> None:
-            query = f"?token={cluster_token(run.user)}" if run.user is not None else ""
-            async with connect(f"ws://127.0.0.1:{slot.port}/ws/chat{query}", open_timeout=LIMIT) as ws:
-                await ws.send(json.dumps({"type": "approve", "id": run.id, "key": run.key, "call_id": call_id,
-                                          "approved": approved}))
-                await ws.send('{"type": "ping"}')
-                answers = []
-                async with asyncio.timeout(LIMIT):
-                    while (answer := json.loads(await ws.recv()))["type"] != "pong":
-                        answers.append(answer)
+            answers = await self.one_shot(slot, run, {"type": "approve", "id": run.id, "key": run.key,
+                                                      "call_id": call_id, "approved": approved})
             if not answers:
                 assert call_id not in run.answered, f"run {run.number}'s call {call_id} was answered twice"
                 run.answered.add(call_id)

@@ -31,6 +31,7 @@ __all__ = [
     "ModelEvent",
     "End",
     "END",
+    "Position",
     "completion_to_events",
     "stream_error",
     "feed_tail",
@@ -90,7 +91,16 @@ class End:
 #: The one :class:`End`.
 END = End()
 
-ModelEvent = TextDelta | ToolCall | Finish | Usage | End
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a stored (background) response can be read again from: after the events of the read it
+    ends, and before (``state``, for :meth:`~wsagent.upstream.model.UpstreamClient.reattach`)."""
+
+    state: str
+
+
+ModelEvent = TextDelta | ToolCall | Finish | Usage | End | Position
 
 #: The chunk decoder: orjson's when it is installed (``pip install ".[fast]"``), else the standard
 #: library's; both raise a ``ValueError`` for what is not JSON.

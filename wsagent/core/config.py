@@ -68,6 +68,7 @@ class Settings:
     workers: int = setting(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
     redis_url: str | None = setting(None, "join a cluster through this Redis (redis://host:6379/0; needs the cluster extra); unset: this process alone", group="cluster")
     node_id: str | None = setting(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits, unique per process; with --workers, each worker's is this with -w1, -w2...)", group="cluster")
+    takeover: str = setting("off", "when a node dies, another goes on with its model runs: background (needs --upstream-api responses; turns --upstream-background on: docs/scaling-out.md) or off", group="cluster", choices=("off", "background"))
     event_loop: str = setting("auto", "the event loop: auto (uvloop when installed: pip install \".[fast]\"), uvloop, or asyncio", choices=("auto", "uvloop", "asyncio"))
     env_file: str | None = setting(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = setting(10000, "open WebSocket connections before new ones get HTTP 503", reload=True)
@@ -160,7 +161,10 @@ class Settings:
         """The settings declared with ``upstream=``, by the names of :class:`~wsagent.upstream.model.UpstreamConfig`'s
         fields (``UpstreamConfig(base_url=..., **settings.for_upstream())``: the settings stay below the layers
         that use them, and import none of them)."""
-        return {entry.spec.upstream: getattr(self, entry.name) for entry in _ENTRIES if entry.spec.upstream}
+        config = {entry.spec.upstream: getattr(self, entry.name) for entry in _ENTRIES if entry.spec.upstream}
+        if self.takeover == "background":  # another node re-attaches to the response where this one stopped
+            config["background"] = True
+        return config
 
     def for_simulator(self) -> dict[str, Any]:
         """The settings declared with ``simulator=``, by the names of
@@ -341,6 +345,11 @@ def validate(settings: Settings) -> None:
         raise SystemExit("--workers must be at least 1")
     if settings.workers > 1 and settings.port == 0:
         raise SystemExit("--workers > 1 needs a fixed --port: the workers share it")
+    if settings.takeover != "off" and not settings.redis_url:
+        raise SystemExit("--takeover needs --redis-url: the nodes that take runs over share them through Redis")
+    if settings.takeover == "background" and settings.upstream_api != "responses":
+        raise SystemExit("--takeover background needs --upstream-api responses (the Responses API's background "
+                         "responses are what another node re-attaches to)")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:

@@ -92,3 +92,8 @@ class ClusterUnavailable(WsAgentError):
 
     code = "cluster_unavailable"
     retryable = True
+
+
+#: Why a run's producer is cancelled when another node took the run over (``Task.cancel``'s message): whatever
+#: it reads upstream goes on there, so it is closed without being cancelled upstream.
+TAKEN_OVER = "taken over by another node"

@@ -44,6 +44,7 @@ __all__ = [
     "ApprovalRequest",
     "Approval",
     "Steered",
+    "Checkpoint",
     "encode",
     "encode_message",
     "encode_text",
@@ -194,6 +195,16 @@ class Steered(Event):
     content: str = ""
     delivered: bool = True
     reason: str | None = None
+
+
+@dataclass(slots=True)
+class Checkpoint(Event):
+    """Where the producer could go on from, on another node, after the events before it (``state``: what
+    it needs, as text; with ``--takeover``). Never on the wire: the run keeps the last one with its log."""
+
+    type: ClassVar[str] = "checkpoint"
+    kind: ClassVar[int] = -2
+    state: str = ""
 
 
 @dataclass(slots=True)

@@ -69,6 +69,9 @@ class Broker(Protocol):
 
     budget: int
     budget_per_user: int
+    #: Given each run of a node that died that this node goes on with, and its last checkpoint (``--takeover``;
+    #: a process alone takes nothing over).
+    on_takeover: Callable[[Run, str | None], None] | None
 
     @property
     def kept_bytes(self) -> int: ...
@@ -182,6 +185,7 @@ class LocalBroker:
         self._clients: dict[str, Mailbox] = {}
         #: Told each run this broker stops keeping (in a cluster: its id is freed in Redis).
         self.on_drop: list[Callable[[Run], None]] = []
+        self.on_takeover: Callable[[Run, str | None], None] | None = None
 
     async def close(self) -> None:
         """Nothing to release in-process (a cluster's broker leaves the cluster)."""

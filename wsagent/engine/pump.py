@@ -45,10 +45,12 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
                         run.end(event)
                         return
                     run.push(event)
-                    if run.full:
+                    if run.full and not run.resumable:
                         run.wake()
                         await run.room()
                 run.wake()
+                if run.full:  # (a resumable run: a batch goes out whole, with its checkpoint)
+                    await run.room()
         run.end(Done("stop", agent=run.agent, workflow=run.workflow))
     except asyncio.CancelledError:
         run.end(run.interruption())

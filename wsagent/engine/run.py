@@ -65,6 +65,7 @@ from ..core.events import (
     Approval,
     ApprovalRequest,
     Cancelled,
+    Checkpoint,
     Done,
     ErrorEvent,
     Event,
@@ -415,6 +416,11 @@ class Run:
         self._budget_left = 0.0
         self._budget_deadline = 0.0
         self._budget_error: ErrorEvent | None = None
+        #: Another node may go on with it if this one dies (``--takeover``): its producer pushes a
+        #: :class:`~wsagent.core.events.Checkpoint` after each batch, and never waits for room mid-batch.
+        self.resumable = False
+        self.checkpoint: str | None = None  # the last checkpoint's state
+        self.checkpoint_end = 0  # the seq after the events it covers
 
     @property
     def finished(self) -> bool:
@@ -436,6 +442,11 @@ class Run:
             if self._tail_code >= 0:
                 self._seal_tail()
             kind = event.kind
+            if kind < 0:  # a checkpoint: where the producer could go on from, after everything sealed
+                assert isinstance(event, Checkpoint)
+                self.checkpoint = event.state
+                self.checkpoint_end = self._log.end
+                return
             if kind == _USAGE:
                 self._count_usage(event)
             self._seal(event)
@@ -597,15 +608,16 @@ class Run:
         if not self.finished:
             self.end(self.interruption())
 
-    def interrupt(self, terminal: Event) -> None:
-        """Stop the producer; the run ends with ``terminal`` (a cancellation or a budget error)."""
+    def interrupt(self, terminal: Event, why: str | None = None) -> None:
+        """Stop the producer (its task cancelled with ``why``); the run ends with ``terminal`` (a cancellation
+        or a budget error)."""
         was = self.phase
         self.phase = _step(_PHASES, was, _In.INTERRUPT)
         if was is not _RUNNING and was is not Phase.WAITING:
             return
         self._interruption = terminal
         if self.task is not None and not self.task.done():
-            self.task.cancel()
+            self.task.cancel(why)
         else:
             self.end(terminal)
 
@@ -922,6 +934,15 @@ class Run:
         """The copy missed entries: its log starts again at ``first`` (a watcher behind it lags)."""
         self._log.clear()
         self._log.first = first
+
+    def taken_over(self, first: int, checkpoint: str | None, grace: float) -> None:
+        """This node goes on with a run another node produced up to seq ``first - 1``: its log starts at
+        ``first``, after ``checkpoint``; its client, wherever it is, has ``grace`` seconds to come back."""
+        self._restart_log(first)
+        self.resumable = True
+        self.checkpoint = checkpoint
+        self.checkpoint_end = first
+        self._orphaned(grace)
 
     def _finished_elsewhere(self, outcome: str) -> None:
         """The copy's terminal entry arrived: the run is finished (its producer ended it)."""

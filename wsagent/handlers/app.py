@@ -130,12 +130,13 @@ class App:
 
     async def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
                 workflow: str | None = None, controller: Controller | None = None,
-                state: WorkflowState | None = None, scope: str | None = None) -> Run:
+                state: WorkflowState | None = None, scope: str | None = None, resumable: bool = False) -> Run:
         """A run owned by ``conn``, registered under a fresh key, with the configured budgets.
 
         ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once),
         and how long it is kept for a resume once it has ended.
         ``scope``: where ``run_id`` is unique (default: the client's, see :func:`~wsagent.engine.broker.scope_of`).
+        ``resumable``: another node may go on with it if this one dies (its producer gives checkpoints).
         Raises :class:`ProtocolViolation` if ``run_id`` is in use in that scope (another socket of the
         same user may have taken it while this request waited for the cluster).
         """
@@ -145,6 +146,7 @@ class App:
         run = Run(run_id, key=key, user=conn.user, scope=scope or owner, owner=owner,
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
                   latency=self.metrics.relay_latency, controller=controller, state=state, grace=grace)
+        run.resumable = resumable
         try:
             await self.broker.add_run(run, grace)
         except ValueError as exc:
@@ -155,6 +157,36 @@ class App:
         run.budget(s.run_max_seconds, s.run_max_tokens)
         run.approval_timeout = s.approval_timeout
         return run
+
+    @property
+    def takes_over(self) -> bool:
+        """Whether another node may go on with this node's model runs (``--takeover``, in a cluster)."""
+        return self.settings.takeover != "off" and not isinstance(self.broker, LocalBroker)
+
+    def take_over(self, run: Run, checkpoint: str | None) -> None:
+        """Go on with ``run``, which a node that died produced up to its last checkpoint (see
+        :mod:`~wsagent.engine.cluster.takeover`): the rest of its model's answer, read where that node
+        stopped; with no checkpoint (the node died before the model's first event), ``producer_lost``."""
+        s = self.settings
+        run.on_finish.append(self._count)
+        run.budget(s.run_max_seconds, s.run_max_tokens)
+        run.approval_timeout = s.approval_timeout
+        if checkpoint is None:
+            run.end(ErrorEvent("producer_lost", "the node that produced this run stopped before the model's first "
+                               "event; start the run again", True, agent=run.agent, workflow=run.workflow))
+            return
+        self.stream_started()
+        ids = {"run": run.id}
+        log.info("run %s taken over", printable(run.id), extra=ids)
+
+        def finished(done: Run) -> None:
+            self.stream_ended()
+            code = done.terminal.code if isinstance(done.terminal, ErrorEvent) else "-"
+            log.info("run %s end (taken over) outcome=%s code=%s deltas=%d", printable(done.id), done.outcome, code,
+                     done.streamed, extra=ids)
+
+        run.on_finish.append(finished)
+        run.start(pump(run, lambda: model_batches(self.upstream, [], resume=checkpoint)))
 
     def _count(self, run: Run) -> None:
         terminal = run.terminal
@@ -196,8 +228,9 @@ class App:
             run = await self.new_run(conn, run_id, grace=grace, agent=name, scope=scope)
             run.steerable = True
         else:
-            run = await self.new_run(conn, run_id, grace=grace, scope=scope)
-            producer = model_batches(self.upstream, messages, model=model, params=params)
+            resumable = self.takes_over
+            run = await self.new_run(conn, run_id, grace=grace, scope=scope, resumable=resumable)
+            producer = model_batches(self.upstream, messages, model=model, params=params, checkpoints=resumable)
         run.prompt_estimate = estimate_tokens(messages)
         return run, producer, model or self.upstream.config.model
 

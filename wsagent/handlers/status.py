@@ -113,6 +113,8 @@ def snapshot(app: App) -> list[Family]:
         add("wsagent_cluster_resubscribes_total", "counter",
             "Times Redis cut this node's subscriber off (too far behind) and it subscribed again.",
             {"": cluster["resubscribes"]})
+        add("wsagent_cluster_runs_taken_over_total", "counter",
+            "Runs of nodes that died that this node went on with (--takeover).", {"": cluster["taken_over"]})
     add("wsagent_bytes_buffered", "gauge", "Bytes produced but not yet written to client sockets.",
         {"": sum(run.undelivered for run in active) + sum(c.outbox.queued_bytes for c in app.manager)})
     return families

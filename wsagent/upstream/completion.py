@@ -13,8 +13,8 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from ..core.chunks import Finish, TextDelta, ToolCall, Usage
-from ..core.events import Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
+from ..core.chunks import Finish, Position, TextDelta, ToolCall, Usage
+from ..core.events import Checkpoint, Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
 from .model import UpstreamClient
 
 __all__ = ["estimate_tokens", "model_batches"]
@@ -45,6 +45,8 @@ async def model_batches(
     workflow: str | None = None,
     collect: list[str] | None = None,
     collect_chars: float = math.inf,
+    checkpoints: bool = False,
+    resume: str | None = None,
 ) -> AsyncGenerator[list[Event], None]:
     """One completion as batches of events: what each read brought, the last read's ending with ``done``.
 
@@ -52,10 +54,16 @@ async def model_batches(
     more than ``collect_chars`` characters: a caller that keeps answers (a chat
     history) keeps no more than that, and an answer that runs for an hour must
     not grow the server's memory with it.
+
+    With ``checkpoints`` (a background response), each batch ends with a
+    :class:`~wsagent.core.events.Checkpoint`; with ``resume``, one's state, the
+    completion is the rest of that response (``messages`` are not sent).
     """
     collected = 0
     finish_reason = "stop"
-    async with aclosing(upstream.batches(messages, model=model, tools=tools, params=params)) as reads:
+    source = upstream.reattach(resume) if resume is not None else upstream.batches(
+        messages, model=model, tools=tools, params=params, checkpoints=checkpoints)
+    async with aclosing(source) as reads:
         async for read in reads:
             batch: list[Event] = []
             for event in read:
@@ -77,6 +85,8 @@ async def model_batches(
                 elif isinstance(event, Usage):
                     batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
                                             agent=agent, workflow=workflow))
+                elif isinstance(event, Position):
+                    batch.append(Checkpoint(event.state))
                 else:  # END: the stream is complete, and ``done`` leaves with the last read's events
                     batch.append(Done(finish_reason, agent=agent, workflow=workflow))
             yield batch

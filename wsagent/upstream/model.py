@@ -28,8 +28,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
-from ..core.chunks import END, ChunkInterpreter, ModelEvent, StreamInterpreter, completion_to_events
-from ..core.errors import UpstreamError, error_for_status
+from ..core.chunks import END, ChunkInterpreter, ModelEvent, Position, StreamInterpreter, completion_to_events
+from ..core.errors import TAKEN_OVER, UpstreamError, error_for_status
 from ..core.events import well_formed
 from ..core.logs import printable
 from ..core.metrics import Metrics
@@ -163,6 +163,22 @@ class _ReadWatchdog:
             self.handle = None
 
 
+def _state(response_id: str, after: int) -> str:
+    """A :class:`~wsagent.core.chunks.Position`'s state: the response, and its last event read."""
+    return json.dumps(["responses", response_id, after])
+
+
+def _position(state: str) -> tuple[str, int]:
+    """The response and sequence number in a :func:`_state` (``ValueError`` for anything else)."""
+    try:
+        api, response_id, after = json.loads(state)
+    except (ValueError, TypeError):
+        raise ValueError(f"not a position: {state[:100]!r}") from None
+    if api != "responses" or not isinstance(response_id, str) or type(after) is not int or not response_id:
+        raise ValueError(f"not a position: {state[:100]!r}")
+    return response_id, after
+
+
 def _interpret(decoder: SSEDecoder, interpreter: StreamInterpreter,
                data: bytes) -> tuple[list[ModelEvent], Exception | None]:
     """The events one read completed, and the error that stopped them, if any: the events before
@@ -282,19 +298,42 @@ class UpstreamClient:
         model: str | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         params: dict[str, Any] | None = None,
+        checkpoints: bool = False,
     ) -> AsyncGenerator[list[ModelEvent], None]:
         """Like :meth:`stream`, a list of events per network read: the relay's hot path, where one
         generator step per read instead of one per event (through two generators) is measurable.
-        The batch of the read that completed the stream ends with :data:`~wsagent.core.chunks.END`."""
+        The batch of the read that completed the stream ends with :data:`~wsagent.core.chunks.END`.
+
+        With ``checkpoints`` (a background response), each batch ends (before ``END``) with a
+        :class:`~wsagent.core.chunks.Position`: where :meth:`reattach` reads the response again, on any node."""
         body = self.build_body(messages, model, tools, params)
+        async with aclosing(self._relay(json.dumps(body).encode(), None, ResponsesInterpreter(),
+                                        checkpoints and self._background)) as reads:
+            async for read in reads:
+                yield read
+
+    async def reattach(self, state: str) -> AsyncGenerator[list[ModelEvent], None]:
+        """The rest of a background response, from a :class:`~wsagent.core.chunks.Position`'s ``state`` (which
+        another process may have written): as :meth:`batches` with ``checkpoints``, nothing read twice."""
+        response_id, after = _position(state)
+        interpreter = ResponsesInterpreter()
+        interpreter.response_id, interpreter.sequence = response_id, after
+        async with aclosing(self._relay(None, self._stream_url(response_id, after), interpreter, True)) as reads:
+            async for read in reads:
+                yield read
+
+    async def _relay(self, payload: bytes | None, url: str | None, responses: ResponsesInterpreter,
+                     checkpoints: bool) -> AsyncGenerator[list[ModelEvent], None]:
+        """POST ``payload`` (or GET ``url``) and yield what each read completed; ``responses`` interprets a
+        Responses API stream."""
         started = time.monotonic()
         try:
-            response = await self._open(json.dumps(body).encode())
+            response = await self._open(payload, url)
         except UpstreamError as exc:
             self.last_failure = (time.monotonic(), exc.code)
             raise
         cfg = self.config
-        finished = False
+        finished = handed_over = False
         interpreter: StreamInterpreter | None = None
         try:
             content_type = response.headers.get("Content-Type", "")
@@ -304,7 +343,7 @@ class UpstreamClient:
                 yield [*events, END]
                 return
             decoder = SSEDecoder(cfg.max_event_size)
-            interpreter = ResponsesInterpreter() if self._responses else ChunkInterpreter()
+            interpreter = responses if self._responses else ChunkInterpreter()
             loop = asyncio.get_running_loop()
             reattached = 0
             while True:
@@ -317,6 +356,8 @@ class UpstreamClient:
                             break
                         watchdog.deadline = math.inf
                         batch, error = _interpret(decoder, interpreter, data)
+                        if checkpoints and responses.response_id is not None:
+                            batch.append(Position(_state(responses.response_id, responses.sequence)))
                         if interpreter.done and error is None:  # complete: whoever reads it may stop here
                             finished = True
                             batch.append(END)
@@ -359,13 +400,17 @@ class UpstreamClient:
             self.last_failure = (time.monotonic(), "upstream_connection")
             raise UpstreamError("the connection to the model server broke mid-stream", code="upstream_connection",
                                 retryable=True) from None
+        except asyncio.CancelledError as exc:
+            handed_over = TAKEN_OVER in exc.args  # another node reads the response now
+            raise
         finally:
             if finished:
                 self.last_success = time.monotonic()
                 response.release()
             else:
                 response.close()
-                if self._background and isinstance(interpreter, ResponsesInterpreter) and interpreter.response_id:
+                if (self._background and isinstance(interpreter, ResponsesInterpreter) and interpreter.response_id
+                        and not handed_over):
                     self._cancel_upstream(interpreter.response_id)  # nobody reads it: it must not go on
 
     def _reattach_at(self, interpreter: StreamInterpreter, reattached: int) -> str | None:
@@ -375,8 +420,10 @@ class UpstreamClient:
             return None
         if interpreter.response_id is None or reattached >= self.config.max_retries:
             return None
-        return (f"{self._url}/{quote(interpreter.response_id, safe='')}?stream=true"
-                f"&starting_after={interpreter.sequence}")
+        return self._stream_url(interpreter.response_id, interpreter.sequence)
+
+    def _stream_url(self, response_id: str, after: int) -> str:
+        return f"{self._url}/{quote(response_id, safe='')}?stream=true&starting_after={after}"
 
     def _cancel_upstream(self, response_id: str) -> None:
         """``POST /responses/{id}/cancel``, off the cancel's path (a run's cancel never waits for it); bounded by

@@ -133,6 +133,9 @@ class WsAgentServer:
                  DIALECTS[upstream.config.api], upstream.config.model)
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents),
                         await _broker(s, self.worker))
+        if self._app.takes_over:
+            self._app.broker.on_takeover = self._app.take_over
+            log.info("takeover: %s (another node goes on with this node's model runs if it dies)", s.takeover)
         if self._app.agents:
             log.info("agents: %s", ", ".join(sorted(self._app.agents)))
         if s.approval_tools:

@@ -30,20 +30,24 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.client import Pipeline
 
+from ...core.errors import TAKEN_OVER
+from ...core.events import ErrorEvent
 from ..broker import LocalBroker, Mailbox, mint_key
-from ..run import NotAnswerable, Run, Subscription, Watch
+from ..run import NotAnswerable, Run, Subscription, Watch, terminal_outcome
 from . import messages
 from .clients import Clients
 from .follower import Following, Mirror
 from .link import COMMAND_TIMEOUT, DOWN_ERRORS, Link, RedisLink
-from .liveness import Liveness
+from .liveness import NODE_TTL, Liveness
 from .names import BROADCAST, KEY, RUN_CHANNELS, name, shared
 from .replication import FLUSH_EVERY, Replicator
+from .takeover import Claimed, claim_command, claimed, takeover_set
 from .wire import Command
 
 __all__ = ["RedisBroker", "default_node_id"]
@@ -51,6 +55,10 @@ __all__ = ["RedisBroker", "default_node_id"]
 log = logging.getLogger("wsagent.cluster")
 
 _questions = itertools.count(1)
+
+#: Seconds at least that a run taken over waits for its client (its own grace if longer): the client, or
+#: the node where it resumed, finds the new producer within a few.
+TAKEOVER_GRACE = 10.0
 
 
 def default_node_id() -> str:
@@ -70,7 +78,14 @@ class RedisBroker:
         self.link = RedisLink(url, node, self)
         self.liveness = Liveness(self.link, node, self)
         self.following = Following(self.link, self.liveness, node)
-        self.replication = Replicator(self.link, node, self._more)
+        #: This process among those that ran as ``node``: a resumable run's producer is a node and a life.
+        self.life = secrets.token_hex(4)
+        self.replication = Replicator(self.link, node, self._more, self.life)
+        #: ``--takeover``: this node claims the resumable runs of nodes that die, and hands each to this
+        #: (with its checkpoint, None if it has none), which goes on with it or ends it.
+        self.on_takeover: Callable[[Run, str | None], None] | None = None
+        self.taken_over = 0
+        self._beaten = 0.0  # when the last heartbeat came back (monotonic)
         self.clients = Clients(self.link, self.liveness, self.local, lambda: self.replication.soon(FLUSH_EVERY))
         self.local.on_drop.append(self.replication.dropped)
         self._asked: dict[str, asyncio.Future[Any]] = {}  # questions to other nodes, by number
@@ -128,7 +143,8 @@ class RedisBroker:
 
     def cluster_status(self) -> dict[str, Any]:
         return {"node": self.node, **self.link.status(), "nodes": len(self.liveness.live),
-                "followed_runs": len(self.following.mirrors), "batches": self.replication.batches}
+                "followed_runs": len(self.following.mirrors), "batches": self.replication.batches,
+                "taken_over": self.taken_over}
 
     # -- what the parts ask of the node ----------------------------------
 
@@ -163,13 +179,78 @@ class RedisBroker:
         replies = await self.link.send(commands)
         self.clients.taken(replies[len(replies) - claims:] if claims else [])
 
-    def beaten(self, live: frozenset[str]) -> None:
+    def beaten(self, live: frozenset[str], dead: frozenset[str]) -> None:
+        if dead and self.on_takeover is not None:
+            self.link.spawn(self._claim(dead))
+        now = time.monotonic()
+        if now - self._beaten > NODE_TTL and self._beaten:  # the others may have taken this node for dead
+            self.link.spawn(self._still_own())
+        self._beaten = now
         self.replication.beaten(live)
         for run in self.local.active_runs():  # a client whose node died left its run: the grace starts
             holder = run.holder
             if holder is not None and holder.rpartition("/")[0] not in live:
                 run.leave_remote(holder)
         self.following.beaten(live)
+
+    async def _claim(self, dead: frozenset[str]) -> None:
+        """Claim the resumable runs of the ``dead`` nodes (one script each: no other node gets them) and go on
+        with each (see :mod:`~wsagent.engine.cluster.takeover`)."""
+        try:
+            replies = await self.link.send([claim_command(node, self.node, self.life) for node in sorted(dead)])
+        except DOWN_ERRORS as exc:
+            self.link.lost(exc)
+            return
+        for reply in replies:
+            if isinstance(reply, Exception):
+                log.warning("cluster: node %s could not claim runs: %s", self.node, reply)
+                continue
+            for run in claimed(reply):
+                self._take(run)
+
+    async def _still_own(self) -> None:
+        """After a silence past NODE_TTL (a paused process, a partition): each resumable run another node took
+        over meanwhile ends here, its clients told ``taken_over`` (the fence kept its writes out of Redis), and
+        its producer is closed without cancelling what it read upstream (the new producer reads it)."""
+        runs = [run for run in self.local.active_runs() if run.resumable]
+        if not runs:
+            return
+        try:
+            replies = await self.link.send([("HMGET", name("run", run.key), "owner", "life") for run in runs])
+        except DOWN_ERRORS as exc:
+            self.link.lost(exc)
+            return
+        for run, reply in zip(runs, replies, strict=True):
+            if isinstance(reply, list) and reply[0] is not None and reply != [self.node, self.life]:
+                log.warning("cluster: node %s was taken for dead; node %s took run %s over", self.node,
+                            reply[0], run.key)
+                self.replication.surrendered(run)
+                run.interrupt(ErrorEvent("taken_over", f"node {reply[0]} took this run over while this node was "
+                                         "unreachable; resume it from the last seq you received", True,
+                                         agent=run.agent, workflow=run.workflow), TAKEN_OVER)
+
+    def _take(self, claimed_run: Claimed) -> None:
+        """Go on with a run this node claimed: a local run whose log starts after the stream's last entry."""
+        meta = claimed_run.meta
+        if terminal_outcome(claimed_run.code) is not None or self.local.run_here(claimed_run.key) is not None:
+            self.link.write([("SREM", takeover_set(self.node), claimed_run.key)])  # it had ended
+            return
+        run = Run(str(meta["id"]), key=claimed_run.key, user=meta.get("user"), scope=str(meta["scope"]),
+                  buffer_bytes=int(meta["buffer"]), replay_bytes=int(meta["replay"]), agent=meta.get("agent"),
+                  workflow=meta.get("workflow"), grace=float(meta["grace"]))
+        run._authors = [(agent, workflow) for agent, workflow in claimed_run.authors]
+        run._author_codes = {author: i for i, author in enumerate(run._authors)}
+        try:
+            self.local.register(run, run.grace)
+        except ValueError:  # (its id taken here meanwhile: its scope's newer run)
+            return
+        self.taken_over += 1
+        self.replication.taken(run, claimed_run.seq)
+        run.outlet = self.replication
+        run.taken_over(claimed_run.seq + 1, claimed_run.checkpoint, max(run.grace, TAKEOVER_GRACE))
+        log.warning("cluster: node %s takes over run %s (seq %d on)", self.node, run.key, claimed_run.seq + 1)
+        assert self.on_takeover is not None
+        self.on_takeover(run, claimed_run.checkpoint)
 
     def _more(self, commands: list[Command]) -> None:
         self.clients.due(commands)

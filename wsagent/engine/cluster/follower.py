@@ -16,6 +16,16 @@ as a run's phases move through the run's tables::
     any but ENDED --fail (producer lost, cluster out of reach, events no longer kept)--> FAILED
     any but FAILED --terminal entry--> ENDED
 
+A resumable run (``--takeover``) whose producer is lost or gone is adrift
+instead: another node may take it over. Its new producer's first batch (or its
+hash, read with the history) names it, and the mirror goes on::
+
+    LIVE --adrift--> ADRIFT --taken--> LIVE;  ADRIFT --batches missed--> FILLING_ADRIFT
+    FILLING, FILLING_GONE --adrift--> FILLING_ADRIFT --history read--> ADRIFT
+    FILLING_ADRIFT --taken--> FILLING;  LIVE, FILLING --taken--> the same (the producer moved)
+
+An adrift mirror nobody takes within ADRIFT_LIMIT fails (``producer_lost``).
+
 While FILLING, batches from the channel wait (``early``) and are applied once
 the history is read. FAILED and ENDED take every input and stay. Entering
 FAILED gives each watcher what it has not taken, then one ``error`` without a
@@ -54,6 +64,8 @@ class Follow(enum.Enum):
     FILLING = "filling"  # reading its history; batches wait
     FILLING_GONE = "filling, producer gone"  # ... and its node says it no longer produces it
     LIVE = "live"  # batches apply as they come
+    ADRIFT = "adrift"  # its producer is lost; another node may take it over
+    FILLING_ADRIFT = "filling, adrift"
     ENDED = "ended"  # its terminal entry is here
     FAILED = "failed"  # it can no longer be followed from here
 
@@ -64,7 +76,15 @@ class _In(enum.Enum):
     GONE = "producer gone"
     FAIL = "fail"
     END = "terminal entry"
+    ADRIFT = "producer lost, another may take over"
+    TAKEN = "another node produces it"
 
+
+_FOLLOWABLE = (Follow.FILLING, Follow.FILLING_GONE, Follow.LIVE, Follow.ADRIFT, Follow.FILLING_ADRIFT)
+_ADRIFT = (Follow.ADRIFT, Follow.FILLING_ADRIFT)
+#: Seconds an adrift mirror waits for another node to take its run over: a claim comes within a heartbeat of
+#: the producer's death being seen (NODE_TTL), its first batch a round trip later.
+ADRIFT_LIMIT = 10.0
 
 _FOLLOWING: dict[tuple[Follow, _In], Follow] = {
     (Follow.FILLING, _In.HISTORY): Follow.LIVE,
@@ -75,8 +95,24 @@ _FOLLOWING: dict[tuple[Follow, _In], Follow] = {
     (Follow.FILLING_GONE, _In.GONE): Follow.FILLING_GONE,
     (Follow.LIVE, _In.MISSED): Follow.FILLING,
     (Follow.LIVE, _In.GONE): Follow.FAILED,
-    **{(state, _In.FAIL): Follow.FAILED for state in (Follow.FILLING, Follow.FILLING_GONE, Follow.LIVE)},
-    **{(state, _In.END): Follow.ENDED for state in (Follow.FILLING, Follow.FILLING_GONE, Follow.LIVE)},
+    (Follow.LIVE, _In.ADRIFT): Follow.ADRIFT,
+    (Follow.FILLING, _In.ADRIFT): Follow.FILLING_ADRIFT,
+    (Follow.FILLING_GONE, _In.ADRIFT): Follow.FILLING_ADRIFT,
+    (Follow.ADRIFT, _In.ADRIFT): Follow.ADRIFT,
+    (Follow.ADRIFT, _In.GONE): Follow.ADRIFT,
+    (Follow.ADRIFT, _In.HISTORY): Follow.ADRIFT,
+    (Follow.ADRIFT, _In.MISSED): Follow.FILLING_ADRIFT,
+    (Follow.ADRIFT, _In.TAKEN): Follow.LIVE,
+    (Follow.FILLING_ADRIFT, _In.ADRIFT): Follow.FILLING_ADRIFT,
+    (Follow.FILLING_ADRIFT, _In.GONE): Follow.FILLING_ADRIFT,
+    (Follow.FILLING_ADRIFT, _In.MISSED): Follow.FILLING_ADRIFT,
+    (Follow.FILLING_ADRIFT, _In.HISTORY): Follow.ADRIFT,
+    (Follow.FILLING_ADRIFT, _In.TAKEN): Follow.FILLING,
+    (Follow.LIVE, _In.TAKEN): Follow.LIVE,
+    (Follow.FILLING, _In.TAKEN): Follow.FILLING,
+    (Follow.FILLING_GONE, _In.TAKEN): Follow.FILLING,
+    **{(state, _In.FAIL): Follow.FAILED for state in _FOLLOWABLE},
+    **{(state, _In.END): Follow.ENDED for state in _FOLLOWABLE},
     **{(Follow.ENDED, event): Follow.ENDED for event in _In},
     **{(Follow.FAILED, event): Follow.FAILED for event in _In},
 }
@@ -118,19 +154,43 @@ class Mirror(Run):
         self._failure: str | None = None
         self._held_as: tuple[Subscription, str] | None = None
         self._grew = asyncio.Event()
+        self.resumable = bool(meta.get("takeover"))  # another node may take it over if its own dies
+        self._adrift_timer: asyncio.TimerHandle | None = None
 
     def _move(self, event: _In) -> bool:
         """Step the following state; True if this step failed the mirror."""
         was = self.follow_state
         try:
-            self.follow_state = _FOLLOWING[was, event]
+            now = self.follow_state = _FOLLOWING[was, event]
         except KeyError:
             raise RunStateError(f"{event.value} is not allowed while {was.value}") from None
-        return self.follow_state is Follow.FAILED and was is not Follow.FAILED
+        if now in _ADRIFT and self._adrift_timer is None:
+            self._adrift_timer = asyncio.get_running_loop().call_later(ADRIFT_LIMIT, self._not_taken)
+        elif now not in _ADRIFT and self._adrift_timer is not None:
+            self._adrift_timer.cancel()
+            self._adrift_timer = None
+        return now is Follow.FAILED and was is not Follow.FAILED
+
+    def _not_taken(self) -> None:
+        self._adrift_timer = None
+        self.fail("producer_lost", f"node {self.node}, which produced this run, stopped, and no other node took "
+                                   f"it over within {ADRIFT_LIMIT:g} s; start the run again")
 
     @property
     def filling(self) -> bool:
-        return self.follow_state in (Follow.FILLING, Follow.FILLING_GONE)
+        return self.follow_state in (Follow.FILLING, Follow.FILLING_GONE, Follow.FILLING_ADRIFT)
+
+    def taken(self, node: str) -> None:
+        """``node`` produces the run now (it took it over): what this node tells the producer goes there."""
+        if node == self.node or self.finished or self.failed is not None:
+            return
+        self.node = node
+        self._move(_In.TAKEN)
+        if self._subs:
+            self.following.tell(node, messages.Follow(self.key, self.following.node))
+        held = self._held_as
+        if held is not None:
+            self.following.tell(node, messages.Adopt(self.key, held[1]))
 
     # -- inputs ------------------------------------------------------------
 
@@ -143,8 +203,8 @@ class Mirror(Run):
 
     def gone(self) -> None:
         """Its node does not produce it (it started again under its id, or never had it): it is lost,
-        unless its history, read first, holds its end."""
-        if self._move(_In.GONE):
+        unless its history, read first, holds its end (or, resumable, another node takes it over)."""
+        if self._move(_In.ADRIFT if self.resumable else _In.GONE):
             self._failed("producer_lost", self._lost_message())
 
     def fail(self, code: str, message: str) -> None:
@@ -153,7 +213,10 @@ class Mirror(Run):
             self._failed(code, message)
 
     def lost_producer(self) -> None:
-        self.fail("producer_lost", self._lost_message())
+        if self.resumable:
+            self._move(_In.ADRIFT)
+        else:
+            self.fail("producer_lost", self._lost_message())
 
     def _lost_message(self) -> str:
         return f"node {self.node}, which produced this run, stopped answering; start the run again"
@@ -341,7 +404,12 @@ class Following:
         mirror = self.mirrors.get(channel[len(RUN_CHANNELS):])
         if mirror is None:
             return
-        first, codes, payloads, authors = json.loads(data)
+        batch = json.loads(data)
+        first, codes, payloads, authors = batch[:4]
+        if len(batch) > 4:  # the first batch of a node that took the run over names it
+            mirror.taken(batch[4])
+            if not codes:
+                return
         if mirror.filling:
             mirror.early.append((first, codes, payloads, authors))
         else:
@@ -369,14 +437,18 @@ class Following:
         try:
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.xrange(name("log", mirror.key), min=mirror.history_start(), max="+")
-            pipe.hget(name("run", mirror.key), "origins")
-            found, authors = await pipe.execute()
+            pipe.hmget(name("run", mirror.key), "origins", "meta")
+            found, (authors, meta) = await pipe.execute()
             entries = cast(list[tuple[str, dict[str, str]]], found)
         except DOWN_ERRORS as exc:
             self.link.lost(exc)
             return True
         if mirror.finished or mirror.failed is not None:
             return True
+        if isinstance(meta, str) and mirror.resumable:  # (taken over while this node did not listen)
+            producer = json.loads(meta).get("node")
+            if isinstance(producer, str) and producer != mirror.node and await self.liveness.alive(producer):
+                mirror.taken(producer)
         if not entries and authors is None and not mirror.early:
             mirror.fail("replay_gap", f"run {mirror.id} has ended, and the events this node missed are no "
                                       "longer kept")

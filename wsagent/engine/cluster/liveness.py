@@ -43,8 +43,10 @@ class Member(Protocol):
         """Write back what the node holds (the link is coming up again)."""
         ...
 
-    def beaten(self, live: frozenset[str]) -> None:
-        """The nodes alive at the last beat (this one among them): whatever was of the others is gone."""
+    def beaten(self, live: frozenset[str], dead: frozenset[str]) -> None:
+        """The nodes alive at the last beat (this one among them): whatever was of the others is gone.
+        ``dead``: those that beat within BEATS_KEPT but not NODE_TTL (at the first beat, this node too: what
+        a process before this one left under its id)."""
         ...
 
 
@@ -73,6 +75,7 @@ class Liveness:
         pipe = self.link.redis.pipeline(transaction=False)
         pipe.zadd(NODES, {self.node: now_ms})
         pipe.zrangebyscore(NODES, now_ms - int(NODE_TTL * 1000), "+inf")
+        pipe.zrangebyscore(NODES, now_ms - BEATS_KEPT * 1000, f"({now_ms - int(NODE_TTL * 1000)}")
         pipe.zremrangebyscore(NODES, "-inf", now_ms - BEATS_KEPT * 1000)
         pipe.expire(NODES, BEATS_KEPT)
         if refresh and self.link.up:
@@ -87,7 +90,8 @@ class Liveness:
         if refresh:
             self._refreshed = time.monotonic()
         self.live = frozenset(replies[1]) | {self.node}
-        self._member.beaten(self.live)
+        dead = frozenset(replies[2]) - self.live
+        self._member.beaten(self.live, dead if self._greeted else dead | {self.node})
         if not self._greeted:  # (a node started again under its id is alive to the others: its runs are not)
             self._greeted = True
             hello = messages.encode(messages.Hello(self.node))

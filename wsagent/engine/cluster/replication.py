@@ -31,6 +31,7 @@ from ...core.errors import ClusterUnavailable
 from ..run import Run
 from .link import DOWN_ERRORS, RedisLink
 from .names import DELETE_IF, RUN_TTL, name, shared, ttl
+from .takeover import WRITE_FENCED, takeover_set
 from .wire import Command
 
 __all__ = ["Replicator", "FLUSH_EVERY", "LAZY_EVERY"]
@@ -54,9 +55,10 @@ class _Written:
 class Replicator:
     """This node's runs in Redis. ``more`` adds to each write what else is due (the users' counts)."""
 
-    def __init__(self, link: RedisLink, node: str, more: Callable[[list[Command]], None]) -> None:
+    def __init__(self, link: RedisLink, node: str, more: Callable[[list[Command]], None], life: str = "") -> None:
         self.link = link
         self.node = node
+        self.life = life  # this process, among those that ran as ``node`` (a resumable run's fence)
         self.batches = 0
         #: Runs produced here -> the nodes that follow them (their entries are written at once).
         self.followers: dict[str, set[str]] = {}
@@ -89,11 +91,22 @@ class Replicator:
             self.erase(run)
             raise ClusterUnavailable(f"Redis did not register run id {run.id!r} ({replies[-1]}); try again shortly")
 
-    def _register(self, commands: list[Command], run: Run, seconds: int) -> None:
+    def _meta(self, run: Run) -> str:
         meta = {"id": run.id, "user": run.user, "scope": run.scope, "node": self.node, "agent": run.agent,
                 "workflow": run.workflow, "grace": run.grace, "buffer": run.buffer_bytes, "replay": run.replay_bytes}
-        commands += [("HSET", name("run", run.key), "meta", json.dumps(meta), "origins", json.dumps(run.authors())),
-                     ("EXPIRE", name("run", run.key), seconds)]
+        if run.resumable:
+            meta["takeover"] = True
+        return json.dumps(meta)
+
+    def _register(self, commands: list[Command], run: Run, seconds: int) -> None:
+        hash_ = name("run", run.key)
+        if run.resumable:  # its producer, for the fence; and in its node's set, for a claim
+            commands += [("HSET", hash_, "meta", self._meta(run), "origins", json.dumps(run.authors()),
+                          "owner", self.node, "life", self.life),
+                         ("SADD", takeover_set(self.node), run.key), ("EXPIRE", takeover_set(self.node), RUN_TTL)]
+        else:
+            commands.append(("HSET", hash_, "meta", self._meta(run), "origins", json.dumps(run.authors())))
+        commands.append(("EXPIRE", hash_, seconds))
         if shared(run.scope):
             commands.append(("SET", name("id", run.scope, run.id), run.key, "NX", "EX", seconds))
 
@@ -102,25 +115,37 @@ class Replicator:
         its last: the fence)."""
         for run in runs:
             written = self._written.setdefault(run, _Written())
-            self._register(commands, run, ttl(run))
+            if not run.resumable:  # (a resumable run's registration is fenced: written with its entries)
+                self._register(commands, run, ttl(run))
+            elif shared(run.scope):
+                commands.append(("SET", name("id", run.scope, run.id), run.key, "EX", ttl(run)))
             written.seq = run.oldest_kept - 1  # (everything it keeps; its authors are in its registration)
             written.authors = run.author_count
             self._append(commands, run, written, publish=False)
 
     def refresh(self, pipe: Pipeline, running: Iterable[Run]) -> None:
         """The TTLs of the running runs' keys, renewed (the heartbeat's, every REFRESH_EVERY)."""
+        resumable = False
         for run in running:
             for key in (name("run", run.key), name("log", run.key)):
                 pipe.expire(key, RUN_TTL)
             if shared(run.scope):
                 pipe.expire(name("id", run.scope, run.id), RUN_TTL)
+            resumable |= run.resumable
+        if resumable:
+            pipe.expire(takeover_set(self.node), RUN_TTL)
 
     # -- writing: once per upstream read, pipelined across runs -------------
 
     def dirty(self, run: Run) -> None:
-        """``run`` has new entries (its :class:`~wsagent.engine.run.Outlet`)."""
+        """``run`` has new entries (its :class:`~wsagent.engine.run.Outlet`). A resumable run's go at once,
+        before any client of this node is woken: whatever a client saw is in Redis (written before the
+        client's socket, so even a SIGKILL right after leaves it there), and a run taken over goes on
+        after what its client saw."""
         self._dirty[run] = None
-        if run.finished:  # its end at once (next turn): its client may ask another node about it right away
+        if run.resumable:
+            self.flush()
+        elif run.finished:  # its end at once (next turn): its client may ask another node about it right away
             self.soon(0.0)
         else:
             self.soon(FLUSH_EVERY if run.key in self.followers else LAZY_EVERY)
@@ -157,6 +182,8 @@ class Replicator:
             if written is None:  # (dropped meanwhile)
                 continue
             self._append(commands, run, written, publish=True)
+            if run.finished and run.resumable:
+                commands.append(("SREM", takeover_set(self.node), run.key))
             if run.finished:
                 seconds = ttl(run)
                 commands += [("EXPIRE", name("run", run.key), seconds), ("EXPIRE", name("log", run.key), seconds)]
@@ -173,12 +200,18 @@ class Replicator:
         forgot its first events (taken by its client, past ``--replay-bytes``) before they were written."""
         new = written.seq == 0 or not publish
         first, codes, payloads = run.entries(written.seq)
-        if not codes:
+        if not codes and (publish or not run.resumable):
             return
         stream = name("log", run.key)
         written.seq = first + len(codes) - 1
         authors = run.authors() if not publish or run.author_count > 1 else None
-        if authors is not None and len(authors) != written.authors:
+        origins = authors is not None and len(authors) != written.authors
+        if run.resumable:
+            self._append_fenced(commands, run, written, first, codes, payloads, authors, origins or not publish,
+                                new, publish)
+            return
+        if origins:
+            assert authors is not None
             written.authors = len(authors)
             commands.append(("HSET", name("run", run.key), "origins", json.dumps(authors)))
         last = len(codes) - 1
@@ -194,6 +227,38 @@ class Replicator:
             commands.append(("PUBLISH", name("run", run.key), json.dumps([first, codes, payloads, authors])))
         run.shared_up_to(written.seq)
 
+    def _append_fenced(self, commands: list[Command], run: Run, written: _Written, first: int, codes: list[int],
+                       payloads: list[str], authors: list[list[str | None]] | None, origins: bool, new: bool,
+                       publish: bool) -> None:
+        """:meth:`_append` for a resumable run: one :data:`~wsagent.engine.cluster.takeover.WRITE_FENCED`,
+        whose last entry carries the checkpoint when nothing was sealed after it (written back after an
+        outage: with the run's registration, in the same fence)."""
+        if origins:
+            assert authors is not None
+            written.authors = len(authors)
+        end = first + len(codes)
+        checkpoint = run.checkpoint if run.checkpoint is not None and run.checkpoint_end == end else ""
+        message = json.dumps([first, codes, payloads, authors]) if publish and codes else ""
+        command: list[str | int] = [
+            "EVAL", WRITE_FENCED, 2, name("run", run.key), name("log", run.key), self.node, self.life,
+            name("run", run.key), message, f"{run.oldest_kept}-0", ttl(run) if new else 0, checkpoint,
+            "" if publish else self._meta(run), json.dumps(authors) if origins else "", 0 if publish else ttl(run)]
+        for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
+            command += (f"{first + i}-0", code, payload)
+        commands.append(tuple(command))
+        if not publish and run.resumable and not run.finished:
+            commands += [("SADD", takeover_set(self.node), run.key), ("EXPIRE", takeover_set(self.node), RUN_TTL)]
+        if codes:
+            run.shared_up_to(written.seq)
+
+    def taken(self, run: Run, seq: int) -> None:
+        """This node took ``run`` over (Redis has its entries up to ``seq``): its first batch names this node
+        to the followers, even before the model's next event."""
+        self._written[run] = written = _Written()
+        written.seq = seq
+        written.authors = run.author_count
+        self.link.publish(name("run", run.key), json.dumps([seq + 1, [], [], None, self.node]))
+
     # -- forgetting ----------------------------------------------------------
 
     def dropped(self, run: Run) -> None:
@@ -203,10 +268,16 @@ class Replicator:
         seconds (ENDED_TTL) for the nodes reading its end."""
         if run in self._dirty:
             self.flush()
-        self._written.pop(run, None)
+        written = self._written.pop(run, None)
         self.followers.pop(run.key, None)
-        if shared(run.scope):
+        if shared(run.scope) and written is not None:  # (none: another node took it over, id and all)
             self.link.write([("EVAL", DELETE_IF, 1, name("id", run.scope, run.id), run.key)])
+
+    def surrendered(self, run: Run) -> None:
+        """Another node took ``run`` over: nothing of it is written from here any more."""
+        self._written.pop(run, None)
+        self._dirty.pop(run, None)
+        self.followers.pop(run.key, None)
 
     def erase(self, run: Run) -> None:
         """Delete ``run`` from Redis, on the writer: a run registered after this (a new turn taking the id)

@@ -199,11 +199,12 @@ async def redis_fields(port: int, *command: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def key_events(port: int, key: str) -> AsyncIterator[asyncio.Queue[str]]:
-    """What happens to ``key`` in Redis (``del``, ``expire``...), as it happens: its keyspace events."""
+async def key_events(port: int, key: str, kinds: str = "g") -> AsyncIterator[asyncio.Queue[str]]:
+    """What happens to ``key`` in Redis (``del``, ``expire``...; with ``kinds`` "gh", ``hset`` too), as it
+    happens: its keyspace events."""
     url = f"redis://127.0.0.1:{port}/0"
     control = await Wire.open(url)
-    await control.send([("CONFIG", "SET", "notify-keyspace-events", "Kg")])
+    await control.send([("CONFIG", "SET", "notify-keyspace-events", "K" + kinds)])
     control.close()
     events: asyncio.Queue[str] = asyncio.Queue()
     subscribed = asyncio.get_running_loop().create_future()

@@ -3,6 +3,7 @@ serving the Responses API's background responses); the producer is SIGKILLed mid
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -15,6 +16,7 @@ import pytest
 from wsagent.upstream.simulator import SimulatorServer
 
 from .helpers import Cluster, Node, frames_until, redis_server, seq, start_run, terminal
+from .test_cluster import key_events, redis_fields
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs redis-server")
 
@@ -92,3 +94,85 @@ async def test_takeover_off_is_today_s_producer_lost(cluster: Cluster) -> None:
         await killed(a)
         last: dict[str, Any] = json.loads((await frames_until(watcher, terminal, limit=30))[-1])
     assert (last["type"], last["code"]) == ("error", "producer_lost")
+
+
+async def producer_of(cluster: Cluster, key: str) -> str:
+    """The node Redis names as the run's producer."""
+    meta = await redis_fields(cluster.redis_port, "hget", f"wsagent:run:{key}", "meta")
+    return str(json.loads(meta)["node"])
+
+
+async def test_a_run_taken_over_twice_reaches_its_client_whole(cluster: Cluster, sim: SimulatorServer) -> None:
+    nodes = dict(zip("abc", await cluster.start("a", "b", "c", **TAKEOVER), strict=True))
+    prompt = "sim:rate=40 sim:tokens=200 sim:reasoning=0 twice"
+    async with nodes["a"].connect() as own:
+        key = await start_run(own, "r1", prompt)
+        head = await frames_until(own, lambda e: e["type"] == "token" and e["seq"] >= 8)
+        await killed(nodes["a"])
+    first = await wait_for_producer(cluster, key, {"b", "c"})
+    other = ({"b", "c"} - {first}).pop()
+    async with nodes[other].connect() as moved:  # resumed on the node that did not take it over
+        await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        middle = await frames_until(moved, lambda e: e["type"] == "token" and e["seq"] >= seq(head[-1]) + 8)
+        await killed(nodes[first])  # the node going on with it dies too: the last one takes it over
+        rest = await frames_until(moved, terminal, limit=60)
+    assert await producer_of(cluster, key) == other
+    contiguous(middle + rest, seq(head[-1]))
+    assert json.loads(rest[-1])["type"] == "done", rest[-1]
+    assert text(head) + text(middle) + text(rest) == await expected(nodes[other], prompt)
+    stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
+    assert (stat.tokens, len(stat.retrievals)) == (200, 2)  # generated once, read by three nodes in turn
+
+
+async def wait_for_producer(cluster: Cluster, key: str, among: set[str], limit: float = 20) -> str:
+    """The node that took run ``key`` over (one of ``among``), once Redis names it (the claim writes the run's
+    hash: its keyspace events say when)."""
+    async with key_events(cluster.redis_port, f"wsagent:run:{key}", "gh") as events, asyncio.timeout(limit):
+        while (node := await producer_of(cluster, key)) not in among:
+            await events.get()
+    return node
+
+
+async def test_cancel_after_a_takeover_cancels_the_response_upstream(cluster: Cluster, sim: SimulatorServer) -> None:
+    a, b = await cluster.start("a", "b", **TAKEOVER)
+    async with a.connect() as own:
+        key = await start_run(own, "r1", "sim:rate=20 sim:tokens=400 sim:reasoning=0")
+        head = await frames_until(own, lambda e: e["type"] == "token")
+        await killed(a)
+    async with b.connect() as moved:
+        await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        await frames_until(moved, lambda e: e["type"] == "token", limit=20)  # going on, from node b
+        await moved.send(json.dumps({"type": "cancel", "id": "r1"}))
+        end = json.loads((await frames_until(moved, terminal))[-1])
+    assert end["type"] == "cancelled", end
+    stats = sim.simulator.stats
+    await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)
+    stat = next(iter(stats.background.values()))
+    assert stat.status == "cancelled" and stat.tokens < 400
+
+
+async def test_a_producer_that_comes_back_writes_nothing_more(cluster: Cluster, sim: SimulatorServer) -> None:
+    """A producer paused past the others' patience (SIGSTOP: a frozen VM, a long GC) finds its run taken over
+    when it wakes: the fence keeps its writes out of Redis, and its own client is told ``taken_over``."""
+    a, b = await cluster.start("a", "b", **TAKEOVER)
+    prompt = "sim:rate=40 sim:tokens=240 sim:reasoning=0 paused"
+    async with a.connect() as own, b.connect() as watcher:
+        key = await start_run(own, "r1", prompt)
+        await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        await frames_until(watcher, lambda e: e["type"] == "start")
+        await frames_until(own, lambda e: e["type"] == "token" and e["seq"] >= 6)
+        a.process.send_signal(signal.SIGSTOP)
+        try:
+            await wait_for_producer(cluster, key, {"b"})
+            middle = await frames_until(watcher, lambda e: e["type"] == "token", limit=20)  # b goes on
+        finally:
+            a.process.send_signal(signal.SIGCONT)
+        told = json.loads((await frames_until(own, terminal, limit=20))[-1])
+        watched = await frames_until(watcher, terminal, limit=60)
+    assert (told["type"], told["code"], told["retryable"]) == ("error", "taken_over", True), told
+    contiguous(middle + watched, seq(middle[0]) - 1)
+    assert json.loads(watched[-1])["type"] == "done"
+    log = await redis_fields(cluster.redis_port, "xrange", f"wsagent:log:{key}", "-", "+")
+    assert log.count("taken_over") == 0  # a's end never reached Redis
+    stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
+    assert stat.tokens == 240 and not stat.cancelled  # a closed its stream without cancelling b's response

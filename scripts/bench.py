@@ -4,6 +4,7 @@
     python scripts/bench.py            # the full run (about 25 minutes on 2 cores)
     python scripts/bench.py --quick    # under two minutes, every peer, smaller loads
     python scripts/bench.py --starts   # only what a one-token run costs the server, start to end
+    python scripts/bench.py --quick --only-takeover   # only the takeover rows (about a minute)
 
 The simulated upstream (``python -m wsagent.simulator``), then one server at a time under load, each
 streaming from that upstream over the tutorial's text protocol on ``/ws/chat``:
@@ -17,8 +18,11 @@ streaming from that upstream over the tutorial's text protocol on ``/ws/chat``:
 * **the floor** (``scripts/peer_floor.py``): each upstream read's bytes forwarded as one frame on
   ``websockets``, no parsing or encoding: the least a Python relay can do.
 
-Every peer closes its upstream request when its client leaves, but the tutorial's. Then wsagent with
-one worker and with ``--workers 2``, neither pinned, for what a second core buys.
+Every peer closes its upstream request when its client leaves, but the tutorial's. Then, with
+``redis-server``, the cluster: two nodes against one, a rolling restart, and runs that outlive their node
+(``--takeover background``: the producer SIGKILLed, how long its watchers wait, and what the node that
+took over spends per token). Then wsagent with one worker and with ``--workers 2``, neither pinned, for
+what a second core buys.
 
 The servers under test run on core 0; the load (the simulated upstream and this client) runs on the
 other cores, as it would on other machines in a deployment, so that it does not preempt the server it
@@ -53,7 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,15 +94,21 @@ class Plan:
     cluster_levels: tuple[int, ...]
     worker_levels: tuple[int, ...]
     restart_streams: int  #: streams at 20 tok/s while three nodes are restarted in turn
+    takeover_kills: int  #: runs whose producer is SIGKILLed (``--takeover background``), ...
+    takeover_per_kill: int  #: ... this many at each SIGKILL
+    takeover_streams: int  #: runs at 20 tok/s whose producer's CPU per token is measured, then its taker's
+    takeover_seconds: float  #: how long each of those CPU windows lasts
 
 
 FULL = Plan(rounds=3, tokens=500, throughput_tokens=10000, cancels=50, miss_after=3.0, slow_warmup=3, slow_seconds=60,
             idle_counts=(1000, 10000), levels=(100, 250, 500, 750, 1000, 1250, 1500, 2000), level_seconds=6,
             cluster_cancels=100, cluster_levels=(250, 500, 750, 1000, 1250, 1500),
-            worker_levels=(100, 250, 500, 750, 1000, 1500, 2000), restart_streams=150)
+            worker_levels=(100, 250, 500, 750, 1000, 1500, 2000), restart_streams=150, takeover_kills=100,
+            takeover_per_kill=5, takeover_streams=100, takeover_seconds=8)
 QUICK = Plan(rounds=1, tokens=50, throughput_tokens=300, cancels=5, miss_after=1.0, slow_warmup=1, slow_seconds=2,
              idle_counts=(1000,), levels=(200,), level_seconds=2, cluster_cancels=5, cluster_levels=(100,),
-             worker_levels=(200,), restart_streams=30)
+             worker_levels=(200,), restart_streams=30, takeover_kills=10, takeover_per_kill=5, takeover_streams=40,
+             takeover_seconds=3)
 
 
 def free_port() -> int:
@@ -801,6 +811,290 @@ async def restart_rows(results: dict[str, dict[str, dict[str, float]]], upstream
     print(f"  restart {results['wsagent-restart']['restart']}", flush=True)
 
 
+# -- takeover ----------------------------------------------------------------
+
+
+@dataclass
+class Watch:
+    """A run watched from another node (``attach`` on a socket of its own): when each token frame arrived and
+    how many tokens it held, every ``seq``, the last token's upstream stamp, and how the run ended."""
+
+    run_id: str
+    key: str
+    socket: ClientConnection
+    seqs: list[int] = field(default_factory=list)
+    tokens: list[tuple[float, int]] = field(default_factory=list)  #: (arrival, tokens in the frame)
+    stamp: float = 0.0  #: the upstream's stamp of the last token read
+    end: str | None = None  #: the terminal event's type (an error's code after a colon); None: none came
+    streaming: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def read(self, limit: float) -> None:
+        """Frames until the run's terminal event, the socket's close or ``limit`` seconds."""
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(limit):
+                async for frame in self.socket:
+                    now = time.monotonic()
+                    event = json.loads(frame)
+                    if "seq" in event:
+                        self.seqs.append(int(event["seq"]))
+                    kind = event["type"]
+                    if kind == "token":
+                        found = stamps(event["content"])
+                        self.tokens.append((now, len(found)))
+                        if found:
+                            self.stamp = found[-1]
+                        if len(self.tokens) >= 5:
+                            self.streaming.set()
+                    elif kind in ("done", "error", "cancelled"):
+                        self.end = f"{kind}:{event.get('code')}" if kind == "error" else kind
+                        return
+
+    def whole(self, tokens: int) -> bool:
+        """Ended ``done``, every ``seq`` once and in order from the first, and all ``tokens`` tokens read."""
+        seqs = self.seqs
+        return (self.end == "done" and bool(seqs) and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+                and sum(n for _, n in self.tokens) == tokens)
+
+    def resumed(self, killed: float) -> float | None:
+        """When the first token after the pause that ``killed`` began arrived: the first one after ``killed``
+        that follows a silence of a second or more (a token already on its way at the kill is the dead
+        producer's, not the new one's). None: no token came after such a silence."""
+        previous = 0.0
+        for arrived, _ in self.tokens:
+            if arrived > killed and previous and arrived - previous >= 1.0:
+                return arrived
+            previous = arrived
+        return None
+
+    def caught_up(self, now: float) -> bool:
+        """Its last token is at most 0.25 s old by the upstream's stamp (the backlog of the pause is read)."""
+        return bool(self.stamp) and now - self.stamp < 0.25
+
+    def tokens_between(self, start: float, end: float) -> int:
+        return sum(n for arrived, n in self.tokens if start <= arrived < end)
+
+
+async def open_watched(producer: Server, watcher: Server, run_id: str, prompt: str, leave: bool,
+                       stagger: float = 0.0) -> tuple[ClientConnection | None, Watch]:
+    """Start run ``run_id`` on ``producer`` and attach to it from ``watcher`` (another node). The run's own
+    socket is returned open (to die with its node), or closed once the attach is sent (``leave``: the run
+    goes on in its grace, and its producer writes to no client of its own)."""
+    if stagger:
+        await asyncio.sleep(random.uniform(0, stagger))
+    own = await connect(producer.url, ping_interval=None, compression=None, open_timeout=10)
+    await own.send(json.dumps({"type": "run", "id": run_id, "prompt": prompt}))
+    first = json.loads(await asyncio.wait_for(own.recv(), 10))
+    if first.get("type") != "start":
+        raise RuntimeError(f"{producer.name} did not start run {run_id}: {first}")
+    socket = await connect(watcher.url, ping_interval=None, compression=None, open_timeout=10, max_size=None)
+    await socket.send(json.dumps({"type": "attach", "id": run_id, "key": first["key"]}))
+    if leave:
+        await own.close()
+        return None, Watch(run_id, first["key"], socket)
+    return own, Watch(run_id, first["key"], socket)
+
+
+async def drain(own: ClientConnection, limit: float) -> None:
+    """Read a run's own socket (its producer is paced by it) until it closes: at the kill, abruptly."""
+    with contextlib.suppress(TimeoutError, ConnectionClosed, OSError):
+        async with asyncio.timeout(limit):
+            async for _ in own:
+                pass
+
+
+async def cluster_metric(http: aiohttp.ClientSession, server: Server, metric: str) -> float:
+    """One unlabelled figure of ``server``'s ``/metrics`` (0 if it is not there)."""
+    async with http.get(f"http://127.0.0.1:{server.port}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as reply:
+        for line in (await reply.text()).splitlines():
+            if line.startswith(metric + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+async def until(condition: Callable[[], bool], limit: float, what: str) -> None:
+    """Poll ``condition`` every 10 ms, for at most ``limit`` seconds (then say ``what`` never came)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {limit:g} s")
+        await asyncio.sleep(0.01)
+
+
+async def takeover_kills(nodes: list[Server], plain: Server, spawn: Callable[[], Awaitable[Server]], plan: Plan,
+                         http: aiohttp.ClientSession) -> dict[str, float]:
+    """Rounds of: ``takeover_per_kill`` runs started on one node (their own sockets on it), each attached to from
+    another node, the node SIGKILLed once every watcher reads tokens; for each run, the time from the SIGKILL
+    to its watcher's first token after the pause; a replacement node under a new id (three stay alive)."""
+    tokens = 160
+    prompt = f"takeover sim:stamp=1 sim:rate=40 sim:tokens={tokens} sim:reasoning=0"
+    delays: list[float] = []
+    runs = lost = unresumed = kills = 0
+    claims: dict[str, float] = {}
+    per_kill = plan.takeover_per_kill
+    for n in range(math.ceil(plan.takeover_kills / per_kill)):
+        producer = nodes[n % len(nodes)]
+        survivors = [node for node in nodes if node is not producer]
+        homes = [*survivors, plain]  # the watchers' nodes: the two that may take over, and one that may not
+        opened = await asyncio.gather(*(open_watched(producer, homes[i % len(homes)], f"k{n}-{i}",
+                                                     f"{n}-{i} {prompt}", leave=False) for i in range(per_kill)))
+        watches = [watch for _, watch in opened]
+        readers = [asyncio.ensure_future(watch.read(60)) for watch in watches]
+        owners = [asyncio.ensure_future(drain(own, 60)) for own, _ in opened if own is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(watch.streaming.wait() for watch in watches)), 20)
+            before = [await cluster_metric(http, node, "wsagent_cluster_runs_taken_over_total") for node in survivors]
+            killed = time.monotonic()
+            producer.process.kill()
+            await asyncio.wait_for(producer.process.wait(), 10)
+            kills += 1
+            await asyncio.wait_for(asyncio.gather(*readers, *owners), 90)
+        finally:
+            for task in [*readers, *owners]:
+                task.cancel()
+            await asyncio.gather(*(watch.socket.close() for watch in watches), return_exceptions=True)
+        for node, was in zip(survivors, before, strict=True):
+            took = await cluster_metric(http, node, "wsagent_cluster_runs_taken_over_total") - was
+            if took:
+                claims[node.name] = claims.get(node.name, 0) + took
+        for watch in watches:
+            runs += 1
+            at = watch.resumed(killed)
+            if at is None:
+                unresumed += 1
+            else:
+                delays.append(at - killed)
+            if not watch.whole(tokens):
+                lost += 1
+                print(f"    run {watch.run_id} (key {watch.key}) on {producer.name}: ended {watch.end}, "
+                      f"{sum(c for _, c in watch.tokens)} of {tokens} tokens, seqs {watch.seqs[:3]}..{watch.seqs[-3:]}",
+                      flush=True)
+        print(f"    kill {kills}: {producer.name}, {len(watches)} runs, SIGKILL to the next token "
+              f"{', '.join(f'{d:.2f}' for d in delays[-len(watches):])} s", flush=True)
+        nodes[n % len(nodes)] = await spawn()
+    return {"runs": runs, "runs_lost": lost, "unresumed": unresumed, "kills": kills, "per_kill": per_kill,
+            "resume_p50_ms": pct(delays, 0.5) * 1000, "resume_p99_ms": pct(delays, 0.99) * 1000,
+            "resume_max_ms": max(delays, default=math.nan) * 1000,
+            "claimers_per_kill": len(claims) / max(1, kills), "runs_taken_over": sum(claims.values())}
+
+
+async def producer_window(producers: list[Server], watches: list[Watch], seconds: float,
+                          http: aiohttp.ClientSession) -> dict[str, float]:
+    """The ``producers``' CPU over ``seconds`` against the tokens the watchers read meanwhile (every one of
+    them produced there), and their writes of run entries to Redis."""
+    batches0 = sum([await cluster_metric(http, node, "wsagent_cluster_batches_total") for node in producers])
+    cpu0, t0 = sum(cpu_seconds(node.pid) for node in producers), time.monotonic()
+    await asyncio.sleep(seconds)  # the measured window: the watchers read meanwhile
+    cpu, t1 = sum(cpu_seconds(node.pid) for node in producers) - cpu0, time.monotonic()
+    batches = sum([await cluster_metric(http, node, "wsagent_cluster_batches_total") for node in producers]) - batches0
+    tokens = sum(watch.tokens_between(t0, t1) for watch in watches)
+    return {"tokens": tokens, "cpu_s_per_100k": cpu / max(1, tokens) * 100_000,
+            "redis_writes_per_token": batches / max(1, tokens)}
+
+
+async def takeover_cpu(producer: Server, home: Server, claimers: list[Server] | None, plan: Plan, label: str,
+                       http: aiohttp.ClientSession, rate: float = 20) -> dict[str, dict[str, float]]:
+    """``takeover_streams`` runs at ``rate`` tok/s on ``producer``, each watched from ``home`` (their own sockets
+    left: no producer writes to a client of its own), the producer's CPU per token over a window; with
+    ``claimers``, the producer is then SIGKILLed and, once every run is going on and its backlog read, the CPU
+    per token of whichever of them took the runs over, over a window as long. Every run is then cancelled."""
+    seconds = plan.takeover_seconds
+    prompt = f"takeover cpu sim:stamp=1 sim:rate={rate:g} sim:tokens={int(rate * (2 * seconds + 25))} sim:reasoning=0"
+    gate = asyncio.Semaphore(50)
+
+    async def one(i: int) -> Watch:
+        async with gate:
+            return (await open_watched(producer, home, f"{label}-{i}", f"{label} {i} {prompt}", leave=True,
+                                       stagger=1.0))[1]
+
+    watches = list(await asyncio.gather(*(one(i) for i in range(plan.takeover_streams))))
+    readers = [asyncio.ensure_future(watch.read(120)) for watch in watches]
+    out: dict[str, dict[str, float]] = {}
+    try:
+        await asyncio.wait_for(asyncio.gather(*(watch.streaming.wait() for watch in watches)), 30)
+        await asyncio.sleep(1.0)  # every run streaming steadily before the window
+        out["producer"] = await producer_window([producer], watches, seconds, http)
+        if claimers is not None:
+            before = [await cluster_metric(http, node, "wsagent_cluster_runs_taken_over_total") for node in claimers]
+            killed = time.monotonic()
+            producer.process.kill()
+            await asyncio.wait_for(producer.process.wait(), 10)
+            await until(lambda: all(watch.resumed(killed) is not None or watch.end for watch in watches), 30,
+                        "every run going on after the kill")
+            await until(lambda: all(watch.caught_up(time.monotonic()) or watch.end for watch in watches), 30,
+                        "every watcher caught up")
+            await asyncio.sleep(0.5)
+            took = [await cluster_metric(http, node, "wsagent_cluster_runs_taken_over_total") - was
+                    for node, was in zip(claimers, before, strict=True)]
+            taking = [node for node, count in zip(claimers, took, strict=True) if count]
+            out["claimer"] = await producer_window(taking, watches, seconds, http)
+            out["claimer"].update(runs_taken_over=sum(took), claimers=len(taking),
+                                  ended_early=sum(1 for watch in watches if watch.end))
+        for watch in watches:
+            if not watch.end:
+                await watch.socket.send(json.dumps({"type": "cancel", "id": watch.run_id, "key": watch.key}))
+        await asyncio.wait_for(asyncio.gather(*readers), 30)
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*(watch.socket.close() for watch in watches), return_exceptions=True)
+    return out
+
+
+async def takeover_rows(results: dict[str, dict[str, dict[str, float]]], upstream: str, plan: Plan) -> None:
+    """Runs that outlive their node (``--takeover background``): Redis, three nodes with it and one without
+    (``--upstream-api responses`` all, their runs read from the simulator's Responses API), nothing pinned.
+
+    * :func:`takeover_kills`: SIGKILL to the watchers' first token after the pause, and the runs lost;
+    * :func:`takeover_cpu`: CPU per token of a plain cluster run's producer (the node without ``--takeover``),
+      of a resumable run's producer (before the kill), and of the node that took the runs over (after it)."""
+    redis_port = free_port()
+    redis = await start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no"], redis_port)
+    started: list[Server] = []
+    names = iter(f"n{n}" for n in range(1, 10_000))
+
+    async def node(name: str, takeover: bool = True) -> Server:
+        port = free_port()
+        command = [part.replace("UPSTREAM", upstream).replace("PORT", str(port)) for part in WSAGENT]
+        command += ["--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--node-id", name, "--upstream-api",
+                    "responses", "--resume-grace", "30"]
+        server = await start(name, [*command, *(["--takeover", "background"] if takeover else [])], port)
+        started.append(server)
+        return server
+
+    mine = results["wsagent-takeover"] = {}
+    failures = (RuntimeError, TimeoutError, OSError, WebSocketException)
+    try:
+        async with aiohttp.ClientSession() as http:
+            plain = await node("plain", takeover=False)
+            nodes = [await node(name) for name in ("a", "b", "c")]
+            print("== takeover: SIGKILL to the watchers' next token", flush=True)
+            try:
+                mine["takeover"] = await takeover_kills(nodes, plain, lambda: node(next(names)), plan, http)
+                print(f"  takeover {mine['takeover']}", flush=True)
+            except failures as exc:  # a finding to report, not a reason to lose the rows after these
+                print(f"  takeover kills failed: {exc!r}", flush=True)
+            print("== takeover: CPU per token", flush=True)
+            for n, server in enumerate(nodes):  # (a round that failed may have left a node killed)
+                if server.process.returncode is not None:
+                    nodes[n] = await node(next(names))
+            try:
+                base = await takeover_cpu(plain, nodes[0], None, plan, "plain", http)
+                print(f"  plain cluster run {base}", flush=True)
+                mine["cpu_plain"] = base["producer"]
+                taken = await takeover_cpu(nodes[0], plain, nodes[1:], plan, "resumable", http)
+                print(f"  takeover {taken}", flush=True)
+                mine["cpu_resumable"], mine["cpu_claimer"] = taken["producer"], taken["claimer"]
+            except failures as exc:
+                print(f"  takeover CPU failed: {exc!r}", flush=True)
+    finally:
+        for process in [*(s.process for s in started), redis.process]:
+            if process.returncode is None:
+                process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 10)
+
+
 # -- driver ------------------------------------------------------------------
 
 
@@ -856,12 +1150,12 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
     servers = []
     chosen = set(args.servers.split(",")) if args.servers else None
     for name, command in PEERS:
-        if chosen is not None and name not in chosen:
+        if (chosen is not None and name not in chosen) or args.only_takeover:
             continue
         port = free_port()
         servers.append(await start(name, [p.replace("PORT", str(port)).replace("UPSTREAM", upstream) for p in command],
                                    port, peer_env))
-    placement = "not pinned" if args.no_pin else pin(servers, [sim.process.pid, 0])
+    placement = "not pinned" if args.no_pin or args.only_takeover else pin(servers, [sim.process.pid, 0])
     print(placement, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
@@ -905,10 +1199,14 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
         for pid in (0, sim.process.pid):  # the cluster and --workers rows share every core, the load too
             os.sched_setaffinity(pid, everything)
         if shutil.which("redis-server") and not args.no_cluster:
-            await cluster_rows(results, upstream, sim_port, plan)
-            print("== rolling restart", flush=True)
-            await restart_rows(results, upstream, plan)
-        if not args.no_workers:
+            if not args.only_takeover:
+                await cluster_rows(results, upstream, sim_port, plan)
+                print("== rolling restart", flush=True)
+                await restart_rows(results, upstream, plan)
+            await takeover_rows(results, upstream, plan)
+        elif args.only_takeover:
+            raise SystemExit("--only-takeover needs redis-server (and no --no-cluster)")
+        if not args.no_workers and not args.only_takeover:
             await workers_row(results, upstream, plan)
     finally:
         for process in [*(s.process for s in servers), sim.process]:
@@ -962,7 +1260,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     against = [name for name in ("aiohttp", "node", "floor") if name in results]
     lines = ["| measure | better | " + " | ".join(LABELS[n] for n in names) + " | "
              + " | ".join(f"wsagent / {LABELS[n]}" for n in against) + " |",
-             "| --- | --- |" + " ---: |" * (len(names) + len(against))]
+             "| --- | --- |" + " ---: |" * (len(names) + len(against))] if names else []
     for scenario, key, label, better in ROWS:
         values = [results.get(n, {}).get(scenario, {}).get(key) for n in names]
         if not values or values[0] is None:
@@ -1004,12 +1302,41 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
                   f"| SIGTERM to the client told to move, p99 (ms) | {_number(restart['told_p99_ms'])} |",
                   f"| extra delay a moved client saw, p50 / p99 (ms) | {_number(restart['extra_p50_ms'])} / "
                   f"{_number(restart['extra_p99_ms'])} |"]
+    lines += _takeover_table(results.get("wsagent-takeover"))
     lines += _versus(results, "wsagent-1w", "wsagent-2w", (
         "not pinned (the load shares both cores)", "one worker", "--workers 2", "two / one"), (
         ("throughput", "tokens_per_s", "throughput, 40 clients at full speed (tokens/s)", "higher"),
         ("throughput", "cpu_s_per_100k", "server CPU seconds per 100k tokens", "lower"),
         ("scale", "max_streams", "most streams at 20 tok/s with p99 < 50 ms", "higher")))
     return "\n".join(lines)
+
+
+def _takeover_table(takeover: dict[str, dict[str, float]] | None) -> list[str]:
+    """The takeover rows (:func:`takeover_rows`), or nothing if they did not run."""
+    if not takeover:
+        return []
+    lines = []
+    kills = takeover.get("takeover")
+    if kills:
+        lines += ["", "| takeover: three nodes with --takeover background, the producer SIGKILLed | |",
+                  "| --- | ---: |",
+                  f"| runs, and runs lost (not `done`, a seq missing or doubled, or a token missing) | "
+                  f"{kills['runs']:.0f}, {kills['runs_lost']:.0f} |",
+                  f"| SIGKILLs, runs per SIGKILL (each watched from another node) | {kills['kills']:.0f}, "
+                  f"{kills['per_kill']:.0f} |",
+                  f"| SIGKILL to the watcher's first token after the pause, p50 / p99 (ms) | "
+                  f"{_number(kills['resume_p50_ms'])} / {_number(kills['resume_p99_ms'])} |",
+                  f"| runs whose watcher saw no token after the pause | {kills['unresumed']:.0f} |"]
+    plain, resumable, claimer = (takeover.get(k) for k in ("cpu_plain", "cpu_resumable", "cpu_claimer"))
+    if plain and resumable and claimer:
+        lines += ["", "| not pinned; the producing node, each run watched from another | better | plain cluster run "
+                  "| --takeover, before the SIGKILL | the node that took over | took over / plain |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for key, label in (("cpu_s_per_100k", "server CPU seconds per 100k tokens"),
+                           ("redis_writes_per_token", "writes of run entries to Redis per token")):
+            lines.append(f"| {label} | lower | {_number(plain[key])} | {_number(resumable[key])} | "
+                         f"{_number(claimer[key])} | {_ratio(claimer[key], plain[key])} |")
+    return lines
 
 
 def _versus(results: dict[str, dict[str, dict[str, float]]], first: str, second: str, heads: tuple[str, ...],
@@ -1042,6 +1369,9 @@ def main() -> None:
     parser.add_argument("--starts", action="store_true",
                         help="only the server CPU per one-token run (what starting and ending a run costs), in rounds")
     parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")
+    parser.add_argument("--only-takeover", action="store_true",
+                        help="only the takeover rows (--takeover background: SIGKILL to the watchers' next token, "
+                             "runs lost, CPU per token of the node that took over); needs redis-server")
     args = parser.parse_args()
     started = time.monotonic()
     results = asyncio.run(bench_then_stop(args))
@@ -1055,7 +1385,8 @@ def main() -> None:
     print()
     print(table(results))
     print(f"\n{'quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f}s, {os.cpu_count()} cores,"
-          f" python {sys.version.split()[0]}, {'not pinned' if args.no_pin else 'servers and load on separate cores'}")
+          f" python {sys.version.split()[0]}, "
+          f"{'not pinned' if args.no_pin or args.only_takeover else 'servers and load on separate cores'}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from wsagent.core.chunks import TextDelta
 from wsagent.engine.broker import LocalBroker
+from wsagent.engine.cluster.wire import Wire
 from wsagent.engine.run import Run, Subscription
 from wsagent.upstream.model import UpstreamClient, UpstreamConfig
 from wsagent.upstream.simulator import SimulatorServer, SimulatorSettings
@@ -385,3 +386,38 @@ async def stream_entries(redis: Redis, key: str) -> list[tuple[str, dict[str, st
             strings[name] = value
         decoded.append((entry_id, strings))
     return decoded
+
+
+# Redis, as a test reads it.
+
+async def redis_fields(port: int, *command: str) -> str:
+    process = await asyncio.create_subprocess_exec("redis-cli", "-p", str(port), *command,
+                                                   stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    return out.decode()
+
+
+@contextlib.asynccontextmanager
+async def key_events(port: int, key: str, kinds: str = "g") -> AsyncIterator[asyncio.Queue[str]]:
+    """What happens to ``key`` in Redis (``del``, ``expire``...; with ``kinds`` "gh", ``hset`` too), as it
+    happens: its keyspace events."""
+    url = f"redis://127.0.0.1:{port}/0"
+    control = await Wire.open(url)
+    await control.send([("CONFIG", "SET", "notify-keyspace-events", "K" + kinds)])
+    control.close()
+    events: asyncio.Queue[str] = asyncio.Queue()
+    subscribed = asyncio.get_running_loop().create_future()
+
+    def push(reply: Any) -> None:
+        if reply[0] == "subscribe" and not subscribed.done():
+            subscribed.set_result(None)
+        elif reply[0] == "message":
+            events.put_nowait(reply[2])
+
+    watcher = await Wire.open(url, push)
+    watcher.push(("SUBSCRIBE", f"__keyspace@0__:{key}"))
+    try:
+        await asyncio.wait_for(subscribed, LIMIT)
+        yield events
+    finally:
+        watcher.close()

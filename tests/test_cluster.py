@@ -42,6 +42,8 @@ from .helpers import (
     Node,
     drive_at,
     frames_until,
+    key_events,
+    redis_fields,
     redis_server,
     redis_went,
     run_request,
@@ -189,39 +191,6 @@ async def test_a_client_that_moves_keeps_its_run_past_the_grace_and_leaving_star
         frames = await frames_until(ws, terminal)
     assert json.loads(frames[-1]) | {"seq": 0} == {"type": "cancelled", "id": "r2", "seq": 0,
                                                    "reason": "client did not return"}
-
-
-async def redis_fields(port: int, *command: str) -> str:
-    process = await asyncio.create_subprocess_exec("redis-cli", "-p", str(port), *command,
-                                                   stdout=asyncio.subprocess.PIPE)
-    out, _ = await process.communicate()
-    return out.decode()
-
-
-@contextlib.asynccontextmanager
-async def key_events(port: int, key: str, kinds: str = "g") -> AsyncIterator[asyncio.Queue[str]]:
-    """What happens to ``key`` in Redis (``del``, ``expire``...; with ``kinds`` "gh", ``hset`` too), as it
-    happens: its keyspace events."""
-    url = f"redis://127.0.0.1:{port}/0"
-    control = await Wire.open(url)
-    await control.send([("CONFIG", "SET", "notify-keyspace-events", "K" + kinds)])
-    control.close()
-    events: asyncio.Queue[str] = asyncio.Queue()
-    subscribed = asyncio.get_running_loop().create_future()
-
-    def push(reply: Any) -> None:
-        if reply[0] == "subscribe" and not subscribed.done():
-            subscribed.set_result(None)
-        elif reply[0] == "message":
-            events.put_nowait(reply[2])
-
-    watcher = await Wire.open(url, push)
-    watcher.push(("SUBSCRIBE", f"__keyspace@0__:{key}"))
-    try:
-        await asyncio.wait_for(subscribed, LIMIT)
-        yield events
-    finally:
-        watcher.close()
 
 
 async def test_redis_stops_and_restarts_empty_mid_stream(cluster: Cluster) -> None:

@@ -1,5 +1,7 @@
-"""Runs that outlive their node (``--takeover background``): real processes (three nodes, Redis, the simulator
-serving the Responses API's background responses); the producer is SIGKILLed mid-answer."""
+"""Runs that outlive their node (``--takeover``): real processes (three nodes, Redis, the simulator); the producer
+is SIGKILLed mid-answer. Each test runs with both methods: ``background`` (the Responses API's background
+responses, re-attached after their last event read) and ``continue`` (chat completions: the request sent again
+with the partial answer, which the simulator continues as vLLM's ``continue_final_message`` does)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from wsagent.upstream.simulator import SimulatorServer
 
-from .helpers import Cluster, Node, frames_until, redis_server, seq, start_run, terminal
-from .test_cluster import key_events, redis_fields
+from .helpers import Cluster, Node, frames_until, key_events, redis_fields, redis_server, seq, start_run, terminal
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs redis-server")
 
-TAKEOVER = {"upstream_api": "responses", "takeover": "background"}
+MODES = {"background": {"upstream_api": "responses", "takeover": "background"},
+         "continue": {"upstream_api": "chat", "takeover": "continue"}}
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
@@ -29,6 +37,20 @@ async def cluster(sim: SimulatorServer) -> AsyncIterator[Cluster]:
         port, process = await stack.enter_async_context(redis_server(0))
         yield Cluster(stack, sim, port, process)
 
+
+def generated_once(sim: SimulatorServer, mode: str, whole: str, tokens: int, takeovers: int) -> None:
+    """The simulator's records: the run's answer generated once (``background``: one response besides the
+    expected one's, each token once, read again ``takeovers`` times, never cancelled), or (``continue``)
+    ``takeovers`` requests that continued a prefix of the answer, each a longer one."""
+    stats = sim.simulator.stats
+    if mode == "background":
+        runs = [stat for stat in stats.background.values() if stat.retrievals]
+        assert len(runs) == 1 and len(stats.background) == 2, stats.background
+        assert (runs[0].tokens, len(runs[0].retrievals), runs[0].cancelled) == (tokens, takeovers, False), runs[0]
+        return
+    assert len(stats.continued) == takeovers, stats.continued
+    assert all(whole.startswith(prefix) for prefix in stats.continued), (whole, stats.continued)
+    assert [len(prefix) for prefix in stats.continued] == sorted(map(len, stats.continued))
 
 def text(frames: list[str]) -> str:
     return "".join(json.loads(f).get("content", "") for f in frames if json.loads(f)["type"] == "token")
@@ -56,8 +78,8 @@ async def expected(node: Node, prompt: str) -> str:
 
 
 async def test_a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_dies(
-        cluster: Cluster, sim: SimulatorServer) -> None:
-    a, b, c = await cluster.start("a", "b", "c", **TAKEOVER)
+        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+    a, b, c = await cluster.start("a", "b", "c", **MODES[mode])
     prompt = "sim:rate=40 sim:tokens=160 sim:reasoning=0 takeover"
     async with a.connect() as own, b.connect() as watcher:
         key = await start_run(own, "r1", prompt)
@@ -78,10 +100,7 @@ async def test_a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_d
     assert text(head) + text(rest) == whole
     assert text(watched) == whole  # it attached at the start: all of it, once
     contiguous(watched, 1)
-    responses = [stat for stat in sim.simulator.stats.background.values() if stat.status == "completed"]
-    # the killed run's response and the expected one: each token generated once, the killed one read twice
-    assert sorted(stat.tokens for stat in responses) == [160, 160]
-    assert sorted(len(stat.retrievals) for stat in responses) == [0, 1]
+    generated_once(sim, mode, whole, 160, 1)
     print(f"takeover pause {paused:.2f} s")
 
 
@@ -102,8 +121,9 @@ async def producer_of(cluster: Cluster, key: str) -> str:
     return str(json.loads(meta)["node"])
 
 
-async def test_a_run_taken_over_twice_reaches_its_client_whole(cluster: Cluster, sim: SimulatorServer) -> None:
-    nodes = dict(zip("abc", await cluster.start("a", "b", "c", **TAKEOVER), strict=True))
+async def test_a_run_taken_over_twice_reaches_its_client_whole(
+        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+    nodes = dict(zip("abc", await cluster.start("a", "b", "c", **MODES[mode]), strict=True))
     prompt = "sim:rate=40 sim:tokens=200 sim:reasoning=0 twice"
     async with nodes["a"].connect() as own:
         key = await start_run(own, "r1", prompt)
@@ -120,8 +140,7 @@ async def test_a_run_taken_over_twice_reaches_its_client_whole(cluster: Cluster,
     contiguous(middle + rest, seq(head[-1]))
     assert json.loads(rest[-1])["type"] == "done", rest[-1]
     assert text(head) + text(middle) + text(rest) == await expected(nodes[other], prompt)
-    stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
-    assert (stat.tokens, len(stat.retrievals)) == (200, 2)  # generated once, read by three nodes in turn
+    generated_once(sim, mode, text(head) + text(middle) + text(rest), 200, 2)  # read by three nodes in turn
 
 
 async def wait_for_producer(cluster: Cluster, key: str, among: set[str], limit: float = 20) -> str:
@@ -133,8 +152,9 @@ async def wait_for_producer(cluster: Cluster, key: str, among: set[str], limit: 
     return node
 
 
-async def test_cancel_after_a_takeover_cancels_the_response_upstream(cluster: Cluster, sim: SimulatorServer) -> None:
-    a, b = await cluster.start("a", "b", **TAKEOVER)
+async def test_cancel_after_a_takeover_cancels_the_response_upstream(
+        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+    a, b = await cluster.start("a", "b", **MODES[mode])
     async with a.connect() as own:
         key = await start_run(own, "r1", "sim:rate=20 sim:tokens=400 sim:reasoning=0")
         head = await frames_until(own, lambda e: e["type"] == "token")
@@ -146,16 +166,21 @@ async def test_cancel_after_a_takeover_cancels_the_response_upstream(cluster: Cl
         end = json.loads((await frames_until(moved, terminal))[-1])
     assert end["type"] == "cancelled", end
     stats = sim.simulator.stats
-    await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)
-    stat = next(iter(stats.background.values()))
-    assert stat.status == "cancelled" and stat.tokens < 400
+    if mode == "background":
+        await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)
+        stat = next(iter(stats.background.values()))
+        assert stat.status == "cancelled" and stat.tokens < 400
+    else:  # the continuation's connection closed (the first one closed when a died)
+        await stats.wait_for(lambda s: s.active == 0, limit=10)
+        assert (stats.disconnected, len(stats.continued)) == (2, 1)
 
 
-async def test_a_producer_that_comes_back_writes_nothing_more(cluster: Cluster, sim: SimulatorServer) -> None:
+async def test_a_producer_that_comes_back_writes_nothing_more(
+        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
     """A producer paused past the others' patience (SIGSTOP: a frozen VM, a long GC) finds its run taken over
     when it wakes: the fence keeps its writes out of Redis, and its own client is told ``taken_over``."""
-    a, b = await cluster.start("a", "b", **TAKEOVER)
-    prompt = "sim:rate=40 sim:tokens=240 sim:reasoning=0 paused"
+    a, b = await cluster.start("a", "b", **MODES[mode])
+    prompt = "sim:rate=40 sim:tokens=400 sim:reasoning=0 paused"
     async with a.connect() as own, b.connect() as watcher:
         key = await start_run(own, "r1", prompt)
         await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
@@ -169,10 +194,39 @@ async def test_a_producer_that_comes_back_writes_nothing_more(cluster: Cluster, 
             a.process.send_signal(signal.SIGCONT)
         told = json.loads((await frames_until(own, terminal, limit=20))[-1])
         watched = await frames_until(watcher, terminal, limit=60)
+    # (what a relayed while the others took it for dead reached its own client only, never Redis)
     assert (told["type"], told["code"], told["retryable"]) == ("error", "taken_over", True), told
     contiguous(middle + watched, seq(middle[0]) - 1)
     assert json.loads(watched[-1])["type"] == "done"
     log = await redis_fields(cluster.redis_port, "xrange", f"wsagent:log:{key}", "-", "+")
     assert log.count("taken_over") == 0  # a's end never reached Redis
-    stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
-    assert stat.tokens == 240 and not stat.cancelled  # a closed its stream without cancelling b's response
+    if mode == "background":
+        stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
+        assert stat.tokens == 400 and not stat.cancelled  # a closed its stream without cancelling b's response
+    else:
+        assert len(sim.simulator.stats.continued) == 1
+
+
+async def test_a_node_stopped_past_its_drain_leaves_its_runs_to_another(
+        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+    """SIGTERM with a drain shorter than the answer (a rolling restart; an orchestrator's SIGKILL after it): the
+    client moves at the 1012 and resumes on b; past the drain, b goes on with the run itself."""
+    a, b = await cluster.start("a", "b", drain_timeout=1, **MODES[mode])
+    prompt = "sim:rate=40 sim:tokens=240 sim:reasoning=0 drained"
+    async with a.connect() as own:
+        key = await start_run(own, "r1", prompt)
+        head = await frames_until(own, lambda e: e["type"] == "token" and e["seq"] >= 4)
+        a.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            await frames_until(own, terminal)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    async with b.connect() as moved:
+        after = seq(head[-1])
+        await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": after}))
+        rest = await frames_until(moved, terminal, limit=30)
+    assert await a.process.wait() == 0
+    assert await producer_of(cluster, key) == "b"
+    contiguous(rest, after)
+    assert json.loads(rest[-1])["type"] == "done", rest[-1]
+    assert text(head) + text(rest) == await expected(b, prompt)
+    generated_once(sim, mode, text(head) + text(rest), 240, 1)

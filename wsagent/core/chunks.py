@@ -94,8 +94,9 @@ END = End()
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a stored (background) response can be read again from: after the events of the read it
-    ends, and before (``state``, for :meth:`~wsagent.upstream.model.UpstreamClient.reattach`)."""
+    """Where another process could go on with an answer, after the events of the read it ends and those
+    before (``state``, for :meth:`~wsagent.upstream.model.UpstreamClient.resume`): a background response
+    and its last event read, or a chat completion that the model server can continue."""
 
     state: str
 

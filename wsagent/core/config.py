@@ -67,8 +67,8 @@ class Settings:
     port: int = setting(8000, "TCP port to listen on (0: any free port)")
     workers: int = setting(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
     redis_url: str | None = setting(None, "join a cluster through this Redis (redis://host:6379/0; needs the cluster extra); unset: this process alone", group="cluster")
-    node_id: str | None = setting(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits, unique per process; with --workers, each worker's is this with -w1, -w2...)", group="cluster")
-    takeover: str = setting("off", "when a node dies, another goes on with its model runs: background (needs --upstream-api responses; turns --upstream-background on: docs/scaling-out.md) or off", group="cluster", choices=("off", "background"))
+    node_id: str | None = setting(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits; with --workers, -w1, -w2... appended)", group="cluster")
+    takeover: str = setting("off", "a dead node's model runs go on elsewhere: background (--upstream-api responses), continue (chat: a server that continues a partial answer, docs/scaling-out.md) or off", group="cluster", choices=("off", "background", "continue"))
     event_loop: str = setting("auto", "the event loop: auto (uvloop when installed: pip install \".[fast]\"), uvloop, or asyncio", choices=("auto", "uvloop", "asyncio"))
     env_file: str | None = setting(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = setting(10000, "open WebSocket connections before new ones get HTTP 503", reload=True)
@@ -350,6 +350,9 @@ def validate(settings: Settings) -> None:
     if settings.takeover == "background" and settings.upstream_api != "responses":
         raise SystemExit("--takeover background needs --upstream-api responses (the Responses API's background "
                          "responses are what another node re-attaches to)")
+    if settings.takeover == "continue" and settings.upstream_api != "chat":
+        raise SystemExit("--takeover continue needs --upstream-api chat (it asks the model server to continue a "
+                         "partial chat completion; with the Responses API, use --takeover background)")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:

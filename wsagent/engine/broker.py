@@ -69,9 +69,9 @@ class Broker(Protocol):
 
     budget: int
     budget_per_user: int
-    #: Given each run of a node that died that this node goes on with, and its last checkpoint (``--takeover``;
-    #: a process alone takes nothing over).
-    on_takeover: Callable[[Run, str | None], None] | None
+    #: Given each run of a node that died that this node goes on with, its last checkpoint, and (a run continued
+    #: by its answer) that answer so far (``--takeover``; a process alone takes nothing over).
+    on_takeover: Callable[[Run, str | None, str], None] | None
 
     @property
     def kept_bytes(self) -> int: ...
@@ -81,6 +81,11 @@ class Broker(Protocol):
 
     async def close(self) -> None:
         """Leave the cluster (in-process: nothing to release)."""
+        ...
+
+    def hand_over(self, run: Run) -> bool:
+        """Stop producing ``run`` here, for another node to go on with it (``--takeover``, a node that stops
+        past its drain); False if none can (in-process, or a run no other node can take over)."""
         ...
 
     def cluster_status(self) -> dict[str, Any] | None:
@@ -185,7 +190,7 @@ class LocalBroker:
         self._clients: dict[str, Mailbox] = {}
         #: Told each run this broker stops keeping (in a cluster: its id is freed in Redis).
         self.on_drop: list[Callable[[Run], None]] = []
-        self.on_takeover: Callable[[Run, str | None], None] | None = None
+        self.on_takeover: Callable[[Run, str | None, str], None] | None = None
 
     async def close(self) -> None:
         """Nothing to release in-process (a cluster's broker leaves the cluster)."""
@@ -204,6 +209,9 @@ class LocalBroker:
 
     async def add_run(self, run: Run, keep_after_finish: float) -> None:
         self.register(run, keep_after_finish)
+
+    def hand_over(self, run: Run) -> bool:
+        return False
 
     def register(self, run: Run, keep_after_finish: float) -> None:
         """:meth:`add_run` in this process."""

@@ -421,6 +421,9 @@ class Run:
         self.resumable = False
         self.checkpoint: str | None = None  # the last checkpoint's state
         self.checkpoint_end = 0  # the seq after the events it covers
+        #: A run continued by asking the model to finish its partial answer: its request (text), which the
+        #: cluster keeps with its answer so far.
+        self.resume_request: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -935,13 +938,22 @@ class Run:
         self._log.clear()
         self._log.first = first
 
-    def taken_over(self, first: int, checkpoint: str | None, grace: float) -> None:
-        """This node goes on with a run another node produced up to seq ``first - 1``: its log starts at
-        ``first``, after ``checkpoint``; its client, wherever it is, has ``grace`` seconds to come back."""
-        self._restart_log(first)
+    def taken_over(self, history: list[tuple[int, int, str]], checkpoint: str | None, grace: float,
+                   authors: list[list[str | None]]) -> None:
+        """This node goes on with a run another node produced: ``history`` is what that node wrote of its log
+        ((seq, code, payload), consecutive), whose codes name ``authors``; this log holds it and goes on after
+        it, from ``checkpoint``. Its client, wherever it is, has ``grace`` seconds to come back."""
+        self._authors = [(agent, workflow) for agent, workflow in authors]
+        self._author_codes = {author: i for i, author in enumerate(self._authors)}
+        self._restart_log(history[0][0] if history else 1)
+        born = _now()
+        for _, code, payload in history:
+            self._append(code, payload, born)
+        self._floor_cursor = self._log.end - 1  # (as after its client left: nobody here has taken any of it)
+        self._floor_delivered = self._sealed_bytes
         self.resumable = True
         self.checkpoint = checkpoint
-        self.checkpoint_end = first
+        self.checkpoint_end = self._log.end
         self._orphaned(grace)
 
     def _finished_elsewhere(self, outcome: str) -> None:

@@ -11,6 +11,7 @@ the App and the sockets; handlers never see the server.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -41,7 +42,7 @@ from ..transport.connections import Connection, ConnectionManager
 from ..upstream.agents.builtin import WorkflowFactory, assistant
 from ..upstream.agents.producers import AgentFactory, AgentRequest, produce
 from ..upstream.completion import estimate_tokens, model_batches
-from ..upstream.model import UpstreamClient
+from ..upstream.model import CONTINUE, Resume, UpstreamClient
 
 __all__ = ["App", "Refusal", "PARAMS"]
 
@@ -130,13 +131,15 @@ class App:
 
     async def new_run(self, conn: Connection, run_id: str, *, grace: float = 0.0, agent: str | None = None,
                 workflow: str | None = None, controller: Controller | None = None,
-                state: WorkflowState | None = None, scope: str | None = None, resumable: bool = False) -> Run:
+                state: WorkflowState | None = None, scope: str | None = None, resumable: bool = False,
+                resume_request: str | None = None) -> Run:
         """A run owned by ``conn``, registered under a fresh key, with the configured budgets.
 
         ``grace``: how long it goes on for a resume once its client is gone (0: cancelled at once),
         and how long it is kept for a resume once it has ended.
         ``scope``: where ``run_id`` is unique (default: the client's, see :func:`~wsagent.engine.broker.scope_of`).
-        ``resumable``: another node may go on with it if this one dies (its producer gives checkpoints).
+        ``resumable``: another node may go on with it if this one dies (its producer gives checkpoints; with
+        ``resume_request``, the request it sends again to continue the answer).
         Raises :class:`ProtocolViolation` if ``run_id`` is in use in that scope (another socket of the
         same user may have taken it while this request waited for the cluster).
         """
@@ -147,6 +150,7 @@ class App:
                   buffer_bytes=s.run_buffer_bytes, replay_bytes=s.replay_bytes, agent=agent, workflow=workflow,
                   latency=self.metrics.relay_latency, controller=controller, state=state, grace=grace)
         run.resumable = resumable
+        run.resume_request = resume_request
         try:
             await self.broker.add_run(run, grace)
         except ValueError as exc:
@@ -163,14 +167,17 @@ class App:
         """Whether another node may go on with this node's model runs (``--takeover``, in a cluster)."""
         return self.settings.takeover != "off" and not isinstance(self.broker, LocalBroker)
 
-    def take_over(self, run: Run, checkpoint: str | None) -> None:
+    def take_over(self, run: Run, checkpoint: str | None, answer: str) -> None:
         """Go on with ``run``, which a node that died produced up to its last checkpoint (see
-        :mod:`~wsagent.engine.cluster.takeover`): the rest of its model's answer, read where that node
-        stopped; with no checkpoint (the node died before the model's first event), ``producer_lost``."""
+        :mod:`~wsagent.engine.cluster.takeover`): the rest of its model's answer, read where that node stopped
+        (or asked for after ``answer``); with no checkpoint (the node died before the model's first event),
+        ``producer_lost``."""
         s = self.settings
         run.on_finish.append(self._count)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         run.approval_timeout = s.approval_timeout
+        if run.resume_request is not None:  # continued after its answer so far, whatever the stream's last entry
+            checkpoint = CONTINUE
         if checkpoint is None:
             run.end(ErrorEvent("producer_lost", "the node that produced this run stopped before the model's first "
                                "event; start the run again", True, agent=run.agent, workflow=run.workflow))
@@ -186,7 +193,8 @@ class App:
                      done.streamed, extra=ids)
 
         run.on_finish.append(finished)
-        run.start(pump(run, lambda: model_batches(self.upstream, [], resume=checkpoint)))
+        resume = Resume(checkpoint, run.resume_request, answer)
+        run.start(pump(run, lambda: model_batches(self.upstream, [], resume=resume)))
 
     def _count(self, run: Run) -> None:
         terminal = run.terminal
@@ -229,7 +237,11 @@ class App:
             run.steerable = True
         else:
             resumable = self.takes_over
-            run = await self.new_run(conn, run_id, grace=grace, scope=scope, resumable=resumable)
+            request = None
+            if resumable and self.settings.takeover == "continue":  # kept in the cluster, to be sent again
+                request = json.dumps(self.upstream.build_body(messages, model, None, params))
+            run = await self.new_run(conn, run_id, grace=grace, scope=scope, resumable=resumable,
+                                     resume_request=request)
             producer = model_batches(self.upstream, messages, model=model, params=params, checkpoints=resumable)
         run.prompt_estimate = estimate_tokens(messages)
         return run, producer, model or self.upstream.config.model

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.chunks import Finish, Position, TextDelta, ToolCall, Usage
 from ..core.events import Checkpoint, Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
-from .model import UpstreamClient
+from .model import Resume, UpstreamClient
 
 __all__ = ["estimate_tokens", "model_batches"]
 
@@ -46,7 +46,7 @@ async def model_batches(
     collect: list[str] | None = None,
     collect_chars: float = math.inf,
     checkpoints: bool = False,
-    resume: str | None = None,
+    resume: Resume | None = None,
 ) -> AsyncGenerator[list[Event], None]:
     """One completion as batches of events: what each read brought, the last read's ending with ``done``.
 
@@ -55,13 +55,13 @@ async def model_batches(
     history) keeps no more than that, and an answer that runs for an hour must
     not grow the server's memory with it.
 
-    With ``checkpoints`` (a background response), each batch ends with a
-    :class:`~wsagent.core.events.Checkpoint`; with ``resume``, one's state, the
-    completion is the rest of that response (``messages`` are not sent).
+    With ``checkpoints`` (another node may go on with it), each batch ends with a
+    :class:`~wsagent.core.events.Checkpoint`; with ``resume``, the completion is
+    the rest of an answer another node began (``messages`` are not sent).
     """
     collected = 0
     finish_reason = "stop"
-    source = upstream.reattach(resume) if resume is not None else upstream.batches(
+    source = upstream.resume(resume) if resume is not None else upstream.batches(
         messages, model=model, tools=tools, params=params, checkpoints=checkpoints)
     async with aclosing(source) as reads:
         async for read in reads:

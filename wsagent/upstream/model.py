@@ -36,7 +36,7 @@ from ..core.metrics import Metrics
 from ..core.responses_api import ResponsesInterpreter, response_to_events, responses_request
 from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 
-__all__ = ["UpstreamClient", "UpstreamConfig", "parse_retry_after", "DIALECTS"]
+__all__ = ["UpstreamClient", "UpstreamConfig", "Resume", "CONTINUE", "parse_retry_after", "DIALECTS"]
 
 #: The upstream dialects (``UpstreamConfig.api``) and how the startup line names them.
 log = logging.getLogger("wsagent.upstream")
@@ -161,6 +161,21 @@ class _ReadWatchdog:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
+
+
+#: Where a chat completion goes on (``--takeover continue``): after its answer so far, which the cluster keeps
+#: with the request (a run continued this way needs no other checkpoint).
+CONTINUE = "continue"
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where :meth:`UpstreamClient.resume` goes on from: a checkpoint (a :class:`~wsagent.core.chunks.Position`'s
+    state), and for ``CONTINUE`` the original request's body (JSON) and the answer streamed so far."""
+
+    checkpoint: str
+    request: str | None = None
+    answer: str = ""
 
 
 def _state(response_id: str, after: int) -> str:
@@ -305,20 +320,31 @@ class UpstreamClient:
         The batch of the read that completed the stream ends with :data:`~wsagent.core.chunks.END`.
 
         With ``checkpoints`` (a background response), each batch ends (before ``END``) with a
-        :class:`~wsagent.core.chunks.Position`: where :meth:`reattach` reads the response again, on any node."""
+        :class:`~wsagent.core.chunks.Position`: where :meth:`resume` goes on, on any node."""
         body = self.build_body(messages, model, tools, params)
         async with aclosing(self._relay(json.dumps(body).encode(), None, ResponsesInterpreter(),
                                         checkpoints and self._background)) as reads:
             async for read in reads:
                 yield read
 
-    async def reattach(self, state: str) -> AsyncGenerator[list[ModelEvent], None]:
-        """The rest of a background response, from a :class:`~wsagent.core.chunks.Position`'s ``state`` (which
-        another process may have written): as :meth:`batches` with ``checkpoints``, nothing read twice."""
-        response_id, after = _position(state)
-        interpreter = ResponsesInterpreter()
-        interpreter.response_id, interpreter.sequence = response_id, after
-        async with aclosing(self._relay(None, self._stream_url(response_id, after), interpreter, True)) as reads:
+    async def resume(self, resume: Resume) -> AsyncGenerator[list[ModelEvent], None]:
+        """The rest of an answer another process began, from its last :class:`~wsagent.core.chunks.Position`:
+        a background response read again after its last event (nothing read twice), or (``CONTINUE``) the
+        original request sent again with the partial answer as a final assistant message that the model
+        server continues (vLLM's ``continue_final_message``; llama.cpp continues a trailing assistant message
+        by itself), so only what was not yet streamed is generated. As :meth:`batches` with ``checkpoints``."""
+        if resume.checkpoint == CONTINUE:
+            body = json.loads(resume.request or "{}")
+            body["messages"] = [*body.get("messages", []), {"role": "assistant", "content": resume.answer}]
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+            relay = self._relay(json.dumps(body).encode(), None, ResponsesInterpreter(), False)
+        else:
+            response_id, after = _position(resume.checkpoint)
+            interpreter = ResponsesInterpreter()
+            interpreter.response_id, interpreter.sequence = response_id, after
+            relay = self._relay(None, self._stream_url(response_id, after), interpreter, True)
+        async with aclosing(relay) as reads:
             async for read in reads:
                 yield read
 

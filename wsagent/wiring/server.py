@@ -242,8 +242,14 @@ class WsAgentServer:
                     async with asyncio.timeout(drain):
                         await app.idle.wait()
             self._server.server.close()
-            for run in app.broker.active_runs():
-                run.cancel("server shutting down")
+            handed = 0
+            for run in app.broker.active_runs():  # (--takeover: another node goes on with those it can)
+                if app.broker.hand_over(run):
+                    handed += 1
+                else:
+                    run.cancel("server shutting down")
+            if handed:
+                log.info("left %d runs to the cluster's other nodes", handed)
             with suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.close_timeout):
                     await asyncio.gather(*(conn.outbox.flush() for conn in app.manager))

@@ -47,7 +47,7 @@ from .link import COMMAND_TIMEOUT, DOWN_ERRORS, Link, RedisLink
 from .liveness import NODE_TTL, Liveness
 from .names import BROADCAST, KEY, RUN_CHANNELS, name, shared
 from .replication import FLUSH_EVERY, Replicator
-from .takeover import Claimed, claim_command, claimed, takeover_set
+from .takeover import Claimed, claim_command, claimed, history, takeover_set
 from .wire import Command
 
 __all__ = ["RedisBroker", "default_node_id"]
@@ -83,9 +83,10 @@ class RedisBroker:
         self.replication = Replicator(self.link, node, self._more, self.life)
         #: ``--takeover``: this node claims the resumable runs of nodes that die, and hands each to this
         #: (with its checkpoint, None if it has none), which goes on with it or ends it.
-        self.on_takeover: Callable[[Run, str | None], None] | None = None
+        self.on_takeover: Callable[[Run, str | None, str], None] | None = None
         self.taken_over = 0
         self._beaten = 0.0  # when the last heartbeat came back (monotonic)
+        self._handed_over = False  # runs left to other nodes: this node leaves as one that died
         self.clients = Clients(self.link, self.liveness, self.local, lambda: self.replication.soon(FLUSH_EVERY))
         self.local.on_drop.append(self.replication.dropped)
         self._asked: dict[str, asyncio.Future[Any]] = {}  # questions to other nodes, by number
@@ -138,8 +139,20 @@ class RedisBroker:
             except DOWN_ERRORS:
                 pass
             else:
-                await self.liveness.leave()
+                await self.liveness.leave(handed_over=self._handed_over)
         await self.link.close()
+
+    def hand_over(self, run: Run) -> bool:
+        """Stop producing ``run`` without ending it in Redis: at :meth:`close` this node's beat says it is
+        dead, and another node claims the run at its next heartbeat (within a second)."""
+        if self.on_takeover is None or not run.resumable or run.finished or not self.link.up:
+            return False
+        self.replication.surrendered(run)
+        self._handed_over = True
+        run.interrupt(ErrorEvent("taken_over", "this node stopped; another goes on with this run: resume it from "
+                                 "the last seq you received", True, agent=run.agent, workflow=run.workflow),
+                      TAKEN_OVER)
+        return True
 
     def cluster_status(self) -> dict[str, Any]:
         return {"node": self.node, **self.link.status(), "nodes": len(self.liveness.live),
@@ -198,15 +211,20 @@ class RedisBroker:
         with each (see :mod:`~wsagent.engine.cluster.takeover`)."""
         try:
             replies = await self.link.send([claim_command(node, self.node, self.life) for node in sorted(dead)])
+            runs = [run for reply in replies for run in claimed(reply)]
+            reads = await self.link.send([command for run in runs for command in (
+                ("XRANGE", name("log", run.key), "-", "+"), ("HGET", name("run", run.key), "request"),
+                ("GET", name("answer", run.key)))])
         except DOWN_ERRORS as exc:
             self.link.lost(exc)
             return
         for reply in replies:
             if isinstance(reply, Exception):
                 log.warning("cluster: node %s could not claim runs: %s", self.node, reply)
-                continue
-            for run in claimed(reply):
-                self._take(run)
+        for i, run in enumerate(runs):
+            entries, request, answer = reads[3 * i:3 * i + 3]
+            self._take(run, entries if isinstance(entries, list) else [], request if isinstance(request, str) else None,
+                       answer if isinstance(answer, str) else "")
 
     async def _still_own(self) -> None:
         """After a silence past NODE_TTL (a paused process, a partition): each resumable run another node took
@@ -229,28 +247,30 @@ class RedisBroker:
                                          "unreachable; resume it from the last seq you received", True,
                                          agent=run.agent, workflow=run.workflow), TAKEN_OVER)
 
-    def _take(self, claimed_run: Claimed) -> None:
-        """Go on with a run this node claimed: a local run whose log starts after the stream's last entry."""
+    def _take(self, claimed_run: Claimed, entries: list[Any], request: str | None,
+              answer: str) -> None:
+        """Go on with a run this node claimed: a local run holding the history of its stream (``entries``), whose
+        log goes on after the last (a run continued by its answer: with its ``request`` and ``answer`` so far)."""
         meta = claimed_run.meta
-        if terminal_outcome(claimed_run.code) is not None or self.local.run_here(claimed_run.key) is not None:
+        rows, checkpoint = history(entries)
+        if rows and terminal_outcome(rows[-1][1]) is not None or self.local.run_here(claimed_run.key) is not None:
             self.link.write([("SREM", takeover_set(self.node), claimed_run.key)])  # it had ended
             return
         run = Run(str(meta["id"]), key=claimed_run.key, user=meta.get("user"), scope=str(meta["scope"]),
                   buffer_bytes=int(meta["buffer"]), replay_bytes=int(meta["replay"]), agent=meta.get("agent"),
                   workflow=meta.get("workflow"), grace=float(meta["grace"]))
-        run._authors = [(agent, workflow) for agent, workflow in claimed_run.authors]
-        run._author_codes = {author: i for i, author in enumerate(run._authors)}
         try:
             self.local.register(run, run.grace)
         except ValueError:  # (its id taken here meanwhile: its scope's newer run)
             return
         self.taken_over += 1
-        self.replication.taken(run, claimed_run.seq)
+        run.taken_over(rows, checkpoint, max(run.grace, TAKEOVER_GRACE), claimed_run.authors)
+        run.resume_request = request
+        self.replication.taken(run, rows[-1][0] if rows else 0, answer)
         run.outlet = self.replication
-        run.taken_over(claimed_run.seq + 1, claimed_run.checkpoint, max(run.grace, TAKEOVER_GRACE))
-        log.warning("cluster: node %s takes over run %s (seq %d on)", self.node, run.key, claimed_run.seq + 1)
+        log.warning("cluster: node %s takes over run %s after seq %d", self.node, run.key, rows[-1][0] if rows else 0)
         assert self.on_takeover is not None
-        self.on_takeover(run, claimed_run.checkpoint)
+        self.on_takeover(run, checkpoint, answer)
 
     def _more(self, commands: list[Command]) -> None:
         self.clients.due(commands)

@@ -122,9 +122,13 @@ class Liveness:
             return True
         return False
 
-    async def leave(self) -> None:
-        """The other nodes see this node gone at once (its runs have ended)."""
+    async def leave(self, handed_over: bool = False) -> None:
+        """The other nodes see this node gone at once (its runs have ended); ``handed_over``: as one that
+        died, so that their next beat claims the runs it left."""
         try:
-            await self.link.redis.zrem(NODES, self.node)
+            if handed_over:
+                await self.link.redis.zadd(NODES, {self.node: int(time.time() * 1000) - int(NODE_TTL * 1000) - 1})
+            else:
+                await self.link.redis.zrem(NODES, self.node)
         except DOWN_ERRORS:
             pass

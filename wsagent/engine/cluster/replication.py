@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from redis.asyncio.client import Pipeline
 
 from ...core.errors import ClusterUnavailable
+from ...core.events import Token
 from ..run import Run
 from .link import DOWN_ERRORS, RedisLink
 from .names import DELETE_IF, RUN_TTL, name, shared, ttl
@@ -36,6 +37,8 @@ from .wire import Command
 
 __all__ = ["Replicator", "FLUSH_EVERY", "LAZY_EVERY"]
 
+_TOKEN = Token.kind  # (the code of an answer's text of the run's own author)
+
 #: Seconds between two writes of run entries to Redis while another node follows one of them (at most one
 #: write per turn of the event loop), and while none does (the entries only go to the history).
 FLUSH_EVERY = 0.001
@@ -43,13 +46,15 @@ LAZY_EVERY = 0.01
 
 
 class _Written:
-    """How much of one run Redis has: its last seq, and how many of its authors."""
+    """How much of one run Redis has: its last seq, and how many of its authors (and of a run continued by its
+    answer, that answer)."""
 
-    __slots__ = ("seq", "authors")
+    __slots__ = ("seq", "authors", "answer")
 
     def __init__(self) -> None:
         self.seq = 0
         self.authors = 1
+        self.answer: list[str] = []
 
 
 class Replicator:
@@ -101,8 +106,9 @@ class Replicator:
     def _register(self, commands: list[Command], run: Run, seconds: int) -> None:
         hash_ = name("run", run.key)
         if run.resumable:  # its producer, for the fence; and in its node's set, for a claim
+            request = () if run.resume_request is None else ("request", run.resume_request)
             commands += [("HSET", hash_, "meta", self._meta(run), "origins", json.dumps(run.authors()),
-                          "owner", self.node, "life", self.life),
+                          "owner", self.node, "life", self.life, *request),
                          ("SADD", takeover_set(self.node), run.key), ("EXPIRE", takeover_set(self.node), RUN_TTL)]
         else:
             commands.append(("HSET", hash_, "meta", self._meta(run), "origins", json.dumps(run.authors())))
@@ -127,7 +133,7 @@ class Replicator:
         """The TTLs of the running runs' keys, renewed (the heartbeat's, every REFRESH_EVERY)."""
         resumable = False
         for run in running:
-            for key in (name("run", run.key), name("log", run.key)):
+            for key in _keys(run):
                 pipe.expire(key, RUN_TTL)
             if shared(run.scope):
                 pipe.expire(name("id", run.scope, run.id), RUN_TTL)
@@ -186,7 +192,7 @@ class Replicator:
                 commands.append(("SREM", takeover_set(self.node), run.key))
             if run.finished:
                 seconds = ttl(run)
-                commands += [("EXPIRE", name("run", run.key), seconds), ("EXPIRE", name("log", run.key), seconds)]
+                commands += [("EXPIRE", key, seconds) for key in _keys(run)]
                 if shared(run.scope):
                     commands.append(("EXPIRE", name("id", run.scope, run.id), max(1, round(run.grace))))
         self._more(commands)
@@ -239,10 +245,16 @@ class Replicator:
         end = first + len(codes)
         checkpoint = run.checkpoint if run.checkpoint is not None and run.checkpoint_end == end else ""
         message = json.dumps([first, codes, payloads, authors]) if publish and codes else ""
+        added = ""
+        if run.resume_request is not None:  # continued by its answer: the answer's text, as it grows
+            added = "".join(payload for code, payload in zip(codes, payloads, strict=True) if code == _TOKEN)
+            written.answer.append(added)
+        request = "" if publish or run.resume_request is None else run.resume_request
         command: list[str | int] = [
-            "EVAL", WRITE_FENCED, 2, name("run", run.key), name("log", run.key), self.node, self.life,
-            name("run", run.key), message, f"{run.oldest_kept}-0", ttl(run) if new else 0, checkpoint,
-            "" if publish else self._meta(run), json.dumps(authors) if origins else "", 0 if publish else ttl(run)]
+            "EVAL", WRITE_FENCED, 3, name("run", run.key), name("log", run.key), name("answer", run.key), self.node,
+            self.life, name("run", run.key), message, f"{run.oldest_kept}-0", ttl(run) if new else 0, checkpoint,
+            "" if publish else self._meta(run), json.dumps(authors) if origins else "", 0 if publish else ttl(run),
+            added if publish else "", "".join(written.answer) if request else "", request]
         for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
             command += (f"{first + i}-0", code, payload)
         commands.append(tuple(command))
@@ -251,12 +263,13 @@ class Replicator:
         if codes:
             run.shared_up_to(written.seq)
 
-    def taken(self, run: Run, seq: int) -> None:
-        """This node took ``run`` over (Redis has its entries up to ``seq``): its first batch names this node
-        to the followers, even before the model's next event."""
+    def taken(self, run: Run, seq: int, answer: str) -> None:
+        """This node took ``run`` over (Redis has its entries up to ``seq``, and its ``answer`` so far): its first
+        batch names this node to the followers, even before the model's next event."""
         self._written[run] = written = _Written()
         written.seq = seq
         written.authors = run.author_count
+        written.answer = [answer] if answer else []
         self.link.publish(name("run", run.key), json.dumps([seq + 1, [], [], None, self.node]))
 
     # -- forgetting ----------------------------------------------------------
@@ -283,7 +296,7 @@ class Replicator:
         """Delete ``run`` from Redis, on the writer: a run registered after this (a new turn taking the id)
         is written after it."""
         self._written.pop(run, None)
-        commands: list[Command] = [("DEL", name("run", run.key), name("log", run.key))]
+        commands: list[Command] = [("DEL", *_keys(run))]
         if shared(run.scope):
             commands.append(("EVAL", DELETE_IF, 1, name("id", run.scope, run.id), run.key))
         self.link.write(commands)
@@ -307,3 +320,11 @@ class Replicator:
             followers &= live
             if not followers:
                 del self.followers[key]
+
+
+def _keys(run: Run) -> tuple[str, ...]:
+    """The keys a run's node writes and refreshes: its hash and stream (and its answer, for a run continued by
+    it)."""
+    if run.resume_request is None:
+        return name("run", run.key), name("log", run.key)
+    return name("run", run.key), name("log", run.key), name("answer", run.key)

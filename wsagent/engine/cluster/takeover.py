@@ -13,14 +13,18 @@ life). Its node lists it in ``wsagent:takeover:{node}`` (a set).
   producer could go on from after it (the last :class:`~wsagent.core.events.Checkpoint`,
   when nothing was sealed after it). Entry and checkpoint are written together
   or not at all, so whoever reads the stream's last entry knows where to go on.
+  A run continued by asking the model to finish its partial answer (chat
+  completions) also keeps its request in the hash (``request``) and its answer so
+  far in ``wsagent:answer:{key}``, appended in the same script.
 * **The claim.** A node that sees another stop beating runs :data:`CLAIM` on the
   dead node's set: in one script, each run still owned by that life becomes the
-  claimer's (its hash, its meta's node, its place in the claimer's set), with
-  its last entry. Exactly one node claims each run; the others find the set
-  empty. A process claims its own node's runs of an earlier life at start.
+  claimer's (its hash, its meta's node, its place in the claimer's set).
+  Exactly one node claims each run; the others find the set empty. A process
+  claims its own node's runs of an earlier life at start.
 
-The claimer then builds a local run from the hash and the last entry, its log
-starting at the next seq, and its node's app goes on from the checkpoint
+The claimer then reads the run's stream (nobody else may write it now) and
+builds a local run from the hash and that history, whose log goes on after
+its last entry, and its node's app goes on from the checkpoint
 (:attr:`~wsagent.engine.cluster.broker.RedisBroker.on_takeover`); a run whose last
 entry carries none (its node died before the model's first event) ends there
 with ``producer_lost``. Followers find the new producer in the first batch it
@@ -35,19 +39,24 @@ from typing import Any
 
 from .names import RUN_TTL, name
 
-__all__ = ["WRITE_FENCED", "CLAIM", "Claimed", "claim_command", "claimed", "takeover_set"]
+__all__ = ["WRITE_FENCED", "CLAIM", "Claimed", "claim_command", "claimed", "history", "takeover_set"]
 
-#: KEYS: the run's hash, its stream. ARGV: node, life, channel, message ('' none), minid, the stream's TTL ('0':
-#: keep), ``u`` of the last entry ('' none), meta and origins to write ('' none), the hash's TTL ('0': keep), then
-#: (id, code, payload) per entry. 1 written, 0 fenced off.
+#: KEYS: the run's hash, its stream, its answer. ARGV: node, life, channel, message ('' none), minid, the stream's
+#: TTL ('0': keep), ``u`` of the last entry ('' none), meta and origins to write ('' none), the hash's TTL ('0':
+#: keep), the answer's text to append ('' none), the answer whole and the request to write ('' none), then (id,
+#: code, payload) per entry. 1 written, 0 fenced off.
 WRITE_FENCED = """
 local held = redis.call('HMGET', KEYS[1], 'owner', 'life')
 if held[1] and (held[1] ~= ARGV[1] or held[2] ~= ARGV[2]) then return 0 end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'meta', ARGV[8], 'owner', ARGV[1], 'life', ARGV[2]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'origins', ARGV[9]) end
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[1], 'request', ARGV[13])
+  redis.call('SET', KEYS[3], ARGV[12])
+end
 if ARGV[10] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[10]) end
 local last = #ARGV - 2
-for i = 11, last, 3 do
+for i = 14, last, 3 do
   if i < last then
     redis.call('XADD', KEYS[2], ARGV[i], 'c', ARGV[i + 1], 'p', ARGV[i + 2])
   elseif ARGV[7] ~= '' then
@@ -56,13 +65,17 @@ for i = 11, last, 3 do
     redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[5], ARGV[i], 'c', ARGV[i + 1], 'p', ARGV[i + 2])
   end
 end
-if ARGV[6] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
+if ARGV[11] ~= '' then redis.call('APPEND', KEYS[3], ARGV[11]) end
+if ARGV[6] ~= '0' then
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
+end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return 1
 """
 
 #: KEYS: the dead node's set, the claimer's. ARGV: the dead node, the claimer, its life, the runs' prefix, the
-#: logs' prefix, the TTL. Each run claimed: key, meta, origins, last entry's id, code, payload, ``u`` ('' none).
+#: TTL. Each run claimed: key, meta, origins. (Its stream is read after: only the claimer may write it now.)
 CLAIM = """
 local out = {}
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -73,21 +86,10 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     meta['node'] = ARGV[2]
     local text = cjson.encode(meta)
     redis.call('HSET', hash, 'owner', ARGV[2], 'life', ARGV[3], 'meta', text)
-    redis.call('EXPIRE', hash, ARGV[6])
+    redis.call('EXPIRE', hash, ARGV[5])
     redis.call('SMOVE', KEYS[1], KEYS[2], key)
-    redis.call('EXPIRE', KEYS[2], ARGV[6])
-    local entry = redis.call('XREVRANGE', ARGV[5] .. key, '+', '-', 'COUNT', 1)[1]
-    local id, code, payload, u = '', '', '', ''
-    if entry then
-      id = entry[1]
-      local fields = entry[2]
-      for j = 1, #fields, 2 do
-        if fields[j] == 'c' then code = fields[j + 1]
-        elseif fields[j] == 'p' then payload = fields[j + 1]
-        elseif fields[j] == 'u' then u = fields[j + 1] end
-      end
-    end
-    for _, v in ipairs({key, text, held[4] or '', id, code, payload, u}) do out[#out + 1] = v end
+    redis.call('EXPIRE', KEYS[2], ARGV[5])
+    for _, v in ipairs({key, text, held[4] or ''}) do out[#out + 1] = v end
   elseif held[1] ~= ARGV[1] then
     redis.call('SREM', KEYS[1], key)
   end
@@ -103,31 +105,36 @@ def takeover_set(node: str) -> str:
 
 def claim_command(dead: str, node: str, life: str) -> tuple[Any, ...]:
     """The :data:`CLAIM` of ``dead``'s runs by ``node`` (of ``life``)."""
-    return ("EVAL", CLAIM, 2, takeover_set(dead), takeover_set(node), dead, node, life,
-            name("run", ""), name("log", ""), RUN_TTL)
+    return ("EVAL", CLAIM, 2, takeover_set(dead), takeover_set(node), dead, node, life, name("run", ""), RUN_TTL)
 
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """A run this node claimed: its hash's fields, and its stream's last entry (seq 0: none)."""
+    """A run this node claimed: its hash's fields."""
 
     key: str
     meta: dict[str, Any]
     authors: list[list[str | None]]
-    seq: int
-    code: int
-    payload: str
-    checkpoint: str | None
 
 
 def claimed(reply: Any) -> list[Claimed]:
     """The runs in a :data:`CLAIM`'s reply."""
     if not isinstance(reply, list):
         return []
-    runs = []
-    for i in range(0, len(reply) - 6, 7):
-        key, meta, origins, entry, code, payload, u = (str(v) for v in reply[i:i + 7])
-        runs.append(Claimed(key, json.loads(meta), json.loads(origins) if origins else [[None, None]],
-                            int(entry.partition("-")[0]) if entry else 0, int(code) if code else -1, payload,
-                            u or None))
-    return runs
+    return [Claimed(str(reply[i]), json.loads(reply[i + 1]), json.loads(reply[i + 2]) if reply[i + 2] else
+                    [[None, None]]) for i in range(0, len(reply) - 2, 3)]
+
+
+def history(entries: list[Any]) -> tuple[list[tuple[int, int, str]], str | None]:
+    """A claimed run's stream (``XRANGE``'s reply: [id, [field, value, ...]] per entry) as (seq, code, payload),
+    its last stretch of consecutive entries, and the checkpoint its last entry carries (None: none)."""
+    rows: list[tuple[int, int, str]] = []
+    checkpoint = None
+    for entry_id, flat in entries:
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        rows.append((int(entry_id.partition("-")[0]), int(fields["c"]), fields["p"]))
+        checkpoint = fields.get("u")
+    start = len(rows) - 1
+    while start > 0 and rows[start - 1][0] == rows[start][0] - 1:
+        start -= 1
+    return rows[max(start, 0):], checkpoint

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .background import BackgroundResponses, error
 from .chat_format import ChatFormat
-from .plan import cap, directives, last_user_text, plan
+from .plan import cap, continued, directives, last_user_text, plan
 from .play import Format, play
 from .responses_format import ResponsesFormat, chat_body
 from .settings import SimulatorSettings
@@ -90,6 +90,9 @@ class Simulator:
             await asyncio.Event().wait()
         if "raw" in switches:
             return await self._raw(request, switches)
+        prefix = continued(body)
+        if prefix is not None:
+            self.stats.continued = [*self.stats.continued[-99:], prefix]
         model = str(body.get("model") or self.settings.model)
         nl = {"crlf": "\r\n", "cr": "\r"}.get(switches.get("newline", "lf"), "\n")
         fmt = make(raw_body, model, plan(body, switches, prompt, self.settings), nl)

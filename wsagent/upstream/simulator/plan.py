@@ -143,8 +143,36 @@ def _wanted_tools(prompt: str, tools: list[tuple[str, dict[str, Any]]],
     return wanted
 
 
+def continued(body: dict[str, Any]) -> str | None:
+    """The partial answer a chat completions request asks the model to continue (vLLM's
+    ``continue_final_message``, with ``add_generation_prompt: false``: the last message is the assistant's,
+    unfinished), or None."""
+    messages = body.get("messages")
+    if body.get("continue_final_message") is not True or not isinstance(messages, list) or not messages:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return None
+    return text_of(last.get("content"))
+
+
 def plan(body: dict[str, Any], switches: dict[str, str], prompt: str, settings: SimulatorSettings) -> Plan:
-    """Decide, deterministically, what the simulated model says to this request."""
+    """Decide, deterministically, what the simulated model says to this request. A request that continues a
+    partial answer (:func:`continued`) gets the rest of what the request without it gets: no reasoning, and
+    none of the partial answer's tokens again."""
+    prefix = continued(body)
+    if prefix is not None:
+        whole = plan({**body, "messages": body["messages"][:-1], "continue_final_message": False}, switches,
+                     prompt, settings)
+        rest: list[str] = []
+        taken = 0
+        for token in whole.content:  # the tokens past the prefix (one it ends inside, from there)
+            if taken + len(token) > len(prefix):
+                rest.append(token[max(0, len(prefix) - taken):])
+            taken += len(token)
+        if not "".join(whole.content).startswith(prefix):
+            rest = whole.content
+        return Plan([], rest, whole.tool_calls, whole.finish_reason, whole.prompt_tokens + len(prefix.split()))
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     clean = [(m.get("role"), _DIRECTIVE.sub("", text_of(m.get("content"))).strip()) for m in messages]
     prompt_tokens = sum(len(text.split()) for _, text in clean) + 4 * len(messages)

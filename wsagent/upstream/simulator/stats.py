@@ -56,6 +56,8 @@ class SimStats:
     last_body: dict[str, Any] | None = None
     tags: dict[str, dict[str, float]] = field(default_factory=dict)
     background: dict[str, BackgroundStat] = field(default_factory=dict)
+    #: the partial answer each ``continue_final_message`` request asked to continue (the latest 100)
+    continued: list[str] = field(default_factory=list)
     changed: asyncio.Condition | None = None
 
     @contextlib.contextmanager

@@ -40,7 +40,11 @@ RELOADED = {
 CHOICES = {"event_loop": "'auto', 'uvloop' or 'asyncio'", "compression": "'deflate' or 'off'",
            "client_id_policy": "'replace' or 'reject'", "upstream_api": "'chat' or 'responses'",
            "log_format": "'text' or 'json'", "log_level": "'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
-           "on_busy": "'enqueue', 'reject', 'interrupt' or 'steer'"}
+           "on_busy": "'enqueue', 'reject', 'interrupt' or 'steer'",
+           "takeover": "'off', 'background' or 'continue'"}
+#: What a choice needs beside it to be taken (each says so when it is missing: see the takeover test below).
+NEEDS = {("takeover", "background"): ["--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api", "responses"],
+         ("takeover", "continue"): ["--redis-url", "redis://127.0.0.1:6379/0"]}
 
 
 def spec(name: str) -> Spec:
@@ -62,8 +66,21 @@ def test_a_choice_is_checked_from_its_declaration(name: str) -> None:
     with pytest.raises(SystemExit, match=re.escape(message)):
         load_settings([], {variable: "neither"})
     for choice in spec(name).choices:  # each is taken, and --help names it
-        assert getattr(load_settings([flag, choice], {}), name) == choice
+        assert getattr(load_settings([flag, choice, *NEEDS.get((name, choice), [])], {}), name) == choice
         assert choice in spec(name).help
+
+
+def test_takeover_says_what_it_needs() -> None:
+    with pytest.raises(SystemExit, match="--takeover needs --redis-url"):
+        load_settings(["--takeover", "continue"], {})
+    with pytest.raises(SystemExit, match="--takeover background needs --upstream-api responses"):
+        load_settings(["--takeover", "background", "--redis-url", "redis://127.0.0.1:6379/0"], {})
+    with pytest.raises(SystemExit, match="--takeover continue needs --upstream-api chat"):
+        load_settings(["--takeover", "continue", "--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api",
+                       "responses"], {})
+    both = load_settings(["--takeover", "background", "--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api",
+                          "responses"], {})
+    assert both.for_upstream()["background"] is True  # another node re-attaches to a background response
 
 
 def test_only_the_declared_settings_have_choices() -> None:

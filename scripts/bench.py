@@ -923,8 +923,9 @@ async def until(condition: Callable[[], bool], limit: float, what: str) -> None:
 async def takeover_kills(nodes: list[Server], plain: Server, spawn: Callable[[], Awaitable[Server]], plan: Plan,
                          http: aiohttp.ClientSession) -> dict[str, float]:
     """Rounds of: ``takeover_per_kill`` runs started on one node (their own sockets on it), each attached to from
-    another node, the node SIGKILLed once every watcher reads tokens; for each run, the time from the SIGKILL
-    to its watcher's first token after the pause; a replacement node under a new id (three stay alive)."""
+    another node, the node SIGKILLed at a random moment of the second after every watcher reads tokens; for each
+    run, the time from the SIGKILL to its watcher's first token after the pause; then a replacement node under a
+    new id (three stay alive)."""
     tokens = 160
     prompt = f"takeover sim:stamp=1 sim:rate=40 sim:tokens={tokens} sim:reasoning=0"
     delays: list[float] = []
@@ -942,6 +943,9 @@ async def takeover_kills(nodes: list[Server], plain: Server, spawn: Callable[[],
         owners = [asyncio.ensure_future(drain(own, 60)) for own, _ in opened if own is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*(watch.streaming.wait() for watch in watches)), 20)
+            # At a random point of the heartbeats (one a second): nodes started back to back and a kill at a
+            # fixed time after would otherwise find the beats at the same phase every round (2.85 s each time).
+            await asyncio.sleep(random.uniform(0, 1.0))
             before = [await cluster_metric(http, node, "wsagent_cluster_runs_taken_over_total") for node in survivors]
             killed = time.monotonic()
             producer.process.kill()

@@ -25,7 +25,7 @@ import signal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 
@@ -55,8 +55,13 @@ def tokens_of(frames: list[dict[str, Any]]) -> str:
     return "".join(f.get("content", "") for f in frames if f["type"] == "token")
 
 
+def chunks_of(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The UI message chunks in an AI SDK response's frames."""
+    return [f["chunk"] for f in frames if f["type"] == "chunk"]
+
+
 def deltas_of(frames: list[dict[str, Any]]) -> str:
-    return "".join(f.get("delta", "") for f in frames if f["type"] == "text-delta")
+    return "".join(c.get("delta", "") for c in chunks_of(frames) if c["type"] == "text-delta")
 
 
 async def producer_of(port: int, key: str) -> str:
@@ -111,6 +116,14 @@ def ai_sdk_resume(request: str, chat: str) -> str:
     return json.dumps({"type": "resume", "requestId": request, "id": chat, "headers": {}, "body": {}})
 
 
+def token(frame: dict[str, Any]) -> bool:
+    return bool(frame["type"] == "token")
+
+
+def text_delta(frame: dict[str, Any]) -> bool:
+    return bool(frame["type"] == "chunk" and frame["chunk"]["type"] == "text-delta")
+
+
 def ai_sdk_over(frame: dict[str, Any]) -> bool:
     return frame["type"] in ("end", "error", "no-active")
 
@@ -130,11 +143,11 @@ async def example(mode: str, kind: str, kill_after: int, watcher: int | None, se
         if not key:  # an AI SDK chat's run, by its id
             key = (await redis_fields(port, "get", f"wsagent:id:ai-sdk%3A{CHAT}:ai-sdk%3A{CHAT}")).strip()
         over = terminal if kind == "chat" else ai_sdk_over
-        word = "token" if kind == "chat" else "text-delta"
-        count = [sum(f["type"] == word for f in own.frames)]
+        word = token if kind == "chat" else text_delta
+        count = [sum(map(word, own.frames))]
 
         def reached(frame: dict[str, Any]) -> bool:
-            count[0] += frame["type"] == word
+            count[0] += word(frame)
             return count[0] >= kill_after or bool(over(frame))
 
         if count[0] < kill_after:
@@ -144,7 +157,7 @@ async def example(mode: str, kind: str, kill_after: int, watcher: int | None, se
         if second and key:
             first = await taken_by(port, key, alive)
             if watching is not None and watcher is not None and nodes[watcher].name != first:
-                await watching.until(lambda f: f["type"] == word or over(f))  # going on, from ``first``
+                await watching.until(lambda f: word(f) or over(f))  # going on, from ``first``
             await kill(cluster.nodes[first])
             alive.discard(first)
         home = cluster.nodes[sorted(alive)[0]]
@@ -156,9 +169,12 @@ async def example(mode: str, kind: str, kill_after: int, watcher: int | None, se
         for view in views:
             check(kind, view, whole)
         stats = sim.simulator.stats
+        lost = not all(tokens_of(v.frames) or deltas_of(v.frames) for v in views)
         if mode == "background":
             records = list(stats.background.values())
-            assert len(records) == 2, records  # this run's response, and the expected one's
+            # this run's response and the expected one's; a node that died before the response's first event
+            # may have asked for it (it goes on upstream: its id never reached Redis) or not
+            assert len(records) == 2 or lost and len(records) == 1, records
             assert all(r.tokens == TOKENS and not r.cancelled for r in records), records
         else:  # each takeover asked for the rest after a longer prefix of the answer
             assert 1 <= len(stats.continued) <= 1 + second, stats.continued
@@ -183,7 +199,7 @@ async def begin(stack: contextlib.AsyncExitStack, kind: str, nodes: list[Node], 
         return key, own, watching
     await ws.send(ai_sdk_send("q1", CHAT, prompt))
     own_ai = AiSdk(ws, "q1")
-    await own_ai.until(lambda f: f["type"] == "start")
+    await own_ai.until(lambda f: f["type"] == "chunk" and f["chunk"]["type"] == "start")
     watching_ai = None
     if other is not None:
         await other.send(ai_sdk_resume("w1", CHAT))
@@ -236,17 +252,20 @@ def check(kind: str, view: Any, whole: str) -> None:
         return
     ends = [f for f in frames if ai_sdk_over(f)]
     assert len(ends) == 1 and ends[0] is frames[-1], ends
-    if any(f["type"] in ("error", "no-active") for f in frames):
-        assert not deltas_of(frames), frames[-3:]
+    chunks = chunks_of(frames)
+    if frames[-1]["type"] != "end" or any(c["type"] == "error" for c in chunks):
+        assert not deltas_of(frames), frames[-3:]  # (producer_lost: before the model's first token)
     else:
-        assert deltas_of(frames) == whole and any(f["type"] == "finish" for f in frames), frames[-3:]
+        assert deltas_of(frames) == whole and chunks[-1]["type"] == "finish", frames[-3:]
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@pytest.mark.timeout(900)
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # (no shrinking: each example is a cluster's life)
 @given(mode=st.sampled_from(["background", "continue"]), kind=st.sampled_from(["chat", "ai-sdk"]),
        kill_after=st.integers(0, TOKENS // 2), watcher=st.sampled_from([None, 1, 2]), second=st.booleans(),
        grace=st.sampled_from([None, 5.0]))
 def test_a_killed_producer_s_run_reaches_everyone_whole_and_once(mode: str, kind: str, kill_after: int,
                                                                  watcher: int | None, second: bool,
                                                                  grace: float | None) -> None:
-    asyncio.run(example(mode, kind, kill_after, watcher, second, grace))
+    asyncio.run(asyncio.wait_for(example(mode, kind, kill_after, watcher, second, grace), 3 * LIMIT))

@@ -404,6 +404,7 @@ class RedisBroker:
         if not fields or "meta" not in fields:
             return None
         meta = json.loads(fields["meta"])
+        meta["node"] = fields.get("owner") or meta["node"]  # (a run taken over: its producer now)
         if meta["node"] == self.node:  # a run this node no longer keeps
             return None
         return self.following.mirror(key, meta, json.loads(fields.get("origins") or "[[null, null]]"))

@@ -437,18 +437,16 @@ class Following:
         try:
             pipe = self.link.redis.pipeline(transaction=False)
             pipe.xrange(name("log", mirror.key), min=mirror.history_start(), max="+")
-            pipe.hmget(name("run", mirror.key), "origins", "meta")
-            found, (authors, meta) = await pipe.execute()
+            pipe.hmget(name("run", mirror.key), "origins", "owner")
+            found, (authors, owner) = await pipe.execute()
             entries = cast(list[tuple[str, dict[str, str]]], found)
         except DOWN_ERRORS as exc:
             self.link.lost(exc)
             return True
         if mirror.finished or mirror.failed is not None:
             return True
-        if isinstance(meta, str) and mirror.resumable:  # (taken over while this node did not listen)
-            producer = json.loads(meta).get("node")
-            if isinstance(producer, str) and producer != mirror.node and await self.liveness.alive(producer):
-                mirror.taken(producer)
+        if isinstance(owner, str) and owner != mirror.node and await self.liveness.alive(owner):
+            mirror.taken(owner)  # (taken over while this node did not listen)
         if not entries and authors is None and not mirror.early:
             mirror.fail("replay_gap", f"run {mirror.id} has ended, and the events this node missed are no "
                                       "longer kept")

@@ -18,7 +18,9 @@ life). Its node lists it in ``wsagent:takeover:{node}`` (a set).
   far in ``wsagent:answer:{key}``, appended in the same script.
 * **The claim.** A node that sees another stop beating runs :data:`CLAIM` on the
   dead node's set: in one script, each run still owned by that life becomes the
-  claimer's (its hash, its meta's node, its place in the claimer's set).
+  claimer's (its hash's ``owner``, which readers take over its meta's ``node``,
+  and its place in the claimer's set; the meta, which may hold any user's id,
+  is not parsed in Lua).
   Exactly one node claims each run; the others find the set empty. A process
   claims its own node's runs of an earlier life at start.
 
@@ -82,14 +84,11 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local hash = ARGV[4] .. key
   local held = redis.call('HMGET', hash, 'owner', 'life', 'meta', 'origins')
   if held[1] == ARGV[1] and held[2] ~= ARGV[3] and held[3] then
-    local meta = cjson.decode(held[3])
-    meta['node'] = ARGV[2]
-    local text = cjson.encode(meta)
-    redis.call('HSET', hash, 'owner', ARGV[2], 'life', ARGV[3], 'meta', text)
+    redis.call('HSET', hash, 'owner', ARGV[2], 'life', ARGV[3])
     redis.call('EXPIRE', hash, ARGV[5])
     redis.call('SMOVE', KEYS[1], KEYS[2], key)
     redis.call('EXPIRE', KEYS[2], ARGV[5])
-    for _, v in ipairs({key, text, held[4] or ''}) do out[#out + 1] = v end
+    for _, v in ipairs({key, held[3], held[4] or ''}) do out[#out + 1] = v end
   elseif held[1] ~= ARGV[1] then
     redis.call('SREM', KEYS[1], key)
   end

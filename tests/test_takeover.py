@@ -116,9 +116,8 @@ async def test_takeover_off_is_today_s_producer_lost(cluster: Cluster) -> None:
 
 
 async def producer_of(cluster: Cluster, key: str) -> str:
-    """The node Redis names as the run's producer."""
-    meta = await redis_fields(cluster.redis_port, "hget", f"wsagent:run:{key}", "meta")
-    return str(json.loads(meta)["node"])
+    """The node Redis names as the run's producer (a resumable run's hash names it as ``owner``)."""
+    return (await redis_fields(cluster.redis_port, "hget", f"wsagent:run:{key}", "owner")).strip()
 
 
 async def test_a_run_taken_over_twice_reaches_its_client_whole(
@@ -230,3 +229,22 @@ async def test_a_node_stopped_past_its_drain_leaves_its_runs_to_another(
     assert json.loads(rest[-1])["type"] == "done", rest[-1]
     assert text(head) + text(rest) == await expected(b, prompt)
     generated_once(sim, mode, text(head) + text(rest), 240, 1)
+
+
+async def test_a_user_s_run_taken_over_is_found_by_its_id_alone(cluster: Cluster) -> None:
+    """A user's run (an id with ``:`` in the user and the run id, as a JWT may carry) is resumed on another node
+    by id, with no key: the id still names the run taken over, and another user cannot reach it."""
+    a, b = await cluster.start("a", "b", **MODES["background"])
+    async with a.connect(user="al:ice") as own:
+        key = await start_run(own, "r:1", "sim:rate=40 sim:tokens=160 sim:reasoning=0")
+        head = await frames_until(own, lambda e: e["type"] == "token")
+        await killed(a)
+    async with b.connect(user="al:ice") as moved, b.connect(user="al") as stranger:
+        await stranger.send(json.dumps({"type": "resume", "id": "r:1", "after": seq(head[-1])}))
+        refused = json.loads((await frames_until(stranger, lambda e: "code" in e))[-1])
+        await moved.send(json.dumps({"type": "resume", "id": "r:1", "after": seq(head[-1])}))
+        rest = await frames_until(moved, terminal, limit=30)
+    assert refused["code"] == "unknown_run", refused
+    contiguous(rest, seq(head[-1]))
+    assert json.loads(rest[-1])["type"] == "done"
+    assert await producer_of(cluster, key) == "b"

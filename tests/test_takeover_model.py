@@ -65,7 +65,7 @@ def deltas_of(frames: list[dict[str, Any]]) -> str:
 
 
 async def producer_of(port: int, key: str) -> str:
-    return str(json.loads(await redis_fields(port, "hget", f"wsagent:run:{key}", "meta"))["node"])
+    return (await redis_fields(port, "hget", f"wsagent:run:{key}", "owner")).strip()
 
 
 async def taken_by(port: int, key: str, among: set[str]) -> str:

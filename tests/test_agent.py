@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from wsagent.core.events import Action, AgentEnd, Answer, Done, Event, Observation
+from wsagent.core.events import Action, AgentEnd, Answer, Checkpoint, Done, Event, Observation
 from wsagent.core.tools import BUILTIN_TOOLS, ToolBox, calculator, evaluate, search_notes, tool
-from wsagent.upstream.agents.builtin import Agent, ConcurrentWorkflow, SequentialWorkflow
+from wsagent.upstream.agents.builtin import Agent, AgentResume, ConcurrentWorkflow, SequentialWorkflow, assistant
 from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.server import WsAgentServer
 
@@ -246,3 +246,27 @@ async def test_a_workflow_reports_its_total_usage_before_it_ends(server: WsAgent
     assert len(per_agent) >= 2 and usages == [*per_agent, total]
     for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
         assert total[field] == sum(u[field] for u in per_agent)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_an_agent_killed_while_its_tool_runs_goes_on_from_there(sim: SimulatorServer, api: str) -> None:
+    """A node dies while a tool runs (its ``action`` went out, its ``observation`` did not): the node that takes
+    the run over goes on from the checkpoint that left with the action. The tool runs again there (a call in
+    flight is run at least once: a tool with effects should be idempotent, or ask a person first), its action is
+    not sent twice, and the steps before it are not run again; the rest is the uninterrupted run's."""
+    upstream = upstream_for(sim, api=api, background=api == "responses")
+    task = [{"role": "user", "content": "What is 17 * 23? sim:tokens=12 sim:reasoning=1 sim:tool=calculator"}]
+    try:
+        whole = [e async for batch in assistant(upstream).batches(task, checkpoints=True) for e in batch]
+        cut = next(n for n, e in enumerate(whole) if isinstance(e, Action))
+        step = whole[cut + 1]  # the checkpoint that left with the action, in its batch
+        assert isinstance(step, Checkpoint) and step.step
+        requests = sim.simulator.stats.requests
+        rest = [e async for batch in assistant(upstream).batches([], checkpoints=True, resume=AgentResume(step.state))
+                for e in batch]
+    finally:
+        await upstream.close()
+    shown = [e for e in whole if not isinstance(e, Checkpoint)]
+    after = shown[shown.index(whole[cut]) + 1:]
+    assert [e for e in rest if not isinstance(e, Checkpoint)] == after  # the observation on, no action again
+    assert sim.simulator.stats.requests == requests + 1  # the step after the tool's, only

@@ -248,3 +248,49 @@ async def test_a_user_s_run_taken_over_is_found_by_its_id_alone(cluster: Cluster
     contiguous(rest, seq(head[-1]))
     assert json.loads(rest[-1])["type"] == "done"
     assert await producer_of(cluster, key) == "b"
+
+
+def thoughts(frames: list[str]) -> dict[str, Any]:
+    """An agent run's frames by kind: its thinking and answer texts, its actions and observations in order."""
+    events = [json.loads(f) for f in frames]
+    steps = [""]  # the thinking of each step (a step ends with a tool's observation)
+    for event in events:
+        if event["type"] == "thinking":
+            steps[-1] += event["content"]
+        elif event["type"] == "observation":
+            steps.append("")
+    return {"thinking": steps,
+            "answer": "".join(e["content"] for e in events if e["type"] == "answer"),
+            "actions": [e["content"] for e in events if e["type"] == "action"],
+            "observations": [e["content"] for e in events if e["type"] == "observation"]}
+
+
+@pytest.mark.parametrize("kill_at", ["thinking", "observation", "answer"])
+async def test_an_agent_run_goes_on_from_its_last_step(cluster: Cluster, sim: SimulatorServer, mode: str,
+                                                       kill_at: str) -> None:
+    """The built-in agent, killed while it thinks, after a tool's observation, or while it answers: the node
+    that takes it over goes on from its last step (the tool results observed are not run again) and the
+    model call in progress is read again after its last event (``background``) or continued (``continue``)."""
+    a, b, c = await cluster.start("a", "b", "c", **MODES[mode])
+    prompt = "What is 17 * 23? sim:rate=40 sim:tokens=80 sim:reasoning=1 sim:tool=calculator"
+    async with a.connect() as own, b.connect() as watcher:
+        key = await start_run(own, "r1", prompt, agent="assistant")
+        await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        await frames_until(watcher, lambda e: e["type"] == "start")
+        head = await frames_until(own, lambda e: e["type"] == kill_at or terminal(e))
+        assert not terminal(json.loads(head[-1])), head[-1]
+        await killed(a)
+        watched = await frames_until(watcher, terminal, limit=60)
+    contiguous(watched, 1)
+    assert json.loads(watched[-1])["type"] == "done", watched[-1]
+    async with c.connect() as ws:
+        await start_run(ws, "expected", prompt, agent="assistant")
+        whole = thoughts(await frames_until(ws, terminal))
+    seen = thoughts(watched)
+    assert seen["actions"] == whole["actions"] and seen["observations"] == whole["observations"]  # each once
+    assert seen["answer"] == whole["answer"]
+    if mode == "background":
+        assert seen["thinking"] == whole["thinking"]
+    else:  # (a continued answer is not reasoned again: the step's thinking cut by the kill stays cut)
+        cut = [n for n, (got, all_) in enumerate(zip(seen["thinking"], whole["thinking"], strict=True)) if got != all_]
+        assert len(cut) <= 1 and all(whole["thinking"][n].startswith(seen["thinking"][n]) for n in cut), seen

@@ -200,11 +200,15 @@ class Steered(Event):
 @dataclass(slots=True)
 class Checkpoint(Event):
     """Where the producer could go on from, on another node, after the events before it (``state``: what
-    it needs, as text; with ``--takeover``). Never on the wire: the run keeps the last one with its log."""
+    it needs, as text; with ``--takeover``). Never on the wire: the run keeps the last one with its log.
+
+    A ``step`` checkpoint is an agent's state at a step boundary (its messages, its pending tool calls); the
+    others, the model call's position within the step since (a background response's last event read)."""
 
     type: ClassVar[str] = "checkpoint"
     kind: ClassVar[int] = -2
     state: str = ""
+    step: bool = False
 
 
 @dataclass(slots=True)

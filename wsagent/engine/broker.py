@@ -21,6 +21,7 @@ import asyncio
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .run import Run, Subscription, Watch
@@ -41,6 +42,19 @@ def mint_key() -> str:
 def scope_of(user: str | None, connection_id: str) -> str:
     """Where a client's run ids live: its user's runs, or (anonymous) its connection's."""
     return f"user:{user}" if user is not None else f"conn:{connection_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Where a run taken over from a node that died goes on (``--takeover``): the checkpoint after the log's
+    last entry (a background response's position), the answer so far (a chat completion continued by it),
+    and for an agent its last step checkpoint with the answer text streamed since."""
+
+    checkpoint: str | None = None
+    answer: str = ""
+    step: str | None = None
+    step_text: str = ""
+    step_begun: bool = False  # events of the step's model call went out (its reasoning, perhaps, alone)
 
 
 class Mailbox(Protocol):
@@ -69,9 +83,9 @@ class Broker(Protocol):
 
     budget: int
     budget_per_user: int
-    #: Given each run of a node that died that this node goes on with, its last checkpoint, and (a run continued
-    #: by its answer) that answer so far (``--takeover``; a process alone takes nothing over).
-    on_takeover: Callable[[Run, str | None, str], None] | None
+    #: Given each run of a node that died that this node goes on with, and where it goes on from (``--takeover``;
+    #: a process alone takes nothing over).
+    on_takeover: Callable[[Run, Handover], None] | None
 
     @property
     def kept_bytes(self) -> int: ...
@@ -190,7 +204,7 @@ class LocalBroker:
         self._clients: dict[str, Mailbox] = {}
         #: Told each run this broker stops keeping (in a cluster: its id is freed in Redis).
         self.on_drop: list[Callable[[Run], None]] = []
-        self.on_takeover: Callable[[Run, str | None, str], None] | None = None
+        self.on_takeover: Callable[[Run, Handover], None] | None = None
 
     async def close(self) -> None:
         """Nothing to release in-process (a cluster's broker leaves the cluster)."""

@@ -106,6 +106,11 @@ _REUSED = Decision(False, "this run already asked about a call with this id, so 
 _UNDELIVERED = {"done": "finished", "error": "error", "cancelled": "cancelled"}
 
 
+def kind_of(code: int) -> int:
+    """The event kind (its number in :data:`~wsagent.core.events.KIND_NAMES`) of a log entry's code."""
+    return code & _KIND_MASK
+
+
 def terminal_outcome(code: int) -> str | None:
     """The outcome (``done``, ``error``, ``cancelled``) if a log entry's ``code`` is a terminal event's."""
     kind = code & _KIND_MASK
@@ -424,6 +429,8 @@ class Run:
         #: A run continued by asking the model to finish its partial answer: its request (text), which the
         #: cluster keeps with its answer so far.
         self.resume_request: str | None = None
+        self.step: str | None = None  # an agent's last step checkpoint
+        self.step_end = 0  # the seq after the events before it
 
     @property
     def finished(self) -> bool:
@@ -447,8 +454,11 @@ class Run:
             kind = event.kind
             if kind < 0:  # a checkpoint: where the producer could go on from, after everything sealed
                 assert isinstance(event, Checkpoint)
-                self.checkpoint = event.state
-                self.checkpoint_end = self._log.end
+                if event.step:  # an agent's step: the model call's position, if any, is of an older step
+                    self.step, self.step_end, self.checkpoint = event.state, self._log.end, None
+                else:
+                    self.checkpoint = event.state
+                    self.checkpoint_end = self._log.end
                 return
             if kind == _USAGE:
                 self._count_usage(event)
@@ -939,7 +949,7 @@ class Run:
         self._log.first = first
 
     def taken_over(self, history: list[tuple[int, int, str]], checkpoint: str | None, grace: float,
-                   authors: list[list[str | None]]) -> None:
+                   authors: list[list[str | None]], step: str | None = None, step_end: int = 0) -> None:
         """This node goes on with a run another node produced: ``history`` is what that node wrote of its log
         ((seq, code, payload), consecutive), whose codes name ``authors``; this log holds it and goes on after
         it, from ``checkpoint``. Its client, wherever it is, has ``grace`` seconds to come back."""
@@ -954,6 +964,7 @@ class Run:
         self.resumable = True
         self.checkpoint = checkpoint
         self.checkpoint_end = self._log.end
+        self.step, self.step_end = step, step_end
         self._orphaned(grace)
 
     def _finished_elsewhere(self, outcome: str) -> None:

@@ -17,6 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from typing import Any, Protocol
 
 from ..core.auth import (
@@ -34,12 +35,12 @@ from ..core.events import Cancelled, ErrorEvent, Start, encode_message, json_obj
 from ..core.logs import printable
 from ..core.metrics import Metrics
 from ..core.workflow_state import Controller, WorkflowState
-from ..engine.broker import Broker, LocalBroker, mint_key, scope_of
+from ..engine.broker import Broker, Handover, LocalBroker, mint_key, scope_of
 from ..engine.pump import Producer, pump
 from ..engine.run import Run
 from ..engine.transcripts import Transcript
 from ..transport.connections import Connection, ConnectionManager
-from ..upstream.agents.builtin import WorkflowFactory, assistant
+from ..upstream.agents.builtin import AgentResume, WorkflowFactory, assistant
 from ..upstream.agents.producers import AgentFactory, AgentRequest, produce
 from ..upstream.completion import estimate_tokens, model_batches
 from ..upstream.model import CONTINUE, Resume, UpstreamClient
@@ -167,18 +168,27 @@ class App:
         """Whether another node may go on with this node's model runs (``--takeover``, in a cluster)."""
         return self.settings.takeover != "off" and not isinstance(self.broker, LocalBroker)
 
-    def take_over(self, run: Run, checkpoint: str | None, answer: str) -> None:
+    def take_over(self, run: Run, handover: Handover) -> None:
         """Go on with ``run``, which a node that died produced up to its last checkpoint (see
         :mod:`~wsagent.engine.cluster.takeover`): the rest of its model's answer, read where that node stopped
-        (or asked for after ``answer``); with no checkpoint (the node died before the model's first event),
-        ``producer_lost``."""
+        (or asked for after the answer so far); the built-in agent from its last step; with no checkpoint
+        (the node died before the model's first event), ``producer_lost``."""
         s = self.settings
         run.on_finish.append(self._count)
         run.budget(s.run_max_seconds, s.run_max_tokens)
         run.approval_timeout = s.approval_timeout
-        if run.resume_request is not None:  # continued after its answer so far, whatever the stream's last entry
-            checkpoint = CONTINUE
-        if checkpoint is None:
+        checkpoint = handover.checkpoint
+        make: Callable[[], Producer]
+        if run.agent == "assistant" and handover.step is not None:  # from its last step, nothing run twice
+            resume = AgentResume(handover.step, checkpoint, handover.step_text, handover.step_begun)
+            run.steerable = True
+            make = partial(assistant(self.upstream, resume.model).batches, [], checkpoints=True, resume=resume)
+        elif run.resume_request is not None:  # continued after its answer so far, whatever its last entry
+            make = partial(model_batches, self.upstream, [], resume=Resume(CONTINUE, run.resume_request,
+                                                                           handover.answer))
+        elif checkpoint is not None:
+            make = partial(model_batches, self.upstream, [], resume=Resume(checkpoint))
+        else:
             run.end(ErrorEvent("producer_lost", "the node that produced this run stopped before the model's first "
                                "event; start the run again", True, agent=run.agent, workflow=run.workflow))
             return
@@ -193,8 +203,7 @@ class App:
                      done.streamed, extra=ids)
 
         run.on_finish.append(finished)
-        resume = Resume(checkpoint, run.resume_request, answer)
-        run.start(pump(run, lambda: model_batches(self.upstream, [], resume=resume)))
+        run.start(pump(run, make))
 
     def _count(self, run: Run) -> None:
         terminal = run.terminal
@@ -232,8 +241,11 @@ class App:
             run.steerable = True
         elif agent is not None:
             name = self.check_agent(agent)
-            producer = self.agent_producer(name, messages, params, model)
-            run = await self.new_run(conn, run_id, grace=grace, agent=name, scope=scope)
+            # the built-in agent goes on from its last step on another node (not while a person could be
+            # asked: an approval's wait is this node's)
+            resumable = self.takes_over and name == "assistant" and not self.settings.approval_tools
+            producer = self.agent_producer(name, messages, params, model, checkpoints=resumable)
+            run = await self.new_run(conn, run_id, grace=grace, agent=name, scope=scope, resumable=resumable)
             run.steerable = True
         else:
             resumable = self.takes_over
@@ -255,11 +267,13 @@ class App:
         return name
 
     def agent_producer(self, name: object, messages: list[dict[str, Any]], params: dict[str, Any],
-                       model: str | None = None) -> Producer:
-        """The producer of the agent called ``name`` (see :meth:`check_agent`)."""
+                       model: str | None = None, checkpoints: bool = False) -> Producer:
+        """The producer of the agent called ``name`` (see :meth:`check_agent`); ``checkpoints``: the built-in
+        agent's, for another node to go on from."""
         name = self.check_agent(name)
         if name == "assistant":
-            return assistant(self.upstream, model, self.settings.approval_tools).batches(messages, params=params)
+            return assistant(self.upstream, model, self.settings.approval_tools).batches(
+                messages, params=params, checkpoints=checkpoints)
         factory = self.agents[name]
         config = self.upstream.config
         return produce(factory, AgentRequest(name, messages, params, model or config.model, config.base_url,

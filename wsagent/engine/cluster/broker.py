@@ -37,9 +37,9 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 
 from ...core.errors import TAKEN_OVER
-from ...core.events import ErrorEvent
-from ..broker import LocalBroker, Mailbox, mint_key
-from ..run import NotAnswerable, Run, Subscription, Watch, terminal_outcome
+from ...core.events import Answer, ErrorEvent
+from ..broker import Handover, LocalBroker, Mailbox, mint_key
+from ..run import NotAnswerable, Run, Subscription, Watch, kind_of, terminal_outcome
 from . import messages
 from .clients import Clients
 from .follower import Following, Mirror
@@ -83,7 +83,7 @@ class RedisBroker:
         self.replication = Replicator(self.link, node, self._more, self.life)
         #: ``--takeover``: this node claims the resumable runs of nodes that die, and hands each to this
         #: (with its checkpoint, None if it has none), which goes on with it or ends it.
-        self.on_takeover: Callable[[Run, str | None, str], None] | None = None
+        self.on_takeover: Callable[[Run, Handover], None] | None = None
         self.taken_over = 0
         self._beaten = 0.0  # when the last heartbeat came back (monotonic)
         self._handed_over = False  # runs left to other nodes: this node leaves as one that died
@@ -213,8 +213,8 @@ class RedisBroker:
             replies = await self.link.send([claim_command(node, self.node, self.life) for node in sorted(dead)])
             runs = [run for reply in replies for run in claimed(reply)]
             reads = await self.link.send([command for run in runs for command in (
-                ("XRANGE", name("log", run.key), "-", "+"), ("HGET", name("run", run.key), "request"),
-                ("GET", name("answer", run.key)))])
+                ("XRANGE", name("log", run.key), "-", "+"),
+                ("HMGET", name("run", run.key), "request", "step", "stepend"), ("GET", name("answer", run.key)))])
         except DOWN_ERRORS as exc:
             self.link.lost(exc)
             return
@@ -222,9 +222,10 @@ class RedisBroker:
             if isinstance(reply, Exception):
                 log.warning("cluster: node %s could not claim runs: %s", self.node, reply)
         for i, run in enumerate(runs):
-            entries, request, answer = reads[3 * i:3 * i + 3]
-            self._take(run, entries if isinstance(entries, list) else [], request if isinstance(request, str) else None,
-                       answer if isinstance(answer, str) else "")
+            entries, fields, answer = reads[3 * i:3 * i + 3]
+            request, step, step_end = fields if isinstance(fields, list) else (None, None, None)
+            self._take(run, entries if isinstance(entries, list) else [], request,
+                       answer if isinstance(answer, str) else "", step, int(step_end or 0))
 
     async def _still_own(self) -> None:
         """After a silence past NODE_TTL (a paused process, a partition): each resumable run another node took
@@ -247,12 +248,15 @@ class RedisBroker:
                                          "unreachable; resume it from the last seq you received", True,
                                          agent=run.agent, workflow=run.workflow), TAKEN_OVER)
 
-    def _take(self, claimed_run: Claimed, entries: list[Any], request: str | None,
-              answer: str) -> None:
+    def _take(self, claimed_run: Claimed, entries: list[Any], request: str | None, answer: str, step: str | None,
+              step_end: int) -> None:
         """Go on with a run this node claimed: a local run holding the history of its stream (``entries``), whose
-        log goes on after the last (a run continued by its answer: with its ``request`` and ``answer`` so far)."""
+        log goes on after the last (a run continued by its answer: with its ``request`` and ``answer`` so far; an
+        agent's: from its last ``step`` checkpoint, before seq ``step_end``)."""
         meta = claimed_run.meta
         rows, checkpoint = history(entries)
+        if step is not None and (not rows or rows[-1][0] < step_end):
+            checkpoint = None  # (a position of an older step's model call)
         if rows and terminal_outcome(rows[-1][1]) is not None or self.local.run_here(claimed_run.key) is not None:
             self.link.write([("SREM", takeover_set(self.node), claimed_run.key)])  # it had ended
             return
@@ -264,13 +268,15 @@ class RedisBroker:
         except ValueError:  # (its id taken here meanwhile: its scope's newer run)
             return
         self.taken_over += 1
-        run.taken_over(rows, checkpoint, max(run.grace, TAKEOVER_GRACE), claimed_run.authors)
+        run.taken_over(rows, checkpoint, max(run.grace, TAKEOVER_GRACE), claimed_run.authors, step, step_end)
         run.resume_request = request
         self.replication.taken(run, rows[-1][0] if rows else 0, answer)
+        step_text = "".join(payload for seq, code, payload in rows if seq >= step_end and kind_of(code) == Answer.kind)
         run.outlet = self.replication
         log.warning("cluster: node %s takes over run %s after seq %d", self.node, run.key, rows[-1][0] if rows else 0)
         assert self.on_takeover is not None
-        self.on_takeover(run, checkpoint, answer)
+        begun = step is not None and bool(rows) and rows[-1][0] >= step_end
+        self.on_takeover(run, Handover(checkpoint, answer, step, step_text if step is not None else "", begun))
 
     def _more(self, commands: list[Command]) -> None:
         self.clients.due(commands)

@@ -49,12 +49,13 @@ class _Written:
     """How much of one run Redis has: its last seq, and how many of its authors (and of a run continued by its
     answer, that answer)."""
 
-    __slots__ = ("seq", "authors", "answer")
+    __slots__ = ("seq", "authors", "answer", "step_end")
 
     def __init__(self) -> None:
         self.seq = 0
         self.authors = 1
         self.answer: list[str] = []
+        self.step_end = 0  # of the agent's last step checkpoint written
 
 
 class Replicator:
@@ -206,7 +207,7 @@ class Replicator:
         forgot its first events (taken by its client, past ``--replay-bytes``) before they were written."""
         new = written.seq == 0 or not publish
         first, codes, payloads = run.entries(written.seq)
-        if not codes and (publish or not run.resumable):
+        if not codes and (publish or not run.resumable) and written.step_end == run.step_end:
             return
         stream = name("log", run.key)
         written.seq = first + len(codes) - 1
@@ -254,7 +255,9 @@ class Replicator:
             "EVAL", WRITE_FENCED, 3, name("run", run.key), name("log", run.key), name("answer", run.key), self.node,
             self.life, name("run", run.key), message, f"{run.oldest_kept}-0", ttl(run) if new else 0, checkpoint,
             "" if publish else self._meta(run), json.dumps(authors) if origins else "", 0 if publish else ttl(run),
-            added if publish else "", "".join(written.answer) if request else "", request]
+            added if publish else "", "".join(written.answer) if request else "", request,
+            (run.step or "") if run.step_end != written.step_end or not publish else "", run.step_end]
+        written.step_end = run.step_end
         for i, (code, payload) in enumerate(zip(codes, payloads, strict=True)):
             command += (f"{first + i}-0", code, payload)
         commands.append(tuple(command))
@@ -270,6 +273,7 @@ class Replicator:
         written.seq = seq
         written.authors = run.author_count
         written.answer = [answer] if answer else []
+        written.step_end = run.step_end
         self.link.publish(name("run", run.key), json.dumps([seq + 1, [], [], None, self.node]))
 
     # -- forgetting ----------------------------------------------------------

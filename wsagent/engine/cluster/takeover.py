@@ -45,8 +45,8 @@ __all__ = ["WRITE_FENCED", "CLAIM", "Claimed", "claim_command", "claimed", "hist
 
 #: KEYS: the run's hash, its stream, its answer. ARGV: node, life, channel, message ('' none), minid, the stream's
 #: TTL ('0': keep), ``u`` of the last entry ('' none), meta and origins to write ('' none), the hash's TTL ('0':
-#: keep), the answer's text to append ('' none), the answer whole and the request to write ('' none), then (id,
-#: code, payload) per entry. 1 written, 0 fenced off.
+#: keep), the answer's text to append ('' none), the answer whole and the request to write ('' none), an agent's
+#: step checkpoint and the seq after it ('' none), then (id, code, payload) per entry. 1 written, 0 fenced off.
 WRITE_FENCED = """
 local held = redis.call('HMGET', KEYS[1], 'owner', 'life')
 if held[1] and (held[1] ~= ARGV[1] or held[2] ~= ARGV[2]) then return 0 end
@@ -56,9 +56,10 @@ if ARGV[13] ~= '' then
   redis.call('HSET', KEYS[1], 'request', ARGV[13])
   redis.call('SET', KEYS[3], ARGV[12])
 end
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[14], 'stepend', ARGV[15]) end
 if ARGV[10] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[10]) end
 local last = #ARGV - 2
-for i = 14, last, 3 do
+for i = 16, last, 3 do
   if i < last then
     redis.call('XADD', KEYS[2], ARGV[i], 'c', ARGV[i + 1], 'p', ARGV[i + 2])
   elseif ARGV[7] ~= '' then

@@ -34,6 +34,7 @@ from ...core.events import (
     AgentEnd,
     Answer,
     ApprovalRequest,
+    Checkpoint,
     Done,
     ErrorEvent,
     Event,
@@ -48,10 +49,10 @@ from ...core.events import (
 from ...core.person import Decision, approval, steering
 from ...core.tools import BUILTIN_TOOLS, Tool, ToolBox, ToolFunction
 from ..completion import estimate_tokens, model_batches
-from ..model import UpstreamClient, UpstreamConfig
+from ..model import CONTINUE, Resume, UpstreamClient, UpstreamConfig
 
-__all__ = ["Agent", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow", "WorkflowFactory",
-           "assistant", "build_workflows", "load_workflows"]
+__all__ = ["Agent", "AgentResume", "ConcurrentWorkflow", "SequentialWorkflow", "StreamingCallback", "Workflow",
+           "WorkflowFactory", "assistant", "build_workflows", "load_workflows"]
 
 log = logging.getLogger("wsagent.agent")
 
@@ -166,29 +167,49 @@ class Agent:
                 yield event
 
     async def batches(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
-                      params: dict[str, Any] | None = None) -> AsyncGenerator[list[Event], None]:
+                      params: dict[str, Any] | None = None, checkpoints: bool = False,
+                      resume: AgentResume | None = None) -> AsyncGenerator[list[Event], None]:
         """Like :meth:`stream`, the events of each upstream read together: a run merges what
-        arrives together into one frame, as it does for a plain model stream."""
+        arrives together into one frame, as it does for a plain model stream.
+
+        With ``checkpoints`` (``--takeover``), the agent gives its state at each step boundary (before each
+        model call, and after each tool call's ``action``, before the tool runs) and its model calls their
+        positions; with ``resume``, it goes on from such a state on another node (see :class:`AgentResume`)."""
         name = self.name
-        messages = self.messages_for(task)
         schemas = self.toolbox.schemas() or None
         merged_params = {**self.params, **(params or {})}
-        usage = [0, 0]
-        usage_reported = False
-        streamed = 0
+        state = _Steps.load(resume.step) if resume is not None else _Steps(self.messages_for(task), self.model)
+        messages = state.messages
         prompt_estimate = estimate_tokens(messages)
         finish_reason = "stop"
-        call_ids: set[str] = set()
-        for _ in range(self.max_loops):
+        call_ids = state.calls
+        if state.pending:  # the node that died had begun these calls: each tool runs here, its action sent once
+            begun = [ToolCallEvent(c[0], c[1], c[2], agent=name, workflow=workflow) for c in state.pending]
+            async for tool_batch in self._call_tools(begun, messages, workflow, state if checkpoints else None,
+                                                     acted=state.acted):
+                yield tool_batch
+            state.step += 1
+        first = resume if resume is not None and not resume.pending else None
+        for step in range(state.step, self.max_loops):
+            state.step = step
+            if checkpoints:
+                yield [state.checkpoint()]
             calls: list[ToolCallEvent] = []
-            content: list[str] = []
+            content: list[str] = [first.text] if first is not None and first.text else []
+            source = model_batches(self.client, messages, model=self.model, tools=schemas, params=merged_params,
+                                   checkpoints=checkpoints,
+                                   resume=first.model_resume(self.client, messages, self.model, schemas,
+                                                             merged_params) if first is not None else None)
+            first = None
+            usage, streamed = state.usage, 0
             try:
-                async with aclosing(model_batches(self.client, messages, model=self.model, tools=schemas,
-                                                  params=merged_params)) as reads:
+                async with aclosing(source) as reads:
                     async for read in reads:
                         batch: list[Event] = []
                         for event in read:
-                            if isinstance(event, Thinking):
+                            if isinstance(event, Checkpoint):
+                                batch.append(event)
+                            elif isinstance(event, Thinking):
                                 streamed += 1
                                 batch.append(Thinking(event.content, agent=name, workflow=workflow))
                             elif isinstance(event, (Token, Refusal)):
@@ -202,17 +223,19 @@ class Agent:
                             elif isinstance(event, UsageEvent):
                                 usage[0] += event.prompt_tokens
                                 usage[1] += event.completion_tokens
-                                usage_reported = True
+                                state.reported = True
                         if batch:
                             yield batch
             except UpstreamError as exc:
-                yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+                state.streamed += streamed
+                yield [self._usage(usage, state.reported, prompt_estimate, state.streamed, workflow),
                        ErrorEvent(exc.code, exc.message, exc.retryable, agent=name, workflow=workflow)]
                 return
+            state.streamed += streamed
             if not calls:
                 heard = steering()  # a message sent while the answer streamed: one more step, as AI SDK 7 does
                 if not heard:
-                    yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+                    yield [self._usage(usage, state.reported, prompt_estimate, state.streamed, workflow),
                            Done(finish_reason, agent=name, workflow=workflow)]
                     return
                 messages.append({"role": "assistant", "content": "".join(content)})
@@ -223,20 +246,23 @@ class Agent:
                     "tool_calls": [{"id": c.call_id, "type": "function",
                                     "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
                 })
-                async for batch in self._call_tools(calls, messages, workflow):
+                async for batch in self._call_tools(calls, messages, workflow, state if checkpoints else None):
                     yield batch
                 heard = steering()
             if heard:
                 yield [Steered(text, agent=name, workflow=workflow) for text in heard]
                 messages.extend({"role": "user", "content": text} for text in heard)
-        yield [self._usage(usage, usage_reported, prompt_estimate, streamed, workflow),
+        yield [self._usage(state.usage, state.reported, prompt_estimate, state.streamed, workflow),
                Done("max_loops", agent=name, workflow=workflow)]
 
     async def _call_tools(self, calls: list[ToolCallEvent], messages: list[dict[str, Any]],
-                          workflow: str | None) -> AsyncGenerator[list[Event], None]:
+                          workflow: str | None, state: _Steps | None = None,
+                          acted: bool = False) -> AsyncGenerator[list[Event], None]:
         """Run one model turn's calls in order; those that need approval are all asked first, together,
         and each waits for its answer (nothing is open upstream meanwhile). A denied call is not run:
-        the model is told it was denied."""
+        the model is told it was denied. With ``state`` (checkpoints), each call's ``action`` goes out with
+        the agent's state (the calls left, this one acted on); ``acted``: the first call's went out already
+        (on a node that died while its tool ran: the tool runs again here, its action is not sent twice)."""
         name = self.name
         asking = [c for c in calls if self.toolbox.needs_approval(c.name)]
         decisions: dict[str, Decision] = {}
@@ -244,17 +270,27 @@ class Agent:
             yield [ApprovalRequest(c.call_id, c.name, c.arguments, agent=name, workflow=workflow) for c in asking]
             for c in asking:
                 decisions[c.call_id] = await approval(c.call_id)
-        for call in calls:
+        for n, call in enumerate(calls):
             decision = decisions.get(call.call_id)
             if decision is not None and not decision.approved:
                 messages.append({"role": "tool", "tool_call_id": call.call_id,
                                  "content": decision.observation(call.name)})
                 continue
-            yield [Action(f"{call.name}({call.arguments})", call.call_id, call.name, call.arguments,
-                          agent=name, workflow=workflow)]
+            if not (acted and n == 0):
+                action: list[Event] = [Action(f"{call.name}({call.arguments})", call.call_id, call.name,
+                                              call.arguments, agent=name, workflow=workflow)]
+                if state is not None:
+                    state.pending, state.acted = [[c.call_id, c.name, c.arguments] for c in calls[n:]], True
+                    action.append(state.checkpoint())
+                yield action
             result, is_error = await self.toolbox.call(call.name, call.arguments)
-            yield [Observation(result, call.call_id, call.name, is_error, agent=name, workflow=workflow)]
             messages.append({"role": "tool", "tool_call_id": call.call_id, "content": result})
+            observed: list[Event] = [Observation(result, call.call_id, call.name, is_error, agent=name,
+                                                 workflow=workflow)]
+            if state is not None:  # with it, the state that follows it (no kill can fall between them)
+                state.pending, state.acted = [[c.call_id, c.name, c.arguments] for c in calls[n + 1:]], False
+                observed.append(state.checkpoint(next_step=not state.pending))
+            yield observed
 
     def _usage(self, usage: list[int], reported: bool, prompt_estimate: int, streamed: int,
                workflow: str | None) -> UsageEvent:
@@ -273,6 +309,67 @@ class Agent:
         goes on. An upstream failure raises :class:`UpstreamError`.
         """
         return (await _collect(self.stream(task), streaming_callback, detailed)).get(self.name, "")
+
+
+class _Steps:
+    """An agent's state at a step boundary, as a :class:`~wsagent.core.events.Checkpoint` carries it (JSON):
+    its messages (the tool results observed included), its step, its usage so far, its call ids, and the
+    calls of the step left to run (``acted``: the first one's action went out)."""
+
+    def __init__(self, messages: list[dict[str, Any]], model: str | None = None) -> None:
+        self.messages = messages
+        self.model = model
+        self.step = 0
+        self.usage = [0, 0]
+        self.reported = False
+        self.streamed = 0
+        self.calls: set[str] = set()
+        self.pending: list[list[str]] = []
+        self.acted = False
+
+    def checkpoint(self, next_step: bool = False) -> Checkpoint:
+        """The state now (``next_step``: the step's calls are all done, so the next step's)."""
+        return Checkpoint(json.dumps({"messages": self.messages, "model": self.model,
+                                      "step": self.step + next_step,
+                                      "usage": self.usage,
+                                      "reported": self.reported, "streamed": self.streamed,
+                                      "calls": sorted(self.calls), "pending": self.pending, "acted": self.acted}),
+                          step=True)
+
+    @classmethod
+    def load(cls, text: str) -> _Steps:
+        data = json.loads(text)
+        state = cls(list(data["messages"]), data["model"])
+        state.step, state.usage, state.reported = int(data["step"]), list(data["usage"]), bool(data["reported"])
+        state.streamed, state.calls = int(data["streamed"]), set(data["calls"])
+        state.pending, state.acted = list(data["pending"]), bool(data["acted"])
+        return state
+
+
+class AgentResume:
+    """Where an agent goes on, on the node that took its run over: its last step checkpoint (``step``), and
+    for the model call in progress then, its position (a background response's) or the answer text it had
+    streamed (``text``, continued by the model server; ``begun``: it had streamed something, if only its
+    reasoning, which a continued answer does not stream again)."""
+
+    def __init__(self, step: str, position: str | None = None, text: str = "", begun: bool = False) -> None:
+        self.step = step
+        self.position = position
+        self.text = text
+        self.begun = begun or bool(text)  # the model call in progress had streamed something
+        data = json.loads(step)
+        self.pending = bool(data["pending"])
+        self.model: str | None = data["model"]
+
+    def model_resume(self, client: UpstreamClient, messages: list[dict[str, Any]], model: str | None,
+                     tools: list[dict[str, Any]] | None, params: dict[str, Any]) -> Resume | None:
+        """How the step's model call goes on: re-attached after its position, or asked to continue its text
+        (chat completions), or (nothing of it known) asked again."""
+        if self.position is not None:
+            return Resume(self.position)
+        if client.config.api == "chat" and self.begun:
+            return Resume(CONTINUE, json.dumps(client.build_body(messages, model, tools, params)), self.text)
+        return None
 
 
 def assistant(client: UpstreamClient, model: str | None = None, needs_approval: Iterable[str] = ()) -> Agent:

@@ -4,7 +4,8 @@ Each example boots its own Redis, simulator and three ``python -m wsagent.serve`
 (``--upstream-api responses --takeover background``, or ``--takeover continue`` over chat completions) and
 ``--resume-grace`` (the default, 0, or 5 s). A run starts on node
 0, on ``/ws/chat`` (the JSON protocol) or ``/ws/ai-sdk`` (an anonymous chat); a watcher may follow it from
-another node (``attach``; for a chat, a second socket's ``resume``); after the number of tokens Hypothesis
+another node (``attach``; for a chat, a second socket's ``resume``); the run is a model's answer, or the
+built-in agent's (a tool call, then its answer); after the number of tokens (an agent's: events) Hypothesis
 draws (none at all included), node 0 is SIGKILLed; the node that took the run over may be killed too, a few
 tokens later; the run's own client resumes on a node still alive. Then:
 
@@ -139,11 +140,13 @@ async def example(mode: str, kind: str, kill_after: int, watcher: int | None, se
         api = "responses" if mode == "background" else "chat"
         nodes = await cluster.start("n0", "n1", "n2", upstream_api=api, takeover=mode, resume_grace=grace)
         prompt = f"sim:rate=40 sim:tokens={TOKENS} sim:reasoning=0 {kind} {kill_after}"
+        if kind == "agent":
+            prompt = f"What is 17 * 23? sim:rate=40 sim:tokens={TOKENS} sim:reasoning=1 sim:tool=calculator"
         key, own, watching = await begin(stack, kind, nodes, prompt, watcher)
         if not key:  # an AI SDK chat's run, by its id
             key = (await redis_fields(port, "get", f"wsagent:id:ai-sdk%3A{CHAT}:ai-sdk%3A{CHAT}")).strip()
-        over = terminal if kind == "chat" else ai_sdk_over
-        word = token if kind == "chat" else text_delta
+        over = ai_sdk_over if kind == "ai-sdk" else terminal
+        word = {"chat": token, "agent": thought, "ai-sdk": text_delta}[kind]
         count = [sum(map(word, own.frames))]
 
         def reached(frame: dict[str, Any]) -> bool:
@@ -163,12 +166,16 @@ async def example(mode: str, kind: str, kill_after: int, watcher: int | None, se
         home = cluster.nodes[sorted(alive)[0]]
         views = [await resumed(stack, kind, home, own, key)]
         if watching is not None and watcher is not None and nodes[watcher].name in alive:
-            await watching.until(terminal if kind == "chat" else ai_sdk_over)
+            await watching.until(over)
             views.append(watching)
-        whole = await expected(home, prompt)
+        whole = await expected(home, prompt, kind)
         for view in views:
             check(kind, view, whole)
         stats = sim.simulator.stats
+        if kind == "agent":  # (two model calls a run: the step that calls the tool, and the answer's)
+            assert not any(r.cancelled for r in stats.background.values()), stats.background
+            assert len(stats.continued) <= 1 + second, stats.continued
+            return
         lost = not all(tokens_of(v.frames) or deltas_of(v.frames) for v in views)
         if mode == "background":
             records = list(stats.background.values())
@@ -185,11 +192,11 @@ async def example(mode: str, kind: str, kill_after: int, watcher: int | None, se
 async def begin(stack: contextlib.AsyncExitStack, kind: str, nodes: list[Node], prompt: str,
                 watcher: int | None) -> tuple[str, Any, Any]:
     """Start the run on node 0 (its key, its client, and its watcher on node ``watcher``, if any)."""
-    path = "/ws/chat" if kind == "chat" else "/ws/ai-sdk"
+    path = "/ws/ai-sdk" if kind == "ai-sdk" else "/ws/chat"
     ws = await stack.enter_async_context(nodes[0].connect(path))
     other = None if watcher is None else await stack.enter_async_context(nodes[watcher].connect(path))
-    if kind == "chat":
-        key = await start_run(ws, "r1", prompt)
+    if kind != "ai-sdk":
+        key = await start_run(ws, "r1", prompt, **({"agent": "assistant"} if kind == "agent" else {}))
         own = Chat(ws)
         own.frames.append({"type": "start", "seq": 1})
         watching = None
@@ -215,7 +222,7 @@ async def kill(node: Node) -> None:
 async def resumed(stack: contextlib.AsyncExitStack, kind: str, home: Node, own: Any, key: str) -> Any:
     """The run's own client, on ``home`` after its node died: a resume from the last seq it saw (an AI SDK chat:
     the chat's resume, which replays the response)."""
-    if kind == "chat":
+    if kind != "ai-sdk":
         if any(terminal(f) for f in own.frames):
             return own
         ws = await stack.enter_async_context(home.connect())
@@ -232,14 +239,33 @@ async def resumed(stack: contextlib.AsyncExitStack, kind: str, home: Node, own: 
     return reloaded
 
 
-async def expected(node: Node, prompt: str) -> str:
+async def expected(node: Node, prompt: str, kind: str) -> Any:
+    """What the run gives, whole: its answer's text (an agent's: its answer, actions and observations)."""
     async with node.connect() as ws:
-        await start_run(ws, "expected", prompt)
-        return tokens_of([json.loads(f) for f in await frames_until(ws, terminal, LIMIT)])
+        await start_run(ws, "expected", prompt, **({"agent": "assistant"} if kind == "agent" else {}))
+        frames = [json.loads(f) for f in await frames_until(ws, terminal, LIMIT)]
+    return agent_view(frames) if kind == "agent" else tokens_of(frames)
 
 
-def check(kind: str, view: Any, whole: str) -> None:
+def thought(frame: dict[str, Any]) -> bool:
+    return frame["type"] in ("thinking", "answer", "action", "observation")
+
+
+def agent_view(frames: list[dict[str, Any]]) -> tuple[str, list[str], list[str]]:
+    return ("".join(f["content"] for f in frames if f["type"] == "answer"),
+            [f["content"] for f in frames if f["type"] == "action"],
+            [f["content"] for f in frames if f["type"] == "observation"])
+
+
+def check(kind: str, view: Any, whole: Any) -> None:
     frames: list[dict[str, Any]] = view.frames
+    if kind == "agent":  # each action and observation once, the answer whole (a cut reasoning may stay cut)
+        seqs = [f["seq"] for f in frames if "seq" in f]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        finals = [f for f in frames if f["type"] in TERMINAL]
+        assert len(finals) == 1 and finals[0] is frames[-1], finals
+        assert finals[0]["type"] == "done" and agent_view(frames) == whole, (agent_view(frames), whole, frames)
+        return
     if kind == "chat":
         seqs = [f["seq"] for f in frames if "seq" in f]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
@@ -262,7 +288,7 @@ def check(kind: str, view: Any, whole: str) -> None:
 @pytest.mark.timeout(900)
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # (no shrinking: each example is a cluster's life)
-@given(mode=st.sampled_from(["background", "continue"]), kind=st.sampled_from(["chat", "ai-sdk"]),
+@given(mode=st.sampled_from(["background", "continue"]), kind=st.sampled_from(["chat", "agent", "ai-sdk"]),
        kill_after=st.integers(0, TOKENS // 2), watcher=st.sampled_from([None, 1, 2]), second=st.booleans(),
        grace=st.sampled_from([None, 5.0]))
 def test_a_killed_producer_s_run_reaches_everyone_whole_and_once(mode: str, kind: str, kill_after: int,

@@ -246,6 +246,8 @@ class App:
             resumable = self.takes_over and name == "assistant" and not self.settings.approval_tools
             producer = self.agent_producer(name, messages, params, model, checkpoints=resumable)
             run = await self.new_run(conn, run_id, grace=grace, agent=name, scope=scope, resumable=resumable)
+            if resumable:  # (its first state leaves with its start)
+                run.push(assistant(self.upstream, model).first_checkpoint(messages))
             run.steerable = True
         else:
             resumable = self.takes_over

@@ -37,7 +37,7 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 
 from ...core.errors import TAKEN_OVER
-from ...core.events import Answer, ErrorEvent
+from ...core.events import Answer, ErrorEvent, Thinking
 from ..broker import Handover, LocalBroker, Mailbox, mint_key
 from ..run import NotAnswerable, Run, Subscription, Watch, kind_of, terminal_outcome
 from . import messages
@@ -275,7 +275,8 @@ class RedisBroker:
         run.outlet = self.replication
         log.warning("cluster: node %s takes over run %s after seq %d", self.node, run.key, rows[-1][0] if rows else 0)
         assert self.on_takeover is not None
-        begun = step is not None and bool(rows) and rows[-1][0] >= step_end
+        begun = step is not None and any(seq >= step_end and kind_of(code) in (Thinking.kind, Answer.kind)
+                                         for seq, code, _ in rows)
         self.on_takeover(run, Handover(checkpoint, answer, step, step_text if step is not None else "", begun))
 
     def _more(self, commands: list[Command]) -> None:

@@ -166,6 +166,11 @@ class Agent:
             async for event in events:
                 yield event
 
+    def first_checkpoint(self, task: str | Sequence[dict[str, Any]]) -> Checkpoint:
+        """The state :meth:`batches` with ``checkpoints`` begins with: a run may hold it before its producer
+        starts, so that a node dying at once leaves it (its run registered and its ``start`` sent)."""
+        return _Steps(self.messages_for(task), self.model).checkpoint()
+
     async def batches(self, task: str | Sequence[dict[str, Any]], *, workflow: str | None = None,
                       params: dict[str, Any] | None = None, checkpoints: bool = False,
                       resume: AgentResume | None = None) -> AsyncGenerator[list[Event], None]:

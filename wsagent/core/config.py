@@ -68,7 +68,7 @@ class Settings:
     workers: int = setting(1, "worker processes sharing the port with SO_REUSEPORT (needs a fixed --port)")
     redis_url: str | None = setting(None, "join a cluster through this Redis (redis://host:6379/0; needs the cluster extra); unset: this process alone", group="cluster")
     node_id: str | None = setting(None, "this node's name in the cluster (unset: host name, pid and 4 random hex digits; with --workers, -w1, -w2... appended)", group="cluster")
-    takeover: str = setting("off", "a dead node's model runs go on elsewhere: background (--upstream-api responses), continue (chat: a server that continues a partial answer, docs/scaling-out.md) or off", group="cluster", choices=("off", "background", "continue"))
+    takeover: str = setting("off", "a dead node's runs go on elsewhere: background (--upstream-api responses), continue (chat completions) or off; docs/scaling-out.md", group="cluster", choices=("off", "background", "continue"))
     event_loop: str = setting("auto", "the event loop: auto (uvloop when installed: pip install \".[fast]\"), uvloop, or asyncio", choices=("auto", "uvloop", "asyncio"))
     env_file: str | None = setting(None, "KEY=VALUE file of WSAGENT_* settings, read at start and again on SIGHUP")
     max_connections: int = setting(10000, "open WebSocket connections before new ones get HTTP 503", reload=True)

@@ -294,3 +294,24 @@ async def test_an_agent_run_goes_on_from_its_last_step(cluster: Cluster, sim: Si
     else:  # (a continued answer is not reasoned again: the step's thinking cut by the kill stays cut)
         cut = [n for n, (got, all_) in enumerate(zip(seen["thinking"], whole["thinking"], strict=True)) if got != all_]
         assert len(cut) <= 1 and all(whole["thinking"][n].startswith(seen["thinking"][n]) for n in cut), seen
+
+
+async def test_two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over(cluster: Cluster) -> None:
+    """Anonymous connections are numbered by each node (``c1``, ``c2``...), so two nodes' first clients can run
+    ``r1`` in the same scope's name (``conn:c1``). Taken over by one node, each is its own run, found by key
+    (the second was claimed, then never produced: its watchers were told ``producer_lost`` 10 s later)."""
+    a, b, c = await cluster.start("a", "b", "c", **MODES["continue"])
+    prompt = "sim:rate=40 sim:tokens=120 sim:reasoning=0 same id"
+    async with a.connect() as first, c.connect() as second:
+        keys = [await start_run(first, "r1", prompt), await start_run(second, "r1", prompt)]
+        heads = [await frames_until(ws, lambda e: e["type"] == "token") for ws in (first, second)]
+        await asyncio.gather(killed(a), killed(c))
+    async with b.connect() as one, b.connect() as other:
+        for ws, key, head in zip((one, other), keys, heads, strict=True):
+            await ws.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        rests = [await frames_until(ws, terminal, limit=30) for ws in (one, other)]
+    whole = await expected(b, prompt)
+    for head, rest in zip(heads, rests, strict=True):
+        contiguous(rest, seq(head[-1]))
+        assert json.loads(rest[-1])["type"] == "done", rest[-1]
+        assert text(head) + text(rest) == whole

@@ -227,14 +227,15 @@ class LocalBroker:
     def hand_over(self, run: Run) -> bool:
         return False
 
-    def register(self, run: Run, keep_after_finish: float) -> None:
-        """:meth:`add_run` in this process."""
+    def register(self, run: Run, keep_after_finish: float, by_id: bool = True) -> None:
+        """:meth:`add_run` in this process (``by_id`` False: found by its key alone)."""
         if not run.key:
             run.key = mint_key()
-        if (run.scope, run.id) in self._by_id:
+        if by_id and (run.scope, run.id) in self._by_id:
             raise ValueError(f"run id {run.id!r} is already in use")
         self._by_key[run.key] = run
-        self._by_id[run.scope, run.id] = run
+        if by_id:
+            self._by_id[run.scope, run.id] = run
         if run.user is not None:
             self._user_runs[run.user] += 1
 

@@ -224,8 +224,11 @@ class RedisBroker:
         for i, run in enumerate(runs):
             entries, fields, answer = reads[3 * i:3 * i + 3]
             request, step, step_end = fields if isinstance(fields, list) else (None, None, None)
-            self._take(run, entries if isinstance(entries, list) else [], request,
-                       answer if isinstance(answer, str) else "", step, int(step_end or 0))
+            try:
+                self._take(run, entries if isinstance(entries, list) else [], request,
+                           answer if isinstance(answer, str) else "", step, int(step_end or 0))
+            except Exception:  # (a defect: the others are taken over all the same, and this one is logged)
+                log.exception("cluster: node %s could not take run %s over", self.node, run.key)
 
     async def _still_own(self) -> None:
         """After a silence past NODE_TTL (a paused process, a partition): each resumable run another node took
@@ -265,8 +268,8 @@ class RedisBroker:
                   workflow=meta.get("workflow"), grace=float(meta["grace"]))
         try:
             self.local.register(run, run.grace)
-        except ValueError:  # (its id taken here meanwhile: its scope's newer run)
-            return
+        except ValueError:  # its id names another run here (a newer one of its user; an anonymous connection's
+            self.local.register(run, run.grace, by_id=False)  # numbered alike on another node): by key alone
         self.taken_over += 1
         run.taken_over(rows, checkpoint, max(run.grace, TAKEOVER_GRACE), claimed_run.authors, step, step_end)
         run.resume_request = request

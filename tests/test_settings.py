@@ -43,7 +43,8 @@ CHOICES = {"event_loop": "'auto', 'uvloop' or 'asyncio'", "compression": "'defla
            "on_busy": "'enqueue', 'reject', 'interrupt' or 'steer'",
            "takeover": "'off', 'background' or 'continue'"}
 #: What a choice needs beside it to be taken (each says so when it is missing: see the takeover test below).
-NEEDS = {("takeover", "background"): ["--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api", "responses"],
+NEEDS = {("takeover", "background"): ["--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api", "responses",
+                                      "--upstream-url", "http://127.0.0.1:8000/v1"],
          ("takeover", "continue"): ["--redis-url", "redis://127.0.0.1:6379/0"]}
 
 
@@ -74,12 +75,16 @@ def test_takeover_says_what_it_needs() -> None:
     with pytest.raises(SystemExit, match="--takeover needs --redis-url"):
         load_settings(["--takeover", "continue"], {})
     with pytest.raises(SystemExit, match="--takeover background needs --upstream-api responses"):
-        load_settings(["--takeover", "background", "--redis-url", "redis://127.0.0.1:6379/0"], {})
+        load_settings(["--takeover", "background", "--redis-url", "redis://127.0.0.1:6379/0", "--upstream-url",
+                       "http://127.0.0.1:8000/v1"], {})
     with pytest.raises(SystemExit, match="--takeover continue needs --upstream-api chat"):
         load_settings(["--takeover", "continue", "--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api",
                        "responses"], {})
+    with pytest.raises(SystemExit, match="--takeover background needs --upstream-url: the node that takes"):
+        load_settings(["--takeover", "background", "--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api",
+                       "responses"], {})
     both = load_settings(["--takeover", "background", "--redis-url", "redis://127.0.0.1:6379/0", "--upstream-api",
-                          "responses"], {})
+                          "responses", "--upstream-url", "http://127.0.0.1:8000/v1"], {})
     assert both.for_upstream()["background"] is True  # another node re-attaches to a background response
 
 

@@ -350,6 +350,10 @@ def validate(settings: Settings) -> None:
     if settings.takeover == "background" and settings.upstream_api != "responses":
         raise SystemExit("--takeover background needs --upstream-api responses (the Responses API's background "
                          "responses are what another node re-attaches to)")
+    if settings.takeover == "background" and not settings.upstream_url:
+        raise SystemExit("--takeover background needs --upstream-url: the node that takes a run over re-attaches to "
+                         "the response on the model server that keeps it, which every node must share (the "
+                         "built-in simulator is each node's own; serve one with python -m wsagent.simulator)")
     if settings.takeover == "continue" and settings.upstream_api != "chat":
         raise SystemExit("--takeover continue needs --upstream-api chat (it asks the model server to continue a "
                          "partial chat completion; with the Responses API, use --takeover background)")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -86,10 +86,8 @@ async def test_a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_d
         await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
         await frames_until(watcher, lambda e: e["type"] == "start")
         head = await frames_until(own, lambda e: e["type"] == "token" and e["seq"] >= 12)
-        began = time.monotonic()
         await killed(a)
         watched = await frames_until(watcher, terminal, limit=60)
-        paused = time.monotonic() - began
     async with c.connect() as moved:
         await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
         rest = await frames_until(moved, terminal, limit=30)
@@ -101,7 +99,8 @@ async def test_a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_d
     assert text(watched) == whole  # it attached at the start: all of it, once
     contiguous(watched, 1)
     generated_once(sim, mode, whole, 160, 1)
-    print(f"takeover pause {paused:.2f} s")
+    claims = [await taken_over_by(node) for node in (b, c)]
+    assert sorted(claims) == [0, 1], claims  # one node took it over, the other did not
 
 
 async def test_takeover_off_is_today_s_producer_lost(cluster: Cluster) -> None:
@@ -113,6 +112,14 @@ async def test_takeover_off_is_today_s_producer_lost(cluster: Cluster) -> None:
         await killed(a)
         last: dict[str, Any] = json.loads((await frames_until(watcher, terminal, limit=30))[-1])
     assert (last["type"], last["code"]) == ("error", "producer_lost")
+
+
+async def taken_over_by(node: Node) -> int:
+    """How many runs ``node`` took over, as its ``/metrics`` says."""
+    _, metrics = await node.http("/metrics")
+    found = re.search(r"^wsagent_cluster_runs_taken_over_total (\d+)$", metrics, re.M)
+    assert found is not None, metrics[-500:]
+    return int(found[1])
 
 
 async def producer_of(cluster: Cluster, key: str) -> str:

@@ -322,3 +322,23 @@ async def test_two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over(cluste
         contiguous(rest, seq(head[-1]))
         assert json.loads(rest[-1])["type"] == "done", rest[-1]
         assert text(head) + text(rest) == whole
+
+
+async def test_a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Cluster, mode: str) -> None:
+    """SIGKILL, then the same ``--node-id`` started again at once (systemd's ``Restart=``): to the others the id
+    never stopped beating, so the new process itself takes over what its predecessor left (found by the
+    attacker: nobody did, and the runs were lost)."""
+    a, b = await cluster.start("a", "b", **MODES[mode])
+    prompt = "sim:rate=40 sim:tokens=200 sim:reasoning=0 restarted"
+    async with a.connect() as own:
+        key = await start_run(own, "r1", prompt)
+        head = await frames_until(own, lambda e: e["type"] == "token")
+        await killed(a)
+    again = await cluster.node("a", **MODES[mode])
+    async with b.connect() as moved:
+        await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        rest = await frames_until(moved, terminal, limit=30)
+    contiguous(rest, seq(head[-1]))
+    assert json.loads(rest[-1])["type"] == "done", rest[-1]
+    assert text(head) + text(rest) == await expected(b, prompt)
+    assert await taken_over_by(again) == 1

@@ -83,7 +83,8 @@ class RedisBroker:
         self.replication = Replicator(self.link, node, self._more, self.life)
         #: ``--takeover``: this node claims the resumable runs of nodes that die, and hands each to this
         #: (with its checkpoint, None if it has none), which goes on with it or ends it.
-        self.on_takeover: Callable[[Run, Handover], None] | None = None
+        self._on_takeover: Callable[[Run, Handover], None] | None = None
+        self._untaken: list[Claimed] = []  # claimed, not yet read (Redis failed between): tried at each beat
         self.taken_over = 0
         self._beaten = 0.0  # when the last heartbeat came back (monotonic)
         self._handed_over = False  # runs left to other nodes: this node leaves as one that died
@@ -159,6 +160,18 @@ class RedisBroker:
                 "followed_runs": len(self.following.mirrors), "batches": self.replication.batches,
                 "taken_over": self.taken_over}
 
+    @property
+    def on_takeover(self) -> Callable[[Run, Handover], None] | None:
+        return self._on_takeover
+
+    @on_takeover.setter
+    def on_takeover(self, take: Callable[[Run, Handover], None] | None) -> None:
+        """Set once the node's app can go on with runs: it claims at once what a process before it left under
+        its node id (restarted within NODE_TTL, the others never took it for dead)."""
+        self._on_takeover = take
+        if take is not None and self.link.up:
+            self.link.spawn(self._claim(frozenset({self.node})))
+
     # -- what the parts ask of the node ----------------------------------
 
     def received(self, channel: str, data: str) -> None:
@@ -195,6 +208,8 @@ class RedisBroker:
     def beaten(self, live: frozenset[str], dead: frozenset[str]) -> None:
         if dead and self.on_takeover is not None:
             self.link.spawn(self._claim(dead))
+        elif self._untaken:
+            self.link.spawn(self._take_claimed())
         now = time.monotonic()
         if now - self._beaten > NODE_TTL and self._beaten:  # the others may have taken this node for dead
             self.link.spawn(self._still_own())
@@ -208,19 +223,31 @@ class RedisBroker:
 
     async def _claim(self, dead: frozenset[str]) -> None:
         """Claim the resumable runs of the ``dead`` nodes (one script each: no other node gets them) and go on
-        with each (see :mod:`~wsagent.engine.cluster.takeover`)."""
+        with each (see :mod:`~wsagent.engine.cluster.takeover`); those claimed whose history could not be read
+        (Redis failed between) are read again at the next beat, never left."""
         try:
             replies = await self.link.send([claim_command(node, self.node, self.life) for node in sorted(dead)])
-            runs = [run for reply in replies for run in claimed(reply)]
-            reads = await self.link.send([command for run in runs for command in (
-                ("XRANGE", name("log", run.key), "-", "+"),
-                ("HMGET", name("run", run.key), "request", "step", "stepend"), ("GET", name("answer", run.key)))])
         except DOWN_ERRORS as exc:
             self.link.lost(exc)
             return
         for reply in replies:
             if isinstance(reply, Exception):
                 log.warning("cluster: node %s could not claim runs: %s", self.node, reply)
+        self._untaken += [run for reply in replies for run in claimed(reply)]
+        await self._take_claimed()
+
+    async def _take_claimed(self) -> None:
+        runs, self._untaken = self._untaken, []
+        if not runs:
+            return
+        try:
+            reads = await self.link.send([command for run in runs for command in (
+                ("XRANGE", name("log", run.key), "-", "+"),
+                ("HMGET", name("run", run.key), "request", "step", "stepend"), ("GET", name("answer", run.key)))])
+        except DOWN_ERRORS as exc:
+            self._untaken += runs
+            self.link.lost(exc)
+            return
         for i, run in enumerate(runs):
             entries, fields, answer = reads[3 * i:3 * i + 3]
             request, step, step_end = fields if isinstance(fields, list) else (None, None, None)

@@ -342,3 +342,30 @@ async def test_a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Clus
     assert json.loads(rest[-1])["type"] == "done", rest[-1]
     assert text(head) + text(rest) == await expected(b, prompt)
     assert await taken_over_by(again) == 1
+
+
+async def test_a_producer_that_comes_back_never_cancels_what_another_took_over(
+        cluster: Cluster, sim: SimulatorServer) -> None:
+    """A producer paused past the others' patience wakes to its own client gone (the default grace, 0: the run
+    is cancelled there) before its heartbeat finds the run taken over: it must not cancel the background response
+    the new producer reads, nor end the run's keys in Redis (found by the attacker: the run ended
+    ``upstream_truncated`` for everyone)."""
+    a, b = await cluster.start("a", "b", resume_grace=None, **MODES["background"])
+    own = await a.connect()
+    key = await start_run(own, "r1", "sim:rate=40 sim:tokens=400 sim:reasoning=0 stale")
+    head = await frames_until(own, lambda e: e["type"] == "token")
+    a.process.send_signal(signal.SIGSTOP)
+    try:
+        await wait_for_producer(cluster, key, {"b"})
+        own.transport.abort()  # (a reads the reset when it wakes)
+        moved = await b.connect()
+        await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": seq(head[-1])}))
+        rest = await frames_until(moved, lambda e: e["type"] == "token", limit=20)
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    rest += await frames_until(moved, terminal, limit=30)
+    await moved.close()
+    contiguous(rest, seq(head[-1]))
+    assert json.loads(rest[-1])["type"] == "done", rest[-1]
+    stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
+    assert (stat.cancelled, stat.tokens) == (False, 400)

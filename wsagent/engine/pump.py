@@ -22,6 +22,7 @@ from contextlib import aclosing
 
 from ..core.errors import WsAgentError
 from ..core.events import Done, ErrorEvent, Producer
+from ..core.producing import guard
 from .run import Run
 
 __all__ = ["Producer", "pump"]
@@ -35,6 +36,7 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
     With ``after``, the producer is made once that run has ended: a client's prompts are answered in
     order, and each is asked with what the previous answers left (a chat history).
     """
+    guard(run.still_owned)  # (in this task: what it starts upstream asks before it cancels anything)
     try:
         if after is not None:
             await after.wait()

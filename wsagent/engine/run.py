@@ -53,7 +53,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
 from typing import Any, Protocol, TypeVar
 
@@ -429,6 +429,8 @@ class Run:
         #: A run continued by asking the model to finish its partial answer: its request (text), which the
         #: cluster keeps with its answer so far.
         self.resume_request: str | None = None
+        #: In a cluster, whether this node still produces it (a resumable run another may have taken over).
+        self.still_owned: Callable[[], Awaitable[bool]] | None = None
         self.step: str | None = None  # an agent's last step checkpoint
         self.step_end = 0  # the seq after the events before it
 

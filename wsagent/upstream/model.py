@@ -33,6 +33,7 @@ from ..core.errors import TAKEN_OVER, UpstreamError, error_for_status
 from ..core.events import well_formed
 from ..core.logs import printable
 from ..core.metrics import Metrics
+from ..core.producing import still_producing
 from ..core.responses_api import ResponsesInterpreter, response_to_events, responses_request
 from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 
@@ -459,6 +460,9 @@ class UpstreamClient:
         task.add_done_callback(self._cancels.discard)
 
     async def _cancel(self, response_id: str) -> None:
+        if not await still_producing():  # another node took the run over: it reads this response now
+            log.info("background response %s not cancelled: another node produces its run", printable(response_id))
+            return
         cfg = self.config
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         try:

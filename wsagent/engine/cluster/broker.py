@@ -32,6 +32,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from redis.asyncio.client import Pipeline
@@ -257,6 +258,15 @@ class RedisBroker:
             except Exception:  # (a defect: the others are taken over all the same, and this one is logged)
                 log.exception("cluster: node %s could not take run %s over", self.node, run.key)
 
+    async def _owns(self, run: Run) -> bool:
+        """Whether this process still produces ``run`` (Redis's ``owner`` and ``life``; False if Redis cannot say:
+        a node cut off from it may have been taken for dead)."""
+        try:
+            (held,) = await self.link.send([("HMGET", name("run", run.key), "owner", "life")])
+        except DOWN_ERRORS:
+            return False
+        return isinstance(held, list) and (held[0] is None or held == [self.node, self.life])
+
     async def _still_own(self) -> None:
         """After a silence past NODE_TTL (a paused process, a partition): each resumable run another node took
         over meanwhile ends here, its clients told ``taken_over`` (the fence kept its writes out of Redis), and
@@ -301,6 +311,7 @@ class RedisBroker:
         run.taken_over(rows, checkpoint, max(run.grace, TAKEOVER_GRACE), claimed_run.authors, step, step_end)
         run.resume_request = request
         self.replication.taken(run, rows[-1][0] if rows else 0, answer)
+        run.still_owned = partial(self._owns, run)
         step_text = "".join(payload for seq, code, payload in rows if seq >= step_end and kind_of(code) == Answer.kind)
         run.outlet = self.replication
         log.warning("cluster: node %s takes over run %s after seq %d", self.node, run.key, rows[-1][0] if rows else 0)
@@ -428,6 +439,8 @@ class RedisBroker:
             self.replication.erase(run)
             raise
         run.outlet = self.replication
+        if run.resumable:
+            run.still_owned = partial(self._owns, run)
         if run.user is not None:
             self.clients.changed(run.user)
             run.on_finish.append(lambda ended: self.clients.changed(str(ended.user)))

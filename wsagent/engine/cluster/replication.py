@@ -32,7 +32,7 @@ from ...core.events import Token
 from ..run import Run
 from .link import DOWN_ERRORS, RedisLink
 from .names import DELETE_IF, RUN_TTL, name, shared, ttl
-from .takeover import WRITE_FENCED, takeover_set
+from .takeover import END_FENCED, WRITE_FENCED, takeover_set
 from .wire import Command
 
 __all__ = ["Replicator", "FLUSH_EVERY", "LAZY_EVERY"]
@@ -190,8 +190,8 @@ class Replicator:
                 continue
             self._append(commands, run, written, publish=True)
             if run.finished and run.resumable:
-                commands.append(("SREM", takeover_set(self.node), run.key))
-            if run.finished:
+                commands.append(self._end_fenced(run, ttl(run), max(1, round(run.grace))))
+            elif run.finished:
                 seconds = ttl(run)
                 commands += [("EXPIRE", key, seconds) for key in _keys(run)]
                 if shared(run.scope):
@@ -287,8 +287,19 @@ class Replicator:
             self.flush()
         written = self._written.pop(run, None)
         self.followers.pop(run.key, None)
-        if shared(run.scope) and written is not None:  # (none: another node took it over, id and all)
+        if written is None or not shared(run.scope):  # (none: another node took it over, id and all)
+            return
+        if run.resumable:
+            self.link.write([self._end_fenced(run, 0, 0)])
+        else:
             self.link.write([("EVAL", DELETE_IF, 1, name("id", run.scope, run.id), run.key)])
+
+    def _end_fenced(self, run: Run, seconds: int, id_seconds: int) -> Command:
+        """:data:`~wsagent.engine.cluster.takeover.END_FENCED` for ``run``: its keys' TTL ``seconds`` (0: left) and
+        its id's ``id_seconds`` (0: deleted if it names this run)."""
+        id_key = name("id", run.scope, run.id) if shared(run.scope) else ""
+        return ("EVAL", END_FENCED, 5, name("run", run.key), name("log", run.key), name("answer", run.key), id_key,
+                takeover_set(self.node), self.node, self.life, run.key, seconds, id_seconds)
 
     def surrendered(self, run: Run) -> None:
         """Another node took ``run`` over: nothing of it is written from here any more."""

@@ -6,7 +6,9 @@ life). Its node lists it in ``wsagent:takeover:{node}`` (a set).
 
 * **The fence.** Every write of a resumable run's entries is one script
   (:data:`WRITE_FENCED`) that writes only while the hash names the writer's own
-  node and life (or names nobody: Redis restarted empty). A producer that comes
+  node and life (or names nobody: Redis restarted empty); so are its end and its
+  node forgetting it (:data:`END_FENCED`: the keys' TTLs, the id), and the
+  upstream cancel of what it reads (``still_owned``). A producer that comes
   back after others took it for dead (a paused process, a partition) writes
   nothing more: its clients are told ``taken_over``.
 * **The checkpoint.** The last entry of each write carries ``u``: where the
@@ -41,7 +43,7 @@ from typing import Any
 
 from .names import RUN_TTL, name
 
-__all__ = ["WRITE_FENCED", "CLAIM", "Claimed", "claim_command", "claimed", "history", "takeover_set"]
+__all__ = ["WRITE_FENCED", "END_FENCED", "CLAIM", "Claimed", "claim_command", "claimed", "history", "takeover_set"]
 
 #: KEYS: the run's hash, its stream, its answer. ARGV: node, life, channel, message ('' none), minid, the stream's
 #: TTL ('0': keep), ``u`` of the last entry ('' none), meta and origins to write ('' none), the hash's TTL ('0':
@@ -74,6 +76,26 @@ if ARGV[6] ~= '0' then
   if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[6]) end
 end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"""
+
+#: A resumable run's end, or its node forgetting it, fenced as its writes are. KEYS: its hash, stream, answer, id
+#: ('' if not shared), its node's set. ARGV: node, life, key, the TTL of its keys ('0': leave them), of its id
+#: ('0': delete it if it names this run). 1 done, 0 fenced off.
+END_FENCED = """
+local held = redis.call('HMGET', KEYS[1], 'owner', 'life')
+if held[1] and (held[1] ~= ARGV[1] or held[2] ~= ARGV[2]) then return 0 end
+redis.call('SREM', KEYS[5], ARGV[3])
+if ARGV[4] ~= '0' then
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+end
+if KEYS[4] ~= '' then
+  if ARGV[5] ~= '0' then
+    redis.call('EXPIRE', KEYS[4], ARGV[5])
+  elseif redis.call('GET', KEYS[4]) == ARGV[3] then
+    redis.call('DEL', KEYS[4])
+  end
+end
 return 1
 """
 

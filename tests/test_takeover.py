@@ -369,3 +369,24 @@ async def test_a_producer_that_comes_back_never_cancels_what_another_took_over(
     assert json.loads(rest[-1])["type"] == "done", rest[-1]
     stat = next(s for s in sim.simulator.stats.background.values() if s.retrievals)
     assert (stat.cancelled, stat.tokens) == (False, 400)
+
+
+async def test_a_cancel_while_nobody_produces_the_run_is_kept_for_the_node_that_takes_it_over(
+        cluster: Cluster, sim: SimulatorServer) -> None:
+    """Between the producer's death and the claim, a cancel from any node is accepted (it was ``unknown_run``, and
+    the run went on: found by the attacker): the node that takes the run over ends it ``cancelled``, once, and
+    cancels its response upstream though it never read any of it."""
+    a, b, c = await cluster.start("a", "b", "c", **MODES["background"])
+    async with a.connect() as own, b.connect() as watcher, c.connect() as other:
+        key = await start_run(own, "r1", "sim:rate=40 sim:tokens=400 sim:reasoning=0 cancel adrift")
+        await watcher.send(json.dumps({"type": "attach", "id": "r1", "key": key}))
+        await frames_until(watcher, lambda e: e["type"] == "token")
+        await killed(a)
+        await other.send(json.dumps({"type": "cancel", "id": "r1", "key": key}))
+        await other.send(json.dumps({"type": "ping"}))
+        told = [json.loads(f) for f in await frames_until(other, lambda e: e["type"] == "pong")]
+        watched = [json.loads(f) for f in await frames_until(watcher, terminal, limit=30)]
+    assert [e for e in told if e["type"] == "error"] == [], told
+    assert [e["type"] for e in watched if e["type"] in ("done", "error", "cancelled")] == ["cancelled"], watched[-2:]
+    stats = sim.simulator.stats
+    await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)

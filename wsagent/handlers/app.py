@@ -188,6 +188,7 @@ class App:
                                                                            handover.answer))
         elif checkpoint is not None:
             make = partial(model_batches, self.upstream, [], resume=Resume(checkpoint))
+            run.on_finish.append(partial(self._unread, checkpoint))
         else:
             run.end(ErrorEvent("producer_lost", "the node that produced this run stopped before the model's first "
                                "event; start the run again", True, agent=run.agent, workflow=run.workflow))
@@ -204,6 +205,12 @@ class App:
 
         run.on_finish.append(finished)
         run.start(pump(run, make))
+
+    def _unread(self, checkpoint: str, run: Run) -> None:
+        """A run taken over on a background response ended: unless it is ``done``, the response is cancelled
+        upstream (its producer may have ended before it read anything, and so never cancelled it)."""
+        if run.outcome != "done":
+            self.upstream.cancel_response(checkpoint)
 
     def _count(self, run: Run) -> None:
         terminal = run.terminal

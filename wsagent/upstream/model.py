@@ -452,6 +452,11 @@ class UpstreamClient:
     def _stream_url(self, response_id: str, after: int) -> str:
         return f"{self._url}/{quote(response_id, safe='')}?stream=true&starting_after={after}"
 
+    def cancel_response(self, state: str) -> None:
+        """Cancel upstream the background response of a :class:`~wsagent.core.chunks.Position`'s ``state`` (a run
+        taken over that ended before it read anything: nobody will)."""
+        self._cancel_upstream(_position(state)[0])
+
     def _cancel_upstream(self, response_id: str) -> None:
         """``POST /responses/{id}/cancel``, off the cancel's path (a run's cancel never waits for it); bounded by
         the connect and first-byte timeouts, and awaited by :meth:`close`."""

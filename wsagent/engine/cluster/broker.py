@@ -244,17 +244,20 @@ class RedisBroker:
         try:
             reads = await self.link.send([command for run in runs for command in (
                 ("XRANGE", name("log", run.key), "-", "+"),
-                ("HMGET", name("run", run.key), "request", "step", "stepend"), ("GET", name("answer", run.key)))])
+                ("HMGET", name("run", run.key), "request", "step", "stepend", "cancel"),
+                ("GET", name("answer", run.key)))])
         except DOWN_ERRORS as exc:
             self._untaken += runs
             self.link.lost(exc)
             return
         for i, run in enumerate(runs):
             entries, fields, answer = reads[3 * i:3 * i + 3]
-            request, step, step_end = fields if isinstance(fields, list) else (None, None, None)
+            request, step, step_end, cancel = fields if isinstance(fields, list) else (None, None, None, None)
             try:
-                self._take(run, entries if isinstance(entries, list) else [], request,
-                           answer if isinstance(answer, str) else "", step, int(step_end or 0))
+                taken = self._take(run, entries if isinstance(entries, list) else [], request,
+                                   answer if isinstance(answer, str) else "", step, int(step_end or 0))
+                if taken is not None and cancel is not None:  # cancelled while nobody produced it
+                    taken.cancel(cancel)
             except Exception:  # (a defect: the others are taken over all the same, and this one is logged)
                 log.exception("cluster: node %s could not take run %s over", self.node, run.key)
 
@@ -289,7 +292,7 @@ class RedisBroker:
                                          agent=run.agent, workflow=run.workflow), TAKEN_OVER)
 
     def _take(self, claimed_run: Claimed, entries: list[Any], request: str | None, answer: str, step: str | None,
-              step_end: int) -> None:
+              step_end: int) -> Run | None:
         """Go on with a run this node claimed: a local run holding the history of its stream (``entries``), whose
         log goes on after the last (a run continued by its answer: with its ``request`` and ``answer`` so far; an
         agent's: from its last ``step`` checkpoint, before seq ``step_end``)."""
@@ -299,7 +302,7 @@ class RedisBroker:
             checkpoint = None  # (a position of an older step's model call)
         if rows and terminal_outcome(rows[-1][1]) is not None or self.local.run_here(claimed_run.key) is not None:
             self.link.write([("SREM", takeover_set(self.node), claimed_run.key)])  # it had ended
-            return
+            return None
         run = Run(str(meta["id"]), key=claimed_run.key, user=meta.get("user"), scope=str(meta["scope"]),
                   buffer_bytes=int(meta["buffer"]), replay_bytes=int(meta["replay"]), agent=meta.get("agent"),
                   workflow=meta.get("workflow"), grace=float(meta["grace"]))
@@ -319,6 +322,7 @@ class RedisBroker:
         begun = step is not None and any(seq >= step_end and kind_of(code) in (Thinking.kind, Answer.kind)
                                          for seq, code, _ in rows)
         self.on_takeover(run, Handover(checkpoint, answer, step, step_text if step is not None else "", begun))
+        return run
 
     def _more(self, commands: list[Command]) -> None:
         self.clients.due(commands)
@@ -533,7 +537,13 @@ class RedisBroker:
         if not isinstance(run, Mirror):
             return False
         self.link.require_up()
-        return await self._question(run, lambda ask, asker: messages.AskCancel(ask, asker, key, reason)) is True
+        answer = await self._question(run, lambda ask, asker: messages.AskCancel(ask, asker, key, reason))
+        if answer is None and run.resumable and not run.finished:
+            # its producer did not answer (it died, not yet taken for dead): the node that takes the run over
+            # finds the cancel with it, and cancels it at once
+            await self.link.ask(self.link.redis.hset(name("run", key), "cancel", reason))
+            return True
+        return answer is True
 
     # -- users and client ids ----------------------------------------------
 

@@ -202,6 +202,7 @@ async def test_a_producer_that_comes_back_writes_nothing_more(
         watched = await frames_until(watcher, terminal, limit=60)
     # (what a relayed while the others took it for dead reached its own client only, never Redis)
     assert (told["type"], told["code"], told["retryable"]) == ("error", "taken_over", True), told
+    assert "seq" not in told  # (the seqs after what Redis had are the new producer's)
     contiguous(middle + watched, seq(middle[0]) - 1)
     assert json.loads(watched[-1])["type"] == "done"
     log = await redis_fields(cluster.redis_port, "xrange", f"wsagent:log:{key}", "-", "+")
@@ -390,3 +391,24 @@ async def test_a_cancel_while_nobody_produces_the_run_is_kept_for_the_node_that_
     assert [e["type"] for e in watched if e["type"] in ("done", "error", "cancelled")] == ["cancelled"], watched[-2:]
     stats = sim.simulator.stats
     await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)
+
+
+async def test_a_node_stopped_with_no_drain_tells_its_clients_where_the_run_goes_on(cluster: Cluster) -> None:
+    """``--drain-timeout 0``: no 1012 first; each client of a run left to the others gets one ``taken_over`` error
+    without a ``seq`` (it had one, which named the new producer's next event: found by the attacker), and a
+    resume after the last seq it saw gets the rest."""
+    a, b = await cluster.start("a", "b", drain_timeout=0, **MODES["continue"])
+    prompt = "sim:rate=40 sim:tokens=240 sim:reasoning=0 no drain"
+    async with a.connect() as own:
+        key = await start_run(own, "r1", prompt)
+        head = await frames_until(own, lambda e: e["type"] == "token" and e["seq"] >= 4)
+        a.process.send_signal(signal.SIGTERM)
+        seen = [json.loads(f) for f in head + await frames_until(own, terminal)]
+    told = seen[-1]
+    assert (told["type"], told["code"], "seq" in told) == ("error", "taken_over", False), told
+    after = max(e["seq"] for e in seen if "seq" in e)
+    async with b.connect() as moved:
+        await moved.send(json.dumps({"type": "resume", "id": "r1", "key": key, "after": after}))
+        rest = await frames_until(moved, terminal, limit=30)
+    contiguous(rest, after)
+    assert json.loads(rest[-1])["type"] == "done", rest[-1]

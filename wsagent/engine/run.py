@@ -57,7 +57,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
 from typing import Any, Protocol, TypeVar
 
-from ..core.errors import WsAgentError
+from ..core.errors import TAKEN_OVER, WsAgentError
 from ..core.events import (
     KIND_NAMES,
     TEXT_CLASSES,
@@ -424,6 +424,7 @@ class Run:
         #: Another node may go on with it if this one dies (``--takeover``): its producer pushes a
         #: :class:`~wsagent.core.events.Checkpoint` after each batch, and never waits for room mid-batch.
         self.resumable = False
+        self._handed_off = False  # another node produces it now: its end here has no seq
         self.checkpoint: str | None = None  # the last checkpoint's state
         self.checkpoint_end = 0  # the seq after the events it covers
         #: A run continued by asking the model to finish its partial answer: its request (text), which the
@@ -565,6 +566,12 @@ class Run:
         assert terminal is not None and terminal.terminal
         if self._tail_code >= 0:
             self._seal_tail()
+        if self._handed_off and isinstance(terminal, ErrorEvent):  # the seqs from here are the new producer's
+            self._asks = self._heard = self._steers = None
+            self.usage_sent = True
+            self._append(terminal.kind, encode_message("error", id=self.id, code=terminal.code,
+                                                       retryable=terminal.retryable, message=terminal.message), _now())
+            self.terminal, self.outcome = terminal, terminal.type
         self._stop_budget()
         if self._asks is not None:
             for ask in self._asks.values():
@@ -586,9 +593,10 @@ class Run:
             else:
                 self._seal(UsageEvent(self.prompt_estimate, self.streamed, self.prompt_estimate + self.streamed,
                                       estimated=True, agent=self.agent, workflow=self.workflow))
-        self._seal(terminal)
-        self.terminal = terminal
-        self.outcome = terminal.type
+        if not self._handed_off:
+            self._seal(terminal)
+            self.terminal = terminal
+            self.outcome = terminal.type
         if self.transcript is not None:
             self.transcript.close()
         if self._done is not None:
@@ -635,6 +643,15 @@ class Run:
             self.task.cancel(why)
         else:
             self.end(terminal)
+
+    def hand_off(self, message: str) -> None:
+        """Another node produces this run now (it took it over, or this node left it to the others): the
+        producer stops (its task cancelled with ``TAKEN_OVER``: what it reads upstream goes on there), and
+        each watcher here gets one ``error`` ``taken_over`` without a ``seq`` (the seqs after what Redis has are
+        the new producer's); nothing else is sealed."""
+        self._handed_off = True
+        self.interrupt(ErrorEvent("taken_over", message, True, agent=self.agent, workflow=self.workflow),
+                       TAKEN_OVER)
 
     def interruption(self) -> Event:
         """The terminal event for a producer that was cancelled."""

@@ -37,8 +37,7 @@ from typing import Any
 
 from redis.asyncio.client import Pipeline
 
-from ...core.errors import TAKEN_OVER
-from ...core.events import Answer, ErrorEvent, Thinking
+from ...core.events import Answer, Thinking
 from ..broker import Handover, LocalBroker, Mailbox, mint_key
 from ..run import NotAnswerable, Run, Subscription, Watch, kind_of, terminal_outcome
 from . import messages
@@ -151,9 +150,7 @@ class RedisBroker:
             return False
         self.replication.surrendered(run)
         self._handed_over = True
-        run.interrupt(ErrorEvent("taken_over", "this node stopped; another goes on with this run: resume it from "
-                                 "the last seq you received", True, agent=run.agent, workflow=run.workflow),
-                      TAKEN_OVER)
+        run.hand_off("this node stopped; another goes on with this run: resume it from the last seq you received")
         return True
 
     def cluster_status(self) -> dict[str, Any]:
@@ -287,9 +284,9 @@ class RedisBroker:
                 log.warning("cluster: node %s was taken for dead; node %s took run %s over", self.node,
                             reply[0], run.key)
                 self.replication.surrendered(run)
-                run.interrupt(ErrorEvent("taken_over", f"node {reply[0]} took this run over while this node was "
-                                         "unreachable; resume it from the last seq you received", True,
-                                         agent=run.agent, workflow=run.workflow), TAKEN_OVER)
+                run.hand_off(f"node {reply[0]} took this run over while this node was unreachable; resume it on "
+                             "any node (this node relayed what the cluster may not have: from the last seq it "
+                             "had, or from the start)")
 
     def _take(self, claimed_run: Claimed, entries: list[Any], request: str | None, answer: str, step: str | None,
               step_end: int) -> Run | None:

@@ -215,9 +215,10 @@ async def test_a_producer_that_comes_back_writes_nothing_more(
 
 
 async def test_a_node_stopped_past_its_drain_leaves_its_runs_to_another(
-        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+        cluster: Cluster, sim: SimulatorServer) -> None:
     """SIGTERM with a drain shorter than the answer (a rolling restart; an orchestrator's SIGKILL after it): the
     client moves at the 1012 and resumes on b; past the drain, b goes on with the run itself."""
+    mode = "background"  # (--drain-timeout 0 below runs the other)
     a, b = await cluster.start("a", "b", drain_timeout=1, **MODES[mode])
     prompt = "sim:rate=40 sim:tokens=240 sim:reasoning=0 drained"
     async with a.connect() as own:
@@ -273,7 +274,8 @@ def thoughts(frames: list[str]) -> dict[str, Any]:
             "observations": [e["content"] for e in events if e["type"] == "observation"]}
 
 
-@pytest.mark.parametrize("kill_at", ["thinking", "observation", "answer"])
+@pytest.mark.parametrize(("mode", "kill_at"), [("background", "thinking"), ("continue", "thinking"),
+                                               ("background", "observation"), ("continue", "answer")])
 async def test_an_agent_run_goes_on_from_its_last_step(cluster: Cluster, sim: SimulatorServer, mode: str,
                                                        kill_at: str) -> None:
     """The built-in agent, killed while it thinks, after a tool's observation, or while it answers: the node
@@ -325,10 +327,11 @@ async def test_two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over(cluste
         assert text(head) + text(rest) == whole
 
 
-async def test_a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Cluster, mode: str) -> None:
+async def test_a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Cluster) -> None:
     """SIGKILL, then the same ``--node-id`` started again at once (systemd's ``Restart=``): to the others the id
     never stopped beating, so the new process itself takes over what its predecessor left (found by the
     attacker: nobody did, and the runs were lost)."""
+    mode = "background"
     a, b = await cluster.start("a", "b", **MODES[mode])
     prompt = "sim:rate=40 sim:tokens=200 sim:reasoning=0 restarted"
     async with a.connect() as own:

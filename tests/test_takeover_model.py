@@ -286,7 +286,7 @@ def check(kind: str, view: Any, whole: Any) -> None:
 
 
 @pytest.mark.timeout(900)
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # (no shrinking: each example is a cluster's life)
 @given(mode=st.sampled_from(["background", "continue"]), kind=st.sampled_from(["chat", "agent", "ai-sdk"]),
        kill_after=st.integers(0, TOKENS // 2), watcher=st.sampled_from([None, 1, 2]), second=st.booleans(),

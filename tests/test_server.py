@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 from typing import Any
 
 import aiohttp
 import pytest
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from wsagent.core.config import Settings, load_settings
 from wsagent.transport.connections import Connection
@@ -157,14 +162,64 @@ async def test_oversized_message_closes_1009(make_server: ServerFactory) -> None
 
 
 async def test_dead_peer_is_dropped(make_server: ServerFactory) -> None:
+    """A peer that stops answering pings is failed with 1011 once its ping has waited ``ping_timeout``, and
+    dropped ``close_timeout`` later (it reads nothing, so it never answers the close frame either)."""
     server = await make_server(ping_interval=0.1, ping_timeout=0.2, close_timeout=0.5)
     async with ws_connect(server, "/ws", ping_interval=None) as ws:
         conn = await server_side(server, "/ws")
+        loop = asyncio.get_running_loop()
+        paused = loop.time()
         ws.transport.pause_reading()  # the peer stops answering pings
         await asyncio.wait_for(conn.ws.wait_closed(), 10)
+        took = loop.time() - paused
         close_sent = conn.ws.protocol.close_sent
         assert close_sent is not None and close_sent.code == 1011  # keepalive ping timeout
+        assert close_sent.reason == "keepalive ping timeout"
+        # The first ping at 0.1 s, its timeout at 0.3 s, then the close handshake's 0.5 s: not before 0.8 s.
+        assert 0.75 <= took < 5, took
         ws.transport.abort()
+
+
+class _Pinged(ClientConnection):
+    """A client that notes when each ping arrives (the library answers it)."""
+
+    pings: list[float]
+    counted: asyncio.Event
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame) and event.opcode is Opcode.PING:
+            self.pings.append(self.loop.time())
+            if len(self.pings) >= 4:
+                self.counted.set()
+        super().process_event(event)
+
+
+async def test_a_peer_that_answers_is_pinged_every_interval_and_kept(make_server: ServerFactory) -> None:
+    server = await make_server(ping_interval=0.1, ping_timeout=0.05)
+    async with ws_connect(server, "/ws", ping_interval=None, create_connection=_Pinged) as ws:
+        assert isinstance(ws, _Pinged)
+        ws.pings, ws.counted = [], asyncio.Event()
+        await asyncio.wait_for(ws.counted.wait(), 10)
+        gaps = [b - a for a, b in itertools.pairwise(ws.pings)]
+        assert all(gap >= 0.09 for gap in gaps), gaps  # (timers gather pings due within a tenth of the interval)
+        conn = await server_side(server, "/ws")
+        assert conn.ws.latency > 0  # measured from its pongs, each within the 0.05 s timeout
+        await ws.send("still here")
+        assert await ws.recv() == "STILL HERE"
+
+
+async def test_idle_connections_hold_no_task_of_their_own_but_their_handler(make_server: ServerFactory) -> None:
+    """Keepalive pings come from one timer for all connections (the library's default is a task each),
+    under the default settings."""
+    server = await make_server()
+    assert server.settings.ping_interval == Settings().ping_interval > 0
+    before = len(asyncio.all_tasks())
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(20):
+            await stack.enter_async_context(ws_connect(server, "/ws/chat", ping_interval=None))
+        # (the server's task that answered the handshake runs on into the handler at once)
+        assert len(server.manager) == 20
+        assert len(asyncio.all_tasks()) - before == 20
 
 
 async def test_broadcast_with_a_client_that_never_reads(make_server: ServerFactory) -> None:

@@ -46,6 +46,7 @@ from ..transport.connections import (
     connection_id,
 )
 from ..transport.http_answers import http_response
+from ..transport.keepalive import Keepalive
 from ..transport.origin_policy import OriginPolicy
 from ..upstream.agents.builtin import WorkflowFactory, build_workflows, load_workflows
 from ..upstream.agents.producers import AgentFactory, load_agents
@@ -83,6 +84,7 @@ class WsAgentServer:
         self._mesh: WorkerMesh | None = None
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._keepalive: Keepalive | None = None
         self._stopped = False
         self.sock = sock
         self.worker = worker
@@ -154,8 +156,7 @@ class WsAgentServer:
             compression=None,
             extensions=lazy_deflate() if s.compression == "deflate" else None,
             open_timeout=s.open_timeout or None,
-            ping_interval=s.ping_interval or None,
-            ping_timeout=s.ping_timeout or None,
+            ping_interval=None,  # (pings are self._keepalive's, for every connection)
             close_timeout=s.close_timeout,
             max_size=s.max_message_size,
             max_queue=16,
@@ -167,6 +168,8 @@ class WsAgentServer:
         bound = [sock.getsockname()[0] for sock in self._server.sockets]
         self.origin_policy = OriginPolicy(s.allowed_origins, s.host, bound, self.port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if s.ping_interval:
+            self._keepalive = Keepalive(s.ping_interval, s.ping_timeout or None)
         page_host = "localhost" if self.origin_policy.wildcard else _url_host(bound[0])
         log.info("wsagent listening on %s (the page: http://%s:%d/)", self.url, page_host, self.port)
         return self
@@ -259,6 +262,8 @@ class WsAgentServer:
             await self._mesh.stop()
         if app is not None:
             await app.broker.close()
+        if self._keepalive is not None:
+            self._keepalive.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):
@@ -357,6 +362,8 @@ class WsAgentServer:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.socket_send_buffer)
         app.manager.register(conn, route.pattern)
+        if self._keepalive is not None:
+            self._keepalive.add(ws)
         log.info("open %s %s from %s", conn.id, printable(path), remote_text, extra={"conn": conn.id})
         try:
             refusal = await app.authenticate(conn, route.pattern, route.auth or self.settings.require_auth)

@@ -326,14 +326,17 @@ async def test_deflate_skips_tiny_messages_and_compresses_the_rest(server: WsAge
 
 async def test_a_routed_connection_keeps_no_handshake_headers(server: WsAgentServer) -> None:
     """They were a quarter of an idle connection's memory; once the connection is checked and routed,
-    nothing reads them (see ``_forget_handshake``)."""
+    nothing reads them, nor the response, nor the library's subprotocol closure (see ``_forget_handshake``);
+    and no connection has a logger adapter of its own."""
     async with ws_connect(server, "/ws/chat?x=1", additional_headers={"X-Big": "y" * 2000}) as ws:
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv())["type"] == "pong"  # past the checks, in its handler
         conn = await server_side(server, "/ws/chat")
-        assert conn.ws.request is not None and conn.ws.response is not None
-        assert list(conn.ws.request.headers.raw_items()) == [] and list(conn.ws.response.headers.raw_items()) == []
+        assert conn.ws.request is not None and conn.ws.response is None
+        assert list(conn.ws.request.headers.raw_items()) == []
         assert conn.ws.request.path == "/ws/chat?x=1"
+        assert "select_subprotocol" not in vars(conn.ws.protocol)
+        assert isinstance(conn.ws.logger, logging.Logger) and conn.ws.protocol.logger is conn.ws.logger
 
 
 async def test_the_startup_log_names_the_model_sent_upstream(make_server: ServerFactory,

@@ -98,6 +98,11 @@ class StreamConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The library wraps its logger in an adapter for each connection (an adapter, a dict and a weak
+        # proxy: 400 bytes an idle connection holds); its records need no connection of their own here.
+        adapter = self.logger
+        if isinstance(adapter, logging.LoggerAdapter):
+            self.logger = self.protocol.logger = adapter.logger
         self.on_leave: Callable[[], None] | None = None
         self.pinger: Keepalive | None = None
         self._ping: tuple[bytes, float] | None = None

@@ -409,16 +409,18 @@ def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, W
 
 
 def _forget_handshake(ws: ServerConnection) -> None:
-    """Drop the handshake's request and response headers once the connection is checked and routed.
+    """Drop what the handshake left once the connection is checked and routed: the request's headers,
+    the response, the library's subprotocol closure.
 
-    The library keeps both for the connection's life; nothing reads them after this (the path, the
-    route's parameters, the user and the address are on :class:`Connection`), and at 10,000 idle
-    connections they were a quarter of the server's memory: 16.6 KiB per connection with them, 12.4
-    without (RSS, measured with ``scripts/bench.py``'s idle scenario).
+    The library keeps them for the connection's life; nothing reads them after this (the path, the
+    route's parameters, the user and the address are on :class:`Connection`, the query on the request),
+    and at 10,000 idle connections the headers were a quarter of the server's memory: 16.6 KiB per
+    connection with them, 12.4 without (RSS, measured with ``scripts/bench.py``'s idle scenario).
     """
-    assert ws.request is not None and ws.response is not None
+    assert ws.request is not None
     ws.request.headers = Headers()
-    ws.response.headers = Headers()
+    ws.response = None
+    vars(ws.protocol).pop("select_subprotocol", None)
 
 
 async def _broker(settings: Settings, worker: Worker | None) -> Broker:

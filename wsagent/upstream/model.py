@@ -307,7 +307,7 @@ class UpstreamClient:
                     if event is not END:
                         yield event
 
-    async def batches(
+    def batches(
         self,
         messages: Sequence[dict[str, Any]],
         *,
@@ -322,13 +322,10 @@ class UpstreamClient:
 
         With ``checkpoints`` (a background response), each batch ends (before ``END``) with a
         :class:`~wsagent.core.chunks.Position`: where :meth:`resume` goes on, on any node."""
-        body = self.build_body(messages, model, tools, params)
-        async with aclosing(self._relay(json.dumps(body).encode(), None, ResponsesInterpreter(),
-                                        checkpoints and self._background)) as reads:
-            async for read in reads:
-                yield read
+        body = self.build_body(messages, model, tools, params)  # (here: a bad request fails at the call)
+        return self._relay(json.dumps(body).encode(), None, None, checkpoints and self._background)
 
-    async def resume(self, resume: Resume) -> AsyncGenerator[list[ModelEvent], None]:
+    def resume(self, resume: Resume) -> AsyncGenerator[list[ModelEvent], None]:
         """The rest of an answer another process began, from its last :class:`~wsagent.core.chunks.Position`:
         a background response read again after its last event (nothing read twice), or (``CONTINUE``) the
         original request sent again with the partial answer as a final assistant message that the model
@@ -339,20 +336,16 @@ class UpstreamClient:
             body["messages"] = [*body.get("messages", []), {"role": "assistant", "content": resume.answer}]
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-            relay = self._relay(json.dumps(body).encode(), None, ResponsesInterpreter(), False)
-        else:
-            response_id, after = _position(resume.checkpoint)
-            interpreter = ResponsesInterpreter()
-            interpreter.response_id, interpreter.sequence = response_id, after
-            relay = self._relay(None, self._stream_url(response_id, after), interpreter, True)
-        async with aclosing(relay) as reads:
-            async for read in reads:
-                yield read
+            return self._relay(json.dumps(body).encode(), None, None, False)
+        response_id, after = _position(resume.checkpoint)
+        interpreter = ResponsesInterpreter()
+        interpreter.response_id, interpreter.sequence = response_id, after
+        return self._relay(None, self._stream_url(response_id, after), interpreter, True)
 
-    async def _relay(self, payload: bytes | None, url: str | None, responses: ResponsesInterpreter,
+    async def _relay(self, payload: bytes | None, url: str | None, responses: ResponsesInterpreter | None,
                      checkpoints: bool) -> AsyncGenerator[list[ModelEvent], None]:
         """POST ``payload`` (or GET ``url``) and yield what each read completed; ``responses`` interprets a
-        Responses API stream."""
+        Responses API stream (a new one if None)."""
         started = time.monotonic()
         try:
             response = await self._open(payload, url)
@@ -370,7 +363,10 @@ class UpstreamClient:
                 yield [*events, END]
                 return
             decoder = SSEDecoder(cfg.max_event_size)
-            interpreter = responses if self._responses else ChunkInterpreter()
+            if self._responses:
+                interpreter = responses = responses or ResponsesInterpreter()
+            else:
+                interpreter = ChunkInterpreter()
             loop = asyncio.get_running_loop()
             reattached = 0
             while True:
@@ -383,7 +379,7 @@ class UpstreamClient:
                             break
                         watchdog.deadline = math.inf
                         batch, error = _interpret(decoder, interpreter, data)
-                        if checkpoints and responses.response_id is not None:
+                        if checkpoints and responses is not None and responses.response_id is not None:
                             batch.append(Position(_state(responses.response_id, responses.sequence)))
                         if interpreter.done and error is None:  # complete: whoever reads it may stop here
                             finished = True

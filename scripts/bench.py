@@ -101,7 +101,7 @@ class Plan:
 
 
 FULL = Plan(rounds=3, tokens=500, throughput_tokens=10000, cancels=50, miss_after=3.0, slow_warmup=3, slow_seconds=60,
-            idle_counts=(1000, 10000), levels=(100, 250, 500, 750, 1000, 1250, 1500, 2000), level_seconds=6,
+            idle_counts=(1000, 10000, 50000), levels=(100, 250, 500, 750, 1000, 1250, 1500, 2000), level_seconds=6,
             cluster_cancels=100, cluster_levels=(250, 500, 750, 1000, 1250, 1500),
             worker_levels=(100, 250, 500, 750, 1000, 1500, 2000), restart_streams=150, takeover_kills=100,
             takeover_per_kill=5, takeover_streams=100, takeover_seconds=8)
@@ -163,6 +163,8 @@ class Server:
     name: str
     process: asyncio.subprocess.Process
     port: int
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -238,7 +240,17 @@ async def start(name: str, command: list[str], port: int, env: dict[str, str] | 
         await wait_port(port, process)
     except (OSError, RuntimeError) as exc:
         raise SystemExit(f"{name} did not start ({' '.join(command)}): {exc}") from None
-    return Server(name, process, port)
+    return Server(name, process, port, command, env)
+
+
+async def restart(server: Server) -> Server:
+    """``server`` stopped, and started again as it was, on a new port."""
+    server.process.terminate()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(server.process.wait(), 15)
+    port = free_port()
+    command = [str(port) if part == str(server.port) else part for part in server.command]
+    return await start(server.name, command, port, server.env)
 
 
 _STAMP = re.compile(r'"content":"(\d+\.\d+) "')
@@ -327,10 +339,14 @@ class LoadClient(asyncio.Protocol):
         self._fragments: list[bytes | bytearray | memoryview] = []
 
     @classmethod
-    async def open(cls, url: str, limit: float = 60) -> LoadClient:
+    async def open(cls, url: str, limit: float = 60, source: str | None = None) -> LoadClient:
+        """A connection to ``url``; from the loopback address ``source`` if given (each address has its own
+        ephemeral ports, so that tens of thousands of connections do not run out of them)."""
         uri = parse_uri(url)
+        local = (source, 0) if source else None
         async with asyncio.timeout(limit):
-            _, client = await asyncio.get_running_loop().create_connection(lambda: cls(url), uri.host, uri.port)
+            _, client = await asyncio.get_running_loop().create_connection(lambda: cls(url), uri.host, uri.port,
+                                                                           local_addr=local)
             await client.opened
         return client
 
@@ -406,12 +422,12 @@ class LoadClient(asyncio.Protocol):
 
 
 @contextlib.asynccontextmanager
-async def sockets(url: str, count: int) -> AsyncIterator[list[LoadClient]]:
+async def sockets(url: str, count: int, source: str | None = None) -> AsyncIterator[list[LoadClient]]:
     gate = asyncio.Semaphore(200)
 
     async def one() -> LoadClient:
         async with gate:
-            return await LoadClient.open(url)
+            return await LoadClient.open(url, source=source)
 
     opened = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
     good = [client for client in opened if isinstance(client, LoadClient)]
@@ -539,12 +555,61 @@ async def cancellation(server: Server, sim_port: int, runs: int, abrupt: bool, m
     return cancels.summary()
 
 
+#: Idle connections one holder process opens (each is a file descriptor of its own, under its limit).
+PER_HOLDER = 15_000
+
+
+def fd_limit() -> int:
+    """The most file descriptors a process may have here (its hard limit: servers are started with it)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
 async def idle_memory(server: Server, count: int) -> dict[str, float]:
+    """RSS per connection with ``count`` idle connections open, each offering permessage-deflate as browsers
+    do. They are opened by holder processes (``--hold``), at most :data:`PER_HOLDER` each, each from a
+    loopback address of its own (127.0.0.2, 127.0.0.3, ...): no process runs out of file descriptors or
+    ephemeral ports. The server's family of processes is measured (Node's and Python's alike are one)."""
+    if count + 200 > fd_limit():
+        print(f"  idle {count}: skipped, a server process may hold {fd_limit():,} file descriptors here "
+              f"(the hard RLIMIT_NOFILE; {count + 200:,} needed)", flush=True)
+        return {"rss_kib_per_connection": math.nan}
     base = rss_bytes(server.pid)
-    async with sockets(server.url, count):
+    holders: list[asyncio.subprocess.Process] = []
+    try:
+        for n, start_at in enumerate(range(0, count, PER_HOLDER)):
+            holder = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "scripts" / "bench.py"), "--hold", server.url,
+                str(min(PER_HOLDER, count - start_at)), f"127.0.0.{n + 2}",
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+            holders.append(holder)
+            assert holder.stdout is not None
+            async with asyncio.timeout(120):
+                line = await holder.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"a holder of idle connections failed: {line.decode(errors='replace')!r}")
         await asyncio.sleep(1.0)  # let allocations settle; a measurement pause, not a wait for an event
         grown = rss_bytes(server.pid)
+    finally:
+        for holder in holders:
+            if holder.stdin is not None:
+                holder.stdin.close()
+        for holder in holders:
+            try:
+                await asyncio.wait_for(holder.wait(), 60)
+            except TimeoutError:
+                holder.kill()
+                await holder.wait()
     return {"rss_kib_per_connection": (grown - base) / count / 1024}
+
+
+async def hold(url: str, count: int, source: str) -> None:
+    """``--hold``: open ``count`` idle connections to ``url`` from ``source``, say ``ready``, keep them until
+    standard input closes, then close them."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit(), fd_limit()))
+    loop = asyncio.get_running_loop()
+    async with sockets(url, count, source):
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
 
 
 async def slow_client(server: Server, sim_port: int, seconds: float, bytes_per_s: int) -> dict[str, float]:
@@ -1103,7 +1168,7 @@ async def takeover_rows(results: dict[str, dict[str, dict[str, float]]], upstrea
 
 
 WSAGENT = [sys.executable, "-m", "wsagent.serve", "--port", "PORT", "--upstream-url", "UPSTREAM", "--log-level",
-           "WARNING", "--max-connections", "30000", "--max-connections-per-ip", "30000", "--run-max-tokens", "0",
+           "WARNING", "--max-connections", "100000", "--max-connections-per-ip", "100000", "--run-max-tokens", "0",
            "--run-max-seconds", "0", "--max-runs-per-user", "100000", "--max-runs-per-ip", "0"]
 #: The servers, in the table's order: wsagent, then the peers (see the module's docstring), the floor last.
 PEERS = [
@@ -1169,6 +1234,21 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
                     cost = results.setdefault(server.name, {})[f"starts_{n}"] = await starts(server, 200, 10)
                     print(f"  {server.name}: {cost['cpu_us_per_run']:.0f} us per one-token run", flush=True)
             return results
+        if args.idle:  # only this, in rounds, each figure the median of its rounds
+            idle: dict[str, dict[str, list[dict[str, float]]]] = {server.name: {} for server in servers}
+            for n in range(plan.rounds):
+                for count in plan.idle_counts:
+                    for server in servers:
+                        # A server that held connections before keeps their memory for the next ones: each
+                        # measure starts one afresh, as the first measure of a full run does.
+                        fresh = await restart(server)
+                        servers[servers.index(server)] = fresh
+                        cost = await idle_memory(fresh, count)
+                        idle[server.name].setdefault(f"idle_{count}", []).append(cost)
+                        if not math.isnan(cost["rss_kib_per_connection"]):
+                            print(f"  round {n + 1}: {server.name} {count} idle: "
+                                  f"{cost['rss_kib_per_connection']:.2f} KiB per connection", flush=True)
+            return {name: {key: median(costs) for key, costs in rows.items()} for name, rows in idle.items()}
         # The figures that move most between runs, in rounds that take every server in turn: a slow
         # minute of the machine lands on all of them alike, and each figure is the median of its rounds.
         rounds: dict[str, dict[str, list[dict[str, float]]]] = {server.name: {} for server in servers}
@@ -1232,6 +1312,7 @@ ROWS = [
     ("cancel_abrupt", "missed", "abrupt closes never cancelled upstream", "lower"),
     ("idle_1000", "rss_kib_per_connection", "RSS per idle connection, 1,000 open (KiB)", "lower"),
     ("idle_10000", "rss_kib_per_connection", "RSS per idle connection, 10,000 open (KiB)", "lower"),
+    ("idle_50000", "rss_kib_per_connection", "RSS per idle connection, 50,000 open (KiB)", "lower"),
     ("slow_client", "rss_growth_mib", "RSS growth, one slow reader (MiB)", "lower"),
     ("slow_client", "upstream_mib", "upstream text sent meanwhile (MiB)", "lower"),
     ("slow_client", "received_mib", "text the slow client read (MiB)", "higher"),
@@ -1373,14 +1454,25 @@ def main() -> None:
     parser.add_argument("--starts", action="store_true",
                         help="only the server CPU per one-token run (what starting and ending a run costs), in rounds")
     parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")
+    parser.add_argument("--idle", action="store_true",
+                        help="only RSS per idle connection at 1,000, 10,000 and 50,000 connections, in rounds")
+    parser.add_argument("--hold", nargs=3, metavar=("URL", "COUNT", "SOURCE"), help=argparse.SUPPRESS)
     parser.add_argument("--only-takeover", action="store_true",
                         help="only the takeover rows (--takeover background: SIGKILL to the watchers' next token, "
                              "runs lost, CPU per token of the node that took over); needs redis-server")
     args = parser.parse_args()
+    if args.hold:
+        url, count, source = args.hold
+        asyncio.run(hold(url, int(count), source))
+        return
     started = time.monotonic()
     results = asyncio.run(bench_then_stop(args))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
+    if args.idle:
+        print()
+        print(table(results))
+        return
     if args.starts:
         for name, rounds in results.items():
             print(f"{LABELS[name]}: {statistics.median(r['cpu_us_per_run'] for r in rounds.values()):.0f} us of "

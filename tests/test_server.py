@@ -345,3 +345,22 @@ async def test_the_startup_log_names_the_model_sent_upstream(make_server: Server
     await make_server(upstream={"model": "my-model"})
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model server: ")]
     assert "model my-model" in line
+
+
+async def test_stop_ends_cleanly_when_a_client_vanishes_while_its_writes_wait(make_server: ServerFactory) -> None:
+    """A client that read nothing (the server's writer waiting for it to drain) and then vanished while the
+    server stopped: the loss cancelled the writer that the stop's flush was waiting for, and the stop
+    raised CancelledError (found by a benchmark that stopped its server right after its slow reader left)."""
+    server = await make_server(close_timeout=1, socket_send_buffer=4096)
+    ws = await ws_connect(server, "/ws/chat", ping_interval=None, max_queue=1)
+    ws.transport.pause_reading()
+    await ws.send("long sim:rate=0 sim:tokens=200000 sim:pad=200 sim:reasoning=0")
+    conn = await server_side(server, "/ws/chat")
+    async with asyncio.timeout(30):
+        while True:  # (the writer's wait tells nobody: polled, bounded by the timeout)
+            if conn.outbox.sending_since is not None:
+                break
+            await asyncio.sleep(0.01)
+    ws.transport.abort()
+    await server.stop(drain=0)
+    assert len(server.manager) == 0

@@ -335,9 +335,13 @@ class Outbox:
             self._task = None
 
     async def flush(self) -> None:
-        """Wait until everything pending is written (used before closing the socket)."""
+        """Wait until everything pending is written (used before closing the socket), or the writer is gone.
+
+        The writer may end cancelled (its connection was lost meanwhile): that is its end, not this
+        waiter's cancellation, so it is waited for without taking on its outcome (``shield`` raised it here).
+        """
         while self._task is not None:
-            await asyncio.shield(self._task)
+            await asyncio.wait((self._task,))
 
 
 @dataclass(eq=False)

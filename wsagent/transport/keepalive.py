@@ -23,17 +23,31 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict
-from contextlib import suppress
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager, suppress
+from typing import Protocol
 
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
+from websockets.protocol import Protocol as WebSocketProtocol
 from websockets.protocol import State
 
-if TYPE_CHECKING:
-    from .connections import StreamConnection
+__all__ = ["Keepalive", "Pinged"]
 
-__all__ = ["Keepalive"]
+
+class Pinged(Protocol):
+    """What is pinged: :class:`~wsagent.transport.connections.StreamConnection`."""
+
+    pinger: Keepalive | None
+
+    @property
+    def protocol(self) -> WebSocketProtocol:
+        """The library's sans-I/O protocol of the connection."""
+
+    def send_ping(self, payload: bytes, now: float) -> None:
+        """Write a ping with ``payload`` now, and note when it was sent."""
+
+    def send_context(self) -> AbstractAsyncContextManager[None]:
+        """The library's: write what the protocol has to send, and wait for a close it expects."""
 
 
 class Keepalive:
@@ -45,8 +59,8 @@ class Keepalive:
         #: How finely pings due at about the same moment are gathered into one wake-up.
         self.resolution = min(1.0, interval / 10)
         self._loop = asyncio.get_running_loop()
-        self._due: OrderedDict[StreamConnection, float] = OrderedDict()  # next ping, soonest first
-        self._awaited: OrderedDict[StreamConnection, float] = OrderedDict()  # pong deadline, soonest first
+        self._due: OrderedDict[Pinged, float] = OrderedDict()  # next ping, soonest first
+        self._awaited: OrderedDict[Pinged, float] = OrderedDict()  # pong deadline, soonest first
         self._timer: asyncio.TimerHandle | None = None
         self._payloads = itertools.count(1)
         self._failing: set[asyncio.Task[None]] = set()
@@ -54,7 +68,7 @@ class Keepalive:
     def __len__(self) -> int:
         return len(self._due)
 
-    def add(self, ws: StreamConnection) -> None:
+    def add(self, ws: Pinged) -> None:
         """Ping ``ws`` from ``interval`` seconds from now until it is lost."""
         if ws.protocol.state is State.CLOSED:  # lost already: it would never be discarded
             return
@@ -63,11 +77,11 @@ class Keepalive:
         if self._timer is None:
             self._schedule()
 
-    def discard(self, ws: StreamConnection) -> None:
+    def discard(self, ws: Pinged) -> None:
         self._due.pop(ws, None)
         self._awaited.pop(ws, None)
 
-    def answered(self, ws: StreamConnection) -> None:
+    def answered(self, ws: Pinged) -> None:
         """``ws``'s peer answered the ping it was sent."""
         self._awaited.pop(ws, None)
 
@@ -110,7 +124,7 @@ class Keepalive:
         self._schedule()
 
 
-async def _fail(ws: StreamConnection) -> None:
+async def _fail(ws: Pinged) -> None:
     """The library's own end for a peer that stopped answering: 1011, then the close handshake's timeout."""
     with suppress(ConnectionClosed):
         async with ws.send_context():

@@ -334,6 +334,102 @@ def cluster_token(user: str) -> str:
     return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, CLUSTER_SECRET, algorithm="HS256")
 
 
+# Clusters side by side: a test whose scenarios each wait out NODE_TTL waits once, for all of them.
+
+#: How long a cluster's first nodes wait for the others' to be up (a node that does not start within 30 s fails).
+UP_LIMIT = 100.0
+
+
+class Rendezvous:
+    """Where scenarios run side by side wait for each other: each arrives once (or ends), and all go on together."""
+
+    def __init__(self, parties: int) -> None:
+        self.left = parties
+        self.everyone = asyncio.Event()
+
+    def arrive(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.everyone.set()
+
+
+class SideBySide(Cluster):
+    """A cluster run beside others: its first nodes start with theirs, and the test goes on once all are up (the
+    nodes' start-up, the machine's busiest moment, never overlaps another cluster's runs, kills and pauses)."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, sim: SimulatorServer, redis_port: int,
+                 redis: asyncio.subprocess.Process, up: Rendezvous) -> None:
+        super().__init__(stack, sim, redis_port, redis)
+        self.up = up
+        self.arrived = False
+
+    async def start(self, *names: str, **options: Any) -> list[Node]:
+        nodes = await super().start(*names, **options)
+        if not self.arrived:
+            self.arrive()
+            async with asyncio.timeout(UP_LIMIT):  # (each of the others arrives, or ends: see side_by_side)
+                await self.up.everyone.wait()
+        return nodes
+
+    def arrive(self) -> None:
+        if not self.arrived:
+            self.arrived = True
+            self.up.arrive()
+
+
+@contextlib.asynccontextmanager
+async def own_cluster(up: Rendezvous | None = None) -> AsyncIterator[Cluster]:
+    """A cluster with a simulator (``cluster.sim``, as the ``sim`` fixture's) and a ``redis-server`` of its own:
+    nothing in it is shared with another, so that several can run side by side (:func:`side_by_side`, which
+    gives ``up``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(simulator())
+        for attempt in range(3):  # a free port can be taken by another process (a node, a client) before Redis binds it
+            try:
+                port, process = await stack.enter_async_context(redis_server())
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            break
+        yield Cluster(stack, sim, port, process) if up is None else SideBySide(stack, sim, port, process, up)
+
+
+Scenario = Callable[[Cluster], Awaitable[None]]
+
+
+async def side_by_side(scenarios: dict[str, Scenario]) -> None:
+    """Run each scenario in a cluster of its own (:func:`own_cluster`), all at once: the nodes each starts first
+    start together, and no scenario goes on before all of them are up. Each runs to its end whatever the others do;
+    those that failed are raised (together, when more than one did), each with a note naming it."""
+    up = Rendezvous(len(scenarios))
+
+    async def one(scenario: Scenario) -> None:
+        made = False
+        try:
+            async with own_cluster(up) as cluster:
+                made = True
+                try:
+                    await scenario(cluster)
+                finally:
+                    assert isinstance(cluster, SideBySide)
+                    cluster.arrive()  # (one that ended before its nodes were up holds nobody back)
+        finally:
+            if not made:  # (nor one whose Redis or simulator did not start)
+                up.arrive()
+
+    results = await asyncio.gather(*map(one, scenarios.values()), return_exceptions=True)
+    failed: list[BaseException] = []
+    for name, result in zip(scenarios, results, strict=True):
+        if isinstance(result, BaseException):
+            result.add_note(f"(in scenario {name}, one of {len(scenarios)} run side by side)")
+            failed.append(result)
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise BaseExceptionGroup(f"{len(failed)} of {len(scenarios)} scenarios failed", failed)
+
+
 async def frames_until(ws: ClientConnection, stop: Callable[[dict[str, Any]], object], limit: float = LIMIT,
                        ) -> list[str]:
     """Frames (as sent) until one satisfies ``stop`` (that one included)."""

@@ -1,16 +1,21 @@
 """Runs that outlive their node (``--takeover``): real processes (three nodes, Redis, the simulator); the producer
-is SIGKILLed mid-answer. Each test runs with both methods: ``background`` (the Responses API's background
-responses, re-attached after their last event read) and ``continue`` (chat completions: the request sent again
-with the partial answer, which the simulator continues as vLLM's ``continue_final_message`` does)."""
+is SIGKILLed mid-answer. Scenarios run with both methods where they behave differently: ``background`` (the
+Responses API's background responses, re-attached after their last event read) and ``continue`` (chat
+completions: the request sent again with the partial answer, which the simulator continues as vLLM's
+``continue_final_message`` does).
+
+Each scenario waits out the others' patience (NODE_TTL) at least once, so the tests run several side by side,
+each in a cluster of its own (its own Redis, simulator and nodes: :func:`~tests.helpers.side_by_side`); a failure
+names its scenario (the function below that asserts it, and its method)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,24 +23,23 @@ from websockets.exceptions import ConnectionClosed
 
 from wsagent.upstream.simulator import SimulatorServer
 
-from .helpers import Cluster, Node, frames_until, key_events, redis_fields, redis_server, seq, start_run, terminal
+from .helpers import (
+    Cluster,
+    Node,
+    Scenario,
+    frames_until,
+    key_events,
+    redis_fields,
+    seq,
+    side_by_side,
+    start_run,
+    terminal,
+)
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs redis-server")
 
 MODES = {"background": {"upstream_api": "responses", "takeover": "background"},
          "continue": {"upstream_api": "chat", "takeover": "continue"}}
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-async def cluster(sim: SimulatorServer) -> AsyncIterator[Cluster]:
-    async with contextlib.AsyncExitStack() as stack:
-        port, process = await stack.enter_async_context(redis_server(0))
-        yield Cluster(stack, sim, port, process)
 
 
 def generated_once(sim: SimulatorServer, mode: str, whole: str, tokens: int, takeovers: int) -> None:
@@ -77,8 +81,8 @@ async def expected(node: Node, prompt: str) -> str:
         return text(await frames_until(ws, terminal))
 
 
-async def test_a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_dies(
-        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+async def a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_dies(cluster: Cluster, mode: str) -> None:
+    sim = cluster.sim
     a, b, c = await cluster.start("a", "b", "c", **MODES[mode])
     prompt = "sim:rate=40 sim:tokens=160 sim:reasoning=0 takeover"
     async with a.connect() as own, b.connect() as watcher:
@@ -103,7 +107,7 @@ async def test_a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_d
     assert sorted(claims) == [0, 1], claims  # one node took it over, the other did not
 
 
-async def test_takeover_off_is_today_s_producer_lost(cluster: Cluster) -> None:
+async def takeover_off_is_today_s_producer_lost(cluster: Cluster) -> None:
     a, b = await cluster.start("a", "b", upstream_api="responses")
     async with a.connect() as own, b.connect() as watcher:
         key = await start_run(own, "r1", "sim:rate=40 sim:tokens=160 sim:reasoning=0")
@@ -127,8 +131,8 @@ async def producer_of(cluster: Cluster, key: str) -> str:
     return (await redis_fields(cluster.redis_port, "hget", f"wsagent:run:{key}", "owner")).strip()
 
 
-async def test_a_run_taken_over_twice_reaches_its_client_whole(
-        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+async def a_run_taken_over_twice_reaches_its_client_whole(cluster: Cluster, mode: str) -> None:
+    sim = cluster.sim
     nodes = dict(zip("abc", await cluster.start("a", "b", "c", **MODES[mode]), strict=True))
     prompt = "sim:rate=40 sim:tokens=200 sim:reasoning=0 twice"
     async with nodes["a"].connect() as own:
@@ -158,8 +162,8 @@ async def wait_for_producer(cluster: Cluster, key: str, among: set[str], limit: 
     return node
 
 
-async def test_cancel_after_a_takeover_cancels_the_response_upstream(
-        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+async def cancel_after_a_takeover_cancels_the_response_upstream(cluster: Cluster, mode: str) -> None:
+    sim = cluster.sim
     a, b = await cluster.start("a", "b", **MODES[mode])
     async with a.connect() as own:
         key = await start_run(own, "r1", "sim:rate=20 sim:tokens=400 sim:reasoning=0")
@@ -172,8 +176,9 @@ async def test_cancel_after_a_takeover_cancels_the_response_upstream(
         end = json.loads((await frames_until(moved, terminal))[-1])
     assert end["type"] == "cancelled", end
     stats = sim.simulator.stats
-    if mode == "background":
-        await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)
+    if mode == "background":  # (the simulator marks the response cancelled, then its generation ends: wait for both)
+        await stats.wait_for(lambda s: any(stat.cancelled and stat.status == "cancelled"
+                                           for stat in s.background.values()), limit=10)
         stat = next(iter(stats.background.values()))
         assert stat.status == "cancelled" and stat.tokens < 400
     else:  # the continuation's connection closed (the first one closed when a died)
@@ -181,10 +186,10 @@ async def test_cancel_after_a_takeover_cancels_the_response_upstream(
         assert (stats.disconnected, len(stats.continued)) == (2, 1)
 
 
-async def test_a_producer_that_comes_back_writes_nothing_more(
-        cluster: Cluster, sim: SimulatorServer, mode: str) -> None:
+async def a_producer_that_comes_back_writes_nothing_more(cluster: Cluster, mode: str) -> None:
     """A producer paused past the others' patience (SIGSTOP: a frozen VM, a long GC) finds its run taken over
     when it wakes: the fence keeps its writes out of Redis, and its own client is told ``taken_over``."""
+    sim = cluster.sim
     a, b = await cluster.start("a", "b", **MODES[mode])
     prompt = "sim:rate=40 sim:tokens=400 sim:reasoning=0 paused"
     async with a.connect() as own, b.connect() as watcher:
@@ -214,10 +219,10 @@ async def test_a_producer_that_comes_back_writes_nothing_more(
         assert len(sim.simulator.stats.continued) == 1
 
 
-async def test_a_node_stopped_past_its_drain_leaves_its_runs_to_another(
-        cluster: Cluster, sim: SimulatorServer) -> None:
+async def a_node_stopped_past_its_drain_leaves_its_runs_to_another(cluster: Cluster) -> None:
     """SIGTERM with a drain shorter than the answer (a rolling restart; an orchestrator's SIGKILL after it): the
     client moves at the 1012 and resumes on b; past the drain, b goes on with the run itself."""
+    sim = cluster.sim
     mode = "background"  # (--drain-timeout 0 below runs the other)
     a, b = await cluster.start("a", "b", drain_timeout=1, **MODES[mode])
     prompt = "sim:rate=40 sim:tokens=240 sim:reasoning=0 drained"
@@ -240,7 +245,7 @@ async def test_a_node_stopped_past_its_drain_leaves_its_runs_to_another(
     generated_once(sim, mode, text(head) + text(rest), 240, 1)
 
 
-async def test_a_user_s_run_taken_over_is_found_by_its_id_alone(cluster: Cluster) -> None:
+async def a_user_s_run_taken_over_is_found_by_its_id_alone(cluster: Cluster) -> None:
     """A user's run (an id with ``:`` in the user and the run id, as a JWT may carry) is resumed on another node
     by id, with no key: the id still names the run taken over, and another user cannot reach it."""
     a, b = await cluster.start("a", "b", **MODES["background"])
@@ -274,10 +279,7 @@ def thoughts(frames: list[str]) -> dict[str, Any]:
             "observations": [e["content"] for e in events if e["type"] == "observation"]}
 
 
-@pytest.mark.parametrize(("mode", "kill_at"), [("background", "thinking"), ("continue", "thinking"),
-                                               ("background", "observation"), ("continue", "answer")])
-async def test_an_agent_run_goes_on_from_its_last_step(cluster: Cluster, sim: SimulatorServer, mode: str,
-                                                       kill_at: str) -> None:
+async def an_agent_run_goes_on_from_its_last_step(cluster: Cluster, mode: str, kill_at: str) -> None:
     """The built-in agent, killed while it thinks, after a tool's observation, or while it answers: the node
     that takes it over goes on from its last step (the tool results observed are not run again) and the
     model call in progress is read again after its last event (``background``) or continued (``continue``)."""
@@ -306,7 +308,7 @@ async def test_an_agent_run_goes_on_from_its_last_step(cluster: Cluster, sim: Si
         assert len(cut) <= 1 and all(whole["thinking"][n].startswith(seen["thinking"][n]) for n in cut), seen
 
 
-async def test_two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over(cluster: Cluster) -> None:
+async def two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over(cluster: Cluster) -> None:
     """Anonymous connections are numbered by each node (``c1``, ``c2``...), so two nodes' first clients can run
     ``r1`` in the same scope's name (``conn:c1``). Taken over by one node, each is its own run, found by key
     (the second was claimed, then never produced: its watchers were told ``producer_lost`` 10 s later)."""
@@ -327,7 +329,7 @@ async def test_two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over(cluste
         assert text(head) + text(rest) == whole
 
 
-async def test_a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Cluster) -> None:
+async def a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Cluster) -> None:
     """SIGKILL, then the same ``--node-id`` started again at once (systemd's ``Restart=``): to the others the id
     never stopped beating, so the new process itself takes over what its predecessor left (found by the
     attacker: nobody did, and the runs were lost)."""
@@ -348,12 +350,12 @@ async def test_a_node_restarted_under_its_id_goes_on_with_its_runs(cluster: Clus
     assert await taken_over_by(again) == 1
 
 
-async def test_a_producer_that_comes_back_never_cancels_what_another_took_over(
-        cluster: Cluster, sim: SimulatorServer) -> None:
+async def a_producer_that_comes_back_never_cancels_what_another_took_over(cluster: Cluster) -> None:
     """A producer paused past the others' patience wakes to its own client gone (the default grace, 0: the run
     is cancelled there) before its heartbeat finds the run taken over: it must not cancel the background response
     the new producer reads, nor end the run's keys in Redis (found by the attacker: the run ended
     ``upstream_truncated`` for everyone)."""
+    sim = cluster.sim
     a, b = await cluster.start("a", "b", resume_grace=None, **MODES["background"])
     own = await a.connect()
     key = await start_run(own, "r1", "sim:rate=40 sim:tokens=400 sim:reasoning=0 stale")
@@ -375,11 +377,11 @@ async def test_a_producer_that_comes_back_never_cancels_what_another_took_over(
     assert (stat.cancelled, stat.tokens) == (False, 400)
 
 
-async def test_a_cancel_while_nobody_produces_the_run_is_kept_for_the_node_that_takes_it_over(
-        cluster: Cluster, sim: SimulatorServer) -> None:
+async def a_cancel_while_nobody_produces_the_run_is_kept_for_the_node_that_takes_it_over(cluster: Cluster) -> None:
     """Between the producer's death and the claim, a cancel from any node is accepted (it was ``unknown_run``, and
     the run went on: found by the attacker): the node that takes the run over ends it ``cancelled``, once, and
     cancels its response upstream though it never read any of it."""
+    sim = cluster.sim
     a, b, c = await cluster.start("a", "b", "c", **MODES["background"])
     async with a.connect() as own, b.connect() as watcher, c.connect() as other:
         key = await start_run(own, "r1", "sim:rate=40 sim:tokens=400 sim:reasoning=0 cancel adrift")
@@ -396,7 +398,7 @@ async def test_a_cancel_while_nobody_produces_the_run_is_kept_for_the_node_that_
     await stats.wait_for(lambda s: any(stat.cancelled for stat in s.background.values()), limit=10)
 
 
-async def test_a_node_stopped_with_no_drain_tells_its_clients_where_the_run_goes_on(cluster: Cluster) -> None:
+async def a_node_stopped_with_no_drain_tells_its_clients_where_the_run_goes_on(cluster: Cluster) -> None:
     """``--drain-timeout 0``: no 1012 first; each client of a run left to the others gets one ``taken_over`` error
     without a ``seq`` (it had one, which named the new producer's next event: found by the attacker), and a
     resume after the last seq it saw gets the rest."""
@@ -415,3 +417,50 @@ async def test_a_node_stopped_with_no_drain_tells_its_clients_where_the_run_goes
         rest = await frames_until(moved, terminal, limit=30)
     contiguous(rest, after)
     assert json.loads(rest[-1])["type"] == "done", rest[-1]
+
+
+# The tests: scenarios side by side, each in its own cluster.
+
+def each_mode(scenario: Callable[..., Awaitable[None]], **arguments: str) -> dict[str, Scenario]:
+    """``scenario`` with each method, as :func:`side_by_side` names them."""
+    return {named(scenario, mode=mode, **arguments): partial(scenario, mode=mode, **arguments)
+            for mode in sorted(MODES)}
+
+
+def once(scenario: Callable[..., Awaitable[None]], **arguments: str) -> dict[str, Scenario]:
+    return {named(scenario, **arguments): partial(scenario, **arguments)}
+
+
+def named(scenario: Callable[..., Awaitable[None]], **arguments: str) -> str:
+    return scenario.__name__ + (f"[{'-'.join(arguments.values())}]" if arguments else "")
+
+
+async def test_a_dead_producer_s_runs_reach_their_clients_whole() -> None:
+    """A producer SIGKILLed mid-answer (with a watcher; taken over twice; two runs of one id from two dead nodes;
+    a user's run, by its id), and the same kill with takeover off (today's ``producer_lost``)."""
+    await side_by_side(each_mode(a_watcher_and_the_resumed_client_get_the_rest_when_the_producer_dies)
+                       | each_mode(a_run_taken_over_twice_reaches_its_client_whole)
+                       | once(two_runs_of_one_id_from_two_dead_nodes_are_both_taken_over)
+                       | once(a_user_s_run_taken_over_is_found_by_its_id_alone)
+                       | once(takeover_off_is_today_s_producer_lost))
+
+
+async def test_a_producer_that_stops_or_comes_back_leaves_its_runs_to_another() -> None:
+    """A producer paused past the others' patience (SIGSTOP) that wakes; SIGTERM past a drain, and with none; a node
+    SIGKILLed and started again at once under its id."""
+    await side_by_side(each_mode(a_producer_that_comes_back_writes_nothing_more)
+                       | once(a_producer_that_comes_back_never_cancels_what_another_took_over)
+                       | once(a_node_stopped_past_its_drain_leaves_its_runs_to_another)
+                       | once(a_node_stopped_with_no_drain_tells_its_clients_where_the_run_goes_on)
+                       | once(a_node_restarted_under_its_id_goes_on_with_its_runs))
+
+
+async def test_an_agent_run_goes_on_from_its_last_step_and_a_cancel_reaches_the_new_producer() -> None:
+    """The built-in agent killed while it thinks, after a tool's observation, or while it answers; a cancel after
+    a takeover, and one sent while nobody produces the run."""
+    await side_by_side(once(an_agent_run_goes_on_from_its_last_step, mode="background", kill_at="thinking")
+                       | once(an_agent_run_goes_on_from_its_last_step, mode="continue", kill_at="thinking")
+                       | once(an_agent_run_goes_on_from_its_last_step, mode="background", kill_at="observation")
+                       | once(an_agent_run_goes_on_from_its_last_step, mode="continue", kill_at="answer")
+                       | each_mode(cancel_after_a_takeover_cancels_the_response_upstream)
+                       | once(a_cancel_while_nobody_produces_the_run_is_kept_for_the_node_that_takes_it_over))

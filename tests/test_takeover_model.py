@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import example as drawn
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 
@@ -307,6 +308,8 @@ SIDE_BY_SIDE = 2
 @settings(max_examples=6 // SIDE_BY_SIDE, deadline=None, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # (no shrinking: each example is a cluster's life)
 @given(examples=st.lists(EXAMPLES, min_size=SIDE_BY_SIDE, max_size=SIDE_BY_SIDE, unique=True))
+# A continued agent answer taken over twice repeated its prefix (found by the model; every run of it failed).
+@drawn(examples=[Example("continue", "agent", 29, 1, True, None), Example("continue", "chat", 29, 1, True, None)])
 def test_a_killed_producer_s_run_reaches_everyone_whole_and_once(examples: list[Example]) -> None:
     """Six examples in all (three draws of two different ones), each a cluster's life."""
     together = side_by_side({repr(drawn): partial(example, **drawn._asdict()) for drawn in examples})

@@ -197,8 +197,8 @@ class Agent:
         first = resume if resume is not None and not resume.pending else None
         for step in range(state.step, self.max_loops):
             state.step = step
-            if checkpoints:
-                yield [state.checkpoint()]
+            if checkpoints and first is None:  # (a step resumed mid-call began on the node that died: its start,
+                yield [state.checkpoint()]     # before the text it streamed, is the one a later takeover needs)
             calls: list[ToolCallEvent] = []
             content: list[str] = [first.text] if first is not None and first.text else []
             source = model_batches(self.client, messages, model=self.model, tools=schemas, params=merged_params,

@@ -4,13 +4,21 @@ real HTTP, through the client and through the server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
+
+import pytest
 
 from wsagent.core.chunks import TextDelta
+from wsagent.core.config import Settings
 from wsagent.core.errors import UpstreamError
 from wsagent.upstream.simulator import SimulatorServer
+from wsagent.wiring.server import STOP_STEP_LIMIT, WsAgentServer
 
 from .helpers import LIMIT, ServerFactory, run_events, run_request, upstream_for, ws_connect
+from .processes import free_port, started
 
 PROMPT = "tell me about sockets sim:tokens=40"
 
@@ -92,3 +100,35 @@ async def test_a_run_through_a_broken_stream_is_whole_on_the_wire(make_server: S
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["type"] == "done"
     assert "".join(e["content"] for e in events if e["type"] == "token") == expected
+
+
+async def test_a_stop_is_bounded_when_the_model_server_does_not_answer_a_cancel(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A cancelled run's background response is cancelled upstream, and the stop waited for that cancel for
+    as long as the connect and first-byte timeouts allow (70 s by default) when the model server stopped
+    answering: now each step of a stop is bounded, and the log says what was still running."""
+    port = free_port()
+    command = [sys.executable, "-m", "wsagent.simulator", "--port", str(port), "--switches"]
+    async with started(command, b"simulated model at") as model_server:
+        settings = Settings(host="127.0.0.1", port=0, upstream_url=f"http://127.0.0.1:{port}/v1",
+                            upstream_api="responses", upstream_background=True)
+        server = await WsAgentServer(settings).start()
+        try:
+            async with ws_connect(server, "/ws/chat") as ws:
+                await ws.send(run_request("c", "a long one sim:rate=20 sim:tokens=400"))
+                while json.loads(await ws.recv())["type"] != "token":  # streaming: its response exists upstream
+                    pass
+                model_server.send_signal(signal.SIGSTOP)  # the model server stops answering
+                await ws.send(json.dumps({"type": "cancel", "id": "c"}))
+                while json.loads(await ws.recv())["type"] != "cancelled":
+                    pass
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await server.stop(drain=0)
+            took = loop.time() - began
+        finally:
+            model_server.send_signal(signal.SIGCONT)
+            await server.stop(drain=0)
+    assert STOP_STEP_LIMIT <= took < STOP_STEP_LIMIT + 5, took
+    said = [r.getMessage() for r in caplog.records if "releasing the model server took more" in r.getMessage()]
+    assert said and "_cancel" in said[0], said

@@ -257,11 +257,12 @@ class WsAgentServer:
                 async with asyncio.timeout(self.settings.close_timeout):
                     await asyncio.gather(*(conn.outbox.flush() for conn in app.manager))
             self._server.close(close_connections=True)
-            await self._server.wait_closed()
+            await _bounded("closing the connections", self._server.wait_closed(),
+                           self.settings.close_timeout + STOP_STEP_LIMIT)
         if self._mesh is not None:
             await self._mesh.stop()
         if app is not None:
-            await app.broker.close()
+            await _bounded("leaving the cluster", app.broker.close(), STOP_STEP_LIMIT)
         if self._keepalive is not None:
             self._keepalive.close()
         if self._sweeper is not None:
@@ -269,7 +270,7 @@ class WsAgentServer:
             with suppress(asyncio.CancelledError):
                 await self._sweeper
         if app is not None:
-            await app.upstream.close()
+            await _bounded("releasing the model server", app.upstream.close(), STOP_STEP_LIMIT)
         elif self._upstream is not None:
             await self._upstream.close()
         if self.simulator is not None:
@@ -395,6 +396,44 @@ class WsAgentServer:
 
 #: Headers a handshake may carry once: two of them are a malformed request (HTTP 400), not a crash.
 _SINGLE_HEADERS = ("Host", "Upgrade", "Origin", "Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
+
+
+#: Seconds a step of :meth:`WsAgentServer.stop` may take before the stop goes on without it: leaving the
+#: cluster (a few Redis round trips), releasing the model server (cancels of background responses, each bounded
+#: only by the connect and first-byte timeouts: 70 s by default, for a model server that does not answer).
+STOP_STEP_LIMIT = 5.0
+
+
+async def _bounded(step: str, done: Awaitable[None], limit: float) -> None:
+    """Await ``done`` for at most ``limit`` seconds: a stop must end (systemd, the test harness and the
+    operator are waiting). Past the limit, say what was still running then (each task's awaits), cancel it,
+    and go on."""
+    task = asyncio.ensure_future(done)
+    try:
+        finished, _ = await asyncio.wait((task,), timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if finished:
+        task.result()
+        return
+    log.warning("stopping: %s took more than %gs; going on without it. Still running: %s", step, limit,
+                "; ".join(_awaiting(t) for t in asyncio.all_tasks() if t is not asyncio.current_task()))
+    task.cancel()
+    await asyncio.wait((task,), timeout=1.0)  # (a task that ignores its cancellation is left behind)
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """``task``'s chain of awaits, outermost first: ``stop:212 > close:140 > execute:80``."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(where) < 12:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is None:
+            break
+        where.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return " > ".join(where) or task.get_name()
 
 
 def _url_host(address: str) -> str:

@@ -220,13 +220,18 @@ async def stop_started() -> None:
     for process in running:
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
-    for process in running:
+    await reap(running, 10)
+    STARTED.clear()
+
+
+async def reap(processes: Sequence[asyncio.subprocess.Process], limit: float) -> None:
+    """Wait up to ``limit`` seconds for each of ``processes`` (told to end) to exit; kill those that do not."""
+    for process in processes:
         try:
-            await asyncio.wait_for(process.wait(), 10)
+            await asyncio.wait_for(process.wait(), limit)
         except TimeoutError:
             process.kill()
             await process.wait()
-    STARTED.clear()
 
 
 async def start(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Server:
@@ -593,12 +598,7 @@ async def idle_memory(server: Server, count: int) -> dict[str, float]:
         for holder in holders:
             if holder.stdin is not None:
                 holder.stdin.close()
-        for holder in holders:
-            try:
-                await asyncio.wait_for(holder.wait(), 60)
-            except TimeoutError:
-                holder.kill()
-                await holder.wait()
+        await reap(holders, 60)
     return {"rss_kib_per_connection": (grown - base) / count / 1024}
 
 

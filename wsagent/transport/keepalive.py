@@ -65,9 +65,6 @@ class Keepalive:
         self._payloads = itertools.count(1)
         self._failing: set[asyncio.Task[None]] = set()
 
-    def __len__(self) -> int:
-        return len(self._due)
-
     def add(self, ws: Pinged) -> None:
         """Ping ``ws`` from ``interval`` seconds from now until it is lost."""
         if ws.protocol.state is State.CLOSED:  # lost already: it would never be discarded

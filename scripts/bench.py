@@ -1181,7 +1181,10 @@ PEERS = [
 ]
 if importlib.util.find_spec("uvloop") is not None:  # wsagent uses it when installed: measure it without too
     PEERS.insert(1, ("wsagent-asyncio", [*WSAGENT, "--event-loop", "asyncio"]))
-LABELS = {"wsagent": "wsagent", "wsagent-asyncio": "wsagent, asyncio loop", "fastapi": "tutorial (FastAPI)",
+#: Environment a server of PEERS needs beyond the peers' (``--before``: where the other tree is).
+PEER_ENV: dict[str, dict[str, str]] = {}
+LABELS = {"wsagent": "wsagent", "wsagent-before": "wsagent, before",
+          "wsagent-asyncio": "wsagent, asyncio loop", "fastapi": "tutorial (FastAPI)",
           "aiohttp": "aiohttp", "node": "Node.js (ws)", "floor": "floor"}
 
 
@@ -1223,7 +1226,7 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
             continue
         port = free_port()
         servers.append(await start(name, [p.replace("PORT", str(port)).replace("UPSTREAM", upstream) for p in command],
-                                   port, peer_env))
+                                   port, {**peer_env, **PEER_ENV.get(name, {})}))
     placement = "not pinned" if args.no_pin or args.only_takeover else pin(servers, [sim.process.pid, 0])
     print(placement, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -1460,7 +1463,14 @@ def main() -> None:
     parser.add_argument("--only-takeover", action="store_true",
                         help="only the takeover rows (--takeover background: SIGKILL to the watchers' next token, "
                              "runs lost, CPU per token of the node that took over); needs redis-server")
+    parser.add_argument("--before", type=Path, metavar="TREE",
+                        help="also run wsagent from another checkout (git worktree add TREE main), as 'wsagent, "
+                             "before': a change's before and after in one run")
     args = parser.parse_args()
+    if args.before:
+        # -P: not the working directory (this tree) first on the path, but PYTHONPATH's tree.
+        PEERS.insert(1, ("wsagent-before", [sys.executable, "-P", *WSAGENT[1:]]))
+        PEER_ENV["wsagent-before"] = {"PYTHONPATH": str(args.before.resolve())}
     if args.hold:
         url, count, source = args.hold
         asyncio.run(hold(url, int(count), source))

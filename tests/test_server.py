@@ -17,11 +17,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event
 
 from wsagent.core.config import Settings, load_settings
+from wsagent.handlers.app import MessageSession
 from wsagent.transport.connections import Connection
 from wsagent.wiring.router import Route, Router
+from wsagent.wiring.routes import ROUTES
 from wsagent.wiring.server import WsAgentServer
 
-from .helpers import ServerFactory, local_broker, recv_json, run_events, ws_connect
+from .helpers import ServerFactory, local_broker, recv_json, run_events, upstream_for, ws_connect
 
 
 async def server_side(server: WsAgentServer, path: str) -> Connection:
@@ -208,18 +210,24 @@ async def test_a_peer_that_answers_is_pinged_every_interval_and_kept(make_server
         assert await ws.recv() == "STILL HERE"
 
 
-async def test_idle_connections_hold_no_task_of_their_own_but_their_handler(make_server: ServerFactory) -> None:
+async def test_idle_connections_hold_no_task_unless_their_route_is_a_handler(make_server: ServerFactory) -> None:
     """Keepalive pings come from one timer for all connections (the library's default is a task each),
-    under the default settings."""
+    under the default settings; a message-driven route's connection has a task only while a message of
+    its is handled, and a handler's route (``/ws``) keeps its handler's."""
     server = await make_server()
     assert server.settings.ping_interval == Settings().ping_interval > 0
     before = len(asyncio.all_tasks())
     async with contextlib.AsyncExitStack() as stack:
-        for _ in range(20):
-            await stack.enter_async_context(ws_connect(server, "/ws/chat", ping_interval=None))
-        # (the server's task that answered the handshake runs on into the handler at once)
-        assert len(server.manager) == 20
-        assert len(asyncio.all_tasks()) - before == 20
+        for path in ("/ws/chat", "/ws/ai-sdk") * 10:
+            ws = await stack.enter_async_context(ws_connect(server, path, ping_interval=None))
+            await ws.send('{"type": "nope", "requestId": "r1", "id": "c1"}')
+            assert json.loads(await ws.recv())["type"] == "error"  # (its session answered: it is open)
+        for _ in range(5):
+            ws = await stack.enter_async_context(ws_connect(server, "/ws", ping_interval=None))
+            await ws.send("hi")
+            assert await ws.recv() == "HI"
+        assert len(server.manager) == 25
+        assert len(asyncio.all_tasks()) - before == 5
 
 
 async def test_broadcast_with_a_client_that_never_reads(make_server: ServerFactory) -> None:
@@ -327,16 +335,26 @@ async def test_deflate_skips_tiny_messages_and_compresses_the_rest(server: WsAge
 async def test_a_routed_connection_keeps_no_handshake_headers(server: WsAgentServer) -> None:
     """They were a quarter of an idle connection's memory; once the connection is checked and routed,
     nothing reads them, nor the response, nor the library's subprotocol closure (see ``_forget_handshake``);
-    and no connection has a logger adapter of its own."""
-    async with ws_connect(server, "/ws/chat?x=1", additional_headers={"X-Big": "y" * 2000}) as ws:
+    and no connection has a logger adapter of its own. A message-driven route (/ws/chat) has read its query
+    when it opened, and keeps no request of its own; a handler's route (/ws/robust) keeps the path."""
+    async with ws_connect(server, "/ws/chat?on_busy=reject", additional_headers={"X-Big": "y" * 2000}) as ws:
         await ws.send(json.dumps({"type": "ping"}))
-        assert json.loads(await ws.recv())["type"] == "pong"  # past the checks, in its handler
+        assert json.loads(await ws.recv())["type"] == "pong"  # past the checks, in its session
         conn = await server_side(server, "/ws/chat")
         assert conn.ws.request is not None and conn.ws.response is None
-        assert list(conn.ws.request.headers.raw_items()) == []
-        assert conn.ws.request.path == "/ws/chat?x=1"
+        assert list(conn.ws.request.headers.raw_items()) == [] and conn.ws.request.path == "/"
         assert "select_subprotocol" not in vars(conn.ws.protocol)
         assert isinstance(conn.ws.logger, logging.Logger) and conn.ws.protocol.logger is conn.ws.logger
+        await ws.send("first")
+        await ws.send("second")  # refused: the query's policy was read when the connection opened
+        async with asyncio.timeout(10):
+            while "busy" not in await ws.recv():
+                pass
+    async with ws_connect(server, "/ws/robust?x=1", additional_headers={"X-Big": "y" * 2000}) as ws:
+        conn = await server_side(server, "/ws/robust")
+        assert conn.ws.request is not None and conn.ws.response is None
+        assert list(conn.ws.request.headers.raw_items()) == []
+        assert conn.ws.request.path == "/ws/robust?x=1"
 
 
 async def test_the_startup_log_names_the_model_sent_upstream(make_server: ServerFactory,
@@ -364,3 +382,80 @@ async def test_stop_ends_cleanly_when_a_client_vanishes_while_its_writes_wait(ma
     ws.transport.abort()
     await server.stop(drain=0)
     assert len(server.manager) == 0
+
+
+class _Failing(MessageSession):
+    """A session whose second message raises, as a route's bug would."""
+
+    async def handle(self, message: str | bytes) -> None:
+        if message == "boom":
+            raise RuntimeError("a bug in a route")
+        self.conn.put(f"ok {message!s}")
+
+    @staticmethod
+    def refuse(code: str, text: str, refused: str | bytes) -> str:
+        return text
+
+
+async def test_a_session_that_fails_closes_its_connection_alone(sim: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A message-driven route that raises: its connection is closed with 1011 and the failure logged with the
+    route and the connection; another connection of the route goes on, and the server lets go of both."""
+    routes = [Route("/ws/fails", session=_Failing), *ROUTES]
+    settings = Settings(host="127.0.0.1", port=0)
+    async with WsAgentServer(settings, upstream_for(sim), routes=routes) as server:
+        async with ws_connect(server, "/ws/fails") as bad, ws_connect(server, "/ws/fails") as good:
+            await bad.send("one")
+            assert await bad.recv() == "ok one"
+            await bad.send("boom")
+            await bad.send("never handled")
+            with pytest.raises(ConnectionClosed) as closed:
+                await bad.recv()
+            assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1011, "internal error")
+            await good.send("two")
+            assert await good.recv() == "ok two"
+        async with asyncio.timeout(10):
+            await server.manager.wait_empty()
+    failures = [r for r in caplog.records if r.getMessage().startswith("handler for /ws/fails failed on")]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+async def test_messages_sent_with_the_handshake_are_handled_in_order(make_server: ServerFactory) -> None:
+    """A client that sends its first messages in the same write as its opening handshake: they arrive
+    before the connection is checked and its session exists, and every one is handled, in order."""
+    server = await make_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        frames = b"".join(Frame(Opcode.TEXT, json.dumps({"type": "ping", "id": f"p{n}"}).encode()).serialize(
+            mask=True, extensions=[]) for n in range(5))
+        writer.write(b"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" + frames)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            replies = []
+            for _ in range(5):
+                first, size = await reader.readexactly(2)
+                assert first == 0x81 and size < 126  # a whole text frame, unmasked, short
+                replies.append(json.loads(await reader.readexactly(size)))
+    finally:
+        writer.close()
+    assert [(r["type"], r.get("id")) for r in replies] == [("pong", f"p{n}") for n in range(5)]
+
+
+async def test_a_stop_closes_idle_message_driven_connections(make_server: ServerFactory) -> None:
+    """No task waits on an idle /ws/chat or /ws/ai-sdk connection: a stop still closes each with 1001 and
+    ends only once the server has let go of them."""
+    server = await make_server()
+    clients = [await ws_connect(server, path) for path in ("/ws/chat", "/ws/ai-sdk", "/ws/chat")]
+    try:
+        assert len(server.manager) == 3
+        await server.stop(drain=0)
+        assert len(server.manager) == 0
+        for ws in clients:
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1001
+    finally:
+        for ws in clients:
+            ws.transport.abort()

@@ -42,7 +42,7 @@ from ..core.ui_stream import UIChunks, approval_responses, chat_messages, last_u
 from ..engine.broker import scope_of
 from ..engine.run import NotAnswerable, Phase, ReplayGap, Run, Subscription
 from ..transport.connections import Connection
-from .app import App
+from .app import App, MessageSession
 
 __all__ = ["ai_sdk", "CLOSE_INVALID_FRAME", "CLOSE_BINARY_FRAME", "MAX_QUEUED"]
 
@@ -57,32 +57,39 @@ MAX_QUEUED = 4
 _INTERRUPT_LIMIT = 10.0
 
 
-class AISDKSession:
+class AISDKSession(MessageSession):
+    """One /ws/ai-sdk connection: the requests it streams and those waiting for their chat, driven by its
+    messages."""
+
+    __slots__ = ("requests", "queued")
+
     def __init__(self, app: App, conn: Connection) -> None:
-        self.app = app
-        self.conn = conn
+        super().__init__(app, conn)
         self.requests: dict[str, Subscription] = {}  # requests streaming to this socket, for ``abort``
         self.queued: dict[str, asyncio.Task[None]] = {}  # requests waiting for their chat's response to end
 
-    async def serve(self) -> None:
-        async for message in self.app.incoming(self.conn, self._refusal):
-            if message is None:
-                continue
-            if isinstance(message, bytes):
-                await self.conn.ws.close(CLOSE_BINARY_FRAME, "Binary frames are not supported")
-                return
-            frame = json_object(message)
-            request_id = frame.get("requestId") if frame is not None else None
-            if frame is None or not isinstance(request_id, str):
-                await self.conn.ws.close(CLOSE_INVALID_FRAME, "Invalid frame")
-                return
-            try:
-                await self.handle(frame, request_id)
-            except (ProtocolViolation, ClusterUnavailable) as exc:
-                self.error(request_id, exc.message)
+    async def handle(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.conn.close_soon(CLOSE_BINARY_FRAME, "Binary frames are not supported")
+            return
+        frame = json_object(message)
+        request_id = frame.get("requestId") if frame is not None else None
+        if frame is None or not isinstance(request_id, str):
+            self.conn.close_soon(CLOSE_INVALID_FRAME, "Invalid frame")
+            return
+        try:
+            await self.handle_frame(frame, request_id)
+        except (ProtocolViolation, ClusterUnavailable) as exc:
+            self.error(request_id, exc.message)
+
+    def on_close(self) -> None:
+        """A queued request has nothing to resume: it goes with its socket (a running one has its grace)."""
+        for task in list(self.queued.values()):
+            task.cancel()
+        super().on_close()
 
     @staticmethod
-    def _refusal(code: str, message: str, refused: str | bytes) -> str:
+    def refuse(code: str, message: str, refused: str | bytes) -> str:
         frame = json_object(refused) if isinstance(refused, str) else None
         request_id = frame.get("requestId") if frame is not None else None
         return encode_message("error", requestId=request_id if isinstance(request_id, str) else "",
@@ -91,7 +98,7 @@ class AISDKSession:
     def error(self, request_id: str, text: str) -> None:
         self.conn.put(encode_message("error", requestId=request_id, errorText=text))
 
-    async def handle(self, frame: dict[str, Any], request_id: str) -> None:
+    async def handle_frame(self, frame: dict[str, Any], request_id: str) -> None:
         kind = frame.get("type")
         if kind == "abort":
             await self.abort(request_id)
@@ -279,10 +286,6 @@ class AISDKSession:
             await self.app.broker.cancel(sub.run.key, "aborted by client")
 
 
-async def ai_sdk(app: App, conn: Connection) -> None:
-    session = AISDKSession(app, conn)
-    try:
-        await session.serve()
-    finally:  # a queued request has nothing to resume: it goes with its socket (a running one has its grace)
-        for task in list(session.queued.values()):
-            task.cancel()
+def ai_sdk(app: App, conn: Connection) -> AISDKSession:
+    """/ws/ai-sdk's session."""
+    return AISDKSession(app, conn)

@@ -1,7 +1,8 @@
 """What a handler may use: the application context, narrow and typed.
 
-Every route's handler is ``async def handler(app: App, conn: Connection)``.
-It reads messages with :meth:`App.incoming`, starts every stream it makes as a
+A route is driven by its messages (a :class:`MessageSession`: no task while the connection is
+idle) or is a handler ``async def handler(app: App, conn: Connection)`` that reads them with
+:meth:`App.incoming`. Either starts every stream it makes as a
 run with :meth:`App.new_run` and :meth:`App.start` (so every route gets the
 same budgets, limits, transcripts, metrics and ``run`` log lines), and writes
 only through its connection's outbox. The server (:mod:`wsagent.wiring.server`) owns
@@ -19,6 +20,8 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from functools import partial
 from typing import Any, Protocol
+
+from websockets.exceptions import ConnectionClosed
 
 from ..core.auth import (
     CLOSE_FORBIDDEN,
@@ -39,13 +42,13 @@ from ..engine.broker import Broker, Handover, LocalBroker, mint_key, scope_of
 from ..engine.pump import Producer, pump
 from ..engine.run import Run
 from ..engine.transcripts import Transcript
-from ..transport.connections import Connection, ConnectionManager
+from ..transport.connections import CLOSE_INTERNAL_ERROR, Connection, ConnectionManager
 from ..upstream.agents.builtin import AgentResume, WorkflowFactory, assistant
 from ..upstream.agents.producers import AgentFactory, AgentRequest, produce
 from ..upstream.completion import estimate_tokens, model_batches
 from ..upstream.model import CONTINUE, Resume, UpstreamClient
 
-__all__ = ["App", "Refusal", "PARAMS"]
+__all__ = ["App", "MessageGate", "MessageSession", "Refusal", "PARAMS"]
 
 #: Request parameters passed through to the model server; anything else is refused.
 PARAMS = frozenset({
@@ -67,6 +70,56 @@ class Peers(Protocol):
         """Each other worker's metrics (:func:`wsagent.handlers.status.snapshot`); those that do not answer are
         left out."""
         ...
+
+
+class MessageGate:
+    """One connection's standing with the message rate (:meth:`App.let_in`)."""
+
+    __slots__ = ("bucket", "strikes")
+
+    def __init__(self) -> None:
+        self.bucket: TokenBucket | None = None
+        self.strikes = 0
+
+
+class MessageSession(MessageGate):
+    """A message-driven route's session (:class:`~wsagent.transport.connections.Session`): what its messages
+    share, the rate and token refresh (:meth:`App.let_in`), nothing handled once the connection is closing,
+    and a failure that closes the connection with 1011. A route says what a message does
+    (:meth:`handle`) and how a message over the rate is refused (:meth:`refuse`)."""
+
+    __slots__ = ("app", "conn")
+
+    def __init__(self, app: App, conn: Connection) -> None:
+        super().__init__()
+        self.app = app
+        self.conn = conn
+
+    async def on_message(self, message: str | bytes) -> None:
+        conn = self.conn
+        if conn.outbox.closing or not await self.app.let_in(conn, self, self.refuse, message):
+            return
+        try:
+            await self.handle(message)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("handler for %s failed on %s", printable(conn.path), conn.id)
+            conn.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
+
+    async def handle(self, message: str | bytes) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def refuse(code: str, text: str, refused: str | bytes) -> str:
+        raise NotImplementedError
+
+    def on_leave(self) -> None:
+        self.app.release(self.conn)
+
+    def on_close(self) -> None:
+        """The connection is gone: a route's own clean-up first (an override's), then the server's."""
+        self.app.connection_closed(self.conn)
 
 
 class App:
@@ -94,6 +147,8 @@ class App:
         self._ip_runs: Counter[str] = Counter()  # anonymous runs in flight by address
         self.waiting: Counter[str] = Counter()  # requests waiting for a conversation's answer to end, by conversation
         self.peers: Peers | None = None
+        #: The server's end of a connection (its release, its ``close`` line), for a session's on_close.
+        self.connection_closed: Callable[[Connection], None] = self.release
 
     # -- runs ------------------------------------------------------------
 
@@ -339,15 +394,12 @@ class App:
 
     async def incoming(self, conn: Connection, refuse: Callable[[str, str, str | bytes], str],
                        idle: float | None = None) -> AsyncGenerator[str | bytes | None, None]:
-        """A connection's messages, rate limited, with in-band token refresh taken out.
+        """A connection's messages, as :meth:`let_in` lets them through, for a handler that reads in a loop.
 
-        Yields ``None`` after ``idle`` seconds without a message. Over the rate, a
-        message is refused with ``refuse(code, text, message)``; a client that keeps going
-        past another burst's worth is closed with 4029.
+        Yields ``None`` after ``idle`` seconds without a message. Ends once the client is closed for its rate.
         """
         ws = conn.ws
-        bucket = TokenBucket(self.settings.messages_per_second, self.settings.message_burst)
-        strikes = 0
+        gate = MessageGate()
         while True:
             if idle:
                 try:
@@ -358,22 +410,35 @@ class App:
                     continue
             else:
                 message = await ws.recv()
-            if not bucket.allow():
-                strikes += 1
-                if strikes > self.settings.message_burst:
-                    conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded", flush=True)
-                    await ws.wait_closed()
-                    return
-                conn.put(refuse("rate_limited", f"over {self.settings.messages_per_second:g} messages per second",
-                                message))
-                continue
-            strikes = 0
-            if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
-                request = json_object(message)
-                if request is not None and request.get("type") == "auth":
-                    await self.refresh(conn, request.get("token"))
-                    continue
-            yield message
+            if await self.let_in(conn, gate, refuse, message):
+                yield message
+            elif conn.outbox.closing:
+                await ws.wait_closed()
+                return
+
+    async def let_in(self, conn: Connection, gate: MessageGate, refuse: Callable[[str, str, str | bytes], str],
+                    message: str | bytes) -> bool:
+        """Whether a handler gets ``message``: not over the rate (refused with ``refuse(code, text,
+        message)``; a client that keeps going past another burst's worth is closed with 4029), and no
+        in-band token refresh (taken here)."""
+        settings = self.settings
+        bucket = gate.bucket
+        if bucket is None:  # (made at the first message: an idle connection needs none)
+            bucket = gate.bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
+        if not bucket.allow():
+            gate.strikes += 1
+            if gate.strikes > settings.message_burst:
+                conn.close_soon(CLOSE_RATE_LIMIT, "Rate limit exceeded", flush=True)
+                return False
+            conn.put(refuse("rate_limited", f"over {settings.messages_per_second:g} messages per second", message))
+            return False
+        gate.strikes = 0
+        if isinstance(message, str) and message[:1] == "{" and '"auth"' in message:
+            request = json_object(message)
+            if request is not None and request.get("type") == "auth":
+                await self.refresh(conn, request.get("token"))
+                return False
+        return True
 
     # -- who the client is -----------------------------------------------
 

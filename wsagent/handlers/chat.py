@@ -24,7 +24,7 @@ from ..engine.broker import scope_of
 from ..engine.run import BadResume, NotAnswerable, ReplayGap, Run
 from ..transport.connections import Connection
 from ..upstream.completion import estimate_tokens, model_batches
-from .app import App
+from .app import App, MessageSession
 
 __all__ = ["chat", "ChatSession", "CLOSE_BAD_POLICY"]
 
@@ -39,10 +39,13 @@ _BUSY = "[ERROR] busy: an answer is still streaming (on_busy=reject); send again
 _NOT_STEERED = "[NOTE] not steered: a model's answer has no step to join; queued as the next prompt"
 
 
-class ChatSession:
+class ChatSession(MessageSession):
+    """One /ws/chat connection: its text-mode history and busy policy, driven by its messages."""
+
+    __slots__ = ("history", "text_runs", "on_busy", "_answering")
+
     def __init__(self, app: App, conn: Connection) -> None:
-        self.app = app
-        self.conn = conn
+        super().__init__(app, conn)
         self.history: list[dict[str, str]] = []  # a list: an empty deque costs 760 bytes per connection
         self.text_runs = 0
         self.on_busy: str | None = None  # the connection's own policy; None: the server's, read at each prompt
@@ -53,32 +56,22 @@ class ChatSession:
         """Read on every request, so a SIGHUP reload applies to open connections too."""
         return self.app.settings
 
-    async def serve(self) -> None:
-        try:
-            self.on_busy = _on_busy(self.conn)
-        except ProtocolViolation as exc:  # refused before any prompt: a line the client can show, then the close
-            self.reply(f"[ERROR] {exc.message}")
-            self.conn.close_soon(CLOSE_BAD_POLICY, "Invalid on_busy", flush=True)
-            await self.conn.ws.wait_closed()
+    async def handle(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.reply_error(None, "bad_request", "binary frames are not supported; send JSON or text")
             return
-        async for message in self.app.incoming(self.conn, self._refusal):
-            if message is None:
-                continue
-            if isinstance(message, bytes):
-                self.reply_error(None, "bad_request", "binary frames are not supported; send JSON or text")
-                continue
-            request = json_object(message)
-            if request is not None and isinstance(request.get("type"), str):
-                try:
-                    await self.handle(request)
-                except (ProtocolViolation, ClusterUnavailable) as exc:
-                    rid = request.get("id")
-                    self.reply_error(rid if isinstance(rid, str) else None, exc.code, exc.message, exc.retryable)
-            else:
-                try:
-                    await self.text_prompt(message)
-                except (ProtocolViolation, ClusterUnavailable) as exc:
-                    self.reply(f"[ERROR] {exc.message}")
+        request = json_object(message)
+        if request is not None and isinstance(request.get("type"), str):
+            try:
+                await self.handle_request(request)
+            except (ProtocolViolation, ClusterUnavailable) as exc:
+                rid = request.get("id")
+                self.reply_error(rid if isinstance(rid, str) else None, exc.code, exc.message, exc.retryable)
+        else:
+            try:
+                await self.text_prompt(message)
+            except (ProtocolViolation, ClusterUnavailable) as exc:
+                self.reply(f"[ERROR] {exc.message}")
 
     # -- replies ---------------------------------------------------------
 
@@ -86,8 +79,8 @@ class ChatSession:
         self.conn.put(frame)
 
     @staticmethod
-    def _refusal(code: str, message: str, refused: str | bytes) -> str:
-        return encode_message("error", code=code, message=message, retryable=True)
+    def refuse(code: str, text: str, refused: str | bytes) -> str:
+        return encode_message("error", code=code, message=text, retryable=True)
 
     def reply_error(self, run_id: str | None, code: str, message: str, retryable: bool = False) -> None:
         """A refused request: an ``error`` with the run id it named but no ``seq`` (no run exists)."""
@@ -161,7 +154,7 @@ class ChatSession:
 
     # -- JSON protocol ---------------------------------------------------
 
-    async def handle(self, request: dict[str, Any]) -> None:
+    async def handle_request(self, request: dict[str, Any]) -> None:
         kind = request["type"]
         if kind == "ping":
             self.reply(encode_message("pong", id=request.get("id") if isinstance(request.get("id"), str) else None))
@@ -339,5 +332,13 @@ def _messages(request: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-async def chat(app: App, conn: Connection) -> None:
-    await ChatSession(app, conn).serve()
+def chat(app: App, conn: Connection) -> ChatSession:
+    """/ws/chat's session. A query that names no busy policy gets a line the client can show, then the
+    close (the session handles nothing more: its connection is closing)."""
+    session = ChatSession(app, conn)
+    try:
+        session.on_busy = _on_busy(conn)
+    except ProtocolViolation as exc:
+        session.reply(f"[ERROR] {exc.message}")
+        conn.close_soon(CLOSE_BAD_POLICY, "Invalid on_busy", flush=True)
+    return session

@@ -21,18 +21,19 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame
-from websockets.protocol import State
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, Frame
+from websockets.protocol import Event, State
 
 from ..engine.broker import Broker
 from ..engine.run import Subscription
 from .keepalive import Keepalive
 
 __all__ = [
-    "Connection", "ConnectionManager", "Outbox", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
+    "Connection", "ConnectionManager", "Outbox", "Session", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
     "CLOSE_REPLACED", "utf8_size", "connection_id",
 ]
 
@@ -71,6 +72,23 @@ async def close_or_abort(ws: ServerConnection, code: int, reason: str, grace: fl
         ws.transport.abort()
 
 
+class Session(Protocol):
+    """What a message-driven route keeps of one connection (:class:`StreamConnection` drives it).
+
+    No task waits for an idle connection's next message: when one arrives, a task starts that hands it
+    to :meth:`on_message`, and every message after it that has arrived meanwhile, one at a time and in
+    order, and ends when none is left. :meth:`on_leave` is called once, as soon as the client is known to
+    be leaving (see :class:`StreamConnection`); :meth:`on_close` once, after it, when the connection is
+    gone and no message is being handled any more.
+    """
+
+    async def on_message(self, message: str | bytes) -> None: ...
+
+    def on_leave(self) -> None: ...
+
+    def on_close(self) -> None: ...
+
+
 class StreamConnection(ServerConnection):
     """The library's server connection, plus a write that does not wait.
 
@@ -94,7 +112,7 @@ class StreamConnection(ServerConnection):
 
     # Slots, not the instance's dict: the library's own attributes fill the keys a class's instances share
     # (30 at most in CPython 3.11); one more made every connection's dict a full one of its own (1.5 KiB).
-    __slots__ = ("on_leave", "pinger", "_ping")
+    __slots__ = ("on_leave", "pinger", "session", "_ping", "_reader", "_left")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,9 +121,12 @@ class StreamConnection(ServerConnection):
         adapter = self.logger
         if isinstance(adapter, logging.LoggerAdapter):
             self.logger = self.protocol.logger = adapter.logger
-        self.on_leave: Callable[[], None] | None = None
+        self.on_leave: Callable[[], None] | None = None  # (a handler's route; a session has its own)
         self.pinger: Keepalive | None = None
+        self.session: Session | None = None
         self._ping: tuple[bytes, float] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._left = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The library's, with its two queues as lists: an empty deque costs 760 bytes, an empty list 56, and
@@ -132,13 +153,57 @@ class StreamConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.on_leave is not None and self.protocol.close_rcvd is not None:
+        if not self._left and self.protocol.close_rcvd is not None:
             self._leave()
 
+    def serve(self, session: Session) -> None:
+        """Drive ``session`` by this connection's messages from now on; those that arrived before (while the
+        connection was being checked) are handled first."""
+        self.session = session
+        if self.connection_lost_waiter.done():
+            self._leave()
+            self._closed()
+        elif self.recv_messages.frames.queue:
+            self._reader = self.loop.create_task(self._read(session))
+
+    def process_event(self, event: Event) -> None:
+        super().process_event(event)
+        if (self._reader is None and self.session is not None and isinstance(event, Frame)
+                and event.opcode in DATA_OPCODES):
+            self._reader = self.loop.create_task(self._read(self.session))
+
+    async def _read(self, session: Session) -> None:
+        """Hand the messages that have arrived to ``session``, in order, one at a time; end when none is
+        left (a message in fragments is waited for whole). A failure the session did not handle itself
+        closes the connection with 1011."""
+        frames = self.recv_messages.frames.queue
+        try:
+            while frames:
+                await session.on_message(await self.recv())
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("handling a message failed")
+            await close_or_abort(self, CLOSE_INTERNAL_ERROR, "internal error", self.close_timeout or 0.0)
+        finally:
+            self._reader = None
+            if self.connection_lost_waiter.done():
+                self._closed()
+
+    def _closed(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.on_close()
+
     def _leave(self) -> None:
+        if self._left:
+            return
+        self._left = True
         leave, self.on_leave = self.on_leave, None
         if leave is not None:
             leave()
+        elif self.session is not None:
+            self.session.on_leave()
 
     def write_now(self, messages: list[str]) -> bool:
         """Write ``messages`` now, a text frame each, in one write to the socket (one system call,
@@ -178,6 +243,8 @@ class StreamConnection(ServerConnection):
         """
         super().connection_lost(exc)
         self._leave()
+        if self._reader is None:  # (else the reader calls it when the message it handles is done)
+            self._closed()
         if self.pinger is not None:
             self.pinger.discard(self)
         if exc is not None:
@@ -416,6 +483,7 @@ class ConnectionManager:
         self.total = 0
         self.total_by_route: Counter[str] = Counter()
         self.slow_closes = 0
+        self._emptied: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self._all)
@@ -444,6 +512,14 @@ class ConnectionManager:
             self.broker.user_disconnected(conn.user)
         if conn.client_id is not None:
             self.broker.release_client(conn.client_id, conn)
+        if not self._all and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
+
+    async def wait_empty(self) -> None:
+        """Until every connection is unregistered (a stop: those driven by messages have no task to wait for)."""
+        while self._all:
+            self._emptied = asyncio.get_running_loop().create_future()
+            await self._emptied
 
     def from_ip(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)

@@ -12,23 +12,34 @@ from dataclasses import dataclass
 from websockets.http11 import Request, Response
 
 from ..handlers.app import App
-from ..transport.connections import Connection
+from ..transport.connections import Connection, Session
 
-__all__ = ["Route", "Router", "Handler", "HttpHandler"]
+__all__ = ["Route", "Router", "Handler", "HttpHandler", "Opener"]
 
-#: A WebSocket route's handler: it gets the application context and its connection.
+#: A WebSocket route's handler: it gets the application context and its connection, and the connection
+#: closes when it returns. Its task lives as long as the connection.
 Handler = Callable[[App, Connection], Awaitable[None]]
+#: A message-driven route: makes the connection's :class:`~wsagent.transport.connections.Session` once the
+#: connection is checked (one that refuses the connection closes it, and handles nothing). No task waits
+#: while the connection is idle; the routes clients keep open for long (/ws/chat, /ws/ai-sdk) are these.
+Opener = Callable[[App, Connection], Session]
 #: A plain HTTP answer on the same port, before any upgrade (or a coroutine that makes one).
 HttpHandler = Callable[[App, Request], Response | Awaitable[Response]]
 
 
 @dataclass(frozen=True)
 class Route:
-    """A WebSocket endpoint. ``auth`` makes it refuse clients without a valid token."""
+    """A WebSocket endpoint, with a ``handler`` or a ``session`` ``Opener``. ``auth`` makes it refuse clients
+    without a valid token."""
 
     pattern: str
-    handler: Handler
+    handler: Handler | None = None
     auth: bool = False
+    session: Opener | None = None
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.session is None):
+            raise ValueError(f"route {self.pattern}: give it a handler or a session opener, one of them")
 
     @property
     def segments(self) -> tuple[str, ...]:

@@ -20,9 +20,9 @@ ROUTES = (
     Route("/ws/agent", agent_words),
     Route("/ws/agent-thoughts", agent_thoughts),
     Route("/ws/robust", robust),
-    Route("/ws/chat", chat),
-    Route("/ws/secure", chat, auth=True),
-    Route("/ws/ai-sdk", ai_sdk),
+    Route("/ws/chat", session=chat),
+    Route("/ws/secure", session=chat, auth=True),
+    Route("/ws/ai-sdk", session=ai_sdk),
     Route("/ws/{client_id}", client_addressed),
 )
 

@@ -1,4 +1,4 @@
-"""The asyncio server: handshake decisions, one handler task per connection, shutdown.
+"""The asyncio server: handshake decisions, routing, shutdown.
 
 Everything before the upgrade happens in :meth:`WsAgentServer.process_request`
 (plain HTTP answers, 404, 405, 503); everything after it in
@@ -25,7 +25,8 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from websockets.http11 import SERVER, Request, Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from ..core.auth import SUBPROTOCOL, Authenticator
@@ -135,6 +136,7 @@ class WsAgentServer:
                  DIALECTS[upstream.config.api], upstream.config.model)
         self._app = App(s, upstream, self.metrics, _load_workflows(s, upstream), load_agents(s.agents),
                         await _broker(s, self.worker))
+        self._app.connection_closed = self._closed
         if self._app.takes_over:
             self._app.broker.on_takeover = self._app.take_over
             log.info("takeover: %s (another node goes on with this node's model runs if it dies)", s.takeover)
@@ -165,6 +167,7 @@ class WsAgentServer:
             logger=_library_logger(),
             **listen,
         )
+        self._server.handler = self._connection  # (see _connection: no task for an idle connection)
         bound = [sock.getsockname()[0] for sock in self._server.sockets]
         self.origin_policy = OriginPolicy(s.allowed_origins, s.host, bound, self.port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -257,7 +260,7 @@ class WsAgentServer:
                 async with asyncio.timeout(self.settings.close_timeout):
                     await asyncio.gather(*(conn.outbox.flush() for conn in app.manager))
             self._server.close(close_connections=True)
-            await _bounded("closing the connections", self._server.wait_closed(),
+            await _bounded("closing the connections", self._all_closed(app),
                            self.settings.close_timeout + STOP_STEP_LIMIT)
         if self._mesh is not None:
             await self._mesh.stop()
@@ -276,6 +279,11 @@ class WsAgentServer:
         if self.simulator is not None:
             await self.simulator.stop()
         log.info("wsagent stopped")
+
+    async def _all_closed(self, app: App) -> None:
+        assert self._server is not None
+        await self._server.wait_closed()
+        await app.manager.wait_empty()  # (a message-driven connection has no task the library waits for)
 
     def _hand_over(self, app: App, drain: float) -> None:
         """A rolling restart: no new connection here, every client told to move (1012), and the runs
@@ -345,13 +353,39 @@ class WsAgentServer:
 
     # -- WebSocket, after the upgrade ------------------------------------
 
+    async def _connection(self, ws: ServerConnection) -> None:
+        """A connection's task, in place of the library's: the opening handshake within ``open_timeout``,
+        then :meth:`handler`. The library's keeps its task (and closes the connection) until the handler
+        returns; a message-driven route's connection is left open when :meth:`handler` returns, and its
+        task ends: an idle connection has none (at 10,000 of them, 2.9 KB of Python heap each)."""
+        assert self._server is not None
+        server = self._server
+        try:
+            try:
+                async with asyncio.timeout(self.settings.open_timeout or None):
+                    await ws.handshake(self.process_request, self.process_response, SERVER)
+            except Exception:
+                ws.transport.abort()
+                return
+            if ws.protocol.state is not State.OPEN:
+                ws.transport.abort()
+                return
+            server.all_connections.add(ws)
+            await self.handler(ws)
+        finally:
+            server.handler_tasks.discard(asyncio.current_task())
+
     async def handler(self, connection: ServerConnection) -> None:
+        """Route an open connection: check who it is, then hand it to its route. A message-driven route's
+        connection outlives this call; a handler's is closed when its handler returns."""
         assert isinstance(connection, StreamConnection)
         ws = connection
         app = self.app
         path = ws.request.path.partition("?")[0] if ws.request else "/"
         match = self.router.match(path)
         if match is None:  # process_request refused it already; defensive for custom routers
+            await close_or_abort(ws, 1011, "no route", self.settings.close_timeout)
+            self._server_forgets(ws)
             return
         route, params = match
         remote = ws.remote_address
@@ -366,14 +400,22 @@ class WsAgentServer:
         if self._keepalive is not None:
             self._keepalive.add(ws)
         log.info("open %s %s from %s", conn.id, printable(path), remote_text, extra={"conn": conn.id})
+        driven = False  # (a message-driven connection's end is the connection's own)
         try:
             refusal = await app.authenticate(conn, route.pattern, route.auth or self.settings.require_auth)
             if refusal is not None:
                 code, reason = refusal
                 await close_or_abort(ws, code, reason, self.settings.close_timeout)
                 return
-            _forget_handshake(ws)
+            if route.session is not None:
+                session = route.session(app, conn)
+                _forget_handshake(ws, request=True)
+                ws.serve(session)  # (its session ends it: MessageSession.on_close, then self._closed)
+                driven = True
+                return
             ws.on_leave = partial(app.release, conn)
+            _forget_handshake(ws)
+            assert route.handler is not None
             await route.handler(app, conn)
         except ConnectionClosed:
             pass
@@ -381,17 +423,29 @@ class WsAgentServer:
             log.exception("handler for %s failed on %s", printable(path), conn.id)
             await close_or_abort(ws, 1011, "internal error", self.settings.close_timeout)
         finally:
-            if conn.expiry_timer is not None:
-                conn.expiry_timer.cancel()
-            ws.on_leave = None
-            app.release(conn)
-            await close_or_abort(ws, 1000, "", self.settings.close_timeout)
-            conn.outbox.close()
-            app.manager.unregister(conn)
-            sent = ws.protocol.close_sent
-            log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, printable(path), remote_text,
-                     sent.code if sent is not None else ws.close_code, time.monotonic() - conn.opened,
-                     extra={"conn": conn.id})
+            if not driven:
+                await close_or_abort(ws, 1000, "", self.settings.close_timeout)
+                self._closed(conn)
+
+    def _closed(self, conn: Connection) -> None:
+        """A connection's end, whatever its route: what it watched is released, it is forgotten, and its
+        ``close`` line logged."""
+        ws = conn.ws
+        if conn.expiry_timer is not None:
+            conn.expiry_timer.cancel()
+        ws.on_leave = None
+        self.app.release(conn)
+        conn.outbox.close()
+        self.app.manager.unregister(conn)
+        self._server_forgets(ws)
+        sent = ws.protocol.close_sent
+        log.info("close %s %s from %s code=%s duration=%.3fs", conn.id, printable(conn.path), conn.remote,
+                 sent.code if sent is not None else ws.close_code, time.monotonic() - conn.opened,
+                 extra={"conn": conn.id})
+
+    def _server_forgets(self, ws: ServerConnection) -> None:
+        if self._server is not None:
+            self._server.all_connections.discard(ws)
 
 
 #: Headers a handshake may carry once: two of them are a malformed request (HTTP 400), not a crash.
@@ -447,9 +501,10 @@ def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, W
     return build_workflows(spec, upstream, BUILTIN_TOOLS, settings.approval_tools)
 
 
-def _forget_handshake(ws: ServerConnection) -> None:
-    """Drop what the handshake left once the connection is checked and routed: the request's headers,
-    the response, the library's subprotocol closure.
+def _forget_handshake(ws: ServerConnection, request: bool = False) -> None:
+    """Drop what the handshake left once the connection is checked and routed: the request's headers (with
+    ``request``, the whole request: a message-driven route has read its query when it opened), the response,
+    the library's subprotocol closure.
 
     The library keeps them for the connection's life; nothing reads them after this (the path, the
     route's parameters, the user and the address are on :class:`Connection`, the query on the request),
@@ -457,7 +512,9 @@ def _forget_handshake(ws: ServerConnection) -> None:
     connection with them, 12.4 without (RSS, measured with ``scripts/bench.py``'s idle scenario).
     """
     assert ws.request is not None
-    ws.request.headers = Headers()
+    ws.request.headers = Headers()  # (the object itself stays: the library's parser holds it as well)
+    if request:
+        ws.request.path = "/"
     ws.response = None
     vars(ws.protocol).pop("select_subprotocol", None)
 

@@ -13,6 +13,7 @@ appends to queues and never awaits a socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -27,6 +28,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import DATA_OPCODES, Frame
 from websockets.protocol import Event, State
+from websockets.server import ServerProtocol
 
 from ..engine.broker import Broker
 from ..engine.run import Subscription
@@ -34,7 +36,7 @@ from .keepalive import Keepalive
 
 __all__ = [
     "Connection", "ConnectionManager", "Outbox", "Session", "StreamConnection", "close_or_abort", "CLOSE_SLOW_CLIENT",
-    "CLOSE_REPLACED", "utf8_size", "connection_id",
+    "CLOSE_REPLACED", "utf8_size", "connection_id", "forget_subprotocol_choice",
 ]
 
 log = logging.getLogger("wsagent.connections")
@@ -250,9 +252,16 @@ class StreamConnection(ServerConnection):
         if exc is not None:
             exc.__traceback__ = None
         protocol = self.protocol
-        vars(protocol).pop("select_subprotocol", None)  # the handshake is long over
+        forget_subprotocol_choice(protocol)  # the handshake is long over
         protocol.parser.close()
         protocol.parser_exc = None
+
+
+def forget_subprotocol_choice(protocol: ServerProtocol) -> None:
+    """Drop the closure ``serve(select_subprotocol=...)`` binds to a connection's protocol, without making
+    the protocol's attributes a dictionary (``vars()`` would, for the protocol's life)."""
+    with contextlib.suppress(AttributeError):
+        del protocol.select_subprotocol
 
 
 class _Frames(list[Frame]):
@@ -411,9 +420,10 @@ class Outbox:
             await asyncio.wait((self._task,))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Connection:
-    """One client: who it is, where it came from, and its outbox."""
+    """One client: who it is, where it came from, and its outbox. (Slots: an idle connection's dict was
+    as large as the object.)"""
 
     ws: StreamConnection
     path: str

@@ -45,6 +45,7 @@ from ..transport.connections import (
     StreamConnection,
     close_or_abort,
     connection_id,
+    forget_subprotocol_choice,
 )
 from ..transport.http_answers import http_response
 from ..transport.keepalive import Keepalive
@@ -86,6 +87,7 @@ class WsAgentServer:
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._keepalive: Keepalive | None = None
+        self._received: asyncio.Future[None] | None = None  # (see _forget_handshake)
         self._stopped = False
         self.sock = sock
         self.worker = worker
@@ -168,6 +170,8 @@ class WsAgentServer:
             **listen,
         )
         self._server.handler = self._connection  # (see _connection: no task for an idle connection)
+        self._received = asyncio.get_running_loop().create_future()
+        self._received.set_result(None)
         bound = [sock.getsockname()[0] for sock in self._server.sockets]
         self.origin_policy = OriginPolicy(s.allowed_origins, s.host, bound, self.port)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -409,12 +413,12 @@ class WsAgentServer:
                 return
             if route.session is not None:
                 session = route.session(app, conn)
-                _forget_handshake(ws, request=True)
+                _forget_handshake(ws, self._received, request=True)
                 ws.serve(session)  # (its session ends it: MessageSession.on_close, then self._closed)
                 driven = True
                 return
             ws.on_leave = partial(app.release, conn)
-            _forget_handshake(ws)
+            _forget_handshake(ws, self._received)
             assert route.handler is not None
             await route.handler(app, conn)
         except ConnectionClosed:
@@ -501,10 +505,10 @@ def _load_workflows(settings: Settings, upstream: UpstreamClient) -> dict[str, W
     return build_workflows(spec, upstream, BUILTIN_TOOLS, settings.approval_tools)
 
 
-def _forget_handshake(ws: ServerConnection, request: bool = False) -> None:
+def _forget_handshake(ws: ServerConnection, received: asyncio.Future[None] | None, request: bool = False) -> None:
     """Drop what the handshake left once the connection is checked and routed: the request's headers (with
-    ``request``, the whole request: a message-driven route has read its query when it opened), the response,
-    the library's subprotocol closure.
+    ``request``, its path too: a message-driven route has read its query when it opened), the response,
+    the library's subprotocol closure, and its future for the request (``received``, done, is one for all).
 
     The library keeps them for the connection's life; nothing reads them after this (the path, the
     route's parameters, the user and the address are on :class:`Connection`, the query on the request),
@@ -516,7 +520,9 @@ def _forget_handshake(ws: ServerConnection, request: bool = False) -> None:
     if request:
         ws.request.path = "/"
     ws.response = None
-    vars(ws.protocol).pop("select_subprotocol", None)
+    forget_subprotocol_choice(ws.protocol)
+    if received is not None:
+        ws.request_rcvd = received
 
 
 async def _broker(settings: Settings, worker: Worker | None) -> Broker:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 
+from wsagent.engine.cluster.liveness import HEARTBEAT, NODE_TTL, may_have_been_taken_for_dead
 from wsagent.engine.cluster.wire import redacted
 from wsagent.upstream.simulator import SimulatorServer
 
@@ -138,3 +139,17 @@ async def test_a_tutorial_route_takes_the_next_id_when_a_users_run_holds_its_own
             frame = await asyncio.wait_for(words.recv(), 10)
             assert isinstance(frame, str)
             reply += frame
+
+
+def test_a_node_paused_just_past_the_others_patience_asks_whether_it_still_owns_its_runs() -> None:
+    """The race behind a rare failure of ``a_producer_that_comes_back_writes_nothing_more``: a node's beat is
+    written at 0.000 s (its reply back at 0.040), the node is paused, another node finds its last beat older than
+    NODE_TTL at 3.010 and takes its runs over, and the paused node's next beat comes back at 3.030. Measured
+    from reply to reply, its silence was 2.99 s, under NODE_TTL: it never asked whether it still owned its runs,
+    and relayed its run to its own client to the end (``done``, not ``taken_over``). Measured from what the
+    others measure, the beat's written time, it was 3.03 s; and since the others look only once a HEARTBEAT,
+    any silence over NODE_TTL - HEARTBEAT is worth one question to Redis."""
+    assert may_have_been_taken_for_dead(previous_written=0.000, replied=3.030)
+    assert may_have_been_taken_for_dead(previous_written=0.000, replied=NODE_TTL - HEARTBEAT + 0.001)
+    assert not may_have_been_taken_for_dead(previous_written=0.000, replied=HEARTBEAT + 0.5)  # a beat a little late
+    assert not may_have_been_taken_for_dead(previous_written=None, replied=100.0)  # its first beat

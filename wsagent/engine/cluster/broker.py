@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -44,7 +43,7 @@ from . import messages
 from .clients import Clients
 from .follower import Following, Mirror
 from .link import COMMAND_TIMEOUT, DOWN_ERRORS, Link, RedisLink
-from .liveness import NODE_TTL, Liveness
+from .liveness import Liveness
 from .names import BROADCAST, KEY, RUN_CHANNELS, name, shared
 from .replication import FLUSH_EVERY, Replicator
 from .takeover import Claimed, claim_command, claimed, history, takeover_set
@@ -86,7 +85,6 @@ class RedisBroker:
         self._on_takeover: Callable[[Run, Handover], None] | None = None
         self._untaken: list[Claimed] = []  # claimed, not yet read (Redis failed between): tried at each beat
         self.taken_over = 0
-        self._beaten = 0.0  # when the last heartbeat came back (monotonic)
         self._handed_over = False  # runs left to other nodes: this node leaves as one that died
         self.clients = Clients(self.link, self.liveness, self.local, lambda: self.replication.soon(FLUSH_EVERY))
         self.local.on_drop.append(self.replication.dropped)
@@ -203,15 +201,13 @@ class RedisBroker:
         replies = await self.link.send(commands)
         self.clients.taken(replies[len(replies) - claims:] if claims else [])
 
-    def beaten(self, live: frozenset[str], dead: frozenset[str]) -> None:
+    def beaten(self, live: frozenset[str], dead: frozenset[str], silent: bool) -> None:
         if dead and self.on_takeover is not None:
             self.link.spawn(self._claim(dead))
         elif self._untaken:
             self.link.spawn(self._take_claimed())
-        now = time.monotonic()
-        if now - self._beaten > NODE_TTL and self._beaten:  # the others may have taken this node for dead
+        if silent:  # the others may have taken this node for dead
             self.link.spawn(self._still_own())
-        self._beaten = now
         self.replication.beaten(live)
         for run in self.local.active_runs():  # a client whose node died left its run: the grace starts
             holder = run.holder

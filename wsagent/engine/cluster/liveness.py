@@ -25,11 +25,20 @@ from . import messages
 from .link import DOWN_ERRORS, RedisLink
 from .names import BEATS_KEPT, NODES, REFRESH_EVERY, name
 
-__all__ = ["Liveness", "HEARTBEAT", "NODE_TTL"]
+__all__ = ["Liveness", "HEARTBEAT", "NODE_TTL", "may_have_been_taken_for_dead"]
 
 #: Seconds between heartbeats; a node whose last one is older than NODE_TTL is taken for dead.
 HEARTBEAT = 1.0
 NODE_TTL = 3.0
+
+
+def may_have_been_taken_for_dead(previous_written: float | None, replied: float) -> bool:
+    """Whether the other nodes may have taken this one for dead between two of its beats: its previous beat
+    written at ``previous_written`` (the time the others measure from; None: this is its first), the next one's
+    reply back at ``replied`` (wall clock, seconds). The others look once a HEARTBEAT, so a silence a beat short
+    of NODE_TTL is worth a question to Redis; measured from the previous reply instead, a pause just past the
+    others' patience went unnoticed by the paused node."""
+    return previous_written is not None and replied - previous_written > NODE_TTL - HEARTBEAT
 
 
 class Member(Protocol):
@@ -43,10 +52,11 @@ class Member(Protocol):
         """Write back what the node holds (the link is coming up again)."""
         ...
 
-    def beaten(self, live: frozenset[str], dead: frozenset[str]) -> None:
+    def beaten(self, live: frozenset[str], dead: frozenset[str], silent: bool) -> None:
         """The nodes alive at the last beat (this one among them): whatever was of the others is gone.
         ``dead``: those that beat within BEATS_KEPT but not NODE_TTL (at the first beat, this node too: what
-        a process before this one left under its id)."""
+        a process before this one left under its id). ``silent``: this node was silent long enough that the
+        others may have taken it for dead (:func:`may_have_been_taken_for_dead`)."""
         ...
 
 
@@ -60,6 +70,7 @@ class Liveness:
         self._member = member
         self._refreshed = 0.0
         self._greeted = False
+        self._written: float | None = None  # the wall-clock time of the last beat written (what others measure)
 
     async def run(self) -> None:
         """Beat every HEARTBEAT, forever (cancelled when the node leaves)."""
@@ -70,7 +81,8 @@ class Liveness:
     async def beat(self) -> None:
         """Say this node is alive, learn which others are, refresh what would expire; when Redis answers
         again after an outage, rejoin."""
-        now_ms = int(time.time() * 1000)
+        written = time.time()
+        now_ms = int(written * 1000)
         refresh = time.monotonic() - self._refreshed > REFRESH_EVERY
         pipe = self.link.redis.pipeline(transaction=False)
         pipe.zadd(NODES, {self.node: now_ms})
@@ -91,7 +103,9 @@ class Liveness:
             self._refreshed = time.monotonic()
         self.live = frozenset(replies[1]) | {self.node}
         dead = frozenset(replies[2]) - self.live
-        self._member.beaten(self.live, dead if self._greeted else dead | {self.node})
+        silent = may_have_been_taken_for_dead(self._written, time.time())
+        self._written = written
+        self._member.beaten(self.live, dead if self._greeted else dead | {self.node}, silent)
         if not self._greeted:  # (a node started again under its id is alive to the others: its runs are not)
             self._greeted = True
             hello = messages.encode(messages.Hello(self.node))

@@ -246,7 +246,10 @@ class StreamConnection(ServerConnection):
         super().connection_lost(exc)
         self._leave()
         if self._reader is None:  # (else the reader calls it when the message it handles is done)
-            self._closed()
+            # After what leaving set going: a run cancelled above closes its upstream request in the loop's
+            # next turn, before this connection's bookkeeping and its objects' release (cancellation after an
+            # abrupt close, p50 of three rounds of 100: 1.12 ms with them first, 1.00 after, 1.09 before sessions).
+            self.loop.call_soon(self._closed)
         if self.pinger is not None:
             self.pinger.discard(self)
         if exc is not None:

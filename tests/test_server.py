@@ -459,3 +459,22 @@ async def test_a_stop_closes_idle_message_driven_connections(make_server: Server
     finally:
         for ws in clients:
             ws.transport.abort()
+
+
+async def test_a_closing_connections_messages_are_not_handled(make_server: ServerFactory,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Once the server has begun to close a connection, a message that still arrives starts nothing: no reply,
+    no run; the close follows with its code."""
+    caplog.set_level(logging.INFO, logger="wsagent")
+    server = await make_server()
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(json.dumps({"type": "ping", "id": "early"}))
+        assert json.loads(await ws.recv())["id"] == "early"
+        conn = await server_side(server, "/ws/chat")
+        conn.close_soon(4008, "slow client")
+        await ws.send(json.dumps({"type": "ping", "id": "late"}))
+        await ws.send(json.dumps({"type": "run", "id": "late-run", "prompt": "hello"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4008
+    assert not [r for r in caplog.records if r.getMessage().startswith("run late-run")]

@@ -478,3 +478,72 @@ async def test_a_closing_connections_messages_are_not_handled(make_server: Serve
             await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4008
     assert not [r for r in caplog.records if r.getMessage().startswith("run late-run")]
+
+
+def _handshake(path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def _masked(opcode: Opcode, data: bytes) -> bytes:
+    return Frame(opcode, data).serialize(mask=True, extensions=[])
+
+
+async def test_runs_asked_for_just_before_the_close_frame_are_released_with_it(make_server: ServerFactory,
+                                                                               sim: Any) -> None:
+    """Two runs and a close frame in one write, the TCP connection kept open (found from outside): the close frame
+    was read first, released what the connection watched (nothing yet), and the runs then started for a client
+    that had left; they streamed to the end, or until its TCP connection closed. A run started after its client's
+    close frame is released as one started before it: with no resume grace, cancelled at once (here before its
+    request upstream was made)."""
+    server = await make_server(close_timeout=30)
+    stats = sim.simulator.stats
+    ended = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("run late1 end"):
+                ended.set()
+
+    watch = Watch()
+    app_log = logging.getLogger("wsagent.app")
+    level = app_log.level
+    app_log.addHandler(watch)
+    app_log.setLevel(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        runs = b"".join(_masked(Opcode.TEXT, json.dumps({"type": "run", "id": f"late{n}", "prompt":
+                                                         "long sim:tokens=2000 sim:rate=100"}).encode())
+                        for n in range(2))
+        writer.write(_handshake("/ws/chat"))
+        async with asyncio.timeout(10):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+            writer.write(runs + _masked(Opcode.CLOSE, b"\x03\xe8"))
+            await ended.wait()  # (the server tells a client that left nothing: its log does)
+        assert server.metrics.runs["cancelled"] == 2 and stats.active == 0
+        assert not writer.is_closing()  # released while its socket is still open
+    finally:
+        writer.close()
+        app_log.removeHandler(watch)
+        app_log.setLevel(level)
+
+
+async def test_a_client_that_keeps_tcp_open_after_the_close_handshake_is_dropped(make_server: ServerFactory) -> None:
+    """A client that sends its close frame and never closes its TCP connection (found from outside) held the
+    connection for as long as it liked, on every route; it is dropped ``close_timeout`` after its close frame."""
+    server = await make_server(close_timeout=0.5)
+    for path in ("/ws/chat", "/ws/ai-sdk", "/ws"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(_handshake(path))
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+            assert len(server.manager) == 1
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            writer.write(_masked(Opcode.CLOSE, b"\x03\xe8"))
+            async with asyncio.timeout(10):
+                await server.manager.wait_empty()
+            held = loop.time() - sent
+            assert 0.4 < held < 2.0, (path, held)  # (its close_timeout: 0.5 s)
+        finally:
+            writer.close()

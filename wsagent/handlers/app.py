@@ -106,6 +106,8 @@ class MessageSession(MessageGate):
         except Exception:
             log.exception("handler for %s failed on %s", printable(conn.path), conn.id)
             conn.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
+        if conn.ws.leaving:  # (what it started after the client's close frame is released as if before it)
+            self.app.release(conn)
 
     async def handle(self, message: str | bytes) -> None:
         raise NotImplementedError

@@ -114,7 +114,7 @@ class StreamConnection(ServerConnection):
 
     # Slots, not the instance's dict: the library's own attributes fill the keys a class's instances share
     # (30 at most in CPython 3.11); one more made every connection's dict a full one of its own (1.5 KiB).
-    __slots__ = ("on_leave", "pinger", "session", "_ping", "_reader", "_left")
+    __slots__ = ("on_leave", "pinger", "session", "_ping", "_reader", "_left", "_linger")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -129,6 +129,7 @@ class StreamConnection(ServerConnection):
         self._ping: tuple[bytes, float] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._left = False
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The library's, with its two queues as lists: an empty deque costs 760 bytes, an empty list 56, and
@@ -197,15 +198,29 @@ class StreamConnection(ServerConnection):
         if session is not None:
             session.on_close()
 
+    @property
+    def leaving(self) -> bool:
+        """The client sent its close frame, or the connection is lost."""
+        return self._left
+
     def _leave(self) -> None:
         if self._left:
             return
         self._left = True
+        if not self.connection_lost_waiter.done():  # its close frame: its TCP connection has close_timeout to end
+            self._linger = self.loop.call_at(self.close_deadline or self.loop.time() + (self.close_timeout or 0.0),
+                                             self._linger_over)
         leave, self.on_leave = self.on_leave, None
         if leave is not None:
             leave()
         elif self.session is not None:
             self.session.on_leave()
+
+    def _linger_over(self) -> None:
+        """A client that sent its close frame and keeps its TCP connection open is dropped (the library waits for
+        it to close for as long as anything awaits the connection: its handler's ``recv``, for ever)."""
+        if not self.connection_lost_waiter.done():
+            self.transport.abort()
 
     def write_now(self, messages: list[str]) -> bool:
         """Write ``messages`` now, a text frame each, in one write to the socket (one system call,
@@ -245,6 +260,9 @@ class StreamConnection(ServerConnection):
         """
         super().connection_lost(exc)
         self._leave()
+        if self._linger is not None:  # (its timer would hold this connection until it fired)
+            self._linger.cancel()
+            self._linger = None
         if self._reader is None:  # (else the reader calls it when the message it handles is done)
             # After what leaving set going: a run cancelled above closes its upstream request in the loop's
             # next turn, before this connection's bookkeeping and its objects' release (cancellation after an

@@ -19,6 +19,7 @@ from websockets.protocol import Event
 from wsagent.core.config import Settings, load_settings
 from wsagent.handlers.app import MessageSession
 from wsagent.transport.connections import Connection
+from wsagent.upstream.simulator import SimulatorServer
 from wsagent.wiring.router import Route, Router
 from wsagent.wiring.routes import ROUTES
 from wsagent.wiring.server import WsAgentServer
@@ -397,7 +398,8 @@ class _Failing(MessageSession):
         return text
 
 
-async def test_a_session_that_fails_closes_its_connection_alone(sim: Any, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_session_that_fails_closes_its_connection_alone(sim: SimulatorServer,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A message-driven route that raises: its connection is closed with 1011 and the failure logged with the
     route and the connection; another connection of the route goes on, and the server lets go of both."""
     routes = [Route("/ws/fails", session=_Failing), *ROUTES]
@@ -418,6 +420,52 @@ async def test_a_session_that_fails_closes_its_connection_alone(sim: Any, caplog
             await server.manager.wait_empty()
     failures = [r for r in caplog.records if r.getMessage().startswith("handler for /ws/fails failed on")]
     assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+class _Uncaught(_Failing):
+    """A session whose own ``on_message`` lets a failure through (an override that catches nothing)."""
+
+    async def on_message(self, message: str | bytes) -> None:
+        raise RuntimeError(f"a bug in a route, at {message!s}")
+
+
+async def test_a_failure_no_session_catches_closes_its_connection_with_1011(sim: SimulatorServer,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """What a route's session lets through is the connection's failure alone: 1011, logged, and the connection
+    still ends for the server."""
+    settings = Settings(host="127.0.0.1", port=0)
+    async with WsAgentServer(settings, upstream_for(sim), routes=[Route("/ws/bare", session=_Uncaught)]) as server:
+        async with ws_connect(server, "/ws/bare") as ws:
+            await ws.send("boom")
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        async with asyncio.timeout(10):
+            await server.manager.wait_empty()
+    assert [r.exc_info is not None for r in caplog.records if r.getMessage() == "handling a message failed"] == [True]
+
+
+def test_a_route_has_a_handler_or_a_session_opener() -> None:
+    with pytest.raises(ValueError, match="one of them"):
+        Route("/ws/none")
+    with pytest.raises(ValueError, match="one of them"):
+        Route("/ws/both", _Failing.handle, session=_Failing)  # type: ignore[arg-type]
+
+
+async def test_every_waiter_sees_the_connections_end(make_server: ServerFactory) -> None:
+    """Two waits for an empty server at once (a stop, and a test or a second stop): both end with the last
+    connection, and one waiter cancelled leaves the other waiting."""
+    server = await make_server()
+    ws = await ws_connect(server, "/ws/chat")
+    first = asyncio.ensure_future(server.manager.wait_empty())
+    second = asyncio.ensure_future(server.manager.wait_empty())
+    cancelled = asyncio.ensure_future(server.manager.wait_empty())
+    await asyncio.sleep(0)  # (one turn of the loop: each waiter takes its first step, and waits on the one future)
+    cancelled.cancel()
+    await ws.close()
+    async with asyncio.timeout(10):
+        await asyncio.gather(first, second)
+    assert cancelled.cancelled() and len(server.manager) == 0
 
 
 async def test_messages_sent_with_the_handshake_are_handled_in_order(make_server: ServerFactory) -> None:
@@ -490,7 +538,7 @@ def _masked(opcode: Opcode, data: bytes) -> bytes:
 
 
 async def test_runs_asked_for_just_before_the_close_frame_are_released_with_it(make_server: ServerFactory,
-                                                                               sim: Any) -> None:
+                                                                               sim: SimulatorServer) -> None:
     """Two runs and a close frame in one write, the TCP connection kept open (found from outside): the close frame
     was read first, released what the connection watched (nothing yet), and the runs then started for a client
     that had left; they streamed to the end, or until its TCP connection closed. A run started after its client's

@@ -207,9 +207,9 @@ class StreamConnection(ServerConnection):
         if self._left:
             return
         self._left = True
-        if not self.connection_lost_waiter.done():  # its close frame: its TCP connection has close_timeout to end
-            self._linger = self.loop.call_at(self.close_deadline or self.loop.time() + (self.close_timeout or 0.0),
-                                             self._linger_over)
+        # Its close frame: the library set when its TCP connection must have ended (close_timeout; none without).
+        if self.close_deadline is not None and not self.connection_lost_waiter.done():
+            self._linger = self.loop.call_at(self.close_deadline, self._linger_over)
         leave, self.on_leave = self.on_leave, None
         if leave is not None:
             leave()
@@ -549,8 +549,9 @@ class ConnectionManager:
     async def wait_empty(self) -> None:
         """Until every connection is unregistered (a stop: those driven by messages have no task to wait for)."""
         while self._all:
-            self._emptied = asyncio.get_running_loop().create_future()
-            await self._emptied
+            if self._emptied is None or self._emptied.done():  # (one future for every waiter)
+                self._emptied = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._emptied)
 
     def from_ip(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)

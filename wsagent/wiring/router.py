@@ -11,18 +11,19 @@ from dataclasses import dataclass
 
 from websockets.http11 import Request, Response
 
-from ..handlers.app import App
-from ..transport.connections import Connection, Session
+from ..handlers.app import App, MessageSession
+from ..transport.connections import Connection
 
 __all__ = ["Route", "Router", "Handler", "HttpHandler", "Opener"]
 
 #: A WebSocket route's handler: it gets the application context and its connection, and the connection
 #: closes when it returns. Its task lives as long as the connection.
 Handler = Callable[[App, Connection], Awaitable[None]]
-#: A message-driven route: makes the connection's :class:`~wsagent.transport.connections.Session` once the
+#: A message-driven route: makes the connection's :class:`~wsagent.handlers.app.MessageSession` once the
 #: connection is checked (one that refuses the connection closes it, and handles nothing). No task waits
-#: while the connection is idle; the routes clients keep open for long (/ws/chat, /ws/ai-sdk) are these.
-Opener = Callable[[App, Connection], Session]
+#: while the connection is idle; the routes clients keep open for long (/ws/chat, /ws/ai-sdk) are these. (A
+#: MessageSession, whose ``on_close`` ends the connection for the server: its release, its ``close`` line.)
+Opener = Callable[[App, Connection], MessageSession]
 #: A plain HTTP answer on the same port, before any upgrade (or a coroutine that makes one).
 HttpHandler = Callable[[App, Request], Response | Awaitable[Response]]
 

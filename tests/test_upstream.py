@@ -258,6 +258,7 @@ async def test_health_and_the_run_line_tell_the_upstream_s_state(make_server: Se
         state = await upstream_health()
     assert state["url"].startswith("http://127.0.0.1:") and state["last_success_s_ago"] >= 0
     assert state["last_failure"]["code"] == "upstream_unavailable"
+    assert state["last_failure"]["message"].startswith("upstream HTTP 503")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run bad end")]
     assert lines and "outcome=error code=upstream_unavailable" in lines[0]
 

@@ -42,11 +42,12 @@ _NOT_STEERED = "[NOTE] not steered: a model's answer has no step to join; queued
 class ChatSession(MessageSession):
     """One /ws/chat connection: its text-mode history and busy policy, driven by its messages."""
 
-    __slots__ = ("history", "text_runs", "on_busy", "_answering")
+    __slots__ = ("history", "history_size", "text_runs", "on_busy", "_answering")
 
     def __init__(self, app: App, conn: Connection) -> None:
         super().__init__(app, conn)
         self.history: list[dict[str, str]] = []  # a list: an empty deque costs 760 bytes per connection
+        self.history_size = 0  # its characters
         self.text_runs = 0
         self.on_busy: str | None = None  # the connection's own policy; None: the server's, read at each prompt
         self._answering: list[Run] = []  # the text prompts not yet answered, oldest first
@@ -148,9 +149,10 @@ class ChatSession(MessageSession):
         history = self.history
         history.append({"role": "user", "content": prompt})
         history.append({"role": "assistant", "content": reply})
-        del history[:max(0, len(history) - self.settings.history_messages)]
-        while history and sum(len(m["content"]) for m in history) > self.settings.history_chars:
-            del history[0]
+        self.history_size += len(prompt) + len(reply)
+        most, chars = self.settings.history_messages, self.settings.history_chars
+        while history and (len(history) > most or self.history_size > chars):
+            self.history_size -= len(history.pop(0)["content"])
 
     # -- JSON protocol ---------------------------------------------------
 

@@ -34,7 +34,7 @@ def health(app: App) -> dict[str, Any]:
         "upstream": {
             "url": upstream.url,
             "last_success_s_ago": None if upstream.last_success is None else round(now - upstream.last_success, 3),
-            "last_failure": None if last_failure is None else {"code": last_failure[1],
+            "last_failure": None if last_failure is None else {"code": last_failure[1], "message": last_failure[2],
                                                                "s_ago": round(now - last_failure[0], 3)},
         },
         **({"cluster": cluster} if cluster is not None else {}),

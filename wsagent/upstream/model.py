@@ -1,8 +1,9 @@
-"""The aiohttp transport for OpenAI-compatible ``POST {base}/chat/completions``, or
+"""The model client for OpenAI-compatible ``POST {base}/chat/completions``, or
 ``POST {base}/responses`` (the Responses API, ``UpstreamConfig(api="responses")``).
 
 The decoding lives in :mod:`wsagent.core.sse`, :mod:`wsagent.core.chunks` and
-:mod:`wsagent.core.responses_api`; this module only moves bytes, applies timeouts
+:mod:`wsagent.core.responses_api`, the connections in :mod:`wsagent.upstream.http`;
+this module only asks, applies timeouts
 and retries, and makes sure that a consumer that stops listening closes the
 TCP connection to the model server at once, so it stops generating tokens for
 nobody.
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
 import json
 import logging
 import math
-import os
 import random
-import socket
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -26,16 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import aiohttp
-
 from ..core.chunks import END, ChunkInterpreter, ModelEvent, Position, StreamInterpreter, completion_to_events
 from ..core.errors import TAKEN_OVER, UpstreamError, error_for_status
-from ..core.events import well_formed
+from ..core.events import json_bytes, well_formed
+from ..core.http1 import request_head
 from ..core.logs import printable
 from ..core.metrics import Metrics
 from ..core.producing import still_producing
 from ..core.responses_api import ResponsesInterpreter, response_to_events, responses_request
 from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
+from .http import Broken, ConnectFailed, Failable, Pool, ProtocolError, Response, Truncated
 
 __all__ = ["UpstreamClient", "UpstreamConfig", "Resume", "CONTINUE", "parse_retry_after", "DIALECTS"]
 
@@ -88,10 +86,10 @@ def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-#: The most one upstream read hands on at once. aiohttp's ``readany`` joins whatever it buffered while the relay
-#: waited for a slow client (630 KiB in 1,570 network chunks, measured): a copy of all of it, then every event
-#: parsed from it at once, three times the buffer at the peak. Reads of at most this much keep the copy and the
-#: parsed batch this small; a relay that keeps up reads one network chunk at a time either way.
+#: The most one upstream read hands on at once. A read that joins whatever was buffered while the relay waited for
+#: a slow client (630 KiB in 1,570 network chunks, measured with aiohttp's ``readany``) copies all of it, then
+#: parses every event from it at once, three times the buffer at the peak. Reads of at most this much keep the copy
+#: and the parsed batch this small; a relay that keeps up reads one network chunk at a time either way.
 READ_BYTES = 65536
 
 #: What is read of an error answer's body: a 500 with a 300 MB body once took the server from 60 to 345 MiB.
@@ -100,12 +98,12 @@ ERROR_BODY_BYTES = 65536
 ERROR_MESSAGE_CHARS = 500
 
 
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def _read_at_most(response: Response, limit: int) -> tuple[bytes, bool]:
     """Up to ``limit`` bytes of the body, and whether that was all of it."""
     parts: list[bytes] = []
     size = 0
     while size <= limit:
-        data = await response.content.read(limit + 1 - size)
+        data = await response.read(limit + 1 - size)
         if not data:
             return b"".join(parts), True
         parts.append(data)
@@ -130,7 +128,10 @@ def _error_message(body: bytes) -> tuple[str, str | int | None]:
 
 
 class _ReadWatchdog:
-    """The first-byte and between-bytes timeouts, without a timer per read.
+    """A request's timeouts, one timer for all of them: the wait for the answer's head (``connect_timeout`` plus
+    ``first_byte_timeout``, on the connection the pool gave), then for its first bytes and between its bytes
+    (``first_byte_timeout``, ``read_timeout``, on the response). ``asyncio.timeout`` around the request and a
+    timer for the body took 55,000 instructions of a one-token run's 1,154,192 (callgrind).
 
     ``deadline`` is finite only while the relay waits for upstream bytes (a relay
     paused by a slow client is not an upstream that stopped sending); each read
@@ -144,25 +145,36 @@ class _ReadWatchdog:
     then: at 9 s with ``--read-timeout 2 --first-byte-timeout 9``.)
     """
 
-    __slots__ = ("loop", "reader", "deadline", "period", "handle")
+    __slots__ = ("loop", "reader", "deadline", "period", "handle", "message")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, reader: aiohttp.StreamReader, first: float,
-                 period: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, first: float, period: float, message: str) -> None:
         self.loop = loop
-        self.reader = reader
+        self.reader: Failable | None = None  # (None while the pool connects, which has a timeout of its own)
         self.period = period
+        self.message = message
         now = loop.time()
         self.deadline = now + first
         self.handle: asyncio.TimerHandle | None = loop.call_at(now + min(first, period), self._check)
 
+    def watch(self, reader: Failable, within: float, message: str) -> None:
+        """From now on, ``reader`` fails with ``message`` unless bytes come ``within`` seconds."""
+        self.reader = reader
+        self.message = message
+        self.deadline = deadline = self.loop.time() + within
+        handle = self.handle
+        if handle is not None and handle.when() > deadline:
+            handle.cancel()
+            self.handle = self.loop.call_at(deadline, self._check)
+
     def _check(self) -> None:
         now = self.loop.time()
-        if now >= self.deadline:
+        if now < self.deadline:
+            self.handle = self.loop.call_at(min(self.deadline, now + self.period), self._check)
+        elif self.reader is None:  # still connecting: the connect timeout will tell
+            self.handle = self.loop.call_at(now + self.period, self._check)
+        else:
             self.handle = None
-            self.reader.set_exception(
-                UpstreamError("upstream stopped sending", code="upstream_timeout", retryable=True))
-            return
-        self.handle = self.loop.call_at(min(self.deadline, now + self.period), self._check)
+            self.reader.set_exception(UpstreamError(self.message, code="upstream_timeout", retryable=True))
 
     def stop(self) -> None:
         if self.handle is not None:
@@ -219,56 +231,44 @@ def _interpret(decoder: SSEDecoder, interpreter: StreamInterpreter,
 class UpstreamClient:
     """Stream completions (chat completions, or the Responses API) from one OpenAI-compatible server.
 
-    One :class:`aiohttp.ClientSession` is shared by every run of the process;
+    One :class:`~wsagent.upstream.http.Pool` of connections is shared by every run of the process;
     call :meth:`close` at shutdown.
     """
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, config: UpstreamConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics
-        self._session = session
-        self._own_session = session is None
         if config.api not in DIALECTS:
             raise ValueError(f"unknown upstream api {config.api!r}: one of {', '.join(DIALECTS)}")
         self._responses = config.api == "responses"
         self._url = config.base_url.rstrip("/") + ("/responses" if self._responses else "/chat/completions")
         parts = urlsplit(config.base_url)
-        self._where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self._pool = Pool(config.base_url, config.connect_timeout, config.receive_buffer)
+        self._where = self._pool.where
+        fields = {"Accept": "text/event-stream", "Accept-Encoding": "identity", "User-Agent": "wsagent"}
+        if config.api_key:
+            fields["Authorization"] = f"Bearer {config.api_key}"
+        self._fields = fields
+        #: The head of every request for a new answer, up to its length (a request is this, a length and a body).
+        self._post = request_head("POST", self._target(self._url), self._pool.authority,
+                                  {**fields, "Content-Type": "application/json"})
         #: The model server's URL as it may be shown (no credentials, no query).
         self.url = urlunsplit((parts.scheme, self._where if parts.port else parts.hostname or "", parts.path, "", ""))
         self.last_success: float | None = None
-        self.last_failure: tuple[float, str] | None = None
+        self.last_failure: tuple[float, str, str] | None = None  # when, its code and message
         self._background = self._responses and config.background
         self._cancels: set[asyncio.Task[None]] = set()  # background responses being cancelled upstream
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
-                connector=aiohttp.TCPConnector(limit=0, socket_factory=self._socket),
-                auto_decompress=True,
-            )
-        return self._session
-
-    def _socket(self, addr_info: tuple[Any, ...]) -> socket.socket:
-        """A socket with a bounded receive buffer: when the relay stops reading, TCP flow control
-        holds the model server back after this much, instead of after the kernel's autotuned
-        maximum (several MiB on Linux)."""
-        family, kind, proto = addr_info[0], addr_info[1], addr_info[2]
-        sock = socket.socket(family=family, type=kind, proto=proto)
-        sock.setblocking(False)
-        if self.config.receive_buffer:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.receive_buffer)
-        return sock
+    @staticmethod
+    def _target(url: str) -> str:
+        """A URL's request target: its path and query."""
+        parts = urlsplit(url)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     async def close(self) -> None:
         if self._cancels:  # (each bounded by the connect timeout)
             await asyncio.gather(*self._cancels, return_exceptions=True)
-        if self._session is not None and self._own_session:
-            await self._session.close()
-        self._session = None
+        self._pool.close()
 
     def build_body(
         self,
@@ -329,7 +329,7 @@ class UpstreamClient:
         With ``checkpoints`` (a background response), each batch ends (before ``END``) with a
         :class:`~wsagent.core.chunks.Position`: where :meth:`resume` goes on, on any node."""
         body = self.build_body(messages, model, tools, params)  # (here: a bad request fails at the call)
-        return self._relay(json.dumps(body).encode(), None, None, checkpoints and self._background)
+        return self._relay(json_bytes(body), None, None, checkpoints and self._background)
 
     def resume(self, resume: Resume) -> AsyncGenerator[list[ModelEvent], None]:
         """The rest of an answer another process began, from its last :class:`~wsagent.core.chunks.Position`:
@@ -342,7 +342,7 @@ class UpstreamClient:
             body["messages"] = [*body.get("messages", []), {"role": "assistant", "content": resume.answer}]
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-            return self._relay(json.dumps(body).encode(), None, None, False)
+            return self._relay(json_bytes(body), None, None, False)
         response_id, after = _position(resume.checkpoint)
         interpreter = ResponsesInterpreter()
         interpreter.response_id, interpreter.sequence = response_id, after
@@ -354,15 +354,21 @@ class UpstreamClient:
         Responses API stream (a new one if None)."""
         started = time.monotonic()
         try:
-            response = await self._open(payload, url)
+            response, watchdog = await self._open(payload, url)
         except UpstreamError as exc:
-            self.last_failure = (time.monotonic(), exc.code)
+            self._failed(exc)
             raise
         cfg = self.config
         finished = handed_over = False
         interpreter: StreamInterpreter | None = None
+        stopped = "upstream stopped sending"
         try:
-            content_type = response.headers.get("Content-Type", "")
+            watchdog.watch(response, cfg.first_byte_timeout, stopped)
+            coding = response.headers.get("content-encoding", "identity").lower()
+            if coding not in ("identity", ""):  # (Accept-Encoding asks for none: a compressed stream waits to fill)
+                raise UpstreamError(f"the model server compressed its answer ({printable(coding[:40])}) although "
+                                    "asked not to", code="upstream_protocol", retryable=False)
+            content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 events = await self._not_streamed(response)
                 finished = True
@@ -376,11 +382,9 @@ class UpstreamClient:
             loop = asyncio.get_running_loop()
             reattached = 0
             while True:
-                reader = response.content
-                watchdog = _ReadWatchdog(loop, reader, cfg.first_byte_timeout, cfg.read_timeout)
                 try:
                     while not interpreter.done:
-                        data = await reader.read(READ_BYTES)
+                        data = await response.read(READ_BYTES)
                         if not data:
                             break
                         watchdog.deadline = math.inf
@@ -399,40 +403,41 @@ class UpstreamClient:
                         if error is not None:
                             raise error
                         watchdog.deadline = loop.time() + cfg.read_timeout
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                except (Truncated, Broken):
                     where = self._reattach_at(interpreter, reattached)
                     if where is None:
                         raise
                     response.close()  # the broken stream; its response goes on upstream
+                    watchdog.stop()
                     reattached += 1
-                    response = await self._open(None, where)
+                    response, watchdog = await self._open(None, where)
+                    watchdog.watch(response, cfg.first_byte_timeout, stopped)
                     decoder = SSEDecoder(cfg.max_event_size)  # a new stream begins at an event's beginning
                     continue
-                finally:
-                    watchdog.stop()
                 break
             if not interpreter.done:
                 tail = interpreter.end(decoder.close())
                 finished = True
                 yield [*tail, END]
         except UpstreamError as exc:
-            self.last_failure = (time.monotonic(), exc.code)
+            self._failed(exc)
             raise
         except SSEError as exc:
-            self.last_failure = (time.monotonic(), "upstream_protocol")
-            raise UpstreamError(str(exc), code="upstream_protocol", retryable=False) from None
-        except aiohttp.ClientPayloadError:
-            self.last_failure = (time.monotonic(), "upstream_truncated")
-            raise UpstreamError("the model server closed the stream before it ended", code="upstream_truncated",
-                                retryable=True) from None
-        except aiohttp.ClientConnectionError:
-            self.last_failure = (time.monotonic(), "upstream_connection")
-            raise UpstreamError("the connection to the model server broke mid-stream", code="upstream_connection",
-                                retryable=True) from None
+            raise self._failed(UpstreamError(str(exc), code="upstream_protocol", retryable=False)) from None
+        except Truncated:
+            raise self._failed(UpstreamError("the model server closed the stream before it ended",
+                                             code="upstream_truncated", retryable=True)) from None
+        except Broken:
+            raise self._failed(UpstreamError("the connection to the model server broke mid-stream",
+                                             code="upstream_connection", retryable=True)) from None
+        except ProtocolError as exc:
+            raise self._failed(UpstreamError(f"the model server's answer broke HTTP/1.1: {exc}",
+                                             code="upstream_protocol", retryable=False)) from None
         except asyncio.CancelledError as exc:
             handed_over = TAKEN_OVER in exc.args  # another node reads the response now
             raise
         finally:
+            watchdog.stop()
             if finished:
                 self.last_success = time.monotonic()
                 response.release()
@@ -441,6 +446,11 @@ class UpstreamClient:
                 if (self._background and isinstance(interpreter, ResponsesInterpreter) and interpreter.response_id
                         and not handed_over):
                     self._cancel_upstream(interpreter.response_id)  # nobody reads it: it must not go on
+
+    def _failed(self, error: UpstreamError) -> UpstreamError:
+        """``error``, kept as the last failure (``/healthz`` shows it)."""
+        self.last_failure = (time.monotonic(), error.code, error.message)
+        return error
 
     def _reattach_at(self, interpreter: StreamInterpreter, reattached: int) -> str | None:
         """Where a background response's broken stream is read again (after the last event interpreted), or
@@ -471,60 +481,82 @@ class UpstreamClient:
             log.info("background response %s not cancelled: another node produces its run", printable(response_id))
             return
         cfg = self.config
-        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        head = request_head("POST", self._target(f"{self._url}/{quote(response_id, safe='')}/cancel"),
+                            self._pool.authority, self._fields)
         try:
             async with asyncio.timeout(cfg.connect_timeout + cfg.first_byte_timeout):
-                async with self.session.post(f"{self._url}/{quote(response_id, safe='')}/cancel",
-                                             headers=headers) as response:
-                    await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                response = await self._pool.request(head + b"0\r\n\r\n")
+                whole = False
+                try:
+                    whole = (await _read_at_most(response, ERROR_BODY_BYTES))[1]
+                finally:
+                    response.release() if whole else response.close()
+        except (TimeoutError, ConnectFailed, Broken, Truncated, ProtocolError) as exc:
             log.warning("could not cancel background response %s upstream: %s", printable(response_id),
                         type(exc).__name__)
 
-    async def _open(self, payload: bytes | None, url: str | None = None) -> aiohttp.ClientResponse:
+    async def _open(self, payload: bytes | None, url: str | None = None) -> tuple[Response, _ReadWatchdog]:
         """POST ``payload`` (or, with None, GET ``url``: a background response's stream, again) and return a 200
-        response, retrying what may be retried before any body byte."""
+        response and the timer that watches it, retrying what may be retried before any body byte."""
         cfg = self.config
-        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
-        if cfg.api_key:
-            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        if payload is None:
+            request = request_head("GET", self._target(url or self._url), self._pool.authority,
+                                   self._fields) + b"0\r\n\r\n"
+        else:
+            request = b"%s%d\r\n\r\n%s" % (self._post, len(payload), payload)
         loop = asyncio.get_running_loop()
         began = loop.time()
         attempt = 0
+        within = cfg.connect_timeout + cfg.first_byte_timeout
         while True:
             delay: float | None = None
+            watchdog = _ReadWatchdog(loop, within, cfg.read_timeout,
+                                     f"the model server did not answer within {within:g} s")
             try:
-                async with asyncio.timeout(cfg.connect_timeout + cfg.first_byte_timeout):
-                    if payload is None:
-                        response = await self.session.get(url or self._url, headers=headers)
-                    else:
-                        response = await self.session.post(self._url, data=payload, headers=headers)
-            except TimeoutError:
-                error = UpstreamError(
-                    f"the model server did not answer within {cfg.connect_timeout + cfg.first_byte_timeout:g} s",
-                    code="upstream_timeout", retryable=True)
-            except aiohttp.ClientConnectorError as exc:
-                reason = "connection refused" if exc.os_error.errno == errno.ECONNREFUSED else (
-                    os.strerror(exc.os_error.errno).lower() if exc.os_error.errno else "no connection")
-                error = UpstreamError(f"cannot connect to the model server at {exc.host}:{exc.port} ({reason})",
+                response = await self._pool.request(request, watchdog)
+            except UpstreamError as exc:  # the watchdog's
+                watchdog.stop()
+                error = exc
+            except TimeoutError:  # the connect's own
+                watchdog.stop()
+                error = UpstreamError(f"cannot connect to the model server at {self._where} (no connection within "
+                                      f"{cfg.connect_timeout:g} s)", code="upstream_timeout", retryable=True)
+            except ConnectFailed as exc:
+                watchdog.stop()
+                error = UpstreamError(f"cannot connect to the model server at {exc.where} ({exc.reason})",
+                                      code="upstream_connection", retryable=not exc.lasting)
+            except Broken as exc:
+                watchdog.stop()
+                error = UpstreamError(f"cannot reach the model server at {self._where}: {exc}",
                                       code="upstream_connection", retryable=True)
-            except aiohttp.ClientError:
-                error = UpstreamError(f"cannot reach the model server at {self._where}", code="upstream_connection",
-                                      retryable=True)
+            except ProtocolError as exc:
+                watchdog.stop()
+                error = UpstreamError(f"the model server at {self._where} did not answer in HTTP/1.1: {exc}",
+                                      code="upstream_protocol", retryable=False)
+            except BaseException:
+                watchdog.stop()
+                raise
             else:
                 if self.metrics is not None:
                     self.metrics.upstream_requests[str(response.status)] += 1
                 if response.status == 200:
-                    return response
-                whole = False
+                    return response, watchdog
+                raw, whole = b"", False
                 try:
+                    watchdog.watch(response, cfg.first_byte_timeout, "the model server stopped sending its error")
                     raw, whole = await _read_at_most(response, ERROR_BODY_BYTES)
+                except (Truncated, Broken, ProtocolError, UpstreamError):
+                    pass  # the status says what happened
                 finally:
+                    watchdog.stop()
                     if whole:
                         response.release()
                     else:  # the rest is never read: the connection cannot go back to the pool
                         response.close()
                 message, upstream_code = _error_message(raw)
+                location = response.headers.get("location")
+                if 300 <= response.status < 400 and location:  # (not followed: a POST's body is not sent twice)
+                    message += f" (redirected to {printable(location[:200])}: make that the upstream URL)"
                 if response.status in (404, 405):  # most often a base URL without its /v1
                     message += (f" (POST {self._url}: the upstream URL must be the API's base, such as "
                                 "http://host:8000/v1, ending where /chat/completions or /responses follows)")
@@ -551,7 +583,7 @@ class UpstreamClient:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def _not_streamed(self, response: aiohttp.ClientResponse) -> list[ModelEvent]:
+    async def _not_streamed(self, response: Response) -> list[ModelEvent]:
         """A 200 that is not an event stream: a JSON error, or a whole completion (read up to the
         size of one event, ``max_event_size``)."""
         raw, whole = await _read_at_most(response, self.config.max_event_size)
@@ -565,7 +597,7 @@ class UpstreamClient:
                                 code="upstream_protocol", retryable=False) from None
         except ValueError:
             raise UpstreamError(
-                f"upstream answered {response.headers.get('Content-Type', 'no content type')!r}, "
+                f"upstream answered {response.headers.get('content-type', 'no content type')!r}, "
                 f"not an event stream: {raw[:200]!r}",
                 code="upstream_protocol",
                 retryable=False,

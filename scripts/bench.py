@@ -1288,9 +1288,11 @@ async def bench(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float
         if shutil.which("redis-server") and not args.no_cluster:
             if not args.only_takeover:
                 await cluster_rows(results, upstream, sim_port, plan)
+            if not args.no_takeover and not args.only_takeover:
                 print("== rolling restart", flush=True)
                 await restart_rows(results, upstream, plan)
-            await takeover_rows(results, upstream, plan)
+            if not args.no_takeover:
+                await takeover_rows(results, upstream, plan)
         elif args.only_takeover:
             raise SystemExit("--only-takeover needs redis-server (and no --no-cluster)")
         if not args.no_workers and not args.only_takeover:
@@ -1454,6 +1456,8 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true", help="let servers and load share every core")
     parser.add_argument("--no-workers", action="store_true", help="leave out the --workers 2 rows")
     parser.add_argument("--no-cluster", action="store_true", help="leave out the cluster rows (two nodes and Redis)")
+    parser.add_argument("--no-takeover", action="store_true",
+                        help="of the cluster rows, leave out the rolling restart and the takeover (the longest)")
     parser.add_argument("--starts", action="store_true",
                         help="only the server CPU per one-token run (what starting and ending a run costs), in rounds")
     parser.add_argument("--servers", help="only these, comma-separated (wsagent,fastapi,aiohttp,node,floor)")

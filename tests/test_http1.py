@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,6 +112,15 @@ def test_the_connection_ending_early_is_truncation(reads: list[bytes]) -> None:
     (b"HTTP/2 200\r\n\r\n", "not an HTTP/1.x status line"),
     (b"ICY 200 OK\r\n\r\n", "not an HTTP/1.x status line"),
     (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 \xb200 OK\r\n\r\n", "not an HTTP/1.x status line"),  # (a superscript two: a traceback once)
+    (b"HTTP/1.1 000 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 099 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 600 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "a transfer coding other than chunked"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "a transfer coding other than chunked"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 4000, "a response head \\(with any interim answers\\) over"),
+    (OK + b"0\r\nX: " + b"t" * 200_000 + b"\r\n\r\n", "trailers over"),
+    (OK + b"0\r\n" + b"X: 1\r\n" * 20_000 + b"\r\n", "trailers over"),
     (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "not a header line"),
     (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "not a header line"),
     (b"HTTP/1.1 200 OK\r\n folded first\r\n\r\n", "folded header line"),
@@ -119,11 +130,29 @@ def test_the_connection_ending_early_is_truncation(reads: list[bytes]) -> None:
     (OK + b"zz\r\n", "not hexadecimal"),
     (OK + b"2\r\nabX\r\n", "did not end where its size said"),
     (OK + b"f" * 5000, "chunk-size line over"),
-    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD, "head over"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD, "a response head"),
 ])
 def test_broken_framing_is_a_protocol_error(raw: bytes, says: str) -> None:
     with pytest.raises(ProtocolError, match=says):
         decode(raw, eof=False)
+
+
+def test_a_break_in_the_framing_carries_the_body_decoded_before_it() -> None:
+    """A framing error lost the chunks decoded in the same read: the outcome hung on how TCP cut the bytes."""
+    with pytest.raises(ProtocolError) as info:
+        decode(OK + b"1\r\nA\r\n1\r\nB\r\nzz\r\n", eof=False)
+    assert info.value.body == b"AB"
+
+
+@settings(max_examples=500, deadline=None)
+@given(noise=st.binary(max_size=200), cut=st.integers(min_value=0, max_value=400))
+def test_any_bytes_are_a_response_or_a_protocol_error(noise: bytes, cut: int) -> None:
+    """Whatever follows a status line's start (or replaces part of a valid answer), nothing but
+    :class:`ProtocolError` or :class:`Truncated` comes out (``int("²00")`` was a ``ValueError`` of its own)."""
+    raw = OK + chunked(b"data: x\n\n")
+    for stream in (b"HTTP/1.1 " + noise, raw[:cut % len(raw)] + noise, noise):
+        with contextlib.suppress(ProtocolError, Truncated):
+            decode(stream)
 
 
 def test_equal_repeated_lengths_are_one_length() -> None:

@@ -100,9 +100,12 @@ async def test_a_connection_is_kept_and_reused() -> None:
     assert server.connections == 1
 
 
-async def test_a_kept_connection_the_server_closed_is_replaced_once() -> None:
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_kept_connection_the_server_closed_goes_again_at_once_if_retries_allow(retries: int) -> None:
     """The keep-alive race: the server closes an idle connection (its keep-alive timeout) as a request is
-    written on it; no byte of an answer came, so the request goes once more on a new connection."""
+    written on it. No byte of an answer came: the request goes again on a new connection, at once (no backoff),
+    if ``max_retries`` allows; a POST is not sent twice behind the caller's back (a helper saw the pool resend
+    one the server had read, as aiohttp's client never did)."""
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await request(reader)
         if n == 1:
@@ -113,12 +116,64 @@ async def test_a_kept_connection_the_server_closed_is_replaced_once() -> None:
             await answer(writer)
 
     async with upstream(handler) as (server, url):
-        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
+        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=retries, backoff_base=30))
+        loop = asyncio.get_running_loop()
         try:
-            assert [await texts(client), await texts(client)] == ["ok", "ok"]
+            assert await texts(client) == "ok"
+            started = loop.time()
+            if retries:
+                assert await texts(client) == "ok"
+            else:
+                with pytest.raises(UpstreamError) as info:
+                    await texts(client)
+                assert info.value.code == "upstream_connection" and info.value.message.endswith(
+                    "the model server closed the connection before answering")
         finally:
             await client.close()
-    assert server.connections == 2
+    assert loop.time() - started < 1.0  # (a backoff would have been up to 30 s)
+    assert server.connections == 1 + retries
+
+
+async def test_a_kept_connection_that_stays_silent_times_out_at_the_first_byte_timeout() -> None:
+    """The wait for the head was --connect-timeout plus --first-byte-timeout, even on a kept connection."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await request(reader)
+        await answer(writer)
+        await request(reader)  # and nothing more
+
+    async with upstream(handler) as (_, url):
+        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0, connect_timeout=5, first_byte_timeout=0.3))
+        loop = asyncio.get_running_loop()
+        try:
+            assert await texts(client) == "ok"
+            started = loop.time()
+            with pytest.raises(UpstreamError) as info:
+                await texts(client)
+        finally:
+            await client.close()
+    assert 0.3 <= loop.time() - started < 1.0
+    assert info.value.code == "upstream_timeout"
+    assert info.value.message == "the model server did not answer within 0.3 s"
+
+
+async def test_what_came_before_a_break_in_the_framing_is_delivered_first() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await request(reader)
+        token = b'data: {"choices":[{"index":0,"delta":{"content":"A"},"finish_reason":null}]}\n\n'
+        writer.write(CHUNKED + b"%x\r\n%s\r\nzz\r\n" % (len(token), token))  # one write, one read
+        await writer.drain()
+
+    async with upstream(handler) as (_, url):
+        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
+        got: list[str] = []
+        try:
+            with pytest.raises(UpstreamError) as info:
+                async for event in client.stream([{"role": "user", "content": "hi"}]):
+                    if isinstance(event, TextDelta):
+                        got.append(event.text)
+        finally:
+            await client.close()
+    assert got == ["A"] and info.value.code == "upstream_protocol"
 
 
 async def test_a_new_connection_closed_unanswered_is_an_error_and_no_extra_attempt() -> None:
@@ -182,7 +237,7 @@ async def test_an_error_answer_whose_body_stalls_ends_at_the_first_byte_timeout(
         finally:
             await client.close()
     assert 0.3 <= loop.time() - started < 1.0
-    assert info.value.code == "upstream_unavailable" and info.value.message == "upstream HTTP 503: no body"
+    assert info.value.code == "upstream_unavailable" and info.value.message == "upstream HTTP 503: {"  # (what came)
 
 
 async def test_a_redirect_is_not_followed_and_says_where_it_points() -> None:
@@ -207,10 +262,10 @@ async def test_a_redirect_is_not_followed_and_says_where_it_points() -> None:
 async def test_an_answer_sized_by_content_length_and_one_ended_by_closing() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         if n == 1:
-            for _ in range(2):
+            for close in (b"", b"Connection: close\r\n"):  # (the second answer says the connection ends with it)
                 await request(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(ANSWER), ANSWER))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n%sContent-Length: %d\r\n\r\n%s"
+                             % (close, len(ANSWER), ANSWER))
                 await writer.drain()
             writer.close()
         else:

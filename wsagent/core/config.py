@@ -92,7 +92,7 @@ class Settings:
     model: str = setting("wsagent-sim", "model name sent upstream when a run names none", group="upstream", env="WSAGENT_MODEL", upstream="model", simulator="model")
     upstream_background: bool = setting(False, "Responses API: stored background responses, so a dropped stream is re-attached where it stopped (the server keeps them: docs/operations.md)", group="upstream", upstream="background")
     connect_timeout: float = setting(10.0, "seconds to connect to the upstream", group="upstream", upstream="connect_timeout")
-    first_byte_timeout: float = setting(60.0, "seconds to wait for the upstream's first byte", group="upstream", upstream="first_byte_timeout")
+    first_byte_timeout: float = setting(60.0, "seconds to wait for the upstream's answer and first byte", group="upstream", upstream="first_byte_timeout")
     read_timeout: float = setting(60.0, "seconds allowed between two upstream reads (comments count)", group="upstream", upstream="read_timeout")
     max_retries: int = setting(2, "retries of 408/409/429/5xx and connection errors before the first byte", group="upstream", upstream="max_retries")
     retry_deadline: float = setting(30.0, "seconds after which no retry starts, however many are left (behind a proxy that retries too)", group="upstream", upstream="retry_deadline")

@@ -5,11 +5,14 @@ completed, the chunked framing taken off, and sets :attr:`~ResponseDecoder.head`
 are in. It never reads a socket, so every split of a response can be tested (``tests/test_http1.py``), as
 :mod:`wsagent.core.sse` is; :mod:`wsagent.upstream.http` moves the bytes.
 
-What it follows (RFC 9112): interim (1xx) heads are skipped; a body ends where ``Transfer-Encoding: chunked`` ends
-it (extensions and trailers read and dropped), after ``Content-Length`` bytes, or at the connection's end; a
-response to ``HEAD``, a 204 and a 304 have none. A line may end in LF alone. Anything else (a status line that is
-not ``HTTP/1.x NNN``, a header without a colon, a chunk size that is not hex, a head or chunk line over its
-limit, two different lengths) is a :class:`ProtocolError`: the connection cannot be trusted past it.
+What it follows (RFC 9112): interim (1xx) heads are skipped, and count towards the head's limit (an endless
+stream of them is a head over its limit, not a loop); a body ends where ``Transfer-Encoding: chunked`` ends it
+(extensions read and dropped, trailers too, within the head's limit), after ``Content-Length`` bytes, or at the
+connection's end; a response to ``HEAD``, a 204 and a 304 have none. A line may end in LF alone. Anything else (a
+status line that is not ``HTTP/1.x`` and a status from 100 to 599, a header without a colon, a transfer coding
+other than chunked, since none other is asked for, a chunk size that is not hex, a head or chunk line over its
+limit, two different lengths) is a :class:`ProtocolError`, which carries the body bytes decoded before it: the
+connection cannot be trusted past it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ _HEAD, _SIZE, _DATA, _DATA_END, _TRAILERS, _LENGTH, _CLOSE, _DONE = range(8)
 
 
 class ProtocolError(ValueError):
-    """The response broke HTTP/1.1's framing, or a limit: decoding cannot go on."""
+    """The response broke HTTP/1.1's framing, or a limit: decoding cannot go on. ``body``: what the same bytes
+    completed of the body before the break, to be delivered before it (as the SSE decoder's events are)."""
+
+    body = b""
 
 
 class Truncated(Exception):
@@ -66,7 +72,7 @@ def request_head(method: str, target: str, host: str, fields: dict[str, str]) ->
 class ResponseDecoder:
     """One response's bytes in, its body's bytes out. ``no_body``: the response to a ``HEAD``."""
 
-    __slots__ = ("head", "_state", "_buffer", "_remaining", "_no_body", "extra")
+    __slots__ = ("head", "_state", "_buffer", "_remaining", "_no_body", "_seen", "extra")
 
     def __init__(self, no_body: bool = False) -> None:
         self.head: Head | None = None
@@ -74,6 +80,7 @@ class ResponseDecoder:
         self._buffer = b""
         self._remaining = 0
         self._no_body = no_body
+        self._seen = 0  # the bytes of the interim heads, then of the trailers, so far
         #: Bytes that came after the response's end: the connection cannot carry another request.
         self.extra = False
 
@@ -123,19 +130,19 @@ class ResponseDecoder:
         """What follows the final head in ``buffer`` once it is read (None: more bytes needed)."""
         while True:
             end = _END_OF_HEAD.search(buffer)
+            if (len(buffer) if end is None else end.start()) + self._seen > MAX_HEAD:
+                raise ProtocolError(f"a response head (with any interim answers) over {MAX_HEAD} bytes")
             if end is None:
-                if len(buffer) > MAX_HEAD:
-                    raise ProtocolError(f"a response head over {MAX_HEAD} bytes")
                 self._buffer = buffer
                 return None
-            if end.start() > MAX_HEAD:
-                raise ProtocolError(f"a response head over {MAX_HEAD} bytes")
             head = _parse_head(buffer[:end.start()])
-            if 100 <= head.status < 200:
+            if head.status < 200:
                 if head.status == 101:
                     raise ProtocolError("the model server switched protocols")
-                buffer = buffer[end.end():]  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+                self._seen += end.end()  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+                buffer = buffer[end.end():]
                 continue
+            self._seen = 0
             self.head = head
             self._state = self._framing(head)
             return buffer[end.end():]
@@ -145,7 +152,9 @@ class ResponseDecoder:
             return _DONE
         coding = head.headers.get("transfer-encoding")
         if coding is not None:
-            return _SIZE if coding.rpartition(",")[2].strip().lower() == "chunked" else _CLOSE
+            if coding.strip().lower() != "chunked":  # (asked for with Accept-Encoding: identity: no other coding)
+                raise ProtocolError(f"a transfer coding other than chunked: {coding[:40]!r}")
+            return _SIZE
         length = head.headers.get("content-length")
         if length is None:
             return _CLOSE
@@ -159,6 +168,18 @@ class ResponseDecoder:
     def _chunks(self, buffer: bytes) -> bytes:
         """The chunked body's data in ``buffer``; what does not complete a piece of framing waits for more."""
         parts: list[bytes] = []
+        try:
+            at = self._chunks_into(parts, buffer)
+        except ProtocolError as exc:
+            exc.body = b"".join(parts)
+            raise
+        if at < len(buffer) and self._state != _DONE:
+            self._buffer = buffer[at:]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunks_into(self, parts: list[bytes], buffer: bytes) -> int:
+        """Decode ``buffer`` into ``parts``; where decoding stopped (its end, the response's, or a piece of framing
+        that needs more bytes)."""
         at, size = 0, len(buffer)
         state, remaining = self._state, self._remaining
         size_line = _SIZE_LINE.match
@@ -202,26 +223,26 @@ class ResponseDecoder:
                 state = _SIZE
             else:  # the trailers, after the last chunk
                 line_end = buffer.find(b"\n", at)
+                if (size if line_end < 0 else line_end) - at + self._seen > MAX_HEAD:
+                    raise ProtocolError(f"trailers over {MAX_HEAD} bytes")
                 if line_end < 0:
-                    if size - at > MAX_HEAD:
-                        raise ProtocolError(f"trailers over {MAX_HEAD} bytes")
                     break
                 trailer, at = buffer[at:line_end], line_end + 1
+                self._seen += len(trailer) + 1
                 if trailer in (b"", b"\r"):
                     self._state = _DONE
                     self.extra = at < size
-                    return b"".join(parts)
+                    return at
         self._state, self._remaining = state, remaining
-        if at < size:
-            self._buffer = buffer[at:]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return at
 
 
 def _parse_head(raw: bytes) -> Head:
     lines = raw.decode("latin-1").split("\n")
     version, _, rest = lines[0].rstrip("\r").partition(" ")
     code, _, reason = rest.partition(" ")
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if (version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isascii() or not code.isdigit()
+            or not "100" <= code <= "599"):
         raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     name = ""

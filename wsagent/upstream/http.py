@@ -14,8 +14,8 @@ aiohttp makes a task per request to write its body, a request, a response, a str
 per request, and takes five turns of the event loop from the request to its first byte.
 
 A connection that came back from the pool may have been closed by the model server meanwhile (its keep-alive
-timeout: uvicorn's is 5 s); a request that finds it closed before any byte of an answer is sent once more on a
-new connection.
+timeout: uvicorn's is 5 s), most often seen at once (its close is read, and it leaves the pool); a request written
+as it closed fails ``stale`` (:class:`Broken`), and the model client sends it again at once if its retries allow.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ class ConnectFailed(Exception):
 
 
 class Broken(Exception):
-    """The connection failed (or closed) after the request was sent, before the response ended."""
+    """The connection failed (or closed) after the request was sent, before the response ended. ``stale``: a
+    kept connection that ended before any byte of an answer came (most often, the model server closed it, idle,
+    as the request was written): the request may go again at once, on a new connection."""
+
+    stale = False
 
 
 class Failable(Protocol):
@@ -65,9 +69,9 @@ class Failable(Protocol):
 
 
 class Watch(Protocol):
-    """Who times a request: told which connection it went on (``reader``), whose wait it fails when it is late."""
+    """Who times a request: told the connection it was written on, whose wait it fails when the answer is late."""
 
-    reader: Failable | None
+    def attach(self, reader: Failable) -> None: ...
 
 
 def _reason(exc: BaseException | None) -> str:
@@ -118,6 +122,9 @@ class _Connection(asyncio.Protocol):
         try:
             body = self.decoder.feed(data)
         except ProtocolError as exc:
+            if exc.body:  # delivered before the error, as what the SSE decoder read before a break is
+                self.body.append(exc.body)
+                self.size += len(exc.body)
             self.error = exc
             self.close()
         else:
@@ -187,15 +194,19 @@ class _Connection(asyncio.Protocol):
         finally:
             self.waiter = None
 
-    async def send(self, data: bytes, no_body: bool) -> Response:
+    async def send(self, data: bytes, no_body: bool, watch: Watch | None) -> Response:
         """Write a request; the response once its head is in."""
         self.decoder = ResponseDecoder(no_body)
         self.busy, self.received, self.error, self.size = True, False, None, 0
         self.body = []
         self.transport.write(data)  # type: ignore[union-attr]
+        if watch is not None:
+            watch.attach(self)
         try:
             while self.decoder.head is None:
                 if self.error is not None:
+                    if isinstance(self.error, Broken) and self.reused and not self.received:
+                        self.error.stale = True
                     raise self.error
                 await self.wait()
         except BaseException:
@@ -291,23 +302,14 @@ class Pool:
         self._sweep: asyncio.TimerHandle | None = None
 
     async def request(self, data: bytes, watch: Watch | None = None, no_body: bool = False) -> Response:
-        """Send a request's bytes (head and body); its response once the head is in. :class:`ConnectFailed`,
-        :class:`Broken` or :class:`ProtocolError` else (or what ``watch`` failed the wait with); a connection
-        from the pool found closed before any byte of an answer is replaced by a new one once."""
+        """Send a request's bytes (head and body) on a kept connection or a new one; its response once the head
+        is in. :class:`ConnectFailed`, :class:`Broken` or :class:`ProtocolError` else, or what ``watch`` (told
+        the connection once the request is written) failed the wait with. It is sent once: a caller decides
+        whether to send it again (aiohttp's client did not send a POST again either)."""
         conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = await self._connect()
-        if watch is not None:
-            watch.reader = conn
-        try:
-            return await conn.send(data, no_body)
-        except Broken:
-            if not conn.reused or conn.received:
-                raise
-        conn = await self._connect()
-        if watch is not None:
-            watch.reader = conn
-        return await conn.send(data, no_body)
+        return await conn.send(data, no_body, watch)
 
     def keep(self, conn: _Connection) -> None:
         """Back to the pool if its response ended as HTTP/1.1 allows reuse (or once its last bytes come, if that is

@@ -98,16 +98,21 @@ ERROR_BODY_BYTES = 65536
 ERROR_MESSAGE_CHARS = 500
 
 
-async def _read_at_most(response: Response, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of the body, and whether that was all of it."""
+async def _read_at_most(response: Response, limit: int, partial: bool = False) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of the body, and whether that was all of it. ``partial``: a body that breaks off (or
+    stalls past its timeout) is what came of it, not an error (an error answer's message)."""
     parts: list[bytes] = []
     size = 0
-    while size <= limit:
-        data = await response.read(limit + 1 - size)
-        if not data:
-            return b"".join(parts), True
-        parts.append(data)
-        size += len(data)
+    try:
+        while size <= limit:
+            data = await response.read(limit + 1 - size)
+            if not data:
+                return b"".join(parts), True
+            parts.append(data)
+            size += len(data)
+    except (Truncated, Broken, ProtocolError, UpstreamError):
+        if not partial:
+            raise
     return b"".join(parts)[:limit], False
 
 
@@ -128,10 +133,10 @@ def _error_message(body: bytes) -> tuple[str, str | int | None]:
 
 
 class _ReadWatchdog:
-    """A request's timeouts, one timer for all of them: the wait for the answer's head (``connect_timeout`` plus
-    ``first_byte_timeout``, on the connection the pool gave), then for its first bytes and between its bytes
-    (``first_byte_timeout``, ``read_timeout``, on the response). ``asyncio.timeout`` around the request and a
-    timer for the body took 55,000 instructions of a one-token run's 1,154,192 (callgrind).
+    """A request's timeouts, one timer for all of them: the wait for the answer's head once the request is written
+    (``first_byte_timeout``; the pool's connect has its own), then for the body's first bytes and between its bytes
+    (``first_byte_timeout``, ``read_timeout``). ``asyncio.timeout`` around the request and a timer for the body
+    took 55,000 instructions of a one-token run's 1,154,192 (callgrind).
 
     ``deadline`` is finite only while the relay waits for upstream bytes (a relay
     paused by a slow client is not an upstream that stopped sending); each read
@@ -145,24 +150,31 @@ class _ReadWatchdog:
     then: at 9 s with ``--read-timeout 2 --first-byte-timeout 9``.)
     """
 
-    __slots__ = ("loop", "reader", "deadline", "period", "handle", "message")
+    __slots__ = ("loop", "reader", "deadline", "period", "handle", "message", "first")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, first: float, period: float, message: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, first: float, period: float) -> None:
         self.loop = loop
-        self.reader: Failable | None = None  # (None while the pool connects, which has a timeout of its own)
+        self.reader: Failable | None = None
+        self.first = first
         self.period = period
-        self.message = message
-        now = loop.time()
-        self.deadline = now + first
-        self.handle: asyncio.TimerHandle | None = loop.call_at(now + min(first, period), self._check)
+        self.message = ""
+        self.deadline = math.inf
+        self.handle: asyncio.TimerHandle | None = None
+
+    def attach(self, reader: Failable) -> None:
+        """The request is written on ``reader`` (a connection): its answer's head is due within ``first``."""
+        self.watch(reader, self.first, f"the model server did not answer within {self.first:g} s")
 
     def watch(self, reader: Failable, within: float, message: str) -> None:
         """From now on, ``reader`` fails with ``message`` unless bytes come ``within`` seconds."""
         self.reader = reader
         self.message = message
-        self.deadline = deadline = self.loop.time() + within
+        now = self.loop.time()
+        self.deadline = deadline = now + within
         handle = self.handle
-        if handle is not None and handle.when() > deadline:
+        if handle is None:
+            self.handle = self.loop.call_at(now + min(within, self.period), self._check)
+        elif handle.when() > deadline:
             handle.cancel()
             self.handle = self.loop.call_at(deadline, self._check)
 
@@ -170,9 +182,7 @@ class _ReadWatchdog:
         now = self.loop.time()
         if now < self.deadline:
             self.handle = self.loop.call_at(min(self.deadline, now + self.period), self._check)
-        elif self.reader is None:  # still connecting: the connect timeout will tell
-            self.handle = self.loop.call_at(now + self.period, self._check)
-        else:
+        elif self.reader is not None:
             self.handle = None
             self.reader.set_exception(UpstreamError(self.message, code="upstream_timeout", retryable=True))
 
@@ -507,11 +517,9 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         began = loop.time()
         attempt = 0
-        within = cfg.connect_timeout + cfg.first_byte_timeout
         while True:
             delay: float | None = None
-            watchdog = _ReadWatchdog(loop, within, cfg.read_timeout,
-                                     f"the model server did not answer within {within:g} s")
+            watchdog = _ReadWatchdog(loop, cfg.first_byte_timeout, cfg.read_timeout)
             try:
                 response = await self._pool.request(request, watchdog)
             except UpstreamError as exc:  # the watchdog's
@@ -529,6 +537,8 @@ class UpstreamClient:
                 watchdog.stop()
                 error = UpstreamError(f"cannot reach the model server at {self._where}: {exc}",
                                       code="upstream_connection", retryable=True)
+                if exc.stale:  # (closed, idle, as the request was written: no reason to wait before the next)
+                    delay = 0.0
             except ProtocolError as exc:
                 watchdog.stop()
                 error = UpstreamError(f"the model server at {self._where} did not answer in HTTP/1.1: {exc}",
@@ -544,9 +554,7 @@ class UpstreamClient:
                 raw, whole = b"", False
                 try:
                     watchdog.watch(response, cfg.first_byte_timeout, "the model server stopped sending its error")
-                    raw, whole = await _read_at_most(response, ERROR_BODY_BYTES)
-                except (Truncated, Broken, ProtocolError, UpstreamError):
-                    pass  # the status says what happened
+                    raw, whole = await _read_at_most(response, ERROR_BODY_BYTES, partial=True)
                 finally:
                     watchdog.stop()
                     if whole:

@@ -4,7 +4,7 @@
 #   scripts/test.sh                 # everything
 #   scripts/test.sh tests/test_sse.py -q    # arguments go to pytest
 #
-# What it brings: Debian packages (redis-server, chromium, tmux, systemd's analyzer, a font) with apt-get
+# What it brings: Debian packages (redis-server, chromium, tmux, openssl, systemd's analyzer, a font) with apt-get
 # when it runs as root or with password-less sudo; the JavaScript packages from package-lock.json (npm ci);
 # a virtual environment in .venv (unless one is active) with the test extra. What it cannot bring, it names
 # in one line and stops, before any test runs.
@@ -18,6 +18,7 @@ declare -A needs=(
   [redis-server]=redis-server
   [chromium]=chromium
   [tmux]=tmux
+  [openssl]=openssl
   [systemd-analyze]=systemd
   [/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf]=fonts-dejavu-core
 )

@@ -285,6 +285,55 @@ async def test_an_answer_sized_by_content_length_and_one_ended_by_closing() -> N
     assert server.connections == 3
 
 
+@pytest.mark.parametrize("comes", [True, False])
+async def test_a_connection_released_before_its_last_bytes_waits_for_them(comes: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's end (``[DONE]``) came before the chunked body's: 3 in 50 one-token answers. Its connection
+    is kept once the last bytes come (aiohttp's client closed it, and the next request paid a new one), and
+    closed ``DRAIN_WAIT`` after its release if they do not."""
+    monkeypatch.setattr(http, "DRAIN_WAIT", 0.3)
+    released = asyncio.Event()
+    kept = asyncio.Event()  # the connection is back in the pool (the pool's own keep, watched)
+    ended: list[float] = []
+    keep = http.Pool.keep
+
+    def watched(pool: http.Pool, conn: http._Connection) -> None:
+        keep(pool, conn)
+        if conn.draining is None and not conn.busy and not conn.lost:
+            kept.set()
+
+    monkeypatch.setattr(http.Pool, "keep", watched)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await request(reader)
+        writer.write(CHUNKED + b"%x\r\n%s\r\n" % (len(ANSWER), ANSWER))
+        await writer.drain()
+        await released.wait()
+        if comes:
+            writer.write(b"0\r\n\r\n")
+            await request(reader)
+            await answer(writer)
+
+    async with upstream(handler) as (server, url):
+        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
+        loop = asyncio.get_running_loop()
+        try:
+            assert await texts(client) == "ok"
+            at = loop.time()
+            released.set()
+            if comes:
+                await asyncio.wait_for(kept.wait(), 5)
+                assert await texts(client) == "ok"
+                assert server.connections == 1
+            else:
+                await asyncio.wait_for(server.gone.wait(), 5)
+                ended.append(server.closed[0] - at)
+        finally:
+            await client.close()
+    if not comes:
+        assert 0.3 <= ended[0] < 1.0
+
+
 async def test_a_slow_reader_holds_the_model_server_back() -> None:
     """Unread bytes past HIGH_WATER stop the socket being read: the server's writes wait (TCP flow control)."""
     sent = 0

@@ -149,6 +149,7 @@ class _Connection(asyncio.Protocol):
             assert self.draining is not None
             self.draining.cancel()
             self.draining = None
+            self.pool.draining.discard(self)
             self.pool.keep(self)
 
     def set_exception(self, exc: BaseException) -> None:
@@ -167,6 +168,7 @@ class _Connection(asyncio.Protocol):
         if self.draining is not None:  # released: nobody waits for the rest
             self.draining.cancel()
             self.draining = None
+            self.pool.draining.discard(self)
             return
         if not self.busy:
             self.pool.forget(self)
@@ -219,6 +221,7 @@ class _Connection(asyncio.Protocol):
         if self.draining is not None:
             self.draining.cancel()
             self.draining = None
+            self.pool.draining.discard(self)
         if self.transport is not None:
             self.transport.close()
 
@@ -300,6 +303,8 @@ class Pool:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._idle: list[_Connection] = []
         self._sweep: asyncio.TimerHandle | None = None
+        #: Released connections waiting for their answer's last bytes (:data:`DRAIN_WAIT`).
+        self.draining: set[_Connection] = set()
 
     async def request(self, data: bytes, watch: Watch | None = None, no_body: bool = False) -> Response:
         """Send a request's bytes (head and body) on a kept connection or a new one; its response once the head
@@ -322,6 +327,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         if not conn.decoder.done:
             conn.draining = loop.call_later(DRAIN_WAIT, conn.close)
+            self.draining.add(conn)
             return
         conn.busy = False
         conn.reused = True
@@ -347,12 +353,13 @@ class Pool:
             self._sweep = asyncio.get_running_loop().call_at(idle[0].idle_since + KEEP_IDLE, self._close_idle)
 
     def close(self) -> None:
-        """Close every connection waiting in the pool (those in use end with their responses)."""
+        """Close every connection waiting in the pool, or for its answer's last bytes (those in use end with
+        their responses)."""
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
         idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn in [*idle, *self.draining]:
             conn.close()
 
     async def _connect(self) -> _Connection:

@@ -240,6 +240,27 @@ async def test_an_error_answer_whose_body_stalls_ends_at_the_first_byte_timeout(
     assert info.value.code == "upstream_unavailable" and info.value.message == "upstream HTTP 503: {"  # (what came)
 
 
+@pytest.mark.parametrize("key, sent", [(None, b"Authorization: Basic dXNlcjpwIHc=\r\n"),
+                                       ("sk-1", b"Authorization: Bearer sk-1\r\n")])
+async def test_credentials_in_the_url_are_sent_as_basic_auth_unless_there_is_a_key(key: str | None,
+                                                                                 sent: bytes) -> None:
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.readexactly(int(heads[-1].partition(b"Content-Length: ")[2].partition(b"\r\n")[0]))
+        await answer(writer)
+
+    async with upstream(handler) as (_, url):
+        client = UpstreamClient(UpstreamConfig(base_url=url.replace("http://", "http://user:p%20w@"), api_key=key,
+                                               max_retries=0))
+        try:
+            assert await texts(client) == "ok"
+        finally:
+            await client.close()
+    assert sent in heads[0] and heads[0].count(b"Authorization") == 1
+
+
 async def test_a_redirect_is_not_followed_and_says_where_it_points() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await request(reader)

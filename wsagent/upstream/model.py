@@ -12,6 +12,7 @@ nobody.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import logging
@@ -22,7 +23,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..core.chunks import END, ChunkInterpreter, ModelEvent, Position, StreamInterpreter, completion_to_events
 from ..core.errors import TAKEN_OVER, UpstreamError, error_for_status
@@ -258,6 +259,9 @@ class UpstreamClient:
         fields = {"Accept": "text/event-stream", "Accept-Encoding": "identity", "User-Agent": "wsagent"}
         if config.api_key:
             fields["Authorization"] = f"Bearer {config.api_key}"
+        elif parts.username is not None:  # http://user:password@host/v1, as aiohttp's client sent it
+            userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            fields["Authorization"] = f"Basic {base64.b64encode(userinfo.encode()).decode()}"
         self._fields = fields
         #: The head of every request for a new answer, up to its length (a request is this, a length and a body).
         self._post = request_head("POST", self._target(self._url), self._pool.authority,
@@ -500,7 +504,10 @@ class UpstreamClient:
                 try:
                     whole = (await _read_at_most(response, ERROR_BODY_BYTES))[1]
                 finally:
-                    response.release() if whole else response.close()
+                    if whole:
+                        response.release()
+                    else:
+                        response.close()
         except (TimeoutError, ConnectFailed, Broken, Truncated, ProtocolError) as exc:
             log.warning("could not cancel background response %s upstream: %s", printable(response_id),
                         type(exc).__name__)

@@ -8,7 +8,7 @@ are in. It never reads a socket, so every split of a response can be tested (``t
 What it follows (RFC 9112): interim (1xx) heads are skipped, and count towards the head's limit (an endless
 stream of them is a head over its limit, not a loop); a body ends where ``Transfer-Encoding: chunked`` ends it
 (extensions read and dropped, trailers too, within the head's limit), after ``Content-Length`` bytes, or at the
-connection's end; a response to ``HEAD``, a 204 and a 304 have none. A line may end in LF alone. Anything else (a
+connection's end; a 204 and a 304 have none. A line may end in LF alone. Anything else (a
 status line that is not ``HTTP/1.x`` and a status from 100 to 599, a header without a colon, a transfer coding
 other than chunked, since none other is asked for, a chunk size that is not hex, a head or chunk line over its
 limit, two different lengths) is a :class:`ProtocolError`, which carries the body bytes decoded before it: the
@@ -70,16 +70,16 @@ def request_head(method: str, target: str, host: str, fields: dict[str, str]) ->
 
 
 class ResponseDecoder:
-    """One response's bytes in, its body's bytes out. ``no_body``: the response to a ``HEAD``."""
+    """One response's bytes in, its body's bytes out (the response to a ``GET`` or a ``POST``: wsagent sends no
+    ``HEAD``)."""
 
-    __slots__ = ("head", "_state", "_buffer", "_remaining", "_no_body", "_seen", "extra")
+    __slots__ = ("head", "_state", "_buffer", "_remaining", "_seen", "extra")
 
-    def __init__(self, no_body: bool = False) -> None:
+    def __init__(self) -> None:
         self.head: Head | None = None
         self._state = _HEAD
         self._buffer = b""
         self._remaining = 0
-        self._no_body = no_body
         self._seen = 0  # the bytes of the interim heads, then of the trailers, so far
         #: Bytes that came after the response's end: the connection cannot carry another request.
         self.extra = False
@@ -148,7 +148,7 @@ class ResponseDecoder:
             return buffer[end.end():]
 
     def _framing(self, head: Head) -> int:
-        if self._no_body or head.status in (204, 304):
+        if head.status in (204, 304):
             return _DONE
         coding = head.headers.get("transfer-encoding")
         if coding is not None:

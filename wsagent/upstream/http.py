@@ -196,9 +196,9 @@ class _Connection(asyncio.Protocol):
         finally:
             self.waiter = None
 
-    async def send(self, data: bytes, no_body: bool, watch: Watch | None) -> Response:
+    async def send(self, data: bytes, watch: Watch | None) -> Response:
         """Write a request; the response once its head is in."""
-        self.decoder = ResponseDecoder(no_body)
+        self.decoder = ResponseDecoder()
         self.busy, self.received, self.error, self.size = True, False, None, 0
         self.body = []
         self.transport.write(data)  # type: ignore[union-attr]
@@ -306,7 +306,7 @@ class Pool:
         #: Released connections waiting for their answer's last bytes (:data:`DRAIN_WAIT`).
         self.draining: set[_Connection] = set()
 
-    async def request(self, data: bytes, watch: Watch | None = None, no_body: bool = False) -> Response:
+    async def request(self, data: bytes, watch: Watch | None = None) -> Response:
         """Send a request's bytes (head and body) on a kept connection or a new one; its response once the head
         is in. :class:`ConnectFailed`, :class:`Broken` or :class:`ProtocolError` else, or what ``watch`` (told
         the connection once the request is written) failed the wait with. It is sent once: a caller decides
@@ -314,7 +314,7 @@ class Pool:
         conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = await self._connect()
-        return await conn.send(data, no_body, watch)
+        return await conn.send(data, watch)
 
     def keep(self, conn: _Connection) -> None:
         """Back to the pool if its response ended as HTTP/1.1 allows reuse (or once its last bytes come, if that is

@@ -102,11 +102,13 @@ async def test_a_nodes_log_never_shows_the_redis_password(sim: SimulatorServer) 
 
 async def test_one_users_two_sockets_starting_the_same_id_at_once(cluster: Cluster) -> None:
     """Both sockets passed the id check, each awaited Redis for the user's run count, and the second to
-    register its run got ``ValueError`` out of the handler: its socket closed with 1011."""
+    register its run got ``ValueError`` out of the handler: its socket closed with 1011. (Each answer lasts
+    0.1 s: an instant one could end, and free its id with no grace, before the other socket asked, and both
+    would start, one after the other, as they may.)"""
     a = await cluster.node("a", resume_grace=None)
     async with a.connect(user="alice") as one, a.connect(user="alice") as two:
         for n in range(10):
-            request = json.dumps({"type": "run", "id": f"r{n}", "prompt": "hi"})
+            request = json.dumps({"type": "run", "id": f"r{n}", "prompt": "hi sim:rate=50 sim:tokens=5"})
             await asyncio.gather(one.send(request), two.send(request))
             firsts = [json.loads(await ws.recv()) for ws in (one, two)]
             assert sorted(f["type"] for f in firsts) == ["error", "start"], firsts

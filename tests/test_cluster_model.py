@@ -386,23 +386,31 @@ class ClusterModel(RuleBasedStateMachine):
                                  b"Ready to accept connections")
 
     async def start_node(self, name: str, workers: bool = False) -> Slot:
-        port = free_port()
-        command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--upstream-url", self.sim.base_url,
-                   "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--jwt-secret", CLUSTER_SECRET,
-                   "--log-level", "INFO"]
-        if workers:
-            command += ["--workers", "2"]
-        else:
-            command += ["--node-id", name, "--event-loop", "asyncio" if name == "b" else "auto"]
-        for option, value in self.options.items():
-            if value is not None:
-                command += [f"--{option.replace('_', '-')}", str(value)]
-        notes = None if workers else Notifications()
-        if notes is not None:
-            self.stack.callback(notes.close)
-        process = await spawn(command, b"2 workers listening on" if workers else b"wsagent listening on",
-                              env={"NOTIFY_SOCKET": notes.path} if notes is not None else None, group=workers)
-        return Slot(name, port, process, notes, workers, ids=[] if workers else [name])
+        for attempt in range(3):  # a free port can be taken by another process before the node binds it
+            port = free_port()
+            command = [sys.executable, "-m", "wsagent.serve", "--port", str(port), "--upstream-url",
+                       self.sim.base_url, "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0", "--jwt-secret",
+                       CLUSTER_SECRET, "--log-level", "INFO"]
+            if workers:
+                command += ["--workers", "2"]
+            else:
+                command += ["--node-id", name, "--event-loop", "asyncio" if name == "b" else "auto"]
+            for option, value in self.options.items():
+                if value is not None:
+                    command += [f"--{option.replace('_', '-')}", str(value)]
+            notes = None if workers else Notifications()
+            if notes is not None:
+                self.stack.callback(notes.close)
+            try:
+                process = await spawn(command, b"2 workers listening on" if workers else b"wsagent listening on",
+                                      env={"NOTIFY_SOCKET": notes.path} if notes is not None else None,
+                                      group=workers)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            return Slot(name, port, process, notes, workers, ids=[] if workers else [name])
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     @contextlib.asynccontextmanager
     async def redis_client(self) -> Any:

@@ -681,8 +681,13 @@ class ClusterModel(RuleBasedStateMachine):
         async def boot() -> None:
             await self.start_redis()
             singles = ["a", "b", "c"][:nodes - 1 if workers else nodes]
-            self.slots = list(await asyncio.gather(*(self.start_node(name) for name in singles),
-                                                   *([self.start_node("w", workers=True)] if workers else [])))
+            made = await asyncio.gather(*(self.start_node(name) for name in singles),
+                                        *([self.start_node("w", workers=True)] if workers else []),
+                                        return_exceptions=True)
+            self.slots = [slot for slot in made if isinstance(slot, Slot)]  # (teardown ends them, if one failed)
+            failed = [error for error in made if isinstance(error, BaseException)]
+            if failed:  # (nodes started beside one that did not were left running after the test: seen in CI)
+                raise failed[0]
             if workers:  # its two nodes: the ids other than the single nodes' in Redis
                 async with self.redis_client() as redis:
                     ids = sorted(set(await redis.zrange("wsagent:nodes", 0, -1)) - set(singles))

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +84,17 @@ async def upstream(handler: Handler, tls: ssl.SSLContext | None = None) -> Async
 async def texts(client: UpstreamClient) -> str:
     return "".join([event.text async for event in client.stream([{"role": "user", "content": "hi"}])
                     if isinstance(event, TextDelta)])
+
+
+async def refused(url: str, **config: Any) -> UpstreamError:
+    """The error a prompt to the model server at ``url`` ends with (a client of its own, closed after)."""
+    client = UpstreamClient(UpstreamConfig(base_url=url, **config))
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await asyncio.wait_for(texts(client), 10)
+    finally:
+        await client.close()
+    return info.value
 
 
 async def test_a_connection_is_kept_and_reused() -> None:
@@ -182,14 +194,9 @@ async def test_a_new_connection_closed_unanswered_is_an_error_and_no_extra_attem
         writer.close()
 
     async with upstream(handler) as (server, url):
-        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=1, backoff_base=0.01))
-        try:
-            with pytest.raises(UpstreamError) as info:
-                await texts(client)
-        finally:
-            await client.close()
-    assert info.value.code == "upstream_connection" and info.value.retryable
-    assert info.value.message.startswith(f"cannot reach the model server at {url[7:-3]}: the model server closed "
+        error = await refused(url, max_retries=1, backoff_base=0.01)
+    assert error.code == "upstream_connection" and error.retryable
+    assert error.message.startswith(f"cannot reach the model server at {url[7:-3]}: the model server closed "
                                          "the connection before answering")
     assert server.connections == 2  # the first attempt and max_retries=1, nothing hidden
 
@@ -210,13 +217,8 @@ async def test_a_broken_answer_is_a_clear_error(reply: bytes, code: str, says: s
         writer.close()
 
     async with upstream(handler) as (_, url):
-        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
-        try:
-            with pytest.raises(UpstreamError) as info:
-                await texts(client)
-        finally:
-            await client.close()
-    assert info.value.code == code and says in info.value.message
+        error = await refused(url, max_retries=0)
+    assert error.code == code and says in error.message
 
 
 async def test_an_error_answer_whose_body_stalls_ends_at_the_first_byte_timeout() -> None:
@@ -228,16 +230,11 @@ async def test_an_error_answer_whose_body_stalls_ends_at_the_first_byte_timeout(
         await writer.drain()
 
     async with upstream(handler) as (_, url):
-        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0, first_byte_timeout=0.3, read_timeout=5))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            with pytest.raises(UpstreamError) as info:
-                await asyncio.wait_for(texts(client), 10)
-        finally:
-            await client.close()
+        error = await refused(url, max_retries=0, first_byte_timeout=0.3, read_timeout=5)
     assert 0.3 <= loop.time() - started < 1.0
-    assert info.value.code == "upstream_unavailable" and info.value.message == "upstream HTTP 503: {"  # (what came)
+    assert error.code == "upstream_unavailable" and error.message == "upstream HTTP 503: {"  # (what came)
 
 
 @pytest.mark.parametrize("key, sent", [(None, b"Authorization: Basic dXNlcjpwIHc=\r\n"),
@@ -269,14 +266,9 @@ async def test_a_redirect_is_not_followed_and_says_where_it_points() -> None:
         await writer.drain()
 
     async with upstream(handler) as (server, url):
-        client = UpstreamClient(UpstreamConfig(base_url=url, max_retries=0))
-        try:
-            with pytest.raises(UpstreamError) as info:
-                await texts(client)
-        finally:
-            await client.close()
-    assert info.value.code == "upstream_bad_request" and server.connections == 1
-    assert info.value.message == ("upstream HTTP 308: no body (redirected to https://models.example/v1/chat/completions:"
+        error = await refused(url, max_retries=0)
+    assert error.code == "upstream_bad_request" and server.connections == 1
+    assert error.message == ("upstream HTTP 308: no body (redirected to https://models.example/v1/chat/completions:"
                                   " make that the upstream URL)")
 
 

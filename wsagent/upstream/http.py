@@ -174,11 +174,10 @@ class _Connection(asyncio.Protocol):
             self.pool.forget(self)
             return
         if self.error is None:
-            if self.decoder.head is None:
-                self.error = Broken("the model server closed the connection before answering" if exc is None
-                                    else f"the connection to the model server broke ({_reason(exc)})")
-            elif exc is not None:
+            if exc is not None:
                 self.error = Broken(f"the connection to the model server broke ({_reason(exc)})")
+            elif self.decoder.head is None:
+                self.error = Broken("the model server closed the connection before answering")
             else:
                 try:
                     self.decoder.end()
@@ -253,11 +252,10 @@ class Response:
             await conn.wait()
         body = conn.body
         data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
         if len(data) > limit:
-            conn.body = [data[limit:]]
+            body.append(data[limit:])
             data = data[:limit]
-        else:
-            conn.body = []
         conn.size -= len(data)
         if conn.paused and conn.size <= LOW_WATER:
             conn.paused = False

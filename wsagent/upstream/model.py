@@ -525,34 +525,15 @@ class UpstreamClient:
         began = loop.time()
         attempt = 0
         while True:
-            delay: float | None = None
+            delay: float | None
             watchdog = _ReadWatchdog(loop, cfg.first_byte_timeout, cfg.read_timeout)
             try:
                 response = await self._pool.request(request, watchdog)
-            except UpstreamError as exc:  # the watchdog's
+            except BaseException as exc:
                 watchdog.stop()
-                error = exc
-            except TimeoutError:  # the connect's own
-                watchdog.stop()
-                error = UpstreamError(f"cannot connect to the model server at {self._where} (no connection within "
-                                      f"{cfg.connect_timeout:g} s)", code="upstream_timeout", retryable=True)
-            except ConnectFailed as exc:
-                watchdog.stop()
-                error = UpstreamError(f"cannot connect to the model server at {exc.where} ({exc.reason})",
-                                      code="upstream_connection", retryable=not exc.lasting)
-            except Broken as exc:
-                watchdog.stop()
-                error = UpstreamError(f"cannot reach the model server at {self._where}: {exc}",
-                                      code="upstream_connection", retryable=True)
-                if exc.stale:  # (closed, idle, as the request was written: no reason to wait before the next)
-                    delay = 0.0
-            except ProtocolError as exc:
-                watchdog.stop()
-                error = UpstreamError(f"the model server at {self._where} did not answer in HTTP/1.1: {exc}",
-                                      code="upstream_protocol", retryable=False)
-            except BaseException:
-                watchdog.stop()
-                raise
+                if not isinstance(exc, (UpstreamError, TimeoutError, ConnectFailed, Broken, ProtocolError)):
+                    raise
+                error, delay = self._unanswered(exc)
             else:
                 if self.metrics is not None:
                     self.metrics.upstream_requests[str(response.status)] += 1
@@ -597,6 +578,23 @@ class UpstreamClient:
                 raise error
             await asyncio.sleep(delay)
             attempt += 1
+
+    def _unanswered(self, exc: UpstreamError | TimeoutError | ConnectFailed | Broken | ProtocolError,
+                    ) -> tuple[UpstreamError, float | None]:
+        """A request that got no answer's head: its error, and how soon it may go again (None: after a backoff)."""
+        if isinstance(exc, UpstreamError):  # the watchdog's
+            return exc, None
+        if isinstance(exc, TimeoutError):  # the connect's own
+            return UpstreamError(f"cannot connect to the model server at {self._where} (no connection within "
+                                 f"{self.config.connect_timeout:g} s)", code="upstream_timeout", retryable=True), None
+        if isinstance(exc, ConnectFailed):
+            return UpstreamError(f"cannot connect to the model server at {exc.where} ({exc.reason})",
+                                 code="upstream_connection", retryable=not exc.lasting), None
+        if isinstance(exc, Broken):  # (stale: closed, idle, as the request was written: no reason to wait)
+            return UpstreamError(f"cannot reach the model server at {self._where}: {exc}", code="upstream_connection",
+                                 retryable=True), 0.0 if exc.stale else None
+        return UpstreamError(f"the model server at {self._where} did not answer in HTTP/1.1: {exc}",
+                             code="upstream_protocol", retryable=False), None
 
     async def _not_streamed(self, response: Response) -> list[ModelEvent]:
         """A 200 that is not an event stream: a JSON error, or a whole completion (read up to the

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import socket
 from collections.abc import AsyncIterator
@@ -73,6 +74,24 @@ async def test_text_mode_streams_and_keeps_history(server: WsAgentServer, sim: S
         assert sent is not None
         assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
         assert sent["messages"][1]["content"] == first.removesuffix("\n[DONE]")
+
+
+async def test_a_message_in_fragments_or_of_broken_text_is_read_in_a_task(
+        server: WsAgentServer, sim: SimulatorServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A whole message is handled where it arrives, without a task; one in fragments, or a text frame that is
+    not UTF-8 (which ``recv`` answers with a close, under a timeout that needs a task), goes on in one: the
+    fragmented prompt is answered, and the broken one closes the connection with 1007, nothing logged."""
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(["What is ", "a websocket?"])
+        assert await text_reply(ws) == await expected_text(sim, "What is a websocket?") + "\n[DONE]"
+        await ws.send("And backpressure? sim:tokens=2")
+        assert (await text_reply(ws)).endswith("\n[DONE]")
+        ws.protocol.send_text(b"\xff broken")
+        ws.send_data()
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1007
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 async def test_text_mode_history_is_bounded(make_server: ServerFactory, sim: SimulatorServer) -> None:

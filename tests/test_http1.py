@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsagent.core.http1 import MAX_HEAD, Head, ProtocolError, ResponseDecoder, Truncated, request_head
+from wsagent.core.http1 import (
+    MAX_HEAD,
+    Head,
+    ProtocolError,
+    ResponseDecoder,
+    Truncated,
+    _end_of_head,
+    _fields,
+    _parse_head,
+    request_head,
+)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -19,6 +30,29 @@ def decode(*reads: bytes, eof: bool = True) -> tuple[Head | None, bytes, Respons
     if eof:
         decoder.end()
     return decoder.head, body, decoder
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary().map(lambda raw: bytes(b"\r\nA"[byte % 3] for byte in raw)))
+def test_the_end_of_a_head_is_where_the_grammar_puts_it(buffer: bytes) -> None:
+    """Two searches in C find the first blank line as ``\\r?\\n\\r?\\n`` does (its leftmost match)."""
+    found = re.search(rb"\r?\n\r?\n", buffer)
+    assert _end_of_head(buffer) == ((found.start(), found.end()) if found else (-1, -1))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(alphabet="aA:- \t\r,(", max_size=8), max_size=5))
+def test_the_usual_heads_quick_reading_agrees_with_the_careful_one(lines: list[str]) -> None:
+    """Header lines read all at once (each field once, every name a token) or line by line (folded lines,
+    repeated fields, errors): the same fields, or the same refusal."""
+    raw = "\r\n".join(["HTTP/1.1 200 OK", *lines]).encode("latin-1")
+    try:
+        expected = _fields(raw.decode("latin-1").split("\n")[1:])
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            _parse_head(raw)
+        return
+    assert _parse_head(raw).headers == expected
 
 
 def chunked(*pieces: bytes, trailer: bytes = b"") -> bytes:

@@ -189,3 +189,27 @@ def test_renderers_hold_back_a_bounded_amount() -> None:
         thoughts.render(Thinking.kind, "y" * 100, out, (None, None))
     assert len(words.pending) <= 4096 and len(thoughts.thought) <= 4096
     assert sum(len(frame) for frame in out if frame.startswith("x")) >= 10_000 - 4096
+
+
+async def test_a_run_cancelled_before_its_producer_ever_ran_ends_once() -> None:
+    """A cancel in the same turn of the loop as the start: the task never takes its first step, so its producer
+    (whose ``finally`` ends a run) never runs. The cancel ends the run itself: one ``cancelled``, and no task."""
+    ran: list[str] = []
+
+    async def never() -> Producer:
+        ran.append("producer")
+        yield [Token("unseen")]
+
+    run = Run("early")
+    sink = Sink()
+    run.subscribe(sink, primary=True)
+    run.start(pump(run, never))
+    task = run.task
+    assert task is not None
+    run.cancel("gone at once")
+    assert run.finished and run.task is None
+    await asyncio.wait([task], timeout=5)  # its one step: the cancellation, thrown into a coroutine never started
+    assert task.cancelled()
+    events = sink.events()
+    assert [e["type"] for e in events] == ["usage", "cancelled"] and events[-1]["reason"] == "gone at once"
+    assert run.task is None and not ran

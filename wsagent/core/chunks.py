@@ -48,7 +48,10 @@ __all__ = [
 DeltaKind = Literal["content", "reasoning", "refusal"]
 
 
-@dataclass(frozen=True, slots=True)
+# The events made for every read (text deltas, a finish, usage) are not frozen: a frozen dataclass sets each field
+# with object.__setattr__, a call a field (0.6 µs an event here, 3 % of a one-token run's start with SSEEvent and
+# Head). Nothing changes them after they are made.
+@dataclass(slots=True)
 class TextDelta:
     """A piece of text: the answer (``content``), reasoning, or a refusal."""
 
@@ -68,13 +71,13 @@ class ToolCall:
     choice: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finish:
     reason: str
     choice: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -440,7 +443,10 @@ class ChunkInterpreter:
         if data == "[DONE]":
             self.done = True
             return self._flush_all()
-        chunk = _decode(data)
+        try:
+            chunk = loads(data)
+        except (ValueError, RecursionError):
+            chunk = _decode(data)
         if not isinstance(chunk, dict):
             raise UpstreamError("upstream sent a chunk that is not a JSON object", code="upstream_protocol",
                                 retryable=True)
@@ -493,27 +499,21 @@ class ChunkInterpreter:
             message = choice.get("message")
             delta = message if isinstance(message, dict) else {}
         held = self._held
-        reasoning = delta.get("reasoning_content")
-        if reasoning is None:
-            reasoning = delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            if held or not reasoning.isascii():
-                reasoning = mend(held, "reasoning", index, reasoning)
-            if reasoning:
-                out.append(TextDelta("reasoning", reasoning, index))
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            if held or not content.isascii():
-                content = mend(held, "content", index, content)
-            if content:
-                out.append(TextDelta("content", content, index))
-        refusal = delta.get("refusal")
-        if isinstance(refusal, str) and refusal:
-            if held or not refusal.isascii():
-                refusal = mend(held, "refusal", index, refusal)
-            if refusal:
-                out.append(TextDelta("refusal", refusal, index))
-        tool_calls = delta.get("tool_calls")
+        texts: tuple[tuple[DeltaKind, Any], ...]
+        if delta.keys() <= _PLAIN:  # the answer's text alone (most deltas): no reasoning, refusal or tool call
+            texts = (("content", delta.get("content")),)
+            tool_calls = None
+        else:
+            reasoning = delta.get("reasoning_content")
+            texts = (("reasoning", delta.get("reasoning") if reasoning is None else reasoning),
+                     ("content", delta.get("content")), ("refusal", delta.get("refusal")))
+            tool_calls = delta.get("tool_calls")
+        for kind, text in texts:
+            if isinstance(text, str) and text:
+                if held or not text.isascii():
+                    text = mend(held, kind, index, text)
+                if text:
+                    out.append(TextDelta(kind, text, index))
         if isinstance(tool_calls, list):
             for position, call in enumerate(tool_calls):
                 if isinstance(call, dict):
@@ -587,6 +587,10 @@ class ChunkInterpreter:
         for choice in sorted(self._calls):
             out.extend(self._flush(choice))
         return out
+
+
+#: The keys of a delta that carries nothing but the answer's text (most of them).
+_PLAIN = frozenset(("role", "content"))
 
 
 def _int(value: Any) -> int:

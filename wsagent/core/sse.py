@@ -35,9 +35,10 @@ DEFAULT_MAX_EVENT_SIZE = 4 * 1024 * 1024
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SSEEvent:
-    """One dispatched event. ``complete`` is False for an unterminated final event."""
+    """One dispatched event. ``complete`` is False for an unterminated final event. (Not frozen: see
+    :class:`~wsagent.core.chunks.TextDelta`.)"""
 
     data: str
     event: str = "message"
@@ -55,7 +56,7 @@ class SSEDecoder:
 
     def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self.max_event_size = max_event_size
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8: codecs.IncrementalDecoder | None = None  # made at the first read that is not whole UTF-8
         self._utf8_clean = True  # the incremental decoder holds no partial character
         self._partial = ""
         self._skip_lf = False
@@ -95,8 +96,18 @@ class SSEDecoder:
         if not self._partial and text[-1:] == "\r":
             self._skip_lf = True
         events: list[SSEEvent] = []
-        for line in lines:
-            self._line(line, events)
+        for line in lines:  # a data line and a blank line (almost every line there is) here; others in _line
+            if line[:6] == "data: ":
+                value = line[6:]
+                self._data.append(value)
+                self._data_size += len(value) + 1
+                if self._data_size > self.max_event_size:
+                    self._closed = True
+                    raise SSEError(f"event larger than {self.max_event_size} characters")
+            elif not line and self._data:
+                events.append(self._build(complete=True))
+            else:
+                self._line(line, events)
         if len(self._partial) + self._data_size > self.max_event_size:
             self._closed = True
             raise SSEError(f"event larger than {self.max_event_size} characters")
@@ -104,8 +115,11 @@ class SSEDecoder:
 
     def _decode(self, chunk: bytes) -> str:
         """A character split across reads, or invalid bytes (replaced): the incremental decoder."""
-        text = self._utf8.decode(chunk)
-        self._utf8_clean = not self._utf8.getstate()[0]
+        utf8 = self._utf8
+        if utf8 is None:
+            utf8 = self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = utf8.decode(chunk)
+        self._utf8_clean = not utf8.getstate()[0]
         return text
 
     def close(self) -> list[SSEEvent]:
@@ -113,7 +127,7 @@ class SSEDecoder:
         with ``complete=False`` so the caller can report it as truncated."""
         if self._closed:
             return []
-        tail = self._utf8.decode(b"", final=True)
+        tail = self._utf8.decode(b"", final=True) if self._utf8 is not None else ""
         self._closed = True
         events: list[SSEEvent] = []
         if tail:

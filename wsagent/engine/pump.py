@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from contextlib import aclosing
 
 from ..core.errors import WsAgentError
 from ..core.events import Done, ErrorEvent, Producer
@@ -40,7 +39,8 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
     try:
         if after is not None:
             await after.wait()
-        async with aclosing(make()) as stream:
+        stream = make()
+        try:  # (aclosing's, without its two coroutines a run)
             async for batch in stream:
                 for event in batch:
                     if event.terminal:
@@ -53,6 +53,8 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
                 run.wake()
                 if run.full:  # (a resumable run: a batch goes out whole, with its checkpoint)
                     await run.room()
+        finally:
+            await stream.aclose()
         run.end(Done("stop", agent=run.agent, workflow=run.workflow))
     except asyncio.CancelledError:
         run.end(run.interruption())
@@ -63,4 +65,6 @@ async def pump(run: Run, make: Callable[[], Producer], after: Run | None = None)
         if not run.finished:  # (a failure after its end: the run has its terminal event already)
             run.end(ErrorEvent("internal_error", "internal error (see server log)", False,
                                agent=run.agent, workflow=run.workflow))
+    finally:
+        run.producer_over()
 

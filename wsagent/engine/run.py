@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import json
 import math
 import time
@@ -148,7 +149,14 @@ class RunStateError(RuntimeError):
     """An input the run's state does not allow: a bug in a producer or a handler, never a client's doing."""
 
 
-class Phase(enum.Enum):
+class _State(enum.Enum):
+    """Members hash by identity (they are singletons, equal only to themselves): the transition tables' keys are
+    pairs of them, looked up at every step of every run, and Enum's own ``__hash__`` is a Python call a member."""
+
+    __hash__ = object.__hash__
+
+
+class Phase(_State):
     RUNNING = "running"
     WAITING = "waiting"  # for a person's answer to an approval request
     INTERRUPTED = "interrupted"
@@ -158,12 +166,12 @@ class Phase(enum.Enum):
 _RUNNING = Phase.RUNNING
 
 
-class Watch(enum.Enum):
+class Watch(_State):
     WATCHED = "watched"
     ORPHANED = "orphaned"
 
 
-class _In(enum.Enum):
+class _In(_State):
     PUSH = "push"
     INTERRUPT = "interrupt"
     END = "end"
@@ -247,25 +255,23 @@ class _Log:
     (measured).
     """
 
-    __slots__ = ("first", "codes", "payloads", "borns", "size")
+    __slots__ = ("first", "end", "codes", "payloads", "borns", "size")
 
     def __init__(self) -> None:
         self.first = 1
+        #: The seq the next sealed event gets (``first`` plus the entries; kept, not computed: read nine times a run).
+        self.end = 1
         self.codes: deque[int] = deque()
         self.payloads: deque[str] = deque()
         self.borns: deque[float] = deque()
         self.size = 0
-
-    @property
-    def end(self) -> int:
-        """The seq the next sealed event gets."""
-        return self.first + len(self.codes)
 
     def append(self, code: int, payload: str, born: float) -> None:
         self.codes.append(code)
         self.payloads.append(payload)
         self.borns.append(born)
         self.size += len(payload)
+        self.end += 1
 
     def popleft(self) -> int:
         """Forget the oldest event; returns its size."""
@@ -306,6 +312,13 @@ class Subscription:
         self.pauses = pauses
         self.answered = answered
 
+    @property
+    def news(self) -> bool:
+        """Whether :meth:`take` has anything to do: events after its cursor, or the run's end (a subscription
+        to a run just started has neither: its watcher need not write yet)."""
+        run = self.run
+        return run._tail_code >= 0 or self.cursor < run._log.end - 1 or run.finished
+
     def take(self) -> list[str]:
         """Frames for everything pending; call :meth:`sent` once they are written."""
         return self.run._take(self)
@@ -343,6 +356,19 @@ class Run:
     chat: the chat). ``owner`` is the user or anonymous connection that started
     it, whatever its scope: what budgets count it against.
     """
+
+    # Slots: 65 attributes are past what a class's instances share in one keys table (30 in CPython 3.11), so
+    # each run made a dict of its own and grew it four times while __init__ filled it.
+    __slots__ = (
+        "id", "key", "user", "scope", "owner", "agent", "workflow", "buffer_bytes", "replay_bytes", "controller",
+        "state", "latency", "transcript", "task", "grace", "started", "phase", "watch", "primary", "outcome",
+        "terminal", "streamed", "prompt_estimate", "usage_sent", "_parts_usage", "on_finish", "max_streamed", "_log",
+        "_sealed_bytes", "_subs", "_floor_cursor", "_floor_delivered", "_authors", "_author_codes", "_tail_code",
+        "_tail", "_tail_size", "_tail_born", "_room", "_stalled", "_done", "_interruption", "_orphan_timer",
+        "_released", "outlet", "_holder", "approval_timeout", "steerable", "askable", "_asks", "_answered", "_steers",
+        "_heard", "_budget_timer", "_budget_left", "_budget_deadline", "_budget_error", "resumable", "_handed_off",
+        "checkpoint", "checkpoint_end", "resume_request", "still_owned", "step", "step_end", "__weakref__",
+    )
 
     def __init__(
         self,
@@ -618,16 +644,17 @@ class Run:
         self.interrupt(Cancelled(reason, agent=self.agent, workflow=self.workflow))
 
     def start(self, producer: Coroutine[Any, Any, None]) -> None:
-        """Run ``producer`` (which ends the run, see :func:`wsagent.engine.pump.pump`) as this run's task.
-
-        A cancel can stop the task before its first step, so the producer never
-        runs, its ``finally`` never either: the task's end finishes the run then.
+        """Run ``producer`` as this run's task: :func:`wsagent.engine.pump.pump`, which ends the run and, last,
+        calls :meth:`producer_over`. A cancel can stop the task before its first step, so the producer never
+        runs, its ``finally`` never either: :meth:`interrupt` ends the run itself then. (Not a done callback
+        on the task: one more turn of the loop, and a handle, for every run.)
         """
         self.task = asyncio.get_running_loop().create_task(producer, context=attend(self))
-        self.task.add_done_callback(self._producer_over)
 
-    def _producer_over(self, _task: asyncio.Task[None]) -> None:
-        self.task = None  # (its coroutine and producer: nothing a finished run kept for a resume needs)
+    def producer_over(self) -> None:
+        """The producer is over (its ``finally``): the run ends now if it has not (with the interruption), and
+        its task is forgotten (its coroutine and producer: nothing a finished run kept for a resume needs)."""
+        self.task = None
         if not self.finished:
             self.end(self.interruption())
 
@@ -639,8 +666,14 @@ class Run:
         if was is not _RUNNING and was is not Phase.WAITING:
             return
         self._interruption = terminal
-        if self.task is not None and not self.task.done():
-            self.task.cancel(why)
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel(why)
+            coroutine = task.get_coro()
+            if isinstance(coroutine, Coroutine) and inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                # cancelled before its first step: its producer will never run to end it
+                self.task = None
+                self.end(terminal)
         else:
             self.end(terminal)
 
@@ -873,6 +906,11 @@ class Run:
         return len(self._subs)
 
     @property
+    def sealed_seq(self) -> int:
+        """The seq of the last event sealed so far (0: none yet); a deltas' tail still pending is not."""
+        return self._log.end - 1
+
+    @property
     def oldest_kept(self) -> int:
         """The lowest seq still in the log (a watcher can start right before it)."""
         if self._tail_code >= 0:
@@ -965,7 +1003,7 @@ class Run:
     def _restart_log(self, first: int) -> None:
         """The copy missed entries: its log starts again at ``first`` (a watcher behind it lags)."""
         self._log.clear()
-        self._log.first = first
+        self._log.first = self._log.end = first
 
     def taken_over(self, history: list[tuple[int, int, str]], checkpoint: str | None, grace: float,
                    authors: list[list[str | None]], step: str | None = None, step_end: int = 0) -> None:

@@ -145,8 +145,9 @@ class App:
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
-        self._conn_runs: Counter[str] = Counter()
-        self._ip_runs: Counter[str] = Counter()  # anonymous runs in flight by address
+        # (dicts, not Counters: a Counter's missing key is a Python call, two a run)
+        self._conn_runs: dict[str, int] = {}
+        self._ip_runs: dict[str, int] = {}  # anonymous runs in flight by address
         self.waiting: Counter[str] = Counter()  # requests waiting for a conversation's answer to end, by conversation
         self.peers: Peers | None = None
         #: The server's end of a connection (its release, its ``close`` line), for a session's on_close.
@@ -162,12 +163,12 @@ class App:
         connection queued for their turn, count too."""
         if self.draining:
             return "server_shutting_down", "server is shutting down; try again shortly"
-        if self._conn_runs[conn.id] + waiting >= per_connection:
+        if self._conn_runs.get(conn.id, 0) + waiting >= per_connection:
             counted = " (requests waiting for their turn count)" if waiting else ""
             return "too_many_runs", f"at most {per_connection} runs in flight per connection{counted}"
         if conn.user is None:
             per_ip = self.settings.max_runs_per_ip
-            if per_ip and self._ip_runs[conn.ip] >= per_ip:
+            if per_ip and self._ip_runs.get(conn.ip, 0) >= per_ip:
                 return "too_many_runs", f"at most {per_ip} runs in flight from your address without a token"
             return None
         per_user = self.settings.max_runs_per_user
@@ -353,25 +354,29 @@ class App:
         run.wake()
         self.stream_started()
         conn_id = conn.id
-        self._conn_runs[conn_id] += 1
+        runs, ip_runs = self._conn_runs, self._ip_runs
+        runs[conn_id] = runs.get(conn_id, 0) + 1
         ip = conn.ip if conn.user is None else None
         if ip is not None:
-            self._ip_runs[ip] += 1
-        ids = {"conn": conn_id, "run": run.id}
-        log.info("run %s start on %s", printable(run.id), conn_id, extra=ids)
+            ip_runs[ip] = ip_runs.get(ip, 0) + 1
+        logged = log.isEnabledFor(logging.INFO)  # (at a run a millisecond: the records' makings are not free)
+        if logged:
+            log.info("run %s start on %s", printable(run.id), conn_id, extra={"conn": conn_id, "run": run.id})
 
         def finished(done: Run) -> None:
             self.stream_ended()
-            self._conn_runs[conn_id] -= 1
-            if not self._conn_runs[conn_id]:
-                del self._conn_runs[conn_id]
+            runs[conn_id] -= 1
+            if not runs[conn_id]:
+                del runs[conn_id]
             if ip is not None:
-                self._ip_runs[ip] -= 1
-                if not self._ip_runs[ip]:
-                    del self._ip_runs[ip]
-            code = done.terminal.code if isinstance(done.terminal, ErrorEvent) else "-"
-            log.info("run %s end on %s outcome=%s code=%s deltas=%d duration=%.3fs", printable(done.id), conn_id,
-                     done.outcome, code, done.streamed, time.monotonic() - done.started, extra=ids)
+                ip_runs[ip] -= 1
+                if not ip_runs[ip]:
+                    del ip_runs[ip]
+            if logged:
+                code = done.terminal.code if isinstance(done.terminal, ErrorEvent) else "-"
+                log.info("run %s end on %s outcome=%s code=%s deltas=%d duration=%.3fs", printable(done.id), conn_id,
+                         done.outcome, code, done.streamed, time.monotonic() - done.started,
+                         extra={"conn": conn_id, "run": done.id})
 
         run.on_finish.append(finished)
         run.start(pump(run, make, after))

@@ -23,7 +23,7 @@ from ..core.render import TextMode
 from ..engine.broker import scope_of
 from ..engine.run import BadResume, NotAnswerable, ReplayGap, Run
 from ..transport.connections import Connection
-from ..upstream.completion import estimate_tokens, model_batches
+from ..upstream.completion import model_batches, tokens_for
 from .app import App, MessageSession
 
 __all__ = ["chat", "ChatSession", "CLOSE_BAD_POLICY"]
@@ -94,13 +94,14 @@ class ChatSession(MessageSession):
         decides: ``enqueue`` answers it next; ``reject`` refuses it (the answer goes on untouched);
         ``interrupt`` cancels every earlier answer first; ``steer`` enqueues it with a note, since a model's
         answer has no step for it to join."""
-        policy = self.on_busy or self.settings.on_busy
+        settings = self.app.settings  # (once: a property read three times a prompt)
+        policy = self.on_busy or settings.on_busy
         if self._answering and policy == "reject":
             self.reply(_BUSY)
             return
         if self._answering and policy == "interrupt":
             await self._interrupt()
-        refusal = await self.app.admit(self.conn, self.settings.max_runs_per_connection)
+        refusal = await self.app.admit(self.conn, settings.max_runs_per_connection)
         if refusal is not None:
             self.reply(f"[ERROR] {refusal[1]}")
             return
@@ -110,20 +111,19 @@ class ChatSession(MessageSession):
             run_id = f"text-{self.conn.id}-{self.text_runs}"
             if await self.app.existing_run(scope, run_id) is None:
                 break
-        run = await self.app.new_run(self.conn, run_id, grace=self.settings.resume_grace)
+        run = await self.app.new_run(self.conn, run_id, grace=settings.resume_grace)
         answering = self._answering
         previous = answering[-1] if answering else None
         if previous is not None and policy == "steer":
             self.reply(_NOT_STEERED)
         answering.append(run)
-        run.subscribe(self.conn.outbox, 0, TextMode(), primary=True)
-        run.prompt_estimate = estimate_tokens([*self.history, {"role": "user", "content": prompt}])
+        run.prompt_estimate = tokens_for(self.history_size + len(prompt), len(self.history) + 1)
         reply: list[str] = []
 
         def ask() -> Producer:
             """Made when the previous prompt has been answered: its reply is in the history by then."""
             return model_batches(self.app.upstream, [*self.history, {"role": "user", "content": prompt}],
-                                 collect=reply, collect_chars=self.settings.history_chars)
+                                 collect=reply, collect_chars=self.app.settings.history_chars)
 
         def answered(done: Run) -> None:
             answering.remove(done)
@@ -132,6 +132,9 @@ class ChatSession(MessageSession):
 
         run.on_finish.append(answered)
         self.app.start(self.conn, run, ask, model=self.app.upstream.config.model, after=previous)
+        # Text mode shows no start frame: watching from after it, the socket has nothing to write until the answer
+        # does (a write for nothing cost 17,000 instructions, 2 % of a one-token run's, scripts/instructions.py).
+        run.subscribe(self.conn.outbox, run.sealed_seq, TextMode(), primary=True)
 
     async def _interrupt(self) -> None:
         """Cancel every answer not yet given and wait until each has ended: they end at once (a model's
@@ -150,7 +153,8 @@ class ChatSession(MessageSession):
         history.append({"role": "user", "content": prompt})
         history.append({"role": "assistant", "content": reply})
         self.history_size += len(prompt) + len(reply)
-        most, chars = self.settings.history_messages, self.settings.history_chars
+        settings = self.app.settings
+        most, chars = settings.history_messages, settings.history_chars
         while history and (len(history) > most or self.history_size > chars):
             self.history_size -= len(history.pop(0)["content"])
 

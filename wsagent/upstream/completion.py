@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
 from typing import Any
 
-from ..core.chunks import Finish, Position, TextDelta, ToolCall, Usage
+from ..core.chunks import Finish, ModelEvent, Position, TextDelta, ToolCall, Usage
 from ..core.events import Checkpoint, Done, Event, Refusal, Thinking, Token, ToolCallEvent, UsageEvent
 from .model import Resume, UpstreamClient
 
-__all__ = ["estimate_tokens", "model_batches"]
+__all__ = ["estimate_tokens", "model_batches", "tokens_for"]
 
 #: The run event for each kind of text delta.
 _DELTAS: dict[str, type[Token] | type[Thinking] | type[Refusal]] = {
@@ -31,10 +30,15 @@ def estimate_tokens(messages: Sequence[dict[str, Any]]) -> int:
         content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
-    return chars // 4 + 4 * len(messages)
+    return tokens_for(chars, len(messages))
 
 
-async def model_batches(
+def tokens_for(chars: int, messages: int) -> int:
+    """:func:`estimate_tokens` for ``messages`` of ``chars`` characters in all (a chat history keeps its size)."""
+    return chars // 4 + 4 * messages
+
+
+def model_batches(
     upstream: UpstreamClient,
     messages: Sequence[dict[str, Any]],
     *,
@@ -58,36 +62,54 @@ async def model_batches(
     With ``checkpoints`` (another node may go on with it), each batch ends with a
     :class:`~wsagent.core.events.Checkpoint`; with ``resume``, the completion is
     the rest of an answer another node began (``messages`` are not sent).
-    """
-    collected = 0
-    finish_reason = "stop"
-    source = upstream.resume(resume) if resume is not None else upstream.batches(
-        messages, model=model, tools=tools, params=params, checkpoints=checkpoints)
-    async with aclosing(source) as reads:
-        async for read in reads:
-            batch: list[Event] = []
-            for event in read:
-                if isinstance(event, TextDelta):
-                    if event.choice:
-                        continue
-                    text = event.text
-                    batch.append(_DELTAS[event.kind](text, agent=agent, workflow=workflow))
-                    if collect is not None and event.kind == "content" and collected <= collect_chars:
-                        collect.append(text)
-                        collected += len(text)
-                elif isinstance(event, ToolCall):
-                    if not event.choice:
-                        batch.append(ToolCallEvent(event.id, event.name, event.arguments, agent=agent,
-                                                   workflow=workflow))
-                elif isinstance(event, Finish):
-                    if not event.choice:
-                        finish_reason = event.reason
-                elif isinstance(event, Usage):
-                    batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
-                                            agent=agent, workflow=workflow))
-                elif isinstance(event, Position):
-                    batch.append(Checkpoint(event.state))
-                else:  # END: the stream is complete, and ``done`` leaves with the last read's events
-                    batch.append(Done(finish_reason, agent=agent, workflow=workflow))
-            yield batch
 
+    The model client's own generator yields the run's events (:class:`_RunEvents` converts each read's in
+    its step): one generator between the model server and the run, not two (each generator a run makes is
+    a step per read, and asyncio's hooks add it to a weak set and take it out).
+    """
+    convert = _RunEvents(agent, workflow, collect, collect_chars)
+    if resume is not None:
+        return upstream.resume(convert, resume)
+    return upstream.batches(convert, messages, model=model, tools=tools, params=params, checkpoints=checkpoints)
+
+
+class _RunEvents:
+    """One completion's reads, as a run's events (:func:`model_batches`)."""
+
+    __slots__ = ("agent", "workflow", "collect", "collect_chars", "collected", "finish_reason")
+
+    def __init__(self, agent: str | None, workflow: str | None, collect: list[str] | None,
+                 collect_chars: float) -> None:
+        self.agent = agent
+        self.workflow = workflow
+        self.collect = collect
+        self.collect_chars = collect_chars
+        self.collected = 0
+        self.finish_reason = "stop"
+
+    def __call__(self, read: list[ModelEvent]) -> list[Event]:
+        agent, workflow, collect = self.agent, self.workflow, self.collect
+        batch: list[Event] = []
+        for event in read:
+            if isinstance(event, TextDelta):
+                if event.choice:
+                    continue
+                text = event.text
+                batch.append(_DELTAS[event.kind](text, agent=agent, workflow=workflow))
+                if collect is not None and event.kind == "content" and self.collected <= self.collect_chars:
+                    collect.append(text)
+                    self.collected += len(text)
+            elif isinstance(event, ToolCall):
+                if not event.choice:
+                    batch.append(ToolCallEvent(event.id, event.name, event.arguments, agent=agent, workflow=workflow))
+            elif isinstance(event, Finish):
+                if not event.choice:
+                    self.finish_reason = event.reason
+            elif isinstance(event, Usage):
+                batch.append(UsageEvent(event.prompt_tokens, event.completion_tokens, event.total_tokens,
+                                        agent=agent, workflow=workflow))
+            elif isinstance(event, Position):
+                batch.append(Checkpoint(event.state))
+            else:  # END: the stream is complete, and ``done`` leaves with the last read's events
+                batch.append(Done(self.finish_reason, agent=agent, workflow=workflow))
+        return batch

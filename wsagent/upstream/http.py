@@ -24,7 +24,8 @@ import asyncio
 import errno
 import socket
 import ssl
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from ..core.http1 import ProtocolError, ResponseDecoder, Truncated
@@ -304,14 +305,18 @@ class Pool:
         #: Released connections waiting for their answer's last bytes (:data:`DRAIN_WAIT`).
         self.draining: set[_Connection] = set()
 
-    async def request(self, data: bytes, watch: Watch | None = None) -> Response:
+    def request(self, data: bytes, watch: Watch | None = None) -> Coroutine[Any, Any, Response]:
         """Send a request's bytes (head and body) on a kept connection or a new one; its response once the head
         is in. :class:`ConnectFailed`, :class:`Broken` or :class:`ProtocolError` else, or what ``watch`` (told
         the connection once the request is written) failed the wait with. It is sent once: a caller decides
-        whether to send it again (aiohttp's client did not send a POST again either)."""
-        conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = await self._connect()
+        whether to send it again (aiohttp's client did not send a POST again either). (The kept connection's
+        own coroutine: no coroutine of the pool's between the request and its answer.)"""
+        if self._idle:
+            return self._idle.pop().send(data, watch)
+        return self._send_on_new(data, watch)
+
+    async def _send_on_new(self, data: bytes, watch: Watch | None) -> Response:
+        conn = await self._connect()
         return await conn.send(data, watch)
 
     def keep(self, conn: _Connection) -> None:

@@ -19,10 +19,10 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ..core.chunks import END, ChunkInterpreter, ModelEvent, Position, StreamInterpreter, completion_to_events
@@ -36,7 +36,7 @@ from ..core.responses_api import ResponsesInterpreter, response_to_events, respo
 from ..core.sse import DEFAULT_MAX_EVENT_SIZE, SSEDecoder, SSEError
 from .http import Broken, ConnectFailed, Failable, Pool, ProtocolError, Response, Truncated
 
-__all__ = ["UpstreamClient", "UpstreamConfig", "Resume", "CONTINUE", "parse_retry_after", "DIALECTS"]
+__all__ = ["UpstreamClient", "UpstreamConfig", "Resume", "CONTINUE", "parse_retry_after", "DIALECTS", "as_read"]
 
 #: The upstream dialects (``UpstreamConfig.api``) and how the startup line names them.
 log = logging.getLogger("wsagent.upstream")
@@ -224,6 +224,14 @@ def _position(state: str) -> tuple[str, int]:
     return response_id, after
 
 
+_T = TypeVar("_T")
+
+
+def as_read(batch: list[ModelEvent]) -> list[ModelEvent]:
+    """The converter that keeps a read's model events as they are (:meth:`UpstreamClient.batches`)."""
+    return batch
+
+
 def _interpret(decoder: SSEDecoder, interpreter: StreamInterpreter,
                data: bytes) -> tuple[list[ModelEvent], Exception | None]:
     """The events one read completed, and the error that stopped them, if any: the events before
@@ -321,7 +329,7 @@ class UpstreamClient:
         leaving early closes the upstream connection rather than returning a
         half-read one to the pool.
         """
-        async with aclosing(self.batches(messages, model=model, tools=tools, params=params)) as batches:
+        async with aclosing(self.batches(as_read, messages, model=model, tools=tools, params=params)) as batches:
             async for batch in batches:
                 for event in batch:
                     if event is not END:
@@ -329,23 +337,26 @@ class UpstreamClient:
 
     def batches(
         self,
+        convert: Callable[[list[ModelEvent]], list[_T]],
         messages: Sequence[dict[str, Any]],
         *,
         model: str | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
         params: dict[str, Any] | None = None,
         checkpoints: bool = False,
-    ) -> AsyncGenerator[list[ModelEvent], None]:
-        """Like :meth:`stream`, a list of events per network read: the relay's hot path, where one
-        generator step per read instead of one per event (through two generators) is measurable.
-        The batch of the read that completed the stream ends with :data:`~wsagent.core.chunks.END`.
+    ) -> AsyncGenerator[list[_T], None]:
+        """Like :meth:`stream`, a list per network read: the relay's hot path. Each read's events go through
+        ``convert`` in the same generator step (:func:`as_read` keeps them; a run's events,
+        :func:`~wsagent.upstream.completion.model_batches`: no second generator between the two). The read
+        that completed the stream ends with :data:`~wsagent.core.chunks.END`.
 
-        With ``checkpoints`` (a background response), each batch ends (before ``END``) with a
+        With ``checkpoints`` (a background response), each read ends (before ``END``) with a
         :class:`~wsagent.core.chunks.Position`: where :meth:`resume` goes on, on any node."""
         body = self.build_body(messages, model, tools, params)  # (here: a bad request fails at the call)
-        return self._relay(json_bytes(body), None, None, checkpoints and self._background)
+        return self._relay(json_bytes(body), None, None, checkpoints and self._background, convert)
 
-    def resume(self, resume: Resume) -> AsyncGenerator[list[ModelEvent], None]:
+    def resume(self, convert: Callable[[list[ModelEvent]], list[_T]],
+               resume: Resume) -> AsyncGenerator[list[_T], None]:
         """The rest of an answer another process began, from its last :class:`~wsagent.core.chunks.Position`:
         a background response read again after its last event (nothing read twice), or (``CONTINUE``) the
         original request sent again with the partial answer as a final assistant message that the model
@@ -356,16 +367,17 @@ class UpstreamClient:
             body["messages"] = [*body.get("messages", []), {"role": "assistant", "content": resume.answer}]
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-            return self._relay(json_bytes(body), None, None, False)
+            return self._relay(json_bytes(body), None, None, False, convert)
         response_id, after = _position(resume.checkpoint)
         interpreter = ResponsesInterpreter()
         interpreter.response_id, interpreter.sequence = response_id, after
-        return self._relay(None, self._stream_url(response_id, after), interpreter, True)
+        return self._relay(None, self._stream_url(response_id, after), interpreter, True, convert)
 
     async def _relay(self, payload: bytes | None, url: str | None, responses: ResponsesInterpreter | None,
-                     checkpoints: bool) -> AsyncGenerator[list[ModelEvent], None]:
-        """POST ``payload`` (or GET ``url``) and yield what each read completed; ``responses`` interprets a
-        Responses API stream (a new one if None)."""
+                     checkpoints: bool, convert: Callable[[list[ModelEvent]], list[_T]],
+                     ) -> AsyncGenerator[list[_T], None]:
+        """POST ``payload`` (or GET ``url``) and yield what each read completed, through ``convert``;
+        ``responses`` interprets a Responses API stream (a new one if None)."""
         started = time.monotonic()
         try:
             response, watchdog = await self._open(payload, url)
@@ -386,7 +398,7 @@ class UpstreamClient:
             if not content_type.startswith("text/event-stream"):
                 events = await self._not_streamed(response)
                 finished = True
-                yield [*events, END]
+                yield convert([*events, END])
                 return
             decoder = SSEDecoder(cfg.max_event_size)
             if self._responses:
@@ -413,7 +425,7 @@ class UpstreamClient:
                                 if self.metrics is not None:
                                     self.metrics.upstream_ttft.observe(time.monotonic() - started)
                                 started = 0.0
-                            yield batch
+                            yield convert(batch)
                         if error is not None:
                             raise error
                         watchdog.deadline = loop.time() + cfg.read_timeout
@@ -432,7 +444,7 @@ class UpstreamClient:
             if not interpreter.done:
                 tail = interpreter.end(decoder.close())
                 finished = True
-                yield [*tail, END]
+                yield convert([*tail, END])
         except UpstreamError as exc:
             self._failed(exc)
             raise

@@ -414,7 +414,7 @@ class WsAgentServer:
             if route.session is not None:
                 session = route.session(app, conn)
                 _forget_handshake(ws, self._received, request=True)
-                ws.serve(session)  # (its session ends it: MessageSession.on_close, then self._closed)
+                ws.serve(session, app.broker.answers_at_once)  # (its session ends it: MessageSession.on_close)
                 driven = True
                 return
             ws.on_leave = partial(app.release, conn)

@@ -69,6 +69,8 @@ class RedisBroker:
     """A node of a cluster: a :class:`~wsagent.engine.broker.LocalBroker` whose runs, client ids and counts the
     other nodes see through Redis at ``url``."""
 
+    answers_at_once = False  # (its commands wait for Redis, bounded by asyncio.timeout: in a task)
+
     def __init__(self, url: str, node: str, budget: int = 64 * 1024 * 1024,
                  budget_per_user: int = 8 * 1024 * 1024) -> None:
         """Raises ``SystemExit`` (one line) for a URL that cannot be followed."""

@@ -371,6 +371,26 @@ async def test_attach_watches_the_same_stream(server: WsAgentServer) -> None:
         assert content(theirs) == content(mine) and theirs[-1]["type"] == "done"
 
 
+@pytest.mark.parametrize("again", [{"type": "resume", "after": 1}, {"type": "resume", "after": 0},
+                                   {"type": "attach"}])
+async def test_a_socket_that_watches_a_run_already_is_refused_another_watch(server: WsAgentServer,
+                                                                            again: dict[str, Any]) -> None:
+    """A resume or attach of a run on the socket that watches it already once sent every event twice, the
+    terminal event too (found from outside): it is refused, and the run arrives once."""
+    async with ws_connect(server, "/ws/chat") as ws:
+        await ws.send(run_request("mine", "watch once sim:rate=100 sim:tokens=20"))
+        assert (await recv_json(ws))["type"] == "start"
+        await ws.send(json.dumps({**again, "id": "mine"}))
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] not in ("done", "error", "cancelled") or "seq" not in events[-1]:
+            events.append(await recv_json(ws))
+        refused = [event for event in events if "seq" not in event]
+        assert [event["code"] for event in refused] == ["already_watching"] and "twice" in refused[0]["message"]
+        check_sequence([{"type": "start", "seq": 1}, *(event for event in events if "seq" in event)])
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await recv_json(ws))["type"] == "pong"  # nothing more of the run came (no second terminal)
+
+
 @pytest.mark.parametrize(("prompt", "code", "retryable"), [
     ("x sim:status=429", "upstream_rate_limited", True),
     ("x sim:status=500", "upstream_unavailable", True),

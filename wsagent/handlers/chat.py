@@ -271,6 +271,8 @@ class ChatSession(MessageSession):
             self.reply_error(run_id, "unknown_run", _unknown(run_id, "resume", request))
             return
         run = await self.app.broker.follow(run, after)
+        if self._watching(run_id, run):
+            return
         try:
             run.subscribe(self.conn.outbox, after, primary=not run.finished)
         except (ReplayGap, BadResume) as exc:
@@ -285,6 +287,8 @@ class ChatSession(MessageSession):
             self.reply_error(run_id, "unknown_run", _unknown(run_id, "attach to", request))
             return
         run = await self.app.broker.follow(run, after or 0)
+        if self._watching(run_id, run):
+            return
         snapshot = await self.app.broker.snapshot(run) if after is None else None
         if snapshot is not None:
             self.reply(encode(Snapshot(snapshot, workflow=run.workflow), run.id, None))
@@ -292,6 +296,16 @@ class ChatSession(MessageSession):
             run.subscribe(self.conn.outbox, run.oldest_kept - 1 if after is None else after)
         except (ReplayGap, BadResume) as exc:
             self.reply_error(run_id, exc.code, exc.message)
+
+    def _watching(self, run_id: str, run: Run) -> bool:
+        """Whether this socket watches ``run`` already as JSON (refused: a second watch sent every event twice,
+        the terminal one too; its events come here once, in order, so there is nothing to resume). A text-mode
+        prompt's run may be attached to as JSON from its own socket: another view of it, not the same twice."""
+        if not any(sub.run is run and sub.renderer is None and not sub.ended for sub in self.conn.outbox.subscriptions):
+            return False
+        self.reply_error(run_id, "already_watching", f"this socket watches run {run_id!r} already: its events "
+                         "come here once, in order (a second resume or attach would send them twice)")
+        return True
 
 
 def _on_busy(conn: Connection) -> str | None:

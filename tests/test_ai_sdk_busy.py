@@ -267,6 +267,34 @@ async def test_interrupt_aborts_the_running_response_then_answers(
     assert frames.position("a", "end") < frames.position("b", "chunk")  # cancelled first, then the new one
 
 
+@WHERE
+@SAME_READ
+async def test_interrupt_also_ends_the_requests_queued_before_it(make_server: ServerFactory, sim: SimulatorServer,
+                                                                 where: str, same_read: bool) -> None:
+    """Two sends back to back while a response streams (or all three in one read), under interrupt: the response is
+    aborted, the request queued behind it ends without starting (an ``end``, no error), and the newest is answered.
+    (Found from outside: only the running response was cancelled, the two queued requests raced when it ended,
+    and the loser, sometimes the newest, got "run id ... is already in use".)"""
+    server, body = await busy_server(make_server, "interrupt", where)
+    chat = "chat-interrupt-three-0123"
+    third = "third question sim:tokens=10"
+    async with ws_connect(server, "/ws/ai-sdk") as ws:
+        frames = Frames(ws)
+        await ws.send(send("a", chat, history(ENDLESS)))
+        if not same_read:  # (in one read, the response is cancelled before its task began: it ends at once)
+            await frames.streaming("a")
+        await ws.send(send("b", chat, history(ENDLESS, SECOND), **body))
+        await ws.send(send("c", chat, history(ENDLESS, SECOND, third), **body))
+        await frames.ended("a", "b", "c")
+        await frames.settle()
+    first, last = frames.ends_once("a"), frames.ends_once("c")
+    assert first[-1] == {"type": "abort", "reason": "interrupted by a new message"}, first[-3:]
+    assert frames.of("b") == [{"type": "end", "requestId": "b"}]  # never started
+    finished(last)
+    assert text(last) == await answer_of(sim, ENDLESS, SECOND, third)
+    assert frames.position("a", "end") < frames.position("c", "chunk")
+
+
 # -- enqueue ---------------------------------------------------------------------------------------------------------
 
 

@@ -61,12 +61,13 @@ class AISDKSession(MessageSession):
     """One /ws/ai-sdk connection: the requests it streams and those waiting for their chat, driven by its
     messages."""
 
-    __slots__ = ("requests", "queued")
+    __slots__ = ("requests", "queued", "queued_for")
 
     def __init__(self, app: App, conn: Connection) -> None:
         super().__init__(app, conn)
         self.requests: dict[str, Subscription] = {}  # requests streaming to this socket, for ``abort``
         self.queued: dict[str, asyncio.Task[None]] = {}  # requests waiting for their chat's response to end
+        self.queued_for: dict[str, str] = {}  # the chat each of those waits for
 
     async def handle(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -149,7 +150,8 @@ class AISDKSession(MessageSession):
         if answers:
             await self.answer(request_id, previous, answers)
             return
-        if previous is not None and not previous.finished:
+        if previous is not None and (not previous.finished or app.waiting[f"{scope}\x00{run_id}"]):
+            # (busy too while a request waits its turn: a response cancelled before it began ends at once)
             if previous.phase is Phase.WAITING:  # a new message abandons the approval, as useChat does
                 policy = "interrupt"
             if policy == "reject":
@@ -166,21 +168,25 @@ class AISDKSession(MessageSession):
         """Wait for the chat's response to end (cancelled first, to ``interrupt``), then start. A waiting request
         counts against its socket's runs in flight, and a chat holds at most :data:`MAX_QUEUED` of them."""
         app = self.app
+        chat = f"{scope}\x00{run_id}"
+        if policy == "interrupt":  # every answer not yet given for the chat: the running one, and those queued here
+            for older in [rid for rid, waits in self.queued_for.items() if waits == chat]:
+                await self._drop(older)
+            await app.broker.cancel(previous.key, "interrupted by a new message")
         limit = app.settings.max_runs_per_connection
         refusal = await app.admit(self.conn, limit, len(self.queued))
         if refusal is not None:
             raise ProtocolViolation(refusal[1])
-        chat = f"{scope}\x00{run_id}"
         if app.waiting[chat] >= MAX_QUEUED:
             raise ProtocolViolation(f"at most {MAX_QUEUED} messages may be waiting for this chat's response")
-        if policy == "interrupt":
-            await app.broker.cancel(previous.key, "interrupted by a new message")
         app.waiting[chat] += 1
         task = asyncio.get_running_loop().create_task(self._after(previous, request_id, scope, run_id, messages, body))
         self.queued[request_id] = task
+        self.queued_for[request_id] = chat
 
         def done(_task: asyncio.Task[None]) -> None:
             self.queued.pop(request_id, None)
+            self.queued_for.pop(request_id, None)
             app.waiting[chat] -= 1
             if not app.waiting[chat]:
                 del app.waiting[chat]
@@ -191,8 +197,10 @@ class AISDKSession(MessageSession):
                      messages: list[dict[str, Any]], body: dict[str, Any]) -> None:
         """Start the request once the chat's response has ended, and any queued before it (an interrupted
         one ends at once; one that does not within a bound is left to its budget, and this request refused)."""
-        try:
-            current: Run | None = previous
+        try:  # (the chat's response now: a request queued before this one may have started since)
+            current = await self.app.existing_run(scope, run_id)
+            if current is not None:
+                current = await self.app.broker.follow(current)
             while current is not None and not current.finished:
                 if current.phase is Phase.INTERRUPTED:
                     async with asyncio.timeout(_INTERRUPT_LIMIT):
@@ -274,16 +282,22 @@ class AISDKSession(MessageSession):
     async def abort(self, request_id: str) -> None:
         """Cancel the run this request streams (whoever started it): the model server sees its
         connection close. An abort for a request that is not streaming here does nothing."""
-        waiting = self.queued.pop(request_id, None)
-        if waiting is not None:
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiting
-            self.conn.put(encode_message("end", requestId=request_id))
+        if await self._drop(request_id):
             return
         sub = self.requests.pop(request_id, None)
         if sub is not None and not sub.run.finished:
             await self.app.broker.cancel(sub.run.key, "aborted by client")
+
+    async def _drop(self, request_id: str) -> bool:
+        """End a queued request before it starts (an ``end``, nothing streamed); False if it is not queued here."""
+        waiting = self.queued.pop(request_id, None)
+        if waiting is None:
+            return False
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        self.conn.put(encode_message("end", requestId=request_id))
+        return True
 
 
 def ai_sdk(app: App, conn: Connection) -> AISDKSession:

@@ -316,8 +316,7 @@ class Subscription:
     def news(self) -> bool:
         """Whether :meth:`take` has anything to do: events after its cursor, or the run's end (a subscription
         to a run just started has neither: its watcher need not write yet)."""
-        run = self.run
-        return run._tail_code >= 0 or self.cursor < run._log.end - 1 or run.finished
+        return self.run._has_news(self)
 
     def take(self) -> list[str]:
         """Frames for everything pending; call :meth:`sent` once they are written."""
@@ -1067,6 +1066,10 @@ class Run:
             return payload
         agent, workflow = self._authors[code >> _KIND_BITS]
         return encode_text(TEXT_CLASSES[kind], payload, self.id, seq, agent, workflow)
+
+    def _has_news(self, sub: Subscription) -> bool:
+        """Whether :meth:`_take` has anything for ``sub`` (a subclass that takes more says so here too)."""
+        return self._tail_code >= 0 or sub.cursor < self._log.end - 1 or self.finished
 
     def _take(self, sub: Subscription) -> list[str]:
         if self._tail_code >= 0:

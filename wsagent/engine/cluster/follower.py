@@ -280,6 +280,9 @@ class Mirror(Run):
                     self._grew.clear()
                     await self._grew.wait()
 
+    def _has_news(self, sub: Subscription) -> bool:
+        return self._failure is not None or super()._has_news(sub)
+
     def _take(self, sub: Subscription) -> list[str]:
         frames = super()._take(sub)
         if self._failure is not None and not sub.ended and sub.cursor >= self._log.end - 1:
